@@ -1,0 +1,122 @@
+//! Types and constants shared by the eBPF programs (kernel side) and the agent (user space).
+//!
+//! Every map key and value is `#[repr(C)]`, `Copy` and free of implicit padding, so the
+//! kernel and user space agree on the bytes without any serialization.
+#![no_std]
+
+/// Ports the agent listens on, as in Istio's ambient mode.
+pub mod ports {
+    /// Admin API, loopback only.
+    pub const ADMIN: u16 = 15000;
+    /// In-pod outbound listener: captured `connect()`s land here.
+    pub const OUTBOUND: u16 = 15001;
+    /// In-pod inbound listener for plaintext connections steered by `sk_lookup`.
+    pub const INBOUND_PLAINTEXT: u16 = 15006;
+    /// In-pod HBONE (mTLS tunnel) listener.
+    pub const HBONE: u16 = 15008;
+    /// Prometheus metrics.
+    pub const METRICS: u16 = 15020;
+    /// Readiness and liveness.
+    pub const HEALTH: u16 = 15021;
+}
+
+/// Socket marks. They must differ: the inbound mark routes replies to `lo` in the pod's
+/// netns, so an outbound socket carrying it would be swallowed locally.
+pub mod marks {
+    /// Set on every socket the proxy opens towards an upstream; the connect hooks let
+    /// sockets with this mark through untouched, which is what prevents capture loops.
+    pub const PROXY_OUTBOUND: u32 = 0x0053_9000;
+    /// Set on the proxy's transparent sockets towards the app inside a pod; the pod's
+    /// policy routing sends the app's replies (which inherit it) back to the proxy.
+    pub const INBOUND_TRANSPARENT: u32 = 0x0053_9001;
+    /// Routing table, inside each enrolled pod's netns, that delivers marked replies locally.
+    pub const INBOUND_ROUTE_TABLE: u32 = 15006;
+}
+
+/// Names of the maps in the eBPF object, used by the loader.
+pub mod maps {
+    pub const ENROLLED_NETNS: &str = "ENROLLED_NETNS";
+    pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
+    pub const ORIG_DST_BY_TUPLE: &str = "ORIG_DST_BY_TUPLE";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const SOCKOPS: &str = "mesh_sockops";
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+}
+
+/// Capacities of the maps; also reported as node metrics.
+pub mod capacity {
+    pub const ENROLLED_NETNS: u32 = 4096;
+    pub const ORIG_DST: u32 = 65536;
+    pub const INBOUND_LISTENERS: u32 = 8192;
+}
+
+/// `AF_INET` and `AF_INET6` as the kernel numbers them.
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// An IPv4 or IPv6 socket address as the kernel hands it to the hooks.
+///
+/// `addr` holds the address bytes in network order (IPv4 in the first word, the rest zero);
+/// `port` is in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    pub family: u32,
+    pub port: u32,
+    pub addr: [u32; 4],
+}
+
+/// Key of the original-destination table: the client end of a captured connection as the
+/// in-pod listener sees it (its peer address), qualified by the pod's netns, because every
+/// pod uses the same loopback addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OrigDstKey {
+    pub netns_cookie: u64,
+    pub client: SockAddr,
+}
+
+/// Value of the enrolled-netns table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnrolledNetns {
+    /// Bit set of `ENROLLED_*` flags.
+    pub flags: u32,
+    pub reserved: u32,
+}
+
+/// Key of the inbound listener sockhash: a local pod address (port 0), so the single
+/// `sk_lookup` program can find the right pod's 15006 socket from the destination address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub family: u32,
+    pub reserved: u32,
+    pub addr: [u32; 4],
+}
+
+/// Indices of the per-CPU counter array, exported as node metrics.
+pub mod counters {
+    pub const OUTBOUND_REDIRECTED: u32 = 0;
+    pub const OUTBOUND_PROXY_BYPASS: u32 = 1;
+    pub const INBOUND_STEERED: u32 = 2;
+    pub const INBOUND_NO_LISTENER: u32 = 3;
+    pub const ORIG_DST_TABLE_FULL: u32 = 4;
+    pub const LEN: u32 = 8;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` integers without padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::SockAddr {}
+    unsafe impl aya::Pod for super::OrigDstKey {}
+    unsafe impl aya::Pod for super::EnrolledNetns {}
+    unsafe impl aya::Pod for super::ListenerKey {}
+}

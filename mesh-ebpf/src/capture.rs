@@ -1,0 +1,232 @@
+//! The capture programs and their maps.
+use core::{ffi::c_void, ptr::read_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action::SK_PASS},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LruHashMap, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use mesh_common::{
+    AF_INET, AF_INET6, EnrolledNetns, ListenerKey, OrigDstKey, SockAddr, capacity, counters,
+    marks, ports,
+};
+
+use crate::counters::bump;
+
+/// Verdict of cgroup sock_addr programs that lets the `connect()` proceed.
+const ALLOW: i32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// `lo` is always interface 1 in a network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Enrolled pods' network namespaces, by netns cookie. Written by the agent.
+#[map(name = "ENROLLED_NETNS")]
+static ENROLLED_NETNS: HashMap<u64, EnrolledNetns> =
+    HashMap::with_max_entries(capacity::ENROLLED_NETNS, 0);
+
+/// Original destination of a captured socket, by socket cookie, until it is established.
+/// LRU, so records of connects that never complete age out.
+#[map(name = "ORIG_DST_BY_COOKIE")]
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
+    LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
+
+/// Original destination by (netns, client address), read and deleted by the proxy on accept.
+#[map(name = "ORIG_DST_BY_TUPLE")]
+static ORIG_DST_BY_TUPLE: LruHashMap<OrigDstKey, SockAddr> =
+    LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
+
+/// Each enrolled pod's in-pod inbound (15006) listener, by pod address.
+#[map(name = "INBOUND_LISTENERS")]
+static INBOUND_LISTENERS: SockHash<ListenerKey> =
+    SockHash::with_max_entries(capacity::INBOUND_LISTENERS, 0);
+
+// === outbound: connect4 / connect6 ===
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, AF_INET)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, AF_INET6)
+}
+
+/// Never refuses a `connect()`: when something goes wrong the socket simply goes direct
+/// (and the bypass is counted), which is what the pod would get without the mesh.
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
+    // SAFETY: the kernel hands us a valid context for the duration of the program.
+    let sock_addr = unsafe { &mut *ctx.sock_addr };
+    if sock_addr.protocol != IPPROTO_TCP {
+        return ALLOW;
+    }
+    // SAFETY: helper available to cgroup sock_addr programs since 5.7.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { ENROLLED_NETNS.get(&netns_cookie) }.is_none() {
+        return ALLOW;
+    }
+    // SAFETY: `sk` is always set for connect hooks.
+    let mark = unsafe { (*sock_addr.__bindgen_anon_1.sk).mark };
+    if mark == marks::PROXY_OUTBOUND {
+        bump(counters::OUTBOUND_PROXY_BYPASS);
+        return ALLOW;
+    }
+    let original = if family == AF_INET {
+        let ip = sock_addr.user_ip4;
+        // Loopback stays inside the pod: it is the pod talking to itself.
+        if ip.to_ne_bytes()[0] == 127 {
+            return ALLOW;
+        }
+        SockAddr {
+            family,
+            port: u32::from(u16::from_be(sock_addr.user_port as u16)),
+            addr: [ip, 0, 0, 0],
+        }
+    } else {
+        // SAFETY: as in `try_sockops`, one constant-offset load per context field.
+        let ip = unsafe {
+            [
+                read_volatile(&raw const sock_addr.user_ip6[0]),
+                read_volatile(&raw const sock_addr.user_ip6[1]),
+                read_volatile(&raw const sock_addr.user_ip6[2]),
+                read_volatile(&raw const sock_addr.user_ip6[3]),
+            ]
+        };
+        if ip == [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])] {
+            return ALLOW;
+        }
+        SockAddr {
+            family,
+            port: u32::from(u16::from_be(sock_addr.user_port as u16)),
+            addr: ip,
+        }
+    };
+    // SAFETY: helper available to cgroup sock_addr programs since 4.12.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIG_DST_BY_COOKIE
+        .insert(&socket_cookie, &original, 0)
+        .is_err()
+    {
+        bump(counters::ORIG_DST_TABLE_FULL);
+        return ALLOW;
+    }
+    if family == AF_INET {
+        sock_addr.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    } else {
+        // The verifier wants one 32-bit store per word of user_ip6.
+        sock_addr.user_ip6[0] = 0;
+        sock_addr.user_ip6[1] = 0;
+        sock_addr.user_ip6[2] = 0;
+        sock_addr.user_ip6[3] = u32::from_ne_bytes([0, 0, 0, 1]);
+    }
+    sock_addr.user_port = u32::from(ports::OUTBOUND.to_be());
+    bump(counters::OUTBOUND_REDIRECTED);
+    ALLOW
+}
+
+// === outbound: sockops ===
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    try_sockops(&ctx)
+}
+
+/// When a captured socket is established, re-key its original destination by the client
+/// address the in-pod listener will see as its peer. This runs while the SYN-ACK is being
+/// processed, before the final ACK leaves, so the record exists before `accept()` returns.
+#[inline(always)]
+fn try_sockops(ctx: &SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    let ops_ptr: *mut c_void = ctx.as_ptr();
+    // SAFETY: helper available to sock_ops programs since 4.12.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ops_ptr) };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(original) = (unsafe { ORIG_DST_BY_COOKIE.get(&socket_cookie) }).copied() else {
+        return 1;
+    };
+    let _ = ORIG_DST_BY_COOKIE.remove(&socket_cookie);
+    let ops = ctx.ops;
+    let family = ctx.family();
+    // SAFETY: `ops` is the valid context. Each field is read with its own load at a constant
+    // offset from the context: the verifier refuses a context pointer the compiler offset.
+    let addr = unsafe {
+        if family == AF_INET {
+            [read_volatile(&raw const (*ops).local_ip4), 0, 0, 0]
+        } else {
+            [
+                read_volatile(&raw const (*ops).local_ip6[0]),
+                read_volatile(&raw const (*ops).local_ip6[1]),
+                read_volatile(&raw const (*ops).local_ip6[2]),
+                read_volatile(&raw const (*ops).local_ip6[3]),
+            ]
+        }
+    };
+    let key = OrigDstKey {
+        // SAFETY: helper available to sock_ops programs since 5.15.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ops_ptr) },
+        client: SockAddr {
+            family,
+            port: ctx.local_port(),
+            addr,
+        },
+    };
+    if ORIG_DST_BY_TUPLE.insert(&key, &original, 0).is_err() {
+        bump(counters::ORIG_DST_TABLE_FULL);
+    }
+    1
+}
+
+// === inbound: sk_lookup ===
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    try_sk_lookup(&ctx)
+}
+
+/// Steers new TCP connections that arrive from outside the pod to the pod's inbound
+/// listener. What arrives on `lo` is the proxy itself delivering to the app (or the app
+/// talking to itself) and must go where it asked, or the proxy would capture itself.
+#[inline(always)]
+fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands us a valid context for the duration of the program.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.protocol != IPPROTO_TCP || lookup.ingress_ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    // local_port is in host order for sk_lookup.
+    let port = lookup.local_port;
+    if port == u32::from(ports::HBONE) || port == u32::from(ports::INBOUND_PLAINTEXT) {
+        return SK_PASS;
+    }
+    let family = lookup.family;
+    // SAFETY: as in `try_sockops`, one constant-offset load per context field.
+    let addr = unsafe {
+        if family == AF_INET {
+            [read_volatile(&raw const lookup.local_ip4), 0, 0, 0]
+        } else {
+            [
+                read_volatile(&raw const lookup.local_ip6[0]),
+                read_volatile(&raw const lookup.local_ip6[1]),
+                read_volatile(&raw const lookup.local_ip6[2]),
+                read_volatile(&raw const lookup.local_ip6[3]),
+            ]
+        }
+    };
+    let key = ListenerKey {
+        family,
+        reserved: 0,
+        addr,
+    };
+    match INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0) {
+        Ok(()) => bump(counters::INBOUND_STEERED),
+        Err(_) => bump(counters::INBOUND_NO_LISTENER),
+    }
+    SK_PASS
+}

@@ -1,0 +1,130 @@
+//! Wires the agent together. Servers bind first and spawn later, so callers (and tests)
+//! can bind port 0 and read the addresses back from [`Bound`].
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{
+    cli::RunConfig,
+    config::file::FileSource,
+    ebpf::Capture,
+    enroll::Enrollment,
+    metrics::{self, Metrics, server::Endpoints},
+    netns::Netns,
+    proxy::{ProxyContext, Resolver},
+    readiness::Readiness,
+    signal,
+    state::State,
+};
+
+/// How often the eBPF counters are copied into the metrics.
+const BPF_COUNTER_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The running agent.
+pub struct Bound {
+    pub metrics_addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
+    info!(config = %serde_json::to_string(&config)?, "starting mesh-node");
+    let readiness = Readiness::default();
+    let config_ready = readiness.register("config");
+    let pods_ready = readiness.register("pods");
+    let metrics = Metrics::new().context("registering metrics")?;
+    let shutdown = CancellationToken::new();
+
+    let metrics_listener = TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("binding metrics on {}", config.metrics_addr))?;
+    let health_listener = TcpListener::bind(config.health_addr)
+        .await
+        .with_context(|| format!("binding health on {}", config.health_addr))?;
+    let bound_metrics = metrics_listener.local_addr()?;
+    let bound_health = health_listener.local_addr()?;
+
+    let home = Arc::new(Netns::current().context("opening the agent's own netns")?);
+    let capture = Arc::new(
+        Capture::attach(&config.cgroup_path).context("loading and attaching eBPF capture")?,
+    );
+
+    let (state_tx, state_rx) = watch::channel(Arc::new(State::default()));
+    let mut source = FileSource::new(&config.config_dir);
+    source
+        .publish(&state_tx, &metrics.node)
+        .with_context(|| format!("reading config dir {}", config.config_dir.display()))?;
+    drop(config_ready);
+
+    let proxy = ProxyContext {
+        state: state_rx.clone(),
+        capture: capture.clone(),
+        metrics: metrics.clone(),
+        resolver: Arc::new(Resolver::default()),
+        home,
+    };
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(source.watch(state_tx, metrics.node.clone(), shutdown.clone()));
+    tasks.spawn(Enrollment::new(config.node_name.clone(), proxy).run(
+        state_rx,
+        pods_ready,
+        shutdown.clone(),
+    ));
+    tasks.spawn(metrics::serve(
+        metrics_listener,
+        Endpoints::Metrics(metrics.clone()),
+        shutdown.clone(),
+    ));
+    tasks.spawn(metrics::serve(
+        health_listener,
+        Endpoints::Health(readiness),
+        shutdown.clone(),
+    ));
+    tasks.spawn(export_bpf_counters(capture, metrics, shutdown.clone()));
+    info!(metrics = %bound_metrics, health = %bound_health, node = %config.node_name, "mesh-node running");
+    Ok(Bound {
+        metrics_addr: bound_metrics,
+        health_addr: bound_health,
+        shutdown,
+        tasks,
+    })
+}
+
+impl Bound {
+    /// Runs until SIGTERM/SIGINT, then drains: pods are un-enrolled and the eBPF programs
+    /// detached (the `Capture` drops with the last task that holds it).
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        signal::shutdown_requested().await;
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        info!("mesh-node stopped");
+        Ok(())
+    }
+
+    /// Stops the agent without a signal (embedding, tests).
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn export_bpf_counters(capture: Arc<Capture>, metrics: Metrics, shutdown: CancellationToken) {
+    loop {
+        let counters = capture.counters();
+        let node = &metrics.node;
+        node.set_bpf_event("outbound_redirected", counters.outbound_redirected);
+        node.set_bpf_event("outbound_proxy_bypass", counters.outbound_proxy_bypass);
+        node.set_bpf_event("inbound_steered", counters.inbound_steered);
+        node.set_bpf_event("inbound_no_listener", counters.inbound_no_listener);
+        node.set_bpf_event("orig_dst_table_full", counters.orig_dst_table_full);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(BPF_COUNTER_INTERVAL) => {}
+        }
+    }
+}

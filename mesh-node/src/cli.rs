@@ -1,0 +1,54 @@
+//! The command line: a contract other tools script against, so names stay stable.
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "mesh-node", version, about = "Nodemesh node agent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent in the current network namespace.
+    Run(RunConfig),
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Everything `mesh-node run` is configured with; parsed once and logged at start-up.
+#[derive(Clone, Debug, clap::Args, Serialize)]
+pub struct RunConfig {
+    /// This node's name: pods whose `spec.nodeName` matches are served here.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Directory of Kubernetes YAML (Namespaces, Pods, Services), reloaded on change.
+    #[arg(long)]
+    pub config_dir: PathBuf,
+
+    /// cgroup v2 directory the capture programs attach to (the node's root cgroup).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_path: PathBuf,
+
+    /// Prometheus metrics listener (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness and liveness listener (`/healthz/ready`, `/healthz/live`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub health_addr: SocketAddr,
+
+    /// Log format; the level comes from `RUST_LOG` (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}

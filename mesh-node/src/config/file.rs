@@ -1,0 +1,315 @@
+//! The file config source: a directory of Kubernetes YAML, reloaded when it changes.
+//!
+//! Each `*.yaml`/`*.yml` file may hold several documents (or a `List`). A resource that
+//! cannot be used is rejected alone, with the file and the resource in the error, and the
+//! last good version of that resource stays in force; a file that is not valid YAML keeps
+//! everything it last gave.
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Object, ObjectId, translate, validate};
+use crate::{
+    metrics::NodeMetrics,
+    state::{Rejection, State, StateTx},
+};
+
+/// How often the directory is checked for changes. Polling (not inotify) because config
+/// maps and bind mounts replace files through symlink swaps that inotify misses.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Reads the directory and remembers the last good version of everything.
+pub struct FileSource {
+    dir: PathBuf,
+    /// Objects each file gave the last time it was readable YAML.
+    last_good_by_file: HashMap<PathBuf, Vec<Object>>,
+    /// The last accepted version of each object, whatever file it came from.
+    last_good_by_id: HashMap<ObjectId, Object>,
+}
+
+/// The result of one load: objects to translate and what was refused.
+pub struct Load {
+    pub objects: Vec<Object>,
+    pub rejections: Vec<Rejection>,
+}
+
+type Fingerprint = BTreeMap<PathBuf, (SystemTime, u64)>;
+
+impl FileSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            last_good_by_file: HashMap::new(),
+            last_good_by_id: HashMap::new(),
+        }
+    }
+
+    /// Loads the directory once, falling back to last good versions where needed.
+    pub fn load(&mut self) -> std::io::Result<Load> {
+        let mut objects: Vec<Object> = Vec::new();
+        let mut origins: HashMap<ObjectId, PathBuf> = HashMap::new();
+        let mut rejections = Vec::new();
+        let mut files_seen = HashMap::new();
+        for path in self.yaml_files()? {
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(error) => {
+                    rejections.push(reject(&path, "(file)", error.to_string()));
+                    continue;
+                }
+            };
+            let file_objects = match parse_documents(&text) {
+                Ok(documents) => {
+                    let mut accepted = Vec::new();
+                    for document in documents {
+                        match document {
+                            Document::Object(object) => accepted.push(object),
+                            Document::Invalid { resource, error } => {
+                                rejections.push(reject(&path, &resource.to_string(), error));
+                                if let Some(previous) = self.last_good_by_id.get(&resource) {
+                                    accepted.push(previous.clone());
+                                }
+                            }
+                            Document::Ignored { kind } => {
+                                debug!(file = %path.display(), kind, "ignoring unsupported kind");
+                            }
+                        }
+                    }
+                    accepted
+                }
+                Err(error) => {
+                    rejections.push(reject(&path, "(whole file)", error));
+                    self.last_good_by_file
+                        .get(&path)
+                        .cloned()
+                        .unwrap_or_default()
+                }
+            };
+            let mut from_this_file = Vec::new();
+            for object in file_objects {
+                let id = object.id();
+                if let Some(first) = origins.get(&id) {
+                    rejections.push(reject(
+                        &path,
+                        &id.to_string(),
+                        format!("duplicate: already defined in {}", first.display()),
+                    ));
+                    continue;
+                }
+                origins.insert(id, path.clone());
+                from_this_file.push(object.clone());
+                objects.push(object);
+            }
+            files_seen.insert(path, from_this_file);
+        }
+        self.last_good_by_file = files_seen;
+        self.last_good_by_id = objects.iter().map(|o| (o.id(), o.clone())).collect();
+        Ok(Load {
+            objects,
+            rejections,
+        })
+    }
+
+    fn yaml_files(&self) -> std::io::Result<Vec<PathBuf>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                // Editors and atomic writers leave hidden temporary files around.
+                !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+            })
+            .filter(|path| path.is_file())
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    fn fingerprint(&self) -> std::io::Result<Fingerprint> {
+        Ok(self
+            .yaml_files()?
+            .into_iter()
+            .filter_map(|path| {
+                let meta = std::fs::metadata(&path).ok()?;
+                Some((path, (meta.modified().ok()?, meta.len())))
+            })
+            .collect())
+    }
+
+    /// Loads, translates and publishes the state now; returns the new state.
+    pub fn publish(&mut self, tx: &StateTx, metrics: &NodeMetrics) -> std::io::Result<Arc<State>> {
+        let Load {
+            objects,
+            rejections,
+        } = self.load()?;
+        for rejection in &rejections {
+            warn!(
+                file = %rejection.origin,
+                resource = %rejection.resource,
+                error = %rejection.error,
+                "config resource rejected; its last good version stays in force"
+            );
+        }
+        metrics.set_config_rejections(rejections.len());
+        let state = Arc::new(translate(&objects, rejections));
+        info!(
+            namespaces = state.namespaces.len(),
+            workloads = state.workloads.len(),
+            services = state.services.len(),
+            rejected = state.rejections.len(),
+            "config loaded"
+        );
+        tx.send_replace(state.clone());
+        Ok(state)
+    }
+
+    /// Reloads whenever the directory changes, until `shutdown`.
+    pub async fn watch(
+        mut self,
+        tx: StateTx,
+        metrics: NodeMetrics,
+        shutdown: CancellationToken,
+    ) {
+        let mut last = self.fingerprint().ok();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+            let current = match self.fingerprint() {
+                Ok(current) => Some(current),
+                Err(error) => {
+                    warn!(dir = %self.dir.display(), %error, "cannot read config directory");
+                    continue;
+                }
+            };
+            if current == last {
+                continue;
+            }
+            last = current;
+            if let Err(error) = self.publish(&tx, &metrics) {
+                warn!(dir = %self.dir.display(), %error, "config reload failed; keeping the last state");
+            }
+        }
+    }
+}
+
+fn reject(path: &Path, resource: &str, error: String) -> Rejection {
+    Rejection {
+        origin: path.display().to_string(),
+        resource: resource.to_string(),
+        error,
+    }
+}
+
+/// One YAML document, classified.
+enum Document {
+    Object(Object),
+    Invalid { resource: ObjectId, error: String },
+    Ignored { kind: String },
+}
+
+#[derive(Deserialize)]
+struct TypeMeta {
+    #[serde(rename = "apiVersion", default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: MetaNames,
+    #[serde(default)]
+    items: Vec<serde_yaml::Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct MetaNames {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+/// Splits a file into documents. Fails only when the file is not YAML at all.
+fn parse_documents(text: &str) -> Result<Vec<Document>, String> {
+    let mut values = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let value = serde_yaml::Value::deserialize(document).map_err(|e| e.to_string())?;
+        values.push(value);
+    }
+    let mut documents = Vec::new();
+    while let Some(value) = values.pop() {
+        if value.is_null() {
+            continue;
+        }
+        let meta: TypeMeta = match serde_yaml::from_value(value.clone()) {
+            Ok(meta) => meta,
+            Err(error) => {
+                documents.push(Document::Invalid {
+                    resource: ObjectId {
+                        kind: "(unknown kind)",
+                        namespace: String::new(),
+                        name: String::new(),
+                    },
+                    error: format!("not a Kubernetes object: {error}"),
+                });
+                continue;
+            }
+        };
+        if meta.kind.ends_with("List") {
+            values.extend(meta.items.into_iter().rev());
+            continue;
+        }
+        documents.push(classify(meta, value));
+    }
+    documents.reverse();
+    Ok(documents)
+}
+
+fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
+    let kind: &'static str = match (meta.api_version.as_str(), meta.kind.as_str()) {
+        ("v1", "Namespace") => "Namespace",
+        ("v1", "Pod") => "Pod",
+        ("v1", "Service") => "Service",
+        _ => return Document::Ignored { kind: meta.kind },
+    };
+    let resource = ObjectId {
+        kind,
+        namespace: if kind == "Namespace" {
+            String::new()
+        } else {
+            meta.metadata.namespace.unwrap_or_else(|| "default".into())
+        },
+        name: meta.metadata.name,
+    };
+    let parsed = match kind {
+        "Namespace" => serde_yaml::from_value(value).map(|o| Object::Namespace(Box::new(o))),
+        "Pod" => serde_yaml::from_value(value).map(|o| Object::Pod(Box::new(o))),
+        _ => serde_yaml::from_value(value).map(|o| Object::Service(Box::new(o))),
+    };
+    let object = match parsed {
+        Ok(object) => object,
+        Err(error) => {
+            return Document::Invalid {
+                resource,
+                error: error.to_string(),
+            };
+        }
+    };
+    match validate(&object) {
+        Ok(()) => Document::Object(object),
+        Err(error) => Document::Invalid {
+            resource,
+            error: error.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;

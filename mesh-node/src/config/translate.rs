@@ -1,0 +1,287 @@
+//! Kubernetes objects → normalized [`State`].
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+};
+
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod, Service as K8sService},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use crate::state::{
+    ENROLLMENT_LABEL, ObjectKey, Rejection, Service, ServicePort, State, TargetPort, Workload,
+};
+
+/// A Kubernetes object the mesh understands.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Service(Box<K8sService>),
+}
+
+/// `Kind namespace/name`: what makes two objects the same object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectId {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// Why an object cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TranslateError {
+    #[error("metadata.name is missing")]
+    MissingName,
+    #[error("{field}: {value:?} is not an IP address")]
+    BadIp { field: &'static str, value: String },
+    #[error("spec.ports[{index}]: {reason}")]
+    BadPort { index: usize, reason: String },
+}
+
+impl Object {
+    pub fn id(&self) -> ObjectId {
+        let (kind, meta) = match self {
+            Object::Namespace(o) => ("Namespace", &o.metadata),
+            Object::Pod(o) => ("Pod", &o.metadata),
+            Object::Service(o) => ("Service", &o.metadata),
+        };
+        let namespace = match self {
+            Object::Namespace(_) => String::new(),
+            _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        };
+        ObjectId {
+            kind,
+            namespace,
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Checks what the translation needs from one object, so a bad one can be rejected alone.
+pub fn validate(object: &Object) -> Result<(), TranslateError> {
+    if object.id().name.is_empty() {
+        return Err(TranslateError::MissingName);
+    }
+    match object {
+        Object::Namespace(_) => Ok(()),
+        Object::Pod(pod) => pod_ips(pod).map(|_| ()),
+        Object::Service(service) => {
+            service_cluster_ips(service)?;
+            service_ports(service).map(|_| ())
+        }
+    }
+}
+
+/// Builds the state from objects that passed [`validate`]; objects that did not are skipped.
+pub fn translate(objects: &[Object], rejections: Vec<Rejection>) -> State {
+    let mut namespaces = BTreeMap::new();
+    for object in objects {
+        if let Object::Namespace(ns) = object {
+            namespaces.insert(
+                object.id().name,
+                ns.metadata.labels.clone().unwrap_or_default(),
+            );
+        }
+    }
+    let mut workloads = BTreeMap::new();
+    for object in objects {
+        if let Object::Pod(pod) = object
+            && let Ok(workload) = workload(object.id(), pod, &namespaces)
+        {
+            workloads.insert(workload.key.clone(), workload);
+        }
+    }
+    let mut services = BTreeMap::new();
+    for object in objects {
+        if let Object::Service(svc) = object
+            && let Ok(service) = service(object.id(), svc, &workloads)
+        {
+            services.insert(service.key.clone(), service);
+        }
+    }
+    State::new(namespaces, workloads, services, rejections)
+}
+
+fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, TranslateError> {
+    let Some(status) = &pod.status else {
+        return Ok(Vec::new());
+    };
+    let listed = status.pod_ips.iter().flatten().map(|ip| ip.ip.as_str());
+    let mut ips = Vec::new();
+    for value in status.pod_ip.as_deref().into_iter().chain(listed) {
+        let ip = value.parse().map_err(|_| TranslateError::BadIp {
+            field: "status.podIPs",
+            value: value.to_string(),
+        })?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    Ok(ips)
+}
+
+fn workload(
+    id: ObjectId,
+    pod: &Pod,
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Result<Workload, TranslateError> {
+    let labels: BTreeMap<String, String> = pod.metadata.labels.clone().unwrap_or_default();
+    let namespace_enrolled = namespaces
+        .get(&id.namespace)
+        .and_then(|l| l.get(ENROLLMENT_LABEL))
+        .is_some_and(|v| v == "true");
+    let opted_out = labels.get(ENROLLMENT_LABEL).is_some_and(|v| v == "false");
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+    let ready = running
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .is_none_or(|conditions| {
+                conditions
+                    .iter()
+                    .find(|c| c.type_ == "Ready")
+                    .is_none_or(|c| c.status == "True")
+            });
+    let named_ports = spec
+        .into_iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let port = u16::try_from(p.container_port).ok()?;
+            Some((p.name.clone()?, port))
+        })
+        .collect();
+    Ok(Workload {
+        workload_name: workload_name(pod, &id.name),
+        key: ObjectKey::new(id.namespace, id.name),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
+        labels,
+        ips: pod_ips(pod)?,
+        named_ports,
+        ready,
+        enrolled: namespace_enrolled && !opted_out,
+    })
+}
+
+/// Istio names a pod's workload after its controller: a Deployment for a ReplicaSet's
+/// pods (the ReplicaSet name minus its hash), else the owner, else the pod itself.
+fn workload_name(pod: &Pod, pod_name: &str) -> String {
+    let Some(owner) = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+    else {
+        return pod_name.to_string();
+    };
+    match (owner.kind.as_str(), owner.name.rsplit_once('-')) {
+        ("ReplicaSet", Some((deployment, _hash))) => deployment.to_string(),
+        _ => owner.name.clone(),
+    }
+}
+
+fn service_cluster_ips(svc: &K8sService) -> Result<Vec<IpAddr>, TranslateError> {
+    let Some(spec) = &svc.spec else {
+        return Ok(Vec::new());
+    };
+    let listed = spec.cluster_ips.iter().flatten().map(String::as_str);
+    let mut ips = Vec::new();
+    for value in spec.cluster_ip.as_deref().into_iter().chain(listed) {
+        if value.is_empty() || value == "None" {
+            continue;
+        }
+        let ip = value.parse().map_err(|_| TranslateError::BadIp {
+            field: "spec.clusterIPs",
+            value: value.to_string(),
+        })?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    Ok(ips)
+}
+
+fn service_ports(svc: &K8sService) -> Result<Vec<ServicePort>, TranslateError> {
+    let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten());
+    let mut seen = HashSet::new();
+    ports
+        .enumerate()
+        .map(|(index, p)| {
+            let bad = |reason: String| TranslateError::BadPort { index, reason };
+            let port = u16::try_from(p.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad(format!("port {} is out of range 1-65535", p.port)))?;
+            if !seen.insert(port) {
+                return Err(bad(format!("port {port} is listed twice")));
+            }
+            let target_port = match &p.target_port {
+                None => TargetPort::Number(port),
+                Some(IntOrString::Int(n)) => TargetPort::Number(
+                    u16::try_from(*n)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| bad(format!("targetPort {n} is out of range 1-65535")))?,
+                ),
+                Some(IntOrString::String(name)) => match name.parse::<u16>() {
+                    Ok(n) if n != 0 => TargetPort::Number(n),
+                    _ => TargetPort::Name(name.clone()),
+                },
+            };
+            Ok(ServicePort {
+                name: p.name.clone(),
+                port,
+                target_port,
+                app_protocol: p.app_protocol.clone(),
+            })
+        })
+        .collect()
+}
+
+fn service(
+    id: ObjectId,
+    svc: &K8sService,
+    workloads: &BTreeMap<ObjectKey, Workload>,
+) -> Result<Service, TranslateError> {
+    let selector = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_default();
+    // A Service without a selector has manually managed endpoints (EndpointSlices), which
+    // the file source does not carry yet: it simply has none.
+    let endpoints = if selector.is_empty() {
+        Vec::new()
+    } else {
+        workloads
+            .values()
+            .filter(|w| w.key.namespace == id.namespace && w.ready && !w.ips.is_empty())
+            .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .map(|w| w.key.clone())
+            .collect()
+    };
+    Ok(Service {
+        key: ObjectKey::new(id.namespace, id.name),
+        cluster_ips: service_cluster_ips(svc)?,
+        ports: service_ports(svc)?,
+        endpoints,
+    })
+}

@@ -1,0 +1,7 @@
+//! The kernel side as the rest of the agent sees it: typed, safe wrappers around the
+//! eBPF object. Raw aya handles never leave this module.
+mod addr;
+mod loader;
+
+pub use addr::{from_sock_addr, to_listener_key, to_sock_addr};
+pub use loader::{Capture, CaptureError, Counters};

@@ -1,0 +1,199 @@
+//! Loads the embedded eBPF object, attaches it, and owns its maps.
+use std::{
+    collections::HashMap as StdHashMap,
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, MapError, PerCpuArray, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
+        sk_lookup::SkLookupLinkId,
+    },
+};
+use mesh_common::{EnrolledNetns, ListenerKey, OrigDstKey, SockAddr, counters, maps, programs};
+use tracing::{debug, info};
+
+use super::addr::{from_sock_addr, to_listener_key, to_sock_addr};
+
+/// The object built by `build.rs` from the mesh-ebpf crate.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("eBPF map: {0}")]
+    Map(#[from] MapError),
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Snapshot of the kernel-side event counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    pub outbound_redirected: u64,
+    pub outbound_proxy_bypass: u64,
+    pub inbound_steered: u64,
+    pub inbound_no_listener: u64,
+    pub orig_dst_table_full: u64,
+}
+
+/// The loaded, attached capture programs. Dropping it detaches everything (nothing is
+/// pinned), which is what a clean shutdown wants.
+pub struct Capture {
+    control: Mutex<Control>,
+    /// Separate lock: read on every accepted connection.
+    orig_dst: Mutex<HashMap<MapData, OrigDstKey, SockAddr>>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+struct Control {
+    ebpf: Ebpf,
+    enrolled: HashMap<MapData, u64, EnrolledNetns>,
+    listeners: SockHash<MapData, ListenerKey>,
+    sk_lookup_links: StdHashMap<u64, SkLookupLinkId>,
+}
+
+impl Capture {
+    /// Loads the programs and attaches the cgroup ones to `cgroup_path`.
+    pub fn attach(cgroup_path: &Path) -> Result<Self, CaptureError> {
+        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+        let cgroup = File::open(cgroup_path).map_err(|source| CaptureError::Cgroup {
+            path: cgroup_path.to_path_buf(),
+            source,
+        })?;
+        for name in [programs::CONNECT4, programs::CONNECT6] {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(CaptureError::Missing(name))?
+                .try_into()?;
+            program.load()?;
+            // aya attaches through a bpf_link (5.7+), which always coexists with other
+            // programs on the cgroup (other CNIs, meshes); the kernel refuses link flags.
+            program.attach(&cgroup, CgroupAttachMode::Single)?;
+        }
+        let sockops: &mut SockOps = ebpf
+            .program_mut(programs::SOCKOPS)
+            .ok_or(CaptureError::Missing(programs::SOCKOPS))?
+            .try_into()?;
+        sockops.load()?;
+        sockops.attach(&cgroup, CgroupAttachMode::Single)?;
+        let sk_lookup: &mut SkLookup = ebpf
+            .program_mut(programs::SK_LOOKUP)
+            .ok_or(CaptureError::Missing(programs::SK_LOOKUP))?
+            .try_into()?;
+        sk_lookup.load()?;
+
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(CaptureError::Missing(name));
+        let enrolled = HashMap::try_from(take(maps::ENROLLED_NETNS)?)?;
+        let orig_dst = HashMap::try_from(take(maps::ORIG_DST_BY_TUPLE)?)?;
+        let listeners = SockHash::try_from(take(maps::INBOUND_LISTENERS)?)?;
+        let counters = PerCpuArray::try_from(take(maps::COUNTERS)?)?;
+        info!(cgroup = %cgroup_path.display(), "eBPF capture attached");
+        Ok(Self {
+            control: Mutex::new(Control {
+                ebpf,
+                enrolled,
+                listeners,
+                sk_lookup_links: StdHashMap::new(),
+            }),
+            orig_dst: Mutex::new(orig_dst),
+            counters,
+        })
+    }
+
+    /// Starts capturing a pod: its outbound connects (by netns cookie) and its inbound
+    /// connections to `inbound` (pod address → that family's 15006 listener).
+    pub fn enroll(
+        &self,
+        netns_cookie: u64,
+        netns: impl AsFd,
+        inbound: &[(IpAddr, &dyn AsRawFd)],
+    ) -> Result<(), CaptureError> {
+        let mut control = self.control.lock().expect("capture lock");
+        for (ip, listener) in inbound {
+            control
+                .listeners
+                .insert(to_listener_key(*ip), listener.as_raw_fd(), 0)?;
+        }
+        if !control.sk_lookup_links.contains_key(&netns_cookie) {
+            let program: &mut SkLookup = control
+                .ebpf
+                .program_mut(programs::SK_LOOKUP)
+                .ok_or(CaptureError::Missing(programs::SK_LOOKUP))?
+                .try_into()?;
+            let link = program.attach(netns)?;
+            control.sk_lookup_links.insert(netns_cookie, link);
+        }
+        control
+            .enrolled
+            .insert(netns_cookie, EnrolledNetns::default(), 0)?;
+        debug!(netns_cookie, "netns enrolled in eBPF maps");
+        Ok(())
+    }
+
+    /// Stops capturing a pod. Best effort: every step runs even when one fails.
+    pub fn unenroll(&self, netns_cookie: u64, inbound_ips: &[IpAddr]) {
+        let mut control = self.control.lock().expect("capture lock");
+        if let Err(error) = control.enrolled.remove(&netns_cookie) {
+            debug!(netns_cookie, %error, "netns was not in the enrolled map");
+        }
+        for ip in inbound_ips {
+            let _ = control.listeners.remove(&to_listener_key(*ip));
+        }
+        if let Some(link) = control.sk_lookup_links.remove(&netns_cookie)
+            && let Some(program) = control.ebpf.program_mut(programs::SK_LOOKUP)
+            && let Ok(program) = <&mut SkLookup>::try_from(program)
+            && let Err(error) = program.detach(link)
+        {
+            debug!(netns_cookie, %error, "sk_lookup detach failed");
+        }
+        debug!(netns_cookie, "netns removed from eBPF maps");
+    }
+
+    /// The destination a captured connection asked for, given the in-pod listener's view
+    /// of it (its netns and the peer address). Consumes the record.
+    pub fn take_original_destination(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let key = OrigDstKey {
+            netns_cookie,
+            client: to_sock_addr(client),
+        };
+        let mut table = self.orig_dst.lock().expect("orig dst lock");
+        let original = table.get(&key, 0).ok()?;
+        let _ = table.remove(&key);
+        from_sock_addr(&original)
+    }
+
+    pub fn counters(&self) -> Counters {
+        let read = |index: u32| -> u64 {
+            self.counters
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        Counters {
+            outbound_redirected: read(counters::OUTBOUND_REDIRECTED),
+            outbound_proxy_bypass: read(counters::OUTBOUND_PROXY_BYPASS),
+            inbound_steered: read(counters::INBOUND_STEERED),
+            inbound_no_listener: read(counters::INBOUND_NO_LISTENER),
+            orig_dst_table_full: read(counters::ORIG_DST_TABLE_FULL),
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The `/metrics` and health endpoints, plain HTTP/1.1 over hyper.
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::Metrics;
+use crate::readiness::Readiness;
+
+/// What one server answers.
+#[derive(Clone)]
+pub enum Endpoints {
+    /// `GET /metrics`.
+    Metrics(Metrics),
+    /// `GET /healthz/ready` (200 once every readiness guard dropped) and `/healthz/live`.
+    Health(Readiness),
+}
+
+/// Serves `endpoints` on an already bound listener until `shutdown`.
+pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: CancellationToken) {
+    let endpoints = Arc::new(endpoints);
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    debug!(%error, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let endpoints = endpoints.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let endpoints = endpoints.clone();
+                async move { Ok::<_, Infallible>(answer(&endpoints, &request)) }
+            });
+            if let Err(error) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%error, "metrics connection failed");
+            }
+        });
+    }
+}
+
+fn answer(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: Vec<u8>| {
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid")
+    };
+    match (endpoints, request.uri().path()) {
+        (Endpoints::Metrics(metrics), "/metrics") => {
+            let encoder = TextEncoder::new();
+            let mut body = Vec::new();
+            match encoder.encode(&metrics.registry.gather(), &mut body) {
+                Ok(()) => reply(StatusCode::OK, encoder.format_type(), body),
+                Err(error) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    error.to_string().into_bytes(),
+                ),
+            }
+        }
+        (Endpoints::Health(readiness), "/healthz/ready") => {
+            let pending = readiness.pending();
+            if pending.is_empty() {
+                reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
+            } else {
+                let body = format!("not ready: waiting for {}\n", pending.join(", "));
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body.into_bytes())
+            }
+        }
+        (Endpoints::Health(_), "/healthz/live") => {
+            reply(StatusCode::OK, "text/plain", b"live\n".to_vec())
+        }
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+    }
+}

@@ -1,0 +1,358 @@
+//! Network namespaces: entering them, finding a pod's, and preparing it for the proxy.
+//!
+//! The agent serves every pod of its node from one process. It opens each pod's listeners
+//! and upstream sockets *inside* that pod's netns by switching the calling thread into it
+//! for the duration of a `socket()` call ([`Netns::run`]); a socket keeps the netns it was
+//! created in, whatever thread uses it afterwards.
+use std::{
+    collections::HashSet,
+    fs::File,
+    io,
+    net::IpAddr,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use futures::TryStreamExt;
+use mesh_common::marks;
+use netlink_packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::LinkAttribute,
+    nsid::{NsidAttribute, NsidMessage},
+    route::{RouteScope, RouteType},
+    rule::{RuleAction, RuleMessage},
+};
+use nix::sched::{CloneFlags, setns};
+use rtnetlink::{Handle, RouteMessageBuilder};
+use tracing::debug;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("setns: {0}")]
+    Setns(#[from] nix::Error),
+    #[error("netlink: {0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error("netlink connection: {0}")]
+    NetlinkSocket(io::Error),
+}
+
+/// An open network namespace.
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    inode: u64,
+    /// Where it was found, for logs.
+    path: PathBuf,
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> Result<Self, NetnsError> {
+        let io_error = |action| {
+            move |source| NetnsError::Io {
+                action,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
+        let file = File::open(path).map_err(io_error("opening"))?;
+        let inode = file.metadata().map_err(io_error("stat"))?.ino();
+        Ok(Self {
+            file,
+            inode,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The calling thread's netns: the agent's own ("home") when called at start-up.
+    pub fn current() -> Result<Self, NetnsError> {
+        Self::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    pub fn inode(&self) -> u64 {
+        self.inode
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the calling thread inside this netns, then returns it to `home`.
+    ///
+    /// `f` must not block or yield: the thread is a shared runtime worker.
+    pub fn run<T>(&self, home: &Netns, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)?;
+        let result = f();
+        // Failing to return would leave a runtime thread in a pod's netns: nothing sane can
+        // continue from there.
+        setns(home.file.as_fd(), CloneFlags::CLONE_NEWNET)
+            .expect("returning the thread to the agent's own netns");
+        Ok(result)
+    }
+
+    /// An rtnetlink handle bound to this netns. Needs a tokio runtime.
+    fn netlink(&self, home: &Netns) -> Result<Handle, NetnsError> {
+        let (connection, handle, _) = self
+            .run(home, rtnetlink::new_connection)?
+            .map_err(NetnsError::NetlinkSocket)?;
+        tokio::spawn(connection);
+        Ok(handle)
+    }
+}
+
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// Every netns on the machine that a pod could live in: the named ones
+/// (`/var/run/netns`, as CNIs and `ip netns` create them) and those of running processes.
+fn candidate_paths() -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/var/run/netns") {
+        paths.extend(entries.filter_map(Result::ok).map(|e| e.path()));
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        paths.extend(
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+                .map(|e| e.path().join("ns/net")),
+        );
+    }
+    paths
+}
+
+/// Finds the netns that holds one of `ips` on an interface whose veth peer lives in the
+/// agent's own netns (`home`). The peer check is what keeps an agent to its own node's pods
+/// when several nodes share one machine (tests), and is harmless on a real node.
+pub async fn find_pod_netns(ips: &[IpAddr], home: &Netns) -> Result<Option<Netns>, NetnsError> {
+    let mut seen = HashSet::from([home.inode()]);
+    for path in candidate_paths() {
+        let Ok(netns) = Netns::open(&path) else {
+            continue; // the process exited meanwhile
+        };
+        if !seen.insert(netns.inode()) {
+            continue;
+        }
+        let Some(ifindex) = netns.run(home, || interface_with(ips))? else {
+            continue;
+        };
+        if peer_lives_in(&netns, ifindex, home).await? {
+            debug!(netns = %path.display(), ifindex, "found pod netns");
+            return Ok(Some(netns));
+        }
+    }
+    Ok(None)
+}
+
+/// Index of the interface holding one of `ips` in the calling thread's netns.
+fn interface_with(ips: &[IpAddr]) -> Option<u32> {
+    let addresses = nix::ifaddrs::getifaddrs().ok()?;
+    for address in addresses {
+        let Some(storage) = address.address else {
+            continue;
+        };
+        let ip = if let Some(v4) = storage.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = storage.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        if ips.contains(&ip) {
+            return nix::net::if_::if_nametoindex(address.interface_name.as_str()).ok();
+        }
+    }
+    None
+}
+
+/// Whether interface `ifindex` of `netns` is a veth whose other end is in `home`.
+async fn peer_lives_in(netns: &Netns, ifindex: u32, home: &Netns) -> Result<bool, NetnsError> {
+    let mut handle = netns.netlink(home)?;
+    let Some(link) = handle
+        .link()
+        .get()
+        .match_index(ifindex)
+        .execute()
+        .try_next()
+        .await?
+    else {
+        return Ok(false);
+    };
+    let Some(peer_nsid) = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkNetNsId(id) => Some(*id),
+        _ => None,
+    }) else {
+        return Ok(false);
+    };
+    // Ask the pod's netns which id it gives the agent's netns.
+    let mut request = NsidMessage::default();
+    request
+        .attributes
+        .push(NsidAttribute::Fd(home.as_fd().as_raw_fd() as u32));
+    let mut message = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(request));
+    message.header.flags = NLM_F_REQUEST;
+    let mut replies = handle.request(message)?;
+    while let Some(reply) = futures::StreamExt::next(&mut replies).await {
+        if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(nsid)) = reply.payload {
+            let home_nsid = nsid.attributes.iter().find_map(|a| match a {
+                NsidAttribute::Id(id) => Some(*id),
+                _ => None,
+            });
+            return Ok(home_nsid == Some(peer_nsid) && peer_nsid >= 0);
+        }
+    }
+    Ok(false)
+}
+
+/// Kernel id of the `local` routing table.
+const LOCAL_TABLE: u32 = 255;
+/// Where the `local` table's rule moves to, so the mark rule can come before it.
+const LOCAL_RULE_PRIORITY: u32 = 100;
+/// The mark rule's priority: before the `local` table.
+const MARK_RULE_PRIORITY: u32 = 50;
+
+/// Policy routing that lets the proxy dial the app with the caller's address as source:
+/// the app's replies carry [`marks::INBOUND_TRANSPARENT`] (accepted sockets inherit the
+/// SYN's mark with `tcp_fwmark_accept`) and are routed to `lo`, back to the proxy. No
+/// iptables involved.
+///
+/// The mark rule must come *before* the `local` table (which is moved from priority 0 to
+/// [`LOCAL_RULE_PRIORITY`], as Cilium does): a marked packet to the pod's own address then
+/// resolves to `lo` instead of the pod's interface, and the kernel reports `lo` as its
+/// ingress interface to `sk_lookup`, which is how the proxy's own dial escapes re-capture.
+pub async fn install_inbound_routing(netns: &Netns, home: &Netns) -> Result<(), NetnsError> {
+    netns.run(home, || {
+        std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1").map_err(|source| {
+            NetnsError::Io {
+                action: "writing",
+                path: "/proc/sys/net/ipv4/tcp_fwmark_accept".into(),
+                source,
+            }
+        })
+    })??;
+    let handle = netns.netlink(home)?;
+    for v6 in [false, true] {
+        match add_inbound_rules(&handle, v6).await {
+            Ok(()) => {}
+            // A pod without IPv6 support cannot route v6 at all; v4 is what matters.
+            Err(error) if v6 => debug!(%error, "no IPv6 inbound routing in pod"),
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Treats "already there" as success: a restarted agent finds its own earlier work.
+fn ignore_exists(result: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
+    match result {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        other => other,
+    }
+}
+
+fn rule_message(handle: &Handle, v6: bool, priority: u32, mark: Option<u32>, table: u32) -> RuleMessage {
+    let mut rule = handle
+        .rule()
+        .add()
+        .table_id(table)
+        .action(RuleAction::ToTable)
+        .priority(priority);
+    if let Some(mark) = mark {
+        rule = rule.fw_mark(mark);
+    }
+    if v6 {
+        rule.v6().message_mut().clone()
+    } else {
+        rule.v4().message_mut().clone()
+    }
+}
+
+async fn add_rule(handle: &Handle, message: RuleMessage) -> Result<(), rtnetlink::Error> {
+    let mut request = handle.rule().add();
+    *request.message_mut() = message;
+    ignore_exists(request.execute().await)
+}
+
+async fn add_inbound_rules(handle: &Handle, v6: bool) -> Result<(), rtnetlink::Error> {
+    let lo = 1; // `lo` is always interface 1 in a netns
+    let route = if v6 {
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .destination_prefix(std::net::Ipv6Addr::UNSPECIFIED, 0)
+            .output_interface(lo)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .table_id(marks::INBOUND_ROUTE_TABLE)
+            .build()
+    } else {
+        RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .destination_prefix(std::net::Ipv4Addr::UNSPECIFIED, 0)
+            .output_interface(lo)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .table_id(marks::INBOUND_ROUTE_TABLE)
+            .build()
+    };
+    ignore_exists(handle.route().add(route).execute().await)?;
+    // Order matters: the local table is never unreachable while the rules move.
+    add_rule(handle, rule_message(handle, v6, LOCAL_RULE_PRIORITY, None, LOCAL_TABLE)).await?;
+    add_rule(
+        handle,
+        rule_message(
+            handle,
+            v6,
+            MARK_RULE_PRIORITY,
+            Some(marks::INBOUND_TRANSPARENT),
+            marks::INBOUND_ROUTE_TABLE,
+        ),
+    )
+    .await?;
+    if let Err(error) = handle
+        .rule()
+        .del(rule_message(handle, v6, 0, None, LOCAL_TABLE))
+        .execute()
+        .await
+    {
+        debug!(%error, v6, "local rule at priority 0 already moved");
+    }
+    Ok(())
+}
+
+/// Restores the pod's routing rules. Best effort: the pod may be gone.
+pub async fn remove_inbound_routing(netns: &Netns, home: &Netns) {
+    let Ok(handle) = netns.netlink(home) else {
+        return;
+    };
+    for v6 in [false, true] {
+        let restore = add_rule(&handle, rule_message(&handle, v6, 0, None, LOCAL_TABLE)).await;
+        if let Err(error) = restore {
+            debug!(%error, v6, "restoring the local rule");
+            continue; // keep the moved rule rather than leave no local table at all
+        }
+        for message in [
+            rule_message(
+                &handle,
+                v6,
+                MARK_RULE_PRIORITY,
+                Some(marks::INBOUND_TRANSPARENT),
+                marks::INBOUND_ROUTE_TABLE,
+            ),
+            rule_message(&handle, v6, LOCAL_RULE_PRIORITY, None, LOCAL_TABLE),
+        ] {
+            if let Err(error) = handle.rule().del(message).execute().await {
+                debug!(%error, v6, "removing inbound rule");
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Sockets opened inside pods' network namespaces.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use mesh_common::{marks, ports};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use super::{CONNECT_TIMEOUT, PodContext, ProxyError};
+use crate::netns::{Netns, NetnsError};
+
+const BACKLOG: i32 = 1024;
+
+/// The listeners of one enrolled pod, opened inside its netns.
+pub struct ListenerSet {
+    /// 127.0.0.1:15001 and, where the pod has IPv6, [::1]:15001.
+    pub outbound: Vec<TcpListener>,
+    /// 0.0.0.0:15006 and [::]:15006 (v6-only), each paired with the pod addresses of its
+    /// family that `sk_lookup` steers to it.
+    pub inbound: Vec<(TcpListener, Vec<IpAddr>)>,
+    /// The netns cookie, read from one of the sockets (`SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
+}
+
+/// Opens the pod's listeners. Must run inside a tokio runtime.
+pub fn bind_pod_listeners(
+    netns: &Netns,
+    home: &Netns,
+    pod_ips: &[IpAddr],
+) -> Result<ListenerSet, NetnsError> {
+    let has_v6 = pod_ips.iter().any(IpAddr::is_ipv6);
+    let sockets = netns.run(home, || -> std::io::Result<_> {
+        let mut outbound = vec![listen(SocketAddr::from((Ipv4Addr::LOCALHOST, ports::OUTBOUND)))?];
+        let mut inbound = vec![listen(SocketAddr::from((
+            Ipv4Addr::UNSPECIFIED,
+            ports::INBOUND_PLAINTEXT,
+        )))?];
+        if has_v6 {
+            outbound.push(listen(SocketAddr::from((Ipv6Addr::LOCALHOST, ports::OUTBOUND)))?);
+            inbound.push(listen(SocketAddr::from((
+                Ipv6Addr::UNSPECIFIED,
+                ports::INBOUND_PLAINTEXT,
+            )))?);
+        }
+        let cookie = netns_cookie(&outbound[0])?;
+        Ok((outbound, inbound, cookie))
+    })?;
+    let (outbound, inbound, netns_cookie) = sockets.map_err(|source| NetnsError::Io {
+        action: "binding listeners in",
+        path: netns.path().to_path_buf(),
+        source,
+    })?;
+    let to_tokio = |socket: Socket| TcpListener::from_std(socket.into());
+    let io_error = |source| NetnsError::Io {
+        action: "registering listeners of",
+        path: netns.path().to_path_buf(),
+        source,
+    };
+    Ok(ListenerSet {
+        outbound: outbound
+            .into_iter()
+            .map(to_tokio)
+            .collect::<Result<_, _>>()
+            .map_err(io_error)?,
+        inbound: inbound
+            .into_iter()
+            .map(|socket| {
+                let v6 = socket.local_addr().ok().and_then(|a| a.as_socket()).is_some_and(|a| a.is_ipv6());
+                let ips = pod_ips.iter().copied().filter(|ip| ip.is_ipv6() == v6).collect();
+                to_tokio(socket).map(|listener| (listener, ips))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(io_error)?,
+        netns_cookie,
+    })
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket)
+}
+
+/// The netns cookie of the netns a socket was created in (kernel 5.14+).
+fn netns_cookie(socket: &Socket) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// How an upstream socket identifies itself to the kernel.
+pub enum Dial {
+    /// The proxy's outbound leg: the connect hooks let this mark through.
+    Outbound,
+    /// The inbound leg to the app, posing as the original client.
+    Transparent { source: IpAddr },
+}
+
+/// Connects to `addr` from a socket created inside `pod`'s netns.
+pub async fn connect_from_pod(
+    pod: &PodContext,
+    home: &Netns,
+    addr: SocketAddr,
+    dial: Dial,
+) -> Result<TcpStream, ProxyError> {
+    let socket = pod
+        .netns
+        .run(home, || new_upstream_socket(addr, &dial))
+        .map_err(|e| ProxyError::Socket(e.to_string()))?
+        .map_err(|e| ProxyError::Socket(e.to_string()))?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
+        Err(_) => Err(ProxyError::ConnectTimeout(addr)),
+    }
+}
+
+fn new_upstream_socket(addr: SocketAddr, dial: &Dial) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    match dial {
+        Dial::Outbound => socket.set_mark(marks::PROXY_OUTBOUND)?,
+        Dial::Transparent { source } => {
+            socket.set_mark(marks::INBOUND_TRANSPARENT)?;
+            if source.is_ipv6() {
+                socket.set_ip_transparent_v6(true)?;
+            } else {
+                socket.set_ip_transparent_v4(true)?;
+            }
+            socket.bind(&SockAddr::from(SocketAddr::new(*source, 0)))?;
+        }
+    }
+    Ok(socket)
+}

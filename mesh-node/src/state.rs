@@ -1,0 +1,186 @@
+//! The normalized state: what every other part of the agent reads.
+//!
+//! Config sources translate Kubernetes objects into one immutable [`State`] snapshot and
+//! publish it through `tokio::sync::watch`; readers take a cheap `Arc` clone.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use serde::Serialize;
+
+/// Label that enrolls a namespace (`true`) or opts a pod out (`false`).
+pub const ENROLLMENT_LABEL: &str = "nodemesh.io/enabled";
+
+/// `namespace/name` of a Kubernetes object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One pod, as the mesh sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub key: ObjectKey,
+    pub uid: String,
+    /// The workload name used in metrics (the Deployment for a ReplicaSet's pods).
+    pub workload_name: String,
+    pub node: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    /// Named container ports, for Services whose `targetPort` is a name.
+    pub named_ports: BTreeMap<String, u16>,
+    pub ready: bool,
+    /// Namespace enrolled and the pod not opted out.
+    pub enrolled: bool,
+}
+
+impl Workload {
+    /// The address of the family of `want`, if the pod has one.
+    pub fn ip_like(&self, want: IpAddr) -> Option<IpAddr> {
+        self.ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == want.is_ipv4())
+    }
+
+    pub fn app_label(&self) -> &str {
+        self.labels
+            .get("app.kubernetes.io/name")
+            .or_else(|| self.labels.get("app"))
+            .map_or("unknown", String::as_str)
+    }
+
+    pub fn version_label(&self) -> &str {
+        self.labels
+            .get("app.kubernetes.io/version")
+            .or_else(|| self.labels.get("version"))
+            .map_or("unknown", String::as_str)
+    }
+}
+
+/// The port a Service forwards to on its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: TargetPort,
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub key: ObjectKey,
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Pods behind the Service (selector match, ready), in a stable order.
+    pub endpoints: Vec<ObjectKey>,
+}
+
+impl Service {
+    /// `name.namespace.svc.cluster.local`, as Istio labels it.
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.key.name, self.key.namespace)
+    }
+
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+/// A resource the translation refused, with why; kept for logs, metrics and the admin API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    /// Where it came from (a file path for the file source).
+    pub origin: String,
+    /// `Kind namespace/name`, or what could be read of it.
+    pub resource: String,
+    pub error: String,
+}
+
+/// One immutable snapshot of everything the mesh knows.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct State {
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pub workloads: BTreeMap<ObjectKey, Workload>,
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub rejections: Vec<Rejection>,
+    #[serde(skip)]
+    workload_by_ip: HashMap<IpAddr, ObjectKey>,
+    #[serde(skip)]
+    service_by_ip: HashMap<IpAddr, ObjectKey>,
+}
+
+impl State {
+    /// Builds the snapshot and its indexes from translated parts.
+    pub fn new(
+        namespaces: BTreeMap<String, BTreeMap<String, String>>,
+        workloads: BTreeMap<ObjectKey, Workload>,
+        services: BTreeMap<ObjectKey, Service>,
+        rejections: Vec<Rejection>,
+    ) -> Self {
+        let workload_by_ip = workloads
+            .values()
+            .flat_map(|w| w.ips.iter().map(|ip| (*ip, w.key.clone())))
+            .collect();
+        let service_by_ip = services
+            .values()
+            .flat_map(|s| s.cluster_ips.iter().map(|ip| (*ip, s.key.clone())))
+            .collect();
+        Self {
+            namespaces,
+            workloads,
+            services,
+            rejections,
+            workload_by_ip,
+            service_by_ip,
+        }
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workload_by_ip
+            .get(&ip)
+            .and_then(|key| self.workloads.get(key))
+    }
+
+    pub fn service_by_ip(&self, ip: IpAddr) -> Option<&Service> {
+        self.service_by_ip
+            .get(&ip)
+            .and_then(|key| self.services.get(key))
+    }
+
+    /// Enrolled pods scheduled on `node`.
+    pub fn enrolled_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads
+            .values()
+            .filter(move |w| w.node == node && w.enrolled && !w.ips.is_empty())
+    }
+}
+
+/// The shared, swappable snapshot.
+pub type StateRx = tokio::sync::watch::Receiver<Arc<State>>;
+pub type StateTx = tokio::sync::watch::Sender<Arc<State>>;
