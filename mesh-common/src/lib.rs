@@ -24,11 +24,14 @@ pub mod ports {
 /// netns, so an outbound socket carrying it would be swallowed locally.
 pub mod marks {
     /// Set on every socket the proxy opens towards an upstream; the connect hooks let
-    /// sockets with this mark through untouched, which is what prevents capture loops.
+    /// sockets with a proxy mark through untouched, which is what prevents capture loops.
     pub const PROXY_OUTBOUND: u32 = 0x0053_9000;
     /// Set on the proxy's transparent sockets towards the app inside a pod; the pod's
     /// policy routing sends the app's replies (which inherit it) back to the proxy.
     pub const INBOUND_TRANSPARENT: u32 = 0x0053_9001;
+    /// Every socket the proxy opens carries a mark in this range (`mark & PROXY_MASK ==
+    /// PROXY_OUTBOUND`); the connect hooks let all of them through.
+    pub const PROXY_MASK: u32 = 0xffff_f000;
     /// Routing table, inside each enrolled pod's netns, that delivers marked replies locally.
     pub const INBOUND_ROUTE_TABLE: u32 = 15006;
 }

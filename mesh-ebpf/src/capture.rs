@@ -72,7 +72,8 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     }
     // SAFETY: `sk` is always set for connect hooks.
     let mark = unsafe { (*sock_addr.__bindgen_anon_1.sk).mark };
-    if mark == marks::PROXY_OUTBOUND {
+    // Both the outbound leg and the transparent inbound leg to the app are the proxy's.
+    if mark & marks::PROXY_MASK == marks::PROXY_OUTBOUND {
         bump(counters::OUTBOUND_PROXY_BYPASS);
         return ALLOW;
     }

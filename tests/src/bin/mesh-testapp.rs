@@ -1,0 +1,219 @@
+//! `mesh-testapp`: the workload the end-to-end tests run inside pods.
+//!
+//! `serve` answers every line with a JSON line saying who served it and which addresses
+//! it saw, so a test can tell where a connection really went and from where it came
+//! (after the mesh redirected it). `connect` is the matching client.
+
+use std::{
+    io::{self, BufRead, BufReader, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    thread,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use socket2::{Domain, Socket, Type};
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-testapp",
+    about = "Echo server and client for Nodemesh tests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve TCP: reply to each line with a JSON line; prints "ready" once listening.
+    Serve {
+        /// Address to listen on, e.g. 0.0.0.0:8080 or [::]:8080 (IPv6 only); repeatable.
+        #[arg(long = "listen", required = true)]
+        listen: Vec<SocketAddr>,
+        /// Name reported in every reply ("server").
+        #[arg(long)]
+        name: String,
+    },
+    /// Open sequential connections, send one line on each and print the reply line.
+    Connect {
+        /// Server address.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Number of sequential connections.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Line to send (without the newline).
+        #[arg(long, default_value = "hello")]
+        message: String,
+        /// Timeout for connecting and for each read and write, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve { listen, name } => serve(&listen, &name),
+        Command::Connect {
+            to,
+            count,
+            message,
+            timeout_ms,
+        } => connect(to, count, &message, Duration::from_millis(timeout_ms)),
+    }
+}
+
+// === serve ===
+
+fn serve(addrs: &[SocketAddr], name: &str) -> ExitCode {
+    let mut listeners = Vec::new();
+    for addr in addrs {
+        match bind(*addr) {
+            Ok(listener) => listeners.push(listener),
+            Err(e) => {
+                eprintln!("mesh-testapp serve: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    // Tests wait for this line before connecting.
+    println!("ready");
+    let _ = io::stdout().flush();
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            let name = name.to_owned();
+            thread::spawn(move || accept_loop(&listener, &name))
+        })
+        .collect();
+    for thread in threads {
+        let _ = thread.join();
+    }
+    ExitCode::FAILURE
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // A restarted server must be able to listen again while old connections linger.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // So that 0.0.0.0:p and [::]:p can both be listened on; an IPv6 listener takes
+        // only IPv6 here, whatever net.ipv6.bindv6only says.
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+fn accept_loop(listener: &TcpListener, name: &str) {
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let name = name.to_owned();
+                thread::spawn(move || {
+                    if let Err(e) = handle(stream, peer, &name) {
+                        eprintln!("mesh-testapp serve: connection from {peer}: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                eprintln!("mesh-testapp serve: accept: {e}");
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn handle(stream: TcpStream, peer: SocketAddr, name: &str) -> io::Result<()> {
+    let local = stream.local_addr()?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            // The client closed its side: close ours.
+            let _ = writer.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        let echo = line.trim_end_matches(['\n', '\r']);
+        let reply = serde_json::json!({
+            "server": name,
+            "peer": peer.to_string(),
+            "local": local.to_string(),
+            "echo": echo,
+        });
+        writer.write_all(format!("{reply}\n").as_bytes())?;
+    }
+}
+
+// === connect ===
+
+fn connect(to: SocketAddr, count: u32, message: &str, timeout: Duration) -> ExitCode {
+    let stdout = io::stdout();
+    for n in 0..count {
+        match exchange(to, message, timeout) {
+            Ok(reply) => {
+                let mut out = stdout.lock();
+                let _ = writeln!(out, "{reply}");
+                let _ = out.flush();
+            }
+            Err((phase, e)) => {
+                eprintln!(
+                    "mesh-testapp connect: connection {} of {count} to {to}: {phase}: {}: {e}",
+                    n + 1,
+                    describe(&e)
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn exchange(
+    to: SocketAddr,
+    message: &str,
+    timeout: Duration,
+) -> Result<String, (&'static str, io::Error)> {
+    let stream = TcpStream::connect_timeout(&to, timeout).map_err(|e| ("connect", e))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| ("connect", e))?;
+    (&stream)
+        .write_all(format!("{message}\n").as_bytes())
+        .map_err(|e| ("send", e))?;
+    let mut reply = String::new();
+    let read = BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(|e| ("read reply", e))?;
+    if read == 0 {
+        return Err((
+            "read reply",
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed by the peer before replying",
+            ),
+        ));
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    Ok(reply.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+/// A short, greppable name for the failure, so tests can assert on the kind.
+fn describe(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused",
+        // A socket read timeout surfaces as EAGAIN.
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timed out",
+        io::ErrorKind::HostUnreachable => "no route to host",
+        io::ErrorKind::NetworkUnreachable => "network unreachable",
+        io::ErrorKind::ConnectionReset => "connection reset",
+        io::ErrorKind::UnexpectedEof => "connection closed",
+        _ => "error",
+    }
+}

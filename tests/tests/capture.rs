@@ -1,0 +1,353 @@
+//! End to end on the netns cluster: eBPF capture, enrollment and the L4 proxy.
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use mesh_tests::{
+    Cluster, Pod, PodProcess, PodSpec, namespace_yaml,
+    scenario::{addr_field, connect, metric, replies, skip, wait_enrolled, wait_for_metric},
+    service_yaml,
+};
+
+const ENROLLED: &[(&str, &str)] = &[("nodemesh.io/enabled", "true")];
+const SERVICE_IP: &str = "10.96.0.10";
+const SERVICE_IP6: &str = "fd00:10:96::10";
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts `mesh-testapp serve` on the pod's addresses, port 8080.
+fn serve(cluster: &Cluster, pod: &Pod) -> PodProcess {
+    let v4 = format!("{}:8080", pod.ip);
+    let mut args = vec!["serve", "--listen", &v4, "--name", &pod.name];
+    let v6 = pod.ip6.map(|ip| format!("[{ip}]:8080"));
+    if let Some(v6) = &v6 {
+        args.extend(["--listen", v6]);
+    }
+    let mut process = pod.spawn(cluster, &args);
+    process.wait_for_output("ready", READY_TIMEOUT);
+    process
+}
+
+/// Namespace `shop` (enrolled unless `enrolled` is false), Service `web` on port 80 →
+/// 8080 over pods labelled app=web.
+fn write_shop(cluster: &Cluster, enrolled: bool) {
+    let labels = if enrolled { ENROLLED } else { &[] };
+    cluster.write_config("ns-shop.yaml", &namespace_yaml("shop", labels));
+    cluster.write_config(
+        "svc-web.yaml",
+        &service_yaml("web", "shop", SERVICE_IP, &[("tcp-web", 80, 8080)], &[("app", "web")]),
+    );
+}
+
+/// Counts replies per answering server.
+fn by_server(replies: &[serde_json::Value]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for reply in replies {
+        *counts.entry(reply["server"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+    }
+    counts
+}
+
+fn assert_unreachable(cluster: &Cluster, client: &Pod, to: &str, why: &str) {
+    let output = connect(cluster, client, to, 1);
+    assert!(
+        !output.status.success(),
+        "{why}: expected {to} to be unreachable from {}, got {:?}",
+        client.name,
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+#[test]
+fn enrolled_pod_reaches_a_service_and_the_backend_sees_its_ip() {
+    if skip() {
+        return;
+    }
+    let mut cluster = Cluster::new("svc_rr", 2);
+    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
+    let web1 = cluster.add_pod(PodSpec::new("web-1", 0).namespace("shop").label("app", "web"));
+    let web2 = cluster.add_pod(PodSpec::new("web-2", 1).namespace("shop").label("app", "web"));
+    write_shop(&cluster, true);
+    let _servers = [serve(&cluster, &web1), serve(&cluster, &web2)];
+    cluster.start_agents();
+    wait_enrolled(&cluster, 0, 2);
+    wait_enrolled(&cluster, 1, 1);
+
+    let replies = replies(&connect(&cluster, &client, &format!("{SERVICE_IP}:80"), 10));
+    assert_eq!(replies.len(), 10);
+    assert_eq!(
+        by_server(&replies),
+        BTreeMap::from([("web-1".into(), 5), ("web-2".into(), 5)]),
+        "round robin over both replicas, on both nodes"
+    );
+    for reply in &replies {
+        assert_eq!(
+            addr_field(reply, "peer").ip(),
+            IpAddr::from(client.ip),
+            "the backend sees the client pod's IP: {reply}"
+        );
+        assert_eq!(addr_field(reply, "local").port(), 8080, "port → targetPort");
+    }
+    // The proxy's own sockets went through the connect hook (the agent runs in the node
+    // cgroup) and were let through by their mark, not captured again: on node0 that is
+    // 10 upstream dials from the client plus 5 dials to the app of web-1.
+    wait_for_metric(&cluster, 0, "nodemesh_bpf_events", &[("event", "outbound_redirected")], 10.0);
+    wait_for_metric(&cluster, 0, "nodemesh_bpf_events", &[("event", "outbound_proxy_bypass")], 15.0);
+}
+
+#[test]
+fn a_pod_in_a_namespace_that_is_not_enrolled_is_not_captured() {
+    if skip() {
+        return;
+    }
+    let mut cluster = Cluster::new("not_enrolled", 2);
+    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("plain"));
+    let server = cluster.add_pod(PodSpec::new("server", 1).namespace("plain").label("app", "web"));
+    cluster.write_config("ns-plain.yaml", &namespace_yaml("plain", &[]));
+    cluster.write_config(
+        "svc.yaml",
+        &service_yaml("web", "plain", SERVICE_IP, &[("tcp", 80, 8080)], &[("app", "web")]),
+    );
+    let _server = serve(&cluster, &server);
+    cluster.start_agents();
+    wait_enrolled(&cluster, 0, 0);
+
+    let to = format!("{}:8080", server.ip);
+    let replies = replies(&connect(&cluster, &client, &to, 3));
+    assert!(replies.iter().all(|r| addr_field(r, "local").to_string() == to));
+    // Only the mesh can route a ClusterIP: without capture the connect fails.
+    assert_unreachable(&cluster, &client, &format!("{SERVICE_IP}:80"), "not enrolled");
+    for node in 0..2 {
+        assert_eq!(metric(&cluster, node, "nodemesh_captured_connections_total", &[]), 0.0);
+        assert_eq!(metric(&cluster, node, "istio_tcp_connections_opened_total", &[]), 0.0);
+    }
+}
+
+#[test]
+fn labels_enroll_and_unenroll_running_pods_and_opt_out_is_respected() {
+    if skip() {
+        return;
+    }
+    let mut cluster = Cluster::new("enroll_labels", 2);
+    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
+    let opted_out = cluster.add_pod(
+        PodSpec::new("batch", 0)
+            .namespace("shop")
+            .label("nodemesh.io/enabled", "false"),
+    );
+    let web = cluster.add_pod(PodSpec::new("web-1", 1).namespace("shop").label("app", "web"));
+    write_shop(&cluster, false);
+    let mut server = serve(&cluster, &web);
+    cluster.start_agents();
+    let service = format!("{SERVICE_IP}:80");
+    wait_enrolled(&cluster, 0, 0);
+    assert_unreachable(&cluster, &client, &service, "before the label");
+
+    write_shop(&cluster, true);
+    wait_enrolled(&cluster, 0, 1); // client, not the opted-out pod
+    wait_enrolled(&cluster, 1, 1);
+    let enrolled = replies(&connect(&cluster, &client, &service, 2));
+    assert_eq!(by_server(&enrolled), BTreeMap::from([("web-1".into(), 2)]));
+    assert_unreachable(&cluster, &opted_out, &service, "opted out");
+
+    write_shop(&cluster, false);
+    wait_enrolled(&cluster, 0, 0);
+    wait_enrolled(&cluster, 1, 0);
+    assert_unreachable(&cluster, &client, &service, "after the label was removed");
+    // Nobody restarted: the same server process served throughout.
+    assert!(server.try_wait().is_none(), "the app must keep running");
+    let direct = format!("{}:8080", web.ip);
+    let after = replies(&connect(&cluster, &client, &direct, 1));
+    assert_eq!(addr_field(&after[0], "peer").ip(), IpAddr::from(client.ip));
+}
+
+#[test]
+fn inbound_from_a_non_mesh_client_is_captured_and_reaches_the_app_on_its_port() {
+    if skip() {
+        return;
+    }
+    let mut cluster = Cluster::new("inbound", 2);
+    let outsider = cluster.add_pod(PodSpec::new("outsider", 0).namespace("plain"));
+    let web = cluster.add_pod(PodSpec::new("web-1", 1).namespace("shop").label("app", "web"));
+    write_shop(&cluster, true);
+    cluster.write_config("ns-plain.yaml", &namespace_yaml("plain", &[]));
+    let _server = serve(&cluster, &web);
+    cluster.start_agents();
+    wait_enrolled(&cluster, 1, 1);
+
+    let to = format!("{}:8080", web.ip);
+    let replies = replies(&connect(&cluster, &outsider, &to, 3));
+    for reply in &replies {
+        assert_eq!(addr_field(reply, "local").to_string(), to, "original port kept");
+        assert_eq!(addr_field(reply, "peer").ip(), IpAddr::from(outsider.ip), "client IP kept");
+    }
+    let destination = [("reporter", "destination"), ("destination_workload", "web-1")];
+    wait_for_metric(&cluster, 1, "istio_tcp_connections_opened_total", &destination, 3.0);
+    wait_for_metric(
+        &cluster,
+        1,
+        "nodemesh_captured_connections_total",
+        &[("direction", "inbound")],
+        3.0,
+    );
+}
+
+#[test]
+fn ipv6_service_and_pod_addresses_work_like_ipv4() {
+    if skip() {
+        return;
+    }
+    let mut cluster = Cluster::new("ipv6", 2);
+    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop").ipv6(true));
+    let web = cluster.add_pod(
+        PodSpec::new("web-1", 1)
+            .namespace("shop")
+            .label("app", "web")
+            .ipv6(true),
+    );
+    cluster.write_config("ns-shop.yaml", &namespace_yaml("shop", ENROLLED));
+    let dual_stack = service_yaml("web", "shop", SERVICE_IP, &[("tcp", 80, 8080)], &[("app", "web")])
+        .replace(
+            &format!("- {SERVICE_IP}\n"),
+            &format!("- {SERVICE_IP}\n  - \"{SERVICE_IP6}\"\n"),
+        );
+    assert!(dual_stack.contains(SERVICE_IP6), "clusterIPs list in:\n{dual_stack}");
+    cluster.write_config("svc-web.yaml", &dual_stack);
+    let _server = serve(&cluster, &web);
+    cluster.start_agents();
+    wait_enrolled(&cluster, 0, 1);
+    wait_enrolled(&cluster, 1, 1);
+    let client_ip6 = IpAddr::from(client.ip6.expect("dual-stack client"));
+    let web_ip6 = web.ip6.expect("dual-stack server");
+
+    let via_service = replies(&connect(&cluster, &client, &format!("[{SERVICE_IP6}]:80"), 2));
+    let direct = replies(&connect(&cluster, &client, &format!("[{web_ip6}]:8080"), 2));
+    for reply in via_service.iter().chain(&direct) {
+        assert_eq!(addr_field(reply, "peer").ip(), client_ip6, "{reply}");
+        assert_eq!(addr_field(reply, "local").ip(), IpAddr::from(web_ip6), "{reply}");
+    }
+    wait_for_metric(
+        &cluster,
+        0,
+        "istio_tcp_connections_opened_total",
+        &[("reporter", "source")],
+        4.0,
+    );
+}
+
+#[test]
+fn a_broken_file_or_resource_is_rejected_alone_and_the_rest_applies() {
+    if skip() {
+        return;
+    }
+    let mut cluster = Cluster::new("bad_config", 2);
+    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
+    let web = cluster.add_pod(PodSpec::new("web-1", 1).namespace("shop").label("app", "web"));
+    write_shop(&cluster, true);
+    let _server = serve(&cluster, &web);
+    cluster.start_agents();
+    wait_enrolled(&cluster, 0, 1);
+
+    cluster.write_config("broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: [oops\n");
+    // The existing Service turns invalid: its last good version must stay in force.
+    cluster.write_config(
+        "svc-web.yaml",
+        &service_yaml("web", "shop", "10.96.0.300", &[("tcp-web", 80, 8080)], &[("app", "web")]),
+    );
+    // A new, valid Service in the same change applies.
+    cluster.write_config(
+        "svc-api.yaml",
+        &service_yaml("api", "shop", "10.96.0.11", &[("tcp", 81, 8080)], &[("app", "web")]),
+    );
+    wait_for_metric(&cluster, 0, "nodemesh_config_rejected_resources", &[], 2.0);
+    let log = std::fs::read_to_string(cluster.agent_log(0)).expect("agent log");
+    assert!(
+        log.lines().any(|l| l.contains("broken.yaml") && l.contains("rejected")),
+        "the log names the broken file"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("svc-web.yaml")
+            && l.contains("Service shop/web")
+            && l.contains("10.96.0.300")),
+        "the log names the file, the resource and the bad value"
+    );
+    for to in [format!("{SERVICE_IP}:80"), "10.96.0.11:81".to_string()] {
+        let replies = replies(&connect(&cluster, &client, &to, 1));
+        assert_eq!(replies[0]["server"], "web-1", "{to} still routes");
+    }
+}
+
+#[test]
+fn metrics_count_exactly_the_connections_made() {
+    if skip() {
+        return;
+    }
+    const N: usize = 7;
+    let mut cluster = Cluster::new("tcp_metrics", 2);
+    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop").label("app", "shop-ui"));
+    let web = cluster.add_pod(PodSpec::new("web-1", 1).namespace("shop").label("app", "web"));
+    write_shop(&cluster, true);
+    let _server = serve(&cluster, &web);
+    cluster.start_agents();
+    wait_enrolled(&cluster, 0, 1);
+    wait_enrolled(&cluster, 1, 1);
+
+    let replies = replies(&connect(&cluster, &client, &format!("{SERVICE_IP}:80"), N));
+    assert_eq!(replies.len(), N);
+    let n = N as f64;
+    let source = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("source_workload_namespace", "shop"),
+        ("source_app", "shop-ui"),
+        ("destination_workload", "web-1"),
+        ("destination_workload_namespace", "shop"),
+        ("destination_service", "web.shop.svc.cluster.local"),
+        ("connection_security_policy", "none"),
+    ];
+    let destination = [
+        ("reporter", "destination"),
+        ("source_workload", "client"),
+        ("destination_workload", "web-1"),
+    ];
+    for (node, labels) in [(0, &source[..]), (1, &destination[..])] {
+        wait_for_metric(&cluster, node, "istio_tcp_connections_opened_total", labels, n);
+        wait_for_metric(&cluster, node, "istio_tcp_connections_closed_total", labels, n);
+        // "hello\n" up, one JSON line per connection down.
+        wait_for_metric(&cluster, node, "istio_tcp_received_bytes_total", labels, n * 6.0);
+        let down: usize = replies.iter().map(|r| r.to_string().len() + 1).sum();
+        wait_for_metric(&cluster, node, "istio_tcp_sent_bytes_total", labels, down as f64);
+    }
+}
+
+#[test]
+fn sigterm_detaches_everything_and_restores_the_pods() {
+    if skip() {
+        return;
+    }
+    let mut cluster = Cluster::new("sigterm", 1);
+    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
+    let web = cluster.add_pod(PodSpec::new("web-1", 0).namespace("shop").label("app", "web"));
+    write_shop(&cluster, true);
+    let _server = serve(&cluster, &web);
+    let rules_before = ip_rules(&web);
+    cluster.start_agents();
+    wait_enrolled(&cluster, 0, 2);
+    assert_ne!(ip_rules(&web), rules_before, "enrolling installs inbound routing");
+    let service = format!("{SERVICE_IP}:80");
+    replies(&connect(&cluster, &client, &service, 1));
+
+    let status = cluster.stop_agent(0);
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    assert_unreachable(&cluster, &client, &service, "capture detached");
+    assert_eq!(ip_rules(&web), rules_before, "pod routing restored");
+    let direct = replies(&connect(&cluster, &client, &format!("{}:8080", web.ip), 1));
+    assert_eq!(direct[0]["server"], "web-1", "pods work without the mesh");
+    let log = std::fs::read_to_string(cluster.agent_log(0)).expect("agent log");
+    assert!(log.contains("all pods un-enrolled"), "drain logged");
+}
+
+fn ip_rules(pod: &Pod) -> String {
+    let output = std::process::Command::new("ip")
+        .args(["-n", &pod.netns, "rule", "show"])
+        .output()
+        .expect("ip rule");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
