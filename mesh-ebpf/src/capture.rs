@@ -10,8 +10,8 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    AF_INET, AF_INET6, EnrolledNetns, ListenerKey, OrigDstKey, SockAddr, capacity, counters,
-    marks, ports,
+    AF_INET, AF_INET6, EnrolledNetns, ListenerKey, OrigDstKey, SockAddr, capacity, counters, marks,
+    ports,
 };
 
 use crate::counters::bump;

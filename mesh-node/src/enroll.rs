@@ -61,7 +61,12 @@ impl Enrollment {
     }
 
     /// Runs until `shutdown`, then un-enrolls every pod. `ready` drops after the first pass.
-    pub async fn run(mut self, mut state: StateRx, ready: ReadinessGuard, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut state: StateRx,
+        ready: ReadinessGuard,
+        shutdown: CancellationToken,
+    ) {
         let mut ready = Some(ready);
         loop {
             let snapshot = state.borrow_and_update().clone();

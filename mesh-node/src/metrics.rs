@@ -82,14 +82,14 @@ impl ConnectionLabels {
         let [destination_workload, destination_namespace] = workload(destination);
         let [destination_app, destination_version] = app(destination);
         let (service_host, service_name, service_namespace) = service.map_or_else(
-            || (UNKNOWN.to_string(), UNKNOWN.to_string(), UNKNOWN.to_string()),
-            |s| {
+            || {
                 (
-                    s.hostname(),
-                    s.key.name.clone(),
-                    s.key.namespace.clone(),
+                    UNKNOWN.to_string(),
+                    UNKNOWN.to_string(),
+                    UNKNOWN.to_string(),
                 )
             },
+            |s| (s.hostname(), s.key.name.clone(), s.key.namespace.clone()),
         );
         Self {
             values: vec![

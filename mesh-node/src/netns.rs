@@ -126,7 +126,12 @@ fn candidate_paths() -> Vec<PathBuf> {
         paths.extend(
             entries
                 .filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
                 .map(|e| e.path().join("ns/net")),
         );
     }
@@ -262,7 +267,13 @@ fn ignore_exists(result: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::
     }
 }
 
-fn rule_message(handle: &Handle, v6: bool, priority: u32, mark: Option<u32>, table: u32) -> RuleMessage {
+fn rule_message(
+    handle: &Handle,
+    v6: bool,
+    priority: u32,
+    mark: Option<u32>,
+    table: u32,
+) -> RuleMessage {
     let mut rule = handle
         .rule()
         .add()
@@ -306,7 +317,11 @@ async fn add_inbound_rules(handle: &Handle, v6: bool) -> Result<(), rtnetlink::E
     };
     ignore_exists(handle.route().add(route).execute().await)?;
     // Order matters: the local table is never unreachable while the rules move.
-    add_rule(handle, rule_message(handle, v6, LOCAL_RULE_PRIORITY, None, LOCAL_TABLE)).await?;
+    add_rule(
+        handle,
+        rule_message(handle, v6, LOCAL_RULE_PRIORITY, None, LOCAL_TABLE),
+    )
+    .await?;
     add_rule(
         handle,
         rule_message(

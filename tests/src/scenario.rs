@@ -61,7 +61,10 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
         if let Some(value) = check() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -72,7 +75,13 @@ pub fn metric(cluster: &Cluster, i: usize, name: &str, labels: &[(&str, &str)]) 
 }
 
 /// Waits until a metric on node `i` reads `expected`, panicking with the last value.
-pub fn wait_for_metric(cluster: &Cluster, i: usize, name: &str, labels: &[(&str, &str)], expected: f64) {
+pub fn wait_for_metric(
+    cluster: &Cluster,
+    i: usize,
+    name: &str,
+    labels: &[(&str, &str)],
+    expected: f64,
+) {
     let mut last = f64::NAN;
     let what = format!("{name}{labels:?} on node{i} to read {expected}");
     let deadline = Instant::now() + CONVERGE_TIMEOUT;

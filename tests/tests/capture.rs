@@ -32,7 +32,13 @@ fn write_shop(cluster: &Cluster, enrolled: bool) {
     cluster.write_config("ns-shop.yaml", &namespace_yaml("shop", labels));
     cluster.write_config(
         "svc-web.yaml",
-        &service_yaml("web", "shop", SERVICE_IP, &[("tcp-web", 80, 8080)], &[("app", "web")]),
+        &service_yaml(
+            "web",
+            "shop",
+            SERVICE_IP,
+            &[("tcp-web", 80, 8080)],
+            &[("app", "web")],
+        ),
     );
 }
 
@@ -40,7 +46,9 @@ fn write_shop(cluster: &Cluster, enrolled: bool) {
 fn by_server(replies: &[serde_json::Value]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for reply in replies {
-        *counts.entry(reply["server"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        *counts
+            .entry(reply["server"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
     }
     counts
 }
@@ -62,8 +70,16 @@ fn enrolled_pod_reaches_a_service_and_the_backend_sees_its_ip() {
     }
     let mut cluster = Cluster::new("svc_rr", 2);
     let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
-    let web1 = cluster.add_pod(PodSpec::new("web-1", 0).namespace("shop").label("app", "web"));
-    let web2 = cluster.add_pod(PodSpec::new("web-2", 1).namespace("shop").label("app", "web"));
+    let web1 = cluster.add_pod(
+        PodSpec::new("web-1", 0)
+            .namespace("shop")
+            .label("app", "web"),
+    );
+    let web2 = cluster.add_pod(
+        PodSpec::new("web-2", 1)
+            .namespace("shop")
+            .label("app", "web"),
+    );
     write_shop(&cluster, true);
     let _servers = [serve(&cluster, &web1), serve(&cluster, &web2)];
     cluster.start_agents();
@@ -88,8 +104,20 @@ fn enrolled_pod_reaches_a_service_and_the_backend_sees_its_ip() {
     // The proxy's own sockets went through the connect hook (the agent runs in the node
     // cgroup) and were let through by their mark, not captured again: on node0 that is
     // 10 upstream dials from the client plus 5 dials to the app of web-1.
-    wait_for_metric(&cluster, 0, "nodemesh_bpf_events", &[("event", "outbound_redirected")], 10.0);
-    wait_for_metric(&cluster, 0, "nodemesh_bpf_events", &[("event", "outbound_proxy_bypass")], 15.0);
+    wait_for_metric(
+        &cluster,
+        0,
+        "nodemesh_bpf_events",
+        &[("event", "outbound_redirected")],
+        10.0,
+    );
+    wait_for_metric(
+        &cluster,
+        0,
+        "nodemesh_bpf_events",
+        &[("event", "outbound_proxy_bypass")],
+        15.0,
+    );
 }
 
 #[test]
@@ -99,11 +127,21 @@ fn a_pod_in_a_namespace_that_is_not_enrolled_is_not_captured() {
     }
     let mut cluster = Cluster::new("not_enrolled", 2);
     let client = cluster.add_pod(PodSpec::new("client", 0).namespace("plain"));
-    let server = cluster.add_pod(PodSpec::new("server", 1).namespace("plain").label("app", "web"));
+    let server = cluster.add_pod(
+        PodSpec::new("server", 1)
+            .namespace("plain")
+            .label("app", "web"),
+    );
     cluster.write_config("ns-plain.yaml", &namespace_yaml("plain", &[]));
     cluster.write_config(
         "svc.yaml",
-        &service_yaml("web", "plain", SERVICE_IP, &[("tcp", 80, 8080)], &[("app", "web")]),
+        &service_yaml(
+            "web",
+            "plain",
+            SERVICE_IP,
+            &[("tcp", 80, 8080)],
+            &[("app", "web")],
+        ),
     );
     let _server = serve(&cluster, &server);
     cluster.start_agents();
@@ -111,12 +149,27 @@ fn a_pod_in_a_namespace_that_is_not_enrolled_is_not_captured() {
 
     let to = format!("{}:8080", server.ip);
     let replies = replies(&connect(&cluster, &client, &to, 3));
-    assert!(replies.iter().all(|r| addr_field(r, "local").to_string() == to));
+    assert!(
+        replies
+            .iter()
+            .all(|r| addr_field(r, "local").to_string() == to)
+    );
     // Only the mesh can route a ClusterIP: without capture the connect fails.
-    assert_unreachable(&cluster, &client, &format!("{SERVICE_IP}:80"), "not enrolled");
+    assert_unreachable(
+        &cluster,
+        &client,
+        &format!("{SERVICE_IP}:80"),
+        "not enrolled",
+    );
     for node in 0..2 {
-        assert_eq!(metric(&cluster, node, "nodemesh_captured_connections_total", &[]), 0.0);
-        assert_eq!(metric(&cluster, node, "istio_tcp_connections_opened_total", &[]), 0.0);
+        assert_eq!(
+            metric(&cluster, node, "nodemesh_captured_connections_total", &[]),
+            0.0
+        );
+        assert_eq!(
+            metric(&cluster, node, "istio_tcp_connections_opened_total", &[]),
+            0.0
+        );
     }
 }
 
@@ -132,7 +185,11 @@ fn labels_enroll_and_unenroll_running_pods_and_opt_out_is_respected() {
             .namespace("shop")
             .label("nodemesh.io/enabled", "false"),
     );
-    let web = cluster.add_pod(PodSpec::new("web-1", 1).namespace("shop").label("app", "web"));
+    let web = cluster.add_pod(
+        PodSpec::new("web-1", 1)
+            .namespace("shop")
+            .label("app", "web"),
+    );
     write_shop(&cluster, false);
     let mut server = serve(&cluster, &web);
     cluster.start_agents();
@@ -165,7 +222,11 @@ fn inbound_from_a_non_mesh_client_is_captured_and_reaches_the_app_on_its_port() 
     }
     let mut cluster = Cluster::new("inbound", 2);
     let outsider = cluster.add_pod(PodSpec::new("outsider", 0).namespace("plain"));
-    let web = cluster.add_pod(PodSpec::new("web-1", 1).namespace("shop").label("app", "web"));
+    let web = cluster.add_pod(
+        PodSpec::new("web-1", 1)
+            .namespace("shop")
+            .label("app", "web"),
+    );
     write_shop(&cluster, true);
     cluster.write_config("ns-plain.yaml", &namespace_yaml("plain", &[]));
     let _server = serve(&cluster, &web);
@@ -175,11 +236,28 @@ fn inbound_from_a_non_mesh_client_is_captured_and_reaches_the_app_on_its_port() 
     let to = format!("{}:8080", web.ip);
     let replies = replies(&connect(&cluster, &outsider, &to, 3));
     for reply in &replies {
-        assert_eq!(addr_field(reply, "local").to_string(), to, "original port kept");
-        assert_eq!(addr_field(reply, "peer").ip(), IpAddr::from(outsider.ip), "client IP kept");
+        assert_eq!(
+            addr_field(reply, "local").to_string(),
+            to,
+            "original port kept"
+        );
+        assert_eq!(
+            addr_field(reply, "peer").ip(),
+            IpAddr::from(outsider.ip),
+            "client IP kept"
+        );
     }
-    let destination = [("reporter", "destination"), ("destination_workload", "web-1")];
-    wait_for_metric(&cluster, 1, "istio_tcp_connections_opened_total", &destination, 3.0);
+    let destination = [
+        ("reporter", "destination"),
+        ("destination_workload", "web-1"),
+    ];
+    wait_for_metric(
+        &cluster,
+        1,
+        "istio_tcp_connections_opened_total",
+        &destination,
+        3.0,
+    );
     wait_for_metric(
         &cluster,
         1,
@@ -203,12 +281,21 @@ fn ipv6_service_and_pod_addresses_work_like_ipv4() {
             .ipv6(true),
     );
     cluster.write_config("ns-shop.yaml", &namespace_yaml("shop", ENROLLED));
-    let dual_stack = service_yaml("web", "shop", SERVICE_IP, &[("tcp", 80, 8080)], &[("app", "web")])
-        .replace(
-            &format!("- {SERVICE_IP}\n"),
-            &format!("- {SERVICE_IP}\n  - \"{SERVICE_IP6}\"\n"),
-        );
-    assert!(dual_stack.contains(SERVICE_IP6), "clusterIPs list in:\n{dual_stack}");
+    let dual_stack = service_yaml(
+        "web",
+        "shop",
+        SERVICE_IP,
+        &[("tcp", 80, 8080)],
+        &[("app", "web")],
+    )
+    .replace(
+        &format!("- {SERVICE_IP}\n"),
+        &format!("- {SERVICE_IP}\n  - \"{SERVICE_IP6}\"\n"),
+    );
+    assert!(
+        dual_stack.contains(SERVICE_IP6),
+        "clusterIPs list in:\n{dual_stack}"
+    );
     cluster.write_config("svc-web.yaml", &dual_stack);
     let _server = serve(&cluster, &web);
     cluster.start_agents();
@@ -217,11 +304,20 @@ fn ipv6_service_and_pod_addresses_work_like_ipv4() {
     let client_ip6 = IpAddr::from(client.ip6.expect("dual-stack client"));
     let web_ip6 = web.ip6.expect("dual-stack server");
 
-    let via_service = replies(&connect(&cluster, &client, &format!("[{SERVICE_IP6}]:80"), 2));
+    let via_service = replies(&connect(
+        &cluster,
+        &client,
+        &format!("[{SERVICE_IP6}]:80"),
+        2,
+    ));
     let direct = replies(&connect(&cluster, &client, &format!("[{web_ip6}]:8080"), 2));
     for reply in via_service.iter().chain(&direct) {
         assert_eq!(addr_field(reply, "peer").ip(), client_ip6, "{reply}");
-        assert_eq!(addr_field(reply, "local").ip(), IpAddr::from(web_ip6), "{reply}");
+        assert_eq!(
+            addr_field(reply, "local").ip(),
+            IpAddr::from(web_ip6),
+            "{reply}"
+        );
     }
     wait_for_metric(
         &cluster,
@@ -239,27 +335,47 @@ fn a_broken_file_or_resource_is_rejected_alone_and_the_rest_applies() {
     }
     let mut cluster = Cluster::new("bad_config", 2);
     let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
-    let web = cluster.add_pod(PodSpec::new("web-1", 1).namespace("shop").label("app", "web"));
+    let web = cluster.add_pod(
+        PodSpec::new("web-1", 1)
+            .namespace("shop")
+            .label("app", "web"),
+    );
     write_shop(&cluster, true);
     let _server = serve(&cluster, &web);
     cluster.start_agents();
     wait_enrolled(&cluster, 0, 1);
 
-    cluster.write_config("broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: [oops\n");
+    cluster.write_config(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: [oops\n",
+    );
     // The existing Service turns invalid: its last good version must stay in force.
     cluster.write_config(
         "svc-web.yaml",
-        &service_yaml("web", "shop", "10.96.0.300", &[("tcp-web", 80, 8080)], &[("app", "web")]),
+        &service_yaml(
+            "web",
+            "shop",
+            "10.96.0.300",
+            &[("tcp-web", 80, 8080)],
+            &[("app", "web")],
+        ),
     );
     // A new, valid Service in the same change applies.
     cluster.write_config(
         "svc-api.yaml",
-        &service_yaml("api", "shop", "10.96.0.11", &[("tcp", 81, 8080)], &[("app", "web")]),
+        &service_yaml(
+            "api",
+            "shop",
+            "10.96.0.11",
+            &[("tcp", 81, 8080)],
+            &[("app", "web")],
+        ),
     );
     wait_for_metric(&cluster, 0, "nodemesh_config_rejected_resources", &[], 2.0);
     let log = std::fs::read_to_string(cluster.agent_log(0)).expect("agent log");
     assert!(
-        log.lines().any(|l| l.contains("broken.yaml") && l.contains("rejected")),
+        log.lines()
+            .any(|l| l.contains("broken.yaml") && l.contains("rejected")),
         "the log names the broken file"
     );
     assert!(
@@ -281,8 +397,16 @@ fn metrics_count_exactly_the_connections_made() {
     }
     const N: usize = 7;
     let mut cluster = Cluster::new("tcp_metrics", 2);
-    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop").label("app", "shop-ui"));
-    let web = cluster.add_pod(PodSpec::new("web-1", 1).namespace("shop").label("app", "web"));
+    let client = cluster.add_pod(
+        PodSpec::new("client", 0)
+            .namespace("shop")
+            .label("app", "shop-ui"),
+    );
+    let web = cluster.add_pod(
+        PodSpec::new("web-1", 1)
+            .namespace("shop")
+            .label("app", "web"),
+    );
     write_shop(&cluster, true);
     let _server = serve(&cluster, &web);
     cluster.start_agents();
@@ -308,12 +432,36 @@ fn metrics_count_exactly_the_connections_made() {
         ("destination_workload", "web-1"),
     ];
     for (node, labels) in [(0, &source[..]), (1, &destination[..])] {
-        wait_for_metric(&cluster, node, "istio_tcp_connections_opened_total", labels, n);
-        wait_for_metric(&cluster, node, "istio_tcp_connections_closed_total", labels, n);
+        wait_for_metric(
+            &cluster,
+            node,
+            "istio_tcp_connections_opened_total",
+            labels,
+            n,
+        );
+        wait_for_metric(
+            &cluster,
+            node,
+            "istio_tcp_connections_closed_total",
+            labels,
+            n,
+        );
         // "hello\n" up, one JSON line per connection down.
-        wait_for_metric(&cluster, node, "istio_tcp_received_bytes_total", labels, n * 6.0);
+        wait_for_metric(
+            &cluster,
+            node,
+            "istio_tcp_received_bytes_total",
+            labels,
+            n * 6.0,
+        );
         let down: usize = replies.iter().map(|r| r.to_string().len() + 1).sum();
-        wait_for_metric(&cluster, node, "istio_tcp_sent_bytes_total", labels, down as f64);
+        wait_for_metric(
+            &cluster,
+            node,
+            "istio_tcp_sent_bytes_total",
+            labels,
+            down as f64,
+        );
     }
 }
 
@@ -324,13 +472,21 @@ fn sigterm_detaches_everything_and_restores_the_pods() {
     }
     let mut cluster = Cluster::new("sigterm", 1);
     let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
-    let web = cluster.add_pod(PodSpec::new("web-1", 0).namespace("shop").label("app", "web"));
+    let web = cluster.add_pod(
+        PodSpec::new("web-1", 0)
+            .namespace("shop")
+            .label("app", "web"),
+    );
     write_shop(&cluster, true);
     let _server = serve(&cluster, &web);
     let rules_before = ip_rules(&web);
     cluster.start_agents();
     wait_enrolled(&cluster, 0, 2);
-    assert_ne!(ip_rules(&web), rules_before, "enrolling installs inbound routing");
+    assert_ne!(
+        ip_rules(&web),
+        rules_before,
+        "enrolling installs inbound routing"
+    );
     let service = format!("{SERVICE_IP}:80");
     replies(&connect(&cluster, &client, &service, 1));
 

@@ -60,7 +60,15 @@ pub fn cargo() -> Command {
 /// Builds the agent and the helper binaries the end-to-end tests start.
 pub fn build(release: bool) -> anyhow::Result<()> {
     let mut command = cargo();
-    command.args(["build", "-j2", "-p", "mesh-node", "-p", "mesh-tests", "--bins"]);
+    command.args([
+        "build",
+        "-j2",
+        "-p",
+        "mesh-node",
+        "-p",
+        "mesh-tests",
+        "--bins",
+    ]);
     if release {
         command.arg("--release");
     }

@@ -62,7 +62,13 @@ fn rust_src() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: adding rust-src to the nightly toolchain");
-    run_command(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    run_command(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
@@ -90,7 +96,10 @@ fn bpf_linker() -> anyhow::Result<()> {
                 .is_some_and(|n| n.starts_with("libLLVM.so."))
         })
         .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
-    let name = libllvm.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = libllvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     let major: String = name
         .trim_start_matches("libLLVM.so.")
         .chars()
@@ -103,14 +112,16 @@ fn bpf_linker() -> anyhow::Result<()> {
     std::os::unix::fs::symlink(&libllvm, &link)
         .with_context(|| format!("linking {}", link.display()))?;
     eprintln!("setup: building bpf-linker against nightly's LLVM {major} (a minute or two)");
-    run_command(Command::new("cargo")
-        .args(["+nightly", "install", "bpf-linker", "-j2", "--version"])
-        .arg(BPF_LINKER_VERSION)
-        .args(["--no-default-features", "--features"])
-        .arg(format!("llvm-{major}"))
-        .arg("--root")
-        .arg(cargo_home())
-        .env("LLVM_PREFIX", &prefix))
+    run_command(
+        Command::new("cargo")
+            .args(["+nightly", "install", "bpf-linker", "-j2", "--version"])
+            .arg(BPF_LINKER_VERSION)
+            .args(["--no-default-features", "--features"])
+            .arg(format!("llvm-{major}"))
+            .arg("--root")
+            .arg(cargo_home())
+            .env("LLVM_PREFIX", &prefix),
+    )
 }
 
 fn debian_packages() -> anyhow::Result<()> {
@@ -129,8 +140,10 @@ fn debian_packages() -> anyhow::Result<()> {
     }
     eprintln!("setup: installing Debian packages {}", missing.join(" "));
     run_command(Command::new("apt-get").arg("update").arg("-qq"))?;
-    run_command(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    run_command(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }

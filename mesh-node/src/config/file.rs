@@ -171,12 +171,7 @@ impl FileSource {
     }
 
     /// Reloads whenever the directory changes, until `shutdown`.
-    pub async fn watch(
-        mut self,
-        tx: StateTx,
-        metrics: NodeMetrics,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn watch(mut self, tx: StateTx, metrics: NodeMetrics, shutdown: CancellationToken) {
         let mut last = self.fingerprint().ok();
         loop {
             tokio::select! {

@@ -72,9 +72,6 @@ mod tests {
     #[test]
     fn v4_mapped_becomes_v4() {
         let addr = to_sock_addr("[::ffff:10.0.0.1]:80".parse().unwrap());
-        assert_eq!(
-            from_sock_addr(&addr),
-            Some("10.0.0.1:80".parse().unwrap())
-        );
+        assert_eq!(from_sock_addr(&addr), Some("10.0.0.1:80".parse().unwrap()));
     }
 }

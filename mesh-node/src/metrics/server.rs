@@ -3,7 +3,9 @@ use std::{convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper::{
+    Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
+};
 use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
@@ -79,7 +81,11 @@ fn answer(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<Full<B
                 reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
             } else {
                 let body = format!("not ready: waiting for {}\n", pending.join(", "));
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body.into_bytes())
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    body.into_bytes(),
+                )
             }
         }
         (Endpoints::Health(_), "/healthz/live") => {

@@ -20,9 +20,14 @@ pub async fn serve_inbound(
     proxy: ProxyContext,
     stop: CancellationToken,
 ) {
-    accept_loop(listener, pod, proxy, stop, DIRECTION, |stream, peer, pod, proxy| async move {
-        handle(stream, peer, &pod, &proxy).await
-    })
+    accept_loop(
+        listener,
+        pod,
+        proxy,
+        stop,
+        DIRECTION,
+        |stream, peer, pod, proxy| async move { handle(stream, peer, &pod, &proxy).await },
+    )
     .await;
 }
 

@@ -6,8 +6,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{
-    PodContext, ProxyContext, ProxyError, accept_loop, Upstream,
-    relay,
+    PodContext, ProxyContext, ProxyError, Upstream, accept_loop, relay,
     socket::{Dial, connect_from_pod},
 };
 use crate::metrics::{ConnectionLabels, Reporter};
@@ -21,9 +20,14 @@ pub async fn serve_outbound(
     proxy: ProxyContext,
     stop: CancellationToken,
 ) {
-    accept_loop(listener, pod, proxy, stop, DIRECTION, |stream, peer, pod, proxy| async move {
-        handle(stream, peer, &pod, &proxy).await
-    })
+    accept_loop(
+        listener,
+        pod,
+        proxy,
+        stop,
+        DIRECTION,
+        |stream, peer, pod, proxy| async move { handle(stream, peer, &pod, &proxy).await },
+    )
     .await;
 }
 

@@ -14,7 +14,10 @@ pub enum Upstream {
         addr: SocketAddr,
     },
     /// A pod addressed directly.
-    Workload { workload: ObjectKey, addr: SocketAddr },
+    Workload {
+        workload: ObjectKey,
+        addr: SocketAddr,
+    },
     /// Outside the mesh's knowledge: go where the app asked.
     Passthrough(SocketAddr),
 }

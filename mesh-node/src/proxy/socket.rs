@@ -29,13 +29,19 @@ pub fn bind_pod_listeners(
 ) -> Result<ListenerSet, NetnsError> {
     let has_v6 = pod_ips.iter().any(IpAddr::is_ipv6);
     let sockets = netns.run(home, || -> std::io::Result<_> {
-        let mut outbound = vec![listen(SocketAddr::from((Ipv4Addr::LOCALHOST, ports::OUTBOUND)))?];
+        let mut outbound = vec![listen(SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            ports::OUTBOUND,
+        )))?];
         let mut inbound = vec![listen(SocketAddr::from((
             Ipv4Addr::UNSPECIFIED,
             ports::INBOUND_PLAINTEXT,
         )))?];
         if has_v6 {
-            outbound.push(listen(SocketAddr::from((Ipv6Addr::LOCALHOST, ports::OUTBOUND)))?);
+            outbound.push(listen(SocketAddr::from((
+                Ipv6Addr::LOCALHOST,
+                ports::OUTBOUND,
+            )))?);
             inbound.push(listen(SocketAddr::from((
                 Ipv6Addr::UNSPECIFIED,
                 ports::INBOUND_PLAINTEXT,
@@ -64,8 +70,16 @@ pub fn bind_pod_listeners(
         inbound: inbound
             .into_iter()
             .map(|socket| {
-                let v6 = socket.local_addr().ok().and_then(|a| a.as_socket()).is_some_and(|a| a.is_ipv6());
-                let ips = pod_ips.iter().copied().filter(|ip| ip.is_ipv6() == v6).collect();
+                let v6 = socket
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .is_some_and(|a| a.is_ipv6());
+                let ips = pod_ips
+                    .iter()
+                    .copied()
+                    .filter(|ip| ip.is_ipv6() == v6)
+                    .collect();
                 to_tokio(socket).map(|listener| (listener, ips))
             })
             .collect::<Result<_, _>>()

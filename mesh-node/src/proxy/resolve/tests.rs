@@ -1,1 +1,127 @@
+use std::collections::BTreeMap;
 
+use super::*;
+use crate::config::{Object, translate};
+
+fn state(yaml: &str) -> State {
+    let objects: Vec<Object> = serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| {
+            let value = serde_yaml::Value::deserialize(doc).unwrap();
+            match value["kind"].as_str().unwrap() {
+                "Pod" => Object::Pod(Box::new(serde_yaml::from_value(value).unwrap())),
+                "Service" => Object::Service(Box::new(serde_yaml::from_value(value).unwrap())),
+                kind => panic!("unexpected kind {kind}"),
+            }
+        })
+        .collect();
+    translate(&objects, Vec::new())
+}
+
+use serde::Deserialize;
+
+const CLUSTER: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: n0
+  containers: [{name: app, image: web, ports: [{name: http, containerPort: 8081}]}]
+status: {phase: Running, podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: n1
+  containers: [{name: app, image: web, ports: [{name: http, containerPort: 8082}]}]
+status: {phase: Running, podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-3, namespace: other, labels: {app: web}}
+spec: {nodeName: n1, containers: [{name: app, image: web}]}
+status: {phase: Running, podIP: 10.0.0.3}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.1
+  clusterIPs: [10.96.0.1, 'fd00:96::1']
+  selector: {app: web}
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080}
+  - {name: named, port: 81, targetPort: http}
+";
+
+#[test]
+fn service_round_robins_over_its_ready_endpoints_in_its_namespace() {
+    let state = state(CLUSTER);
+    let resolver = Resolver::default();
+    let mut seen = BTreeMap::new();
+    for _ in 0..10 {
+        let upstream = resolver
+            .resolve(&state, "10.96.0.1:80".parse().unwrap())
+            .unwrap();
+        *seen.entry(upstream.addr().to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen,
+        BTreeMap::from([
+            ("10.0.0.1:8080".to_string(), 5),
+            ("10.0.0.2:8080".to_string(), 5)
+        ]),
+        "even split, targetPort mapped, pod of another namespace excluded"
+    );
+}
+
+#[test]
+fn named_target_ports_resolve_per_pod() {
+    let state = state(CLUSTER);
+    let resolver = Resolver::default();
+    let mut addrs: Vec<String> = (0..2)
+        .map(|_| {
+            resolver
+                .resolve(&state, "10.96.0.1:81".parse().unwrap())
+                .unwrap()
+                .addr()
+                .to_string()
+        })
+        .collect();
+    addrs.sort();
+    assert_eq!(addrs, ["10.0.0.1:8081", "10.0.0.2:8082"]);
+}
+
+#[test]
+fn ipv6_cluster_ip_picks_endpoints_with_ipv6() {
+    let state = state(CLUSTER);
+    let upstream = Resolver::default()
+        .resolve(&state, "[fd00:96::1]:80".parse().unwrap())
+        .unwrap();
+    assert_eq!(
+        upstream.addr().to_string(),
+        "[fd00::1]:8080",
+        "only web-1 has v6"
+    );
+}
+
+#[test]
+fn unknown_port_and_unknown_address() {
+    let state = state(CLUSTER);
+    let resolver = Resolver::default();
+    let error = resolver
+        .resolve(&state, "10.96.0.1:9999".parse().unwrap())
+        .unwrap_err();
+    assert_eq!(error.reason(), "no_endpoint");
+    let pod = resolver
+        .resolve(&state, "10.0.0.3:7".parse().unwrap())
+        .unwrap();
+    assert!(matches!(pod, Upstream::Workload { .. }), "{pod:?}");
+    let outside = resolver
+        .resolve(&state, "192.0.2.1:443".parse().unwrap())
+        .unwrap();
+    assert_eq!(
+        outside,
+        Upstream::Passthrough("192.0.2.1:443".parse().unwrap())
+    );
+}
