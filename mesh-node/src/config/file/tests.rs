@@ -171,3 +171,19 @@ fn unknown_kinds_are_ignored_not_rejected() {
     let (_, rejections) = load(&mut FileSource::new(dir.path()));
     assert!(rejections.is_empty(), "{rejections:?}");
 }
+
+#[test]
+fn the_shipped_examples_load_without_rejections() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let (state, rejections) = load(&mut FileSource::new(&dir));
+    assert!(rejections.is_empty(), "{rejections:?}");
+    let reviews = &state.services[&ObjectKey::new("shop", "reviews")];
+    assert_eq!(reviews.endpoints.len(), 2, "both replicas back the Service");
+    let enrolled: Vec<&str> = state
+        .workloads
+        .values()
+        .filter(|w| w.enrolled)
+        .map(|w| w.key.name.as_str())
+        .collect();
+    assert_eq!(enrolled, ["productpage", "reviews-v1", "reviews-v2"]);
+}
