@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     netns::{self, Netns, NetnsError},
-    proxy::{PodContext, ProxyContext, bind_pod_listeners, serve_inbound, serve_outbound},
+    proxy::{self, Direction, PodContext, ProxyContext, bind_pod_listeners},
     readiness::ReadinessGuard,
     state::{ObjectKey, State, StateRx, Workload},
 };
@@ -155,20 +155,21 @@ impl Enrollment {
             netns: netns.clone(),
             netns_cookie: listeners.netns_cookie,
         };
-        for listener in listeners.outbound {
-            tokio::spawn(serve_outbound(
+        let outbound = listeners
+            .outbound
+            .into_iter()
+            .map(|l| (l, Direction::Outbound));
+        let inbound = listeners
+            .inbound
+            .into_iter()
+            .map(|(l, _)| (l, Direction::Inbound));
+        for (listener, direction) in outbound.chain(inbound) {
+            tokio::spawn(proxy::serve(
                 listener,
                 pod.clone(),
                 self.proxy.clone(),
                 stop.clone(),
-            ));
-        }
-        for (listener, _) in listeners.inbound {
-            tokio::spawn(serve_inbound(
-                listener,
-                pod.clone(),
-                self.proxy.clone(),
-                stop.clone(),
+                direction,
             ));
         }
         Ok(EnrolledPod {

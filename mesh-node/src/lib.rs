@@ -1,4 +1,8 @@
 //! Nodemesh node agent: eBPF capture of enrolled pods and the node-local proxy.
+//!
+//! Unsafe code is confined to the one socket option std and nix do not wrap (`netns`);
+//! raw aya handles stay inside `ebpf`.
+#![deny(unsafe_code)]
 pub mod app;
 pub mod cli;
 pub mod config;

@@ -371,3 +371,29 @@ pub async fn remove_inbound_routing(netns: &Netns, home: &Netns) {
         }
     }
 }
+
+/// The cookie of the netns a socket was created in (`SO_NETNS_COOKIE`, kernel 5.14+): the
+/// key the eBPF programs know a pod's netns by.
+#[expect(
+    unsafe_code,
+    reason = "getsockopt(SO_NETNS_COOKIE) has no safe wrapper in nix"
+)]
+pub fn netns_cookie(socket: &impl AsFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -4,15 +4,22 @@ mod outbound;
 mod resolve;
 mod socket;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
-pub use inbound::serve_inbound;
-pub use outbound::serve_outbound;
 pub use resolve::{Resolver, Upstream};
 pub use socket::{ListenerSet, bind_pod_listeners};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpListener,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
@@ -71,53 +78,120 @@ impl ProxyError {
     }
 }
 
-/// Copies both ways until both sides are done, passing half-closes on; returns the bytes
-/// (client → upstream, upstream → client) even when the copy ends in an error, since those
-/// bytes did cross.
+/// Copies both ways until both sides are done, passing half-closes on. Returns the bytes
+/// (client → upstream, upstream → client) that crossed, also when the copy ends in an
+/// error (a reset mid-stream is the peer's business, but its bytes did cross).
 pub async fn relay<C, U>(client: &mut C, upstream: &mut U) -> (u64, u64, Option<std::io::Error>)
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
 {
-    match tokio::io::copy_bidirectional(client, upstream).await {
-        Ok((up, down)) => (up, down, None),
-        // copy_bidirectional does not report partial counts on error; a reset mid-stream
-        // is the peer's business, and the metric then undercounts rather than lies.
-        Err(error) => (0, 0, Some(error)),
+    let (from_client, from_upstream) = (AtomicU64::new(0), AtomicU64::new(0));
+    let result = tokio::io::copy_bidirectional(
+        &mut Counted::new(client, &from_client),
+        &mut Counted::new(upstream, &from_upstream),
+    )
+    .await;
+    (
+        from_client.load(Ordering::Relaxed),
+        from_upstream.load(Ordering::Relaxed),
+        result.err(),
+    )
+}
+
+/// A stream that counts the bytes read from it.
+struct Counted<'a, S> {
+    inner: &'a mut S,
+    read: &'a AtomicU64,
+}
+
+impl<'a, S> Counted<'a, S> {
+    fn new(inner: &'a mut S, read: &'a AtomicU64) -> Self {
+        Self { inner, read }
     }
 }
 
-/// Accepts connections on one pod's listener until `stop`, one task (and span) each.
-async fn accept_loop<F, Fut>(
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        self.read.fetch_add(read, Ordering::Relaxed);
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Which in-pod listener a connection arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// 15001: the pod's own connects, captured by the connect hooks.
+    Outbound,
+    /// 15006: connections to the pod, steered by `sk_lookup`.
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// Serves one pod's listener until `stop`: one task (and span) per connection.
+pub async fn serve(
     listener: TcpListener,
     pod: PodContext,
     proxy: ProxyContext,
     stop: CancellationToken,
-    direction: &'static str,
-    handle: F,
-) where
-    F: Fn(TcpStream, SocketAddr, PodContext, ProxyContext) -> Fut,
-    Fut: Future<Output = Result<(), ProxyError>> + Send + 'static,
-{
+    direction: Direction,
+) {
+    let name = direction.as_str();
     loop {
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    warn!(pod = %pod.key, direction, %error, "accept failed");
+                    warn!(pod = %pod.key, direction = name, %error, "accept failed");
                     continue;
                 }
             },
         };
-        proxy.metrics.node.captured(direction);
-        let span = info_span!("connection", direction, pod = %pod.key, client = %peer);
-        let metrics = proxy.metrics.clone();
-        let connection = handle(stream, peer, pod.clone(), proxy.clone());
+        proxy.metrics.node.captured(name);
+        let span = info_span!("connection", direction = name, pod = %pod.key, client = %peer);
+        let (pod, proxy) = (pod.clone(), proxy.clone());
         tokio::spawn(
             async move {
-                if let Err(error) = connection.await {
-                    metrics.node.proxy_error(direction, error.reason());
+                let result = match direction {
+                    Direction::Outbound => outbound::handle(stream, peer, &pod, &proxy).await,
+                    Direction::Inbound => inbound::handle(stream, peer, &pod, &proxy).await,
+                };
+                if let Err(error) = result {
+                    proxy.metrics.node.proxy_error(name, error.reason());
                     warn!(%error, reason = error.reason(), "connection failed");
                 }
             }

@@ -53,6 +53,57 @@ fn by_server(replies: &[serde_json::Value]) -> BTreeMap<String, usize> {
     counts
 }
 
+/// The usual scene: a client pod and `web-N` backends (label app=web, serving on 8080) in
+/// namespace `shop`, with Service `web`; agents not started yet.
+struct Shop {
+    cluster: Cluster,
+    client: Pod,
+    webs: Vec<Pod>,
+    servers: Vec<PodProcess>,
+}
+
+impl Shop {
+    /// `client` is placed as given (namespace `shop` unless set); one backend per entry of
+    /// `web_nodes`, dual-stack when the client is.
+    fn new(test: &str, nodes: usize, client: PodSpec, web_nodes: &[usize], enrolled: bool) -> Self {
+        let mut cluster = Cluster::new(test, nodes);
+        let ipv6 = client.ipv6;
+        let client = cluster.add_pod(if client.namespace == "default" {
+            client.namespace("shop")
+        } else {
+            client
+        });
+        let webs: Vec<Pod> = web_nodes
+            .iter()
+            .enumerate()
+            .map(|(k, node)| {
+                cluster.add_pod(
+                    PodSpec::new(&format!("web-{}", k + 1), *node)
+                        .namespace("shop")
+                        .label("app", "web")
+                        .ipv6(ipv6),
+                )
+            })
+            .collect();
+        write_shop(&cluster, enrolled);
+        let servers = webs.iter().map(|web| serve(&cluster, web)).collect();
+        Self {
+            cluster,
+            client,
+            webs,
+            servers,
+        }
+    }
+
+    /// Starts the agents and waits until node i has `enrolled[i]` pods.
+    fn start(&mut self, enrolled: &[usize]) {
+        self.cluster.start_agents();
+        for (node, count) in enrolled.iter().enumerate() {
+            wait_enrolled(&self.cluster, node, *count);
+        }
+    }
+}
+
 fn assert_unreachable(cluster: &Cluster, client: &Pod, to: &str, why: &str) {
     let output = connect(cluster, client, to, 1);
     assert!(
@@ -68,26 +119,13 @@ fn enrolled_pod_reaches_a_service_and_the_backend_sees_its_ip() {
     if skip() {
         return;
     }
-    let mut cluster = Cluster::new("svc_rr", 2);
-    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
-    let web1 = cluster.add_pod(
-        PodSpec::new("web-1", 0)
-            .namespace("shop")
-            .label("app", "web"),
-    );
-    let web2 = cluster.add_pod(
-        PodSpec::new("web-2", 1)
-            .namespace("shop")
-            .label("app", "web"),
-    );
-    write_shop(&cluster, true);
-    let _servers = [serve(&cluster, &web1), serve(&cluster, &web2)];
-    cluster.start_agents();
-    wait_enrolled(&cluster, 0, 2);
-    wait_enrolled(&cluster, 1, 1);
+    let mut shop = Shop::new("svc_rr", 2, PodSpec::new("client", 0), &[0, 1], true);
+    shop.start(&[2, 1]);
+    let Shop {
+        cluster, client, ..
+    } = &shop;
 
-    let replies = replies(&connect(&cluster, &client, &format!("{SERVICE_IP}:80"), 10));
-    assert_eq!(replies.len(), 10);
+    let replies = replies(&connect(cluster, client, &format!("{SERVICE_IP}:80"), 10));
     assert_eq!(
         by_server(&replies),
         BTreeMap::from([("web-1".into(), 5), ("web-2".into(), 5)]),
@@ -104,18 +142,19 @@ fn enrolled_pod_reaches_a_service_and_the_backend_sees_its_ip() {
     // The proxy's own sockets went through the connect hook (the agent runs in the node
     // cgroup) and were let through by their mark, not captured again: on node0 that is
     // 10 upstream dials from the client plus 5 dials to the app of web-1.
+    let bpf = |event| [("event", event)];
     wait_for_metric(
-        &cluster,
+        cluster,
         0,
         "nodemesh_bpf_events",
-        &[("event", "outbound_redirected")],
+        &bpf("outbound_redirected"),
         10.0,
     );
     wait_for_metric(
-        &cluster,
+        cluster,
         0,
         "nodemesh_bpf_events",
-        &[("event", "outbound_proxy_bypass")],
+        &bpf("outbound_proxy_bypass"),
         15.0,
     );
 }
@@ -125,49 +164,31 @@ fn a_pod_in_a_namespace_that_is_not_enrolled_is_not_captured() {
     if skip() {
         return;
     }
-    let mut cluster = Cluster::new("not_enrolled", 2);
-    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("plain"));
-    let server = cluster.add_pod(
-        PodSpec::new("server", 1)
-            .namespace("plain")
-            .label("app", "web"),
-    );
-    cluster.write_config("ns-plain.yaml", &namespace_yaml("plain", &[]));
-    cluster.write_config(
-        "svc.yaml",
-        &service_yaml(
-            "web",
-            "plain",
-            SERVICE_IP,
-            &[("tcp", 80, 8080)],
-            &[("app", "web")],
-        ),
-    );
-    let _server = serve(&cluster, &server);
-    cluster.start_agents();
-    wait_enrolled(&cluster, 0, 0);
+    let mut shop = Shop::new("not_enrolled", 2, PodSpec::new("client", 0), &[1], false);
+    shop.start(&[0, 0]);
+    let Shop {
+        cluster,
+        client,
+        webs,
+        ..
+    } = &shop;
 
-    let to = format!("{}:8080", server.ip);
-    let replies = replies(&connect(&cluster, &client, &to, 3));
+    let to = format!("{}:8080", webs[0].ip);
+    let replies = replies(&connect(cluster, client, &to, 3));
     assert!(
         replies
             .iter()
             .all(|r| addr_field(r, "local").to_string() == to)
     );
     // Only the mesh can route a ClusterIP: without capture the connect fails.
-    assert_unreachable(
-        &cluster,
-        &client,
-        &format!("{SERVICE_IP}:80"),
-        "not enrolled",
-    );
+    assert_unreachable(cluster, client, &format!("{SERVICE_IP}:80"), "not enrolled");
     for node in 0..2 {
         assert_eq!(
-            metric(&cluster, node, "nodemesh_captured_connections_total", &[]),
+            metric(cluster, node, "nodemesh_captured_connections_total", &[]),
             0.0
         );
         assert_eq!(
-            metric(&cluster, node, "istio_tcp_connections_opened_total", &[]),
+            metric(cluster, node, "istio_tcp_connections_opened_total", &[]),
             0.0
         );
     }
@@ -178,40 +199,41 @@ fn labels_enroll_and_unenroll_running_pods_and_opt_out_is_respected() {
     if skip() {
         return;
     }
-    let mut cluster = Cluster::new("enroll_labels", 2);
-    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
-    let opted_out = cluster.add_pod(
+    let mut shop = Shop::new("enroll_labels", 2, PodSpec::new("client", 0), &[1], false);
+    let opted_out = shop.cluster.add_pod(
         PodSpec::new("batch", 0)
             .namespace("shop")
             .label("nodemesh.io/enabled", "false"),
     );
-    let web = cluster.add_pod(
-        PodSpec::new("web-1", 1)
-            .namespace("shop")
-            .label("app", "web"),
-    );
-    write_shop(&cluster, false);
-    let mut server = serve(&cluster, &web);
-    cluster.start_agents();
+    shop.start(&[0, 0]);
+    let Shop {
+        cluster,
+        client,
+        webs,
+        servers,
+    } = &mut shop;
     let service = format!("{SERVICE_IP}:80");
-    wait_enrolled(&cluster, 0, 0);
-    assert_unreachable(&cluster, &client, &service, "before the label");
+    assert_unreachable(cluster, client, &service, "before the label");
 
-    write_shop(&cluster, true);
-    wait_enrolled(&cluster, 0, 1); // client, not the opted-out pod
-    wait_enrolled(&cluster, 1, 1);
-    let enrolled = replies(&connect(&cluster, &client, &service, 2));
+    write_shop(cluster, true);
+    wait_enrolled(cluster, 0, 1); // the client, not the opted-out pod
+    wait_enrolled(cluster, 1, 1);
+    let enrolled = replies(&connect(cluster, client, &service, 2));
     assert_eq!(by_server(&enrolled), BTreeMap::from([("web-1".into(), 2)]));
-    assert_unreachable(&cluster, &opted_out, &service, "opted out");
+    assert_unreachable(cluster, &opted_out, &service, "opted out");
 
-    write_shop(&cluster, false);
-    wait_enrolled(&cluster, 0, 0);
-    wait_enrolled(&cluster, 1, 0);
-    assert_unreachable(&cluster, &client, &service, "after the label was removed");
+    write_shop(cluster, false);
+    wait_enrolled(cluster, 0, 0);
+    wait_enrolled(cluster, 1, 0);
+    assert_unreachable(cluster, client, &service, "after the label was removed");
     // Nobody restarted: the same server process served throughout.
-    assert!(server.try_wait().is_none(), "the app must keep running");
-    let direct = format!("{}:8080", web.ip);
-    let after = replies(&connect(&cluster, &client, &direct, 1));
+    assert!(servers[0].try_wait().is_none(), "the app must keep running");
+    let after = replies(&connect(
+        cluster,
+        client,
+        &format!("{}:8080", webs[0].ip),
+        1,
+    ));
     assert_eq!(addr_field(&after[0], "peer").ip(), IpAddr::from(client.ip));
 }
 
@@ -220,22 +242,20 @@ fn inbound_from_a_non_mesh_client_is_captured_and_reaches_the_app_on_its_port() 
     if skip() {
         return;
     }
-    let mut cluster = Cluster::new("inbound", 2);
-    let outsider = cluster.add_pod(PodSpec::new("outsider", 0).namespace("plain"));
-    let web = cluster.add_pod(
-        PodSpec::new("web-1", 1)
-            .namespace("shop")
-            .label("app", "web"),
-    );
-    write_shop(&cluster, true);
-    cluster.write_config("ns-plain.yaml", &namespace_yaml("plain", &[]));
-    let _server = serve(&cluster, &web);
-    cluster.start_agents();
-    wait_enrolled(&cluster, 1, 1);
+    let outsider = PodSpec::new("outsider", 0).namespace("plain");
+    let mut shop = Shop::new("inbound", 2, outsider, &[1], true);
+    shop.cluster
+        .write_config("ns-plain.yaml", &namespace_yaml("plain", &[]));
+    shop.start(&[0, 1]);
+    let Shop {
+        cluster,
+        client: outsider,
+        webs,
+        ..
+    } = &shop;
 
-    let to = format!("{}:8080", web.ip);
-    let replies = replies(&connect(&cluster, &outsider, &to, 3));
-    for reply in &replies {
+    let to = format!("{}:8080", webs[0].ip);
+    for reply in &replies(&connect(cluster, outsider, &to, 3)) {
         assert_eq!(
             addr_field(reply, "local").to_string(),
             to,
@@ -252,17 +272,18 @@ fn inbound_from_a_non_mesh_client_is_captured_and_reaches_the_app_on_its_port() 
         ("destination_workload", "web-1"),
     ];
     wait_for_metric(
-        &cluster,
+        cluster,
         1,
         "istio_tcp_connections_opened_total",
         &destination,
         3.0,
     );
+    let inbound = [("direction", "inbound")];
     wait_for_metric(
-        &cluster,
+        cluster,
         1,
         "nodemesh_captured_connections_total",
-        &[("direction", "inbound")],
+        &inbound,
         3.0,
     );
 }
@@ -272,15 +293,8 @@ fn ipv6_service_and_pod_addresses_work_like_ipv4() {
     if skip() {
         return;
     }
-    let mut cluster = Cluster::new("ipv6", 2);
-    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop").ipv6(true));
-    let web = cluster.add_pod(
-        PodSpec::new("web-1", 1)
-            .namespace("shop")
-            .label("app", "web")
-            .ipv6(true),
-    );
-    cluster.write_config("ns-shop.yaml", &namespace_yaml("shop", ENROLLED));
+    let client = PodSpec::new("client", 0).ipv6(true);
+    let mut shop = Shop::new("ipv6", 2, client, &[1], true);
     let dual_stack = service_yaml(
         "web",
         "shop",
@@ -296,21 +310,19 @@ fn ipv6_service_and_pod_addresses_work_like_ipv4() {
         dual_stack.contains(SERVICE_IP6),
         "clusterIPs list in:\n{dual_stack}"
     );
-    cluster.write_config("svc-web.yaml", &dual_stack);
-    let _server = serve(&cluster, &web);
-    cluster.start_agents();
-    wait_enrolled(&cluster, 0, 1);
-    wait_enrolled(&cluster, 1, 1);
+    shop.cluster.write_config("svc-web.yaml", &dual_stack);
+    shop.start(&[1, 1]);
+    let Shop {
+        cluster,
+        client,
+        webs,
+        ..
+    } = &shop;
     let client_ip6 = IpAddr::from(client.ip6.expect("dual-stack client"));
-    let web_ip6 = web.ip6.expect("dual-stack server");
+    let web_ip6 = webs[0].ip6.expect("dual-stack server");
 
-    let via_service = replies(&connect(
-        &cluster,
-        &client,
-        &format!("[{SERVICE_IP6}]:80"),
-        2,
-    ));
-    let direct = replies(&connect(&cluster, &client, &format!("[{web_ip6}]:8080"), 2));
+    let via_service = replies(&connect(cluster, client, &format!("[{SERVICE_IP6}]:80"), 2));
+    let direct = replies(&connect(cluster, client, &format!("[{web_ip6}]:8080"), 2));
     for reply in via_service.iter().chain(&direct) {
         assert_eq!(addr_field(reply, "peer").ip(), client_ip6, "{reply}");
         assert_eq!(
@@ -319,11 +331,12 @@ fn ipv6_service_and_pod_addresses_work_like_ipv4() {
             "{reply}"
         );
     }
+    let source = [("reporter", "source")];
     wait_for_metric(
-        &cluster,
+        cluster,
         0,
         "istio_tcp_connections_opened_total",
-        &[("reporter", "source")],
+        &source,
         4.0,
     );
 }
@@ -333,45 +346,35 @@ fn a_broken_file_or_resource_is_rejected_alone_and_the_rest_applies() {
     if skip() {
         return;
     }
-    let mut cluster = Cluster::new("bad_config", 2);
-    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
-    let web = cluster.add_pod(
-        PodSpec::new("web-1", 1)
-            .namespace("shop")
-            .label("app", "web"),
-    );
-    write_shop(&cluster, true);
-    let _server = serve(&cluster, &web);
-    cluster.start_agents();
-    wait_enrolled(&cluster, 0, 1);
+    let mut shop = Shop::new("bad_config", 2, PodSpec::new("client", 0), &[1], true);
+    shop.start(&[1, 1]);
+    let Shop {
+        cluster, client, ..
+    } = &shop;
 
     cluster.write_config(
         "broken.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: [oops\n",
     );
     // The existing Service turns invalid: its last good version must stay in force.
-    cluster.write_config(
-        "svc-web.yaml",
-        &service_yaml(
-            "web",
-            "shop",
-            "10.96.0.300",
-            &[("tcp-web", 80, 8080)],
-            &[("app", "web")],
-        ),
+    let bad_ip = service_yaml(
+        "web",
+        "shop",
+        "10.96.0.300",
+        &[("tcp-web", 80, 8080)],
+        &[("app", "web")],
     );
+    cluster.write_config("svc-web.yaml", &bad_ip);
     // A new, valid Service in the same change applies.
-    cluster.write_config(
-        "svc-api.yaml",
-        &service_yaml(
-            "api",
-            "shop",
-            "10.96.0.11",
-            &[("tcp", 81, 8080)],
-            &[("app", "web")],
-        ),
+    let api = service_yaml(
+        "api",
+        "shop",
+        "10.96.0.11",
+        &[("tcp", 81, 8080)],
+        &[("app", "web")],
     );
-    wait_for_metric(&cluster, 0, "nodemesh_config_rejected_resources", &[], 2.0);
+    cluster.write_config("svc-api.yaml", &api);
+    wait_for_metric(cluster, 0, "nodemesh_config_rejected_resources", &[], 2.0);
     let log = std::fs::read_to_string(cluster.agent_log(0)).expect("agent log");
     assert!(
         log.lines()
@@ -385,7 +388,7 @@ fn a_broken_file_or_resource_is_rejected_alone_and_the_rest_applies() {
         "the log names the file, the resource and the bad value"
     );
     for to in [format!("{SERVICE_IP}:80"), "10.96.0.11:81".to_string()] {
-        let replies = replies(&connect(&cluster, &client, &to, 1));
+        let replies = replies(&connect(cluster, client, &to, 1));
         assert_eq!(replies[0]["server"], "web-1", "{to} still routes");
     }
 }
@@ -396,24 +399,14 @@ fn metrics_count_exactly_the_connections_made() {
         return;
     }
     const N: usize = 7;
-    let mut cluster = Cluster::new("tcp_metrics", 2);
-    let client = cluster.add_pod(
-        PodSpec::new("client", 0)
-            .namespace("shop")
-            .label("app", "shop-ui"),
-    );
-    let web = cluster.add_pod(
-        PodSpec::new("web-1", 1)
-            .namespace("shop")
-            .label("app", "web"),
-    );
-    write_shop(&cluster, true);
-    let _server = serve(&cluster, &web);
-    cluster.start_agents();
-    wait_enrolled(&cluster, 0, 1);
-    wait_enrolled(&cluster, 1, 1);
+    let client = PodSpec::new("client", 0).label("app", "shop-ui");
+    let mut shop = Shop::new("tcp_metrics", 2, client, &[1], true);
+    shop.start(&[1, 1]);
+    let Shop {
+        cluster, client, ..
+    } = &shop;
 
-    let replies = replies(&connect(&cluster, &client, &format!("{SERVICE_IP}:80"), N));
+    let replies = replies(&connect(cluster, client, &format!("{SERVICE_IP}:80"), N));
     assert_eq!(replies.len(), N);
     let n = N as f64;
     let source = [
@@ -431,32 +424,32 @@ fn metrics_count_exactly_the_connections_made() {
         ("source_workload", "client"),
         ("destination_workload", "web-1"),
     ];
+    // "hello\n" up, one JSON line per connection down.
+    let down: usize = replies.iter().map(|r| r.to_string().len() + 1).sum();
     for (node, labels) in [(0, &source[..]), (1, &destination[..])] {
         wait_for_metric(
-            &cluster,
+            cluster,
             node,
             "istio_tcp_connections_opened_total",
             labels,
             n,
         );
         wait_for_metric(
-            &cluster,
+            cluster,
             node,
             "istio_tcp_connections_closed_total",
             labels,
             n,
         );
-        // "hello\n" up, one JSON line per connection down.
         wait_for_metric(
-            &cluster,
+            cluster,
             node,
             "istio_tcp_received_bytes_total",
             labels,
             n * 6.0,
         );
-        let down: usize = replies.iter().map(|r| r.to_string().len() + 1).sum();
         wait_for_metric(
-            &cluster,
+            cluster,
             node,
             "istio_tcp_sent_bytes_total",
             labels,
@@ -470,31 +463,33 @@ fn sigterm_detaches_everything_and_restores_the_pods() {
     if skip() {
         return;
     }
-    let mut cluster = Cluster::new("sigterm", 1);
-    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
-    let web = cluster.add_pod(
-        PodSpec::new("web-1", 0)
-            .namespace("shop")
-            .label("app", "web"),
-    );
-    write_shop(&cluster, true);
-    let _server = serve(&cluster, &web);
-    let rules_before = ip_rules(&web);
-    cluster.start_agents();
-    wait_enrolled(&cluster, 0, 2);
+    let mut shop = Shop::new("sigterm", 1, PodSpec::new("client", 0), &[0], true);
+    let rules_before = ip_rules(&shop.webs[0]);
+    shop.start(&[2]);
+    let Shop {
+        cluster,
+        client,
+        webs,
+        ..
+    } = &mut shop;
     assert_ne!(
-        ip_rules(&web),
+        ip_rules(&webs[0]),
         rules_before,
         "enrolling installs inbound routing"
     );
     let service = format!("{SERVICE_IP}:80");
-    replies(&connect(&cluster, &client, &service, 1));
+    replies(&connect(cluster, client, &service, 1));
 
     let status = cluster.stop_agent(0);
     assert!(status.success(), "clean exit on SIGTERM: {status}");
-    assert_unreachable(&cluster, &client, &service, "capture detached");
-    assert_eq!(ip_rules(&web), rules_before, "pod routing restored");
-    let direct = replies(&connect(&cluster, &client, &format!("{}:8080", web.ip), 1));
+    assert_unreachable(cluster, client, &service, "capture detached");
+    assert_eq!(ip_rules(&webs[0]), rules_before, "pod routing restored");
+    let direct = replies(&connect(
+        cluster,
+        client,
+        &format!("{}:8080", webs[0].ip),
+        1,
+    ));
     assert_eq!(direct[0]["server"], "web-1", "pods work without the mesh");
     let log = std::fs::read_to_string(cluster.agent_log(0)).expect("agent log");
     assert!(log.contains("all pods un-enrolled"), "drain logged");

@@ -1,37 +1,16 @@
 //! The inbound leg: the in-pod 15006 listener, fed by `sk_lookup`.
 use std::net::SocketAddr;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    PodContext, ProxyContext, ProxyError, accept_loop, relay,
+    PodContext, ProxyContext, ProxyError, relay,
     socket::{Dial, connect_from_pod},
 };
 use crate::metrics::{ConnectionLabels, Reporter};
 
-const DIRECTION: &str = "inbound";
-
-/// Serves one pod's inbound listener until `stop`.
-pub async fn serve_inbound(
-    listener: TcpListener,
-    pod: PodContext,
-    proxy: ProxyContext,
-    stop: CancellationToken,
-) {
-    accept_loop(
-        listener,
-        pod,
-        proxy,
-        stop,
-        DIRECTION,
-        |stream, peer, pod, proxy| async move { handle(stream, peer, &pod, &proxy).await },
-    )
-    .await;
-}
-
-async fn handle(
+pub(super) async fn handle(
     mut client: TcpStream,
     peer: SocketAddr,
     pod: &PodContext,

@@ -47,7 +47,7 @@ pub fn bind_pod_listeners(
                 ports::INBOUND_PLAINTEXT,
             )))?);
         }
-        let cookie = netns_cookie(&outbound[0])?;
+        let cookie = crate::netns::netns_cookie(&outbound[0])?;
         Ok((outbound, inbound, cookie))
     })?;
     let (outbound, inbound, netns_cookie) = sockets.map_err(|source| NetnsError::Io {
@@ -98,28 +98,6 @@ fn listen(addr: SocketAddr) -> std::io::Result<Socket> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket)
-}
-
-/// The netns cookie of the netns a socket was created in (kernel 5.14+).
-fn netns_cookie(socket: &Socket) -> std::io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(cookie)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// How an upstream socket identifies itself to the kernel.
