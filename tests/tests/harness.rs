@@ -12,7 +12,7 @@ use std::{
 
 use mesh_tests::{
     Cluster, Pod, PodSpec,
-    scenario::{addr_field, replies},
+    scenario::{addr_field, connect, replies},
     skip_reason,
 };
 
@@ -77,23 +77,6 @@ impl Footprint {
     }
 }
 
-fn connect(cluster: &Cluster, client: &Pod, to: &str, count: &str) -> Output {
-    client.run(
-        cluster,
-        &[
-            "connect",
-            "--to",
-            to,
-            "--count",
-            count,
-            "--message",
-            "hi",
-            "--timeout-ms",
-            "3000",
-        ],
-        RUN_TIMEOUT,
-    )
-}
 
 #[test]
 fn two_nodes_pod_to_pod_v4_v6_and_teardown() {
@@ -151,11 +134,11 @@ fn two_nodes_pod_to_pod_v4_v6_and_teardown() {
             IpAddr::from(client_ip6),
         ),
     ] {
-        let replies = replies(&connect(&cluster, &client, &to.to_string(), "2"));
+        let replies = replies(&connect(&cluster, &client, &to.to_string(), 2));
         assert_eq!(replies.len(), 2, "one reply per connection to {to}");
         for reply in &replies {
             assert_eq!(reply["server"], "echo-1");
-            assert_eq!(reply["echo"], "hi");
+            assert_eq!(reply["echo"], "hello");
             assert_eq!(
                 addr_field(reply, "local"),
                 to,
@@ -170,7 +153,7 @@ fn two_nodes_pod_to_pod_v4_v6_and_teardown() {
     }
 
     // Without a mesh, Service IPs lead nowhere: the nodes have no default route.
-    let output = connect(&cluster, &client, "10.96.0.10:80", "1");
+    let output = connect(&cluster, &client, "10.96.0.10:80", 1);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success(),
@@ -244,11 +227,11 @@ fn same_node_pods_and_cgroup_membership() {
     let mut serve = a.spawn(&cluster, &["serve", "--listen", "[::]:9000", "--name", "a"]);
     serve.wait_for_output("ready", Duration::from_secs(10));
     let to = SocketAddr::from((a.ip6.unwrap(), 9000)).to_string();
-    let reply = &replies(&connect(&cluster, &b, &to, "1"))[0];
+    let reply = &replies(&connect(&cluster, &b, &to, 1))[0];
     assert_eq!(addr_field(reply, "peer").ip(), IpAddr::from(b.ip6.unwrap()));
 
     // The IPv6 listener takes IPv6 only: IPv4 is refused, and says so.
-    let output = connect(&cluster, &b, &format!("{}:9000", a.ip), "1");
+    let output = connect(&cluster, &b, &format!("{}:9000", a.ip), 1);
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("connection refused"),
         "expected a refusal, got {output:?}"
