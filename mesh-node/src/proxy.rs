@@ -1,4 +1,5 @@
 //! The node proxy: one process serving the in-pod listeners of every enrolled pod.
+pub mod hbone;
 mod inbound;
 mod outbound;
 mod resolve;

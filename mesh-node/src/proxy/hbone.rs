@@ -1,0 +1,143 @@
+//! HBONE: TCP streams carried as HTTP/2 `CONNECT` streams over one mTLS connection, wire
+//! compatible with Istio's ztunnel. This module is the HTTP/2 half; TLS is set up by the
+//! caller, so the same code serves whatever identity source provides the certificates.
+mod stream;
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use h2::{client::SendRequest, server::SendResponse};
+use http::{Method, Request, Response, StatusCode};
+pub use stream::H2Stream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+/// ALPN protocol HBONE negotiates.
+pub const ALPN: &[u8] = b"h2";
+/// Streams a peer may open at once on one tunnel; more wait for a free slot.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// HTTP/2 windows sized for bulk TCP: the defaults (64 KiB) throttle a single stream.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const MAX_FRAME_SIZE: u32 = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] http::Error),
+    #[error("the peer answered CONNECT with {0}")]
+    Refused(StatusCode),
+    #[error("not a CONNECT to an address: {0}")]
+    BadRequest(String),
+}
+
+/// Opens the HTTP/2 client side of a tunnel over an established (TLS) connection. The
+/// connection task is spawned; the returned sender multiplexes streams and can be cloned.
+pub async fn client_handshake<IO>(io: IO) -> Result<SendRequest<Bytes>, HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .handshake(io)
+        .await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(%error, "HBONE tunnel closed");
+        }
+    });
+    Ok(sender)
+}
+
+/// Opens one CONNECT stream to `target` over a tunnel.
+pub async fn connect(
+    sender: SendRequest<Bytes>,
+    target: SocketAddr,
+) -> Result<H2Stream, HboneError> {
+    let mut sender = sender.ready().await?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(())?;
+    let (response, send) = sender.send_request(request, false)?;
+    let response = response.await?;
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Refused(response.status()));
+    }
+    Ok(H2Stream::new(send, response.into_body()))
+}
+
+/// A CONNECT request received on the server side of a tunnel.
+pub struct IncomingConnect {
+    pub target: SocketAddr,
+    request: Request<h2::RecvStream>,
+    respond: SendResponse<Bytes>,
+}
+
+impl IncomingConnect {
+    /// Accepts the stream: answers 200 and hands back the byte stream.
+    pub fn accept(mut self) -> Result<H2Stream, HboneError> {
+        let response = Response::builder().status(StatusCode::OK).body(())?;
+        let send = self.respond.send_response(response, false)?;
+        Ok(H2Stream::new(send, self.request.into_body()))
+    }
+
+    /// Refuses the stream with `status`; the tunnel stays up for other streams.
+    pub fn refuse(mut self, status: StatusCode) {
+        if let Ok(response) = Response::builder().status(status).body(()) {
+            let _ = self.respond.send_response(response, true);
+        }
+    }
+}
+
+/// Serves the HTTP/2 server side of a tunnel: `on_connect` is spawned for every CONNECT;
+/// anything else is answered 405 without disturbing other streams.
+pub async fn serve<IO, F, Fut>(io: IO, on_connect: F) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(IncomingConnect) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .handshake(io)
+        .await?;
+    while let Some(accepted) = connection.accept().await {
+        let (request, mut respond) = accepted?;
+        let target = (request.method() == Method::CONNECT)
+            .then(|| request.uri().authority())
+            .flatten()
+            .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok());
+        match target {
+            Some(target) => {
+                tokio::spawn(on_connect(IncomingConnect {
+                    target,
+                    request,
+                    respond,
+                }));
+            }
+            None => {
+                debug!(method = %request.method(), uri = %request.uri(), "not an HBONE CONNECT");
+                let status = if request.method() == Method::CONNECT {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    StatusCode::METHOD_NOT_ALLOWED
+                };
+                if let Ok(response) = Response::builder().status(status).body(()) {
+                    let _ = respond.send_response(response, true);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
