@@ -173,6 +173,18 @@ impl State {
             .and_then(|key| self.services.get(key))
     }
 
+    /// A Service that sends its traffic for `port` to `workload`. The destination side only
+    /// sees the pod address, yet Istio's metrics name the service there too.
+    pub fn service_for(&self, workload: &Workload, port: u16) -> Option<&Service> {
+        self.services.values().find(|service| {
+            service.endpoints.contains(&workload.key)
+                && service.ports.iter().any(|p| match &p.target_port {
+                    TargetPort::Number(n) => *n == port,
+                    TargetPort::Name(name) => workload.named_ports.get(name) == Some(&port),
+                })
+        })
+    }
+
     /// Enrolled pods scheduled on `node`.
     pub fn enrolled_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
         self.workloads

@@ -423,6 +423,7 @@ fn metrics_count_exactly_the_connections_made() {
         ("reporter", "destination"),
         ("source_workload", "client"),
         ("destination_workload", "web-1"),
+        ("destination_service", "web.shop.svc.cluster.local"),
     ];
     // "hello\n" up, one JSON line per connection down.
     let down: usize = replies.iter().map(|r| r.to_string().len() + 1).sum();

@@ -77,7 +77,6 @@ impl Footprint {
     }
 }
 
-
 #[test]
 fn two_nodes_pod_to_pod_v4_v6_and_teardown() {
     if skip() {

@@ -72,8 +72,10 @@ fn rust_src() -> anyhow::Result<()> {
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
-    let works = Command::new("bpf-linker")
-        .arg("--version")
+    // Through `rustup run nightly`, as aya-build runs it: bpf-linker loads the nightly
+    // toolchain's libLLVM, which only that environment puts on the library path.
+    let works = Command::new("rustup")
+        .args(["run", "nightly", "bpf-linker", "--version"])
         .env("PATH", path_with_cargo_bin())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

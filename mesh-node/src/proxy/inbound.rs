@@ -24,7 +24,8 @@ pub(super) async fn handle(
     let state = proxy.state.borrow().clone();
     let source = state.workload_by_ip(peer.ip());
     let destination = state.workloads.get(&pod.key);
-    let labels = ConnectionLabels::new(Reporter::Destination, source, destination, None, "none");
+    let service = destination.and_then(|w| state.service_for(w, original.port()));
+    let labels = ConnectionLabels::new(Reporter::Destination, source, destination, service, "none");
     let mut app = connect_from_pod(
         pod,
         &proxy.home,

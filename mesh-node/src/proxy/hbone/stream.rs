@@ -33,7 +33,9 @@ impl H2Stream {
 
 fn to_io(error: h2::Error) -> io::Error {
     if error.is_io() {
-        return error.into_io().unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+        return error
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
     }
     let kind = if error.is_reset() || error.is_go_away() {
         io::ErrorKind::ConnectionReset

@@ -15,7 +15,10 @@ async fn tunnel() -> SendRequest<Bytes> {
         }
         let mut stream = incoming.accept().expect("accept");
         let mut buf = Vec::new();
-        stream.read_to_end(&mut buf).await.expect("read until half-close");
+        stream
+            .read_to_end(&mut buf)
+            .await
+            .expect("read until half-close");
         stream.write_all(&buf).await.expect("echo");
         stream.shutdown().await.expect("half-close back");
     }));
@@ -26,7 +29,9 @@ async fn tunnel() -> SendRequest<Bytes> {
 async fn streams_carry_bytes_both_ways_with_half_close() {
     let sender = tunnel().await;
     let payload: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
-    let mut stream = connect(sender, "10.0.0.1:8080".parse().unwrap()).await.unwrap();
+    let mut stream = connect(sender, "10.0.0.1:8080".parse().unwrap())
+        .await
+        .unwrap();
     let (mut read, mut write) = tokio::io::split(&mut stream);
     let writer = async {
         write.write_all(&payload).await.unwrap();
@@ -36,7 +41,11 @@ async fn streams_carry_bytes_both_ways_with_half_close() {
     let reader = read.read_to_end(&mut echoed);
     let ((), read_result) = tokio::join!(writer, reader);
     read_result.unwrap();
-    assert_eq!(echoed.len(), payload.len(), "larger than every flow-control window");
+    assert_eq!(
+        echoed.len(),
+        payload.len(),
+        "larger than every flow-control window"
+    );
     assert!(echoed == payload, "bytes intact");
 }
 
@@ -58,7 +67,10 @@ async fn many_streams_share_one_tunnel() {
         }));
     }
     for task in tasks {
-        tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -71,7 +83,9 @@ async fn a_refused_stream_reports_the_status_and_the_tunnel_lives_on() {
         "{:?}",
         refused.err()
     );
-    let mut stream = connect(sender, "10.0.0.1:2".parse().unwrap()).await.unwrap();
+    let mut stream = connect(sender, "10.0.0.1:2".parse().unwrap())
+        .await
+        .unwrap();
     stream.write_all(b"still up").await.unwrap();
     stream.shutdown().await.unwrap();
     let mut reply = String::new();

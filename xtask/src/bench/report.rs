@@ -1,0 +1,267 @@
+//! The bench's report: medians across rounds, what the mesh adds over no mesh of the same
+//! run, and the agents' cost, with PERF.md's reference figures beside them.
+
+use std::fmt::Write as _;
+
+use super::{
+    MESSAGE_SIZES, Mode, Results, Shape,
+    table::{Align, Table},
+};
+
+/// CPU and memory of one node's agent over the bench.
+pub struct AgentCost {
+    pub node: usize,
+    pub pid: u32,
+    /// User + system CPU seconds used while the traffic ran.
+    pub cpu_seconds: f64,
+    pub rss_idle_mib: f64,
+    pub rss_loaded_mib: f64,
+}
+
+pub struct Report<'a> {
+    pub quick: bool,
+    pub rounds: u32,
+    pub seconds: u32,
+    pub results: &'a Results,
+    pub agents: Vec<AgentCost>,
+    /// Wall time of the traffic phase (all rounds, all modes).
+    pub traffic_seconds: f64,
+    /// Wall time of the mesh runs alone (the agents idle through the others).
+    pub mesh_seconds: f64,
+}
+
+impl Report<'_> {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let rounds = self.rounds;
+        let _ = writeln!(
+            out,
+            "=== results: medians of {rounds} round(s), {} s per run, modes interleaved; \
+             {} CPUs, kernel {} ===",
+            self.seconds,
+            std::thread::available_parallelism().map_or(0, usize::from),
+            kernel_release()
+        );
+        let _ = writeln!(
+            out,
+            "figures from different runs do not compare (PERF.md): read the added µs and ratios."
+        );
+        if self.quick {
+            let _ = writeln!(
+                out,
+                "--quick: one short round to prove the benches run; the figures are noisy and \
+                 not judged."
+            );
+        }
+        let _ = writeln!(
+            out,
+            "round trips use 16 B and 1 KiB messages as PERF.md does: sockperf's minimum \
+             message is 14 B (its own header), so a 1 B round trip cannot be measured with it."
+        );
+        for size in MESSAGE_SIZES {
+            out.push('\n');
+            self.round_trip_table(&mut out, size);
+        }
+        out.push('\n');
+        self.bulk_table(&mut out);
+        out.push('\n');
+        self.agent_table(&mut out);
+        out
+    }
+
+    fn round_trip_table(&self, out: &mut String, size: u32) {
+        let _ = writeln!(
+            out,
+            "warm round trip, {size} B messages (sockperf ping-pong --tcp --full-rtt, one \
+             connection; round-trip µs)"
+        );
+        let mut table = Table::new(&[
+            ("shape", Align::Left),
+            ("mode", Align::Left),
+            ("p50", Align::Right),
+            ("p99", Align::Right),
+            ("added p50", Align::Right),
+            ("added p99", Align::Right),
+            ("× p50", Align::Right),
+            ("× p99", Align::Right),
+            ("p50 / p99 per round", Align::Left),
+        ]);
+        for shape in Shape::ALL {
+            let column = |mode: Mode, pick: fn(&super::RoundTrip) -> f64| {
+                self.results
+                    .round_trips
+                    .get(&(size, shape, mode))
+                    .map(|runs| runs.iter().map(pick).collect::<Vec<f64>>())
+                    .unwrap_or_default()
+            };
+            let base_p50 = median(&column(Mode::NoMesh, |r| r.p50_us));
+            let base_p99 = median(&column(Mode::NoMesh, |r| r.p99_us));
+            for mode in Mode::ALL {
+                let p50s = column(mode, |r| r.p50_us);
+                let p99s = column(mode, |r| r.p99_us);
+                let (p50, p99) = (median(&p50s), median(&p99s));
+                let per_round: Vec<String> = p50s
+                    .iter()
+                    .zip(&p99s)
+                    .map(|(a, b)| format!("{a:.1}/{b:.1}"))
+                    .collect();
+                table.row(vec![
+                    shape.to_string(),
+                    mode.to_string(),
+                    format!("{p50:.1}"),
+                    format!("{p99:.1}"),
+                    added(mode, p50, base_p50),
+                    added(mode, p99, base_p99),
+                    ratio(p50, base_p50),
+                    ratio(p99, base_p99),
+                    per_round.join("  "),
+                ]);
+            }
+        }
+        out.push_str(&table.render(2));
+        let reference = match size {
+            16 => {
+                "ztunnel (2 proxies, mTLS) adds +135 µs p50 / +275 µs p99 cross-node and \
+                 +98 µs p50 same node; no mesh is 20-40 µs p50 there.\n  targets (mTLS path, \
+                 later issue): ≤ +95 µs added p50, ≤ +275 µs added p99, cross-node"
+            }
+            1024 => "ztunnel (2 proxies, mTLS) adds +147 µs p50 cross-node",
+            _ => "",
+        };
+        if !reference.is_empty() {
+            let _ = writeln!(out, "  for orientation (PERF.md): {reference}");
+        }
+    }
+
+    fn bulk_table(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "one bulk TCP stream (iperf3 -c … -t {}, Gb/s received by the server)",
+            self.seconds
+        );
+        let mut table = Table::new(&[
+            ("shape", Align::Left),
+            ("mode", Align::Left),
+            ("Gb/s", Align::Right),
+            ("× no mesh", Align::Right),
+            ("per round", Align::Left),
+        ]);
+        for shape in Shape::ALL {
+            let gbps = |mode: Mode| -> Vec<f64> {
+                self.results
+                    .bulk
+                    .get(&(shape, mode))
+                    .map(|runs| runs.iter().map(|bps| bps / 1e9).collect())
+                    .unwrap_or_default()
+            };
+            let base = median(&gbps(Mode::NoMesh));
+            for mode in Mode::ALL {
+                let runs = gbps(mode);
+                let value = median(&runs);
+                let per_round: Vec<String> = runs.iter().map(|g| format!("{g:.2}")).collect();
+                table.row(vec![
+                    shape.to_string(),
+                    mode.to_string(),
+                    format!("{value:.2}"),
+                    ratio(value, base),
+                    per_round.join("  "),
+                ]);
+            }
+        }
+        out.push_str(&table.render(2));
+        let _ = writeln!(
+            out,
+            "  for orientation (PERF.md): no mesh 13-24 Gb/s cross-node; ztunnel (mTLS) 0.24× \
+             no mesh (4.7 Gb/s); target for the mTLS path (later issue): ≥ 0.36×"
+        );
+    }
+
+    fn agent_table(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "agents (mesh-node): CPU used while the traffic ran ({:.0} s, of which {:.0} s of mesh \
+             runs), resident memory",
+            self.traffic_seconds, self.mesh_seconds
+        );
+        let mut table = Table::new(&[
+            ("node", Align::Left),
+            ("pid", Align::Right),
+            ("CPU s", Align::Right),
+            ("% of a core in mesh runs", Align::Right),
+            ("RSS idle MiB", Align::Right),
+            ("RSS after load MiB", Align::Right),
+        ]);
+        for agent in &self.agents {
+            table.row(vec![
+                format!("node{}", agent.node),
+                agent.pid.to_string(),
+                format!("{:.2}", agent.cpu_seconds),
+                format!(
+                    "{:.1}",
+                    100.0 * agent.cpu_seconds / self.mesh_seconds.max(f64::EPSILON)
+                ),
+                format!("{:.1}", agent.rss_idle_mib),
+                format!("{:.1}", agent.rss_loaded_mib),
+            ]);
+        }
+        out.push_str(&table.render(2));
+        let _ = writeln!(
+            out,
+            "  for orientation (PERF.md): ztunnel 17 MiB idle / 30 MiB after load; target \
+             ≤ 12 MiB idle per node agent"
+        );
+    }
+}
+
+fn added(mode: Mode, value: f64, base: f64) -> String {
+    if mode == Mode::NoMesh {
+        "—".to_owned()
+    } else {
+        format!("{:+.1}", value - base)
+    }
+}
+
+fn ratio(value: f64, base: f64) -> String {
+    if base > 0.0 && value.is_finite() {
+        format!("{:.2}×", value / base)
+    } else {
+        "—".to_owned()
+    }
+}
+
+/// The median (mean of the middle two for an even count); NaN for no value.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn added_and_ratio() {
+        assert_eq!(added(Mode::MeshL4, 80.0, 30.0), "+50.0");
+        assert_eq!(added(Mode::NoMesh, 30.0, 30.0), "—");
+        assert_eq!(ratio(60.0, 30.0), "2.00×");
+        assert_eq!(ratio(60.0, f64::NAN), "—");
+    }
+}

@@ -1,0 +1,357 @@
+//! The measuring tools, real and common so users can reproduce the figures (PERF.md):
+//! `sockperf ping-pong` for warm round trips and `iperf3` for one bulk TCP stream.
+
+use std::{
+    fs::File,
+    io::Read,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use mesh_tests::{Cluster, Pod};
+
+/// Port of the `sockperf server` in every server pod.
+pub const SOCKPERF_PORT: u16 = 11111;
+/// Port of the `iperf3 -s` in every server pod.
+pub const IPERF_PORT: u16 = 5201;
+
+const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much longer than its own duration a client may take before it counts as hung.
+const CLIENT_GRACE: Duration = Duration::from_secs(30);
+
+/// A server tool running in a pod; killed on drop.
+pub struct Server {
+    child: Child,
+    what: String,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Fails when the server exited (a crashed server would make the next figure fail in
+    /// a more confusing way).
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited ({status}); log {}:\n{}",
+                self.what,
+                self.log.display(),
+                tail(&self.log)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `sockperf server --tcp` on the pod's address, once it listens.
+pub fn sockperf_server(cluster: &Cluster, pod: &Pod) -> anyhow::Result<Server> {
+    let ip = pod.ip.to_string();
+    let port = SOCKPERF_PORT.to_string();
+    spawn_server(
+        cluster,
+        pod,
+        "sockperf",
+        &["server", "--tcp", "-i", &ip, "-p", &port],
+        SOCKPERF_PORT,
+    )
+}
+
+/// `iperf3 -s` on the pod's address, once it listens.
+pub fn iperf3_server(cluster: &Cluster, pod: &Pod) -> anyhow::Result<Server> {
+    let ip = pod.ip.to_string();
+    let port = IPERF_PORT.to_string();
+    spawn_server(
+        cluster,
+        pod,
+        "iperf3",
+        &["-s", "-B", &ip, "-p", &port],
+        IPERF_PORT,
+    )
+}
+
+fn spawn_server(
+    cluster: &Cluster,
+    pod: &Pod,
+    program: &str,
+    args: &[&str],
+    port: u16,
+) -> anyhow::Result<Server> {
+    let what = format!(
+        "{program} {} in pod {}/{}",
+        args.join(" "),
+        pod.namespace,
+        pod.name
+    );
+    let log = cluster
+        .logs_dir()
+        .join(format!("{program}-{}-{}.log", pod.namespace, pod.name));
+    let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    // Spawned from the main thread: pod processes die with the thread that started them.
+    let child = pod
+        .command(cluster, program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting {what} (is it installed? cargo xtask setup)"))?;
+    let mut server = Server { child, what, log };
+    let deadline = Instant::now() + SERVER_READY_TIMEOUT;
+    while !listening(&pod.netns, port)? {
+        server.check_running()?;
+        if Instant::now() > deadline {
+            bail!(
+                "{} does not listen on port {port} after {SERVER_READY_TIMEOUT:?}; log:\n{}",
+                server.what,
+                tail(&server.log)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(server)
+}
+
+/// Whether something listens on TCP `port` in the netns (asked with iproute2's `ss`, which
+/// switches namespace by itself).
+fn listening(netns: &str, port: u16) -> anyhow::Result<bool> {
+    let output = Command::new("ss")
+        .args([
+            "-H",
+            "-l",
+            "-t",
+            "-n",
+            "-N",
+            netns,
+            "sport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .context("running ss (iproute2)")?;
+    if !output.status.success() {
+        bail!(
+            "ss -N {netns} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(!output.stdout.iter().all(u8::is_ascii_whitespace))
+}
+
+// === clients ===
+
+/// Round-trip percentiles of one `sockperf ping-pong` run, in µs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RoundTrip {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub observations: u64,
+}
+
+/// `sockperf ping-pong --tcp --full-rtt` from `client` to `server` for `seconds` with
+/// `size`-byte messages: warm round trips on one connection.
+pub fn sockperf_ping_pong(
+    cluster: &Cluster,
+    client: &Pod,
+    server: Ipv4Addr,
+    seconds: u32,
+    size: u32,
+) -> anyhow::Result<RoundTrip> {
+    let (ip, port) = (server.to_string(), SOCKPERF_PORT.to_string());
+    let (time, size) = (seconds.to_string(), size.to_string());
+    let args = [
+        "ping-pong",
+        "--tcp",
+        "--full-rtt",
+        "-i",
+        &ip,
+        "-p",
+        &port,
+        "-t",
+        &time,
+        "-m",
+        &size,
+    ];
+    let what = format!("sockperf {} (pod {})", args.join(" "), client.name);
+    let mut command = client.command(cluster, "sockperf");
+    command.args(args);
+    let output = run_to_end(command, &what, client_timeout(seconds))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    parse_sockperf(&stdout).with_context(|| {
+        format!(
+            "{what}: unexpected output:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+/// `iperf3 -c` from `client` to `server` for `seconds`: bits per second received by the
+/// server over one bulk TCP stream.
+pub fn iperf3_bulk(
+    cluster: &Cluster,
+    client: &Pod,
+    server: Ipv4Addr,
+    seconds: u32,
+) -> anyhow::Result<f64> {
+    let (ip, port, time) = (
+        server.to_string(),
+        IPERF_PORT.to_string(),
+        seconds.to_string(),
+    );
+    let args = ["-c", &ip, "-p", &port, "-t", &time, "-J"];
+    let what = format!("iperf3 {} (pod {})", args.join(" "), client.name);
+    let mut command = client.command(cluster, "iperf3");
+    command.args(args);
+    let output = run_to_end(command, &what, client_timeout(seconds))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    parse_iperf3(&stdout).with_context(|| format!("{what}: unexpected output:\n{stdout}"))
+}
+
+fn client_timeout(seconds: u32) -> Duration {
+    Duration::from_secs(seconds.into()) + CLIENT_GRACE
+}
+
+/// Runs `command` to completion (killed after `timeout`); fails unless it exits 0.
+fn run_to_end(mut command: Command, what: &str, timeout: Duration) -> anyhow::Result<Output> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {what} (is it installed? cargo xtask setup)"))?;
+    // Drained while waiting, so a chatty tool cannot block on a full pipe.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} still running after {timeout:?}: killed");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let output = Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    if !status.success() {
+        bail!(
+            "{what} failed ({status}):\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output)
+}
+
+/// Reads the summary of `sockperf ping-pong --full-rtt`:
+///
+/// ```text
+/// sockperf: Summary: Round trip is 37.882 usec
+/// sockperf: Total 63361 observations; each percentile contains 633.61 observations
+/// sockperf: ---> percentile 99.000 =   58.120
+/// sockperf: ---> percentile 50.000 =   36.377
+/// ```
+///
+/// With `--full-rtt` the percentiles are whole round trips in µs (without it, sockperf
+/// halves them and says "Latency is").
+fn parse_sockperf(text: &str) -> anyhow::Result<RoundTrip> {
+    if !text.contains("Round trip is") {
+        bail!("no \"Round trip is\" summary: was --full-rtt ignored?");
+    }
+    let percentile = |which: &str| -> anyhow::Result<f64> {
+        let needle = format!("percentile {which} =");
+        let line = text
+            .lines()
+            .find(|l| l.contains(&needle))
+            .with_context(|| format!("no line with {needle:?}"))?;
+        let value = line[line.find('=').expect("the needle has '=' in it") + 1..].trim();
+        value
+            .parse()
+            .with_context(|| format!("percentile {which}: {value:?} is not a number"))
+    };
+    let observations = text
+        .lines()
+        .find_map(|l| {
+            let (count, after) = l.split("Total ").nth(1)?.split_once(' ')?;
+            after
+                .starts_with("observations")
+                .then(|| count.parse::<u64>().ok())
+                .flatten()
+        })
+        .context("no \"Total N observations\" line")?;
+    if observations == 0 {
+        bail!("sockperf made no observation");
+    }
+    Ok(RoundTrip {
+        p50_us: percentile("50.000")?,
+        p99_us: percentile("99.000")?,
+        observations,
+    })
+}
+
+/// `end.sum_received.bits_per_second` of `iperf3 -J` (errors are in `error`).
+fn parse_iperf3(json: &str) -> anyhow::Result<f64> {
+    let value: serde_json::Value = serde_json::from_str(json).context("not JSON")?;
+    if let Some(error) = value.get("error").and_then(|e| e.as_str()) {
+        bail!("iperf3: {error}");
+    }
+    let bps = value
+        .pointer("/end/sum_received/bits_per_second")
+        .and_then(serde_json::Value::as_f64)
+        .context("no end.sum_received.bits_per_second")?;
+    if bps <= 0.0 {
+        bail!("iperf3 received nothing");
+    }
+    Ok(bps)
+}
+
+fn tail(path: &PathBuf) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_iperf3_json() {
+        let json = r#"{"start":{},"intervals":[],"end":{"sum_sent":{"bits_per_second":2.1e10},
+            "sum_received":{"bits_per_second":2.0e10}}}"#;
+        assert_eq!(parse_iperf3(json).unwrap(), 2.0e10);
+        let error = r#"{"start":{},"intervals":[],"end":{},"error":"unable to connect to server"}"#;
+        assert!(
+            parse_iperf3(error)
+                .unwrap_err()
+                .to_string()
+                .contains("unable to connect")
+        );
+    }
+}
