@@ -54,7 +54,7 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
     );
 
     let (state_tx, state_rx) = watch::channel(Arc::new(State::default()));
-    let mut source = FileSource::new(&config.config_dir);
+    let mut source = FileSource::new(&config.config_dir, config.root_namespace.clone());
     source
         .publish(&state_tx, &metrics.node)
         .with_context(|| format!("reading config dir {}", config.config_dir.display()))?;

@@ -48,6 +48,11 @@ pub struct RunConfig {
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub health_addr: SocketAddr,
 
+    /// Namespace whose selector-less PeerAuthentication and AuthorizationPolicy resources
+    /// apply to the whole mesh (Istio's root namespace).
+    #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
+
     /// Log format; the level comes from `RUST_LOG` (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

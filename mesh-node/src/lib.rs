@@ -10,6 +10,7 @@ pub mod ebpf;
 pub mod enroll;
 pub mod metrics;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod readiness;
 pub mod signal;

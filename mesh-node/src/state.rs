@@ -10,6 +10,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::policy::Policies;
+
 /// Label that enrolls a namespace (`true`) or opts a pod out (`false`).
 pub const ENROLLMENT_LABEL: &str = "nodemesh.io/enabled";
 
@@ -128,6 +130,7 @@ pub struct State {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub workloads: BTreeMap<ObjectKey, Workload>,
     pub services: BTreeMap<ObjectKey, Service>,
+    pub policies: Policies,
     pub rejections: Vec<Rejection>,
     #[serde(skip)]
     workload_by_ip: HashMap<IpAddr, ObjectKey>,
@@ -141,6 +144,7 @@ impl State {
         namespaces: BTreeMap<String, BTreeMap<String, String>>,
         workloads: BTreeMap<ObjectKey, Workload>,
         services: BTreeMap<ObjectKey, Service>,
+        policies: Policies,
         rejections: Vec<Rejection>,
     ) -> Self {
         let workload_by_ip = workloads
@@ -155,6 +159,7 @@ impl State {
             namespaces,
             workloads,
             services,
+            policies,
             rejections,
             workload_by_ip,
             service_by_ip,

@@ -28,6 +28,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Reads the directory and remembers the last good version of everything.
 pub struct FileSource {
     dir: PathBuf,
+    root_namespace: String,
     /// Objects each file gave the last time it was readable YAML.
     last_good_by_file: HashMap<PathBuf, Vec<Object>>,
     /// The last accepted version of each object, whatever file it came from.
@@ -43,9 +44,10 @@ pub struct Load {
 type Fingerprint = BTreeMap<PathBuf, (SystemTime, u64)>;
 
 impl FileSource {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    pub fn new(dir: impl Into<PathBuf>, root_namespace: impl Into<String>) -> Self {
         Self {
             dir: dir.into(),
+            root_namespace: root_namespace.into(),
             last_good_by_file: HashMap::new(),
             last_good_by_id: HashMap::new(),
         }
@@ -158,7 +160,7 @@ impl FileSource {
             );
         }
         metrics.set_config_rejections(rejections.len());
-        let state = Arc::new(translate(&objects, rejections));
+        let state = Arc::new(translate(&objects, rejections, &self.root_namespace));
         info!(
             namespaces = state.namespaces.len(),
             workloads = state.workloads.len(),
@@ -268,10 +270,14 @@ fn parse_documents(text: &str) -> Result<Vec<Document>, String> {
 }
 
 fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
-    let kind: &'static str = match (meta.api_version.as_str(), meta.kind.as_str()) {
-        ("v1", "Namespace") => "Namespace",
-        ("v1", "Pod") => "Pod",
-        ("v1", "Service") => "Service",
+    const SECURITY: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+    let api = meta.api_version.as_str();
+    let kind: &'static str = match meta.kind.as_str() {
+        "Namespace" if api == "v1" => "Namespace",
+        "Pod" if api == "v1" => "Pod",
+        "Service" if api == "v1" => "Service",
+        "PeerAuthentication" if SECURITY.contains(&api) => "PeerAuthentication",
+        "AuthorizationPolicy" if SECURITY.contains(&api) => "AuthorizationPolicy",
         _ => return Document::Ignored { kind: meta.kind },
     };
     let resource = ObjectId {
@@ -286,7 +292,11 @@ fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
     let parsed = match kind {
         "Namespace" => serde_yaml::from_value(value).map(|o| Object::Namespace(Box::new(o))),
         "Pod" => serde_yaml::from_value(value).map(|o| Object::Pod(Box::new(o))),
-        _ => serde_yaml::from_value(value).map(|o| Object::Service(Box::new(o))),
+        "Service" => serde_yaml::from_value(value).map(|o| Object::Service(Box::new(o))),
+        "PeerAuthentication" => {
+            serde_yaml::from_value(value).map(|o| Object::PeerAuthentication(Box::new(o)))
+        }
+        _ => serde_yaml::from_value(value).map(|o| Object::AuthorizationPolicy(Box::new(o))),
     };
     let object = match parsed {
         Ok(object) => object,

@@ -6,12 +6,25 @@ use std::{
 
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Service as K8sService},
-    apimachinery::pkg::util::intstr::IntOrString,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use serde::Deserialize;
+
+use crate::{
+    policy::{AuthorizationPolicySpec, PeerAuthenticationSpec, Policies, Policy, PolicyError},
+    state::{
+        ENROLLMENT_LABEL, ObjectKey, Rejection, Service, ServicePort, State, TargetPort, Workload,
+    },
 };
 
-use crate::state::{
-    ENROLLMENT_LABEL, ObjectKey, Rejection, Service, ServicePort, State, TargetPort, Workload,
-};
+/// A custom resource of Istio's APIs: Kubernetes metadata and a typed `spec`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct IstioObject<S> {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: S,
+}
 
 /// A Kubernetes object the mesh understands.
 #[derive(Clone, Debug)]
@@ -19,6 +32,8 @@ pub enum Object {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
     Service(Box<K8sService>),
+    PeerAuthentication(Box<IstioObject<PeerAuthenticationSpec>>),
+    AuthorizationPolicy(Box<IstioObject<AuthorizationPolicySpec>>),
 }
 
 /// `Kind namespace/name`: what makes two objects the same object.
@@ -48,6 +63,8 @@ pub enum TranslateError {
     BadIp { field: &'static str, value: String },
     #[error("spec.ports[{index}]: {reason}")]
     BadPort { index: usize, reason: String },
+    #[error("spec: {0}")]
+    Policy(#[from] PolicyError),
 }
 
 impl Object {
@@ -56,6 +73,8 @@ impl Object {
             Object::Namespace(o) => ("Namespace", &o.metadata),
             Object::Pod(o) => ("Pod", &o.metadata),
             Object::Service(o) => ("Service", &o.metadata),
+            Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),
+            Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
         };
         let namespace = match self {
             Object::Namespace(_) => String::new(),
@@ -75,7 +94,8 @@ pub fn validate(object: &Object) -> Result<(), TranslateError> {
         return Err(TranslateError::MissingName);
     }
     match object {
-        Object::Namespace(_) => Ok(()),
+        Object::Namespace(_) | Object::PeerAuthentication(_) => Ok(()),
+        Object::AuthorizationPolicy(policy) => Ok(policy.spec.validate()?),
         Object::Pod(pod) => pod_ips(pod).map(|_| ()),
         Object::Service(service) => {
             service_cluster_ips(service)?;
@@ -85,7 +105,8 @@ pub fn validate(object: &Object) -> Result<(), TranslateError> {
 }
 
 /// Builds the state from objects that passed [`validate`]; objects that did not are skipped.
-pub fn translate(objects: &[Object], rejections: Vec<Rejection>) -> State {
+/// Selector-less policies in `root_namespace` apply mesh-wide.
+pub fn translate(objects: &[Object], rejections: Vec<Rejection>, root_namespace: &str) -> State {
     let mut namespaces = BTreeMap::new();
     for object in objects {
         if let Object::Namespace(ns) = object {
@@ -111,7 +132,35 @@ pub fn translate(objects: &[Object], rejections: Vec<Rejection>) -> State {
             services.insert(service.key.clone(), service);
         }
     }
-    State::new(namespaces, workloads, services, rejections)
+    let mut policies = Policies {
+        root_namespace: root_namespace.to_string(),
+        ..Policies::default()
+    };
+    for object in objects {
+        let key = || {
+            let id = object.id();
+            ObjectKey::new(id.namespace, id.name)
+        };
+        match object {
+            Object::PeerAuthentication(p) => policies.peer_authentications.push(Policy {
+                key: key(),
+                spec: p.spec.clone(),
+            }),
+            Object::AuthorizationPolicy(p) => policies.authorization_policies.push(Policy {
+                key: key(),
+                spec: p.spec.clone(),
+            }),
+            _ => {}
+        }
+    }
+    // Name order makes "the first matching policy" the same on every node.
+    policies
+        .peer_authentications
+        .sort_by(|a, b| a.key.cmp(&b.key));
+    policies
+        .authorization_policies
+        .sort_by(|a, b| a.key.cmp(&b.key));
+    State::new(namespaces, workloads, services, policies, rejections)
 }
 
 fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, TranslateError> {

@@ -38,7 +38,14 @@ fn load(source: &mut FileSource) -> (State, Vec<Rejection>) {
         objects,
         rejections,
     } = source.load().unwrap();
-    (translate(&objects, rejections.clone()), rejections)
+    (
+        translate(
+            &objects,
+            rejections.clone(),
+            crate::policy::DEFAULT_ROOT_NAMESPACE,
+        ),
+        rejections,
+    )
 }
 
 #[test]
@@ -57,7 +64,7 @@ fn multi_document_files_and_lists_load() {
         "pods.yaml",
         &format!("{}---\n{}", pod("a", "10.0.0.1"), list),
     );
-    let (state, rejections) = load(&mut FileSource::new(dir.path()));
+    let (state, rejections) = load(&mut FileSource::new(dir.path(), "nodemesh-system"));
     assert!(
         rejections.is_empty(),
         "unexpected rejections: {rejections:?}"
@@ -78,7 +85,7 @@ fn a_bad_resource_is_rejected_alone_and_its_last_good_version_stays() {
         "pods.yaml",
         &format!("{}---\n{}", pod("a", "10.0.0.1"), pod("b", "10.0.0.2")),
     );
-    let mut source = FileSource::new(dir.path());
+    let mut source = FileSource::new(dir.path(), "nodemesh-system");
     let (state, _) = load(&mut source);
     assert_eq!(state.workloads.len(), 2);
 
@@ -114,7 +121,7 @@ fn a_file_that_is_not_yaml_keeps_what_it_last_gave() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "ns.yaml", NAMESPACE);
     write(dir.path(), "pods.yaml", &pod("a", "10.0.0.1"));
-    let mut source = FileSource::new(dir.path());
+    let mut source = FileSource::new(dir.path(), "nodemesh-system");
     load(&mut source);
     write(
         dir.path(),
@@ -146,7 +153,7 @@ fn duplicates_and_missing_fields_are_rejected() {
         "c.yaml",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: c, namespace: shop}\nspec: {nodeName: [n]}\n",
     );
-    let (state, rejections) = load(&mut FileSource::new(dir.path()));
+    let (state, rejections) = load(&mut FileSource::new(dir.path(), "nodemesh-system"));
     let resources: Vec<&str> = rejections.iter().map(|r| r.resource.as_str()).collect();
     assert_eq!(resources, ["Pod shop/a", "Pod shop/c"], "{rejections:?}");
     assert!(
@@ -168,14 +175,14 @@ fn unknown_kinds_are_ignored_not_rejected() {
         "cm.yaml",
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {a: b}\n",
     );
-    let (_, rejections) = load(&mut FileSource::new(dir.path()));
+    let (_, rejections) = load(&mut FileSource::new(dir.path(), "nodemesh-system"));
     assert!(rejections.is_empty(), "{rejections:?}");
 }
 
 #[test]
 fn the_shipped_examples_load_without_rejections() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
-    let (state, rejections) = load(&mut FileSource::new(&dir));
+    let (state, rejections) = load(&mut FileSource::new(&dir, "nodemesh-system"));
     assert!(rejections.is_empty(), "{rejections:?}");
     let reviews = &state.services[&ObjectKey::new("shop", "reviews")];
     assert_eq!(reviews.endpoints.len(), 2, "both replicas back the Service");
@@ -186,4 +193,52 @@ fn the_shipped_examples_load_without_rejections() {
         .map(|w| w.key.name.as_str())
         .collect();
     assert_eq!(enrolled, ["productpage", "reviews-v1", "reviews-v2"]);
+}
+
+#[test]
+fn istio_security_policies_load_and_a_bad_one_is_rejected_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "security.yaml",
+        "
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: nodemesh-system}
+spec:
+  mtls: {mode: STRICT}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: allow-sleep, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/sleep/sa/sleep]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad-block, namespace: shop}
+spec:
+  rules:
+  - from:
+    - source: {ipBlocks: [10.0.0.0/40]}
+",
+    );
+    let (state, rejections) = load(&mut FileSource::new(dir.path(), "nodemesh-system"));
+    assert_eq!(state.policies.peer_authentications.len(), 1);
+    let names: Vec<&str> = state
+        .policies
+        .authorization_policies
+        .iter()
+        .map(|p| p.key.name.as_str())
+        .collect();
+    assert_eq!(names, ["allow-sleep"], "the bad policy is left out");
+    assert_eq!(rejections.len(), 1, "{rejections:?}");
+    assert_eq!(rejections[0].resource, "AuthorizationPolicy shop/bad-block");
+    assert!(
+        rejections[0].error.contains("10.0.0.0/40"),
+        "{rejections:?}"
+    );
 }

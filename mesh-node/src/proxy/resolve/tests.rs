@@ -14,7 +14,7 @@ fn state(yaml: &str) -> State {
             }
         })
         .collect();
-    translate(&objects, Vec::new())
+    translate(&objects, Vec::new(), "nodemesh-system")
 }
 
 use serde::Deserialize;

@@ -1,0 +1,113 @@
+//! Istio's security policies as the node proxy enforces them at L4: `PeerAuthentication`
+//! (is plaintext allowed?) and `AuthorizationPolicy` (may this peer connect?).
+//!
+//! The resources are the ones Istio users already have (security.istio.io v1 and v1beta1);
+//! their semantics follow Istio's: the most specific PeerAuthentication wins; DENY
+//! policies are checked first, then ALLOW; with no ALLOW policy everything is allowed, and
+//! with ALLOW policies a connection must match one of them.
+mod authorization;
+mod peer_authentication;
+
+use std::collections::BTreeMap;
+
+pub use authorization::{
+    Action, AuthorizationPolicySpec, Condition, Operation, PolicyError, Rule, RuleFrom, RuleTo,
+    Source,
+};
+pub use peer_authentication::{Mtls, MtlsMode, PeerAuthenticationSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{ObjectKey, Workload};
+
+/// Namespace whose selector-less policies apply to the whole mesh (Istio's root namespace).
+pub const DEFAULT_ROOT_NAMESPACE: &str = "nodemesh-system";
+
+/// `selector.matchLabels`, as Istio's policies carry it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+impl WorkloadSelector {
+    fn matches(&self, workload: &Workload) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| workload.labels.get(k) == Some(v))
+    }
+}
+
+/// A named policy resource of kind `S`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Policy<S> {
+    pub key: ObjectKey,
+    pub spec: S,
+}
+
+/// Whether a policy in `namespace` with `selector` applies to `workload`: policies in the
+/// workload's own namespace, or in the root namespace (mesh-wide).
+fn applies(
+    namespace: &str,
+    selector: Option<&WorkloadSelector>,
+    workload: &Workload,
+    root_namespace: &str,
+) -> bool {
+    (namespace == workload.key.namespace || namespace == root_namespace)
+        && selector.is_none_or(|s| s.matches(workload))
+}
+
+/// Everything the policies may look at for one connection.
+#[derive(Clone, Debug)]
+pub struct ConnectionAttributes<'a> {
+    pub source_ip: std::net::IpAddr,
+    /// The verified peer identity as Istio writes principals: `<td>/ns/<ns>/sa/<sa>`;
+    /// `None` for plaintext.
+    pub source_principal: Option<&'a str>,
+    /// The source namespace, known only from a verified identity.
+    pub source_namespace: Option<&'a str>,
+    pub destination_ip: std::net::IpAddr,
+    pub destination_port: u16,
+}
+
+/// The outcome of authorization, with the policy that decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow {
+        policy: Option<ObjectKey>,
+    },
+    Deny {
+        policy: Option<ObjectKey>,
+        reason: &'static str,
+    },
+}
+
+impl Verdict {
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Verdict::Allow { .. })
+    }
+}
+
+/// The policies of the mesh, as the translation hands them to the proxy.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Policies {
+    pub root_namespace: String,
+    pub peer_authentications: Vec<Policy<PeerAuthenticationSpec>>,
+    pub authorization_policies: Vec<Policy<AuthorizationPolicySpec>>,
+}
+
+impl Policies {
+    /// The mTLS mode in force for `workload` on `port`. Istio's precedence: workload
+    /// selector (port level first), then namespace, then mesh; `PERMISSIVE` by default.
+    pub fn mtls_mode(&self, workload: &Workload, port: u16) -> MtlsMode {
+        peer_authentication::resolve(self, workload, port)
+    }
+
+    /// Whether a connection to `workload` is allowed, and by which policy.
+    pub fn authorize(&self, workload: &Workload, connection: &ConnectionAttributes) -> Verdict {
+        authorization::evaluate(self, workload, connection)
+    }
+}
+
+#[cfg(test)]
+mod tests;
