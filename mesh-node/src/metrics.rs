@@ -178,6 +178,7 @@ impl TcpMetrics {
 pub struct NodeMetrics {
     enrolled_pods: IntGauge,
     config_rejections: IntGauge,
+    config_loads: prometheus::IntCounter,
     captured_connections: IntCounterVec,
     proxy_errors: IntCounterVec,
     bpf_counters: IntGaugeVec,
@@ -192,6 +193,10 @@ impl NodeMetrics {
         let config_rejections = IntGauge::new(
             "nodemesh_config_rejected_resources",
             "Config resources rejected in the last load (their last good version is in force)",
+        )?;
+        let config_loads = prometheus::IntCounter::new(
+            "nodemesh_config_loads_total",
+            "Config snapshots published (one per change of the config)",
         )?;
         let captured_connections = IntCounterVec::new(
             Opts::new(
@@ -216,12 +221,14 @@ impl NodeMetrics {
         )?;
         registry.register(Box::new(enrolled_pods.clone()))?;
         registry.register(Box::new(config_rejections.clone()))?;
+        registry.register(Box::new(config_loads.clone()))?;
         registry.register(Box::new(captured_connections.clone()))?;
         registry.register(Box::new(proxy_errors.clone()))?;
         registry.register(Box::new(bpf_counters.clone()))?;
         Ok(Self {
             enrolled_pods,
             config_rejections,
+            config_loads,
             captured_connections,
             proxy_errors,
             bpf_counters,
@@ -232,8 +239,10 @@ impl NodeMetrics {
         self.enrolled_pods.set(count as i64);
     }
 
-    pub fn set_config_rejections(&self, count: usize) {
-        self.config_rejections.set(count as i64);
+    /// Records one published config snapshot and how many resources it refused.
+    pub fn config_loaded(&self, rejections: usize) {
+        self.config_rejections.set(rejections as i64);
+        self.config_loads.inc();
     }
 
     pub fn captured(&self, direction: &str) {

@@ -65,6 +65,13 @@ pub enum ProxyError {
     ConnectTimeout(SocketAddr),
     #[error("creating a socket in the pod's netns: {0}")]
     Socket(String),
+    #[error("plaintext refused: PeerAuthentication requires mutual TLS")]
+    MtlsRequired,
+    #[error("denied by authorization policy {policy}: {reason}")]
+    Denied {
+        policy: String,
+        reason: &'static str,
+    },
 }
 
 impl ProxyError {
@@ -75,6 +82,8 @@ impl ProxyError {
             ProxyError::Connect { .. } => "connect_failed",
             ProxyError::ConnectTimeout(_) => "connect_timeout",
             ProxyError::Socket(_) => "socket",
+            ProxyError::MtlsRequired => "mtls_required",
+            ProxyError::Denied { .. } => "authorization_denied",
         }
     }
 }

@@ -159,7 +159,7 @@ impl FileSource {
                 "config resource rejected; its last good version stays in force"
             );
         }
-        metrics.set_config_rejections(rejections.len());
+        let rejected = rejections.len();
         let state = Arc::new(translate(&objects, rejections, &self.root_namespace));
         info!(
             namespaces = state.namespaces.len(),
@@ -169,6 +169,7 @@ impl FileSource {
             "config loaded"
         );
         tx.send_replace(state.clone());
+        metrics.config_loaded(rejected);
         Ok(state)
     }
 

@@ -8,7 +8,32 @@ use super::{
     PodContext, ProxyContext, ProxyError, relay,
     socket::{Dial, connect_from_pod},
 };
-use crate::metrics::{ConnectionLabels, Reporter};
+use crate::{
+    metrics::{ConnectionLabels, Reporter},
+    policy::{ConnectionAttributes, MtlsMode, Policies, Verdict},
+    state::Workload,
+};
+
+/// Applies PeerAuthentication (unless the connection is mutual TLS) and
+/// AuthorizationPolicy to a connection for `workload`.
+pub(super) fn check_policy(
+    policies: &Policies,
+    workload: &Workload,
+    attributes: &ConnectionAttributes,
+    mutual_tls: bool,
+) -> Result<(), ProxyError> {
+    if !mutual_tls && policies.mtls_mode(workload, attributes.destination_port) == MtlsMode::Strict
+    {
+        return Err(ProxyError::MtlsRequired);
+    }
+    match policies.authorize(workload, attributes) {
+        Verdict::Allow { .. } => Ok(()),
+        Verdict::Deny { policy, reason } => Err(ProxyError::Denied {
+            policy: policy.map_or_else(|| "(no ALLOW policy matched)".into(), |p| p.to_string()),
+            reason,
+        }),
+    }
+}
 
 pub(super) async fn handle(
     mut client: TcpStream,
@@ -24,6 +49,17 @@ pub(super) async fn handle(
     let state = proxy.state.borrow().clone();
     let source = state.workload_by_ip(peer.ip());
     let destination = state.workloads.get(&pod.key);
+    if let Some(workload) = destination {
+        // Plaintext: no verified identity, so principals and namespaces cannot match.
+        let attributes = ConnectionAttributes {
+            source_ip: peer.ip(),
+            source_principal: None,
+            source_namespace: None,
+            destination_ip: original.ip(),
+            destination_port: original.port(),
+        };
+        check_policy(&state.policies, workload, &attributes, false)?;
+    }
     let service = destination.and_then(|w| state.service_for(w, original.port()));
     let labels = ConnectionLabels::new(Reporter::Destination, source, destination, service, "none");
     let mut app = connect_from_pod(
