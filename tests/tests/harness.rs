@@ -6,17 +6,14 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::Output,
     time::Duration,
 };
 
 use mesh_tests::{
-    Cluster, Pod, PodSpec,
+    Cluster, PodSpec,
     scenario::{addr_field, connect, replies},
     skip_reason,
 };
-
-const RUN_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn skip() -> bool {
     match skip_reason() {
