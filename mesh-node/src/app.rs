@@ -5,19 +5,21 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     cli::RunConfig,
     config::file::FileSource,
     ebpf::Capture,
     enroll::Enrollment,
+    identity::{CertificateAuthority, CertificateManager, ManagerConfig},
     metrics::{self, Metrics, server::Endpoints},
     netns::Netns,
-    proxy::{ProxyContext, Resolver},
+    proxy::{Mtls, ProxyContext, Resolver},
     readiness::Readiness,
     signal,
-    state::State,
+    signer::NodeSigner,
+    state::{State, StateRx},
 };
 
 /// How often the eBPF counters are copied into the metrics.
@@ -60,12 +62,20 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
         .with_context(|| format!("reading config dir {}", config.config_dir.display()))?;
     drop(config_ready);
 
+    let mtls = match &config.ca_dir {
+        Some(dir) => Some(Arc::new(mtls(&config, dir, state_rx.clone())?)),
+        None => {
+            warn!("no --ca-dir: mutual TLS is off and enrolled pods talk plaintext");
+            None
+        }
+    };
     let proxy = ProxyContext {
         state: state_rx.clone(),
         capture: capture.clone(),
         metrics: metrics.clone(),
         resolver: Arc::new(Resolver::default()),
         home,
+        mtls,
     };
 
     let mut tasks = JoinSet::new();
@@ -93,6 +103,31 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
         shutdown,
         tasks,
     })
+}
+
+/// The in-process CA (file-backed root in `dir`) and the certificate manager in front of it.
+fn mtls(config: &RunConfig, dir: &std::path::Path, state: StateRx) -> anyhow::Result<Mtls> {
+    let ca = CertificateAuthority::load_or_create(dir, &config.trust_domain)
+        .with_context(|| format!("loading the CA in {}", dir.display()))?;
+    let trust_bundle = ca.trust_bundle();
+    let signer = NodeSigner {
+        ca: Arc::new(ca),
+        node: config.node_name.clone(),
+        state,
+    };
+    let manager = CertificateManager::new(
+        Arc::new(signer),
+        ManagerConfig {
+            ttl: config.cert_ttl,
+            ..ManagerConfig::default()
+        },
+    );
+    info!(ca_dir = %dir.display(), trust_domain = %config.trust_domain, "mutual TLS on");
+    Ok(Mtls::new(
+        Arc::new(manager),
+        trust_bundle,
+        config.trust_domain.clone(),
+    ))
 }
 
 impl Bound {

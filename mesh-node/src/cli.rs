@@ -53,6 +53,21 @@ pub struct RunConfig {
     #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
 
+    /// The CA's directory (Istio's `cacerts` layout: `ca-cert.pem`, `ca-key.pem`,
+    /// `root-cert.pem`, `cert-chain.pem`; a new root is created there when it is empty). With
+    /// it the agent runs the CA in-process and enrolled pods talk mutual TLS (HBONE) to each
+    /// other; agents given the same directory trust each other. Without it, plaintext.
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
+
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Lifetime of workload certificates (renewed at half life), e.g. `24h`, `90s`.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: std::time::Duration,
+
     /// Log format; the level comes from `RUST_LOG` (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

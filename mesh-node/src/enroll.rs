@@ -137,7 +137,19 @@ impl Enrollment {
             .ok_or_else(|| EnrollError::NetnsNotFound(workload.ips.clone()))?;
         let netns = Arc::new(netns);
         netns::install_inbound_routing(&netns, home).await?;
-        let listeners = bind_pod_listeners(&netns, home, &workload.ips)?;
+        let mtls = self.proxy.mtls.is_some();
+        let listeners = bind_pod_listeners(&netns, home, &workload.ips, mtls)?;
+        if let Some(mtls) = &self.proxy.mtls
+            && let Ok(identity) = mtls.identity_of(workload)
+        {
+            // Ask for the certificate now, so the first connection does not wait for it.
+            let manager = mtls.manager.clone();
+            tokio::spawn(async move {
+                if let Err(error) = manager.fetch(&identity).await {
+                    warn!(%identity, %error, "workload certificate not issued yet");
+                }
+            });
+        }
         let inbound: Vec<(IpAddr, &dyn std::os::fd::AsRawFd)> = listeners
             .inbound
             .iter()
@@ -152,6 +164,7 @@ impl Enrollment {
         let stop = CancellationToken::new();
         let pod = PodContext {
             key: workload.key.clone(),
+            ips: workload.ips.clone(),
             netns: netns.clone(),
             netns_cookie: listeners.netns_cookie,
         };
@@ -163,7 +176,8 @@ impl Enrollment {
             .inbound
             .into_iter()
             .map(|(l, _)| (l, Direction::Inbound));
-        for (listener, direction) in outbound.chain(inbound) {
+        let hbone = listeners.hbone.into_iter().map(|l| (l, Direction::Hbone));
+        for (listener, direction) in outbound.chain(inbound).chain(hbone) {
             tokio::spawn(proxy::serve(
                 listener,
                 pod.clone(),

@@ -8,7 +8,10 @@ pub mod server;
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 pub use server::serve;
 
-use crate::state::{Service, Workload};
+use crate::{
+    identity::Identity,
+    state::{Service, Workload},
+};
 
 /// Istio's label set for `istio_tcp_*`, in order.
 const TCP_LABELS: &[&str] = &[
@@ -60,13 +63,21 @@ pub struct ConnectionLabels {
 }
 
 impl ConnectionLabels {
+    /// `mutual_tls` holds the verified (source, destination) identities of an mTLS
+    /// connection; `None` means plaintext.
     pub fn new(
         reporter: Reporter,
         source: Option<&Workload>,
         destination: Option<&Workload>,
         service: Option<&Service>,
-        security_policy: &str,
+        mutual_tls: Option<(&Identity, &Identity)>,
     ) -> Self {
+        let (source_principal, destination_principal, security_policy) = match mutual_tls {
+            Some((source, destination)) => {
+                (source.to_string(), destination.to_string(), "mutual_tls")
+            }
+            None => (UNKNOWN.to_string(), UNKNOWN.to_string(), "none"),
+        };
         let workload = |w: Option<&Workload>| {
             w.map_or([UNKNOWN.to_string(), UNKNOWN.to_string()], |w| {
                 [w.workload_name.clone(), w.key.namespace.clone()]
@@ -96,14 +107,13 @@ impl ConnectionLabels {
                 reporter.as_str().to_string(),
                 source_workload,
                 source_namespace,
-                // Principals come with mTLS identities.
-                UNKNOWN.to_string(),
+                source_principal,
                 source_app,
                 source_version,
                 CLUSTER.to_string(),
                 destination_workload,
                 destination_namespace,
-                UNKNOWN.to_string(),
+                destination_principal,
                 destination_app,
                 destination_version,
                 service_host,

@@ -4,6 +4,7 @@ mod inbound;
 mod outbound;
 mod resolve;
 mod socket;
+mod tunnel;
 
 use std::{
     net::SocketAddr,
@@ -24,8 +25,14 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
+pub use tunnel::Mtls;
 
-use crate::{ebpf::Capture, metrics::Metrics, netns::Netns, state::StateRx};
+use crate::{
+    ebpf::Capture,
+    metrics::{ConnectionLabels, Metrics},
+    netns::Netns,
+    state::StateRx,
+};
 
 /// How long an upstream connect may take before the client's connection is closed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,14 +46,27 @@ pub struct ProxyContext {
     pub resolver: Arc<Resolver>,
     /// The agent's own netns, to which threads return after opening a pod's socket.
     pub home: Arc<Netns>,
+    /// mTLS (HBONE) between enrolled pods; `None` when the agent has no CA (plaintext).
+    pub mtls: Option<Arc<Mtls>>,
 }
 
 /// The pod a listener belongs to.
 #[derive(Clone, Debug)]
 pub struct PodContext {
     pub key: crate::state::ObjectKey,
+    pub ips: Vec<std::net::IpAddr>,
     pub netns: Arc<Netns>,
     pub netns_cookie: u64,
+}
+
+impl PodContext {
+    /// The pod's address of the same family as `other`.
+    pub fn ip_like(&self, other: std::net::IpAddr) -> Option<std::net::IpAddr> {
+        self.ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == other.is_ipv4())
+    }
 }
 
 /// Why a connection could not be proxied; doubles as the metric label.
@@ -65,6 +85,16 @@ pub enum ProxyError {
     ConnectTimeout(SocketAddr),
     #[error("creating a socket in the pod's netns: {0}")]
     Socket(String),
+    #[error("workload certificate: {0}")]
+    Certificate(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("HBONE: {0}")]
+    Hbone(#[from] hbone::HboneError),
+    #[error("the pod has no address of the destination's family")]
+    NoSourceAddress,
+    #[error("CONNECT to {0}, which is not this pod (no open relay)")]
+    NotLocal(SocketAddr),
     #[error("plaintext refused: PeerAuthentication requires mutual TLS")]
     MtlsRequired,
     #[error("denied by authorization policy {policy}: {reason}")]
@@ -82,6 +112,11 @@ impl ProxyError {
             ProxyError::Connect { .. } => "connect_failed",
             ProxyError::ConnectTimeout(_) => "connect_timeout",
             ProxyError::Socket(_) => "socket",
+            ProxyError::Certificate(_) => "certificate",
+            ProxyError::Tls(_) => "tls",
+            ProxyError::Hbone(_) => "hbone",
+            ProxyError::NoSourceAddress => "no_source_address",
+            ProxyError::NotLocal(_) => "not_local",
             ProxyError::MtlsRequired => "mtls_required",
             ProxyError::Denied { .. } => "authorization_denied",
         }
@@ -107,6 +142,23 @@ where
         from_upstream.load(Ordering::Relaxed),
         result.err(),
     )
+}
+
+/// [`relay`] between the client side and the upstream side of a connection, recording it in
+/// Istio's TCP metrics (opened now, closed with its bytes at the end).
+async fn relay_counted<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    labels: &ConnectionLabels,
+    proxy: &ProxyContext,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    proxy.metrics.tcp.opened(labels);
+    let (from_client, to_client, error) = relay(client, upstream).await;
+    proxy.metrics.tcp.closed(labels, from_client, to_client);
+    tracing::debug!(from_client, to_client, error = ?error, "connection closed");
 }
 
 /// A stream that counts the bytes read from it.
@@ -160,6 +212,8 @@ pub enum Direction {
     Outbound,
     /// 15006: connections to the pod, steered by `sk_lookup`.
     Inbound,
+    /// 15008: HBONE tunnels from other node proxies.
+    Hbone,
 }
 
 impl Direction {
@@ -167,6 +221,7 @@ impl Direction {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
+            Direction::Hbone => "hbone",
         }
     }
 }
@@ -199,6 +254,7 @@ pub async fn serve(
                 let result = match direction {
                     Direction::Outbound => outbound::handle(stream, peer, &pod, &proxy).await,
                     Direction::Inbound => inbound::handle(stream, peer, &pod, &proxy).await,
+                    Direction::Hbone => inbound::handle_hbone(stream, peer, &pod, &proxy).await,
                 };
                 if let Err(error) = result {
                     proxy.metrics.node.proxy_error(name, error.reason());

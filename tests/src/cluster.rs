@@ -551,7 +551,9 @@ impl Cluster {
         let metrics_addr = format!("0.0.0.0:{AGENT_METRICS_PORT}");
         let health_addr = format!("0.0.0.0:{AGENT_HEALTH_PORT}");
         let node_name = self.node_name(i);
-        // The agent's command line is a fixed contract between the two crates.
+        // One CA directory per cluster (unless the test passes its own `--ca-dir`): the
+        // agents share its root, so they trust each other and enrolled pods talk mutual TLS.
+        let ca_dir = self.work_dir.join("ca");
         let mut args: Vec<&str> = vec![
             "run",
             "--node-name",
@@ -565,6 +567,9 @@ impl Cluster {
             "--health-addr",
             &health_addr,
         ];
+        if !extra_args.contains(&"--ca-dir") {
+            args.extend(["--ca-dir", ca_dir.to_str().expect("UTF-8 path")]);
+        }
         args.extend_from_slice(extra_args);
 
         let log_path = self.agent_log(i);

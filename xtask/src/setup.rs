@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use crate::run as run_command;
 
 /// Debian packages the tests and benchmarks run.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "sockperf", "iperf3"];
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "sockperf", "iperf3", "tcpdump"];
 /// The bpf-linker release known to build against nightly's LLVM here.
 const BPF_LINKER_VERSION: &str = "^0.13";
 

@@ -5,7 +5,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    PodContext, ProxyContext, ProxyError, Upstream, relay,
+    PodContext, ProxyContext, ProxyError, Upstream, relay_counted,
     socket::{Dial, connect_from_pod},
 };
 use crate::metrics::{ConnectionLabels, Reporter};
@@ -30,14 +30,42 @@ pub(super) async fn handle(
         Upstream::Workload { workload, .. } => (state.workloads.get(workload), None),
         Upstream::Passthrough(_) => (None, None),
     };
-    let labels = ConnectionLabels::new(Reporter::Source, source, destination, service, "none");
-    let mut upstream_stream =
-        connect_from_pod(pod, &proxy.home, upstream.addr(), Dial::Outbound).await?;
     let _ = client.set_nodelay(true);
-    debug!(%original, upstream = %upstream.addr(), "outbound connected");
-    proxy.metrics.tcp.opened(&labels);
-    let (sent, received, error) = relay(&mut client, &mut upstream_stream).await;
-    proxy.metrics.tcp.closed(&labels, sent, received);
-    debug!(%original, sent, received, error = ?error, "outbound closed");
+    // Enrolled on both ends and a CA at hand: the connection goes through an HBONE tunnel
+    // as the source pod's identity. Anything else leaves in plaintext, as without a mesh.
+    let tunnel = match (&proxy.mtls, source, destination) {
+        (Some(mtls), Some(source), Some(destination)) if destination.enrolled => Some((
+            mtls,
+            mtls.identity_of(source)?,
+            mtls.identity_of(destination)?,
+        )),
+        _ => None,
+    };
+    match tunnel {
+        Some((mtls, source_id, destination_id)) => {
+            let mut stream = mtls
+                .open_stream(
+                    pod,
+                    &proxy.home,
+                    &source_id,
+                    &destination_id,
+                    upstream.addr(),
+                )
+                .await?;
+            let mutual_tls = Some((&source_id, &destination_id));
+            let labels =
+                ConnectionLabels::new(Reporter::Source, source, destination, service, mutual_tls);
+            debug!(%original, upstream = %upstream.addr(), "outbound HBONE stream open");
+            relay_counted(&mut client, &mut stream, &labels, proxy).await;
+        }
+        None => {
+            let labels =
+                ConnectionLabels::new(Reporter::Source, source, destination, service, None);
+            let mut stream =
+                connect_from_pod(pod, &proxy.home, upstream.addr(), Dial::Outbound).await?;
+            debug!(%original, upstream = %upstream.addr(), "outbound connected");
+            relay_counted(&mut client, &mut stream, &labels, proxy).await;
+        }
+    }
     Ok(())
 }

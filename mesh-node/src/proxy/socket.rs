@@ -17,17 +17,28 @@ pub struct ListenerSet {
     /// 0.0.0.0:15006 and [::]:15006 (v6-only), each paired with the pod addresses of its
     /// family that `sk_lookup` steers to it.
     pub inbound: Vec<(TcpListener, Vec<IpAddr>)>,
+    /// 0.0.0.0:15008 and [::]:15008 (v6-only) for HBONE, when mTLS is on.
+    pub hbone: Vec<TcpListener>,
     /// The netns cookie, read from one of the sockets (`SO_NETNS_COOKIE`).
     pub netns_cookie: u64,
 }
 
-/// Opens the pod's listeners. Must run inside a tokio runtime.
+/// Opens the pod's listeners (HBONE's too when `hbone`). Must run inside a tokio runtime.
 pub fn bind_pod_listeners(
     netns: &Netns,
     home: &Netns,
     pod_ips: &[IpAddr],
+    hbone: bool,
 ) -> Result<ListenerSet, NetnsError> {
     let has_v6 = pod_ips.iter().any(IpAddr::is_ipv6);
+    let unspecified: &[IpAddr] = if has_v6 {
+        &[
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ]
+    } else {
+        &[IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
+    };
     let sockets = netns.run(home, || -> std::io::Result<_> {
         let mut outbound = vec![listen(SocketAddr::from((
             Ipv4Addr::LOCALHOST,
@@ -47,10 +58,18 @@ pub fn bind_pod_listeners(
                 ports::INBOUND_PLAINTEXT,
             )))?);
         }
+        let hbone_listeners = if hbone {
+            unspecified
+                .iter()
+                .map(|ip| listen(SocketAddr::new(*ip, ports::HBONE)))
+                .collect::<std::io::Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         let cookie = crate::netns::netns_cookie(&outbound[0])?;
-        Ok((outbound, inbound, cookie))
+        Ok((outbound, inbound, hbone_listeners, cookie))
     })?;
-    let (outbound, inbound, netns_cookie) = sockets.map_err(|source| NetnsError::Io {
+    let (outbound, inbound, hbone, netns_cookie) = sockets.map_err(|source| NetnsError::Io {
         action: "binding listeners in",
         path: netns.path().to_path_buf(),
         source,
@@ -82,6 +101,11 @@ pub fn bind_pod_listeners(
                     .collect();
                 to_tokio(socket).map(|listener| (listener, ips))
             })
+            .collect::<Result<_, _>>()
+            .map_err(io_error)?,
+        hbone: hbone
+            .into_iter()
+            .map(to_tokio)
             .collect::<Result<_, _>>()
             .map_err(io_error)?,
         netns_cookie,

@@ -50,6 +50,13 @@ enum Command {
         /// Timeout for connecting and for each read and write, in milliseconds.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Lines to exchange on each connection (a reply printed for each), to hold a
+        /// connection open across time.
+        #[arg(long, default_value_t = 1)]
+        lines: u32,
+        /// Pause between two lines of one connection, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
 }
 
@@ -59,9 +66,20 @@ fn main() -> ExitCode {
         Command::Connect {
             to,
             count,
+            lines,
+            interval_ms,
             message,
             timeout_ms,
-        } => connect(to, count, &message, Duration::from_millis(timeout_ms)),
+        } => connect(
+            to,
+            count,
+            &message,
+            Exchange {
+                lines,
+                interval: Duration::from_millis(interval_ms),
+                timeout: Duration::from_millis(timeout_ms),
+            },
+        ),
     }
 }
 
@@ -152,15 +170,23 @@ fn handle(stream: TcpStream, peer: SocketAddr, name: &str) -> io::Result<()> {
 
 // === connect ===
 
-fn connect(to: SocketAddr, count: u32, message: &str, timeout: Duration) -> ExitCode {
+/// How one connection talks.
+struct Exchange {
+    lines: u32,
+    interval: Duration,
+    timeout: Duration,
+}
+
+fn connect(to: SocketAddr, count: u32, message: &str, how: Exchange) -> ExitCode {
     let stdout = io::stdout();
     for n in 0..count {
-        match exchange(to, message, timeout) {
-            Ok(reply) => {
-                let mut out = stdout.lock();
-                let _ = writeln!(out, "{reply}");
-                let _ = out.flush();
-            }
+        let print = |reply: &str| {
+            let mut out = stdout.lock();
+            let _ = writeln!(out, "{reply}");
+            let _ = out.flush();
+        };
+        match exchange(to, message, &how, print) {
+            Ok(()) => {}
             Err((phase, e)) => {
                 eprintln!(
                     "mesh-testapp connect: connection {} of {count} to {to}: {phase}: {}: {e}",
@@ -177,31 +203,39 @@ fn connect(to: SocketAddr, count: u32, message: &str, timeout: Duration) -> Exit
 fn exchange(
     to: SocketAddr,
     message: &str,
-    timeout: Duration,
-) -> Result<String, (&'static str, io::Error)> {
-    let stream = TcpStream::connect_timeout(&to, timeout).map_err(|e| ("connect", e))?;
+    how: &Exchange,
+    mut on_reply: impl FnMut(&str),
+) -> Result<(), (&'static str, io::Error)> {
+    let stream = TcpStream::connect_timeout(&to, how.timeout).map_err(|e| ("connect", e))?;
     stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .set_read_timeout(Some(how.timeout))
+        .and_then(|()| stream.set_write_timeout(Some(how.timeout)))
         .map_err(|e| ("connect", e))?;
-    (&stream)
-        .write_all(format!("{message}\n").as_bytes())
-        .map_err(|e| ("send", e))?;
-    let mut reply = String::new();
-    let read = BufReader::new(&stream)
-        .read_line(&mut reply)
-        .map_err(|e| ("read reply", e))?;
-    if read == 0 {
-        return Err((
-            "read reply",
-            io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "closed by the peer before replying",
-            ),
-        ));
+    let mut reader = BufReader::new(&stream);
+    for line in 0..how.lines {
+        if line > 0 {
+            std::thread::sleep(how.interval);
+        }
+        (&stream)
+            .write_all(format!("{message}\n").as_bytes())
+            .map_err(|e| ("send", e))?;
+        let mut reply = String::new();
+        let read = reader
+            .read_line(&mut reply)
+            .map_err(|e| ("read reply", e))?;
+        if read == 0 {
+            return Err((
+                "read reply",
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed by the peer before replying",
+                ),
+            ));
+        }
+        on_reply(reply.trim_end_matches(['\n', '\r']));
     }
     let _ = stream.shutdown(Shutdown::Write);
-    Ok(reply.trim_end_matches(['\n', '\r']).to_owned())
+    Ok(())
 }
 
 /// A short, greppable name for the failure, so tests can assert on the kind.

@@ -1,0 +1,189 @@
+//! mTLS between node proxies: workload certificates, the pool of HBONE tunnels, and the
+//! TLS configurations of both ends.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use mesh_common::ports;
+use rustls::{ServerConfig, pki_types::ServerName};
+use rustls_pki_types::CertificateDer;
+use tokio_rustls::{TlsAcceptor, TlsConnector, server::TlsStream};
+use tracing::debug;
+
+use super::{
+    PodContext, ProxyError,
+    hbone::{self, H2Stream, HboneError},
+    socket::{Dial, connect_from_pod},
+};
+use crate::{
+    identity::{CertificateManager, Identity, WorkloadCert, tls},
+    netns::Netns,
+    state::Workload,
+};
+
+/// A pooled tunnel: one mTLS connection from one source pod (and identity) to one
+/// destination pod, multiplexing HBONE streams. The source IP is part of the key because
+/// the tunnel's socket was opened in that pod's netns and carries its address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source_ip: IpAddr,
+    source: Identity,
+    destination: Identity,
+    hbone: SocketAddr,
+}
+
+struct Pooled {
+    /// The certificate the tunnel was opened with: a renewed certificate opens new tunnels
+    /// while old ones drain.
+    cert: Arc<WorkloadCert>,
+    sender: SendRequest<Bytes>,
+}
+
+/// Certificates, trust and tunnels: present when the agent has a CA.
+pub struct Mtls {
+    pub manager: Arc<CertificateManager>,
+    pub trust_bundle: Vec<CertificateDer<'static>>,
+    pub trust_domain: String,
+    pool: Mutex<HashMap<PoolKey, Pooled>>,
+    server_configs: Mutex<HashMap<Identity, ServerConfigFor>>,
+}
+
+/// A server configuration and the certificate it was built from.
+type ServerConfigFor = (Arc<WorkloadCert>, Arc<ServerConfig>);
+
+impl Mtls {
+    pub fn new(
+        manager: Arc<CertificateManager>,
+        trust_bundle: Vec<CertificateDer<'static>>,
+        trust_domain: String,
+    ) -> Self {
+        Self {
+            manager,
+            trust_bundle,
+            trust_domain,
+            pool: Mutex::default(),
+            server_configs: Mutex::default(),
+        }
+    }
+
+    /// The SPIFFE identity of a pod: its namespace and service account.
+    pub fn identity_of(&self, workload: &Workload) -> Result<Identity, ProxyError> {
+        Identity::new(
+            &self.trust_domain,
+            &workload.key.namespace,
+            &workload.service_account,
+        )
+        .map_err(|e| ProxyError::Certificate(e.to_string()))
+    }
+
+    async fn certificate(&self, identity: &Identity) -> Result<Arc<WorkloadCert>, ProxyError> {
+        self.manager
+            .fetch(identity)
+            .await
+            .map_err(|e| ProxyError::Certificate(e.to_string()))
+    }
+
+    /// Opens an HBONE stream to `target` (a pod address and port) as `source`, reusing a
+    /// pooled tunnel to the destination pod when one is alive.
+    pub async fn open_stream(
+        &self,
+        pod: &PodContext,
+        home: &Netns,
+        source: &Identity,
+        destination: &Identity,
+        target: SocketAddr,
+    ) -> Result<H2Stream, ProxyError> {
+        let cert = self.certificate(source).await?;
+        let key = PoolKey {
+            source_ip: pod
+                .ip_like(target.ip())
+                .ok_or(ProxyError::NoSourceAddress)?,
+            source: source.clone(),
+            destination: destination.clone(),
+            hbone: SocketAddr::new(target.ip(), ports::HBONE),
+        };
+        let pooled = {
+            let pool = self.pool.lock().expect("pool lock");
+            pool.get(&key)
+                .filter(|p| Arc::ptr_eq(&p.cert, &cert))
+                .map(|p| p.sender.clone())
+        };
+        if let Some(sender) = pooled {
+            match hbone::connect(sender, target).await {
+                Ok(stream) => return Ok(stream),
+                // A refusal is the peer's answer, not a dead tunnel.
+                Err(error @ HboneError::Refused(_)) => return Err(error.into()),
+                Err(error) => {
+                    debug!(%error, hbone = %key.hbone, "pooled tunnel is dead; reconnecting");
+                    self.pool.lock().expect("pool lock").remove(&key);
+                }
+            }
+        }
+        let sender = self.dial(pod, home, &cert, destination, key.hbone).await?;
+        self.pool.lock().expect("pool lock").insert(
+            key,
+            Pooled {
+                cert,
+                sender: sender.clone(),
+            },
+        );
+        Ok(hbone::connect(sender, target).await?)
+    }
+
+    /// A new tunnel: TCP from inside the source pod, TLS 1.3 as the source identity
+    /// (verifying the destination's), then HTTP/2.
+    async fn dial(
+        &self,
+        pod: &PodContext,
+        home: &Netns,
+        cert: &WorkloadCert,
+        destination: &Identity,
+        hbone: SocketAddr,
+    ) -> Result<SendRequest<Bytes>, ProxyError> {
+        let config = tls::client_config(cert, &self.trust_bundle, destination.clone())
+            .map_err(|e| ProxyError::Tls(e.to_string()))?;
+        let tcp = connect_from_pod(pod, home, hbone, Dial::Outbound).await?;
+        let tls = TlsConnector::from(config)
+            .connect(ServerName::IpAddress(hbone.ip().into()), tcp)
+            .await
+            .map_err(|e| ProxyError::Tls(e.to_string()))?;
+        debug!(%hbone, %destination, "HBONE tunnel established");
+        Ok(hbone::client_handshake(tls).await?)
+    }
+
+    /// Accepts the TLS side of an inbound tunnel as `identity`; returns the stream and the
+    /// verified identity of the peer.
+    pub async fn accept(
+        &self,
+        identity: &Identity,
+        stream: tokio::net::TcpStream,
+    ) -> Result<(TlsStream<tokio::net::TcpStream>, Identity), ProxyError> {
+        let config = self.server_config(identity).await?;
+        let tls = TlsAcceptor::from(config)
+            .accept(stream)
+            .await
+            .map_err(|e| ProxyError::Tls(e.to_string()))?;
+        let peer = tls::peer_identity(tls.get_ref().1, &self.trust_domain)
+            .map_err(|e| ProxyError::Tls(e.to_string()))?;
+        Ok((tls, peer))
+    }
+
+    /// The server configuration for `identity`, rebuilt only when its certificate changed.
+    async fn server_config(&self, identity: &Identity) -> Result<Arc<ServerConfig>, ProxyError> {
+        let cert = self.certificate(identity).await?;
+        let mut configs = self.server_configs.lock().expect("config lock");
+        if let Some((cached, config)) = configs.get(identity)
+            && Arc::ptr_eq(cached, &cert)
+        {
+            return Ok(config.clone());
+        }
+        let config = tls::server_config(&cert, &self.trust_bundle)
+            .map_err(|e| ProxyError::Tls(e.to_string()))?;
+        configs.insert(identity.clone(), (cert, config.clone()));
+        Ok(config)
+    }
+}

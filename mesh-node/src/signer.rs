@@ -1,0 +1,111 @@
+//! The in-process CA as a [`CertificateSigner`], behind node authorization: it signs only
+//! identities of pods scheduled on this node, exactly as the cluster CA will check a
+//! remote agent's requests.
+use std::{sync::Arc, time::Duration};
+
+use futures::future::BoxFuture;
+use rustls_pki_types::CertificateSigningRequestDer;
+
+use crate::{
+    identity::{CaError, CertificateAuthority, CertificateSigner, Identity, IssuedCertificate},
+    state::StateRx,
+};
+
+pub struct NodeSigner {
+    pub ca: Arc<CertificateAuthority>,
+    /// The requesting node: this agent's.
+    pub node: String,
+    /// Where pods are scheduled, from the config source.
+    pub state: StateRx,
+}
+
+impl CertificateSigner for NodeSigner {
+    fn sign<'a>(
+        &'a self,
+        csr_der: CertificateSigningRequestDer<'static>,
+        identity: &'a Identity,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<IssuedCertificate, CaError>> {
+        Box::pin(async move {
+            let state = self.state.borrow().clone();
+            let pods = state.workloads.values().map(|w| {
+                (
+                    w.node.as_str(),
+                    w.key.namespace.as_str(),
+                    w.service_account.as_str(),
+                )
+            });
+            CertificateAuthority::authorize(&self.ca, &self.node, identity, pods)?;
+            CertificateAuthority::sign(&self.ca, &csr_der, identity, ttl)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rcgen::{CertificateParams, KeyPair};
+
+    use super::*;
+    use crate::{
+        policy::Policies,
+        state::{ObjectKey, State, Workload},
+    };
+
+    fn pod(node: &str, namespace: &str, service_account: &str) -> Workload {
+        Workload {
+            key: ObjectKey::new(namespace, format!("{service_account}-pod")),
+            uid: String::new(),
+            workload_name: service_account.into(),
+            node: node.into(),
+            service_account: service_account.into(),
+            labels: BTreeMap::new(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            named_ports: BTreeMap::new(),
+            ready: true,
+            enrolled: true,
+        }
+    }
+
+    /// The CA signs for node A only identities of pods scheduled on node A.
+    #[tokio::test]
+    async fn identities_of_pods_on_other_nodes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
+        let workloads = [pod("node-a", "shop", "web"), pod("node-b", "shop", "db")]
+            .into_iter()
+            .map(|w| (w.key.clone(), w))
+            .collect();
+        let state = State::new(
+            BTreeMap::new(),
+            workloads,
+            BTreeMap::new(),
+            Policies::default(),
+            Vec::new(),
+        );
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(state));
+        let signer = NodeSigner {
+            ca: Arc::new(ca),
+            node: "node-a".into(),
+            state: rx,
+        };
+        let key = KeyPair::generate().unwrap();
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap();
+        let csr = CertificateSigningRequestDer::from(csr.der().to_vec());
+        let ttl = Duration::from_secs(3600);
+
+        let web = Identity::new("cluster.local", "shop", "web").unwrap();
+        let issued = signer.sign(csr.clone(), &web, ttl).await;
+        assert!(issued.is_ok(), "a pod of this node: {:?}", issued.err());
+        let db = Identity::new("cluster.local", "shop", "db").unwrap();
+        let refused = signer.sign(csr, &db, ttl).await;
+        assert!(
+            matches!(refused, Err(CaError::NotOnNode { ref node, .. }) if node == "node-a"),
+            "a pod of another node: {:?}",
+            refused.err()
+        );
+    }
+}

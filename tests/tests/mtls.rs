@@ -1,0 +1,417 @@
+//! End to end: workload identities and mutual TLS (HBONE) between node proxies.
+use std::{
+    fs,
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use mesh_node::{
+    identity::{CertificateAuthority, CertificateManager, Identity, ManagerConfig, tls},
+    proxy::hbone::{self, HboneError},
+};
+use mesh_tests::{
+    Cluster, Pod, PodProcess, PodSpec, namespace_yaml,
+    scenario::{connect, metric, replies, skip, wait_enrolled, wait_for_metric, wait_until},
+};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const ENROLLED: &[(&str, &str)] = &[("nodemesh.io/enabled", "true")];
+const READY: Duration = Duration::from_secs(10);
+
+/// Namespace `shop` (enrolled): `web` on node1 serving 8080, clients `sleep` and `curl`
+/// (service accounts of the same names) on node0. Namespace `plain` (not enrolled):
+/// `plain-web` on node1 and `plain-client` on node0. Agents not started.
+struct Scene {
+    cluster: Cluster,
+    web: Pod,
+    sleep: Pod,
+    curl: Pod,
+    plain_web: Pod,
+    plain_client: Pod,
+    _servers: Vec<PodProcess>,
+}
+
+fn serve(cluster: &Cluster, pod: &Pod) -> PodProcess {
+    let listen = format!("{}:8080", pod.ip);
+    let mut server = pod.spawn(
+        cluster,
+        &["serve", "--listen", &listen, "--name", &pod.name],
+    );
+    server.wait_for_output("ready", READY);
+    server
+}
+
+fn scene(test: &str) -> Scene {
+    let mut cluster = Cluster::new(test, 2);
+    let web = cluster.add_pod(PodSpec::new("web", 1).namespace("shop").label("app", "web"));
+    let sleep = cluster.add_pod(
+        PodSpec::new("sleep", 0)
+            .namespace("shop")
+            .service_account("sleep"),
+    );
+    let curl = cluster.add_pod(
+        PodSpec::new("curl", 0)
+            .namespace("shop")
+            .service_account("curl"),
+    );
+    let plain_web = cluster.add_pod(PodSpec::new("plain-web", 1).namespace("plain"));
+    let plain_client = cluster.add_pod(PodSpec::new("plain-client", 0).namespace("plain"));
+    cluster.write_config("ns-shop.yaml", &namespace_yaml("shop", ENROLLED));
+    cluster.write_config("ns-plain.yaml", &namespace_yaml("plain", &[]));
+    let servers = vec![serve(&cluster, &web), serve(&cluster, &plain_web)];
+    Scene {
+        cluster,
+        web,
+        sleep,
+        curl,
+        plain_web,
+        plain_client,
+        _servers: servers,
+    }
+}
+
+impl Scene {
+    fn start(&mut self) {
+        self.cluster.start_agents();
+        wait_enrolled(&self.cluster, 0, 2);
+        wait_enrolled(&self.cluster, 1, 1);
+    }
+
+    fn web_addr(&self) -> String {
+        format!("{}:8080", self.web.ip)
+    }
+}
+
+/// `tcpdump` on every interface of the fabric netns (the bridge ports: `br0` itself sees
+/// only what is addressed to it), writing a pcap file until stopped.
+struct Capture {
+    child: Child,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    fn start(cluster: &Cluster) -> Option<Self> {
+        if Command::new("tcpdump").arg("--version").output().is_err() {
+            eprintln!("skipping: tcpdump is not installed (cargo xtask setup installs it)");
+            return None;
+        }
+        let file = cluster.work_dir().join("fabric.pcap");
+        let log = cluster.logs_dir().join("tcpdump.log");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                cluster.fabric_netns(),
+                "tcpdump",
+                "-i",
+                "any",
+                "-U",
+                "--immediate-mode",
+                "-n",
+            ])
+            .arg("-w")
+            .arg(&file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("tcpdump log"))
+            .spawn()
+            .expect("starting tcpdump");
+        wait_until(READY, "tcpdump to listen", || {
+            fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("listening on"))
+                .map(|_| ())
+        });
+        Some(Self { child, file })
+    }
+
+    /// Stops the capture and returns the captured bytes.
+    fn stop(mut self) -> Vec<u8> {
+        // SIGINT, so tcpdump flushes its file.
+        // SAFETY: kill has no memory-safety preconditions; this is our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        fs::read(&self.file).expect("pcap file")
+    }
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle.as_bytes())
+}
+
+fn send(cluster: &Cluster, client: &Pod, to: &str, message: &str) -> std::process::Output {
+    client.run(
+        cluster,
+        &[
+            "connect",
+            "--to",
+            to,
+            "--message",
+            message,
+            "--timeout-ms",
+            "5000",
+        ],
+        Duration::from_secs(20),
+    )
+}
+
+#[test]
+fn the_fabric_carries_no_plaintext_between_enrolled_pods() {
+    if skip() {
+        return;
+    }
+    let mut scene = scene("mtls_wire");
+    scene.start();
+    let Some(capture) = Capture::start(&scene.cluster) else {
+        return;
+    };
+    let secret = "MARKER-ENROLLED-7f3a9c";
+    let visible = "MARKER-PLAIN-51be02";
+    let enrolled = send(&scene.cluster, &scene.sleep, &scene.web_addr(), secret);
+    let plain_to = format!("{}:8080", scene.plain_web.ip);
+    let plain = send(&scene.cluster, &scene.plain_client, &plain_to, visible);
+    let pcap = capture.stop();
+    assert_eq!(
+        replies(&enrolled)[0]["echo"],
+        secret,
+        "the enrolled pair talked"
+    );
+    assert_eq!(replies(&plain)[0]["echo"], visible, "the plain pair talked");
+    assert!(
+        contains(&pcap, visible),
+        "the capture works: plaintext pods are visible"
+    );
+    assert!(
+        !contains(&pcap, secret),
+        "enrolled pods' bytes must not cross in the clear"
+    );
+    let mtls = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    wait_for_metric(
+        &scene.cluster,
+        1,
+        "istio_tcp_connections_opened_total",
+        &mtls,
+        1.0,
+    );
+}
+
+#[test]
+fn the_server_knows_the_client_identity_and_allow_by_principal_applies() {
+    if skip() {
+        return;
+    }
+    let mut scene = scene("mtls_authz");
+    scene.cluster.write_config(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-from-sleep, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/shop/sa/sleep]}
+",
+    );
+    scene.start();
+    let reply = replies(&connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 1));
+    assert_eq!(reply[0]["server"], "web");
+    let refused = connect(&scene.cluster, &scene.curl, &scene.web_addr(), 1);
+    assert!(!refused.status.success(), "curl's principal is not allowed");
+
+    let from_sleep = [
+        ("reporter", "destination"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/shop/sa/sleep",
+        ),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/shop/sa/default",
+        ),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    wait_for_metric(
+        &scene.cluster,
+        1,
+        "istio_tcp_connections_opened_total",
+        &from_sleep,
+        1.0,
+    );
+    let denied = [("direction", "hbone"), ("reason", "authorization_denied")];
+    wait_for_metric(
+        &scene.cluster,
+        1,
+        "nodemesh_proxy_errors_total",
+        &denied,
+        1.0,
+    );
+}
+
+#[test]
+fn agents_of_another_root_or_trust_domain_are_refused() {
+    if skip() {
+        return;
+    }
+    let mut scene = scene("mtls_trust");
+    let other_ca = scene.cluster.work_dir().join("other-ca");
+    let other_ca = other_ca.to_str().expect("UTF-8 path");
+    scene.cluster.start_agent(0, &[]);
+    scene.cluster.start_agent(1, &["--ca-dir", other_ca]);
+    wait_enrolled(&scene.cluster, 1, 1);
+    let untrusted = connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 1);
+    assert!(
+        !untrusted.status.success(),
+        "a peer of another root is refused"
+    );
+    let tls_errors = |cluster: &Cluster| {
+        metric(
+            cluster,
+            0,
+            "nodemesh_proxy_errors_total",
+            &[("reason", "tls")],
+        )
+    };
+    assert!(
+        tls_errors(&scene.cluster) >= 1.0,
+        "counted as a TLS failure"
+    );
+
+    // Same root, another trust domain: the identities do not match what node0 expects.
+    scene.cluster.stop_agent(1);
+    let same_ca = scene.cluster.work_dir().join("ca");
+    let same_ca = same_ca.to_str().expect("UTF-8 path");
+    scene
+        .cluster
+        .start_agent(1, &["--ca-dir", same_ca, "--trust-domain", "other.local"]);
+    wait_enrolled(&scene.cluster, 1, 1);
+    let before = tls_errors(&scene.cluster);
+    let foreign = connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 1);
+    assert!(
+        !foreign.status.success(),
+        "a peer of another trust domain is refused"
+    );
+    assert!(tls_errors(&scene.cluster) > before);
+}
+
+#[test]
+fn short_lived_certificates_renew_while_connections_keep_working() {
+    if skip() {
+        return;
+    }
+    let mut scene = scene("mtls_renew");
+    for node in 0..2 {
+        scene.cluster.start_agent(node, &["--cert-ttl", "3s"]);
+    }
+    wait_enrolled(&scene.cluster, 0, 2);
+    wait_enrolled(&scene.cluster, 1, 1);
+    // One connection held open across several renewals (10 lines over ~7 s).
+    let web = scene.web_addr();
+    let mut long = scene.sleep.spawn(
+        &scene.cluster,
+        &[
+            "connect",
+            "--to",
+            &web,
+            "--lines",
+            "10",
+            "--interval-ms",
+            "700",
+        ],
+    );
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    // New connections after the first certificate expired.
+    let fresh = replies(&connect(&scene.cluster, &scene.sleep, &web, 2));
+    assert_eq!(fresh.len(), 2);
+    let status = wait_until(
+        Duration::from_secs(20),
+        "the long connection to end",
+        || long.try_wait(),
+    );
+    assert!(status.success(), "the long connection survived: {status}");
+    assert_eq!(long.stdout().lines().count(), 10, "every line answered");
+    assert!(
+        started.elapsed() > Duration::from_secs(6),
+        "it outlived a 3 s certificate"
+    );
+    let log = fs::read_to_string(scene.cluster.agent_log(0)).expect("agent log");
+    let issued = log
+        .lines()
+        .filter(|l| l.contains("certificate issued") && l.contains("sa/sleep"))
+        .count();
+    assert!(issued >= 3, "renewed at half life: {issued} issuances");
+}
+
+#[test]
+fn a_direct_hbone_connect_to_anything_but_the_pod_is_refused() {
+    if skip() {
+        return;
+    }
+    let mut scene = scene("mtls_relay");
+    scene.start();
+    let ca_dir = scene.cluster.work_dir().join("ca");
+    let web_ip = scene.web.ip;
+    let outcome = scene.cluster.run_in_node(0, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let ca =
+                    CertificateAuthority::load_or_create(&ca_dir, "cluster.local").expect("CA");
+                let bundle = ca.trust_bundle();
+                let manager = CertificateManager::new(Arc::new(ca), ManagerConfig::default());
+                let me = Identity::new("cluster.local", "shop", "sleep").expect("identity");
+                let cert = manager.fetch(&me).await.expect("certificate");
+                let server = Identity::new("cluster.local", "shop", "default").expect("identity");
+                let config = tls::client_config(&cert, &bundle, server).expect("TLS config");
+                let hbone_addr = SocketAddr::from((web_ip, 15008));
+                let tcp = tokio::net::TcpStream::connect(hbone_addr)
+                    .await
+                    .expect("TCP to 15008");
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(ServerName::IpAddress(web_ip.into()), tcp)
+                    .await
+                    .expect("mTLS with the pod's identity");
+                let sender = hbone::client_handshake(tls).await.expect("HTTP/2");
+                let elsewhere = SocketAddr::from(([10, 244, 1, 99], 8080));
+                let refused = hbone::connect(sender.clone(), elsewhere).await.err();
+                let mut stream = hbone::connect(sender, SocketAddr::from((web_ip, 8080)))
+                    .await
+                    .expect("CONNECT to the pod itself");
+                stream.write_all(b"direct\n").await.expect("write");
+                let mut reply = String::new();
+                BufReader::new(&mut stream)
+                    .read_line(&mut reply)
+                    .await
+                    .expect("read");
+                (refused, reply)
+            })
+    });
+    let (refused, reply) = outcome;
+    assert!(
+        matches!(refused, Some(HboneError::Refused(status)) if status.as_u16() == 403),
+        "no open relay: {refused:?}"
+    );
+    assert!(
+        reply.contains("\"echo\":\"direct\""),
+        "the pod itself is reachable: {reply}"
+    );
+    let not_local = [("direction", "hbone"), ("reason", "not_local")];
+    wait_for_metric(
+        &scene.cluster,
+        1,
+        "nodemesh_proxy_errors_total",
+        &not_local,
+        1.0,
+    );
+}
