@@ -12,7 +12,7 @@ use crate::{
     config::file::FileSource,
     ebpf::Capture,
     enroll::Enrollment,
-    identity::{CertificateAuthority, CertificateManager, ManagerConfig},
+    identity::{CertState, CertificateAuthority, CertificateManager, ManagerConfig},
     metrics::{self, Metrics, server::Endpoints},
     netns::Netns,
     proxy::{Mtls, ProxyContext, Resolver},
@@ -22,8 +22,8 @@ use crate::{
     state::{State, StateRx},
 };
 
-/// How often the eBPF counters are copied into the metrics.
-const BPF_COUNTER_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the eBPF counters and certificate expiries are copied into the metrics.
+const NODE_METRICS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The running agent.
 pub struct Bound {
@@ -69,6 +69,7 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
             None
         }
     };
+    let proxy_mtls = mtls.clone();
     let proxy = ProxyContext {
         state: state_rx.clone(),
         capture: capture.clone(),
@@ -95,7 +96,12 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
         Endpoints::Health(readiness),
         shutdown.clone(),
     ));
-    tasks.spawn(export_bpf_counters(capture, metrics, shutdown.clone()));
+    tasks.spawn(export_node_metrics(
+        capture,
+        proxy_mtls,
+        metrics,
+        shutdown.clone(),
+    ));
     info!(metrics = %bound_metrics, health = %bound_health, node = %config.node_name, "mesh-node running");
     Ok(Bound {
         metrics_addr: bound_metrics,
@@ -148,7 +154,13 @@ impl Bound {
     }
 }
 
-async fn export_bpf_counters(capture: Arc<Capture>, metrics: Metrics, shutdown: CancellationToken) {
+/// Copies what the kernel counted and the certificates' expiries into the metrics.
+async fn export_node_metrics(
+    capture: Arc<Capture>,
+    mtls: Option<Arc<Mtls>>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
     loop {
         let counters = capture.counters();
         let node = &metrics.node;
@@ -157,9 +169,21 @@ async fn export_bpf_counters(capture: Arc<Capture>, metrics: Metrics, shutdown: 
         node.set_bpf_event("inbound_steered", counters.inbound_steered);
         node.set_bpf_event("inbound_no_listener", counters.inbound_no_listener);
         node.set_bpf_event("orig_dst_table_full", counters.orig_dst_table_full);
+        if let Some(mtls) = &mtls {
+            let expiries: Vec<_> = mtls
+                .manager
+                .snapshot()
+                .into_iter()
+                .filter_map(|(identity, state)| match state {
+                    CertState::Ready(cert) => Some((identity.to_string(), cert.not_after)),
+                    _ => None,
+                })
+                .collect();
+            node.set_certificate_expiries(&expiries);
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(BPF_COUNTER_INTERVAL) => {}
+            () = tokio::time::sleep(NODE_METRICS_INTERVAL) => {}
         }
     }
 }

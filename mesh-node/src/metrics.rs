@@ -192,6 +192,7 @@ pub struct NodeMetrics {
     captured_connections: IntCounterVec,
     proxy_errors: IntCounterVec,
     bpf_counters: IntGaugeVec,
+    certificate_expiry: IntGaugeVec,
 }
 
 impl NodeMetrics {
@@ -229,6 +230,14 @@ impl NodeMetrics {
             ),
             &["event"],
         )?;
+        let certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "nodemesh_certificate_expiration_timestamp_seconds",
+                "When the workload certificate in use expires (Unix time), per identity",
+            ),
+            &["identity"],
+        )?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
         registry.register(Box::new(enrolled_pods.clone()))?;
         registry.register(Box::new(config_rejections.clone()))?;
         registry.register(Box::new(config_loads.clone()))?;
@@ -242,6 +251,7 @@ impl NodeMetrics {
             captured_connections,
             proxy_errors,
             bpf_counters,
+            certificate_expiry,
         })
     }
 
@@ -265,6 +275,20 @@ impl NodeMetrics {
         self.proxy_errors
             .with_label_values(&[direction, reason])
             .inc();
+    }
+
+    /// Replaces the certificate expiry series with `certificates` (identity, expiry), so
+    /// identities no longer served disappear.
+    pub fn set_certificate_expiries(&self, certificates: &[(String, std::time::SystemTime)]) {
+        self.certificate_expiry.reset();
+        for (identity, not_after) in certificates {
+            let unix = not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.certificate_expiry
+                .with_label_values(&[identity.as_str()])
+                .set(i64::try_from(unix).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn set_bpf_event(&self, event: &str, value: u64) {

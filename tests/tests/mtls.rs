@@ -13,7 +13,10 @@ use mesh_node::{
 };
 use mesh_tests::{
     Cluster, Pod, PodProcess, PodSpec, namespace_yaml,
-    scenario::{connect, metric, replies, skip, wait_enrolled, wait_for_metric, wait_until},
+    scenario::{
+        CONVERGE_TIMEOUT, connect, metric, replies, skip, wait_enrolled, wait_for_metric,
+        wait_until,
+    },
 };
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -254,6 +257,15 @@ spec:
         &denied,
         1.0,
     );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64();
+    let sleep_cert = [("identity", "spiffe://cluster.local/ns/shop/sa/sleep")];
+    let expiry = "nodemesh_certificate_expiration_timestamp_seconds";
+    wait_until(CONVERGE_TIMEOUT, "the certificate expiry gauge", || {
+        (metric(&scene.cluster, 0, expiry, &sleep_cert) > now).then_some(())
+    });
 }
 
 #[test]

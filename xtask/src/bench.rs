@@ -51,17 +51,20 @@ pub struct Options {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Mode {
     NoMesh,
-    MeshL4,
+    MeshMtls,
 }
 
+/// The label a connection carried over HBONE gets.
+const MUTUAL_TLS: &[(&str, &str)] = &[("connection_security_policy", "mutual_tls")];
+
 impl Mode {
-    const ALL: [Mode; 2] = [Mode::NoMesh, Mode::MeshL4];
+    const ALL: [Mode; 2] = [Mode::NoMesh, Mode::MeshMtls];
 
     /// Kubernetes namespace of the mode's pods.
     fn namespace(self) -> &'static str {
         match self {
             Mode::NoMesh => "bench-plain",
-            Mode::MeshL4 => "bench-mesh",
+            Mode::MeshMtls => "bench-mesh",
         }
     }
 }
@@ -70,7 +73,7 @@ impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Mode::NoMesh => "no mesh",
-            Mode::MeshL4 => "nodemesh L4",
+            Mode::MeshMtls => "nodemesh mTLS",
         })
     }
 }
@@ -180,7 +183,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     );
     cluster.write_config(
         "namespace-bench-mesh.yaml",
-        &mesh_tests::namespace_yaml(Mode::MeshL4.namespace(), &[("nodemesh.io/enabled", "true")]),
+        &mesh_tests::namespace_yaml(
+            Mode::MeshMtls.namespace(),
+            &[("nodemesh.io/enabled", "true")],
+        ),
     );
     let pods: Vec<(Mode, Pod, Vec<Pod>)> = Mode::ALL
         .into_iter()
@@ -258,7 +264,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                     for server in &mut side.tools {
                         server.check_running()?;
                     }
-                    let before = Counters::read(&cluster);
+                    // Only mutual-TLS connections count: the mesh rows must prove the full path.
+                    let before = Counters::read_matching(&cluster, MUTUAL_TLS);
                     let run_started = Instant::now();
                     let server_ip = side.server(shape).ip;
                     let outcome = match *figure {
@@ -294,10 +301,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                         Err(_) if interrupt.is_set() => bail!("interrupted (Ctrl-C)"),
                         outcome => outcome?,
                     };
-                    if side.mode == Mode::MeshL4 {
+                    if side.mode == Mode::MeshMtls {
                         mesh_seconds += run_started.elapsed().as_secs_f64();
                     }
-                    let after = Counters::read(&cluster);
+                    let after = Counters::read_matching(&cluster, MUTUAL_TLS);
                     println!("{outcome}");
                     path.record(side.mode, shape, &before, &after)?;
                 }
@@ -365,9 +372,16 @@ impl Counters {
     const OPENED: &str = "istio_tcp_connections_opened_total";
 
     pub fn read(cluster: &Cluster) -> Counters {
+        Self::read_matching(cluster, &[])
+    }
+
+    /// Like [`read`](Self::read), counting only connections whose labels include `labels`.
+    pub fn read_matching(cluster: &Cluster, labels: &[(&str, &str)]) -> Counters {
         let texts: Vec<String> = (0..cluster.nodes()).map(|i| cluster.metrics(i)).collect();
         let value = |text: &str, reporter: &str| {
-            mesh_tests::metric_value(text, Self::OPENED, &[("reporter", reporter)]).unwrap_or(0.0)
+            let mut wanted = vec![("reporter", reporter)];
+            wanted.extend_from_slice(labels);
+            mesh_tests::metric_value(text, Self::OPENED, &wanted).unwrap_or(0.0)
         };
         Counters {
             source: texts.iter().map(|t| value(t, "source")).collect(),
@@ -420,7 +434,7 @@ impl PathCheck {
                 }
                 self.no_mesh_runs += 1;
             }
-            Mode::MeshL4 => {
+            Mode::MeshMtls => {
                 let (source, destination) = (grown.source[0], grown.destination[server_node]);
                 if source < 1.0 || destination < 1.0 {
                     bail!(

@@ -75,10 +75,10 @@ mod tests {
     fn aligns_columns() {
         let mut table = Table::new(&[("mode", Align::Left), ("p50", Align::Right)]);
         table.row(vec!["no mesh".into(), "31.2".into()]);
-        table.row(vec!["nodemesh L4".into(), "112.9".into()]);
+        table.row(vec!["nodemesh mTLS".into(), "112.9".into()]);
         assert_eq!(
             table.render(2),
-            "  mode           p50\n  -----------  -----\n  no mesh       31.2\n  nodemesh L4  112.9\n"
+            "  mode             p50\n  -------------  -----\n  no mesh         31.2\n  nodemesh mTLS  112.9\n"
         );
     }
 }
