@@ -1,6 +1,6 @@
 //! Wires the agent together. Servers bind first and spawn later, so callers (and tests)
 //! can bind port 0 and read the addresses back from [`Bound`].
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
@@ -8,17 +8,20 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    cli::RunConfig,
+    ca_server::{self, CaService, TokenFile},
+    cli::{CaConfig, RunConfig},
     config::file::FileSource,
     ebpf::Capture,
     enroll::Enrollment,
-    identity::{CertState, CertificateAuthority, CertificateManager, ManagerConfig},
+    identity::{
+        self, CertState, CertificateAuthority, CertificateManager, CertificateSigner, ManagerConfig,
+    },
     metrics::{self, Metrics, server::Endpoints},
     netns::Netns,
     proxy::{Mtls, ProxyContext, Resolver},
     readiness::Readiness,
     signal,
-    signer::NodeSigner,
+    signer::{NodeSigner, RemoteSigner},
     state::{State, StateRx},
 };
 
@@ -62,10 +65,11 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
         .with_context(|| format!("reading config dir {}", config.config_dir.display()))?;
     drop(config_ready);
 
-    let mtls = match &config.ca_dir {
-        Some(dir) => Some(Arc::new(mtls(&config, dir, state_rx.clone())?)),
-        None => {
-            warn!("no --ca-dir: mutual TLS is off and enrolled pods talk plaintext");
+    let mtls = match (&config.ca_dir, config.ca_addr) {
+        (Some(dir), _) => Some(Arc::new(local_ca(&config, dir, state_rx.clone())?)),
+        (None, Some(addr)) => Some(Arc::new(remote_ca(&config, addr)?)),
+        (None, None) => {
+            warn!("no --ca-dir or --ca-addr: mutual TLS is off; enrolled pods talk plaintext");
             None
         }
     };
@@ -112,7 +116,7 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
 }
 
 /// The in-process CA (file-backed root in `dir`) and the certificate manager in front of it.
-fn mtls(config: &RunConfig, dir: &std::path::Path, state: StateRx) -> anyhow::Result<Mtls> {
+fn local_ca(config: &RunConfig, dir: &Path, state: StateRx) -> anyhow::Result<Mtls> {
     let ca = CertificateAuthority::load_or_create(dir, &config.trust_domain)
         .with_context(|| format!("loading the CA in {}", dir.display()))?;
     let trust_bundle = ca.trust_bundle();
@@ -121,19 +125,84 @@ fn mtls(config: &RunConfig, dir: &std::path::Path, state: StateRx) -> anyhow::Re
         node: config.node_name.clone(),
         state,
     };
+    info!(ca_dir = %dir.display(), trust_domain = %config.trust_domain, "mutual TLS on, in-process CA");
+    Ok(mtls(config, Arc::new(signer), trust_bundle))
+}
+
+/// A `mesh-node ca` service behind the certificate manager.
+fn remote_ca(config: &RunConfig, addr: SocketAddr) -> anyhow::Result<Mtls> {
+    let root_file = config
+        .ca_root_file
+        .as_deref()
+        .context("--ca-root-file is required")?;
+    let token_file = config
+        .ca_token_file
+        .as_deref()
+        .context("--ca-token-file is required")?;
+    let roots =
+        std::fs::read(root_file).with_context(|| format!("reading {}", root_file.display()))?;
+    let trust_bundle = ca_server::certificates_from_pem(&roots)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", root_file.display()))?;
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("reading {}", token_file.display()))?
+        .trim()
+        .to_string();
+    let expected = ca_server::ca_identity(&config.trust_domain, &config.root_namespace)?;
+    let tls = identity::tls::ca_client_config(&trust_bundle, expected)?;
+    let signer = RemoteSigner { addr, tls, token };
+    info!(ca = %addr, trust_domain = %config.trust_domain, "mutual TLS on, remote CA");
+    Ok(mtls(config, Arc::new(signer), trust_bundle))
+}
+
+fn mtls(
+    config: &RunConfig,
+    signer: Arc<dyn CertificateSigner>,
+    trust_bundle: Vec<rustls_pki_types::CertificateDer<'static>>,
+) -> Mtls {
     let manager = CertificateManager::new(
-        Arc::new(signer),
+        signer,
         ManagerConfig {
             ttl: config.cert_ttl,
             ..ManagerConfig::default()
         },
     );
-    info!(ca_dir = %dir.display(), trust_domain = %config.trust_domain, "mutual TLS on");
-    Ok(Mtls::new(
-        Arc::new(manager),
-        trust_bundle,
-        config.trust_domain.clone(),
-    ))
+    Mtls::new(Arc::new(manager), trust_bundle, config.trust_domain.clone())
+}
+
+/// `mesh-node ca`: loads the CA, follows the config for node authorization, serves until
+/// SIGTERM/SIGINT.
+pub async fn run_ca(config: CaConfig) -> anyhow::Result<()> {
+    info!(config = %serde_json::to_string(&config)?, "starting mesh-node ca");
+    let ca = CertificateAuthority::load_or_create(&config.ca_dir, &config.trust_domain)
+        .with_context(|| format!("loading the CA in {}", config.ca_dir.display()))?;
+    let authenticator = TokenFile::load(&config.node_tokens)
+        .with_context(|| format!("reading {}", config.node_tokens.display()))?;
+    let identity = ca_server::ca_identity(&config.trust_domain, &config.root_namespace)?;
+    let serving = ca_server::serving_certificate(&ca, &identity)?;
+    let tls = identity::tls::ca_server_config(&serving)?;
+    let metrics = Metrics::new().context("registering metrics")?;
+    let (state_tx, state_rx) = watch::channel(Arc::new(State::default()));
+    let mut source = FileSource::new(&config.config_dir, config.root_namespace.clone());
+    source
+        .publish(&state_tx, &metrics.node)
+        .with_context(|| format!("reading config dir {}", config.config_dir.display()))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    let service = Arc::new(CaService {
+        ca: Arc::new(ca),
+        authenticator: Arc::new(authenticator),
+        state: state_rx,
+    });
+    let mut tasks = JoinSet::new();
+    tasks.spawn(source.watch(state_tx, metrics.node.clone(), shutdown.clone()));
+    tasks.spawn(service.serve(listener, tls, shutdown.clone()));
+    info!(listen = %config.listen, %identity, "mesh-node ca running");
+    signal::shutdown_requested().await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    Ok(())
 }
 
 impl Bound {

@@ -15,6 +15,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent in the current network namespace.
     Run(RunConfig),
+    /// Run the cluster CA as a service, for agents started with `--ca-addr`.
+    Ca(CaConfig),
 }
 
 /// Log line format.
@@ -57,8 +59,23 @@ pub struct RunConfig {
     /// `root-cert.pem`, `cert-chain.pem`; a new root is created there when it is empty). With
     /// it the agent runs the CA in-process and enrolled pods talk mutual TLS (HBONE) to each
     /// other; agents given the same directory trust each other. Without it, plaintext.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ca_addr")]
     pub ca_dir: Option<PathBuf>,
+
+    /// Address (`ip:port`) of a `mesh-node ca` service to get certificates from, instead of
+    /// an in-process CA. Needs `--ca-root-file` and `--ca-token-file`.
+    #[arg(long, requires_all = ["ca_root_file", "ca_token_file"])]
+    pub ca_addr: Option<SocketAddr>,
+
+    /// The CA's root certificate(s), PEM (`root-cert.pem`): pinned to check the CA service,
+    /// and the trust bundle for mutual TLS.
+    #[arg(long)]
+    pub ca_root_file: Option<PathBuf>,
+
+    /// File holding this node's token for the CA service.
+    #[arg(long)]
+    #[serde(skip)]
+    pub ca_token_file: Option<PathBuf>,
 
     /// SPIFFE trust domain of workload identities.
     #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
@@ -67,6 +84,39 @@ pub struct RunConfig {
     /// Lifetime of workload certificates (renewed at half life), e.g. `24h`, `90s`.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_ttl: std::time::Duration,
+
+    /// Log format; the level comes from `RUST_LOG` (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Everything `mesh-node ca` is configured with.
+#[derive(Clone, Debug, clap::Args, Serialize)]
+pub struct CaConfig {
+    /// Where the certificate API listens (HTTPS).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+
+    /// The CA's directory, as for `mesh-node run --ca-dir` (Istio's `cacerts` layout; a new
+    /// root is created when it is empty).
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+
+    /// Directory of Kubernetes YAML saying where pods are scheduled (node authorization).
+    #[arg(long)]
+    pub config_dir: PathBuf,
+
+    /// Agents' tokens: one `<node-name> <token>` per line.
+    #[arg(long)]
+    pub node_tokens: PathBuf,
+
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// The mesh's root namespace; the CA's own identity is `<root-ns>/sa/nodemesh-ca`.
+    #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
 
     /// Log format; the level comes from `RUST_LOG` (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

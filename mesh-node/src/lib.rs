@@ -4,6 +4,7 @@
 //! raw aya handles stay inside `ebpf`.
 #![deny(unsafe_code)]
 pub mod app;
+pub mod ca_server;
 pub mod cli;
 pub mod config;
 pub mod ebpf;

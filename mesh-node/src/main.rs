@@ -10,12 +10,19 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(config) => {
             init_logging(config.log_format);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(async { app::build(config).await?.wait().await })
+            runtime()?.block_on(async { app::build(config).await?.wait().await })
+        }
+        Command::Ca(config) => {
+            init_logging(config.log_format);
+            runtime()?.block_on(app::run_ca(config))
         }
     }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn init_logging(format: LogFormat) {

@@ -41,6 +41,101 @@ impl CertificateSigner for NodeSigner {
     }
 }
 
+/// A client of `mesh-node ca` (`--ca-addr`): the same requests, over HTTPS, with this
+/// node's token; the CA applies node authorization on its side.
+pub struct RemoteSigner {
+    pub addr: std::net::SocketAddr,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub token: String,
+}
+
+fn unavailable(error: impl std::fmt::Display) -> CaError {
+    CaError::Unavailable(error.to_string().into())
+}
+
+impl RemoteSigner {
+    async fn request(&self, body: Vec<u8>) -> Result<(hyper::StatusCode, bytes::Bytes), CaError> {
+        use http_body_util::BodyExt;
+
+        let tcp = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map_err(unavailable)?;
+        let name = rustls_pki_types::ServerName::IpAddress(self.addr.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(unavailable)?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(unavailable)?;
+        tokio::spawn(connection);
+        let request = hyper::Request::post(crate::ca_server::CERTIFICATES_PATH)
+            .header(hyper::header::HOST, self.addr.to_string())
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .map_err(unavailable)?;
+        let response = sender.send_request(request).await.map_err(unavailable)?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(unavailable)?
+            .to_bytes();
+        Ok((status, body))
+    }
+}
+
+impl CertificateSigner for RemoteSigner {
+    fn sign<'a>(
+        &'a self,
+        csr_der: CertificateSigningRequestDer<'static>,
+        identity: &'a Identity,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<IssuedCertificate, CaError>> {
+        use crate::ca_server::{
+            CertificateRequest, CertificateResponse, ErrorResponse, certificates_from_pem,
+        };
+
+        Box::pin(async move {
+            let csr_pem = pem::encode(&pem::Pem::new(
+                "CERTIFICATE REQUEST",
+                csr_der.as_ref().to_vec(),
+            ));
+            let body = serde_json::to_vec(&CertificateRequest {
+                identity: identity.to_string(),
+                csr_pem,
+                ttl_seconds: ttl.as_secs().max(1),
+            })
+            .map_err(unavailable)?;
+            let (status, body) = self.request(body).await?;
+            if !status.is_success() {
+                let reason = serde_json::from_slice::<ErrorResponse>(&body)
+                    .map_or_else(|_| String::from_utf8_lossy(&body).into_owned(), |e| e.error);
+                return Err(CaError::BadResponse {
+                    reason: format!("the CA refused ({status}): {reason}"),
+                });
+            }
+            let answer: CertificateResponse =
+                serde_json::from_slice(&body).map_err(|e| CaError::BadResponse {
+                    reason: e.to_string(),
+                })?;
+            let chain_der = certificates_from_pem(answer.chain_pem.as_bytes())
+                .map_err(|reason| CaError::BadResponse { reason })?;
+            Ok(IssuedCertificate {
+                chain_der,
+                chain_pem: answer.chain_pem,
+                not_after: std::time::UNIX_EPOCH + Duration::from_secs(answer.not_after_unix),
+            })
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

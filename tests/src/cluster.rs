@@ -551,7 +551,7 @@ impl Cluster {
         let metrics_addr = format!("0.0.0.0:{AGENT_METRICS_PORT}");
         let health_addr = format!("0.0.0.0:{AGENT_HEALTH_PORT}");
         let node_name = self.node_name(i);
-        // One CA directory per cluster (unless the test passes its own `--ca-dir`): the
+        // One CA directory per cluster (unless the test passes its own CA options): the
         // agents share its root, so they trust each other and enrolled pods talk mutual TLS.
         let ca_dir = self.work_dir.join("ca");
         let mut args: Vec<&str> = vec![
@@ -567,7 +567,10 @@ impl Cluster {
             "--health-addr",
             &health_addr,
         ];
-        if !extra_args.contains(&"--ca-dir") {
+        if !extra_args
+            .iter()
+            .any(|a| *a == "--ca-dir" || *a == "--ca-addr")
+        {
             args.extend(["--ca-dir", ca_dir.to_str().expect("UTF-8 path")]);
         }
         args.extend_from_slice(extra_args);

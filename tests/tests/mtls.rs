@@ -427,3 +427,90 @@ fn a_direct_hbone_connect_to_anything_but_the_pod_is_refused() {
         1.0,
     );
 }
+
+/// `mesh-node ca` in node0's netns, killed on drop.
+struct CaProcess(Child);
+
+impl Drop for CaProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn agents_get_their_certificates_from_the_ca_service() {
+    if skip() {
+        return;
+    }
+    let mut scene = scene("mtls_ca_service");
+    let cluster = &mut scene.cluster;
+    let work = cluster.work_dir().to_path_buf();
+    let ca_dir = work.join("ca-service");
+    let tokens = work.join("node-tokens");
+    fs::write(&tokens, "node0 secret-of-node0\nnode1 secret-of-node1\n").expect("tokens");
+    let log = cluster.logs_dir().join("ca.log");
+    let ca_addr = format!("{}:15012", cluster.node_ip(0));
+    let ca = CaProcess(
+        Command::new("ip")
+            .args(["netns", "exec", cluster.node_netns(0)])
+            .arg(mesh_tests::bin_path("mesh-node"))
+            .args(["ca", "--listen", &ca_addr, "--ca-dir"])
+            .arg(&ca_dir)
+            .arg("--config-dir")
+            .arg(cluster.config_dir())
+            .arg("--node-tokens")
+            .arg(&tokens)
+            .stdout(fs::File::create(&log).expect("CA log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting mesh-node ca"),
+    );
+    wait_until(READY, "the CA service to run", || {
+        fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("mesh-node ca running"))
+            .map(|_| ())
+    });
+    let root = ca_dir.join("root-cert.pem");
+    for node in 0..2 {
+        let token_file = work.join(format!("token-node{node}"));
+        fs::write(&token_file, format!("secret-of-node{node}\n")).expect("token");
+        let (root, token_file) = (
+            root.to_str().expect("UTF-8"),
+            token_file.to_str().expect("UTF-8"),
+        );
+        cluster.start_agent(
+            node,
+            &[
+                "--ca-addr",
+                &ca_addr,
+                "--ca-root-file",
+                root,
+                "--ca-token-file",
+                token_file,
+            ],
+        );
+    }
+    wait_enrolled(&scene.cluster, 0, 2);
+    wait_enrolled(&scene.cluster, 1, 1);
+    let reply = replies(&connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 1));
+    assert_eq!(reply[0]["server"], "web");
+    let mtls = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    wait_for_metric(
+        &scene.cluster,
+        1,
+        "istio_tcp_connections_opened_total",
+        &mtls,
+        1.0,
+    );
+    let ca_log = fs::read_to_string(&log).expect("CA log");
+    assert!(
+        ca_log.contains("certificate issued") && ca_log.contains("node1"),
+        "the CA signed for node1's pod"
+    );
+    drop(ca);
+}

@@ -131,6 +131,42 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// ALPN of the CA's certificate API (`mesh-node ca`).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Server side of the CA's certificate API: presents the CA service's own certificate.
+/// Agents asking for their first certificate have none to present, so no client
+/// certificate is requested: they authenticate with a token instead.
+pub fn ca_server_config(cert: &WorkloadCert) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(cert.chain.clone(), cert.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Client side of the CA's certificate API: accepts only a server whose chain verifies
+/// against the pinned `trust_bundle` and whose SPIFFE id is `expected_ca`.
+pub fn ca_client_config(
+    trust_bundle: &[CertificateDer<'static>],
+    expected_ca: Identity,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = SpiffeServerVerifier {
+        roots: Arc::new(root_store(trust_bundle)?),
+        expected: expected_ca,
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The SPIFFE id of the verified peer of an established connection (either side), refused
 /// unless it is in `trust_domain`.
 pub fn peer_identity(conn: &CommonState, trust_domain: &str) -> Result<Identity, TlsError> {

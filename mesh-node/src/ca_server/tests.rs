@@ -1,0 +1,150 @@
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use super::*;
+use crate::{
+    identity::{CertificateSigner, identity_from_cert, tls},
+    policy::Policies,
+    signer::RemoteSigner,
+    state::{ObjectKey, State, Workload},
+};
+
+fn pod(node: &str, service_account: &str) -> Workload {
+    Workload {
+        key: ObjectKey::new("shop", format!("{service_account}-0")),
+        uid: String::new(),
+        workload_name: service_account.into(),
+        node: node.into(),
+        service_account: service_account.into(),
+        labels: BTreeMap::new(),
+        ips: vec!["10.0.0.1".parse().unwrap()],
+        named_ports: BTreeMap::new(),
+        ready: true,
+        enrolled: true,
+    }
+}
+
+/// A CA service on loopback that knows `web` runs on node-a and `db` on node-b.
+struct Running {
+    addr: SocketAddr,
+    roots: Vec<CertificateDer<'static>>,
+    shutdown: CancellationToken,
+    /// Keeps the state alive while the service runs.
+    _state: tokio::sync::watch::Sender<Arc<State>>,
+}
+
+async fn service(dir: &Path) -> Running {
+    let ca = CertificateAuthority::load_or_create(dir, "cluster.local").unwrap();
+    let roots = ca.trust_bundle();
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, "# node token\nnode-a token-a\nnode-b token-b\n").unwrap();
+    let workloads = [pod("node-a", "web"), pod("node-b", "db")]
+        .into_iter()
+        .map(|w| (w.key.clone(), w))
+        .collect();
+    let state = State::new(
+        BTreeMap::new(),
+        workloads,
+        BTreeMap::new(),
+        Policies::default(),
+        Vec::new(),
+    );
+    let (state_tx, rx) = tokio::sync::watch::channel(Arc::new(state));
+    let identity = ca_identity("cluster.local", "nodemesh-system").unwrap();
+    let tls = tls::ca_server_config(&serving_certificate(&ca, &identity).unwrap()).unwrap();
+    let service = Arc::new(CaService {
+        ca: Arc::new(ca),
+        authenticator: Arc::new(TokenFile::load(&tokens).unwrap()),
+        state: rx,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(service.serve(listener, tls, shutdown.clone()));
+    Running {
+        addr,
+        roots,
+        shutdown,
+        _state: state_tx,
+    }
+}
+
+fn signer(addr: SocketAddr, roots: &[CertificateDer<'static>], token: &str) -> RemoteSigner {
+    let expected = ca_identity("cluster.local", "nodemesh-system").unwrap();
+    RemoteSigner {
+        addr,
+        tls: tls::ca_client_config(roots, expected).unwrap(),
+        token: token.into(),
+    }
+}
+
+fn csr() -> CertificateSigningRequestDer<'static> {
+    let key = KeyPair::generate().unwrap();
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap();
+    CertificateSigningRequestDer::from(csr.der().to_vec())
+}
+
+#[tokio::test]
+async fn signs_for_pods_of_the_token_s_node_and_refuses_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let Running {
+        addr,
+        roots,
+        shutdown,
+        ..
+    } = service(dir.path()).await;
+    let ttl = Duration::from_secs(600);
+    let web = Identity::new("cluster.local", "shop", "web").unwrap();
+    let db = Identity::new("cluster.local", "shop", "db").unwrap();
+
+    let node_a = signer(addr, &roots, "token-a");
+    let issued = node_a
+        .sign(csr(), &web, ttl)
+        .await
+        .expect("web runs on node-a");
+    let leaf = issued.leaf().expect("a leaf");
+    assert_eq!(identity_from_cert(leaf).unwrap(), web);
+    assert!(issued.not_after > SystemTime::now());
+
+    let refused = node_a.sign(csr(), &db, ttl).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("403") && refused.contains("node-a"),
+        "{refused}"
+    );
+
+    let stranger = signer(addr, &roots, "no-such-token");
+    let refused = stranger
+        .sign(csr(), &web, ttl)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("401"), "{refused}");
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn agents_refuse_a_ca_that_is_not_the_pinned_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let Running { addr, shutdown, .. } = service(dir.path()).await;
+    let other = tempfile::tempdir().unwrap();
+    let other_roots = CertificateAuthority::load_or_create(other.path(), "cluster.local")
+        .unwrap()
+        .trust_bundle();
+    let web = Identity::new("cluster.local", "shop", "web").unwrap();
+    let error = signer(addr, &other_roots, "token-a")
+        .sign(csr(), &web, Duration::from_secs(600))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CaError::Unavailable(_)), "{error}");
+    shutdown.cancel();
+}
+
+#[test]
+fn token_files_are_parsed_strictly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens");
+    std::fs::write(&path, "node-a token-a extra\n").unwrap();
+    let error = TokenFile::load(&path).err().expect("three words on a line");
+    assert!(error.to_string().contains(":1:"), "{error}");
+}
