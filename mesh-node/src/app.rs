@@ -16,7 +16,7 @@ use crate::{
     identity::{
         self, CertState, CertificateAuthority, CertificateManager, CertificateSigner, ManagerConfig,
     },
-    metrics::{self, Metrics, server::Endpoints},
+    metrics::{self, Metrics, NodeMetrics, server::Endpoints},
     netns::Netns,
     proxy::{Mtls, ProxyContext, Resolver},
     readiness::Readiness,
@@ -66,8 +66,13 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
     drop(config_ready);
 
     let mtls = match (&config.ca_dir, config.ca_addr) {
-        (Some(dir), _) => Some(Arc::new(local_ca(&config, dir, state_rx.clone())?)),
-        (None, Some(addr)) => Some(Arc::new(remote_ca(&config, addr)?)),
+        (Some(dir), _) => Some(Arc::new(local_ca(
+            &config,
+            &metrics.node,
+            dir,
+            state_rx.clone(),
+        )?)),
+        (None, Some(addr)) => Some(Arc::new(remote_ca(&config, &metrics.node, addr)?)),
         (None, None) => {
             warn!("no --ca-dir or --ca-addr: mutual TLS is off; enrolled pods talk plaintext");
             None
@@ -116,7 +121,12 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
 }
 
 /// The in-process CA (file-backed root in `dir`) and the certificate manager in front of it.
-fn local_ca(config: &RunConfig, dir: &Path, state: StateRx) -> anyhow::Result<Mtls> {
+fn local_ca(
+    config: &RunConfig,
+    metrics: &NodeMetrics,
+    dir: &Path,
+    state: StateRx,
+) -> anyhow::Result<Mtls> {
     let ca = CertificateAuthority::load_or_create(dir, &config.trust_domain)
         .with_context(|| format!("loading the CA in {}", dir.display()))?;
     let trust_bundle = ca.trust_bundle();
@@ -126,11 +136,11 @@ fn local_ca(config: &RunConfig, dir: &Path, state: StateRx) -> anyhow::Result<Mt
         state,
     };
     info!(ca_dir = %dir.display(), trust_domain = %config.trust_domain, "mutual TLS on, in-process CA");
-    Ok(mtls(config, Arc::new(signer), trust_bundle))
+    Ok(mtls(config, metrics, Arc::new(signer), trust_bundle))
 }
 
 /// A `mesh-node ca` service behind the certificate manager.
-fn remote_ca(config: &RunConfig, addr: SocketAddr) -> anyhow::Result<Mtls> {
+fn remote_ca(config: &RunConfig, metrics: &NodeMetrics, addr: SocketAddr) -> anyhow::Result<Mtls> {
     let root_file = config
         .ca_root_file
         .as_deref()
@@ -151,11 +161,12 @@ fn remote_ca(config: &RunConfig, addr: SocketAddr) -> anyhow::Result<Mtls> {
     let tls = identity::tls::ca_client_config(&trust_bundle, expected)?;
     let signer = RemoteSigner { addr, tls, token };
     info!(ca = %addr, trust_domain = %config.trust_domain, "mutual TLS on, remote CA");
-    Ok(mtls(config, Arc::new(signer), trust_bundle))
+    Ok(mtls(config, metrics, Arc::new(signer), trust_bundle))
 }
 
 fn mtls(
     config: &RunConfig,
+    metrics: &NodeMetrics,
     signer: Arc<dyn CertificateSigner>,
     trust_bundle: Vec<rustls_pki_types::CertificateDer<'static>>,
 ) -> Mtls {
@@ -166,7 +177,13 @@ fn mtls(
             ..ManagerConfig::default()
         },
     );
-    Mtls::new(Arc::new(manager), trust_bundle, config.trust_domain.clone())
+    Mtls::new(
+        Arc::new(manager),
+        trust_bundle,
+        config.trust_domain.clone(),
+        config.hbone_streams_per_tunnel,
+        metrics.clone(),
+    )
 }
 
 /// `mesh-node ca`: loads the CA, follows the config for node authorization, serves until
@@ -249,6 +266,7 @@ async fn export_node_metrics(
                 })
                 .collect();
             node.set_certificate_expiries(&expiries);
+            node.set_pooled_tunnels(mtls.pooled_tunnels());
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

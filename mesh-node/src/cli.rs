@@ -85,6 +85,11 @@ pub struct RunConfig {
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_ttl: std::time::Duration,
 
+    /// Connections one pooled HBONE tunnel carries before a new tunnel (a new TLS
+    /// handshake) replaces it; 1 disables pooling.
+    #[arg(long, default_value_t = 1000)]
+    pub hbone_streams_per_tunnel: usize,
+
     /// Log format; the level comes from `RUST_LOG` (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -193,6 +193,8 @@ pub struct NodeMetrics {
     proxy_errors: IntCounterVec,
     bpf_counters: IntGaugeVec,
     certificate_expiry: IntGaugeVec,
+    tunnels_opened: prometheus::IntCounter,
+    pooled_tunnels: IntGauge,
 }
 
 impl NodeMetrics {
@@ -238,6 +240,16 @@ impl NodeMetrics {
             &["identity"],
         )?;
         registry.register(Box::new(certificate_expiry.clone()))?;
+        let tunnels_opened = prometheus::IntCounter::new(
+            "nodemesh_hbone_tunnels_opened_total",
+            "HBONE tunnels (mTLS connections) this node's proxy opened to other proxies",
+        )?;
+        registry.register(Box::new(tunnels_opened.clone()))?;
+        let pooled_tunnels = IntGauge::new(
+            "nodemesh_hbone_pooled_tunnels",
+            "HBONE tunnels currently in the pool",
+        )?;
+        registry.register(Box::new(pooled_tunnels.clone()))?;
         registry.register(Box::new(enrolled_pods.clone()))?;
         registry.register(Box::new(config_rejections.clone()))?;
         registry.register(Box::new(config_loads.clone()))?;
@@ -252,6 +264,8 @@ impl NodeMetrics {
             proxy_errors,
             bpf_counters,
             certificate_expiry,
+            tunnels_opened,
+            pooled_tunnels,
         })
     }
 
@@ -289,6 +303,14 @@ impl NodeMetrics {
                 .with_label_values(&[identity.as_str()])
                 .set(i64::try_from(unix).unwrap_or(i64::MAX));
         }
+    }
+
+    pub fn tunnel_opened(&self) {
+        self.tunnels_opened.inc();
+    }
+
+    pub fn set_pooled_tunnels(&self, count: usize) {
+        self.pooled_tunnels.set(count as i64);
     }
 
     pub fn set_bpf_event(&self, event: &str, value: u64) {

@@ -514,3 +514,32 @@ fn agents_get_their_certificates_from_the_ca_service() {
     );
     drop(ca);
 }
+
+#[test]
+fn tunnels_are_pooled_and_the_pool_limit_forces_new_handshakes() {
+    if skip() {
+        return;
+    }
+    let mut scene = scene("mtls_pool");
+    scene.start();
+    let opened = |cluster: &Cluster| metric(cluster, 0, "nodemesh_hbone_tunnels_opened_total", &[]);
+    replies(&connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 5));
+    assert_eq!(
+        opened(&scene.cluster),
+        1.0,
+        "5 connections share one tunnel"
+    );
+    wait_for_metric(&scene.cluster, 0, "nodemesh_hbone_pooled_tunnels", &[], 1.0);
+
+    scene.cluster.stop_agent(0);
+    scene
+        .cluster
+        .start_agent(0, &["--hbone-streams-per-tunnel", "1"]);
+    wait_enrolled(&scene.cluster, 0, 2);
+    replies(&connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 3));
+    assert_eq!(
+        opened(&scene.cluster),
+        3.0,
+        "one fresh handshake per connection"
+    );
+}

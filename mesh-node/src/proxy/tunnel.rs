@@ -21,6 +21,7 @@ use super::{
 };
 use crate::{
     identity::{CertificateManager, Identity, WorkloadCert, tls},
+    metrics::NodeMetrics,
     netns::Netns,
     state::Workload,
 };
@@ -41,6 +42,8 @@ struct Pooled {
     /// while old ones drain.
     cert: Arc<WorkloadCert>,
     sender: SendRequest<Bytes>,
+    /// Streams opened on it so far; at the limit a new tunnel replaces it in the pool.
+    streams: usize,
 }
 
 /// Certificates, trust and tunnels: present when the agent has a CA.
@@ -48,6 +51,9 @@ pub struct Mtls {
     pub manager: Arc<CertificateManager>,
     pub trust_bundle: Vec<CertificateDer<'static>>,
     pub trust_domain: String,
+    /// Streams one tunnel carries before a new one is opened (1: a handshake per connection).
+    max_streams_per_tunnel: usize,
+    metrics: NodeMetrics,
     pool: Mutex<HashMap<PoolKey, Pooled>>,
     server_configs: Mutex<HashMap<Identity, ServerConfigFor>>,
 }
@@ -60,11 +66,15 @@ impl Mtls {
         manager: Arc<CertificateManager>,
         trust_bundle: Vec<CertificateDer<'static>>,
         trust_domain: String,
+        max_streams_per_tunnel: usize,
+        metrics: NodeMetrics,
     ) -> Self {
         Self {
             manager,
             trust_bundle,
             trust_domain,
+            max_streams_per_tunnel: max_streams_per_tunnel.max(1),
+            metrics,
             pool: Mutex::default(),
             server_configs: Mutex::default(),
         }
@@ -107,10 +117,13 @@ impl Mtls {
             hbone: SocketAddr::new(target.ip(), ports::HBONE),
         };
         let pooled = {
-            let pool = self.pool.lock().expect("pool lock");
-            pool.get(&key)
-                .filter(|p| Arc::ptr_eq(&p.cert, &cert))
-                .map(|p| p.sender.clone())
+            let mut pool = self.pool.lock().expect("pool lock");
+            pool.get_mut(&key)
+                .filter(|p| Arc::ptr_eq(&p.cert, &cert) && p.streams < self.max_streams_per_tunnel)
+                .map(|p| {
+                    p.streams += 1;
+                    p.sender.clone()
+                })
         };
         if let Some(sender) = pooled {
             match hbone::connect(sender, target).await {
@@ -129,6 +142,7 @@ impl Mtls {
             Pooled {
                 cert,
                 sender: sender.clone(),
+                streams: 1,
             },
         );
         Ok(hbone::connect(sender, target).await?)
@@ -152,7 +166,13 @@ impl Mtls {
             .await
             .map_err(|e| ProxyError::Tls(e.to_string()))?;
         debug!(%hbone, %destination, "HBONE tunnel established");
+        self.metrics.tunnel_opened();
         Ok(hbone::client_handshake(tls).await?)
+    }
+
+    /// Tunnels in the pool (some may be draining towards their replacement).
+    pub fn pooled_tunnels(&self) -> usize {
+        self.pool.lock().expect("pool lock").len()
     }
 
     /// Accepts the TLS side of an inbound tunnel as `identity`; returns the stream and the
