@@ -531,6 +531,13 @@ fn tunnels_are_pooled_and_the_pool_limit_forces_new_handshakes() {
     );
     wait_for_metric(&scene.cluster, 0, "nodemesh_hbone_pooled_tunnels", &[], 1.0);
 
+    // The far end restarts: the pooled tunnel dies and is replaced on the next connection.
+    scene.cluster.stop_agent(1);
+    scene.cluster.start_agent(1, &[]);
+    wait_enrolled(&scene.cluster, 1, 1);
+    replies(&connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 1));
+    assert_eq!(opened(&scene.cluster), 2.0, "a dead tunnel is replaced");
+
     scene.cluster.stop_agent(0);
     scene
         .cluster
@@ -540,6 +547,6 @@ fn tunnels_are_pooled_and_the_pool_limit_forces_new_handshakes() {
     assert_eq!(
         opened(&scene.cluster),
         3.0,
-        "one fresh handshake per connection"
+        "one fresh handshake per connection (a new agent)"
     );
 }
