@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    admin::{Admin, LogControl},
     ca_server::{self, CaService, TokenFile},
     cli::{CaConfig, RunConfig},
     config::file::FileSource,
@@ -30,13 +31,14 @@ const NODE_METRICS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The running agent.
 pub struct Bound {
+    pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub health_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
 
-pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
+pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result<Bound> {
     info!(config = %serde_json::to_string(&config)?, "starting mesh-node");
     let readiness = Readiness::default();
     let config_ready = readiness.register("config");
@@ -50,6 +52,10 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
     let health_listener = TcpListener::bind(config.health_addr)
         .await
         .with_context(|| format!("binding health on {}", config.health_addr))?;
+    let admin_listener = TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("binding admin on {}", config.admin_addr))?;
+    let bound_admin = admin_listener.local_addr()?;
     let bound_metrics = metrics_listener.local_addr()?;
     let bound_health = health_listener.local_addr()?;
 
@@ -88,6 +94,7 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
         mtls,
     };
 
+    let admin_state = state_rx.clone();
     let mut tasks = JoinSet::new();
     tasks.spawn(source.watch(state_tx, metrics.node.clone(), shutdown.clone()));
     tasks.spawn(Enrollment::new(config.node_name.clone(), proxy).run(
@@ -98,6 +105,18 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
     tasks.spawn(metrics::serve(
         metrics_listener,
         Endpoints::Metrics(metrics.clone()),
+        shutdown.clone(),
+    ));
+    let admin = Admin {
+        node: config.node_name.clone(),
+        state: admin_state,
+        mtls: proxy_mtls.clone(),
+        readiness: readiness.clone(),
+        log,
+    };
+    tasks.spawn(metrics::serve(
+        admin_listener,
+        Endpoints::Admin(Arc::new(admin)),
         shutdown.clone(),
     ));
     tasks.spawn(metrics::serve(
@@ -111,8 +130,15 @@ pub async fn build(config: RunConfig) -> anyhow::Result<Bound> {
         metrics,
         shutdown.clone(),
     ));
-    info!(metrics = %bound_metrics, health = %bound_health, node = %config.node_name, "mesh-node running");
+    info!(
+        metrics = %bound_metrics,
+        health = %bound_health,
+        admin = %bound_admin,
+        node = %config.node_name,
+        "mesh-node running"
+    );
     Ok(Bound {
+        admin_addr: bound_admin,
         metrics_addr: bound_metrics,
         health_addr: bound_health,
         shutdown,

@@ -17,6 +17,46 @@ pub enum Command {
     Run(RunConfig),
     /// Run the cluster CA as a service, for agents started with `--ca-addr`.
     Ca(CaConfig),
+    /// Show what a running agent knows, as tables (or JSON), from its admin API.
+    Debug(DebugArgs),
+}
+
+/// `mesh-node debug`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DebugArgs {
+    #[command(subcommand)]
+    pub what: DebugWhat,
+
+    /// The agent's admin API.
+    #[arg(long, global = true, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Clone, Debug, Subcommand)]
+pub enum DebugWhat {
+    /// Pods the agent knows, with their node, addresses and enrollment.
+    Workloads,
+    /// Services with their cluster IPs, ports and endpoints.
+    Services,
+    /// PeerAuthentication and AuthorizationPolicy resources in force.
+    Policies,
+    /// Workload certificates held by the agent.
+    Certs,
+    /// Everything: the normalized state with rejected resources.
+    Config,
+    /// Change the agent's log filter at run time, e.g. `info,mesh_node=debug`.
+    Log { level: String },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    #[default]
+    Table,
+    Json,
 }
 
 /// Log line format.
@@ -45,6 +85,11 @@ pub struct RunConfig {
     /// Prometheus metrics listener (`/metrics`).
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
+
+    /// Admin API listener (JSON: config dump, workloads, certificates, log level). Keep it
+    /// on loopback: it tells everything about the node's pods and changes the log level.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
 
     /// Readiness and liveness listener (`/healthz/ready`, `/healthz/live`).
     #[arg(long, default_value = "0.0.0.0:15021")]

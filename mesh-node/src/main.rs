@@ -1,19 +1,23 @@
+use std::sync::Arc;
+
 use clap::Parser;
 use mesh_node::{
+    admin::LogControl,
     app,
     cli::{Cli, Command, LogFormat},
 };
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(config) => {
-            init_logging(config.log_format);
-            runtime()?.block_on(async { app::build(config).await?.wait().await })
+            let log = init_logging(config.log_format);
+            runtime()?.block_on(async { app::build(config, Some(log)).await?.wait().await })
         }
+        Command::Debug(args) => runtime()?.block_on(mesh_node::debug::run(args)),
         Command::Ca(config) => {
-            init_logging(config.log_format);
+            let _ = init_logging(config.log_format);
             runtime()?.block_on(app::run_ca(config))
         }
     }
@@ -25,11 +29,17 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stdout; the returned handle changes the filter at run time (admin API).
+fn init_logging(format: LogFormat) -> LogControl {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt::layer()).init(),
+        LogFormat::Json => registry.with(fmt::layer().json()).init(),
     }
+    Arc::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }

@@ -125,16 +125,14 @@ pub struct Rejection {
 }
 
 /// One immutable snapshot of everything the mesh knows.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default)]
 pub struct State {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub workloads: BTreeMap<ObjectKey, Workload>,
     pub services: BTreeMap<ObjectKey, Service>,
     pub policies: Policies,
     pub rejections: Vec<Rejection>,
-    #[serde(skip)]
     workload_by_ip: HashMap<IpAddr, ObjectKey>,
-    #[serde(skip)]
     service_by_ip: HashMap<IpAddr, ObjectKey>,
 }
 

@@ -22,6 +22,8 @@ pub enum Endpoints {
     Metrics(Metrics),
     /// `GET /healthz/ready` (200 once every readiness guard dropped) and `/healthz/live`.
     Health(Readiness),
+    /// The admin API (JSON).
+    Admin(Arc<crate::admin::Admin>),
 }
 
 /// Serves `endpoints` on an already bound listener until `shutdown`.
@@ -62,6 +64,12 @@ fn answer(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<Full<B
             .body(Full::new(Bytes::from(body)))
             .expect("static response parts are valid")
     };
+    if let Endpoints::Admin(admin) = endpoints {
+        let (status, body) = admin.answer(request.uri().path(), request.uri().query());
+        let body = serde_json::to_vec_pretty(&body).unwrap_or_default();
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return reply(status, "application/json", body);
+    }
     match (endpoints, request.uri().path()) {
         (Endpoints::Metrics(metrics), "/metrics") => {
             let encoder = TextEncoder::new();

@@ -1,0 +1,211 @@
+//! `mesh-node debug`: the admin API as tables, like `istioctl ztunnel-config`.
+use std::net::SocketAddr;
+
+use anyhow::{Context as _, bail};
+use comfy_table::{Table, presets::NOTHING};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use crate::cli::{DebugArgs, DebugWhat, OutputFormat};
+
+/// Fetches what was asked and prints it.
+pub async fn run(args: DebugArgs) -> anyhow::Result<()> {
+    let path = match &args.what {
+        DebugWhat::Workloads => "/workloads".to_string(),
+        DebugWhat::Services => "/services".to_string(),
+        DebugWhat::Policies => "/policies".to_string(),
+        DebugWhat::Certs => "/certs".to_string(),
+        DebugWhat::Config => "/config_dump".to_string(),
+        DebugWhat::Log { level } => format!("/logging?level={level}"),
+    };
+    let body = get(args.admin_addr, &path).await?;
+    if args.output == OutputFormat::Json || matches!(args.what, DebugWhat::Config) {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    println!("{}", render(&args.what, &body));
+    Ok(())
+}
+
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| {
+        format!("connecting to the agent's admin API at {addr} (is mesh-node running here? see --admin-addr)")
+    })?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    let value: Value = serde_json::from_slice(&body).context("the admin API answered non-JSON")?;
+    if !status.is_success() {
+        bail!(
+            "{path}: {status}: {}",
+            value["error"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(value)
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn key(value: &Value) -> String {
+    format!("{}/{}", text(&value["namespace"]), text(&value["name"]))
+}
+
+/// Renders an admin API answer as a kubectl-like table.
+pub fn render(what: &DebugWhat, body: &Value) -> String {
+    let mut table = Table::new();
+    table.load_style(NOTHING);
+    let rows = body.as_array().cloned().unwrap_or_default();
+    match what {
+        DebugWhat::Workloads => {
+            table.set_header([
+                "NAMESPACE",
+                "NAME",
+                "NODE",
+                "IPS",
+                "SERVICE ACCOUNT",
+                "ENROLLED",
+            ]);
+            for w in &rows {
+                table.add_row([
+                    text(&w["key"]["namespace"]),
+                    text(&w["key"]["name"]),
+                    text(&w["node"]),
+                    text(&w["ips"]),
+                    text(&w["service_account"]),
+                    text(&w["enrolled"]),
+                ]);
+            }
+        }
+        DebugWhat::Services => {
+            table.set_header(["NAMESPACE", "NAME", "CLUSTER IPS", "PORTS", "ENDPOINTS"]);
+            for s in &rows {
+                let ports: Vec<String> = s["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| format!("{}→{}", text(&p["port"]), target_port(&p["target_port"])))
+                    .collect();
+                let endpoints: Vec<String> = s["endpoints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(key)
+                    .collect();
+                table.add_row([
+                    text(&s["key"]["namespace"]),
+                    text(&s["key"]["name"]),
+                    text(&s["cluster_ips"]),
+                    ports.join(","),
+                    endpoints.join(","),
+                ]);
+            }
+        }
+        DebugWhat::Policies => {
+            table.set_header([
+                "KIND",
+                "NAMESPACE",
+                "NAME",
+                "SELECTOR",
+                "MODE / ACTION",
+                "RULES",
+            ]);
+            let kinds = [
+                ("PeerAuthentication", "peer_authentications"),
+                ("AuthorizationPolicy", "authorization_policies"),
+            ];
+            for (kind, field) in kinds {
+                for p in body[field].as_array().into_iter().flatten() {
+                    let spec = &p["spec"];
+                    let mode = if kind == "PeerAuthentication" {
+                        text(&spec["mtls"]["mode"])
+                    } else {
+                        text(&spec["action"])
+                    };
+                    let rules = spec["rules"].as_array().map_or(0, Vec::len);
+                    table.add_row([
+                        kind.to_string(),
+                        text(&p["key"]["namespace"]),
+                        text(&p["key"]["name"]),
+                        spec["selector"]["matchLabels"].to_string(),
+                        mode,
+                        rules.to_string(),
+                    ]);
+                }
+            }
+        }
+        DebugWhat::Certs => {
+            table.set_header(["IDENTITY", "STATE", "EXPIRES (UNIX)", "CHAIN"]);
+            for c in &rows {
+                table.add_row([
+                    text(&c["identity"]),
+                    text(&c["state"]),
+                    text(&c["not_after_unix"]),
+                    text(&c["chain_length"]),
+                ]);
+            }
+        }
+        DebugWhat::Config | DebugWhat::Log { .. } => return body.to_string(),
+    }
+    table.to_string()
+}
+
+fn target_port(value: &Value) -> String {
+    value
+        .get("Number")
+        .or_else(|| value.get("Name"))
+        .map_or_else(|| text(value), text)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn workloads_render_as_a_table() {
+        let body = json!([{
+            "key": {"namespace": "shop", "name": "web-1"},
+            "node": "node0", "ips": ["10.0.0.1", "fd00::1"],
+            "service_account": "web", "enrolled": true
+        }]);
+        let out = render(&DebugWhat::Workloads, &body);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines[0].contains("NAMESPACE") && lines[0].contains("ENROLLED"),
+            "{out}"
+        );
+        assert!(
+            lines[1].contains("web-1") && lines[1].contains("10.0.0.1,fd00::1"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn services_show_port_mapping_and_endpoints() {
+        let body = json!([{
+            "key": {"namespace": "shop", "name": "web"},
+            "cluster_ips": ["10.96.0.1"],
+            "ports": [{"port": 80, "target_port": {"Number": 8080}}, {"port": 81, "target_port": {"Name": "http"}}],
+            "endpoints": [{"namespace": "shop", "name": "web-1"}]
+        }]);
+        let out = render(&DebugWhat::Services, &body);
+        assert!(
+            out.contains("80→8080,81→http") && out.contains("shop/web-1"),
+            "{out}"
+        );
+    }
+}
