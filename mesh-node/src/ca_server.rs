@@ -233,15 +233,8 @@ impl CaService {
         let csr = CertificateSigningRequestDer::from_pem_slice(asked.csr_pem.as_bytes())
             .map_err(|e| (400, format!("CSR: {e}")))?;
         let state = self.state.borrow().clone();
-        let pods = state.workloads.values().map(|w| {
-            (
-                w.node.as_str(),
-                w.key.namespace.as_str(),
-                w.service_account.as_str(),
-            )
-        });
         self.ca
-            .authorize(&node, &identity, pods)
+            .authorize(&node, &identity, state.scheduled_pods())
             .map_err(|e| (403, e.to_string()))?;
         let issued = self
             .ca

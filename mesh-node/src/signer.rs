@@ -28,14 +28,12 @@ impl CertificateSigner for NodeSigner {
     ) -> BoxFuture<'a, Result<IssuedCertificate, CaError>> {
         Box::pin(async move {
             let state = self.state.borrow().clone();
-            let pods = state.workloads.values().map(|w| {
-                (
-                    w.node.as_str(),
-                    w.key.namespace.as_str(),
-                    w.service_account.as_str(),
-                )
-            });
-            CertificateAuthority::authorize(&self.ca, &self.node, identity, pods)?;
+            CertificateAuthority::authorize(
+                &self.ca,
+                &self.node,
+                identity,
+                state.scheduled_pods(),
+            )?;
             CertificateAuthority::sign(&self.ca, &csr_der, identity, ttl)
         })
     }
@@ -138,47 +136,20 @@ impl CertificateSigner for RemoteSigner {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use rcgen::{CertificateParams, KeyPair};
 
     use super::*;
-    use crate::{
-        policy::Policies,
-        state::{ObjectKey, State, Workload},
-    };
-
-    fn pod(node: &str, namespace: &str, service_account: &str) -> Workload {
-        Workload {
-            key: ObjectKey::new(namespace, format!("{service_account}-pod")),
-            uid: String::new(),
-            workload_name: service_account.into(),
-            node: node.into(),
-            service_account: service_account.into(),
-            labels: BTreeMap::new(),
-            ips: vec!["10.0.0.1".parse().unwrap()],
-            named_ports: BTreeMap::new(),
-            ready: true,
-            enrolled: true,
-        }
-    }
+    use crate::state::{State, Workload};
 
     /// The CA signs for node A only identities of pods scheduled on node A.
     #[tokio::test]
     async fn identities_of_pods_on_other_nodes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let ca = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
-        let workloads = [pod("node-a", "shop", "web"), pod("node-b", "shop", "db")]
-            .into_iter()
-            .map(|w| (w.key.clone(), w))
-            .collect();
-        let state = State::new(
-            BTreeMap::new(),
-            workloads,
-            BTreeMap::new(),
-            Policies::default(),
-            Vec::new(),
-        );
+        let state = State::with_workloads([
+            Workload::for_test("node-a", "shop", "web", &[]),
+            Workload::for_test("node-b", "shop", "db", &[]),
+        ]);
         let (_tx, rx) = tokio::sync::watch::channel(Arc::new(state));
         let signer = NodeSigner {
             ca: Arc::new(ca),

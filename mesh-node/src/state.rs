@@ -56,6 +56,31 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// An enrolled, ready pod `<service_account>-0` at 10.0.0.1, for tests.
+    #[cfg(test)]
+    pub fn for_test(
+        node: &str,
+        namespace: &str,
+        service_account: &str,
+        labels: &[(&str, &str)],
+    ) -> Self {
+        Self {
+            key: ObjectKey::new(namespace, format!("{service_account}-0")),
+            uid: String::new(),
+            workload_name: service_account.into(),
+            node: node.into(),
+            service_account: service_account.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ips: vec!["10.0.0.1".parse().expect("an IP")],
+            named_ports: BTreeMap::new(),
+            ready: true,
+            enrolled: true,
+        }
+    }
+
     /// The address of the family of `want`, if the pod has one.
     pub fn ip_like(&self, want: IpAddr) -> Option<IpAddr> {
         self.ips
@@ -186,6 +211,30 @@ impl State {
                     TargetPort::Name(name) => workload.named_ports.get(name) == Some(&port),
                 })
         })
+    }
+
+    /// Every pod as (node, namespace, service account): what node authorization checks.
+    pub fn scheduled_pods(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.workloads.values().map(|w| {
+            (
+                w.node.as_str(),
+                w.key.namespace.as_str(),
+                w.service_account.as_str(),
+            )
+        })
+    }
+
+    /// A state holding just `workloads`, for tests.
+    #[cfg(test)]
+    pub fn with_workloads(workloads: impl IntoIterator<Item = Workload>) -> Self {
+        let workloads = workloads.into_iter().map(|w| (w.key.clone(), w)).collect();
+        Self::new(
+            BTreeMap::new(),
+            workloads,
+            BTreeMap::new(),
+            Policies::default(),
+            Vec::new(),
+        )
     }
 
     /// Enrolled pods scheduled on `node`.

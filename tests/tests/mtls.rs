@@ -141,6 +141,15 @@ impl Capture {
     }
 }
 
+/// Waits until node1's proxy has reported a mutual-TLS connection.
+fn wait_for_mutual_tls(cluster: &Cluster) {
+    let mtls = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    wait_for_metric(cluster, 1, "istio_tcp_connections_opened_total", &mtls, 1.0);
+}
+
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
@@ -193,17 +202,7 @@ fn the_fabric_carries_no_plaintext_between_enrolled_pods() {
         !contains(&pcap, secret),
         "enrolled pods' bytes must not cross in the clear"
     );
-    let mtls = [
-        ("reporter", "destination"),
-        ("connection_security_policy", "mutual_tls"),
-    ];
-    wait_for_metric(
-        &scene.cluster,
-        1,
-        "istio_tcp_connections_opened_total",
-        &mtls,
-        1.0,
-    );
+    wait_for_mutual_tls(&scene.cluster);
 }
 
 #[test]
@@ -496,17 +495,7 @@ fn agents_get_their_certificates_from_the_ca_service() {
     wait_enrolled(&scene.cluster, 1, 1);
     let reply = replies(&connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 1));
     assert_eq!(reply[0]["server"], "web");
-    let mtls = [
-        ("reporter", "destination"),
-        ("connection_security_policy", "mutual_tls"),
-    ];
-    wait_for_metric(
-        &scene.cluster,
-        1,
-        "istio_tcp_connections_opened_total",
-        &mtls,
-        1.0,
-    );
+    wait_for_mutual_tls(&scene.cluster);
     let ca_log = fs::read_to_string(&log).expect("CA log");
     assert!(
         ca_log.contains("certificate issued") && ca_log.contains("node1"),

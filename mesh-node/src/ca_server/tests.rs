@@ -1,27 +1,11 @@
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::net::SocketAddr;
 
 use super::*;
 use crate::{
     identity::{CertificateSigner, identity_from_cert, tls},
-    policy::Policies,
     signer::RemoteSigner,
-    state::{ObjectKey, State, Workload},
+    state::{State, Workload},
 };
-
-fn pod(node: &str, service_account: &str) -> Workload {
-    Workload {
-        key: ObjectKey::new("shop", format!("{service_account}-0")),
-        uid: String::new(),
-        workload_name: service_account.into(),
-        node: node.into(),
-        service_account: service_account.into(),
-        labels: BTreeMap::new(),
-        ips: vec!["10.0.0.1".parse().unwrap()],
-        named_ports: BTreeMap::new(),
-        ready: true,
-        enrolled: true,
-    }
-}
 
 /// A CA service on loopback that knows `web` runs on node-a and `db` on node-b.
 struct Running {
@@ -37,17 +21,10 @@ async fn service(dir: &Path) -> Running {
     let roots = ca.trust_bundle();
     let tokens = dir.join("tokens");
     std::fs::write(&tokens, "# node token\nnode-a token-a\nnode-b token-b\n").unwrap();
-    let workloads = [pod("node-a", "web"), pod("node-b", "db")]
-        .into_iter()
-        .map(|w| (w.key.clone(), w))
-        .collect();
-    let state = State::new(
-        BTreeMap::new(),
-        workloads,
-        BTreeMap::new(),
-        Policies::default(),
-        Vec::new(),
-    );
+    let state = State::with_workloads([
+        Workload::for_test("node-a", "shop", "web", &[]),
+        Workload::for_test("node-b", "shop", "db", &[]),
+    ]);
     let (state_tx, rx) = tokio::sync::watch::channel(Arc::new(state));
     let identity = ca_identity("cluster.local", "nodemesh-system").unwrap();
     let tls = tls::ca_server_config(&serving_certificate(&ca, &identity).unwrap()).unwrap();

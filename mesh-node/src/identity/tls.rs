@@ -14,10 +14,10 @@
 use std::{fmt, sync::Arc};
 
 use rustls::{
-    CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
-    OtherError, RootCertStore, ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, CommonState, ConfigBuilder, DigitallySignedStruct,
+    DistinguishedName, OtherError, RootCertStore, ServerConfig, SignatureScheme,
     client::{
-        Resumption,
+        Resumption, WantsClientCert,
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
         verify_server_cert_signed_by_trust_anchor,
     },
@@ -115,20 +115,29 @@ pub fn client_config(
     trust_bundle: &[CertificateDer<'static>],
     expected_server: Identity,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = provider();
-    let verifier = SpiffeServerVerifier {
-        roots: Arc::new(root_store(trust_bundle)?),
-        expected: expected_server,
-        algorithms: provider.signature_verification_algorithms,
-    };
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
+    let mut config = spiffe_client(trust_bundle, expected_server)?
         .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// A TLS 1.3 client that accepts only a server chaining to `trust_bundle` with the SPIFFE
+/// id `expected`; the caller chooses whether to present a certificate.
+fn spiffe_client(
+    trust_bundle: &[CertificateDer<'static>],
+    expected: Identity,
+) -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, TlsError> {
+    let provider = provider();
+    let verifier = SpiffeServerVerifier {
+        roots: Arc::new(root_store(trust_bundle)?),
+        expected,
+        algorithms: provider.signature_verification_algorithms,
+    };
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier)))
 }
 
 /// ALPN of the CA's certificate API (`mesh-node ca`).
@@ -152,17 +161,7 @@ pub fn ca_client_config(
     trust_bundle: &[CertificateDer<'static>],
     expected_ca: Identity,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = provider();
-    let verifier = SpiffeServerVerifier {
-        roots: Arc::new(root_store(trust_bundle)?),
-        expected: expected_ca,
-        algorithms: provider.signature_verification_algorithms,
-    };
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+    let mut config = spiffe_client(trust_bundle, expected_ca)?.with_no_client_auth();
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
     Ok(Arc::new(config))
 }

@@ -5,21 +5,7 @@ use super::*;
 const ROOT: &str = DEFAULT_ROOT_NAMESPACE;
 
 fn workload(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
-    Workload {
-        key: ObjectKey::new(namespace, name),
-        uid: String::new(),
-        workload_name: name.into(),
-        node: "node0".into(),
-        service_account: "default".into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ips: vec!["10.0.0.1".parse().unwrap()],
-        named_ports: BTreeMap::new(),
-        ready: true,
-        enrolled: true,
-    }
+    Workload::for_test("node0", namespace, name, labels)
 }
 
 fn policies(peer: &[(&str, &str, &str)], authz: &[(&str, &str, &str)]) -> Policies {
