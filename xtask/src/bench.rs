@@ -1,6 +1,6 @@
-//! `cargo xtask bench`: what the mesh adds to a warm round trip and to a bulk stream, and
-//! what the agents cost, measured against no mesh in the same run with the modes
-//! interleaved (PERF.md, "How to measure honestly").
+//! `cargo xtask bench`: what the mesh adds to a warm round trip, to a bulk stream and to
+//! opening a connection, and what the agents cost, measured against no mesh in the same
+//! run with the modes interleaved (PERF.md, "How to measure honestly").
 //!
 //! One two-node cluster for the whole run. Each mode has its own namespace with a client
 //! pod on node0 and a server pod on each node (cross-node and same-node shapes); only the
@@ -8,6 +8,11 @@
 //! modes side by side (A B A B …), so slow drifts of the machine hit both alike. Every run
 //! is checked against the agents' metrics: mesh runs must have been seen by the source
 //! and the destination proxy, no-mesh runs by neither.
+//!
+//! New connections per second are measured twice: over the pooled tunnels the agents use
+//! by default, within the rounds, and with a fresh mTLS handshake per connection, in a
+//! last phase for which the agents are restarted with `--hbone-streams-per-tunnel 1`
+//! (no mesh and mesh interleaved again). node0's count of tunnels opened proves which.
 
 mod agent;
 mod report;
@@ -18,6 +23,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     io::Write as _,
+    ops::RangeInclusive,
     path::PathBuf,
     sync::{
         Arc,
@@ -39,6 +45,22 @@ use self::{report::Report, tools::RoundTrip};
 const MESSAGE_SIZES: [u32; 2] = [16, 1024];
 
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Sequential connections per `mesh-testapp connect` run: enough to amortize the client's
+/// start-up (a few ms).
+const CONNECTIONS_PER_RUN: u32 = 2000;
+const QUICK_CONNECTIONS_PER_RUN: u32 = 200;
+
+/// Connections one pooled HBONE tunnel carries by default: mesh-node's default
+/// `--hbone-streams-per-tunnel`.
+const STREAMS_PER_TUNNEL: u32 = 1000;
+
+/// The agents' option that makes node0's proxy open a new tunnel (a new TLS handshake)
+/// for every connection.
+const FRESH_HANDSHAKE_ARGS: &[&str] = &["--hbone-streams-per-tunnel", "1"];
+/// Connections each mode opens after the agents restarted, before the fresh-handshake
+/// runs: the agents' first connections also fetch certificates.
+const WARM_UP_CONNECTIONS: u32 = 10;
 
 /// What `cargo xtask bench` was asked for.
 pub struct Options {
@@ -105,11 +127,75 @@ impl fmt::Display for Shape {
     }
 }
 
+/// How node0's proxy carries new mesh connections to node1: what the agents were started
+/// with for a new-connections run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tunnels {
+    /// The agents' default: many connections share one mTLS tunnel.
+    Pooled,
+    /// `--hbone-streams-per-tunnel 1`: a new tunnel, so a TLS handshake, per connection.
+    Fresh,
+}
+
+impl Tunnels {
+    const ALL: [Tunnels; 2] = [Tunnels::Pooled, Tunnels::Fresh];
+
+    /// The range of tunnels node0's proxy may open for `connections` new mesh connections.
+    fn expected_opened(self, connections: u32) -> RangeInclusive<f64> {
+        match self {
+            // A tunnel carries STREAMS_PER_TUNNEL connections; the one in the pool may
+            // have carried some already, so a run may need one more.
+            Tunnels::Pooled => 0.0..=f64::from(connections.div_ceil(STREAMS_PER_TUNNEL) + 1),
+            Tunnels::Fresh => f64::from(connections)..=f64::INFINITY,
+        }
+    }
+}
+
+impl fmt::Display for Tunnels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tunnels::Pooled => "pooled tunnel",
+            Tunnels::Fresh => "fresh handshake",
+        })
+    }
+}
+
 /// One measurement of a round.
 #[derive(Clone, Copy, Debug)]
 enum Figure {
-    RoundTrip { size: u32 },
+    RoundTrip {
+        size: u32,
+    },
     Bulk,
+    /// New connections per second, cross-node only.
+    NewConnections {
+        tunnels: Tunnels,
+    },
+}
+
+impl Figure {
+    /// The shapes the figure is measured on.
+    fn shapes(self) -> &'static [Shape] {
+        match self {
+            Figure::RoundTrip { .. } | Figure::Bulk => &Shape::ALL,
+            Figure::NewConnections { .. } => &[Shape::CrossNode],
+        }
+    }
+
+    /// What the proxies must have seen of one mesh run, `connections` being the
+    /// connections a new-connections run opens.
+    fn expected(self, connections: u32) -> Expected {
+        match self {
+            Figure::RoundTrip { .. } | Figure::Bulk => Expected {
+                connections: 1.0,
+                tunnels: None,
+            },
+            Figure::NewConnections { tunnels } => Expected {
+                connections: f64::from(connections),
+                tunnels: Some((tunnels, tunnels.expected_opened(connections))),
+            },
+        }
+    }
 }
 
 impl fmt::Display for Figure {
@@ -117,6 +203,7 @@ impl fmt::Display for Figure {
         match self {
             Figure::RoundTrip { size } => write!(f, "round trip {size} B"),
             Figure::Bulk => f.write_str("bulk stream"),
+            Figure::NewConnections { tunnels } => write!(f, "new conn/s, {tunnels}"),
         }
     }
 }
@@ -128,6 +215,8 @@ pub struct Results {
     pub round_trips: BTreeMap<(u32, Shape, Mode), Vec<RoundTrip>>,
     /// (shape, mode) → bits per second, one entry per round.
     pub bulk: BTreeMap<(Shape, Mode), Vec<f64>>,
+    /// (agents' tunnels, mode) → new connections per second (cross-node), one per round.
+    pub connections: BTreeMap<(Tunnels, Mode), Vec<f64>>,
 }
 
 /// One mode's pods and the servers running in them.
@@ -156,6 +245,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     if rounds == 0 || seconds == 0 {
         bail!("--rounds and --seconds must be at least 1");
     }
+    let connections = if options.quick {
+        QUICK_CONNECTIONS_PER_RUN
+    } else {
+        CONNECTIONS_PER_RUN
+    };
     println!("bench: checking prerequisites (cargo xtask setup)…");
     crate::setup::run()?;
     println!("bench: building release binaries…");
@@ -172,7 +266,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let started = Instant::now();
 
     println!(
-        "bench: {rounds} round(s) × {seconds} s per figure, binaries from {}",
+        "bench: {rounds} round(s) × {seconds} s per figure, {connections} connections per \
+         new-connections run, binaries from {}",
         bin_dir.display()
     );
     println!("bench: creating a 2-node cluster…");
@@ -220,13 +315,14 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         .map(|pid| agent::rss_mib(*pid))
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    println!("bench: starting sockperf and iperf3 servers in the server pods…");
+    println!("bench: starting sockperf, iperf3 and mesh-testapp servers in the server pods…");
     let mut sides = Vec::new();
     for (mode, client, servers) in pods {
         let mut running = Vec::new();
         for server in &servers {
             running.push(tools::sockperf_server(&cluster, server)?);
             running.push(tools::iperf3_server(&cluster, server)?);
+            running.push(tools::testapp_server(&cluster, server)?);
         }
         sides.push(Side {
             mode,
@@ -239,74 +335,39 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let figures: Vec<Figure> = MESSAGE_SIZES
         .iter()
         .map(|&size| Figure::RoundTrip { size })
-        .chain([Figure::Bulk])
+        .chain([
+            Figure::Bulk,
+            Figure::NewConnections {
+                tunnels: Tunnels::Pooled,
+            },
+        ])
         .collect();
-    let total = rounds as usize * figures.len() * Shape::ALL.len() * sides.len();
-    let mut results = Results::default();
-    let mut path = PathCheck::default();
+    let fresh = Figure::NewConnections {
+        tunnels: Tunnels::Fresh,
+    };
+    let runs_per_round: usize = figures.iter().map(|f| f.shapes().len()).sum();
+    let mut bench = Bench {
+        interrupt: &interrupt,
+        seconds,
+        connections,
+        progress: Progress {
+            done: 0,
+            total: rounds as usize * (runs_per_round + fresh.shapes().len()) * sides.len(),
+        },
+        results: Results::default(),
+        path: PathCheck::default(),
+    };
     let cpu_before = cpu_seconds(&agent_pids)?;
     let traffic_started = Instant::now();
-    let mut done = 0;
     let mut mesh_seconds = 0.0;
     for round in 1..=rounds {
         for figure in &figures {
-            for shape in Shape::ALL {
+            for &shape in figure.shapes() {
                 for side in &mut sides {
-                    interrupt.check()?;
-                    done += 1;
-                    print!(
-                        "[{done:>3}/{total}] round {round}/{rounds}  {:<18} {:<10}  {:<11} … ",
-                        figure.to_string(),
-                        shape.to_string(),
-                        side.mode.to_string()
-                    );
-                    let _ = std::io::stdout().flush();
-                    for server in &mut side.tools {
-                        server.check_running()?;
-                    }
-                    // Only mutual-TLS connections count: the mesh rows must prove the full path.
-                    let before = Counters::read_matching(&cluster, MUTUAL_TLS);
-                    let run_started = Instant::now();
-                    let server_ip = side.server(shape).ip;
-                    let outcome = match *figure {
-                        Figure::RoundTrip { size } => tools::sockperf_ping_pong(
-                            &cluster,
-                            &side.client,
-                            server_ip,
-                            seconds,
-                            size,
-                        )
-                        .map(|rt| {
-                            results
-                                .round_trips
-                                .entry((size, shape, side.mode))
-                                .or_default()
-                                .push(rt);
-                            format!("p50 {:.1} µs, p99 {:.1} µs", rt.p50_us, rt.p99_us)
-                        }),
-                        Figure::Bulk => {
-                            tools::iperf3_bulk(&cluster, &side.client, server_ip, seconds).map(
-                                |bps| {
-                                    results
-                                        .bulk
-                                        .entry((shape, side.mode))
-                                        .or_default()
-                                        .push(bps);
-                                    format!("{:.2} Gb/s", bps / 1e9)
-                                },
-                            )
-                        }
-                    };
-                    let outcome = match outcome {
-                        Err(_) if interrupt.is_set() => bail!("interrupted (Ctrl-C)"),
-                        outcome => outcome?,
-                    };
+                    let took = bench.run(&cluster, (round, rounds), side, shape, *figure)?;
                     if side.mode == Mode::MeshMtls {
-                        mesh_seconds += run_started.elapsed().as_secs_f64();
+                        mesh_seconds += took.as_secs_f64();
                     }
-                    let after = Counters::read_matching(&cluster, MUTUAL_TLS);
-                    println!("{outcome}");
-                    path.record(side.mode, shape, &before, &after)?;
                 }
             }
         }
@@ -317,13 +378,28 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         .iter()
         .map(|pid| agent::rss_mib(*pid))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let verified = path.verify()?;
+
+    println!(
+        "bench: restarting the agents with {} (a new mTLS tunnel per connection)…",
+        FRESH_HANDSHAKE_ARGS.join(" ")
+    );
+    restart_agents(&mut cluster, FRESH_HANDSHAKE_ARGS)?;
+    for side in &sides {
+        bench.warm_up(&cluster, side, WARM_UP_CONNECTIONS)?;
+    }
+    for round in 1..=rounds {
+        for side in &mut sides {
+            bench.run(&cluster, (round, rounds), side, Shape::CrossNode, fresh)?;
+        }
+    }
+    let verified = bench.path.verify()?;
 
     let report = Report {
         quick: options.quick,
         rounds,
         seconds,
-        results: &results,
+        connections,
+        results: &bench.results,
         agents: (0..agent_pids.len())
             .map(|i| report::AgentCost {
                 node: i,
@@ -345,6 +421,130 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Numbers the runs in the progress lines.
+struct Progress {
+    done: usize,
+    total: usize,
+}
+
+/// The state of the measuring: what was measured so far and what the proxies saw of it.
+struct Bench<'a> {
+    interrupt: &'a Interrupt,
+    seconds: u32,
+    /// Connections per new-connections run.
+    connections: u32,
+    progress: Progress,
+    results: Results,
+    path: PathCheck,
+}
+
+impl Bench<'_> {
+    /// Measures `figure` from `side`'s client to its `shape` server, prints and records
+    /// the figure, checks which path the run took and returns how long it ran.
+    fn run(
+        &mut self,
+        cluster: &Cluster,
+        (round, rounds): (u32, u32),
+        side: &mut Side,
+        shape: Shape,
+        figure: Figure,
+    ) -> anyhow::Result<Duration> {
+        self.interrupt.check()?;
+        self.progress.done += 1;
+        print!(
+            "[{:>3}/{}] round {round}/{rounds}  {:<28} {:<10}  {:<13} … ",
+            self.progress.done,
+            self.progress.total,
+            figure.to_string(),
+            shape.to_string(),
+            side.mode.to_string()
+        );
+        let _ = std::io::stdout().flush();
+        for server in &mut side.tools {
+            server.check_running()?;
+        }
+        // Only mutual-TLS connections count: the mesh rows must prove the full path.
+        let before = Counters::read_matching(cluster, MUTUAL_TLS);
+        let run_started = Instant::now();
+        let outcome = self.measure(cluster, side, shape, figure);
+        let outcome = match outcome {
+            Err(_) if self.interrupt.is_set() => bail!("interrupted (Ctrl-C)"),
+            outcome => outcome?,
+        };
+        let took = run_started.elapsed();
+        let after = Counters::read_matching(cluster, MUTUAL_TLS);
+        println!("{outcome}");
+        self.path.record(
+            side.mode,
+            shape,
+            figure.expected(self.connections),
+            &before,
+            &after,
+        )?;
+        Ok(took)
+    }
+
+    /// Runs the client of `figure` and records what it measured; returns it as text.
+    fn measure(
+        &mut self,
+        cluster: &Cluster,
+        side: &Side,
+        shape: Shape,
+        figure: Figure,
+    ) -> anyhow::Result<String> {
+        let (client, server) = (&side.client, side.server(shape).ip);
+        let results = &mut self.results;
+        Ok(match figure {
+            Figure::RoundTrip { size } => {
+                let rt = tools::sockperf_ping_pong(cluster, client, server, self.seconds, size)?;
+                push(&mut results.round_trips, (size, shape, side.mode), rt);
+                format!("p50 {:.1} µs, p99 {:.1} µs", rt.p50_us, rt.p99_us)
+            }
+            Figure::Bulk => {
+                let bps = tools::iperf3_bulk(cluster, client, server, self.seconds)?;
+                push(&mut results.bulk, (shape, side.mode), bps);
+                format!("{:.2} Gb/s", bps / 1e9)
+            }
+            Figure::NewConnections { tunnels } => {
+                let rate = tools::connect_rate(cluster, client, server, self.connections)?;
+                push(&mut results.connections, (tunnels, side.mode), rate);
+                format!("{rate:.0} connections/s")
+            }
+        })
+    }
+
+    /// A few unmeasured, unchecked connections from `side`'s client to its cross-node
+    /// server.
+    fn warm_up(&self, cluster: &Cluster, side: &Side, count: u32) -> anyhow::Result<()> {
+        self.interrupt.check()?;
+        let server = side.server(Shape::CrossNode).ip;
+        tools::connect_rate(cluster, &side.client, server, count)
+            .with_context(|| format!("warming up ({})", side.mode))?;
+        Ok(())
+    }
+}
+
+fn push<K: Ord, V>(map: &mut BTreeMap<K, Vec<V>>, key: K, value: V) {
+    map.entry(key).or_default().push(value);
+}
+
+/// Restarts every node's agent with `extra_args`, and waits until each has enrolled the
+/// pods it had before.
+fn restart_agents(cluster: &mut Cluster, extra_args: &[&str]) -> anyhow::Result<()> {
+    // Counts of pods, small whole numbers.
+    let enrolled: Vec<u32> = enrolled_pods(cluster).iter().map(|n| *n as u32).collect();
+    for i in 0..cluster.nodes() {
+        let status = cluster.stop_agent(i);
+        if !status.success() {
+            println!("bench: note: the agent of node{i} exited with {status} when stopped");
+        }
+    }
+    for i in 0..cluster.nodes() {
+        cluster.start_agent(i, extra_args);
+    }
+    wait_enrolled(cluster, &enrolled)
+}
+
 /// `target/release`, beside the `target/<profile>` this xtask runs from.
 fn release_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("current_exe")?;
@@ -361,15 +561,18 @@ fn cpu_seconds(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
 
 // === path check ===
 
-/// `istio_tcp_connections_opened_total` of every node, by reporter.
+/// Connections (`istio_tcp_connections_opened_total`, by reporter) and HBONE tunnels
+/// (`nodemesh_hbone_tunnels_opened_total`) the proxy of every node opened.
 #[derive(Clone, Debug)]
 pub(crate) struct Counters {
     pub source: Vec<f64>,
     pub destination: Vec<f64>,
+    pub tunnels: Vec<f64>,
 }
 
 impl Counters {
     const OPENED: &str = "istio_tcp_connections_opened_total";
+    const TUNNELS_OPENED: &str = "nodemesh_hbone_tunnels_opened_total";
 
     pub fn read(cluster: &Cluster) -> Counters {
         Self::read_matching(cluster, &[])
@@ -386,29 +589,56 @@ impl Counters {
         Counters {
             source: texts.iter().map(|t| value(t, "source")).collect(),
             destination: texts.iter().map(|t| value(t, "destination")).collect(),
+            tunnels: texts
+                .iter()
+                .map(|t| mesh_tests::metric_value(t, Self::TUNNELS_OPENED, &[]).unwrap_or(0.0))
+                .collect(),
         }
     }
 
-    /// Growth since `before`: (source, destination) per node.
+    /// Growth since `before`, per node.
     pub fn since(&self, before: &Counters) -> Counters {
         let diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(a, b)| a - b).collect();
         Counters {
             source: diff(&self.source, &before.source),
             destination: diff(&self.destination, &before.destination),
+            tunnels: diff(&self.tunnels, &before.tunnels),
         }
     }
 
+    /// Connections opened, both reporters, all nodes.
     pub fn total(&self) -> f64 {
         self.source.iter().chain(&self.destination).sum()
     }
 }
 
+/// What the proxies must have seen of one mesh run.
+#[derive(Clone, Debug, PartialEq)]
+struct Expected {
+    /// Fewest connections node0's source proxy and the server node's destination proxy
+    /// must each have opened.
+    connections: f64,
+    /// For new-connections runs: how the agents carry them, and how many tunnels node0's
+    /// proxy may open meanwhile.
+    tunnels: Option<(Tunnels, RangeInclusive<f64>)>,
+}
+
+/// The mesh runs of one kind, summed.
+#[derive(Default)]
+struct Tally {
+    runs: u32,
+    /// Connections node0's source proxy opened, the server node's destination proxy
+    /// opened, and HBONE tunnels node0's proxy opened.
+    source: f64,
+    destination: f64,
+    tunnels: f64,
+}
+
 /// Tallies what the proxies saw of each run, to prove the path every row measured.
 #[derive(Default)]
 struct PathCheck {
-    /// Per shape: mesh runs, connections the client node's source reporter opened, and
-    /// connections the server node's destination reporter opened.
-    mesh: BTreeMap<Shape, (u32, f64, f64)>,
+    /// Per shape, and for new-connections runs how the agents carry tunnels.
+    mesh: BTreeMap<(Shape, Option<Tunnels>), Tally>,
     no_mesh_runs: u32,
 }
 
@@ -419,6 +649,7 @@ impl PathCheck {
         &mut self,
         mode: Mode,
         shape: Shape,
+        expected: Expected,
         before: &Counters,
         after: &Counters,
     ) -> anyhow::Result<()> {
@@ -426,27 +657,44 @@ impl PathCheck {
         let server_node = shape.server_node();
         match mode {
             Mode::NoMesh => {
-                if grown.total() != 0.0 {
+                if grown.total() != 0.0 || grown.tunnels.iter().sum::<f64>() != 0.0 {
                     bail!(
-                        "a no-mesh run ({shape}) went through the mesh: opened connections grew by \
-                         {grown:?} (source / destination reporter per node)"
+                        "a no-mesh run ({shape}) went through the mesh: opened connections and \
+                         tunnels grew by {grown:?} (source / destination reporter per node)"
                     );
                 }
                 self.no_mesh_runs += 1;
             }
             Mode::MeshMtls => {
                 let (source, destination) = (grown.source[0], grown.destination[server_node]);
-                if source < 1.0 || destination < 1.0 {
+                let least = expected.connections;
+                if source < least || destination < least {
                     bail!(
                         "a mesh run ({shape}) was not captured by both proxies: node0's source \
-                         reporter opened {source} connections, node{server_node}'s destination \
-                         reporter {destination} (all: {grown:?})"
+                         reporter opened {source} mutual-TLS connections, node{server_node}'s \
+                         destination reporter {destination}, expected at least {least} each \
+                         (all: {grown:?})"
                     );
                 }
-                let tally = self.mesh.entry(shape).or_default();
-                tally.0 += 1;
-                tally.1 += source;
-                tally.2 += destination;
+                let tunnels = grown.tunnels[0];
+                if let Some((how, range)) = &expected.tunnels
+                    && !range.contains(&tunnels)
+                {
+                    bail!(
+                        "a mesh run ({shape}, {how}) did not use the tunnels it measures: \
+                         node0's proxy opened {tunnels} tunnels for {least} connections, \
+                         expected {}",
+                        describe_range(range)
+                    );
+                }
+                let tally = self
+                    .mesh
+                    .entry((shape, expected.tunnels.map(|(how, _)| how)))
+                    .or_default();
+                tally.runs += 1;
+                tally.source += source;
+                tally.destination += destination;
+                tally.tunnels += tunnels;
             }
         }
         Ok(())
@@ -454,21 +702,40 @@ impl PathCheck {
 
     fn verify(&self) -> anyhow::Result<String> {
         let mut lines = vec!["path verified: captured by both proxies".to_owned()];
-        for (shape, (runs, source, destination)) in &self.mesh {
-            if *source < f64::from(*runs) || *destination < f64::from(*runs) {
+        for ((shape, tunnels), tally) in &self.mesh {
+            let runs = f64::from(tally.runs);
+            if tally.source < runs || tally.destination < runs {
                 bail!("the mesh runs ({shape}) were not all captured by both proxies");
             }
+            let what = match tunnels {
+                None => shape.to_string(),
+                Some(how) => format!("{shape}, new connections, {how}"),
+            };
             lines.push(format!(
-                "  {shape}: {runs} mesh runs; connections opened by node0's source proxy \
-                 +{source}, by node{}'s destination proxy +{destination}",
-                shape.server_node()
+                "  {what}: {} mesh runs; mutual-TLS connections opened by node0's source \
+                 proxy +{}, by node{}'s destination proxy +{}; tunnels opened by node0's \
+                 proxy +{}",
+                tally.runs,
+                tally.source,
+                shape.server_node(),
+                tally.destination,
+                tally.tunnels
             ));
         }
         lines.push(format!(
-            "  {} no-mesh runs; connections opened by any proxy +0",
+            "  {} no-mesh runs; connections and tunnels opened by any proxy +0",
             self.no_mesh_runs
         ));
         Ok(lines.join("\n"))
+    }
+}
+
+/// `range` in words: "at least 3" when it has no upper bound, "0 to 3" otherwise.
+fn describe_range(range: &RangeInclusive<f64>) -> String {
+    if range.end().is_infinite() {
+        format!("at least {}", range.start())
+    } else {
+        format!("{} to {}", range.start(), range.end())
     }
 }
 
@@ -492,16 +759,21 @@ pub(crate) fn require_root(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `nodemesh_enrolled_pods` of every node's agent.
+fn enrolled_pods(cluster: &Cluster) -> Vec<f64> {
+    (0..cluster.nodes())
+        .map(|i| {
+            mesh_tests::metric_value(&cluster.metrics(i), "nodemesh_enrolled_pods", &[])
+                .unwrap_or(0.0)
+        })
+        .collect()
+}
+
 /// Waits until node i's agent reports `expected[i]` enrolled pods.
 pub(crate) fn wait_enrolled(cluster: &Cluster, expected: &[u32]) -> anyhow::Result<()> {
     let deadline = Instant::now() + ENROLL_TIMEOUT;
     loop {
-        let enrolled: Vec<f64> = (0..cluster.nodes())
-            .map(|i| {
-                mesh_tests::metric_value(&cluster.metrics(i), "nodemesh_enrolled_pods", &[])
-                    .unwrap_or(0.0)
-            })
-            .collect();
+        let enrolled = enrolled_pods(cluster);
         if enrolled
             .iter()
             .zip(expected)
@@ -558,5 +830,84 @@ impl Interrupt {
     /// Blocks until Ctrl-C.
     pub fn wait(&self) {
         let _ = self.signalled.recv();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counters of a two-node cluster where node0 opened `source` connections and
+    /// `tunnels` tunnels and node1 accepted `destination` connections.
+    fn counters(source: f64, destination: f64, tunnels: f64) -> Counters {
+        Counters {
+            source: vec![source, 0.0],
+            destination: vec![0.0, destination],
+            tunnels: vec![tunnels, 0.0],
+        }
+    }
+
+    #[test]
+    fn tunnels_expected_per_run() {
+        let pooled = Tunnels::Pooled.expected_opened(200);
+        assert_eq!(pooled, 0.0..=2.0);
+        assert_eq!(Tunnels::Pooled.expected_opened(2000), 0.0..=3.0);
+        assert_eq!(describe_range(&pooled), "0 to 2");
+        let fresh = Tunnels::Fresh.expected_opened(200);
+        assert!(fresh.contains(&200.0) && fresh.contains(&1e9) && !fresh.contains(&199.0));
+        assert_eq!(describe_range(&fresh), "at least 200");
+        assert_eq!(
+            Figure::Bulk.expected(200),
+            Expected {
+                connections: 1.0,
+                tunnels: None
+            }
+        );
+    }
+
+    #[test]
+    fn path_check_of_new_connections() {
+        let zero = counters(0.0, 0.0, 0.0);
+        let pooled = Figure::NewConnections {
+            tunnels: Tunnels::Pooled,
+        };
+        let fresh = Figure::NewConnections {
+            tunnels: Tunnels::Fresh,
+        };
+        let mut path = PathCheck::default();
+        let record = |path: &mut PathCheck, mode, figure: Figure, after| {
+            path.record(mode, Shape::CrossNode, figure.expected(200), &zero, &after)
+        };
+        record(
+            &mut path,
+            Mode::MeshMtls,
+            pooled,
+            counters(200.0, 200.0, 1.0),
+        )
+        .unwrap();
+        record(
+            &mut path,
+            Mode::MeshMtls,
+            fresh,
+            counters(200.0, 200.0, 200.0),
+        )
+        .unwrap();
+        record(&mut path, Mode::NoMesh, pooled, zero.clone()).unwrap();
+        // Pooled connections that each opened a tunnel, fresh ones that shared one, too few
+        // connections, and a no-mesh run that opened a tunnel all fail.
+        for (mode, figure, after) in [
+            (Mode::MeshMtls, pooled, counters(200.0, 200.0, 200.0)),
+            (Mode::MeshMtls, fresh, counters(200.0, 200.0, 1.0)),
+            (Mode::MeshMtls, pooled, counters(199.0, 200.0, 1.0)),
+            (Mode::NoMesh, pooled, counters(0.0, 0.0, 1.0)),
+        ] {
+            assert!(record(&mut path, mode, figure, after).is_err());
+        }
+        let verified = path.verify().unwrap();
+        assert!(
+            verified.contains("cross-node, new connections, fresh handshake: 1 mesh runs"),
+            "{verified}"
+        );
+        assert!(verified.contains("1 no-mesh runs"), "{verified}");
     }
 }

@@ -1,12 +1,15 @@
 //! The bench's report: medians across rounds, what the mesh adds over no mesh of the same
-//! run, and the agents' cost, with PERF.md's reference figures beside them.
+//! run (or phase), and the agents' cost, with PERF.md's reference figures beside them.
 
 use std::fmt::Write as _;
 
 use super::{
-    MESSAGE_SIZES, Mode, Results, Shape,
+    FRESH_HANDSHAKE_ARGS, MESSAGE_SIZES, Mode, Results, Shape, Tunnels,
     table::{Align, Table},
 };
+
+/// PERF.md's target for new connections per second over a pooled tunnel.
+const POOLED_TARGET_PER_SECOND: f64 = 1100.0;
 
 /// CPU and memory of one node's agent over the bench.
 pub struct AgentCost {
@@ -22,6 +25,8 @@ pub struct Report<'a> {
     pub quick: bool,
     pub rounds: u32,
     pub seconds: u32,
+    /// Connections per new-connections run.
+    pub connections: u32,
     pub results: &'a Results,
     pub agents: Vec<AgentCost>,
     /// Wall time of the traffic phase (all rounds, all modes).
@@ -64,6 +69,8 @@ impl Report<'_> {
         }
         out.push('\n');
         self.bulk_table(&mut out);
+        out.push('\n');
+        self.connections_table(&mut out);
         out.push('\n');
         self.agent_table(&mut out);
         out
@@ -139,41 +146,74 @@ impl Report<'_> {
             "one bulk TCP stream (iperf3 -c … -t {}, Gb/s received by the server)",
             self.seconds
         );
-        let mut table = Table::new(&[
-            ("shape", Align::Left),
-            ("mode", Align::Left),
-            ("Gb/s", Align::Right),
-            ("× no mesh", Align::Right),
-            ("per round", Align::Left),
-        ]);
+        let mut table = RateTable::new("shape", "Gb/s", 2, None);
         for shape in Shape::ALL {
             let gbps = |mode: Mode| -> Vec<f64> {
-                self.results
-                    .bulk
-                    .get(&(shape, mode))
-                    .map(|runs| runs.iter().map(|bps| bps / 1e9).collect())
+                let runs = self.results.bulk.get(&(shape, mode));
+                runs.map(|runs| runs.iter().map(|bps| bps / 1e9).collect())
                     .unwrap_or_default()
             };
-            let base = median(&gbps(Mode::NoMesh));
-            for mode in Mode::ALL {
-                let runs = gbps(mode);
-                let value = median(&runs);
-                let per_round: Vec<String> = runs.iter().map(|g| format!("{g:.2}")).collect();
-                table.row(vec![
-                    shape.to_string(),
-                    mode.to_string(),
-                    format!("{value:.2}"),
-                    ratio(value, base),
-                    per_round.join("  "),
-                ]);
-            }
+            table.group(&shape.to_string(), gbps, Mode::to_string);
         }
-        out.push_str(&table.render(2));
+        out.push_str(&table.render());
         let _ = writeln!(
             out,
             "  for orientation (PERF.md): no mesh 13-24 Gb/s cross-node; ztunnel (mTLS) 0.24× \
              no mesh (4.7 Gb/s); target for the mTLS path: ≥ 0.36×"
         );
+    }
+
+    fn connections_table(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "new connections per second, cross-node (mesh-testapp connect --count {}: \
+             sequential connections, one line and its reply each; whole client run timed)",
+            self.connections
+        );
+        let runs = |tunnels: Tunnels, mode: Mode| -> Vec<f64> {
+            let runs = self.results.connections.get(&(tunnels, mode));
+            runs.cloned().unwrap_or_default()
+        };
+        let mut table = RateTable::new(
+            "agents",
+            "conn/s",
+            0,
+            Some(AddedCost {
+                title: "added µs/conn",
+                cost: per_connection_us,
+            }),
+        );
+        for tunnels in Tunnels::ALL {
+            let agents = match tunnels {
+                Tunnels::Pooled => "default".to_owned(),
+                Tunnels::Fresh => FRESH_HANDSHAKE_ARGS.join(" "),
+            };
+            let label = |mode: &Mode| match mode {
+                Mode::NoMesh => mode.to_string(),
+                Mode::MeshMtls => format!("{mode}, {tunnels}"),
+            };
+            table.group(&agents, |mode| runs(tunnels, mode), label);
+        }
+        out.push_str(&table.render());
+        let _ = writeln!(
+            out,
+            "  for orientation (PERF.md, own harness): ztunnel 0.86 k/s over a pooled tunnel \
+             (direct 5.3 k/s), ≈ 815/s with a fresh mTLS handshake; target over a pooled \
+             tunnel: ≥ {:.1} k/s",
+            POOLED_TARGET_PER_SECOND / 1000.0
+        );
+        if !self.quick {
+            let pooled = median(&runs(Tunnels::Pooled, Mode::MeshMtls));
+            let verdict = if pooled >= POOLED_TARGET_PER_SECOND {
+                "met"
+            } else {
+                "NOT met"
+            };
+            let _ = writeln!(
+                out,
+                "  pooled tunnel: {pooled:.0}/s, target ≥ {POOLED_TARGET_PER_SECOND:.0}/s {verdict}"
+            );
+        }
     }
 
     fn agent_table(&self, out: &mut String) {
@@ -213,12 +253,87 @@ impl Report<'_> {
     }
 }
 
+/// A table of a figure where more is better (a rate), measured once per round: per group of
+/// rows (a shape, or what the agents were started with) and mode, the median across
+/// rounds, its ratio to no mesh of the same group, optionally what the mesh adds to the
+/// cost of one unit, and every round's value.
+struct RateTable {
+    table: Table,
+    decimals: usize,
+    added: Option<AddedCost>,
+}
+
+/// A column of what the mesh adds to the cost of one unit of a rate.
+#[derive(Clone, Copy)]
+struct AddedCost {
+    title: &'static str,
+    /// The cost of one unit at a rate, e.g. µs per connection.
+    cost: fn(f64) -> f64,
+}
+
+impl RateTable {
+    /// `group` titles the first column, `unit` the medians'.
+    fn new(group: &str, unit: &str, decimals: usize, added: Option<AddedCost>) -> Self {
+        let mut columns = vec![
+            (group, Align::Left),
+            ("mode", Align::Left),
+            (unit, Align::Right),
+            ("× no mesh", Align::Right),
+        ];
+        columns.extend(added.map(|added| (added.title, Align::Right)));
+        columns.push(("per round", Align::Left));
+        Self {
+            table: Table::new(&columns),
+            decimals,
+            added,
+        }
+    }
+
+    /// Adds a row per mode: `runs` gives the mode's values (one per round), `label` its
+    /// row's label.
+    fn group(
+        &mut self,
+        group: &str,
+        runs: impl Fn(Mode) -> Vec<f64>,
+        label: impl Fn(&Mode) -> String,
+    ) {
+        let decimals = self.decimals;
+        let base = median(&runs(Mode::NoMesh));
+        for mode in Mode::ALL {
+            let values = runs(mode);
+            let value = median(&values);
+            let per_round: Vec<String> = values.iter().map(|v| format!("{v:.decimals$}")).collect();
+            let mut cells = vec![
+                group.to_owned(),
+                label(&mode),
+                format!("{value:.decimals$}"),
+                ratio(value, base),
+            ];
+            cells.extend(
+                self.added
+                    .map(|AddedCost { cost, .. }| added(mode, cost(value), cost(base))),
+            );
+            cells.push(per_round.join("  "));
+            self.table.row(cells);
+        }
+    }
+
+    fn render(&self) -> String {
+        self.table.render(2)
+    }
+}
+
 fn added(mode: Mode, value: f64, base: f64) -> String {
     if mode == Mode::NoMesh {
         "—".to_owned()
     } else {
         format!("{:+.1}", value - base)
     }
+}
+
+/// µs per connection at `rate` connections per second (NaN for no rate).
+fn per_connection_us(rate: f64) -> f64 {
+    1e6 / rate
 }
 
 fn ratio(value: f64, base: f64) -> String {
@@ -255,6 +370,20 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn time_per_connection() {
+        assert_eq!(per_connection_us(5000.0), 200.0);
+        assert_eq!(
+            added(
+                Mode::MeshMtls,
+                per_connection_us(1000.0),
+                per_connection_us(5000.0)
+            ),
+            "+800.0"
+        );
+        assert!(per_connection_us(f64::NAN).is_nan());
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The measuring tools, real and common so users can reproduce the figures (PERF.md):
-//! `sockperf ping-pong` for warm round trips and `iperf3` for one bulk TCP stream.
+//! `sockperf ping-pong` for warm round trips, `iperf3` for one bulk TCP stream, and the
+//! harness's own `mesh-testapp connect` for new connections per second.
 
 use std::{
     fs::File,
     io::Read,
-    net::Ipv4Addr,
-    path::PathBuf,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
@@ -18,6 +19,13 @@ use mesh_tests::{Cluster, Pod};
 pub const SOCKPERF_PORT: u16 = 11111;
 /// Port of the `iperf3 -s` in every server pod.
 pub const IPERF_PORT: u16 = 5201;
+/// Port of the `mesh-testapp serve` in every server pod.
+pub const TESTAPP_PORT: u16 = 8080;
+/// The line `mesh-testapp connect` sends on each connection.
+const CONNECT_MESSAGE: &str = "x";
+/// Fewer new connections per second than this and a `mesh-testapp connect` run counts as
+/// hung (it sets its own timeout of 5 s per connect, read and write).
+const SLOWEST_CONNECTION_RATE: u32 = 50;
 
 const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much longer than its own duration a client may take before it counts as hung.
@@ -81,22 +89,39 @@ pub fn iperf3_server(cluster: &Cluster, pod: &Pod) -> anyhow::Result<Server> {
     )
 }
 
+/// `mesh-testapp serve` on the pod's address, once it listens: replies to every line.
+pub fn testapp_server(cluster: &Cluster, pod: &Pod) -> anyhow::Result<Server> {
+    let listen = SocketAddrV4::new(pod.ip, TESTAPP_PORT).to_string();
+    spawn_server(
+        cluster,
+        pod,
+        mesh_tests::bin_path("mesh-testapp"),
+        &["serve", "--listen", &listen, "--name", &pod.name],
+        TESTAPP_PORT,
+    )
+}
+
 fn spawn_server(
     cluster: &Cluster,
     pod: &Pod,
-    program: &str,
+    program: impl AsRef<Path>,
     args: &[&str],
     port: u16,
 ) -> anyhow::Result<Server> {
+    let program = program.as_ref();
+    let name = program
+        .file_name()
+        .unwrap_or(program.as_os_str())
+        .to_string_lossy();
     let what = format!(
-        "{program} {} in pod {}/{}",
+        "{name} {} in pod {}/{}",
         args.join(" "),
         pod.namespace,
         pod.name
     );
     let log = cluster
         .logs_dir()
-        .join(format!("{program}-{}-{}.log", pod.namespace, pod.name));
+        .join(format!("{name}-{}-{}.log", pod.namespace, pod.name));
     let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     // Spawned from the main thread: pod processes die with the thread that started them.
@@ -220,12 +245,61 @@ pub fn iperf3_bulk(
     parse_iperf3(&stdout).with_context(|| format!("{what}: unexpected output:\n{stdout}"))
 }
 
+/// New connections per second of `mesh-testapp connect --count <count>` from `client` to
+/// the testapp server at `server`: sequential connections, each one line and its reply.
+/// The whole run is timed, from spawning the client to the end of its output (its exit),
+/// so its start-up counts too: a few ms, amortized over a large `count`.
+pub fn connect_rate(
+    cluster: &Cluster,
+    client: &Pod,
+    server: Ipv4Addr,
+    count: u32,
+) -> anyhow::Result<f64> {
+    let (to, count_arg) = (
+        SocketAddrV4::new(server, TESTAPP_PORT).to_string(),
+        count.to_string(),
+    );
+    let args = [
+        "connect",
+        "--to",
+        &to,
+        "--count",
+        &count_arg,
+        "--message",
+        CONNECT_MESSAGE,
+    ];
+    let what = format!("mesh-testapp {} (pod {})", args.join(" "), client.name);
+    let mut command = client.testapp(cluster);
+    command.args(args);
+    let timeout = client_timeout(count.div_ceil(SLOWEST_CONNECTION_RATE));
+    let (output, elapsed) = run_timed(command, &what, timeout)?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    connection_rate(&stdout, count, elapsed).with_context(|| {
+        format!(
+            "{what}: unexpected output (first lines):\n{}",
+            head(&stdout)
+        )
+    })
+}
+
 fn client_timeout(seconds: u32) -> Duration {
     Duration::from_secs(seconds.into()) + CLIENT_GRACE
 }
 
 /// Runs `command` to completion (killed after `timeout`); fails unless it exits 0.
-fn run_to_end(mut command: Command, what: &str, timeout: Duration) -> anyhow::Result<Output> {
+fn run_to_end(command: Command, what: &str, timeout: Duration) -> anyhow::Result<Output> {
+    run_timed(command, what, timeout).map(|(output, _)| output)
+}
+
+/// Like [`run_to_end`], also returning how long the command ran: from just before it was
+/// spawned until its stdout closed (when it exited), measured by the thread reading that
+/// pipe, so the timing does not depend on how often the exit is polled.
+fn run_timed(
+    mut command: Command,
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Result<(Output, Duration)> {
+    let started = Instant::now();
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -237,12 +311,11 @@ fn run_to_end(mut command: Command, what: &str, timeout: Duration) -> anyhow::Re
         thread::spawn(move || {
             let mut bytes = Vec::new();
             let _ = pipe.read_to_end(&mut bytes);
-            bytes
+            (bytes, Instant::now())
         })
     };
     let stdout = drain(Box::new(child.stdout.take().expect("piped")));
     let stderr = drain(Box::new(child.stderr.take().expect("piped")));
-    let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -254,10 +327,13 @@ fn run_to_end(mut command: Command, what: &str, timeout: Duration) -> anyhow::Re
         }
         thread::sleep(Duration::from_millis(10));
     };
+    let (stdout, closed) = stdout
+        .join()
+        .unwrap_or_else(|_| (Vec::new(), Instant::now()));
     let output = Output {
         status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
+        stdout,
+        stderr: stderr.join().map(|(bytes, _)| bytes).unwrap_or_default(),
     };
     if !status.success() {
         bail!(
@@ -266,7 +342,7 @@ fn run_to_end(mut command: Command, what: &str, timeout: Duration) -> anyhow::Re
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    Ok(output)
+    Ok((output, closed.saturating_duration_since(started)))
 }
 
 /// Reads the summary of `sockperf ping-pong --full-rtt`:
@@ -331,6 +407,24 @@ fn parse_iperf3(json: &str) -> anyhow::Result<f64> {
     Ok(bps)
 }
 
+/// Connections per second of a `mesh-testapp connect --count <count>` run that printed
+/// `stdout` (one reply line per connection) in `elapsed`.
+fn connection_rate(stdout: &str, count: u32, elapsed: Duration) -> anyhow::Result<f64> {
+    let echo = format!("\"echo\":\"{CONNECT_MESSAGE}\"");
+    let replies = stdout.lines().filter(|l| l.contains(&echo)).count();
+    if replies != count as usize {
+        bail!("{replies} replies echoing {CONNECT_MESSAGE:?} for {count} connections");
+    }
+    if count == 0 || elapsed.is_zero() {
+        bail!("no connection or no time to measure ({count} in {elapsed:?})");
+    }
+    Ok(f64::from(count) / elapsed.as_secs_f64())
+}
+
+fn head(text: &str) -> String {
+    text.lines().take(5).collect::<Vec<_>>().join("\n")
+}
+
 fn tail(path: &PathBuf) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -340,6 +434,19 @@ fn tail(path: &PathBuf) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_rate_counts_replies() {
+        let reply =
+            r#"{"echo":"x","local":"10.244.1.10:8080","peer":"10.244.0.10:40000","server":"s"}"#;
+        let stdout = format!("{reply}\n{reply}\n{reply}\n{reply}\n");
+        let rate = connection_rate(&stdout, 4, Duration::from_millis(2)).unwrap();
+        assert!((rate - 2000.0).abs() < 1e-6, "{rate}");
+        let short = connection_rate(&stdout, 5, Duration::from_millis(2)).unwrap_err();
+        assert!(short.to_string().contains("4 replies"), "{short}");
+        assert!(connection_rate("", 0, Duration::from_millis(2)).is_err());
+        assert!(connection_rate(&stdout, 4, Duration::ZERO).is_err());
+    }
 
     #[test]
     fn parses_iperf3_json() {
