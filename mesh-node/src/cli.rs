@@ -107,9 +107,10 @@ pub struct RunConfig {
     #[arg(long, conflicts_with = "ca_addr")]
     pub ca_dir: Option<PathBuf>,
 
-    /// Address (`ip:port`) of a `mesh-node ca` service to get certificates from, instead of
-    /// an in-process CA. Needs `--ca-root-file` and `--ca-token-file`.
-    #[arg(long, requires_all = ["ca_root_file", "ca_token_file"])]
+    /// URL (`https://<ip>:<port>`, or just `<ip>:<port>`) of a `mesh-node ca` service to
+    /// get certificates from, instead of an in-process CA. Needs `--ca-root-file` and
+    /// `--ca-token-file`.
+    #[arg(long, requires_all = ["ca_root_file", "ca_token_file"], value_parser = parse_ca_addr)]
     pub ca_addr: Option<SocketAddr>,
 
     /// The CA's root certificate(s), PEM (`root-cert.pem`): pinned to check the CA service,
@@ -171,4 +172,37 @@ pub struct CaConfig {
     /// Log format; the level comes from `RUST_LOG` (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// `https://10.0.0.5:15012`, `https://10.0.0.5:15012/` or `10.0.0.5:15012`. The CA is
+/// addressed by IP: its certificate carries a SPIFFE id, not a DNS name.
+fn parse_ca_addr(value: &str) -> Result<SocketAddr, String> {
+    let bare = value
+        .strip_prefix("https://")
+        .unwrap_or(value)
+        .trim_end_matches('/');
+    if value.starts_with("http://") {
+        return Err("the CA is only spoken to over https".into());
+    }
+    bare.parse()
+        .map_err(|_| format!("{value:?} is not https://<ip>:<port>"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_addresses_accept_urls_and_bare_addresses() {
+        let addr: SocketAddr = "10.0.0.5:15012".parse().unwrap();
+        for value in [
+            "https://10.0.0.5:15012",
+            "https://10.0.0.5:15012/",
+            "10.0.0.5:15012",
+        ] {
+            assert_eq!(parse_ca_addr(value), Ok(addr), "{value}");
+        }
+        assert!(parse_ca_addr("http://10.0.0.5:15012").is_err());
+        assert!(parse_ca_addr("https://ca.example:15012").is_err());
+    }
 }

@@ -8,7 +8,9 @@ use std::{
 };
 
 use mesh_node::{
-    identity::{CertificateAuthority, CertificateManager, Identity, ManagerConfig, tls},
+    identity::{
+        CertificateAuthority, CertificateManager, Identity, ManagerConfig, WorkloadCert, tls,
+    },
     proxy::hbone::{self, HboneError},
 };
 use mesh_tests::{
@@ -203,6 +205,22 @@ fn the_fabric_carries_no_plaintext_between_enrolled_pods() {
         "enrolled pods' bytes must not cross in the clear"
     );
     wait_for_mutual_tls(&scene.cluster);
+
+    // An enrolled client calling a pod outside the mesh speaks plaintext, and says so.
+    let outside = replies(&connect(&scene.cluster, &scene.sleep, &plain_to, 1));
+    assert_eq!(outside[0]["server"], "plain-web");
+    let plaintext = [
+        ("reporter", "source"),
+        ("destination_workload", "plain-web"),
+        ("connection_security_policy", "none"),
+    ];
+    wait_for_metric(
+        &scene.cluster,
+        0,
+        "istio_tcp_connections_opened_total",
+        &plaintext,
+        1.0,
+    );
 }
 
 #[test]
@@ -265,6 +283,29 @@ spec:
     wait_until(CONVERGE_TIMEOUT, "the certificate expiry gauge", || {
         (metric(&scene.cluster, 0, expiry, &sleep_cert) > now).then_some(())
     });
+
+    // A DENY by the caller's (verified) namespace wins over the ALLOW by principal.
+    let loads = metric(&scene.cluster, 1, "nodemesh_config_loads_total", &[]);
+    scene.cluster.write_config(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-shop, namespace: nodemesh-system}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {namespaces: [shop]}
+",
+    );
+    wait_until(CONVERGE_TIMEOUT, "node1 to load the DENY policy", || {
+        (metric(&scene.cluster, 1, "nodemesh_config_loads_total", &[]) > loads).then_some(())
+    });
+    let denied_now = connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 1);
+    assert!(
+        !denied_now.status.success(),
+        "DENY by namespace wins over ALLOW"
+    );
 }
 
 #[test]
@@ -362,6 +403,82 @@ fn short_lived_certificates_renew_while_connections_keep_working() {
     assert!(issued >= 3, "renewed at half life: {issued} issuances");
 }
 
+/// An HBONE tunnel to `web`'s 15008 presenting `cert`, as another node proxy would open.
+async fn tunnel_to(
+    web: std::net::Ipv4Addr,
+    cert: &WorkloadCert,
+    bundle: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+    let server = Identity::new("cluster.local", "shop", "default").expect("identity");
+    let config = tls::client_config(cert, bundle, server).map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(SocketAddr::from((web, 15008)))
+        .await
+        .map_err(|e| format!("TCP: {e}"))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::IpAddress(web.into()), tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    hbone::client_handshake(tls)
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))
+}
+
+#[test]
+fn an_expired_client_certificate_is_refused() {
+    if skip() {
+        return;
+    }
+    let mut scene = scene("mtls_expired");
+    scene.start();
+    let ca_dir = scene.cluster.work_dir().join("ca");
+    let web_ip = scene.web.ip;
+    let outcome = scene.cluster.run_in_node(0, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let ca =
+                    CertificateAuthority::load_or_create(&ca_dir, "cluster.local").expect("CA");
+                let me = Identity::new("cluster.local", "shop", "sleep").expect("identity");
+                let key = rcgen::KeyPair::generate().expect("key");
+                let csr = rcgen::CertificateParams::default()
+                    .serialize_request(&key)
+                    .expect("CSR");
+                let csr = rustls::pki_types::CertificateSigningRequestDer::from(csr.der().to_vec());
+                let issued = ca.sign(&csr, &me, Duration::from_secs(1)).expect("signed");
+                let cert = WorkloadCert {
+                    identity: me,
+                    chain: issued.chain_der,
+                    key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                    not_after: issued.not_after,
+                };
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                // TLS 1.3 reports a refused client certificate after the handshake: the
+                // tunnel must fail at the latest when a stream is opened on it.
+                match tunnel_to(web_ip, &cert, &ca.trust_bundle()).await {
+                    Err(error) => Err(error),
+                    Ok(sender) => hbone::connect(sender, SocketAddr::from((web_ip, 8080)))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                }
+            })
+    });
+    assert!(
+        outcome.is_err(),
+        "an expired client certificate must be refused"
+    );
+    let tls_refused = [("direction", "hbone"), ("reason", "tls")];
+    wait_for_metric(
+        &scene.cluster,
+        1,
+        "nodemesh_proxy_errors_total",
+        &tls_refused,
+        1.0,
+    );
+}
+
 #[test]
 fn a_direct_hbone_connect_to_anything_but_the_pod_is_refused() {
     if skip() {
@@ -383,17 +500,9 @@ fn a_direct_hbone_connect_to_anything_but_the_pod_is_refused() {
                 let manager = CertificateManager::new(Arc::new(ca), ManagerConfig::default());
                 let me = Identity::new("cluster.local", "shop", "sleep").expect("identity");
                 let cert = manager.fetch(&me).await.expect("certificate");
-                let server = Identity::new("cluster.local", "shop", "default").expect("identity");
-                let config = tls::client_config(&cert, &bundle, server).expect("TLS config");
-                let hbone_addr = SocketAddr::from((web_ip, 15008));
-                let tcp = tokio::net::TcpStream::connect(hbone_addr)
+                let sender = tunnel_to(web_ip, &cert, &bundle)
                     .await
-                    .expect("TCP to 15008");
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(ServerName::IpAddress(web_ip.into()), tcp)
-                    .await
-                    .expect("mTLS with the pod's identity");
-                let sender = hbone::client_handshake(tls).await.expect("HTTP/2");
+                    .expect("mTLS and HTTP/2 with the pod's identity");
                 let elsewhere = SocketAddr::from(([10, 244, 1, 99], 8080));
                 let refused = hbone::connect(sender.clone(), elsewhere).await.err();
                 let mut stream = hbone::connect(sender, SocketAddr::from((web_ip, 8080)))
@@ -472,6 +581,7 @@ fn agents_get_their_certificates_from_the_ca_service() {
             .map(|_| ())
     });
     let root = ca_dir.join("root-cert.pem");
+    let ca_url = format!("https://{ca_addr}");
     for node in 0..2 {
         let token_file = work.join(format!("token-node{node}"));
         fs::write(&token_file, format!("secret-of-node{node}\n")).expect("token");
@@ -483,7 +593,7 @@ fn agents_get_their_certificates_from_the_ca_service() {
             node,
             &[
                 "--ca-addr",
-                &ca_addr,
+                &ca_url,
                 "--ca-root-file",
                 root,
                 "--ca-token-file",
