@@ -423,16 +423,19 @@ async fn tunnel_to(
         .map_err(|e| format!("HTTP/2: {e}"))
 }
 
-#[test]
-fn an_expired_client_certificate_is_refused() {
-    if skip() {
-        return;
-    }
-    let mut scene = scene("mtls_expired");
-    scene.start();
+/// Runs `body` on a thread in node0's netns (outside the mesh, like another node's proxy)
+/// with the cluster's CA and web's address.
+fn with_cluster_ca<T, F>(
+    scene: &Scene,
+    body: impl FnOnce(CertificateAuthority, std::net::Ipv4Addr) -> F + Send,
+) -> T
+where
+    T: Send,
+    F: std::future::Future<Output = T>,
+{
     let ca_dir = scene.cluster.work_dir().join("ca");
     let web_ip = scene.web.ip;
-    let outcome = scene.cluster.run_in_node(0, move || {
+    scene.cluster.run_in_node(0, move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -440,30 +443,42 @@ fn an_expired_client_certificate_is_refused() {
             .block_on(async move {
                 let ca =
                     CertificateAuthority::load_or_create(&ca_dir, "cluster.local").expect("CA");
-                let me = Identity::new("cluster.local", "shop", "sleep").expect("identity");
-                let key = rcgen::KeyPair::generate().expect("key");
-                let csr = rcgen::CertificateParams::default()
-                    .serialize_request(&key)
-                    .expect("CSR");
-                let csr = rustls::pki_types::CertificateSigningRequestDer::from(csr.der().to_vec());
-                let issued = ca.sign(&csr, &me, Duration::from_secs(1)).expect("signed");
-                let cert = WorkloadCert {
-                    identity: me,
-                    chain: issued.chain_der,
-                    key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-                    not_after: issued.not_after,
-                };
-                tokio::time::sleep(Duration::from_millis(2500)).await;
-                // TLS 1.3 reports a refused client certificate after the handshake: the
-                // tunnel must fail at the latest when a stream is opened on it.
-                match tunnel_to(web_ip, &cert, &ca.trust_bundle()).await {
-                    Err(error) => Err(error),
-                    Ok(sender) => hbone::connect(sender, SocketAddr::from((web_ip, 8080)))
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                }
+                body(ca, web_ip).await
             })
+    })
+}
+
+#[test]
+fn an_expired_client_certificate_is_refused() {
+    if skip() {
+        return;
+    }
+    let mut scene = scene("mtls_expired");
+    scene.start();
+    let outcome = with_cluster_ca(&scene, |ca, web_ip| async move {
+        let me = Identity::new("cluster.local", "shop", "sleep").expect("identity");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .expect("CSR");
+        let csr = rustls::pki_types::CertificateSigningRequestDer::from(csr.der().to_vec());
+        let issued = ca.sign(&csr, &me, Duration::from_secs(1)).expect("signed");
+        let cert = WorkloadCert {
+            identity: me,
+            chain: issued.chain_der,
+            key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            not_after: issued.not_after,
+        };
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // TLS 1.3 reports a refused client certificate after the handshake: the
+        // tunnel must fail at the latest when a stream is opened on it.
+        match tunnel_to(web_ip, &cert, &ca.trust_bundle()).await {
+            Err(error) => Err(error),
+            Ok(sender) => hbone::connect(sender, SocketAddr::from((web_ip, 8080)))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        }
     });
     assert!(
         outcome.is_err(),
@@ -486,36 +501,26 @@ fn a_direct_hbone_connect_to_anything_but_the_pod_is_refused() {
     }
     let mut scene = scene("mtls_relay");
     scene.start();
-    let ca_dir = scene.cluster.work_dir().join("ca");
-    let web_ip = scene.web.ip;
-    let outcome = scene.cluster.run_in_node(0, move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async move {
-                let ca =
-                    CertificateAuthority::load_or_create(&ca_dir, "cluster.local").expect("CA");
-                let bundle = ca.trust_bundle();
-                let manager = CertificateManager::new(Arc::new(ca), ManagerConfig::default());
-                let me = Identity::new("cluster.local", "shop", "sleep").expect("identity");
-                let cert = manager.fetch(&me).await.expect("certificate");
-                let sender = tunnel_to(web_ip, &cert, &bundle)
-                    .await
-                    .expect("mTLS and HTTP/2 with the pod's identity");
-                let elsewhere = SocketAddr::from(([10, 244, 1, 99], 8080));
-                let refused = hbone::connect(sender.clone(), elsewhere).await.err();
-                let mut stream = hbone::connect(sender, SocketAddr::from((web_ip, 8080)))
-                    .await
-                    .expect("CONNECT to the pod itself");
-                stream.write_all(b"direct\n").await.expect("write");
-                let mut reply = String::new();
-                BufReader::new(&mut stream)
-                    .read_line(&mut reply)
-                    .await
-                    .expect("read");
-                (refused, reply)
-            })
+    let outcome = with_cluster_ca(&scene, |ca, web_ip| async move {
+        let bundle = ca.trust_bundle();
+        let manager = CertificateManager::new(Arc::new(ca), ManagerConfig::default());
+        let me = Identity::new("cluster.local", "shop", "sleep").expect("identity");
+        let cert = manager.fetch(&me).await.expect("certificate");
+        let sender = tunnel_to(web_ip, &cert, &bundle)
+            .await
+            .expect("mTLS and HTTP/2 with the pod's identity");
+        let elsewhere = SocketAddr::from(([10, 244, 1, 99], 8080));
+        let refused = hbone::connect(sender.clone(), elsewhere).await.err();
+        let mut stream = hbone::connect(sender, SocketAddr::from((web_ip, 8080)))
+            .await
+            .expect("CONNECT to the pod itself");
+        stream.write_all(b"direct\n").await.expect("write");
+        let mut reply = String::new();
+        BufReader::new(&mut stream)
+            .read_line(&mut reply)
+            .await
+            .expect("read");
+        (refused, reply)
     });
     let (refused, reply) = outcome;
     assert!(
