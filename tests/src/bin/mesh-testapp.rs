@@ -3,6 +3,23 @@
 //! `serve` answers every line with a JSON line saying who served it and which addresses
 //! it saw, so a test can tell where a connection really went and from where it came
 //! (after the mesh redirected it). `connect` is the matching client.
+//!
+//! `http-serve` is the L7 counterpart: HTTP/1.1, h2c, a gRPC echo service and an upgrade
+//! echo on the same ports, with knobs for failures and delays; `http`, `grpc` and `upgrade`
+//! are its clients. Those modes run on tokio (hyper); the TCP modes stay blocking.
+
+#[path = "testapp/client.rs"]
+mod client;
+#[path = "testapp/grpc.rs"]
+mod grpc;
+#[path = "testapp/http_client.rs"]
+mod http_client;
+#[path = "testapp/http_server.rs"]
+mod http_server;
+#[path = "testapp/message.rs"]
+mod message;
+#[path = "testapp/upgrade.rs"]
+mod upgrade;
 
 use std::{
     io::{self, BufRead, BufReader, Write},
@@ -58,6 +75,18 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
     },
+    /// Serve HTTP/1.1 and h2c on the same ports: a JSON description of each request,
+    /// query knobs (status, fail+key, delay_ms, size), GET /__stats, a gRPC echo service
+    /// and an upgrade echo; prints "ready" once listening.
+    HttpServe(http_server::Args),
+    /// Send HTTP requests over keep-alive connections; prints a JSON line per response
+    /// (or {"error":..}), or one summary with --summary.
+    Http(http_client::Args),
+    /// Make one gRPC call over h2c; prints each reply message, then {"grpc_status":..}.
+    Grpc(grpc::Args),
+    /// Upgrade an HTTP/1.1 connection to nodemesh-echo, send a message and print
+    /// {"status":101,"echo":..}.
+    Upgrade(upgrade::Args),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +109,30 @@ fn main() -> ExitCode {
                 timeout: Duration::from_millis(timeout_ms),
             },
         ),
+        // Two workers so that a benchmark measures the mesh, not one busy server thread.
+        Command::HttpServe(args) => run_async(Some(2), http_server::serve(args)),
+        Command::Http(args) => run_async(None, http_client::run(args)),
+        Command::Grpc(args) => run_async(None, grpc::run(args)),
+        Command::Upgrade(args) => run_async(None, upgrade::run(args)),
+    }
+}
+
+/// Runs an async mode on its own runtime: `worker_threads` workers, or the calling thread.
+fn run_async(worker_threads: Option<usize>, mode: impl Future<Output = ExitCode>) -> ExitCode {
+    let mut builder = match worker_threads {
+        Some(workers) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(workers);
+            builder
+        }
+        None => tokio::runtime::Builder::new_current_thread(),
+    };
+    match builder.enable_all().build() {
+        Ok(runtime) => runtime.block_on(mode),
+        Err(e) => {
+            eprintln!("mesh-testapp: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
