@@ -204,7 +204,9 @@ where
 }
 
 pub fn full(body: impl Into<Bytes>) -> ProxyBody {
-    Full::new(body.into()).map_err(|never| match never {}).boxed()
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub fn empty() -> ProxyBody {
@@ -219,10 +221,9 @@ pub fn incoming(body: Incoming) -> ProxyBody {
 pub fn local_response(status: StatusCode, body: &str) -> Response<ProxyBody> {
     let mut response = Response::new(full(body.to_string()));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
 }
 
@@ -264,10 +265,7 @@ pub fn is_upgrade(request: &Request<Incoming>) -> bool {
 }
 
 /// Relays the two upgraded halves of a switched connection until both are done.
-pub fn splice_upgrade(
-    downstream: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-) {
+pub fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     tokio::spawn(async move {
         match (downstream.await, upstream.await) {
             (Ok(downstream), Ok(upstream)) => {

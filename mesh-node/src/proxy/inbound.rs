@@ -5,8 +5,8 @@ use std::{
     sync::Arc,
 };
 
-use bytes::Bytes;
 use ::http::StatusCode;
+use bytes::Bytes;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -16,8 +16,7 @@ use tracing::{debug, warn};
 use super::{
     PodContext, ProxyContext, ProxyError,
     hbone::{self, IncomingConnect},
-    http,
-    relay_counted,
+    http, relay_counted,
     socket::{Dial, connect_from_pod},
 };
 use crate::{
@@ -252,7 +251,10 @@ where
         // Not HTTP after all: the request-level rules cannot match; decide at L4 now.
         admit(state, pod, &caller, original, Some(Admission::Full))?;
     }
-    let mutual_tls = caller.identities.as_deref().map(|(source, own)| (source, own));
+    let mutual_tls = caller
+        .identities
+        .as_deref()
+        .map(|(source, own)| (source, own));
     let source = state.workload_by_ip(caller.ip);
     let labels = ConnectionLabels::new(
         Reporter::Destination,

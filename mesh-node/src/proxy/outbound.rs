@@ -43,11 +43,9 @@ pub(super) async fn handle(
                 port: original.port(),
                 dialed: original.ip(),
             });
-            return http::serve_connection(client, move |request| {
-                outbound.clone().handle(request)
-            })
-            .await
-            .map_err(|e| ProxyError::Http(e.to_string()));
+            return http::serve_connection(client, move |request| outbound.clone().handle(request))
+                .await
+                .map_err(|e| ProxyError::Http(e.to_string()));
         }
         client
     } else {

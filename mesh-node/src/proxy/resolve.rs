@@ -52,7 +52,11 @@ impl Resolver {
             let (service, port, subset) = match state.routes.tcp_route(&service.key, dst.port()) {
                 Some(destinations) => {
                     let total = total_weight(destinations);
-                    let roll = if total > 0 { rand::random_range(0..total) } else { 0 };
+                    let roll = if total > 0 {
+                        rand::random_range(0..total)
+                    } else {
+                        0
+                    };
                     let destination = pick_weighted(destinations, roll);
                     match destination.and_then(|d| Some((d, state.services.get(&d.service)?))) {
                         Some((destination, target)) => (
@@ -117,7 +121,9 @@ pub fn service_endpoints(
             .endpoints
             .iter()
             .filter_map(|key| state.workloads.get(key))
-            .filter(|w| subset.is_none_or(|labels| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+            .filter(|w| {
+                subset.is_none_or(|labels| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            })
             .filter_map(|w| {
                 let ip = w.ip_like(family)?;
                 let target = match &port.target_port {

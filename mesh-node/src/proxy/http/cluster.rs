@@ -208,10 +208,7 @@ impl Cluster {
 
     /// Reserves a new connection's place under `tcp.maxConnections`.
     pub fn try_open_connection(&self, pool: &ConnectionPool) -> bool {
-        try_increment(
-            &self.connections,
-            pool.max_connections.unwrap_or(UNLIMITED),
-        )
+        try_increment(&self.connections, pool.max_connections.unwrap_or(UNLIMITED))
     }
 
     /// A connection reserved with [`Self::try_open_connection`] closed (or never opened).

@@ -19,9 +19,9 @@ use tracing::debug;
 use super::{
     ProxyBody,
     cluster::ClusterKey,
-    incoming, is_grpc, is_upgrade, local_response, normalize_path,
+    incoming, is_grpc, is_upgrade, local_response,
     metered::{CountedRequest, MeteredResponse, grpc_status},
-    splice_upgrade, strip_hop_by_hop,
+    normalize_path, splice_upgrade, strip_hop_by_hop,
     upstream::{Connector, SendError, Via},
 };
 use crate::{
@@ -85,7 +85,11 @@ impl Inbound {
 
         if let Some(normalized) = normalize_path(request.uri().path()) {
             let mut parts = request.uri().clone().into_parts();
-            let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+            let query = request
+                .uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
             match format!("{normalized}{query}").parse() {
                 Ok(path_and_query) => {
                     parts.path_and_query = Some(path_and_query);
@@ -116,7 +120,12 @@ impl Inbound {
                     .policies
                     .authorize_request(workload, &connection, &attributes)
             {
-                debug!(?policy, reason, path = request.uri().path(), "request denied");
+                debug!(
+                    ?policy,
+                    reason,
+                    path = request.uri().path(),
+                    "request denied"
+                );
                 self.proxy
                     .metrics
                     .node

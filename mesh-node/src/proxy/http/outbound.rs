@@ -285,8 +285,12 @@ impl Outbound {
             (rule.and_then(|r| r.mirror.as_ref()), &body)
             && chance(mirror.percent)
         {
-            self.clone()
-                .mirror(state.clone(), mirror.destination.clone(), &parts, bytes.clone());
+            self.clone().mirror(
+                state.clone(),
+                mirror.destination.clone(),
+                &parts,
+                bytes.clone(),
+            );
         }
 
         let retries = rule
@@ -329,10 +333,9 @@ impl Outbound {
             None => None,
         };
         let candidates = service_endpoints(state, service, port, self.dialed, subset_labels)?;
-        let policy =
-            state
-                .routes
-                .traffic_policy(&service.key, destination.subset.as_deref(), port);
+        let policy = state
+            .routes
+            .traffic_policy(&service.key, destination.subset.as_deref(), port);
         let cluster = self.proxy.clusters.get(&ClusterKey {
             service: service.key.clone(),
             subset: destination.subset.clone(),
@@ -380,12 +383,10 @@ impl Outbound {
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
             }
             let last = attempt >= max_attempts;
-            let Some(endpoint) = plan.cluster.pick(
-                &addresses,
-                &plan.policy.load_balancer,
-                hash,
-                &tried,
-            ) else {
+            let Some(endpoint) =
+                plan.cluster
+                    .pick(&addresses, &plan.policy.load_balancer, hash, &tried)
+            else {
                 return Err(NO_HEALTHY_UPSTREAM);
             };
             tried.push(endpoint);
@@ -402,14 +403,16 @@ impl Outbound {
                     .upstream_overflow(&plan.destination.service.to_string());
                 return Err(OVERFLOW);
             };
-            let mut upstream_request = Request::from_parts(parts.clone(), match &mut body {
-                RequestBody::Buffered(bytes) => full(bytes.clone()),
-                RequestBody::Streaming(body) => body.take().unwrap_or_else(super::empty),
-            });
-            upstream_request.headers_mut().insert(
-                "x-envoy-attempt-count",
-                HeaderValue::from(attempt),
+            let mut upstream_request = Request::from_parts(
+                parts.clone(),
+                match &mut body {
+                    RequestBody::Buffered(bytes) => full(bytes.clone()),
+                    RequestBody::Streaming(body) => body.take().unwrap_or_else(super::empty),
+                },
             );
+            upstream_request
+                .headers_mut()
+                .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
             if upstream_request.version() == http::Version::HTTP_2 {
                 absolute_uri(&mut upstream_request);
             }
@@ -426,12 +429,10 @@ impl Outbound {
                 endpoint,
                 via,
             };
-            let send = self.proxy.upstreams.send(
-                &plan.cluster,
-                limits,
-                &connector,
-                upstream_request,
-            );
+            let send =
+                self.proxy
+                    .upstreams
+                    .send(&plan.cluster, limits, &connector, upstream_request);
             let sent = match retries.per_try_timeout {
                 Some(limit) => tokio::time::timeout(limit, send).await.ok(),
                 None => Some(send.await),
@@ -523,7 +524,9 @@ impl Outbound {
                 .headers
                 .get(name)
                 .map_or_else(HashInput::default, |v| HashInput::of(v.as_bytes())),
-            HashKey::Cookie(name) => cookie(parts, name).map_or_else(HashInput::default, HashInput::of),
+            HashKey::Cookie(name) => {
+                cookie(parts, name).map_or_else(HashInput::default, HashInput::of)
+            }
             HashKey::SourceIp => self
                 .pod
                 .ip_like(self.dialed)
@@ -533,7 +536,13 @@ impl Outbound {
 
     /// Sends a copy to the mirror destination and ignores its answer (Envoy's shadowing:
     /// the copy's authority gets `-shadow` appended).
-    fn mirror(self: Arc<Self>, state: Arc<State>, destination: Destination, parts: &Parts, body: Bytes) {
+    fn mirror(
+        self: Arc<Self>,
+        state: Arc<State>,
+        destination: Destination,
+        parts: &Parts,
+        body: Bytes,
+    ) {
         let mut parts = parts.clone();
         let authority = parts
             .headers
@@ -561,7 +570,14 @@ impl Outbound {
                 flags: Vec::new(),
             };
             let outcome = self
-                .attempts(&state, &plan, &no_retries, &parts, RequestBody::Buffered(body), &mut record)
+                .attempts(
+                    &state,
+                    &plan,
+                    &no_retries,
+                    &parts,
+                    RequestBody::Buffered(body),
+                    &mut record,
+                )
                 .await;
             if let Ok((response, _)) = outcome {
                 // Read the answer to the end so the connection returns to the pool.
@@ -615,7 +631,10 @@ impl Outbound {
         if !destination.enrolled {
             return None;
         }
-        Some((mtls.identity_of(source).ok()?, mtls.identity_of(destination).ok()?))
+        Some((
+            mtls.identity_of(source).ok()?,
+            mtls.identity_of(destination).ok()?,
+        ))
     }
 
     /// Wraps the response so the request's metrics are recorded when its body ends.

@@ -78,7 +78,10 @@ async fn a_silent_client_is_not_http() {
 #[test]
 fn hop_by_hop_headers_are_dropped_and_te_trailers_kept() {
     let mut headers = HeaderMap::new();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+    headers.insert(
+        header::CONNECTION,
+        HeaderValue::from_static("close, x-secret"),
+    );
     headers.insert("x-secret", HeaderValue::from_static("1"));
     headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
     headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -92,10 +95,17 @@ fn hop_by_hop_headers_are_dropped_and_te_trailers_kept() {
 #[test]
 fn dot_segments_are_resolved_before_authorization() {
     assert_eq!(normalize_path("/public/page"), None);
-    assert_eq!(normalize_path("/public/../admin").as_deref(), Some("/admin"));
+    assert_eq!(
+        normalize_path("/public/../admin").as_deref(),
+        Some("/admin")
+    );
     assert_eq!(normalize_path("/a/./b/../c").as_deref(), Some("/a/c"));
     assert_eq!(normalize_path("/../../etc").as_deref(), Some("/etc"));
     assert_eq!(normalize_path("/a/b/..").as_deref(), Some("/a/"));
     assert_eq!(normalize_path("/a/.").as_deref(), Some("/a/"));
-    assert_eq!(normalize_path("/a..b/c").as_deref(), None, "dots inside a segment stay");
+    assert_eq!(
+        normalize_path("/a..b/c").as_deref(),
+        None,
+        "dots inside a segment stay"
+    );
 }

@@ -141,7 +141,12 @@ async fn max_ejection_percent_caps_ejections_but_allows_one() {
 #[test]
 fn every_endpoint_ejected_falls_back_to_all() {
     let (cluster, all) = (cluster(), endpoints(1));
-    assert!(cluster.report(all[0], AttemptResult::Status(500), Some(&detection(1, 100)), 1));
+    assert!(cluster.report(
+        all[0],
+        AttemptResult::Status(500),
+        Some(&detection(1, 100)),
+        1
+    ));
     let pick = cluster.pick(&all, &LoadBalancer::RoundRobin, HashInput::default(), &[]);
     assert_eq!(pick, Some(all[0]));
 }
@@ -158,7 +163,10 @@ fn limits_refuse_beyond_their_size_and_free_on_drop() {
     };
     let first = cluster.start_request(all[0], &pool).expect("first");
     let second = cluster.start_request(all[0], &pool).expect("second");
-    assert!(cluster.start_request(all[0], &pool).is_none(), "over http2MaxRequests");
+    assert!(
+        cluster.start_request(all[0], &pool).is_none(),
+        "over http2MaxRequests"
+    );
     drop(first);
     assert!(cluster.start_request(all[0], &pool).is_some());
     drop(second);
