@@ -15,6 +15,7 @@ pub const PATHS: &[&str] = &[
     "/workloads",
     "/services",
     "/policies",
+    "/routes",
     "/certs",
     "/logging?level=<filter>",
     "/healthz/ready",
@@ -43,12 +44,14 @@ impl Admin {
                     "workloads": state.workloads.values().collect::<Vec<_>>(),
                     "services": state.services.values().collect::<Vec<_>>(),
                     "policies": state.policies,
+                    "routes": state.routes,
                     "rejected": state.rejections,
                 }),
             ),
             "/workloads" => (200, json!(state.workloads.values().collect::<Vec<_>>())),
             "/services" => (200, json!(state.services.values().collect::<Vec<_>>())),
             "/policies" => (200, json!(state.policies)),
+            "/routes" => (200, self.routes(&state)),
             "/certs" => (200, self.certificates()),
             "/healthz/ready" => {
                 let pending = self.readiness.pending();
@@ -61,6 +64,20 @@ impl Admin {
                 json!({ "error": format!("no such path {path}"), "paths": PATHS }),
             ),
         }
+    }
+
+    /// One row per Service with L7 or TCP routes or a DestinationRule: which resource
+    /// supplies them and how many rules (or subsets) it has.
+    fn routes(&self, state: &crate::state::State) -> Value {
+        let rows: Vec<Value> = state
+            .routes
+            .summary()
+            .into_iter()
+            .map(|(service, origin, rules)| {
+                json!({ "service": service, "origin": origin, "rules": rules })
+            })
+            .collect();
+        json!(rows)
     }
 
     fn certificates(&self) -> Value {

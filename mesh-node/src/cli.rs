@@ -44,6 +44,8 @@ pub enum DebugWhat {
     Services,
     /// PeerAuthentication and AuthorizationPolicy resources in force.
     Policies,
+    /// VirtualService, HTTPRoute and DestinationRule resources in force, per Service.
+    Routes,
     /// Workload certificates held by the agent.
     Certs,
     /// Everything: the normalized state with rejected resources.

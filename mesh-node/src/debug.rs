@@ -15,6 +15,7 @@ pub async fn run(args: DebugArgs) -> anyhow::Result<()> {
         DebugWhat::Workloads => "/workloads".to_string(),
         DebugWhat::Services => "/services".to_string(),
         DebugWhat::Policies => "/policies".to_string(),
+        DebugWhat::Routes => "/routes".to_string(),
         DebugWhat::Certs => "/certs".to_string(),
         DebugWhat::Config => "/config_dump".to_string(),
         DebugWhat::Log { level } => format!("/logging?level={level}"),
@@ -146,6 +147,17 @@ pub fn render(what: &DebugWhat, body: &Value) -> String {
                 }
             }
         }
+        DebugWhat::Routes => {
+            table.set_header(["NAMESPACE", "SERVICE", "FROM", "RULES / SUBSETS"]);
+            for r in &rows {
+                table.add_row([
+                    text(&r["service"]["namespace"]),
+                    text(&r["service"]["name"]),
+                    text(&r["origin"]),
+                    text(&r["rules"]),
+                ]);
+            }
+        }
         DebugWhat::Certs => {
             table.set_header(["IDENTITY", "STATE", "EXPIRES (UNIX)", "CHAIN"]);
             for c in &rows {
@@ -190,6 +202,24 @@ mod tests {
         );
         assert!(
             lines[1].contains("web-1") && lines[1].contains("10.0.0.1,fd00::1"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn routes_show_which_resource_routes_each_service() {
+        let body = json!([{
+            "service": {"namespace": "default", "name": "reviews"},
+            "origin": "VirtualService default/reviews", "rules": 2
+        }]);
+        let out = render(&DebugWhat::Routes, &body);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines[0].contains("SERVICE") && lines[0].contains("FROM"),
+            "{out}"
+        );
+        assert!(
+            lines[1].contains("reviews") && lines[1].contains("VirtualService default/reviews"),
             "{out}"
         );
     }

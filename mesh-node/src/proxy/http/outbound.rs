@@ -32,8 +32,8 @@ use crate::{
     metrics::{ConnectionLabels, Reporter, RequestOutcome},
     proxy::{PodContext, ProxyContext, ProxyError, resolve::service_endpoints},
     routing::{
-        Destination, HashKey, HttpAction, HttpRule, LoadBalancer, RequestInfo, RetryPolicy,
-        RouteMatch, TrafficPolicy, pick_weighted, rewrite_uri, total_weight,
+        Destination, HashKey, HttpAction, HttpRule, LoadBalancer, RequestInfo, RetryOn,
+        RetryPolicy, RouteMatch, TrafficPolicy, pick_weighted, rewrite_uri, total_weight,
     },
     state::{ObjectKey, State, Workload},
 };
@@ -41,8 +41,9 @@ use crate::{
 /// Request bodies up to this size are buffered so a retry or a mirror can replay them;
 /// larger or streaming bodies (gRPC, chunked uploads) go through once, without retries.
 const MAX_REPLAY_BODY: u64 = 64 * 1024;
-/// Envoy's retry back-off: 25 ms base, doubling, with jitter.
+/// Envoy's retry back-off: 25 ms base, doubling, with jitter, at most ten times the base.
 const RETRY_BACKOFF_BASE: Duration = Duration::from_millis(25);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// One client connection of a pod to a Service port that carries HTTP.
 pub struct Outbound {
@@ -106,6 +107,53 @@ const TIMEOUT: Local = Local {
     body: "upstream request timeout",
     flags: "UT",
 };
+
+/// How one attempt on an endpoint ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    Status(u16),
+    ConnectFailure,
+    Reset,
+    /// `perTryTimeout` elapsed.
+    Timeout,
+}
+
+impl Ended {
+    fn outlier_result(self) -> AttemptResult {
+        match self {
+            Ended::Status(status) => AttemptResult::Status(status),
+            _ => AttemptResult::LocalFailure,
+        }
+    }
+
+    /// The proxy's own answer when the last attempt ended without a response.
+    fn local(self) -> Local {
+        match self {
+            Ended::ConnectFailure => CONNECT_FAILURE,
+            Ended::Reset => RESET,
+            Ended::Timeout | Ended::Status(_) => TIMEOUT,
+        }
+    }
+}
+
+/// Whether `retryOn` retries an attempt that ended so. As in Envoy, `5xx` and
+/// `gateway-error` include the failures that never produced a status.
+fn retriable(ended: Ended, on: &RetryOn) -> bool {
+    let no_status = on.five_xx || on.gateway_error;
+    match ended {
+        Ended::Status(status) => on.retries_status(status),
+        Ended::ConnectFailure => on.connect_failure || no_status,
+        Ended::Reset => on.reset || no_status,
+        Ended::Timeout => on.reset || no_status,
+    }
+}
+
+/// The upper bound of the jittered pause before retry number `retry` (1-based).
+fn backoff_ceiling(retry: u32) -> Duration {
+    RETRY_BACKOFF_BASE
+        .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
+        .min(RETRY_BACKOFF_MAX)
+}
 
 /// What one request's metrics need, gathered as it goes.
 struct Record {
@@ -378,8 +426,8 @@ impl Outbound {
                     Some(slot) => _retry_slot = Some(slot),
                     None => return Err(OVERFLOW),
                 }
-                let backoff = RETRY_BACKOFF_BASE * 2u32.pow((attempt - 2).min(4));
-                let jitter = rand::random_range(0..=backoff.as_millis() as u64);
+                let ceiling = backoff_ceiling(attempt - 1);
+                let jitter = rand::random_range(0..=ceiling.as_millis() as u64);
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
             }
             let last = attempt >= max_attempts;
@@ -437,24 +485,8 @@ impl Outbound {
                 Some(limit) => tokio::time::timeout(limit, send).await.ok(),
                 None => Some(send.await),
             };
-            let on = &retries.retry_on;
-            let (result, retry, local) = match sent {
-                Some(Ok(response)) => {
-                    let status = response.status().as_u16();
-                    if last || !on.retries_status(status) {
-                        plan.cluster.report(
-                            endpoint,
-                            AttemptResult::Status(status),
-                            detection,
-                            addresses.len(),
-                        );
-                        if attempt > 1 && on.retries_status(status) {
-                            record.flags.push("URX");
-                        }
-                        return Ok((response, endpoint_key));
-                    }
-                    (AttemptResult::Status(status), true, OVERFLOW)
-                }
+            let (ended, response) = match sent {
+                Some(Ok(response)) => (Ended::Status(response.status().as_u16()), Some(response)),
                 Some(Err(SendError::Overflow)) => {
                     self.proxy
                         .metrics
@@ -464,40 +496,32 @@ impl Outbound {
                 }
                 Some(Err(SendError::Connect(error))) => {
                     debug!(%error, %endpoint, "upstream connect failed");
-                    (
-                        AttemptResult::LocalFailure,
-                        on.connect_failure || on.five_xx || on.gateway_error,
-                        CONNECT_FAILURE,
-                    )
+                    (Ended::ConnectFailure, None)
                 }
                 Some(Err(SendError::Reset(error))) => {
                     debug!(%error, %endpoint, "upstream reset");
-                    (
-                        AttemptResult::LocalFailure,
-                        on.reset || on.five_xx || on.gateway_error,
-                        RESET,
-                    )
+                    (Ended::Reset, None)
                 }
-                None => (
-                    AttemptResult::LocalFailure,
-                    on.five_xx || on.gateway_error || on.reset,
-                    TIMEOUT,
-                ),
+                None => (Ended::Timeout, None),
             };
             if plan
                 .cluster
-                .report(endpoint, result, detection, addresses.len())
+                .report(endpoint, ended.outlier_result(), detection, addresses.len())
             {
                 self.proxy
                     .metrics
                     .node
                     .outlier_ejected(&plan.destination.service.to_string());
             }
+            let retry = retriable(ended, &retries.retry_on);
             if last || !retry {
                 if attempt > 1 && retry {
                     record.flags.push("URX");
                 }
-                return Err(local);
+                return match response {
+                    Some(response) => Ok((response, endpoint_key)),
+                    None => Err(ended.local()),
+                };
             }
         }
     }
@@ -799,3 +823,6 @@ fn redirect(
     }
     response
 }
+
+#[cfg(test)]
+mod tests;
