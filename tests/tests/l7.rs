@@ -125,6 +125,14 @@ fn bookinfo(test: &str) -> Bookinfo {
     }
 }
 
+/// [`bookinfo`] with Istio's reviews subsets and 80/20 canary applied.
+fn bookinfo_canary(test: &str) -> Bookinfo {
+    let scene = bookinfo(test);
+    scene.apply("subsets.yaml", REVIEWS_SUBSETS);
+    scene.apply("vs.yaml", REVIEWS_80_20);
+    scene
+}
+
 /// `mesh-testapp http-serve` on the pod's port 8080, named after the pod.
 fn serve_http(cluster: &Cluster, pod: &Pod) -> PodProcess {
     let listen = format!("{}:{APP_PORT}", pod.ip);
@@ -221,9 +229,7 @@ fn canary_split_header_and_path_matches_and_request_metrics() {
     if skip() {
         return;
     }
-    let scene = bookinfo("l7_canary");
-    scene.apply("subsets.yaml", REVIEWS_SUBSETS);
-    scene.apply("vs.yaml", REVIEWS_80_20);
+    let scene = bookinfo_canary("l7_canary");
 
     // 80/20 over 1,000 requests: v2's share within ±5 points (four standard deviations
     // of a binomial with p = 0.2, n = 1,000).
@@ -672,9 +678,7 @@ fn http_route_gamma_splits_by_weight_and_wins_over_a_virtual_service() {
     if skip() {
         return;
     }
-    let scene = bookinfo("l7_httproute");
-    scene.apply("subsets.yaml", REVIEWS_SUBSETS);
-    scene.apply("vs.yaml", REVIEWS_80_20);
+    let scene = bookinfo_canary("l7_httproute");
     // HTTPRoute (Gateway API, GAMMA): attached to the Service, weights between Services.
     scene.apply_expecting(
         "route.yaml",

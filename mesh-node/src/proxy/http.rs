@@ -258,6 +258,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Drops the hop-by-hop headers of a request about to be forwarded; an upgrade keeps the
+/// two that ask the next hop to switch protocols.
+pub fn strip_hop_by_hop_for_forwarding(headers: &mut HeaderMap, upgrade: bool) {
+    let kept = upgrade.then(|| {
+        [header::CONNECTION, header::UPGRADE]
+            .map(|name| (name.clone(), headers.get(&name).cloned()))
+    });
+    strip_hop_by_hop(headers);
+    for (name, value) in kept.into_iter().flatten() {
+        if let Some(value) = value {
+            headers.insert(name, value);
+        }
+    }
+}
+
 /// Whether the request asks to switch protocols (WebSocket and friends), which the proxy
 /// passes through on a connection of its own.
 pub fn is_upgrade(request: &Request<Incoming>) -> bool {

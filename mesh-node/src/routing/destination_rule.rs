@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use super::{
     ConnectionPool, HashKey, LoadBalancer, OutlierDetection, PolicySection, RoutingError, Subset,
-    fields, host::resolve_host, traffic_policy::PolicyLayers,
+    fields, host::resolve_host, traffic_policy::PolicyLayers, virtual_service::PortSelector,
 };
 use crate::state::ObjectKey;
 
@@ -44,12 +44,6 @@ pub struct PortTrafficPolicySpec {
     pub load_balancer: Option<LoadBalancerSpec>,
     pub connection_pool: Option<ConnectionPoolSpec>,
     pub outlier_detection: Option<OutlierDetectionSpec>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct PortSelector {
-    pub number: i64,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -89,6 +89,7 @@ pub struct DestinationSpec {
     pub port: Option<PortSelector>,
 }
 
+/// `port: {number: N}`, in VirtualService destinations and DestinationRule port settings.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct PortSelector {

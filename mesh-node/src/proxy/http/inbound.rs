@@ -4,10 +4,7 @@
 //! caller's address.
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicU64},
 };
 
 use http::{Request, Response, StatusCode, header};
@@ -20,12 +17,12 @@ use super::{
     ProxyBody,
     cluster::ClusterKey,
     incoming, is_grpc, is_upgrade, local_response,
-    metered::{CountedRequest, MeteredResponse, grpc_status},
-    normalize_path, splice_upgrade, strip_hop_by_hop,
+    metered::{CountedRequest, Record, meter},
+    normalize_path, splice_upgrade, strip_hop_by_hop, strip_hop_by_hop_for_forwarding,
     upstream::{Connector, SendError, Via},
 };
 use crate::{
-    metrics::{ConnectionLabels, Reporter, RequestOutcome},
+    metrics::{ConnectionLabels, Reporter},
     policy::{RequestAttributes, Verdict},
     proxy::{PodContext, ProxyContext, inbound::Caller},
     routing::ConnectionPool,
@@ -60,27 +57,13 @@ impl Inbound {
             ConnectionLabels::new(Reporter::Destination, source, workload, service, identities);
         let request_bytes = Arc::new(AtomicU64::new(0));
         let record = |response: Response<ProxyBody>, flags: &'static str| {
-            let status = response.status().as_u16();
-            let metrics = self.proxy.metrics.http.clone();
-            let header_status = grpc_status(response.headers());
-            let (labels, request_bytes) = (labels.clone(), request_bytes.clone());
-            response.map(move |body| {
-                let on_done = Box::new(move |response_bytes: u64, grpc: Option<u32>| {
-                    metrics.record(
-                        &labels,
-                        &RequestOutcome {
-                            protocol,
-                            response_code: status,
-                            response_flags: flags,
-                            grpc_status: grpc,
-                            duration: start.elapsed(),
-                            request_bytes: request_bytes.load(Ordering::Relaxed),
-                            response_bytes,
-                        },
-                    );
-                });
-                MeteredResponse::new(body, header_status, on_done).boxed()
-            })
+            let record = Record {
+                start,
+                protocol,
+                request_bytes: request_bytes.clone(),
+                flags: vec![flags],
+            };
+            meter(&self.proxy, labels.clone(), record, response)
         };
 
         if let Some(normalized) = normalize_path(request.uri().path()) {
@@ -137,20 +120,7 @@ impl Inbound {
 
         let downstream_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        let upgrade_headers = downstream_upgrade.is_some().then(|| {
-            (
-                parts.headers.get(header::CONNECTION).cloned(),
-                parts.headers.get(header::UPGRADE).cloned(),
-            )
-        });
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some((connection, upgrade)) = upgrade_headers {
-            for (name, value) in [(header::CONNECTION, connection), (header::UPGRADE, upgrade)] {
-                if let Some(value) = value {
-                    parts.headers.insert(name, value);
-                }
-            }
-        }
+        strip_hop_by_hop_for_forwarding(&mut parts.headers, downstream_upgrade.is_some());
         let body = CountedRequest::new(incoming(body), request_bytes.clone()).boxed();
         let upstream_request = Request::from_parts(parts, body);
         // One cluster per app port of the pod: the pool's key, with no limits of its own.

@@ -10,10 +10,64 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, Response};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
 
 use super::{BoxError, ProxyBody};
+use crate::{
+    metrics::{ConnectionLabels, RequestOutcome},
+    proxy::ProxyContext,
+};
+
+/// What one request's metrics need, gathered as it goes.
+pub struct Record {
+    pub start: Instant,
+    pub protocol: &'static str,
+    pub request_bytes: Arc<AtomicU64>,
+    pub flags: Vec<&'static str>,
+}
+
+impl Record {
+    fn flags(&self) -> String {
+        if self.flags.is_empty() {
+            "-".into()
+        } else {
+            self.flags.join(",")
+        }
+    }
+}
+
+/// Records the request in Istio's metrics once the response body is done.
+pub fn meter(
+    proxy: &ProxyContext,
+    labels: ConnectionLabels,
+    record: Record,
+    response: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    let status = response.status().as_u16();
+    let flags = record.flags();
+    let metrics = proxy.metrics.http.clone();
+    let header_status = grpc_status(response.headers());
+    response.map(move |body| {
+        let on_done = Box::new(move |response_bytes: u64, grpc: Option<u32>| {
+            metrics.record(
+                &labels,
+                &RequestOutcome {
+                    protocol: record.protocol,
+                    response_code: status,
+                    response_flags: &flags,
+                    grpc_status: grpc,
+                    duration: record.start.elapsed(),
+                    request_bytes: record.request_bytes.load(Ordering::Relaxed),
+                    response_bytes,
+                },
+            );
+        });
+        MeteredResponse::new(body, header_status, on_done).boxed()
+    })
+}
 
 /// Called once when a response body ends, fails or is dropped: (bytes, gRPC status).
 pub type OnDone = Box<dyn FnOnce(u64, Option<u32>) + Send + Sync>;

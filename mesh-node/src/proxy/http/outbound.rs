@@ -23,13 +23,13 @@ use super::{
     ProxyBody,
     cluster::{AttemptResult, Cluster, ClusterKey, HashInput},
     full, incoming, is_grpc, is_upgrade, local_response,
-    metered::{CountedRequest, MeteredResponse, grpc_status},
-    splice_upgrade, strip_hop_by_hop,
+    metered::{CountedRequest, Record, meter},
+    splice_upgrade, strip_hop_by_hop, strip_hop_by_hop_for_forwarding,
     upstream::{Connector, SendError, Via},
 };
 use crate::{
     identity::Identity,
-    metrics::{ConnectionLabels, Reporter, RequestOutcome},
+    metrics::{ConnectionLabels, Reporter},
     proxy::{PodContext, ProxyContext, ProxyError, resolve::service_endpoints},
     routing::{
         Destination, HashKey, HttpAction, HttpRule, LoadBalancer, RequestInfo, RetryOn,
@@ -155,24 +155,6 @@ fn backoff_ceiling(retry: u32) -> Duration {
         .min(RETRY_BACKOFF_MAX)
 }
 
-/// What one request's metrics need, gathered as it goes.
-struct Record {
-    start: Instant,
-    protocol: &'static str,
-    request_bytes: Arc<AtomicU64>,
-    flags: Vec<&'static str>,
-}
-
-impl Record {
-    fn flags(&self) -> String {
-        if self.flags.is_empty() {
-            "-".into()
-        } else {
-            self.flags.join(",")
-        }
-    }
-}
-
 /// Rolls a percentage (0–100) the way Envoy's runtime fractions do.
 fn chance(percent: f64) -> bool {
     percent >= 100.0 || (percent > 0.0 && rand::random_range(0.0..100.0) < percent)
@@ -282,20 +264,7 @@ impl Outbound {
         if let Some(rule) = rule {
             prepare(&mut parts, rule, matched_prefix.as_deref());
         }
-        let upgrade_headers = downstream_upgrade.is_some().then(|| {
-            (
-                parts.headers.get(header::CONNECTION).cloned(),
-                parts.headers.get(header::UPGRADE).cloned(),
-            )
-        });
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some((connection, upgrade)) = upgrade_headers {
-            for (name, value) in [(header::CONNECTION, connection), (header::UPGRADE, upgrade)] {
-                if let Some(value) = value {
-                    parts.headers.insert(name, value);
-                }
-            }
-        }
+        strip_hop_by_hop_for_forwarding(&mut parts.headers, downstream_upgrade.is_some());
         if !parts.headers.contains_key("x-request-id") {
             let id = format!("{:032x}", rand::random::<u128>());
             if let Ok(value) = HeaderValue::from_str(&id) {
@@ -681,36 +650,6 @@ impl Outbound {
         );
         meter(&self.proxy, labels, record, response)
     }
-}
-
-/// Records the request in Istio's metrics once the response body is done.
-fn meter(
-    proxy: &ProxyContext,
-    labels: ConnectionLabels,
-    record: Record,
-    response: Response<ProxyBody>,
-) -> Response<ProxyBody> {
-    let status = response.status().as_u16();
-    let flags = record.flags();
-    let metrics = proxy.metrics.http.clone();
-    let header_status = grpc_status(response.headers());
-    response.map(move |body| {
-        let on_done = Box::new(move |response_bytes: u64, grpc: Option<u32>| {
-            metrics.record(
-                &labels,
-                &RequestOutcome {
-                    protocol: record.protocol,
-                    response_code: status,
-                    response_flags: &flags,
-                    grpc_status: grpc,
-                    duration: record.start.elapsed(),
-                    request_bytes: record.request_bytes.load(Ordering::Relaxed),
-                    response_bytes,
-                },
-            );
-        });
-        MeteredResponse::new(body, header_status, on_done).boxed()
-    })
 }
 
 /// Applies the rule's rewrite and request header changes.
