@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use mesh_tests::{
     Cluster, Pod, PodProcess, PodSpec, http_get_in_netns, namespace_yaml,
-    scenario::{CONVERGE_TIMEOUT, metric, skip, wait_enrolled, wait_until},
+    scenario::{CONVERGE_TIMEOUT, connect, metric, replies, skip, wait_enrolled, wait_until},
     service_yaml,
 };
 use serde_json::Value;
@@ -14,6 +14,8 @@ const ENROLLED: &[(&str, &str)] = &[("nodemesh.io/enabled", "true")];
 const REVIEWS_IP: &str = "10.96.0.20";
 const REVIEWS_V1_IP: &str = "10.96.0.21";
 const REVIEWS_V2_IP: &str = "10.96.0.22";
+/// A Service whose ports declare no protocol: the proxy sniffs.
+const REVIEWS_UNDECLARED_IP: &str = "10.96.0.23";
 const APP_PORT: u16 = 8080;
 /// How long one `mesh-testapp http` run may take.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -193,10 +195,15 @@ impl Bookinfo {
 
     /// `count` requests; the summary (status and backend counts).
     fn summary(&self, path: &str, count: usize, args: &[&str]) -> Value {
+        self.summary_to(REVIEWS_IP, path, count, args)
+    }
+
+    /// The same to another Service IP on port 9080.
+    fn summary_to(&self, ip: &str, path: &str, count: usize, args: &[&str]) -> Value {
         let count = count.to_string();
         let mut all = vec!["--count", &count, "--summary"];
         all.extend_from_slice(args);
-        self.http(path, &all).remove(0)
+        self.http_to(ip, path, &all).remove(0)
     }
 
     /// One request; its response line.
@@ -555,12 +562,67 @@ spec:
 }
 
 #[test]
-fn grpc_http2_upgrades_mirroring_and_l7_authorization() {
+fn sniffing_grpc_http2_upgrades_mirroring_and_l7_authorization() {
     if skip() {
         return;
     }
-    let scene = bookinfo("l7_protocols");
+    let mut scene = bookinfo("l7_protocols");
     scene.apply("subsets.yaml", REVIEWS_SUBSETS);
+
+    // Undeclared ports are sniffed: HTTP gets L7 (request metrics), other bytes stay L4.
+    scene.apply(
+        "undeclared.yaml",
+        &service_yaml(
+            "reviews-undeclared",
+            "default",
+            REVIEWS_UNDECLARED_IP,
+            &[("web", 9080, APP_PORT), ("echo", 9081, 8081)],
+            &[("app", "reviews"), ("version", "v1")],
+        ),
+    );
+    let echo = format!("{}:8081", scene.v1.ip);
+    let mut tcp_server = scene.v1.spawn(
+        &scene.cluster,
+        &["serve", "--listen", &echo, "--name", "reviews-v1-tcp"],
+    );
+    tcp_server.wait_for_output("ready", Duration::from_secs(10));
+    scene._servers.push(tcp_server);
+    let sniffed = scene.summary_to(REVIEWS_UNDECLARED_IP, "/sniffed", 3, &[]);
+    assert_eq!(count(&sniffed, "status", "200"), 3, "{sniffed}");
+    let undeclared = [
+        ("reporter", "source"),
+        (
+            "destination_service",
+            "reviews-undeclared.default.svc.cluster.local",
+        ),
+    ];
+    assert_eq!(
+        metric(&scene.cluster, 0, "istio_requests_total", &undeclared),
+        3.0
+    );
+    let tcp = replies(&connect(
+        &scene.cluster,
+        &scene.productpage,
+        &format!("{REVIEWS_UNDECLARED_IP}:9081"),
+        2,
+    ));
+    assert_eq!(tcp.len(), 2);
+    assert_eq!(tcp[0]["server"], "reviews-v1-tcp");
+    assert_eq!(
+        metric(
+            &scene.cluster,
+            0,
+            "istio_tcp_connections_closed_total",
+            &undeclared
+        ),
+        2.0,
+        "L4 metrics for the bytes that were not HTTP"
+    );
+    assert_eq!(
+        metric(&scene.cluster, 0, "istio_requests_total", &undeclared),
+        3.0,
+        "no request counted for them"
+    );
 
     // HTTP/2 (h2c) end to end: the backend sees HTTP/2 too.
     let h2 = scene.one("/h2", &["--http2"]);
