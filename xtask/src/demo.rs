@@ -5,6 +5,8 @@
 //!   backed by `reviews-v1` (node0) and `reviews-v2` (node1);
 //! * `legacy` (not enrolled): `legacy-client` (node1) calls reviews-v1 directly (captured
 //!   inbound, as reviews-v1 is enrolled) and the ClusterIP (unroutable without the mesh).
+//! * L7: Service `reviews-http` (10.96.0.21:80, port named `http`) over the same pods, split
+//!   80/20 between versions by Istio's own canary VirtualService and DestinationRule.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -20,6 +22,33 @@ use crate::bench::{
 
 const REVIEWS_IP: &str = "10.96.0.20";
 const REVIEWS_PORT: u16 = 9080;
+const REVIEWS_HTTP_IP: &str = "10.96.0.21";
+const HTTP_APP_PORT: u16 = 8080;
+/// Requests of the L7 canary step, and the share of them v2 may get (80/20, with room for
+/// chance: four standard deviations).
+const CANARY_REQUESTS: u64 = 200;
+const CANARY_V2_RANGE: std::ops::RangeInclusive<u64> = 17..=63;
+const CANARY_YAML: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-http, namespace: shop}
+spec:
+  host: reviews-http
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews-http, namespace: shop}
+spec:
+  hosts: [reviews-http]
+  http:
+  - route:
+    - destination: {host: reviews-http, subset: v1}
+      weight: 80
+    - destination: {host: reviews-http, subset: v2}
+      weight: 20
+";
 const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One line of the demo's table: who called what and what happened.
@@ -145,12 +174,16 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         rows.push(send(&cluster, client, target_name, to, count)?);
     }
 
+    interrupt.check()?;
+    let (canary, canary_servers) = l7_canary(&cluster, &productpage, &reviews)?;
+
     let names = pod_names(&cluster);
     println!();
     print_table(&rows, &names);
     println!();
     print_metrics(&cluster)?;
-    let problems = check(&rows, &productpage, &legacy, &reviews);
+    let mut problems = check(&rows, &productpage, &legacy, &reviews);
+    problems.extend(canary);
 
     for problem in &problems {
         println!("demo: PROBLEM: {problem}");
@@ -163,6 +196,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         println!("demo: removing the cluster…");
     }
     drop(backends);
+    drop(canary_servers);
     let logs = cluster.logs_dir();
     drop(cluster);
     if !problems.is_empty() {
@@ -175,6 +209,87 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     }
     println!("demo: done, nothing left behind");
     Ok(())
+}
+
+/// The L7 step: HTTP backends on the reviews pods, Istio's 80/20 canary YAML, and
+/// `CANARY_REQUESTS` requests from productpage. Returns what went wrong, if anything, and
+/// the servers (stopped when dropped).
+fn l7_canary(
+    cluster: &Cluster,
+    productpage: &Pod,
+    reviews: &[Pod; 2],
+) -> anyhow::Result<(Vec<String>, Vec<PodProcess>)> {
+    println!(
+        "demo: L7: Service shop/reviews-http {REVIEWS_HTTP_IP}:80 (port named http) → \
+         mesh-testapp http-serve on :{HTTP_APP_PORT}, VirtualService 80/20 v1/v2…"
+    );
+    cluster.write_config(
+        "service-shop-reviews-http.yaml",
+        &mesh_tests::service_yaml(
+            "reviews-http",
+            "shop",
+            REVIEWS_HTTP_IP,
+            &[("http", 80, HTTP_APP_PORT)],
+            &[("app", "reviews")],
+        ),
+    );
+    cluster.write_config("canary-shop-reviews-http.yaml", CANARY_YAML);
+    let servers: Vec<PodProcess> = reviews
+        .iter()
+        .map(|pod| {
+            let listen = format!("{}:{HTTP_APP_PORT}", pod.ip);
+            let mut server = pod.spawn(
+                cluster,
+                &["http-serve", "--listen", &listen, "--name", &pod.name],
+            );
+            server.wait_for_output("ready", SERVER_READY_TIMEOUT);
+            server
+        })
+        .collect();
+    // The agents re-read the config within half a second.
+    std::thread::sleep(Duration::from_secs(2));
+    let url = format!("http://{REVIEWS_HTTP_IP}/reviews");
+    let count = CANARY_REQUESTS.to_string();
+    let output = productpage.run(
+        cluster,
+        &[
+            "http",
+            "--url",
+            &url,
+            "--count",
+            &count,
+            "--concurrency",
+            "4",
+            "--summary",
+        ],
+        Duration::from_secs(60),
+    );
+    let summary: Value = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "mesh-testapp http: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    let served = |name: &str| summary["served_by"][name].as_u64().unwrap_or(0);
+    let ok = summary["status"]["200"].as_u64().unwrap_or(0);
+    println!(
+        "demo: L7 canary: {ok}/{CANARY_REQUESTS} answered 200; reviews-v1 {}, reviews-v2 {}",
+        served("reviews-v1"),
+        served("reviews-v2")
+    );
+    let mut problems = Vec::new();
+    if ok != CANARY_REQUESTS {
+        problems.push(format!(
+            "L7 canary: only {ok} of {CANARY_REQUESTS} requests answered 200: {summary}"
+        ));
+    }
+    if !CANARY_V2_RANGE.contains(&served("reviews-v2")) {
+        problems.push(format!(
+            "L7 canary: reviews-v2 got {} of {CANARY_REQUESTS}, expected about 20%",
+            served("reviews-v2")
+        ));
+    }
+    Ok((problems, servers))
 }
 
 /// `count` connections from `client` to `to`, each sending one line; reads the replies
@@ -305,7 +420,7 @@ fn print_metrics(cluster: &Cluster) -> anyhow::Result<()> {
     );
     for i in 0..cluster.nodes() {
         println!(
-            "  ip netns exec {} curl -s localhost:{AGENT_METRICS_PORT}/metrics | grep istio_tcp",
+            "  ip netns exec {} curl -s localhost:{AGENT_METRICS_PORT}/metrics | grep istio_",
             cluster.node_netns(i)
         );
     }
@@ -315,6 +430,8 @@ fn print_metrics(cluster: &Cluster) -> anyhow::Result<()> {
         "source_workload",
         "destination_workload",
         "destination_service",
+        "destination_version",
+        "response_code",
         "direction",
     ];
     for i in 0..cluster.nodes() {
@@ -323,6 +440,7 @@ fn print_metrics(cluster: &Cluster) -> anyhow::Result<()> {
             if !matches!(
                 sample.name.as_str(),
                 "istio_tcp_connections_opened_total"
+                    | "istio_requests_total"
                     | "nodemesh_enrolled_pods"
                     | "nodemesh_captured_connections_total"
             ) {
