@@ -193,6 +193,20 @@ fn the_shipped_examples_load_without_rejections() {
         .map(|w| w.key.name.as_str())
         .collect();
     assert_eq!(enrolled, ["productpage", "reviews-v1", "reviews-v2"]);
+    let routed: Vec<String> = state
+        .routes
+        .summary()
+        .into_iter()
+        .map(|(service, origin, _)| format!("{service} {origin}"))
+        .collect();
+    assert_eq!(
+        routed,
+        [
+            "shop/reviews DestinationRule shop/reviews",
+            "shop/reviews VirtualService shop/reviews"
+        ],
+        "the canary example routes reviews"
+    );
 }
 
 #[test]
