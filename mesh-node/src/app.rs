@@ -28,6 +28,9 @@ use crate::{
 
 /// How often the eBPF counters and certificate expiries are copied into the metrics.
 const NODE_METRICS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the eBPF maps' entries are counted: a count walks every key, up to 65,536
+/// system calls for the largest map.
+const MAP_FILL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The running agent.
 pub struct Bound {
@@ -124,6 +127,11 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     tasks.spawn(metrics::serve(
         health_listener,
         Endpoints::Health(readiness),
+        shutdown.clone(),
+    ));
+    tasks.spawn(export_map_fill(
+        capture.clone(),
+        metrics.node.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(export_node_metrics(
@@ -276,13 +284,8 @@ async fn export_node_metrics(
     shutdown: CancellationToken,
 ) {
     loop {
-        let counters = capture.counters();
         let node = &metrics.node;
-        node.set_bpf_event("outbound_redirected", counters.outbound_redirected);
-        node.set_bpf_event("outbound_proxy_bypass", counters.outbound_proxy_bypass);
-        node.set_bpf_event("inbound_steered", counters.inbound_steered);
-        node.set_bpf_event("inbound_no_listener", counters.inbound_no_listener);
-        node.set_bpf_event("orig_dst_table_full", counters.orig_dst_table_full);
+        node.record_bpf_counters(&capture.counters());
         if let Some(mtls) = &mtls {
             let expiries: Vec<_> = mtls
                 .manager
@@ -299,6 +302,21 @@ async fn export_node_metrics(
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(NODE_METRICS_INTERVAL) => {}
+        }
+    }
+}
+
+/// Counts the entries of the agent's eBPF maps into the metrics, on a blocking thread.
+async fn export_map_fill(capture: Arc<Capture>, node: NodeMetrics, shutdown: CancellationToken) {
+    loop {
+        let counting = capture.clone();
+        match tokio::task::spawn_blocking(move || counting.map_fill()).await {
+            Ok(fill) => node.set_bpf_map_fill(&fill),
+            Err(error) => warn!(%error, "counting eBPF map entries failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(MAP_FILL_INTERVAL) => {}
         }
     }
 }

@@ -4,4 +4,4 @@ mod addr;
 mod loader;
 
 pub use addr::{from_sock_addr, to_listener_key, to_sock_addr};
-pub use loader::{Capture, CaptureError, Counters};
+pub use loader::{Capture, CaptureError, Counters, MapFill};

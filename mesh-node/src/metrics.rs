@@ -1,19 +1,38 @@
-//! Prometheus metrics: Istio's standard TCP and request metrics and Nodemesh's node
-//! metrics.
+//! Prometheus metrics: Istio's standard TCP and request metrics, Nodemesh's node metrics
+//! and the agent process's own.
 //!
 //! Istio's names and labels are kept exactly so Kiali and the stock Grafana dashboards
-//! work unchanged. Label values come from the state (bounded by the number of workloads and
-//! services), never from request data; the request metrics add only response codes, gRPC
-//! statuses and response flags, which are small fixed sets. That keeps cardinality bounded.
+//! work unchanged. Node metrics carry the `nodemesh_` prefix; the process's CPU, memory,
+//! threads and descriptors use the standard `process_*` names ([`process`]).
+//!
+//! # Label cardinality
+//!
+//! Every label value comes from the config or from a fixed set in this crate, never from
+//! traffic (no addresses, ports, paths, hosts or header values), so the number of series
+//! is bounded by the size of the mesh, not by what passes through it:
+//!
+//! * `istio_*`: workload, namespace, app, version, principal and service labels come from
+//!   the state (the Pods and Services of the config); `unknown` stands for anything the
+//!   state does not know. Requests add `response_code` (HTTP status codes), `grpc_response_status`
+//!   (0–16), `response_flags` and `request_protocol` (small fixed sets). At most: workload
+//!   pairs seen × services × codes.
+//! * `nodemesh_*`: `direction` (`inbound`, `outbound`, `hbone`), `reason` (the proxy's error
+//!   kinds), `event` (the eBPF counters), `map` (the agent's four maps) are fixed sets;
+//!   `identity` is one per service account with a pod on this node (series of certificates
+//!   no longer held are removed); `destination_service` is one per Service hostname.
+//! * `process_*`: no labels.
 mod http;
+pub mod process;
 pub mod server;
 
 pub use http::{HttpMetrics, RequestOutcome};
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 pub use server::serve;
 
 use crate::{
+    ebpf::{Counters, MapFill},
     identity::Identity,
+    metrics::process::ProcessCollector,
     state::{Service, Workload},
 };
 
@@ -192,12 +211,15 @@ impl TcpMetrics {
 pub struct NodeMetrics {
     enrolled_pods: IntGauge,
     config_rejections: IntGauge,
-    config_loads: prometheus::IntCounter,
+    config_loads: IntCounter,
     captured_connections: IntCounterVec,
+    capture_bypasses: IntCounterVec,
     proxy_errors: IntCounterVec,
     bpf_counters: IntGaugeVec,
+    bpf_map_entries: IntGaugeVec,
+    bpf_map_capacity: IntGaugeVec,
     certificate_expiry: IntGaugeVec,
-    tunnels_opened: prometheus::IntCounter,
+    tunnels_opened: IntCounter,
     pooled_tunnels: IntGauge,
     upstream_overflows: IntCounterVec,
     outlier_ejections: IntCounterVec,
@@ -205,88 +227,88 @@ pub struct NodeMetrics {
 
 impl NodeMetrics {
     fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let enrolled_pods = IntGauge::new(
-            "nodemesh_enrolled_pods",
-            "Pods on this node whose traffic the mesh captures",
-        )?;
-        let config_rejections = IntGauge::new(
-            "nodemesh_config_rejected_resources",
-            "Config resources rejected in the last load (their last good version is in force)",
-        )?;
-        let config_loads = prometheus::IntCounter::new(
-            "nodemesh_config_loads_total",
-            "Config snapshots published (one per change of the config)",
-        )?;
-        let captured_connections = IntCounterVec::new(
-            Opts::new(
+        fn registered<M>(registry: &Registry, metric: M) -> prometheus::Result<M>
+        where
+            M: prometheus::core::Collector + Clone + 'static,
+        {
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        }
+        let gauge = |name: &str, help: &str| registered(registry, IntGauge::new(name, help)?);
+        let counter = |name: &str, help: &str| registered(registry, IntCounter::new(name, help)?);
+        let gauges = |name: &str, help: &str, labels: &[&str]| {
+            registered(registry, IntGaugeVec::new(Opts::new(name, help), labels)?)
+        };
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            registered(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
+        };
+        Ok(Self {
+            enrolled_pods: gauge(
+                "nodemesh_enrolled_pods",
+                "Pods on this node whose traffic the mesh captures",
+            )?,
+            config_rejections: gauge(
+                "nodemesh_config_rejected_resources",
+                "Config resources rejected in the last load (their last good version is in force)",
+            )?,
+            config_loads: counter(
+                "nodemesh_config_loads_total",
+                "Config snapshots published (one per change of the config)",
+            )?,
+            captured_connections: counters(
                 "nodemesh_captured_connections_total",
                 "Connections accepted by the in-pod listeners",
-            ),
-            &["direction"],
-        )?;
-        let proxy_errors = IntCounterVec::new(
-            Opts::new(
+                &["direction"],
+            )?,
+            capture_bypasses: counters(
+                "nodemesh_capture_bypassed_connections_total",
+                "Connections of enrolled pods that went direct although the mesh should have \
+                 captured them, by direction and the kernel side's reason",
+                &["direction", "reason"],
+            )?,
+            proxy_errors: counters(
                 "nodemesh_proxy_errors_total",
                 "Connections the proxy could not serve, by reason",
-            ),
-            &["direction", "reason"],
-        )?;
-        let bpf_counters = IntGaugeVec::new(
-            Opts::new(
+                &["direction", "reason"],
+            )?,
+            bpf_counters: gauges(
                 "nodemesh_bpf_events",
                 "Events counted by the eBPF programs since the agent started",
-            ),
-            &["event"],
-        )?;
-        let certificate_expiry = IntGaugeVec::new(
-            Opts::new(
+                &["event"],
+            )?,
+            bpf_map_entries: gauges(
+                "nodemesh_bpf_map_entries",
+                "Entries in each eBPF map the agent owns (counted every few seconds)",
+                &["map"],
+            )?,
+            bpf_map_capacity: gauges(
+                "nodemesh_bpf_map_capacity",
+                "Maximum entries of each eBPF map the agent owns",
+                &["map"],
+            )?,
+            certificate_expiry: gauges(
                 "nodemesh_certificate_expiration_timestamp_seconds",
                 "When the workload certificate in use expires (Unix time), per identity",
-            ),
-            &["identity"],
-        )?;
-        registry.register(Box::new(certificate_expiry.clone()))?;
-        let tunnels_opened = prometheus::IntCounter::new(
-            "nodemesh_hbone_tunnels_opened_total",
-            "HBONE tunnels (mTLS connections) this node's proxy opened to other proxies",
-        )?;
-        registry.register(Box::new(tunnels_opened.clone()))?;
-        let pooled_tunnels = IntGauge::new(
-            "nodemesh_hbone_pooled_tunnels",
-            "HBONE tunnels currently in the pool",
-        )?;
-        registry.register(Box::new(pooled_tunnels.clone()))?;
-        let per_service = |name: &str, help: &str| -> prometheus::Result<IntCounterVec> {
-            let counter = IntCounterVec::new(Opts::new(name, help), &["destination_service"])?;
-            registry.register(Box::new(counter.clone()))?;
-            Ok(counter)
-        };
-        let upstream_overflows = per_service(
-            "nodemesh_upstream_overflow_total",
-            "Requests or connections refused by a circuit breaker (connection pool limits)",
-        )?;
-        let outlier_ejections = per_service(
-            "nodemesh_outlier_ejections_total",
-            "Endpoints ejected from load balancing by outlier detection",
-        )?;
-        registry.register(Box::new(enrolled_pods.clone()))?;
-        registry.register(Box::new(config_rejections.clone()))?;
-        registry.register(Box::new(config_loads.clone()))?;
-        registry.register(Box::new(captured_connections.clone()))?;
-        registry.register(Box::new(proxy_errors.clone()))?;
-        registry.register(Box::new(bpf_counters.clone()))?;
-        Ok(Self {
-            enrolled_pods,
-            config_rejections,
-            config_loads,
-            captured_connections,
-            proxy_errors,
-            bpf_counters,
-            certificate_expiry,
-            tunnels_opened,
-            pooled_tunnels,
-            upstream_overflows,
-            outlier_ejections,
+                &["identity"],
+            )?,
+            tunnels_opened: counter(
+                "nodemesh_hbone_tunnels_opened_total",
+                "HBONE tunnels (mTLS connections) this node's proxy opened to other proxies",
+            )?,
+            pooled_tunnels: gauge(
+                "nodemesh_hbone_pooled_tunnels",
+                "HBONE tunnels currently in the pool",
+            )?,
+            upstream_overflows: counters(
+                "nodemesh_upstream_overflow_total",
+                "Requests or connections refused by a circuit breaker (connection pool limits)",
+                &["destination_service"],
+            )?,
+            outlier_ejections: counters(
+                "nodemesh_outlier_ejections_total",
+                "Endpoints ejected from load balancing by outlier detection",
+                &["destination_service"],
+            )?,
         })
     }
 
@@ -345,10 +367,58 @@ impl NodeMetrics {
         self.outlier_ejections.with_label_values(&[service]).inc();
     }
 
-    pub fn set_bpf_event(&self, event: &str, value: u64) {
-        self.bpf_counters
-            .with_label_values(&[event])
-            .set(i64::try_from(value).unwrap_or(i64::MAX));
+    /// Copies a snapshot of the kernel side's counters: all of them as
+    /// `nodemesh_bpf_events`, and those that mean a connection escaped capture as
+    /// `nodemesh_capture_bypassed_connections_total`.
+    ///
+    /// What escapes: an enrolled pod's `connect()` that went direct because the
+    /// original-destination table was full (`orig_dst_table_full`; the kernel side counts
+    /// a failed re-keying at establishment under the same index, which loses the
+    /// destination rather than the capture), and a connection into an enrolled pod that
+    /// found no inbound listener for its address and reached the app without the proxy
+    /// and its policies (`no_listener`). The proxy's own sockets skipping the hooks
+    /// (`outbound_proxy_bypass`) are expected and are not a bypass.
+    pub fn record_bpf_counters(&self, counters: &Counters) {
+        let events = [
+            ("outbound_redirected", counters.outbound_redirected),
+            ("outbound_proxy_bypass", counters.outbound_proxy_bypass),
+            ("inbound_steered", counters.inbound_steered),
+            ("inbound_no_listener", counters.inbound_no_listener),
+            ("orig_dst_table_full", counters.orig_dst_table_full),
+        ];
+        for (event, value) in events {
+            self.bpf_counters
+                .with_label_values(&[event])
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        let bypasses = [
+            (
+                "outbound",
+                "orig_dst_table_full",
+                counters.orig_dst_table_full,
+            ),
+            ("inbound", "no_listener", counters.inbound_no_listener),
+        ];
+        for (direction, reason, total) in bypasses {
+            let counter = self
+                .capture_bypasses
+                .with_label_values(&[direction, reason]);
+            // The kernel's counts only grow while the agent runs (it loads its own maps),
+            // so the counter follows them by the difference.
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+    }
+
+    /// Records how full each of the agent's eBPF maps is.
+    pub fn set_bpf_map_fill(&self, maps: &[MapFill]) {
+        for fill in maps {
+            self.bpf_map_entries
+                .with_label_values(&[fill.map])
+                .set(i64::from(fill.entries));
+            self.bpf_map_capacity
+                .with_label_values(&[fill.map])
+                .set(i64::from(fill.capacity));
+        }
     }
 }
 
@@ -364,6 +434,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
+        registry.register(Box::new(ProcessCollector::new()?))?;
         Ok(Self {
             tcp: TcpMetrics::register(&registry)?,
             http: HttpMetrics::register(&registry)?,

@@ -34,6 +34,7 @@ mod metrics;
 mod netns;
 mod pod;
 mod process;
+mod prometheus;
 pub mod scenario;
 mod yaml;
 
@@ -45,6 +46,7 @@ pub use metrics::{Sample, metric_value, parse_samples};
 pub use netns::{ip_binary, run_in_netns};
 pub use pod::{Pod, PodProcess, PodSpec};
 pub use process::bin_path;
+pub use prometheus::{PROMETHEUS_BINARY, PromSample, Prometheus};
 pub use yaml::{namespace_yaml, service_yaml};
 
 /// Why the cluster cannot be built on this machine, if it cannot.

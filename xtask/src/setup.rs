@@ -10,8 +10,10 @@ use anyhow::{Context as _, bail};
 
 use crate::run as run_command;
 
-/// Debian packages the tests and benchmarks run.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "sockperf", "iperf3", "tcpdump"];
+/// Debian packages the tests and benchmarks run. `prometheus` is the server the
+/// end-to-end test starts itself, inside the test cluster; its package would also start a
+/// system service, which `RUNLEVEL=1` on the install keeps from starting.
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "sockperf", "iperf3", "tcpdump", "prometheus"];
 /// The bpf-linker release known to build against nightly's LLVM here.
 const BPF_LINKER_VERSION: &str = "^0.13";
 
@@ -146,6 +148,7 @@ fn debian_packages() -> anyhow::Result<()> {
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("RUNLEVEL", "1"),
     )
 }

@@ -9,14 +9,16 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
-    maps::{HashMap, MapData, MapError, PerCpuArray, SockHash},
+    Ebpf, Pod,
+    maps::{HashMap, IterableMap, Map, MapData, MapError, MapKeys, PerCpuArray, SockHash},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
         sk_lookup::SkLookupLinkId,
     },
 };
-use mesh_common::{EnrolledNetns, ListenerKey, OrigDstKey, SockAddr, counters, maps, programs};
+use mesh_common::{
+    EnrolledNetns, ListenerKey, OrigDstKey, SockAddr, capacity, counters, maps, programs,
+};
 use tracing::{debug, info};
 
 use super::addr::{from_sock_addr, to_listener_key, to_sock_addr};
@@ -39,6 +41,11 @@ pub enum CaptureError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("duplicating the descriptor of map {map} to count its entries: {source}")]
+    DuplicateMap {
+        map: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Snapshot of the kernel-side event counters.
@@ -51,6 +58,16 @@ pub struct Counters {
     pub orig_dst_table_full: u64,
 }
 
+/// How full one of the agent's maps is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    /// The map's name in the eBPF object (one of `mesh_common::maps`).
+    pub map: &'static str,
+    pub entries: u32,
+    /// Its `max_entries` (one of `mesh_common::capacity`).
+    pub capacity: u32,
+}
+
 /// The loaded, attached capture programs. Dropping it detaches everything (nothing is
 /// pinned), which is what a clean shutdown wants.
 pub struct Capture {
@@ -58,6 +75,15 @@ pub struct Capture {
     /// Separate lock: read on every accepted connection.
     orig_dst: Mutex<HashMap<MapData, OrigDstKey, SockAddr>>,
     counters: PerCpuArray<MapData, u64>,
+    census: Vec<Census>,
+}
+
+/// Counts the keys of one map through a descriptor of its own, so a count (up to 65,536
+/// lookups) never holds the locks the data path takes.
+struct Census {
+    map: &'static str,
+    capacity: u32,
+    count: Box<dyn Fn(u32) -> u32 + Send + Sync>,
 }
 
 struct Control {
@@ -98,10 +124,26 @@ impl Capture {
         sk_lookup.load()?;
 
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(CaptureError::Missing(name));
-        let enrolled = HashMap::try_from(take(maps::ENROLLED_NETNS)?)?;
-        let orig_dst = HashMap::try_from(take(maps::ORIG_DST_BY_TUPLE)?)?;
-        let listeners = SockHash::try_from(take(maps::INBOUND_LISTENERS)?)?;
+        let enrolled: HashMap<_, u64, EnrolledNetns> =
+            HashMap::try_from(take(maps::ENROLLED_NETNS)?)?;
+        let orig_dst: HashMap<_, OrigDstKey, SockAddr> =
+            HashMap::try_from(take(maps::ORIG_DST_BY_TUPLE)?)?;
+        let listeners: SockHash<_, ListenerKey> =
+            SockHash::try_from(take(maps::INBOUND_LISTENERS)?)?;
         let counters = PerCpuArray::try_from(take(maps::COUNTERS)?)?;
+        // Only the kernel side uses it; the agent holds it just to count its entries.
+        let by_cookie: HashMap<_, u64, SockAddr> =
+            HashMap::try_from(take(maps::ORIG_DST_BY_COOKIE)?)?;
+        let census = vec![
+            Census::of_hash(maps::ENROLLED_NETNS, capacity::ENROLLED_NETNS, &enrolled)?,
+            Census::of_hash(maps::ORIG_DST_BY_COOKIE, capacity::ORIG_DST, &by_cookie)?,
+            Census::of_hash(maps::ORIG_DST_BY_TUPLE, capacity::ORIG_DST, &orig_dst)?,
+            Census::of_sock_hash(
+                maps::INBOUND_LISTENERS,
+                capacity::INBOUND_LISTENERS,
+                &listeners,
+            )?,
+        ];
         info!(cgroup = %cgroup_path.display(), "eBPF capture attached");
         Ok(Self {
             control: Mutex::new(Control {
@@ -112,6 +154,7 @@ impl Capture {
             }),
             orig_dst: Mutex::new(orig_dst),
             counters,
+            census,
         })
     }
 
@@ -196,4 +239,65 @@ impl Capture {
             orig_dst_table_full: read(counters::ORIG_DST_TABLE_FULL),
         }
     }
+
+    /// How many entries each map the agent owns holds, against its capacity. Walks every
+    /// key (blocking system calls): call it from a blocking thread, every few seconds.
+    pub fn map_fill(&self) -> Vec<MapFill> {
+        self.census
+            .iter()
+            .map(|census| MapFill {
+                map: census.map,
+                entries: (census.count)(census.capacity),
+                capacity: census.capacity,
+            })
+            .collect()
+    }
+}
+
+// === impl Census ===
+
+impl Census {
+    fn of_hash<K: Pod + Send + Sync, V: Pod + Send + Sync>(
+        map: &'static str,
+        capacity: u32,
+        owner: &HashMap<MapData, K, V>,
+    ) -> Result<Self, CaptureError> {
+        let handle: HashMap<MapData, K, V> = HashMap::try_from(Self::reopen(map, owner.map())?)?;
+        Ok(Self {
+            map,
+            capacity,
+            count: Box::new(move |limit| count_keys(handle.keys(), limit)),
+        })
+    }
+
+    fn of_sock_hash<K: Pod + Send + Sync>(
+        map: &'static str,
+        capacity: u32,
+        owner: &SockHash<MapData, K>,
+    ) -> Result<Self, CaptureError> {
+        let handle: SockHash<MapData, K> = SockHash::try_from(Self::reopen(map, owner.map())?)?;
+        Ok(Self {
+            map,
+            capacity,
+            count: Box::new(move |limit| count_keys(handle.keys(), limit)),
+        })
+    }
+
+    /// A second handle on the same kernel map, through a duplicated descriptor.
+    fn reopen(map: &'static str, data: &MapData) -> Result<Map, CaptureError> {
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| CaptureError::DuplicateMap { map, source })?;
+        Ok(Map::from_map_data(MapData::from_fd(fd)?)?)
+    }
+}
+
+/// Counts keys, at most `limit`. A hash map's key walk restarts from the first bucket when
+/// the key it stands on is deleted under it, so under churn the count is approximate; the
+/// limit keeps that walk finite.
+fn count_keys<K: Pod>(keys: MapKeys<'_, K>, limit: u32) -> u32 {
+    let walked = keys.take(limit as usize).take_while(Result::is_ok).count();
+    u32::try_from(walked).unwrap_or(limit)
 }

@@ -3,7 +3,10 @@ use std::time::Duration;
 use prometheus::{Encoder, TextEncoder};
 
 use super::*;
-use crate::state::ObjectKey;
+use crate::{
+    ebpf::{Counters, MapFill},
+    state::ObjectKey,
+};
 
 /// What `/metrics` serves.
 fn exposition(metrics: &Metrics) -> String {
@@ -199,4 +202,93 @@ fn circuit_breaker_and_outlier_counters_are_per_service() {
         sample(&text, "nodemesh_outlier_ejections_total", &service),
         1.0
     );
+}
+
+#[test]
+fn capture_bypasses_follow_the_kernel_counters() {
+    let metrics = Metrics::new().expect("metrics register");
+    let counters = |inbound_no_listener, orig_dst_table_full| Counters {
+        outbound_redirected: 40,
+        outbound_proxy_bypass: 12,
+        inbound_steered: 30,
+        inbound_no_listener,
+        orig_dst_table_full,
+    };
+    metrics.node.record_bpf_counters(&counters(0, 0));
+    let text = exposition(&metrics);
+    let bypassed = "nodemesh_capture_bypassed_connections_total";
+    let inbound = [("direction", "inbound"), ("reason", "no_listener")];
+    let outbound = [("direction", "outbound"), ("reason", "orig_dst_table_full")];
+    assert_eq!(
+        sample(&text, bypassed, &inbound),
+        0.0,
+        "both series exist from the first snapshot, so rate() has a start"
+    );
+    assert!(
+        text.contains(&format!("# TYPE {bypassed} counter")),
+        "{text}"
+    );
+
+    metrics.node.record_bpf_counters(&counters(3, 1));
+    metrics.node.record_bpf_counters(&counters(5, 1));
+    let text = exposition(&metrics);
+    assert_eq!(sample(&text, bypassed, &inbound), 5.0);
+    assert_eq!(sample(&text, bypassed, &outbound), 1.0);
+    let event = |name| sample(&text, "nodemesh_bpf_events", &[("event", name)]);
+    assert_eq!(
+        event("outbound_proxy_bypass"),
+        12.0,
+        "expected, not a bypass"
+    );
+    assert_eq!(event("inbound_no_listener"), 5.0);
+    assert!(
+        !text.contains(&format!(
+            "{bypassed}{{direction=\"outbound\",reason=\"proxy"
+        )),
+        "the proxy's own sockets are not counted as bypasses:\n{text}"
+    );
+}
+
+#[test]
+fn map_fill_is_exported_per_map() {
+    let metrics = Metrics::new().expect("metrics register");
+    metrics.node.set_bpf_map_fill(&[
+        MapFill {
+            map: "ENROLLED_NETNS",
+            entries: 3,
+            capacity: 4096,
+        },
+        MapFill {
+            map: "ORIG_DST_BY_TUPLE",
+            entries: 0,
+            capacity: 65536,
+        },
+    ]);
+    let text = exposition(&metrics);
+    let enrolled = [("map", "ENROLLED_NETNS")];
+    assert_eq!(sample(&text, "nodemesh_bpf_map_entries", &enrolled), 3.0);
+    assert_eq!(
+        sample(&text, "nodemesh_bpf_map_capacity", &enrolled),
+        4096.0
+    );
+    let tuple = [("map", "ORIG_DST_BY_TUPLE")];
+    assert_eq!(sample(&text, "nodemesh_bpf_map_entries", &tuple), 0.0);
+}
+
+#[test]
+fn the_agent_process_is_exported_without_labels() {
+    let text = exposition(&Metrics::new().expect("metrics register"));
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_threads",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with(&format!("{name} "))),
+            "{name} in\n{text}"
+        );
+    }
 }
