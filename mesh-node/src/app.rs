@@ -92,8 +92,8 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     let tracing = Arc::new(
         Tracing::new(
             &TraceConfig {
-                otlp_endpoint: config.otlp_endpoint.clone(),
-                sampling_percent: config.trace_sampling,
+                otlp_endpoint: config.observability.otlp_endpoint.clone(),
+                sampling_percent: config.observability.trace_sampling,
                 node: config.node_name.clone(),
             },
             tokio::runtime::Handle::current(),
@@ -109,7 +109,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         mtls,
         clusters: Arc::default(),
         upstreams: Arc::default(),
-        access_log: Arc::new(AccessLog::stdout(config.access_log)),
+        access_log: Arc::new(AccessLog::stdout(config.observability.access_log)),
         tracing: tracing.clone(),
     };
 

@@ -144,6 +144,16 @@ pub struct RunConfig {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Access logs and tracing. Boxed: `Command` stays small for the subcommands that
+    /// do not run the agent.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub observability: Box<ObservabilityConfig>,
+}
+
+/// `mesh-node run`'s access log and tracing flags.
+#[derive(Clone, Debug, clap::Args, Serialize)]
+pub struct ObservabilityConfig {
     /// Access log on stdout, one JSON object per line (whatever `--log-format` says):
     /// `off`, `full` (every connection and request) or `sampled:<ratio>` (every failure
     /// and that share of the rest; `sampled:0` logs failures only). Off by default: one
@@ -284,6 +294,7 @@ mod tests {
         let Command::Run(config) = cli.command else {
             panic!("not run");
         };
+        let config = config.observability;
         assert_eq!(config.access_log, AccessLogMode::Sampled(0.25));
         assert_eq!(config.trace_sampling, 12.5);
         assert_eq!(

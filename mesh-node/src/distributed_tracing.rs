@@ -175,6 +175,11 @@ impl RequestSpan {
         context.is_valid().then(|| context.trace_id().to_string())
     }
 
+    /// Whether the span is sampled here, so its end is worth describing.
+    pub fn is_recording(&self) -> bool {
+        self.span.is_recording()
+    }
+
     /// Makes this span the parent of whatever the request leads to next.
     pub fn inject(&self, headers: &mut HeaderMap) {
         propagation::inject(headers, self.span.span_context(), self.parent, self.came);
@@ -182,7 +187,7 @@ impl RequestSpan {
 
     /// Ends the span with what the access log says about the request.
     pub fn finish(mut self, entry: &Entry) {
-        if !self.span.is_recording() {
+        if !self.is_recording() {
             return;
         }
         let text = |key: &'static str, value: &Option<String>| {

@@ -103,7 +103,9 @@ impl Record {
                 response_bytes,
             },
         );
-        if !proxy.access_log.is_on() && self.span.is_none() {
+        // Most requests are neither logged nor sampled: skip building their line.
+        let span = self.span.filter(RequestSpan::is_recording);
+        if !proxy.access_log.is_on() && span.is_none() {
             return;
         }
         let end = RequestEnd {
@@ -117,7 +119,7 @@ impl Record {
         };
         let entry = Entry::request(parties, &self.started, self.facts, &end);
         proxy.access_log.log(&entry);
-        if let Some(span) = self.span {
+        if let Some(span) = span {
             span.finish(&entry);
         }
     }
