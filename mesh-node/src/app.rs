@@ -8,10 +8,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    access_log::AccessLog,
     admin::{Admin, LogControl},
     ca_server::{self, CaService, TokenFile},
     cli::{CaConfig, RunConfig},
     config::file::FileSource,
+    distributed_tracing::{TraceConfig, Tracing},
     ebpf::Capture,
     enroll::Enrollment,
     identity::{
@@ -39,6 +41,8 @@ pub struct Bound {
     pub health_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    /// Flushed last, so spans of connections that drained still leave.
+    tracing: Arc<Tracing>,
 }
 
 pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result<Bound> {
@@ -88,6 +92,17 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         }
     };
     let proxy_mtls = mtls.clone();
+    let tracing = Arc::new(
+        Tracing::new(
+            &TraceConfig {
+                otlp_endpoint: config.observability.otlp_endpoint.clone(),
+                sampling_percent: config.observability.trace_sampling,
+                node: config.node_name.clone(),
+            },
+            tokio::runtime::Handle::current(),
+        )
+        .context("setting up tracing")?,
+    );
     let proxy = ProxyContext {
         state: state_rx.clone(),
         capture: capture.clone(),
@@ -97,6 +112,8 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         mtls,
         clusters: Arc::default(),
         upstreams: Arc::default(),
+        access_log: Arc::new(AccessLog::stdout(config.observability.access_log)),
+        tracing: tracing.clone(),
     };
 
     let admin_state = state_rx.clone();
@@ -153,6 +170,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         health_addr: bound_health,
         shutdown,
         tasks,
+        tracing,
     })
 }
 
@@ -261,10 +279,9 @@ pub async fn run_ca(config: CaConfig) -> anyhow::Result<()> {
 impl Bound {
     /// Runs until SIGTERM/SIGINT, then drains: pods are un-enrolled and the eBPF programs
     /// detached (the `Capture` drops with the last task that holds it).
-    pub async fn wait(mut self) -> anyhow::Result<()> {
+    pub async fn wait(self) -> anyhow::Result<()> {
         signal::shutdown_requested().await;
-        self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        self.stop().await;
         info!("mesh-node stopped");
         Ok(())
     }
@@ -273,6 +290,9 @@ impl Bound {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        // The flush waits for posts that run on this runtime: not on one of its workers.
+        let tracing = self.tracing;
+        let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
     }
 }
 

@@ -2,7 +2,9 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+
+use crate::access_log::AccessLogMode;
 
 #[derive(Debug, Parser)]
 #[command(name = "mesh-node", version, about = "Nodemesh node agent")]
@@ -141,6 +143,36 @@ pub struct RunConfig {
     /// Log format; the level comes from `RUST_LOG` (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Access logs and tracing. Boxed: `Command` stays small for the subcommands that
+    /// do not run the agent.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub observability: Box<ObservabilityConfig>,
+}
+
+/// `mesh-node run`'s access log and tracing flags.
+#[derive(Clone, Debug, clap::Args, Serialize)]
+pub struct ObservabilityConfig {
+    /// Access log on stdout, one JSON object per line (whatever `--log-format` says):
+    /// `off`, `full` (every connection and request) or `sampled:<ratio>` (every failure
+    /// and that share of the rest; `sampled:0` logs failures only). Off by default: one
+    /// agent logs for all its node's pods, a line per request.
+    #[arg(long, default_value = "off")]
+    pub access_log: AccessLogMode,
+
+    /// Percentage (0-100) of requests arriving without a trace context that start a
+    /// sampled trace. A caller's own decision (a sampled `traceparent`) is always kept.
+    #[arg(long, default_value_t = crate::distributed_tracing::DEFAULT_SAMPLING_PERCENT,
+          value_parser = parse_percent)]
+    pub trace_sampling: f64,
+
+    /// OTLP/HTTP collector the request spans are exported to, e.g.
+    /// `http://otel-collector.observability:4318` (posted to `/v1/traces` as protobuf;
+    /// plain http only). Without it, trace context is still propagated.
+    #[arg(long, value_parser = parse_otlp_endpoint)]
+    #[serde(serialize_with = "serialize_optional_display")]
+    pub otlp_endpoint: Option<http::Uri>,
 }
 
 /// Everything `mesh-node ca` is configured with.
@@ -190,6 +222,40 @@ fn parse_ca_addr(value: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{value:?} is not https://<ip>:<port>"))
 }
 
+/// A percentage from 0 to 100.
+fn parse_percent(value: &str) -> Result<f64, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|percent| (0.0..=100.0).contains(percent))
+        .ok_or_else(|| format!("{value:?} is not a percentage from 0 to 100"))
+}
+
+/// `http://<host>:<port>`, optionally with the full `/v1/traces` path.
+fn parse_otlp_endpoint(value: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|e| format!("{value:?} is not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(_)) => Ok(uri),
+        (Some("https"), _) => Err(format!(
+            "{value:?}: the agent exports over plain http only; point it at the \
+             collector's OTLP/HTTP port (4318) or a node-local collector"
+        )),
+        _ => Err(format!("{value:?} is not http://<host>:<port>")),
+    }
+}
+
+fn serialize_optional_display<T: std::fmt::Display, S: Serializer>(
+    value: &Option<T>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => serializer.collect_str(value),
+        None => serializer.serialize_none(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +272,57 @@ mod tests {
         }
         assert!(parse_ca_addr("http://10.0.0.5:15012").is_err());
         assert!(parse_ca_addr("https://ca.example:15012").is_err());
+    }
+
+    #[test]
+    fn observability_flags_parse_and_reject_with_a_reason() {
+        let cli = Cli::try_parse_from([
+            "mesh-node",
+            "run",
+            "--node-name",
+            "n",
+            "--config-dir",
+            "/c",
+            "--access-log",
+            "sampled:0.25",
+            "--trace-sampling",
+            "12.5",
+            "--otlp-endpoint",
+            "http://10.0.0.1:4318",
+        ])
+        .expect("valid flags");
+        let Command::Run(config) = cli.command else {
+            panic!("not run");
+        };
+        let config = config.observability;
+        assert_eq!(config.access_log, AccessLogMode::Sampled(0.25));
+        assert_eq!(config.trace_sampling, 12.5);
+        assert_eq!(
+            config.otlp_endpoint.map(|u| u.to_string()).as_deref(),
+            Some("http://10.0.0.1:4318/")
+        );
+        let json = serde_json::to_value(
+            Cli::try_parse_from(["mesh-node", "run", "--node-name", "n", "--config-dir", "/c"])
+                .map(|c| match c.command {
+                    Command::Run(config) => config,
+                    _ => unreachable!(),
+                })
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(json["access_log"], "off");
+        assert_eq!(json["trace_sampling"], 1.0);
+        assert_eq!(json["otlp_endpoint"], serde_json::Value::Null);
+
+        assert!(parse_percent("101").is_err());
+        assert!(parse_percent("-1").is_err());
+        assert!(
+            parse_otlp_endpoint("https://collector:4318")
+                .unwrap_err()
+                .contains("plain http")
+        );
+        assert!(parse_otlp_endpoint("collector:4318").is_err());
+        assert!("sampled:2".parse::<AccessLogMode>().is_err());
+        assert!("sometimes".parse::<AccessLogMode>().is_err());
     }
 }

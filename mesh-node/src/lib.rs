@@ -3,12 +3,14 @@
 //! Unsafe code is confined to the one socket option std and nix do not wrap (`netns`);
 //! raw aya handles stay inside `ebpf`.
 #![deny(unsafe_code)]
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod ca_server;
 pub mod cli;
 pub mod config;
 pub mod debug;
+pub mod distributed_tracing;
 pub mod ebpf;
 pub mod enroll;
 pub mod identity;

@@ -29,8 +29,10 @@ use tracing::{Instrument, info_span, warn};
 pub use tunnel::Mtls;
 
 use crate::{
+    access_log::{self, AccessLog},
+    distributed_tracing::Tracing,
     ebpf::Capture,
-    metrics::{ConnectionLabels, Metrics},
+    metrics::Metrics,
     netns::Netns,
     state::StateRx,
 };
@@ -52,6 +54,10 @@ pub struct ProxyContext {
     /// L7: the upstream clusters (limits, endpoint health) and their pooled connections.
     pub clusters: Arc<http::Clusters>,
     pub upstreams: Arc<http::UpstreamPool>,
+    /// One JSON line per connection and request (`--access-log`).
+    pub access_log: Arc<AccessLog>,
+    /// Request spans and trace context propagation (`--trace-sampling`, `--otlp-endpoint`).
+    pub tracing: Arc<Tracing>,
 }
 
 /// The pod a listener belongs to.
@@ -152,20 +158,27 @@ where
 }
 
 /// [`relay`] between the client side and the upstream side of a connection, recording it in
-/// Istio's TCP metrics (opened now, closed with its bytes at the end).
+/// Istio's TCP metrics (opened now, closed with its bytes at the end) and, when it closes,
+/// in the access log.
 async fn relay_counted<C, U>(
     client: &mut C,
     upstream: &mut U,
-    labels: &ConnectionLabels,
+    connection: &access_log::ConnectionRecord,
     proxy: &ProxyContext,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    let labels = &connection.parties.labels;
     proxy.metrics.tcp.opened(labels);
     let (from_client, to_client, error) = relay(client, upstream).await;
     proxy.metrics.tcp.closed(labels, from_client, to_client);
     tracing::debug!(from_client, to_client, error = ?error, "connection closed");
+    if proxy.access_log.is_on() {
+        proxy
+            .access_log
+            .log(&connection.closed(from_client, to_client));
+    }
 }
 
 /// A stream that counts the bytes read from it.

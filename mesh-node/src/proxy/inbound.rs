@@ -20,10 +20,11 @@ use super::{
     socket::{Dial, connect_from_pod},
 };
 use crate::{
+    access_log::{ConnectionRecord, Entry, Parties, Started},
     identity::Identity,
-    metrics::{ConnectionLabels, Reporter},
+    metrics::Reporter,
     policy::{ConnectionAttributes, MtlsMode, Policies, Verdict},
-    state::{State, Workload},
+    state::{ObjectKey, State, Workload},
 };
 
 /// How much of the policy a connection is checked against when it opens.
@@ -55,10 +56,15 @@ fn check_policy(
     match policies.authorize(workload, attributes) {
         Verdict::Allow { .. } => Ok(()),
         Verdict::Deny { policy, reason } => Err(ProxyError::Denied {
-            policy: policy.map_or_else(|| "(no ALLOW policy matched)".into(), |p| p.to_string()),
+            policy: policy_name(policy.as_ref()),
             reason,
         }),
     }
+}
+
+/// The policy a denial names; a default deny (ALLOW policies exist, none matched) has none.
+pub fn policy_name(policy: Option<&ObjectKey>) -> String {
+    policy.map_or_else(|| "(no ALLOW policy matched)".into(), ToString::to_string)
 }
 
 pub(super) async fn handle(
@@ -67,6 +73,7 @@ pub(super) async fn handle(
     pod: &PodContext,
     proxy: &ProxyContext,
 ) -> Result<(), ProxyError> {
+    let started = Started::now();
     // sk_lookup keeps the packet's destination, so the accepted socket's local address is
     // the pod address and port the client asked for.
     let original = client
@@ -74,9 +81,22 @@ pub(super) async fn handle(
         .map_err(|e| ProxyError::Socket(e.to_string()))?;
     let state = proxy.state.borrow().clone();
     let caller = Caller::new(peer.ip(), None);
-    let admission = admit(&state, pod, &caller, original, None)?;
-    let _ = client.set_nodelay(true);
-    deliver(client, caller, original, pod, proxy, &state, admission).await
+    let result = match admit(&state, pod, &caller, original, None) {
+        Ok(admission) => {
+            let _ = client.set_nodelay(true);
+            let delivery = Delivery {
+                caller: &caller,
+                original,
+                started,
+            };
+            deliver(client, &delivery, pod, proxy, &state, admission).await
+        }
+        Err(error) => Err(error),
+    };
+    if let Err(error) = &result {
+        log_refused(proxy, pod, &caller, original, started, error);
+    }
+    result
 }
 
 /// Serves one HBONE tunnel from another node proxy: mTLS as this pod's identity, then one
@@ -125,6 +145,7 @@ async fn serve_connect(
     proxy: &ProxyContext,
     identities: &Arc<(Identity, Identity)>,
 ) -> Result<(), ProxyError> {
+    let started = Started::now();
     let target = incoming.target;
     let state = proxy.state.borrow().clone();
     let caller = Caller::new(peer.ip(), Some(identities.clone()));
@@ -133,18 +154,54 @@ async fn serve_connect(
     } else {
         Err(ProxyError::NotLocal(target))
     };
-    let admission = match admitted {
-        Ok(admission) => admission,
+    let result = match admitted {
+        Ok(admission) => match incoming.accept() {
+            Ok(stream) => {
+                let delivery = Delivery {
+                    caller: &caller,
+                    original: target,
+                    started,
+                };
+                deliver(stream, &delivery, pod, proxy, &state, admission).await
+            }
+            Err(error) => Err(error.into()),
+        },
         Err(error) => {
             incoming.refuse(StatusCode::FORBIDDEN);
-            return Err(error);
+            Err(error)
         }
     };
-    let stream = incoming.accept()?;
-    deliver(stream, caller, target, pod, proxy, &state, admission).await
+    if let Err(error) = &result {
+        log_refused(proxy, pod, &caller, target, started, error);
+    }
+    result
+}
+
+/// Logs a connection to this pod that the proxy refused or could not hand to the app. An
+/// HTTP connection's failures are its requests' business: each has a line of its own.
+fn log_refused(
+    proxy: &ProxyContext,
+    pod: &PodContext,
+    caller: &Caller,
+    original: SocketAddr,
+    started: Started,
+    error: &ProxyError,
+) {
+    if !proxy.access_log.is_on() || matches!(error, ProxyError::Http(_)) {
+        return;
+    }
+    let state = proxy.state.borrow().clone();
+    let parties = caller.parties(&state, pod, original);
+    proxy.access_log.log(&Entry::refused_connection(
+        &parties,
+        &started,
+        Some(original),
+        error,
+    ));
 }
 
 /// Who is calling, as far as the inbound side can tell.
+#[derive(Clone)]
 pub struct Caller {
     pub ip: IpAddr,
     /// (caller, this pod) when the connection came over mTLS.
@@ -164,6 +221,23 @@ impl Caller {
             identities,
             principal,
         }
+    }
+
+    /// The caller and this pod, as the metrics and the access log name them, for a
+    /// connection to `original`.
+    pub fn parties(&self, state: &State, pod: &PodContext, original: SocketAddr) -> Parties {
+        let destination = state.workloads.get(&pod.key);
+        let service = destination.and_then(|w| state.service_for(w, original.port()));
+        Parties::new(
+            Reporter::Destination,
+            state.workload_by_ip(self.ip),
+            destination,
+            service,
+            self.identities
+                .as_deref()
+                .map(|(source, own)| (source, own)),
+            Some(self.ip),
+        )
     }
 
     /// The connection as the policies see it.
@@ -208,12 +282,20 @@ fn admit(
     Ok(admission)
 }
 
+/// An admitted connection on its way to the app.
+#[derive(Clone, Copy)]
+struct Delivery<'a> {
+    caller: &'a Caller,
+    /// The pod address and port the client asked for.
+    original: SocketAddr,
+    started: Started,
+}
+
 /// Hands the connection to the app inside the pod as the caller: request by request when
 /// it carries HTTP, else relayed as bytes until both sides are done.
 async fn deliver<S>(
     client: S,
-    caller: Caller,
-    original: SocketAddr,
+    delivery: &Delivery<'_>,
     pod: &PodContext,
     proxy: &ProxyContext,
     state: &State,
@@ -222,6 +304,11 @@ async fn deliver<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let Delivery {
+        caller,
+        original,
+        started,
+    } = *delivery;
     let destination = state.workloads.get(&pod.key);
     let service = destination.and_then(|w| state.service_for(w, original.port()));
     let declared = service
@@ -239,7 +326,7 @@ where
         let inbound = Arc::new(http::inbound::Inbound {
             pod: pod.clone(),
             proxy: proxy.clone(),
-            caller,
+            caller: caller.clone(),
             original,
         });
         http::serve_connection(client, move |request| inbound.clone().handle(request))
@@ -249,20 +336,13 @@ where
     }
     if admission == Admission::MtlsOnly {
         // Not HTTP after all: the request-level rules cannot match; decide at L4 now.
-        admit(state, pod, &caller, original, Some(Admission::Full))?;
+        admit(state, pod, caller, original, Some(Admission::Full))?;
     }
-    let mutual_tls = caller
-        .identities
-        .as_deref()
-        .map(|(source, own)| (source, own));
-    let source = state.workload_by_ip(caller.ip);
-    let labels = ConnectionLabels::new(
-        Reporter::Destination,
-        source,
-        destination,
-        service,
-        mutual_tls,
-    );
+    let connection = ConnectionRecord {
+        parties: caller.parties(state, pod, original),
+        started,
+        upstream: original,
+    };
     let mut app = connect_from_pod(
         pod,
         &proxy.home,
@@ -271,6 +351,6 @@ where
     )
     .await?;
     debug!(%original, "inbound connected to app");
-    relay_counted(&mut client, &mut app, &labels, proxy).await;
+    relay_counted(&mut client, &mut app, &connection, proxy).await;
     Ok(())
 }

@@ -11,7 +11,10 @@ use super::{
     relay_counted,
     socket::{Dial, connect_from_pod},
 };
-use crate::metrics::{ConnectionLabels, Reporter};
+use crate::{
+    access_log::{ConnectionRecord, Entry, Parties, Started},
+    metrics::Reporter,
+};
 
 pub(super) async fn handle(
     client: TcpStream,
@@ -19,10 +22,54 @@ pub(super) async fn handle(
     pod: &PodContext,
     proxy: &ProxyContext,
 ) -> Result<(), ProxyError> {
+    let started = Started::now();
     let original = proxy
         .capture
-        .take_original_destination(pod.netns_cookie, peer)
-        .ok_or(ProxyError::NoOriginalDestination)?;
+        .take_original_destination(pod.netns_cookie, peer);
+    let result = match original {
+        Some(original) => proxy_to(client, original, started, pod, proxy).await,
+        None => Err(ProxyError::NoOriginalDestination),
+    };
+    if let Err(error) = &result {
+        log_refused(proxy, pod, original, started, error);
+    }
+    result
+}
+
+/// Logs a connection of this pod that the proxy could not serve. An HTTP connection's
+/// failures are its requests' business: each has a line of its own.
+fn log_refused(
+    proxy: &ProxyContext,
+    pod: &PodContext,
+    original: Option<SocketAddr>,
+    started: Started,
+    error: &ProxyError,
+) {
+    if !proxy.access_log.is_on() || matches!(error, ProxyError::Http(_)) {
+        return;
+    }
+    let state = proxy.state.borrow().clone();
+    let parties = Parties::new(
+        Reporter::Source,
+        state.workloads.get(&pod.key),
+        None,
+        original.and_then(|o| state.service_by_ip(o.ip())),
+        None,
+        original.and_then(|o| pod.ip_like(o.ip())),
+    );
+    proxy.access_log.log(&Entry::refused_connection(
+        &parties, &started, original, error,
+    ));
+}
+
+/// Serves a connection of the pod to `original`, the address it dialed.
+async fn proxy_to(
+    client: TcpStream,
+    original: SocketAddr,
+    started: Started,
+    pod: &PodContext,
+    proxy: &ProxyContext,
+) -> Result<(), ProxyError> {
     let state = proxy.state.borrow().clone();
     let _ = client.set_nodelay(true);
     // A Service port that carries HTTP is routed request by request.
@@ -70,6 +117,18 @@ pub(super) async fn handle(
         )),
         _ => None,
     };
+    let connection = |mutual_tls| ConnectionRecord {
+        parties: Parties::new(
+            Reporter::Source,
+            source,
+            destination,
+            service,
+            mutual_tls,
+            pod.ip_like(original.ip()),
+        ),
+        started,
+        upstream: upstream.addr(),
+    };
     match tunnel {
         Some((mtls, source_id, destination_id)) => {
             let mut stream = mtls
@@ -81,19 +140,16 @@ pub(super) async fn handle(
                     upstream.addr(),
                 )
                 .await?;
-            let mutual_tls = Some((&source_id, &destination_id));
-            let labels =
-                ConnectionLabels::new(Reporter::Source, source, destination, service, mutual_tls);
+            let connection = connection(Some((&source_id, &destination_id)));
             debug!(%original, upstream = %upstream.addr(), "outbound HBONE stream open");
-            relay_counted(&mut client, &mut stream, &labels, proxy).await;
+            relay_counted(&mut client, &mut stream, &connection, proxy).await;
         }
         None => {
-            let labels =
-                ConnectionLabels::new(Reporter::Source, source, destination, service, None);
+            let connection = connection(None);
             let mut stream =
                 connect_from_pod(pod, &proxy.home, upstream.addr(), Dial::Outbound).await?;
             debug!(%original, upstream = %upstream.addr(), "outbound connected");
-            relay_counted(&mut client, &mut stream, &labels, proxy).await;
+            relay_counted(&mut client, &mut stream, &connection, proxy).await;
         }
     }
     Ok(())

@@ -2,29 +2,28 @@
 //! authorized here, at the destination node (AuthorizationPolicy with request
 //! attributes), then handed to the app over a pooled connection that carries the
 //! caller's address.
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::AtomicU64},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::time::Instant;
 use tracing::debug;
 
 use super::{
     ProxyBody,
     cluster::ClusterKey,
-    incoming, is_grpc, is_upgrade, local_response,
+    incoming, is_upgrade, local_response,
     metered::{CountedRequest, Record, meter},
     normalize_path, splice_upgrade, strip_hop_by_hop, strip_hop_by_hop_for_forwarding,
     upstream::{Connector, SendError, Via},
 };
 use crate::{
-    metrics::{ConnectionLabels, Reporter},
+    distributed_tracing::{SpanKind, span_name},
     policy::{RequestAttributes, Verdict},
-    proxy::{PodContext, ProxyContext, inbound::Caller},
+    proxy::{
+        PodContext, ProxyContext,
+        inbound::{Caller, policy_name},
+    },
     routing::ConnectionPool,
 };
 
@@ -42,28 +41,32 @@ pub struct Inbound {
 
 impl Inbound {
     pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
-        let start = Instant::now();
         let state = self.proxy.state.borrow().clone();
         let workload = state.workloads.get(&self.pod.key);
-        let protocol = if is_grpc(request.headers()) {
-            "grpc"
-        } else {
-            "http"
-        };
-        let source = state.workload_by_ip(self.caller.ip);
-        let service = workload.and_then(|w| state.service_for(w, self.original.port()));
-        let identities = self.caller.identities.as_deref().map(|(s, d)| (s, d));
-        let labels =
-            ConnectionLabels::new(Reporter::Destination, source, workload, service, identities);
-        let request_bytes = Arc::new(AtomicU64::new(0));
-        let record = |response: Response<ProxyBody>, flags: &'static str| {
-            let record = Record {
-                start,
-                protocol,
-                request_bytes: request_bytes.clone(),
-                flags: vec![flags],
-            };
-            meter(&self.proxy, labels.clone(), record, response)
+        let parties = self.caller.parties(&state, &self.pod, self.original);
+        let target = parties
+            .peers
+            .service
+            .clone()
+            .unwrap_or_else(|| self.original.to_string());
+        let span = self.proxy.tracing.start(
+            SpanKind::Server,
+            span_name(request.method(), &target),
+            request.headers(),
+        );
+        let mut record = Record::new(
+            request.method(),
+            request.uri(),
+            request.headers(),
+            Some(span),
+        );
+        record.upstream = Some(self.original);
+        let request_bytes = record.request_bytes.clone();
+        let finish = |mut record: Record, response: Response<ProxyBody>, flag: &'static str| {
+            if flag != "-" {
+                record.flags.push(flag);
+            }
+            meter(&self.proxy, parties, record, response)
         };
 
         if let Some(normalized) = normalize_path(request.uri().path()) {
@@ -78,10 +81,10 @@ impl Inbound {
                     parts.path_and_query = Some(path_and_query);
                     match http::Uri::from_parts(parts) {
                         Ok(uri) => *request.uri_mut() = uri,
-                        Err(_) => return record(bad_path(), "-"),
+                        Err(_) => return finish(record, bad_path(), "-"),
                     }
                 }
-                Err(_) => return record(bad_path(), "-"),
+                Err(_) => return finish(record, bad_path(), "-"),
             }
         }
         if let Some(workload) = workload {
@@ -113,15 +116,19 @@ impl Inbound {
                     .metrics
                     .node
                     .proxy_error("inbound", "authorization_denied");
+                record.facts.policy = Some(policy_name(policy.as_ref()));
                 let denied = local_response(StatusCode::FORBIDDEN, ACCESS_DENIED);
-                return record(denied, "RBAC");
+                return finish(record, denied, "RBAC");
             }
         }
 
         let downstream_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         strip_hop_by_hop_for_forwarding(&mut parts.headers, downstream_upgrade.is_some());
-        let body = CountedRequest::new(incoming(body), request_bytes.clone()).boxed();
+        if let Some(span) = &record.span {
+            span.inject(&mut parts.headers);
+        }
+        let body = CountedRequest::new(incoming(body), request_bytes).boxed();
         let upstream_request = Request::from_parts(parts, body);
         // One cluster per app port of the pod: the pool's key, with no limits of its own.
         let cluster = self.proxy.clusters.get(&ClusterKey {
@@ -156,7 +163,7 @@ impl Inbound {
                 } else {
                     strip_hop_by_hop(response.headers_mut());
                 }
-                record(response.map(incoming), "-")
+                finish(record, response.map(incoming), "-")
             }
             Err(error) => {
                 debug!(%error, app = %self.original, "app did not answer");
@@ -168,7 +175,7 @@ impl Inbound {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream connect error or disconnect/reset before headers",
                 );
-                record(failed, flags)
+                finish(record, failed, flags)
             }
         }
     }

@@ -1,6 +1,8 @@
-//! Bodies that count what crosses them, so a request's metrics are recorded when its
-//! response has really ended (Istio's semantics), with its bytes and gRPC status.
+//! Bodies that count what crosses them, so a request's metrics, access log line and span
+//! are recorded when its response has really ended (Istio's semantics), with its bytes
+//! and gRPC status.
 use std::{
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -10,26 +12,66 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, Response};
+use http::{HeaderMap, HeaderValue, Method, Response, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::time::Instant;
 
-use super::{BoxError, ProxyBody};
+use super::{BoxError, ProxyBody, is_grpc};
 use crate::{
-    metrics::{ConnectionLabels, RequestOutcome},
+    access_log::{AccessLog, Entry, Parties, RequestEnd, RequestFacts, Started},
+    distributed_tracing::RequestSpan,
+    metrics::{HttpMetrics, RequestOutcome},
     proxy::ProxyContext,
 };
 
-/// What one request's metrics need, gathered as it goes.
+/// Envoy's request id header: set at the source proxy when the client sent none, logged
+/// at both ends, so one request's two access log lines share it.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// What one request's metrics, access log line and span need, gathered as it goes.
 pub struct Record {
-    pub start: Instant,
+    pub started: Started,
     pub protocol: &'static str,
     pub request_bytes: Arc<AtomicU64>,
     pub flags: Vec<&'static str>,
+    /// What the access log says beyond the metrics' labels.
+    pub facts: RequestFacts,
+    /// The endpoint of the last attempt.
+    pub upstream: Option<SocketAddr>,
+    /// This proxy's span for the request, ended with it.
+    pub span: Option<RequestSpan>,
 }
 
 impl Record {
+    /// Starts the record of a request with this head, traced by `span`.
+    pub fn new(method: &Method, uri: &Uri, headers: &HeaderMap, span: Option<RequestSpan>) -> Self {
+        let text = |value: &HeaderValue| String::from_utf8_lossy(value.as_bytes()).into_owned();
+        let authority = headers
+            .get(header::HOST)
+            .map(text)
+            .or_else(|| uri.authority().map(ToString::to_string));
+        Self {
+            started: Started::now(),
+            protocol: if is_grpc(headers) { "grpc" } else { "http" },
+            request_bytes: Arc::new(AtomicU64::new(0)),
+            flags: Vec::new(),
+            facts: RequestFacts {
+                method: Some(method.to_string()),
+                path: Some(
+                    uri.path_and_query()
+                        .map_or("/", |pq| pq.as_str())
+                        .to_string(),
+                ),
+                authority,
+                request_id: headers.get(REQUEST_ID).map(text),
+                trace_id: span.as_ref().and_then(RequestSpan::trace_id),
+                ..RequestFacts::default()
+            },
+            upstream: None,
+            span,
+        }
+    }
+
     fn flags(&self) -> String {
         if self.flags.is_empty() {
             "-".into()
@@ -37,33 +79,75 @@ impl Record {
             self.flags.join(",")
         }
     }
+
+    /// Records the ended request in Istio's metrics, the access log and its span.
+    fn finish(
+        self,
+        parties: &Parties,
+        proxy: &Outputs,
+        response_code: u16,
+        response_bytes: u64,
+        grpc_status: Option<u32>,
+    ) {
+        let flags = self.flags();
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        proxy.metrics.record(
+            &parties.labels,
+            &RequestOutcome {
+                protocol: self.protocol,
+                response_code,
+                response_flags: &flags,
+                grpc_status,
+                duration: self.started.elapsed(),
+                request_bytes,
+                response_bytes,
+            },
+        );
+        // Most requests are neither logged nor sampled: skip building their line.
+        let span = self.span.filter(RequestSpan::is_recording);
+        if !proxy.access_log.is_on() && span.is_none() {
+            return;
+        }
+        let end = RequestEnd {
+            protocol: self.protocol,
+            response_code,
+            grpc_status,
+            response_flags: &flags,
+            upstream: self.upstream,
+            bytes_received: request_bytes,
+            bytes_sent: response_bytes,
+        };
+        let entry = Entry::request(parties, &self.started, self.facts, &end);
+        proxy.access_log.log(&entry);
+        if let Some(span) = span {
+            span.finish(&entry);
+        }
+    }
 }
 
-/// Records the request in Istio's metrics once the response body is done.
+/// Where an ended request is recorded.
+struct Outputs {
+    metrics: HttpMetrics,
+    access_log: Arc<AccessLog>,
+}
+
+/// Records the request in Istio's metrics, the access log and its span once the response
+/// body is done.
 pub fn meter(
     proxy: &ProxyContext,
-    labels: ConnectionLabels,
+    parties: Parties,
     record: Record,
     response: Response<ProxyBody>,
 ) -> Response<ProxyBody> {
     let status = response.status().as_u16();
-    let flags = record.flags();
-    let metrics = proxy.metrics.http.clone();
+    let outputs = Outputs {
+        metrics: proxy.metrics.http.clone(),
+        access_log: proxy.access_log.clone(),
+    };
     let header_status = grpc_status(response.headers());
     response.map(move |body| {
         let on_done = Box::new(move |response_bytes: u64, grpc: Option<u32>| {
-            metrics.record(
-                &labels,
-                &RequestOutcome {
-                    protocol: record.protocol,
-                    response_code: status,
-                    response_flags: &flags,
-                    grpc_status: grpc,
-                    duration: record.start.elapsed(),
-                    request_bytes: record.request_bytes.load(Ordering::Relaxed),
-                    response_bytes,
-                },
-            );
+            record.finish(&parties, &outputs, status, response_bytes, grpc);
         });
         MeteredResponse::new(body, header_status, on_done).boxed()
     })

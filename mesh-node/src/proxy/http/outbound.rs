@@ -5,10 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -16,20 +13,21 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header, request::Parts};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
-use tokio::time::Instant;
 use tracing::debug;
 
 use super::{
     ProxyBody,
     cluster::{AttemptResult, Cluster, ClusterKey, HashInput},
-    full, incoming, is_grpc, is_upgrade, local_response,
-    metered::{CountedRequest, Record, meter},
+    full, incoming, is_upgrade, local_response,
+    metered::{CountedRequest, REQUEST_ID, Record, meter},
     splice_upgrade, strip_hop_by_hop, strip_hop_by_hop_for_forwarding,
     upstream::{Connector, SendError, Via},
 };
 use crate::{
+    access_log::Parties,
+    distributed_tracing::{SpanKind, span_name},
     identity::Identity,
-    metrics::{ConnectionLabels, Reporter},
+    metrics::Reporter,
     proxy::{PodContext, ProxyContext, ProxyError, resolve::service_endpoints},
     routing::{
         Destination, HashKey, HttpAction, HttpRule, LoadBalancer, RequestInfo, RetryOn,
@@ -163,16 +161,28 @@ fn chance(percent: f64) -> bool {
 impl Outbound {
     pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
         let state = self.proxy.state.borrow().clone();
-        let mut record = Record {
-            start: Instant::now(),
-            protocol: if is_grpc(request.headers()) {
-                "grpc"
-            } else {
-                "http"
-            },
-            request_bytes: Arc::new(AtomicU64::new(0)),
-            flags: Vec::new(),
-        };
+        // Envoy's rule: the first proxy gives the request an id, which both ends log.
+        if !request.headers().contains_key(REQUEST_ID) {
+            let id = format!("{:032x}", rand::random::<u128>());
+            if let Ok(value) = HeaderValue::from_str(&id) {
+                request.headers_mut().insert(REQUEST_ID, value);
+            }
+        }
+        let target = state
+            .services
+            .get(&self.service)
+            .map_or_else(|| self.service.to_string(), |s| s.hostname());
+        let span = self.proxy.tracing.start(
+            SpanKind::Client,
+            span_name(request.method(), &target),
+            request.headers(),
+        );
+        let mut record = Record::new(
+            request.method(),
+            request.uri(),
+            request.headers(),
+            Some(span),
+        );
         let source = state.workloads.get(&self.pod.key);
         let no_labels = BTreeMap::new();
         let matched = state.routes.match_http(
@@ -195,6 +205,7 @@ impl Outbound {
                 return self.local(&state, None, record, NO_ROUTE);
             }
         };
+        record.facts.route = rule.map(|r| r.name.clone().unwrap_or_else(|| r.origin.clone()));
         if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
             if let Some(delay) = fault.delay.as_ref().filter(|d| chance(d.percent)) {
                 tokio::time::sleep(delay.fixed).await;
@@ -265,11 +276,8 @@ impl Outbound {
             prepare(&mut parts, rule, matched_prefix.as_deref());
         }
         strip_hop_by_hop_for_forwarding(&mut parts.headers, downstream_upgrade.is_some());
-        if !parts.headers.contains_key("x-request-id") {
-            let id = format!("{:032x}", rand::random::<u128>());
-            if let Ok(value) = HeaderValue::from_str(&id) {
-                parts.headers.insert("x-request-id", value);
-            }
+        if let Some(span) = &record.span {
+            span.inject(&mut parts.headers);
         }
         let replayable = record.protocol == "http"
             && downstream_upgrade.is_none()
@@ -407,6 +415,7 @@ impl Outbound {
                 return Err(NO_HEALTHY_UPSTREAM);
             };
             tried.push(endpoint);
+            record.upstream = Some(endpoint);
             let endpoint_key = plan
                 .candidates
                 .iter()
@@ -556,12 +565,7 @@ impl Outbound {
                 attempts: 0,
                 ..RetryPolicy::istio_default()
             };
-            let mut record = Record {
-                start: Instant::now(),
-                protocol: "http",
-                request_bytes: Arc::new(AtomicU64::new(0)),
-                flags: Vec::new(),
-            };
+            let mut record = Record::new(&parts.method, &parts.uri, &parts.headers, None);
             let outcome = self
                 .attempts(
                     &state,
@@ -641,14 +645,15 @@ impl Outbound {
         response: Response<ProxyBody>,
     ) -> Response<ProxyBody> {
         let source = state.workloads.get(&self.pod.key);
-        let labels = ConnectionLabels::new(
+        let parties = Parties::new(
             Reporter::Source,
             source,
             destination,
             service,
             identities.as_ref().map(|(s, d)| (s, d)),
+            self.pod.ip_like(self.dialed),
         );
-        meter(&self.proxy, labels, record, response)
+        meter(&self.proxy, parties, record, response)
     }
 }
 
