@@ -22,9 +22,35 @@ use crate::{
 /// What makes two requests share limits and endpoint health.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ClusterKey {
+    /// A Service, or for [`ClusterKey::app`] the pod.
     pub service: ObjectKey,
     pub subset: Option<String>,
     pub port: u16,
+    /// The destination side's own connections to an app: kept apart from any Service of
+    /// the same name, so a DestinationRule's limits never count them.
+    pub to_app: bool,
+}
+
+impl ClusterKey {
+    /// The cluster of a Service (subset) port, which DestinationRules configure.
+    pub fn service(service: ObjectKey, subset: Option<String>, port: u16) -> Self {
+        Self {
+            service,
+            subset,
+            port,
+            to_app: false,
+        }
+    }
+
+    /// The destination proxy's pool of connections to the app of `pod` on `port`.
+    pub fn app(pod: ObjectKey, port: u16) -> Self {
+        Self {
+            service: pod,
+            subset: None,
+            port,
+            to_app: true,
+        }
+    }
 }
 
 /// Every cluster the node's proxy has sent to.

@@ -131,11 +131,10 @@ impl Inbound {
         let body = CountedRequest::new(incoming(body), request_bytes).boxed();
         let upstream_request = Request::from_parts(parts, body);
         // One cluster per app port of the pod: the pool's key, with no limits of its own.
-        let cluster = self.proxy.clusters.get(&ClusterKey {
-            service: self.pod.key.clone(),
-            subset: None,
-            port: self.original.port(),
-        });
+        let cluster = self
+            .proxy
+            .clusters
+            .get(&ClusterKey::app(self.pod.key.clone(), self.original.port()));
         let connector = Connector {
             pod: &self.pod,
             proxy: &self.proxy,

@@ -361,11 +361,11 @@ impl Outbound {
         let policy = state
             .routes
             .traffic_policy(&service.key, destination.subset.as_deref(), port);
-        let cluster = self.proxy.clusters.get(&ClusterKey {
-            service: service.key.clone(),
-            subset: destination.subset.clone(),
+        let cluster = self.proxy.clusters.get(&ClusterKey::service(
+            service.key.clone(),
+            destination.subset.clone(),
             port,
-        });
+        ));
         Some(Plan {
             destination,
             policy,

@@ -4,11 +4,11 @@ use super::*;
 use crate::routing::HashKey;
 
 fn cluster() -> Arc<Cluster> {
-    Clusters::default().get(&ClusterKey {
-        service: ObjectKey::new("default", "reviews"),
-        subset: None,
-        port: 9080,
-    })
+    Clusters::default().get(&ClusterKey::service(
+        ObjectKey::new("default", "reviews"),
+        None,
+        9080,
+    ))
 }
 
 fn endpoints(n: u8) -> Vec<SocketAddr> {
