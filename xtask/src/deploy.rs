@@ -75,7 +75,14 @@ pub struct PodMonitorValues {
 
 /// The repository's `deploy/` directory.
 pub fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+    workspace_dir().join("deploy")
+}
+
+/// The repository's root (xtask's parent).
+fn workspace_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
 }
 
 const CHART_DIR: &str = "helm/nodemesh";

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Deserialize as _;
 
-use super::deploy_dir;
+use super::{deploy_dir, workspace_dir};
 
 /// The Kubernetes version the manifests target: the one the workspace's k8s-openapi is
 /// built for (feature `v1_33`).
@@ -94,7 +94,7 @@ impl Validator {
         if !output.status.success() {
             let failures: Vec<&str> = report.lines().filter(|l| !l.starts_with("WARN")).collect();
             bail!(
-                "{} of the manifests failed validation against Kubernetes {KUBERNETES_VERSION}:\n{}{}",
+                "{} object(s) failed validation against Kubernetes {KUBERNETES_VERSION}:\n{}\n{}",
                 failures.len(),
                 failures.join("\n"),
                 String::from_utf8_lossy(&output.stderr)
@@ -106,7 +106,7 @@ impl Validator {
 
 /// `target/deploy-check/` (the workspace's target dir, or `CARGO_TARGET_DIR`).
 fn work_dir() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let workspace = workspace_dir();
     let target = env::var_os("CARGO_TARGET_DIR")
         .map(|dir| workspace.join(dir))
         .unwrap_or_else(|| workspace.join("target"));

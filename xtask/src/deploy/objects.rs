@@ -618,11 +618,10 @@ fn ca_deployment(values: &Values) -> Deployment {
     /// distroless' `nonroot` user.
     const NONROOT: i64 = 65532;
     let listen = format!("0.0.0.0:{CA_PORT}");
-    let secret_volume = |name: &str, secret: &str, optional: bool| Volume {
+    let secret_volume = |name: &str, secret: &str| Volume {
         name: name.into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret.into()),
-            optional: optional.then_some(true),
             default_mode: Some(0o440),
             ..SecretVolumeSource::default()
         }),
@@ -701,7 +700,7 @@ fn ca_deployment(values: &Values) -> Deployment {
                     }),
                     containers: vec![container],
                     volumes: Some(vec![
-                        secret_volume("cacerts", CACERTS, false),
+                        secret_volume("cacerts", CACERTS),
                         Volume {
                             name: "config".into(),
                             config_map: Some(ConfigMapVolumeSource {
@@ -710,7 +709,7 @@ fn ca_deployment(values: &Values) -> Deployment {
                             }),
                             ..Volume::default()
                         },
-                        secret_volume("node-tokens", NODE_TOKENS, true),
+                        secret_volume("node-tokens", NODE_TOKENS),
                     ]),
                     ..PodSpec::default()
                 }),
