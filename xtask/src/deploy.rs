@@ -122,10 +122,7 @@ pub fn generated_files(deploy_dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, St
 
     let crds = objects::crd_manifests();
     for crd in &crds {
-        files.insert(
-            Path::new("crds").join(crd.file),
-            render(crd, &crd.objects)?,
-        );
+        files.insert(Path::new("crds").join(crd.file), render(crd, &crd.objects)?);
     }
     files.insert(
         "crds/kustomization.yaml".into(),
@@ -222,7 +219,10 @@ fn kustomization(resources: impl Iterator<Item = String>) -> anyhow::Result<Stri
         "kind": "Kustomization",
         "resources": resources.collect::<Vec<_>>(),
     });
-    Ok(format!("{HEADER}{}", serde_yaml::to_string(&kustomization)?))
+    Ok(format!(
+        "{HEADER}{}",
+        serde_yaml::to_string(&kustomization)?
+    ))
 }
 
 #[cfg(test)]
@@ -272,12 +272,17 @@ mod tests {
             .find(|m| m.file == "daemonset.yaml")
             .expect("a DaemonSet manifest")
             .objects[0];
-        let security = &daemon_set["spec"]["template"]["spec"]["containers"][0]
-            ["securityContext"];
+        let security = &daemon_set["spec"]["template"]["spec"]["containers"][0]["securityContext"];
         assert_eq!(security["privileged"], json!(false), "{security}");
         assert_eq!(
             security["capabilities"]["add"],
-            json!(["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"]),
+            json!([
+                "BPF",
+                "NET_ADMIN",
+                "SYS_ADMIN",
+                "SYS_PTRACE",
+                "SYS_RESOURCE"
+            ]),
         );
     }
 }

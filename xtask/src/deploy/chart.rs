@@ -159,7 +159,9 @@ fn substitute(
     used: &mut [usize],
 ) {
     let found = substitutions.iter().position(|s| {
-        s.file.is_none_or(|f| f == file) && s.key.is_none_or(|k| Some(k) == key) && s.value == *value
+        s.file.is_none_or(|f| f == file)
+            && s.key.is_none_or(|k| Some(k) == key)
+            && s.value == *value
     });
     if let Some(index) = found {
         used[index] += 1;
@@ -238,7 +240,7 @@ fn wrap_in_condition(template: &str, condition: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{super::objects, *};
 
     #[test]
     fn markers_become_helm_text_quoted_or_not() {
@@ -250,6 +252,91 @@ mod tests {
             expand_markers(&yaml),
             "image: \"{{ .Values.image }}\"\n- --addr\n- 0.0.0.0:{{ .Values.port }}\n  - \
              resources:\n{{- toYaml .Values.r | nindent 6 }}\n"
+        );
+    }
+
+    /// Renders the few Helm forms the generator writes, with `values.yaml`'s defaults and
+    /// every condition true: enough to compare the chart with the plain manifests where
+    /// `helm` itself is not installed.
+    fn render_defaults(template: &str, values: &serde_yaml::Value) -> String {
+        let lookup = |path: &str| {
+            path.trim_start_matches(".Values.")
+                .split('.')
+                .fold(values, |value, key| &value[key])
+                .clone()
+        };
+        let scalar = |value: serde_yaml::Value| match value {
+            serde_yaml::Value::String(text) => text,
+            other => serde_yaml::to_string(&other)
+                .unwrap()
+                .trim_end()
+                .to_string(),
+        };
+        let mut out = String::new();
+        let mut rest = template;
+        while let Some(start) = rest.find("{{") {
+            out.push_str(&rest[..start]);
+            let end = rest[start..].find("}}").expect("closed action") + start;
+            let mut action = &rest[start + 2..end];
+            rest = &rest[end + 2..];
+            if let Some(trimmed) = action.strip_prefix('-') {
+                out.truncate(out.trim_end().len());
+                action = trimmed;
+            }
+            if let Some(trimmed) = action.strip_suffix('-') {
+                rest = rest.trim_start();
+                action = trimmed;
+            }
+            let words: Vec<&str> = action.split_whitespace().collect();
+            match words.as_slice() {
+                ["if", _] | ["end"] => {}
+                [".Release.Namespace"] => out.push_str(objects::NAMESPACE),
+                [path] => out.push_str(&scalar(lookup(path))),
+                [path, "|", "quote"] => out.push_str(&format!("{:?}", scalar(lookup(path)))),
+                ["toYaml", path, "|", "nindent", indent] => {
+                    let indent = " ".repeat(indent.parse().unwrap());
+                    for line in serde_yaml::to_string(&lookup(path)).unwrap().lines() {
+                        out.push_str(&format!("\n{indent}{line}"));
+                    }
+                }
+                _ => panic!("the generator wrote a Helm action this test does not know: {action}"),
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+
+    fn documents(text: &str) -> Vec<serde_yaml::Value> {
+        serde_yaml::Deserializer::from_str(text)
+            .map(|document| serde::Deserialize::deserialize(document).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_chart_with_its_defaults_is_the_plain_install() {
+        let deploy_dir = super::super::deploy_dir();
+        let values_text =
+            std::fs::read_to_string(deploy_dir.join("helm/nodemesh/values.yaml")).unwrap();
+        let values: serde_yaml::Value = serde_yaml::from_str(&values_text).unwrap();
+        let files = super::super::generated_files(&deploy_dir).unwrap();
+        let mut compared = 0;
+        for (path, template) in &files {
+            let Ok(file) = path.strip_prefix("helm/nodemesh/templates") else {
+                continue;
+            };
+            let plain = &files[&std::path::Path::new("manifests").join(file)];
+            assert_eq!(
+                documents(&render_defaults(template, &values)),
+                documents(plain),
+                "the chart's {} rendered with values.yaml should be manifests/{}",
+                file.display(),
+                file.display()
+            );
+            compared += 1;
+        }
+        assert_eq!(
+            compared, 5,
+            "every template but the namespace's is compared"
         );
     }
 

@@ -83,7 +83,12 @@ impl Validator {
     /// are reported and skipped.
     pub fn validate(&self, files: &[PathBuf]) -> anyhow::Result<()> {
         let output = Command::new(&self.program)
-            .args(["--kubernetes-version", KUBERNETES_VERSION, "--strict", "--quiet"])
+            .args([
+                "--kubernetes-version",
+                KUBERNETES_VERSION,
+                "--strict",
+                "--quiet",
+            ])
             .args(files)
             .output()
             .with_context(|| format!("starting {}", self.program.display()))?;
@@ -116,7 +121,9 @@ fn work_dir() -> PathBuf {
 /// `cargo xtask deploy-check`.
 pub fn check() -> anyhow::Result<()> {
     let validator = Validator::shared().map_err(|reason| {
-        anyhow::anyhow!("deploy-check needs kubernetes-validate, which could not be installed: {reason}")
+        anyhow::anyhow!(
+            "deploy-check needs kubernetes-validate, which could not be installed: {reason}"
+        )
     })?;
     let deploy = deploy_dir();
     let work_dir = work_dir();
@@ -137,7 +144,10 @@ pub fn check() -> anyhow::Result<()> {
         }
     }
     // What `kubectl apply -k` sends: proves the kustomizations name existing files.
-    for (name, dir) in [("kustomize", deploy.clone()), ("kustomize-crds", deploy.join("crds"))] {
+    for (name, dir) in [
+        ("kustomize", deploy.clone()),
+        ("kustomize-crds", deploy.join("crds")),
+    ] {
         let rendered = work_dir.join(format!("{name}.yaml"));
         match render_with("kubectl", &["kustomize"], &dir, &rendered) {
             Ok(()) => files.push(rendered),
@@ -202,7 +212,12 @@ fn render_with(tool: &str, args: &[&str], dir: &Path, output: &Path) -> Result<(
         .with_context(|| format!("starting {tool}"))
         .and_then(|out| {
             if !out.status.success() {
-                bail!("`{tool} {}` on {} failed: {}", args.join(" "), dir.display(), out.status);
+                bail!(
+                    "`{tool} {}` on {} failed: {}",
+                    args.join(" "),
+                    dir.display(),
+                    out.status
+                );
             }
             fs::create_dir_all(output.parent().expect("work dir"))?;
             fs::write(output, out.stdout).with_context(|| format!("writing {}", output.display()))
@@ -317,7 +332,11 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let object = dir.join("object.yaml");
         let other = dir.join("other.yaml");
-        fs::write(&object, "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n").unwrap();
+        fs::write(
+            &object,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n",
+        )
+        .unwrap();
         fs::write(&other, "apiVersion: v1\nkind: Namespace\n---\nnodes: 2\n").unwrap();
         assert!(holds_only_kubernetes_objects(&object).unwrap());
         assert!(!holds_only_kubernetes_objects(&other).unwrap());

@@ -17,7 +17,9 @@ use k8s_openapi::{
             TCPSocketAction, Volume, VolumeMount, VolumeProjection,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
-        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject},
+        rbac::v1::{
+            ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+        },
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::{
         CustomResourceDefinition, CustomResourceDefinitionNames, CustomResourceDefinitionSpec,
@@ -229,11 +231,7 @@ fn rbac() -> Vec<Value> {
             ),
             rule(&["gateway.networking.k8s.io"], &["httproutes"], READ),
             // kube-rs' event recorder patches an event to count repeats of it.
-            rule(
-                &["", "events.k8s.io"],
-                &["events"],
-                &["create", "patch"],
-            ),
+            rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
         ]),
         ..ClusterRole::default()
     };
@@ -468,7 +466,13 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
         security_context: Some(SecurityContext {
             privileged: Some(false),
             capabilities: Some(Capabilities {
-                add: args(&["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"]),
+                add: args(&[
+                    "BPF",
+                    "NET_ADMIN",
+                    "SYS_ADMIN",
+                    "SYS_PTRACE",
+                    "SYS_RESOURCE",
+                ]),
                 drop: args(&["ALL"]),
             }),
             ..SecurityContext::default()
