@@ -1,7 +1,8 @@
-//! `cargo xtask`: runs things (setup, tests, demo, benchmarks). It does not own the build:
+//! `cargo xtask`: runs things (setup, tests, demo, benchmarks, the install's manifests). It does not own the build:
 //! the eBPF object is built by `mesh-node/build.rs`.
 mod bench;
 mod demo;
+mod deploy;
 mod setup;
 
 use std::process::Command;
@@ -27,7 +28,8 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Run every test: unit tests and the end-to-end tests on real network namespaces.
+    /// Run every test: unit tests, the end-to-end tests on real network namespaces, and
+    /// deploy-check.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
@@ -55,6 +57,12 @@ enum Task {
         #[arg(long, value_name = "S")]
         seconds: Option<u32>,
     },
+    /// Write the cluster install in deploy/ (manifests, CRDs, kustomizations, Helm
+    /// templates) from its typed objects and deploy/helm/nodemesh/values.yaml.
+    Manifests,
+    /// Validate every manifest in deploy/ (and `kubectl kustomize`, `helm template` output
+    /// when those tools are installed) against the Kubernetes API schemas.
+    DeployCheck,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,7 +77,8 @@ fn main() -> anyhow::Result<()> {
             build(false)?;
             let mut test = cargo();
             test.args(["test", "-j2"]).args(&cargo_args);
-            run(&mut test)
+            run(&mut test)?;
+            deploy::check()
         }
         Task::Demo { keep } => demo::run(keep),
         Task::Bench {
@@ -81,6 +90,8 @@ fn main() -> anyhow::Result<()> {
             rounds,
             seconds,
         }),
+        Task::Manifests => deploy::write_manifests(),
+        Task::DeployCheck => deploy::check(),
     }
 }
 

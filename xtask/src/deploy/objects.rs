@@ -1,0 +1,866 @@
+//! The install's Kubernetes objects, built from k8s-openapi's types so a misspelt field is a
+//! compile error rather than a surprise at `kubectl apply`.
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{
+            DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, Deployment, DeploymentSpec,
+            RollingUpdateDaemonSet,
+        },
+        core::v1::{
+            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+            EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, Namespace,
+            ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+            ProjectedVolumeSource, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+            ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec,
+            TCPSocketAction, Volume, VolumeMount, VolumeProjection,
+        },
+        policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
+        rbac::v1::{
+            ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+        },
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+        CustomResourceDefinition, CustomResourceDefinitionNames, CustomResourceDefinitionSpec,
+        CustomResourceDefinitionVersion, CustomResourceSubresourceStatus,
+        CustomResourceSubresources, CustomResourceValidation, JSONSchemaProps,
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::Values;
+
+pub const NAMESPACE: &str = "nodemesh-system";
+pub const AGENT: &str = "nodemesh-node";
+pub const CA: &str = "nodemesh-ca";
+/// The file source's config until the kube source lands; the CA reads it too (where pods run).
+const CONFIG: &str = "nodemesh-config";
+/// Istio's name for a user-provided CA (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`,
+/// `cert-chain.pem`).
+const CACERTS: &str = "cacerts";
+const NODE_TOKENS: &str = "nodemesh-node-tokens";
+/// Audience of the agent's projected ServiceAccount token: only the CA accepts it.
+const CA_TOKEN_AUDIENCE: &str = "nodemesh-ca";
+const CA_PORT: i32 = 15012;
+const HEALTH_PORT: i32 = 15021;
+
+/// One file of the install: its objects, in apply order, and comments for lines that need
+/// a reason next to them (`(line, comment)`: the line, trimmed, must occur exactly once).
+pub struct Manifest {
+    pub file: &'static str,
+    pub objects: Vec<Value>,
+    pub comments: Vec<(&'static str, &'static str)>,
+}
+
+/// Every file of `deploy/manifests/`; `kustomize` applies them in this order.
+pub fn manifests(values: &Values) -> Vec<Manifest> {
+    vec![
+        Manifest {
+            file: "namespace.yaml",
+            objects: vec![to_value(namespace())],
+            comments: vec![(
+                "pod-security.kubernetes.io/enforce: privileged",
+                "the agent needs the node's network, PIDs and capabilities",
+            )],
+        },
+        Manifest {
+            file: "rbac.yaml",
+            objects: rbac(),
+            comments: RBAC_REASONS.to_vec(),
+        },
+        Manifest {
+            file: "config.yaml",
+            objects: vec![to_value(config_map())],
+            comments: vec![],
+        },
+        Manifest {
+            file: "ca.yaml",
+            objects: vec![
+                to_value(ca_service()),
+                to_value(ca_deployment(values)),
+                to_value(ca_disruption_budget()),
+            ],
+            comments: vec![],
+        },
+        Manifest {
+            file: "daemonset.yaml",
+            objects: vec![to_value(agent_daemon_set(values))],
+            comments: AGENT_REASONS.to_vec(),
+        },
+    ]
+}
+
+/// Not in the kustomization: it needs the Prometheus Operator's CRDs.
+pub fn pod_monitor_manifest() -> Manifest {
+    Manifest {
+        file: "podmonitor.yaml",
+        objects: vec![pod_monitor()],
+        comments: vec![],
+    }
+}
+
+/// `deploy/crds/`: only for clusters without Istio or the Gateway API.
+pub fn crd_manifests() -> Vec<Manifest> {
+    CRDS.iter()
+        .map(|crd| Manifest {
+            file: crd.file,
+            objects: vec![to_value(crd.build())],
+            comments: vec![],
+        })
+        .collect()
+}
+
+fn to_value(object: impl Serialize) -> Value {
+    serde_json::to_value(object).expect("k8s-openapi objects serialize to JSON")
+}
+
+fn labels(component: &str, name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), name.into()),
+        ("app.kubernetes.io/component".into(), component.into()),
+        ("app.kubernetes.io/part-of".into(), "nodemesh".into()),
+    ])
+}
+
+/// The one label the selectors use: selectors cannot change after creation, so keep them
+/// to the name.
+fn selector_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("app.kubernetes.io/name".into(), name.into())])
+}
+
+fn meta(name: &str, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(NAMESPACE.into()),
+        labels: Some(labels(component, name)),
+        ..ObjectMeta::default()
+    }
+}
+
+fn cluster_meta(name: &str, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        namespace: None,
+        ..meta(name, component)
+    }
+}
+
+fn namespace() -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(NAMESPACE.into()),
+            labels: Some(BTreeMap::from([
+                ("app.kubernetes.io/part-of".into(), "nodemesh".into()),
+                (
+                    "pod-security.kubernetes.io/enforce".into(),
+                    "privileged".into(),
+                ),
+            ])),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    }
+}
+
+fn config_map() -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            annotations: Some(BTreeMap::from([(
+                "nodemesh.io/purpose".into(),
+                "Kubernetes YAML for the agent's file config source, until the kube source \
+                 lands"
+                    .into(),
+            )])),
+            ..meta(CONFIG, "config")
+        },
+        data: Some(BTreeMap::new()),
+        ..ConfigMap::default()
+    }
+}
+
+// === RBAC ===
+
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    let strings = |items: &[&str]| items.iter().map(|s| s.to_string()).collect();
+    PolicyRule {
+        api_groups: Some(strings(groups)),
+        resources: Some(strings(resources)),
+        verbs: strings(verbs),
+        ..PolicyRule::default()
+    }
+}
+
+const READ: &[&str] = &["get", "list", "watch"];
+
+const RBAC_REASONS: &[(&str, &str)] = &[
+    (
+        "- virtualservices",
+        "the Istio and Gateway API kinds the proxy routes and authorizes with",
+    ),
+    (
+        "- tokenreviews",
+        "the CA checks each agent's projected ServiceAccount token",
+    ),
+    (
+        "- cacerts",
+        "the CA reads its root; `create` (which cannot be limited by name) writes one when \
+         absent",
+    ),
+];
+
+fn rbac() -> Vec<Value> {
+    let agent_role = ClusterRole {
+        metadata: cluster_meta(AGENT, "agent"),
+        rules: Some(vec![
+            rule(&[""], &["namespaces", "pods", "services"], READ),
+            rule(&["discovery.k8s.io"], &["endpointslices"], READ),
+            rule(
+                &["networking.istio.io"],
+                &["virtualservices", "destinationrules"],
+                READ,
+            ),
+            rule(
+                &["security.istio.io"],
+                &["peerauthentications", "authorizationpolicies"],
+                READ,
+            ),
+            rule(&["gateway.networking.k8s.io"], &["httproutes"], READ),
+            // kube-rs' event recorder patches an event to count repeats of it.
+            rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
+        ]),
+        ..ClusterRole::default()
+    };
+    let ca_cluster_role = ClusterRole {
+        metadata: cluster_meta(CA, "ca"),
+        rules: Some(vec![
+            rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
+            // Node authorization: an agent gets certificates only for pods on its node.
+            rule(&[""], &["pods"], READ),
+        ]),
+        ..ClusterRole::default()
+    };
+    let ca_role = Role {
+        metadata: meta(CA, "ca"),
+        rules: Some(vec![
+            PolicyRule {
+                resource_names: Some(vec![CACERTS.into()]),
+                ..rule(&[""], &["secrets"], &["get"])
+            },
+            rule(&[""], &["secrets"], &["create"]),
+        ]),
+    };
+    let subject = |name: &str| Subject {
+        kind: "ServiceAccount".into(),
+        name: name.into(),
+        namespace: Some(NAMESPACE.into()),
+        ..Subject::default()
+    };
+    let role_ref = |kind: &str, name: &str| RoleRef {
+        api_group: "rbac.authorization.k8s.io".into(),
+        kind: kind.into(),
+        name: name.into(),
+    };
+    let cluster_binding = |name: &str, component: &str| ClusterRoleBinding {
+        metadata: cluster_meta(name, component),
+        role_ref: role_ref("ClusterRole", name),
+        subjects: Some(vec![subject(name)]),
+    };
+    vec![
+        to_value(ServiceAccount {
+            metadata: meta(AGENT, "agent"),
+            ..ServiceAccount::default()
+        }),
+        to_value(ServiceAccount {
+            metadata: meta(CA, "ca"),
+            ..ServiceAccount::default()
+        }),
+        to_value(agent_role),
+        to_value(cluster_binding(AGENT, "agent")),
+        to_value(ca_cluster_role),
+        to_value(cluster_binding(CA, "ca")),
+        to_value(ca_role),
+        to_value(RoleBinding {
+            metadata: meta(CA, "ca"),
+            role_ref: role_ref("Role", CA),
+            subjects: Some(vec![subject(CA)]),
+        }),
+    ]
+}
+
+// === the agent ===
+
+/// Why the agent holds each privilege; the generated YAML carries these next to the lines.
+const AGENT_REASONS: &[(&str, &str)] = &[
+    (
+        "privileged: false",
+        "capabilities instead, each with its reason",
+    ),
+    (
+        "--config-dir=/etc/nodemesh/config",
+        "until the kube config source lands, the agent reads the nodemesh-config ConfigMap",
+    ),
+    (
+        "--cgroup-path=/host/sys/fs/cgroup",
+        "the node's cgroup v2 root, mounted below",
+    ),
+    (
+        "hostNetwork: true",
+        "the proxy serves the node: its listeners and upstream sockets live in the node's netns",
+    ),
+    (
+        "hostPID: true",
+        "pods' network namespaces are found through their processes (/proc/<pid>/ns/net)",
+    ),
+    (
+        "- BPF",
+        "load the capture programs and create their maps (kernel 5.8+)",
+    ),
+    (
+        "- NET_ADMIN",
+        "attach cgroup and sk_lookup programs; routing rules, IP_TRANSPARENT and SO_MARK in pods",
+    ),
+    (
+        "- SYS_ADMIN",
+        "setns() into pods' network namespaces (and bpf() on kernels without CAP_BPF)",
+    ),
+    (
+        "- SYS_PTRACE",
+        "read other processes' /proc/<pid>/ns links (ptrace access check)",
+    ),
+    (
+        "- SYS_RESOURCE",
+        "raise RLIMIT_MEMLOCK for BPF maps on kernels before 5.11",
+    ),
+    (
+        "mountPath: /sys/fs/bpf",
+        "bpffs: nothing is pinned yet; there so pinned maps can outlive an agent restart",
+    ),
+    (
+        "mountPath: /host/sys/fs/cgroup",
+        "the node's cgroup v2 root; the container's own /sys/fs/cgroup is its cgroup ns",
+    ),
+    (
+        "mountPath: /host/proc",
+        "the node's /proc (hostPID makes the container's /proc show the node's processes too)",
+    ),
+    (
+        "mountPath: /var/run/netns",
+        "named network namespaces; HostToContainer shows ones created after start",
+    ),
+    (
+        "mountPath: /host/opt/cni/bin",
+        "for the chained CNI plugin (not shipped yet)",
+    ),
+    (
+        "mountPath: /host/etc/cni/net.d",
+        "for the chained CNI plugin (not shipped yet)",
+    ),
+];
+
+fn host_path(name: &str, path: &str, kind: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        host_path: Some(HostPathVolumeSource {
+            path: path.into(),
+            type_: Some(kind.into()),
+        }),
+        ..Volume::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str, period_seconds: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(HEALTH_PORT),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        ..Probe::default()
+    }
+}
+
+fn port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
+}
+
+fn args(args: &[&str]) -> Option<Vec<String>> {
+    Some(args.iter().map(|a| a.to_string()).collect())
+}
+
+fn agent_daemon_set(values: &Values) -> DaemonSet {
+    let metrics_addr = format!("0.0.0.0:{}", values.agent.metrics_port);
+    let health_addr = format!("0.0.0.0:{HEALTH_PORT}");
+    let container = Container {
+        name: "agent".into(),
+        image: Some(values.image.reference()),
+        image_pull_policy: Some(values.image.pull_policy.clone()),
+        args: args(&[
+            "run",
+            "--node-name=$(NODE_NAME)",
+            // The kube config source is not there yet: the agent reads this ConfigMap.
+            "--config-dir=/etc/nodemesh/config",
+            "--cgroup-path=/host/sys/fs/cgroup",
+            "--metrics-addr",
+            &metrics_addr,
+            "--health-addr",
+            &health_addr,
+            "--root-namespace",
+            NAMESPACE,
+            "--ca-addr",
+            &values.ca.address,
+            "--ca-root-file=/etc/nodemesh/ca-root/root-cert.pem",
+            "--ca-token-file=/var/run/secrets/nodemesh/ca-token/token",
+        ]),
+        env: Some(vec![
+            EnvVar {
+                name: "NODE_NAME".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "spec.nodeName".into(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+            env("RUST_LOG", &values.log_level),
+        ]),
+        ports: Some(vec![
+            port("metrics", values.agent.metrics_port),
+            port("health", HEALTH_PORT),
+        ]),
+        readiness_probe: Some(http_probe("/healthz/ready", 5)),
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(10),
+            ..http_probe("/healthz/live", 10)
+        }),
+        resources: Some(values.agent.resources.clone()),
+        security_context: Some(SecurityContext {
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                add: args(&[
+                    "BPF",
+                    "NET_ADMIN",
+                    "SYS_ADMIN",
+                    "SYS_PTRACE",
+                    "SYS_RESOURCE",
+                ]),
+                drop: args(&["ALL"]),
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("config", "/etc/nodemesh/config", true),
+            mount("ca-root", "/etc/nodemesh/ca-root", true),
+            mount("ca-token", "/var/run/secrets/nodemesh/ca-token", true),
+            mount("bpffs", "/sys/fs/bpf", false),
+            mount("cgroup", "/host/sys/fs/cgroup", false),
+            mount("proc", "/host/proc", true),
+            VolumeMount {
+                mount_propagation: Some("HostToContainer".into()),
+                ..mount("netns", "/var/run/netns", true)
+            },
+            mount("cni-bin", "/host/opt/cni/bin", false),
+            mount("cni-conf", "/host/etc/cni/net.d", false),
+        ]),
+        ..Container::default()
+    };
+    let pod = PodSpec {
+        service_account_name: Some(AGENT.into()),
+        host_network: Some(true),
+        host_pid: Some(true),
+        // Resolve cluster names (the CA, the API server) from the node's network.
+        dns_policy: Some("ClusterFirstWithHostNet".into()),
+        priority_class_name: Some("system-node-critical".into()),
+        tolerations: Some(values.agent.tolerations.clone()),
+        // SIGTERM un-enrolls every pod and detaches the programs before the agent exits.
+        termination_grace_period_seconds: Some(30),
+        containers: vec![container],
+        volumes: Some(vec![
+            Volume {
+                name: "config".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: CONFIG.into(),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "ca-root".into(),
+                // Only the root certificate: the agent never sees the CA's key.
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(CACERTS.into()),
+                    items: Some(vec![KeyToPath {
+                        key: "root-cert.pem".into(),
+                        path: "root-cert.pem".into(),
+                        ..KeyToPath::default()
+                    }]),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "ca-token".into(),
+                projected: Some(ProjectedVolumeSource {
+                    sources: Some(vec![VolumeProjection {
+                        service_account_token: Some(ServiceAccountTokenProjection {
+                            audience: Some(CA_TOKEN_AUDIENCE.into()),
+                            expiration_seconds: Some(3600),
+                            path: "token".into(),
+                        }),
+                        ..VolumeProjection::default()
+                    }]),
+                    ..ProjectedVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            host_path("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
+            host_path("cgroup", "/sys/fs/cgroup", "Directory"),
+            host_path("proc", "/proc", "Directory"),
+            host_path("netns", "/var/run/netns", "DirectoryOrCreate"),
+            host_path("cni-bin", "/opt/cni/bin", "DirectoryOrCreate"),
+            host_path("cni-conf", "/etc/cni/net.d", "DirectoryOrCreate"),
+        ]),
+        ..PodSpec::default()
+    };
+    DaemonSet {
+        metadata: meta(AGENT, "agent"),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(AGENT)),
+                ..LabelSelector::default()
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(IntOrString::Int(1)),
+                    ..RollingUpdateDaemonSet::default()
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels("agent", AGENT)),
+                    annotations: Some(BTreeMap::from([
+                        ("prometheus.io/scrape".into(), "true".into()),
+                        (
+                            "prometheus.io/port".into(),
+                            values.agent.metrics_port.to_string(),
+                        ),
+                        ("prometheus.io/path".into(), "/metrics".into()),
+                    ])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DaemonSetSpec::default()
+        }),
+        ..DaemonSet::default()
+    }
+}
+
+fn pod_monitor() -> Value {
+    json!({
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": meta(AGENT, "agent"),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(AGENT)},
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
+        },
+    })
+}
+
+// === the CA ===
+
+fn ca_service() -> Service {
+    Service {
+        metadata: meta(CA, "ca"),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(CA)),
+            ports: Some(vec![ServicePort {
+                name: Some("https".into()),
+                port: CA_PORT,
+                target_port: Some(IntOrString::String("https".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn ca_deployment(values: &Values) -> Deployment {
+    /// distroless' `nonroot` user.
+    const NONROOT: i64 = 65532;
+    let listen = format!("0.0.0.0:{CA_PORT}");
+    let secret_volume = |name: &str, secret: &str| Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    let tcp_probe = |period_seconds: i32| Probe {
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::String("https".into()),
+            ..TCPSocketAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        ..Probe::default()
+    };
+    let container = Container {
+        name: "ca".into(),
+        image: Some(values.image.reference()),
+        image_pull_policy: Some(values.image.pull_policy.clone()),
+        args: args(&[
+            "ca",
+            "--listen",
+            &listen,
+            "--ca-dir=/etc/cacerts",
+            // Where pods run, for node authorization, until the CA watches pods itself.
+            "--config-dir=/etc/nodemesh/config",
+            // Until TokenReview lands: `<node-name> <token>` lines.
+            "--node-tokens=/etc/nodemesh/node-tokens/node-tokens",
+            "--root-namespace",
+            NAMESPACE,
+        ]),
+        env: Some(vec![env("RUST_LOG", &values.log_level)]),
+        ports: Some(vec![port("https", CA_PORT)]),
+        readiness_probe: Some(tcp_probe(5)),
+        liveness_probe: Some(tcp_probe(10)),
+        resources: Some(values.ca.resources.clone()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: args(&["ALL"]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("cacerts", "/etc/cacerts", true),
+            mount("config", "/etc/nodemesh/config", true),
+            mount("node-tokens", "/etc/nodemesh/node-tokens", true),
+        ]),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta(CA, "ca"),
+        spec: Some(DeploymentSpec {
+            replicas: Some(values.ca.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(CA)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels("ca", CA)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(CA.into()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(NONROOT),
+                        run_as_group: Some(NONROOT),
+                        fs_group: Some(NONROOT),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(vec![
+                        secret_volume("cacerts", CACERTS),
+                        Volume {
+                            name: "config".into(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: CONFIG.into(),
+                                ..ConfigMapVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                        secret_volume("node-tokens", NODE_TOKENS),
+                    ]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+fn ca_disruption_budget() -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(CA, "ca"),
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(CA)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+// === CRDs ===
+
+/// A CRD of a kind the proxy reads, with a structural but permissive schema: the agent
+/// validates the fields it uses and reports the rest, and the project's real CRDs (Istio's,
+/// the Gateway API's) win when the cluster has them.
+struct Crd {
+    file: &'static str,
+    group: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    short_names: &'static [&'static str],
+    category: &'static str,
+    /// Served versions; the first is stored.
+    versions: &'static [&'static str],
+}
+
+const CRDS: &[Crd] = &[
+    Crd {
+        file: "virtualservices.networking.istio.io.yaml",
+        group: "networking.istio.io",
+        kind: "VirtualService",
+        plural: "virtualservices",
+        short_names: &["vs"],
+        category: "istio-io",
+        versions: &["v1", "v1beta1", "v1alpha3"],
+    },
+    Crd {
+        file: "destinationrules.networking.istio.io.yaml",
+        group: "networking.istio.io",
+        kind: "DestinationRule",
+        plural: "destinationrules",
+        short_names: &["dr"],
+        category: "istio-io",
+        versions: &["v1", "v1beta1", "v1alpha3"],
+    },
+    Crd {
+        file: "peerauthentications.security.istio.io.yaml",
+        group: "security.istio.io",
+        kind: "PeerAuthentication",
+        plural: "peerauthentications",
+        short_names: &["pa"],
+        category: "istio-io",
+        versions: &["v1", "v1beta1"],
+    },
+    Crd {
+        file: "authorizationpolicies.security.istio.io.yaml",
+        group: "security.istio.io",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+        short_names: &["ap"],
+        category: "istio-io",
+        versions: &["v1", "v1beta1"],
+    },
+    Crd {
+        file: "httproutes.gateway.networking.k8s.io.yaml",
+        group: "gateway.networking.k8s.io",
+        kind: "HTTPRoute",
+        plural: "httproutes",
+        short_names: &[],
+        category: "gateway-api",
+        versions: &["v1", "v1beta1"],
+    },
+];
+
+impl Crd {
+    fn build(&self) -> CustomResourceDefinition {
+        let open_object = || JSONSchemaProps {
+            type_: Some("object".into()),
+            x_kubernetes_preserve_unknown_fields: Some(true),
+            ..JSONSchemaProps::default()
+        };
+        let schema = JSONSchemaProps {
+            type_: Some("object".into()),
+            properties: Some(BTreeMap::from([
+                ("spec".into(), open_object()),
+                ("status".into(), open_object()),
+            ])),
+            ..JSONSchemaProps::default()
+        };
+        let versions = self
+            .versions
+            .iter()
+            .enumerate()
+            .map(|(index, version)| CustomResourceDefinitionVersion {
+                name: version.to_string(),
+                served: true,
+                storage: index == 0,
+                schema: Some(CustomResourceValidation {
+                    open_api_v3_schema: Some(schema.clone()),
+                }),
+                subresources: Some(CustomResourceSubresources {
+                    status: Some(CustomResourceSubresourceStatus(json!({}))),
+                    ..CustomResourceSubresources::default()
+                }),
+                ..CustomResourceDefinitionVersion::default()
+            })
+            .collect();
+        CustomResourceDefinition {
+            metadata: ObjectMeta {
+                name: Some(format!("{}.{}", self.plural, self.group)),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/part-of".into(),
+                    "nodemesh".into(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            spec: CustomResourceDefinitionSpec {
+                group: self.group.into(),
+                scope: "Namespaced".into(),
+                names: CustomResourceDefinitionNames {
+                    kind: self.kind.into(),
+                    list_kind: Some(format!("{}List", self.kind)),
+                    plural: self.plural.into(),
+                    singular: Some(self.kind.to_lowercase()),
+                    short_names: (!self.short_names.is_empty())
+                        .then(|| self.short_names.iter().map(|s| s.to_string()).collect()),
+                    categories: Some(vec![self.category.into()]),
+                },
+                versions,
+                ..CustomResourceDefinitionSpec::default()
+            },
+            ..CustomResourceDefinition::default()
+        }
+    }
+}
