@@ -19,7 +19,7 @@ use crate::{
     },
     metrics::{self, Metrics, NodeMetrics, server::Endpoints},
     netns::Netns,
-    proxy::{Mtls, ProxyContext, Resolver},
+    proxy::{Mtls, ProxyContext, Resolver, connections::Connections},
     readiness::Readiness,
     signal,
     signer::{NodeSigner, RemoteSigner},
@@ -85,6 +85,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         }
     };
     let proxy_mtls = mtls.clone();
+    let connections = Arc::new(Connections::default());
     let proxy = ProxyContext {
         state: state_rx.clone(),
         capture: capture.clone(),
@@ -94,6 +95,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         mtls,
         clusters: Arc::default(),
         upstreams: Arc::default(),
+        connections: connections.clone(),
     };
 
     let admin_state = state_rx.clone();
@@ -115,6 +117,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         mtls: proxy_mtls.clone(),
         readiness: readiness.clone(),
         log,
+        connections,
     };
     tasks.spawn(metrics::serve(
         admin_listener,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod debug;
 pub mod ebpf;
 pub mod enroll;
+pub mod explain;
 pub mod identity;
 pub mod metrics;
 pub mod netns;

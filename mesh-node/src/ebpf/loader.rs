@@ -171,14 +171,23 @@ impl Capture {
         netns_cookie: u64,
         client: SocketAddr,
     ) -> Option<SocketAddr> {
-        let key = OrigDstKey {
-            netns_cookie,
-            client: to_sock_addr(client),
-        };
+        let key = orig_dst_key(netns_cookie, client);
         let mut table = self.orig_dst.lock().expect("orig dst lock");
         let original = table.get(&key, 0).ok()?;
         let _ = table.remove(&key);
         from_sock_addr(&original)
+    }
+
+    /// Like [`take_original_destination`](Self::take_original_destination), leaving the
+    /// record for the handler that takes it (the connection registry looks first).
+    pub fn original_destination(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let key = orig_dst_key(netns_cookie, client);
+        let table = self.orig_dst.lock().expect("orig dst lock");
+        from_sock_addr(&table.get(&key, 0).ok()?)
     }
 
     pub fn counters(&self) -> Counters {
@@ -195,5 +204,12 @@ impl Capture {
             inbound_no_listener: read(counters::INBOUND_NO_LISTENER),
             orig_dst_table_full: read(counters::ORIG_DST_TABLE_FULL),
         }
+    }
+}
+
+fn orig_dst_key(netns_cookie: u64, client: SocketAddr) -> OrigDstKey {
+    OrigDstKey {
+        netns_cookie,
+        client: to_sock_addr(client),
     }
 }
