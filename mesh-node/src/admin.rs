@@ -2,9 +2,16 @@
 //! `mesh-node debug` and for people with curl.
 use std::{sync::Arc, time::UNIX_EPOCH};
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::{identity::CertState, proxy::Mtls, readiness::Readiness, state::StateRx};
+use crate::{
+    explain::{self, Agent, ExplainError, ExplainRequest},
+    identity::CertState,
+    proxy::{Mtls, connections::Connections},
+    readiness::Readiness,
+    state::{ObjectKey, State, StateRx},
+};
 
 /// Changes the log filter at run time (`RUST_LOG` syntax); `Err` says why not.
 pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -17,6 +24,8 @@ pub const PATHS: &[&str] = &[
     "/policies",
     "/routes",
     "/certs",
+    "/connections",
+    "/explain?source=<pod>&destination=<service, pod or IP>&port=<port>&path=<path>&method=<method>&header=<name>:<value>",
     "/logging?level=<filter>",
     "/healthz/ready",
 ];
@@ -27,6 +36,8 @@ pub struct Admin {
     pub mtls: Option<Arc<Mtls>>,
     pub readiness: Readiness,
     pub log: Option<LogControl>,
+    /// The proxy's live connections.
+    pub connections: Arc<Connections>,
 }
 
 impl Admin {
@@ -35,24 +46,14 @@ impl Admin {
         let state = self.state.borrow().clone();
         match path {
             "/" => (200, json!({ "node": self.node, "paths": PATHS })),
-            // Maps keyed by namespace/name become lists: JSON keys must be strings.
-            "/config_dump" => (
-                200,
-                json!({
-                    "node": self.node,
-                    "namespaces": state.namespaces,
-                    "workloads": state.workloads.values().collect::<Vec<_>>(),
-                    "services": state.services.values().collect::<Vec<_>>(),
-                    "policies": state.policies,
-                    "routes": state.routes,
-                    "rejected": state.rejections,
-                }),
-            ),
+            "/config_dump" => (200, self.config_dump(&state)),
             "/workloads" => (200, json!(state.workloads.values().collect::<Vec<_>>())),
             "/services" => (200, json!(state.services.values().collect::<Vec<_>>())),
             "/policies" => (200, json!(state.policies)),
             "/routes" => (200, self.routes(&state)),
             "/certs" => (200, self.certificates()),
+            "/connections" => (200, json!(self.connections.snapshot())),
+            "/explain" => self.explain(&state, query.unwrap_or_default()),
             "/healthz/ready" => {
                 let pending = self.readiness.pending();
                 let status = if pending.is_empty() { 200 } else { 503 };
@@ -63,6 +64,87 @@ impl Admin {
                 404,
                 json!({ "error": format!("no such path {path}"), "paths": PATHS }),
             ),
+        }
+    }
+
+    /// The normalized state, each object with the `origin` it came from (a file for the
+    /// file source; `null` when the source does not say), and every origin by object.
+    /// Maps keyed by namespace/name become lists: JSON keys must be strings.
+    fn config_dump(&self, state: &State) -> Value {
+        let namespaces: Vec<Value> = state
+            .namespaces
+            .iter()
+            .map(|(name, labels)| {
+                json!({
+                    "name": name,
+                    "labels": labels,
+                    "origin": state.origins.get(&format!("Namespace {name}")),
+                })
+            })
+            .collect();
+        let workloads: Vec<Value> = state
+            .workloads
+            .values()
+            .map(|w| with_origin(state, "Pod", &w.key, w))
+            .collect();
+        let services: Vec<Value> = state
+            .services
+            .values()
+            .map(|s| with_origin(state, "Service", &s.key, s))
+            .collect();
+        let policies = &state.policies;
+        let route_origins: Vec<Value> = state
+            .routes
+            .summary()
+            .into_iter()
+            .map(|(service, resources, _)| {
+                // `VirtualService ns/a` or, merged, `HTTPRoute ns/a, HTTPRoute ns/b`.
+                let files: Vec<Option<&String>> = resources
+                    .split(", ")
+                    .map(|resource| state.origins.get(resource))
+                    .collect();
+                json!({ "service": service, "resources": resources, "origins": files })
+            })
+            .collect();
+        json!({
+            "node": self.node,
+            "namespaces": namespaces,
+            "workloads": workloads,
+            "services": services,
+            "policies": {
+                "root_namespace": policies.root_namespace,
+                "peer_authentications": policies
+                    .peer_authentications
+                    .iter()
+                    .map(|p| with_origin(state, "PeerAuthentication", &p.key, p))
+                    .collect::<Vec<_>>(),
+                "authorization_policies": policies
+                    .authorization_policies
+                    .iter()
+                    .map(|p| with_origin(state, "AuthorizationPolicy", &p.key, p))
+                    .collect::<Vec<_>>(),
+            },
+            "routes": state.routes,
+            "route_origins": route_origins,
+            "origins": state.origins,
+            "rejected": state.rejections,
+        })
+    }
+
+    /// `debug explain`: computed here, where the live state and the proxy's code are.
+    fn explain(&self, state: &State, query: &str) -> (u16, Value) {
+        let agent = Agent {
+            node: &self.node,
+            trust_domain: self.mtls.as_ref().map(|m| m.trust_domain.as_str()),
+        };
+        let explained = ExplainRequest::from_query(query)
+            .and_then(|request| explain::explain(state, agent, &request));
+        match explained {
+            Ok(explanation) => (200, json!(explanation)),
+            Err(error @ ExplainError::UnknownSource(_)) => {
+                (404, json!({ "error": error.to_string() }))
+            }
+            Err(error) => (400, json!({ "error": error.to_string() })),
         }
     }
 
@@ -132,5 +214,88 @@ impl Admin {
                 Err(error) => (400, json!({ "error": error })),
             },
         }
+    }
+}
+
+/// `item` as JSON with the `origin` of the object `kind` `key`.
+fn with_origin(state: &State, kind: &str, key: &ObjectKey, item: &impl Serialize) -> Value {
+    let mut value = json!(item);
+    if let Value::Object(fields) = &mut value {
+        fields.insert("origin".into(), json!(state.origin_of(kind, key)));
+    }
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
+
+    use super::*;
+    use crate::{proxy::connections::Connection, state::Workload};
+
+    fn admin(state: State) -> Admin {
+        let (_, rx) = tokio::sync::watch::channel(Arc::new(state));
+        Admin {
+            node: "node0".into(),
+            state: rx,
+            mtls: None,
+            readiness: Readiness::default(),
+            log: None,
+            connections: Arc::default(),
+        }
+    }
+
+    fn state_with_origins() -> State {
+        let mut state = State::with_workloads([Workload::for_test("node0", "shop", "web", &[])]);
+        state.origins = BTreeMap::from([(
+            "Pod shop/web-0".to_string(),
+            "/etc/mesh/pods.yaml".to_string(),
+        )]);
+        state
+    }
+
+    #[test]
+    fn the_config_dump_says_where_each_object_came_from() {
+        let (status, dump) = admin(state_with_origins()).answer("/config_dump", None);
+        assert_eq!(status, 200);
+        assert_eq!(dump["workloads"][0]["key"]["name"], "web-0");
+        assert_eq!(dump["workloads"][0]["origin"], "/etc/mesh/pods.yaml");
+        assert_eq!(dump["origins"]["Pod shop/web-0"], "/etc/mesh/pods.yaml");
+    }
+
+    #[test]
+    fn connections_are_listed_while_they_are_open() {
+        let admin = admin(State::default());
+        let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let open = admin.connections.register(Connection {
+            direction: "outbound",
+            pod: ObjectKey::new("shop", "web-0"),
+            client,
+            original_destination: Some("10.96.0.1:80".parse().unwrap()),
+            upstream: Some("Service shop/web".into()),
+            opened_at: SystemTime::now(),
+        });
+        let (status, rows) = admin.answer("/connections", None);
+        assert_eq!(status, 200);
+        assert_eq!(rows[0]["original_destination"], "10.96.0.1:80");
+        drop(open);
+        assert_eq!(admin.answer("/connections", None).1, json!([]));
+    }
+
+    #[test]
+    fn explain_answers_from_the_live_state_and_refuses_bad_questions() {
+        let admin = admin(state_with_origins());
+        let (status, answer) = admin.answer(
+            "/explain",
+            Some("source=shop/web-0&destination=192.0.2.1&port=443"),
+        );
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["verdict"]["verdict"], "ALLOWED");
+        assert_eq!(answer["destination"], "outside the mesh");
+        let (status, answer) = admin.answer("/explain", Some("source=shop/nobody&destination=x"));
+        assert_eq!(status, 404, "{answer}");
+        let (status, answer) = admin.answer("/explain", None);
+        assert_eq!(status, 400);
+        assert!(answer["error"].as_str().unwrap().contains("missing source"));
     }
 }

@@ -21,7 +21,7 @@ use crate::{
     },
     metrics::{self, Metrics, NodeMetrics, server::Endpoints},
     netns::Netns,
-    proxy::{Mtls, ProxyContext, Resolver},
+    proxy::{Mtls, ProxyContext, Resolver, connections::Connections},
     readiness::Readiness,
     signal,
     signer::{NodeSigner, RemoteSigner},
@@ -103,6 +103,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         )
         .context("setting up tracing")?,
     );
+    let connections = Arc::new(Connections::default());
     let proxy = ProxyContext {
         state: state_rx.clone(),
         capture: capture.clone(),
@@ -114,6 +115,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         upstreams: Arc::default(),
         access_log: Arc::new(AccessLog::stdout(config.observability.access_log)),
         tracing: tracing.clone(),
+        connections: connections.clone(),
     };
 
     let admin_state = state_rx.clone();
@@ -135,6 +137,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         mtls: proxy_mtls.clone(),
         readiness: readiness.clone(),
         log,
+        connections,
     };
     tasks.spawn(metrics::serve(
         admin_listener,

@@ -50,10 +50,52 @@ pub enum DebugWhat {
     Routes,
     /// Workload certificates held by the agent.
     Certs,
+    /// Connections the node proxy holds now: direction, pod, client, original destination.
+    Connections,
+    /// Why a request from a pod would be allowed, denied or unroutable: the route, the
+    /// endpoints, the identities, mutual TLS and the policies that decide, computed by the
+    /// agent from its live state with the proxy's own code.
+    Explain(ExplainArgs),
     /// Everything: the normalized state with rejected resources.
     Config,
     /// Change the agent's log filter at run time, e.g. `info,mesh_node=debug`.
     Log { level: String },
+}
+
+/// `mesh-node debug explain <source> <destination>`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// The client pod: `namespace/name`, or `name` in namespace `default`.
+    pub source: String,
+
+    /// A Service (`name`, `name.namespace`, `name.namespace.svc.cluster.local`), a
+    /// ClusterIP, a pod (`namespace/name`) or a pod IP.
+    pub destination: String,
+
+    /// Destination port (default: the Service's only port).
+    #[arg(long)]
+    pub port: Option<u16>,
+
+    /// Request path, with its query if any (default `/`). Path, method or header make a
+    /// port that declares no protocol count as HTTP.
+    #[arg(long)]
+    pub path: Option<String>,
+
+    /// Request method (default `GET`).
+    #[arg(long)]
+    pub method: Option<String>,
+
+    /// A request header, `name:value`; repeatable.
+    #[arg(long = "header", value_name = "NAME:VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+}
+
+/// `end-user: jason` → (`end-user`, `jason`).
+fn parse_header(value: &str) -> Result<(String, String), String> {
+    let (name, value) = value
+        .split_once(':')
+        .ok_or_else(|| format!("{value:?} is not NAME:VALUE"))?;
+    Ok((name.trim().to_string(), value.trim().to_string()))
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]

@@ -7,7 +7,10 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-use crate::cli::{DebugArgs, DebugWhat, OutputFormat};
+use crate::{
+    cli::{DebugArgs, DebugWhat, ExplainArgs, OutputFormat},
+    explain::{ExplainRequest, Explanation},
+};
 
 /// Fetches what was asked and prints it.
 pub async fn run(args: DebugArgs) -> anyhow::Result<()> {
@@ -17,6 +20,8 @@ pub async fn run(args: DebugArgs) -> anyhow::Result<()> {
         DebugWhat::Policies => "/policies".to_string(),
         DebugWhat::Routes => "/routes".to_string(),
         DebugWhat::Certs => "/certs".to_string(),
+        DebugWhat::Connections => "/connections".to_string(),
+        DebugWhat::Explain(explain) => format!("/explain?{}", request(explain).to_query()),
         DebugWhat::Config => "/config_dump".to_string(),
         DebugWhat::Log { level } => format!("/logging?level={level}"),
     };
@@ -27,6 +32,17 @@ pub async fn run(args: DebugArgs) -> anyhow::Result<()> {
     }
     println!("{}", render(&args.what, &body));
     Ok(())
+}
+
+fn request(args: &ExplainArgs) -> ExplainRequest {
+    ExplainRequest {
+        source: args.source.clone(),
+        destination: args.destination.clone(),
+        port: args.port,
+        path: args.path.clone(),
+        method: args.method.clone(),
+        headers: args.headers.clone(),
+    }
 }
 
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
@@ -169,6 +185,33 @@ pub fn render(what: &DebugWhat, body: &Value) -> String {
                 ]);
             }
         }
+        DebugWhat::Connections => {
+            table.set_header([
+                "DIRECTION",
+                "POD",
+                "CLIENT",
+                "ORIGINAL DESTINATION",
+                "UPSTREAM",
+                "OPENED AT",
+            ]);
+            for c in &rows {
+                table.add_row([
+                    text(&c["direction"]),
+                    key(&c["pod"]),
+                    text(&c["client"]),
+                    text(&c["original_destination"]),
+                    text(&c["upstream"]),
+                    text(&c["opened_at"]),
+                ]);
+            }
+        }
+        DebugWhat::Explain(_) => {
+            return match serde_json::from_value::<Explanation>(body.clone()) {
+                Ok(explanation) => explanation.render(),
+                // An agent of another version: its answer as it is.
+                Err(_) => serde_json::to_string_pretty(body).unwrap_or_default(),
+            };
+        }
         DebugWhat::Config | DebugWhat::Log { .. } => return body.to_string(),
     }
     table.to_string()
@@ -220,6 +263,24 @@ mod tests {
         );
         assert!(
             lines[1].contains("reviews") && lines[1].contains("VirtualService default/reviews"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn connections_show_where_each_was_going() {
+        let body = json!([{
+            "direction": "outbound", "pod": {"namespace": "shop", "name": "web-1"},
+            "client": "10.0.0.1:40000", "original_destination": "10.96.0.1:80",
+            "upstream": "Service shop/web", "opened_at": "2026-01-01T00:00:00.000Z"
+        }]);
+        let out = render(&DebugWhat::Connections, &body);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].contains("ORIGINAL DESTINATION"), "{out}");
+        assert!(
+            lines[1].contains("shop/web-1")
+                && lines[1].contains("10.96.0.1:80")
+                && lines[1].contains("Service shop/web"),
             "{out}"
         );
     }

@@ -13,6 +13,7 @@ pub mod debug;
 pub mod distributed_tracing;
 pub mod ebpf;
 pub mod enroll;
+pub mod explain;
 pub mod identity;
 pub mod metrics;
 pub mod netns;

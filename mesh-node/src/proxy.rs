@@ -1,9 +1,11 @@
 //! The node proxy: one process serving the in-pod listeners of every enrolled pod.
+pub mod connections;
 pub mod hbone;
 pub mod http;
-mod inbound;
+// `explain` judges a hypothetical request with the proxy's own admission and resolution.
+pub(crate) mod inbound;
 mod outbound;
-mod resolve;
+pub(crate) mod resolve;
 mod socket;
 mod tunnel;
 
@@ -58,6 +60,8 @@ pub struct ProxyContext {
     pub access_log: Arc<AccessLog>,
     /// Request spans and trace context propagation (`--trace-sampling`, `--otlp-endpoint`).
     pub tracing: Arc<Tracing>,
+    /// The live connections, for the admin API.
+    pub connections: Arc<connections::Connections>,
 }
 
 /// The pod a listener belongs to.
@@ -267,10 +271,13 @@ pub async fn serve(
             },
         };
         proxy.metrics.node.captured(name);
+        let connection = connections::accepted(direction, &pod, &proxy, &stream, peer);
+        let registered = proxy.connections.register(connection);
         let span = info_span!("connection", direction = name, pod = %pod.key, client = %peer);
         let (pod, proxy) = (pod.clone(), proxy.clone());
         tokio::spawn(
             async move {
+                let _registered = registered;
                 let result = match direction {
                     Direction::Outbound => outbound::handle(stream, peer, &pod, &proxy).await,
                     Direction::Inbound => inbound::handle(stream, peer, &pod, &proxy).await,

@@ -159,6 +159,9 @@ pub struct State {
     /// VirtualServices, HTTPRoutes and DestinationRules, compiled for the proxy.
     pub routes: Routes,
     pub rejections: Vec<Rejection>,
+    /// Where each object came from (a file path for the file source), by `Kind
+    /// namespace/name` (`Kind name` for namespaces); empty when the source does not say.
+    pub origins: BTreeMap<String, String>,
     workload_by_ip: HashMap<IpAddr, ObjectKey>,
     service_by_ip: HashMap<IpAddr, ObjectKey>,
 }
@@ -188,9 +191,17 @@ impl State {
             policies,
             routes,
             rejections,
+            origins: BTreeMap::new(),
             workload_by_ip,
             service_by_ip,
         }
+    }
+
+    /// Where the object `kind` `key` came from, if the config source said.
+    pub fn origin_of(&self, kind: &str, key: &ObjectKey) -> Option<&str> {
+        self.origins
+            .get(&format!("{kind} {key}"))
+            .map(String::as_str)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {

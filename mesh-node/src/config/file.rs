@@ -36,6 +36,8 @@ pub struct FileSource {
     last_good_by_file: HashMap<PathBuf, Vec<Object>>,
     /// The last accepted version of each object, whatever file it came from.
     last_good_by_id: HashMap<ObjectId, Object>,
+    /// The file each object of the last load came from, for the admin API's config dump.
+    origins: BTreeMap<String, String>,
 }
 
 /// The result of one load: objects to translate and what was refused.
@@ -53,6 +55,7 @@ impl FileSource {
             root_namespace: root_namespace.into(),
             last_good_by_file: HashMap::new(),
             last_good_by_id: HashMap::new(),
+            origins: BTreeMap::new(),
         }
     }
 
@@ -117,6 +120,14 @@ impl FileSource {
         self.enforce_references(&mut objects, &origins, &mut rejections);
         self.last_good_by_file = files_seen;
         self.last_good_by_id = objects.iter().map(|o| (o.id(), o.clone())).collect();
+        self.origins = objects
+            .iter()
+            .filter_map(|o| {
+                let id = o.id();
+                let path = origins.get(&id)?;
+                Some((id.to_string(), path.display().to_string()))
+            })
+            .collect();
         Ok(Load {
             objects,
             rejections,
@@ -196,7 +207,9 @@ impl FileSource {
             );
         }
         let loaded_rejections = rejections.len();
-        let state = Arc::new(translate(&objects, rejections, &self.root_namespace));
+        let mut state = translate(&objects, rejections, &self.root_namespace);
+        state.origins = self.origins.clone();
+        let state = Arc::new(state);
         for rejection in &state.rejections[loaded_rejections..] {
             warn!(
                 resource = %rejection.resource,

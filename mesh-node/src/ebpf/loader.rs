@@ -214,14 +214,23 @@ impl Capture {
         netns_cookie: u64,
         client: SocketAddr,
     ) -> Option<SocketAddr> {
-        let key = OrigDstKey {
-            netns_cookie,
-            client: to_sock_addr(client),
-        };
+        let key = orig_dst_key(netns_cookie, client);
         let mut table = self.orig_dst.lock().expect("orig dst lock");
         let original = table.get(&key, 0).ok()?;
         let _ = table.remove(&key);
         from_sock_addr(&original)
+    }
+
+    /// Like [`take_original_destination`](Self::take_original_destination), leaving the
+    /// record for the handler that takes it (the connection registry looks first).
+    pub fn original_destination(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let key = orig_dst_key(netns_cookie, client);
+        let table = self.orig_dst.lock().expect("orig dst lock");
+        from_sock_addr(&table.get(&key, 0).ok()?)
     }
 
     pub fn counters(&self) -> Counters {
@@ -300,4 +309,11 @@ impl Census {
 fn count_keys<K: Pod>(keys: MapKeys<'_, K>, limit: u32) -> u32 {
     let walked = keys.take(limit as usize).take_while(Result::is_ok).count();
     u32::try_from(walked).unwrap_or(limit)
+}
+
+fn orig_dst_key(netns_cookie: u64, client: SocketAddr) -> OrigDstKey {
+    OrigDstKey {
+        netns_cookie,
+        client: to_sock_addr(client),
+    }
 }

@@ -29,7 +29,7 @@ use crate::{
 
 /// How much of the policy a connection is checked against when it opens.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Admission {
+pub(crate) enum Admission {
     /// PeerAuthentication and AuthorizationPolicy: the connection's verdict is final.
     Full,
     /// PeerAuthentication only: some policy needs request attributes, so the verdict
@@ -39,7 +39,7 @@ enum Admission {
 
 /// Applies PeerAuthentication (unless the connection is mutual TLS) and, for a full
 /// admission, AuthorizationPolicy to a connection for `workload`.
-fn check_policy(
+pub(crate) fn check_policy(
     policies: &Policies,
     workload: &Workload,
     attributes: &ConnectionAttributes,
@@ -211,7 +211,7 @@ pub struct Caller {
 }
 
 impl Caller {
-    fn new(ip: IpAddr, identities: Option<Arc<(Identity, Identity)>>) -> Self {
+    pub(crate) fn new(ip: IpAddr, identities: Option<Arc<(Identity, Identity)>>) -> Self {
         let principal = identities.as_ref().map(|pair| {
             let id = pair.0.to_string();
             id.trim_start_matches("spiffe://").to_string()

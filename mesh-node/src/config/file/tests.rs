@@ -421,3 +421,25 @@ spec:
         ]
     );
 }
+
+#[test]
+fn the_published_state_says_which_file_each_object_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "ns.yaml", NAMESPACE);
+    write(dir.path(), "pods.yaml", &pod("a", "10.0.0.1"));
+    let mut source = FileSource::new(dir.path(), "nodemesh-system");
+    let (tx, _rx) = tokio::sync::watch::channel(Arc::new(State::default()));
+    let metrics = crate::metrics::Metrics::new().unwrap();
+    let state = source.publish(&tx, &metrics.node).unwrap();
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    assert_eq!(
+        state.origin_of("Pod", &ObjectKey::new("shop", "a")),
+        Some(file("pods.yaml").as_str())
+    );
+    assert_eq!(
+        state.origins.get("Namespace shop"),
+        Some(&file("ns.yaml")),
+        "{:?}",
+        state.origins
+    );
+}

@@ -658,7 +658,7 @@ impl Outbound {
 }
 
 /// Applies the rule's rewrite and request header changes.
-fn prepare(parts: &mut Parts, rule: &HttpRule, matched_prefix: Option<&str>) {
+pub(crate) fn prepare(parts: &mut Parts, rule: &HttpRule, matched_prefix: Option<&str>) {
     if let Some(rewrite) = &rule.rewrite {
         if let Some(uri) = &rewrite.uri {
             let path_and_query = rewrite_uri(uri, matched_prefix, &parts.uri);
