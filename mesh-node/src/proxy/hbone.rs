@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use h2::{client::SendRequest, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
-pub use stream::H2Stream;
+pub use stream::{H2Stream, StreamSlot};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 

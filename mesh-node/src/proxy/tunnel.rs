@@ -3,7 +3,10 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -16,7 +19,7 @@ use tracing::debug;
 
 use super::{
     PodContext, ProxyError,
-    hbone::{self, H2Stream, HboneError},
+    hbone::{self, H2Stream, HboneError, StreamSlot},
     socket::{Dial, connect_from_pod},
 };
 use crate::{
@@ -44,6 +47,20 @@ struct Pooled {
     sender: SendRequest<Bytes>,
     /// Streams opened on it so far; at the limit a new tunnel replaces it in the pool.
     streams: usize,
+    /// Streams open on it now. At the peer's concurrency limit a further stream would
+    /// queue until one closes, and pooled HTTP connections keep theirs open for long: a
+    /// full tunnel is replaced in the pool instead (it keeps serving its open streams).
+    open: Arc<AtomicUsize>,
+}
+
+impl Pooled {
+    fn has_room(&self, max_streams_per_tunnel: usize) -> bool {
+        let concurrency = self
+            .sender
+            .current_max_send_streams()
+            .min(hbone::MAX_CONCURRENT_STREAMS as usize);
+        self.streams < max_streams_per_tunnel && self.open.load(Ordering::Acquire) < concurrency
+    }
 }
 
 /// Certificates, trust and tunnels: present when the agent has a CA.
@@ -119,15 +136,15 @@ impl Mtls {
         let pooled = {
             let mut pool = self.pool.lock().expect("pool lock");
             pool.get_mut(&key)
-                .filter(|p| Arc::ptr_eq(&p.cert, &cert) && p.streams < self.max_streams_per_tunnel)
+                .filter(|p| Arc::ptr_eq(&p.cert, &cert) && p.has_room(self.max_streams_per_tunnel))
                 .map(|p| {
                     p.streams += 1;
-                    p.sender.clone()
+                    (p.sender.clone(), StreamSlot::take(&p.open))
                 })
         };
-        if let Some(sender) = pooled {
+        if let Some((sender, slot)) = pooled {
             match hbone::connect(sender, target).await {
-                Ok(stream) => return Ok(stream),
+                Ok(stream) => return Ok(stream.with_slot(slot)),
                 // A refusal is the peer's answer, not a dead tunnel.
                 Err(error @ HboneError::Refused(_)) => return Err(error.into()),
                 Err(error) => {
@@ -137,15 +154,18 @@ impl Mtls {
             }
         }
         let sender = self.dial(pod, home, &cert, destination, key.hbone).await?;
+        let open = Arc::new(AtomicUsize::new(0));
+        let slot = StreamSlot::take(&open);
         self.pool.lock().expect("pool lock").insert(
             key,
             Pooled {
                 cert,
                 sender: sender.clone(),
                 streams: 1,
+                open,
             },
         );
-        Ok(hbone::connect(sender, target).await?)
+        Ok(hbone::connect(sender, target).await?.with_slot(slot))
     }
 
     /// A new tunnel: TCP from inside the source pod, TLS 1.3 as the source identity

@@ -2,6 +2,10 @@
 use std::{
     io,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll, ready},
 };
 
@@ -17,6 +21,8 @@ pub struct H2Stream {
     pending: Bytes,
     recv_done: bool,
     send_done: bool,
+    /// The tunnel's count of open streams, held while this one is open.
+    _slot: Option<StreamSlot>,
 }
 
 impl H2Stream {
@@ -27,7 +33,30 @@ impl H2Stream {
             pending: Bytes::new(),
             recv_done: false,
             send_done: false,
+            _slot: None,
         }
+    }
+
+    /// Ties the stream to its tunnel's count of open streams.
+    pub fn with_slot(mut self, slot: StreamSlot) -> Self {
+        self._slot = Some(slot);
+        self
+    }
+}
+
+/// One open stream counted on its tunnel, until dropped.
+pub struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    pub fn take(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::AcqRel);
+        Self(open.clone())
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
