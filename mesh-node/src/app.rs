@@ -92,6 +92,8 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         resolver: Arc::new(Resolver::default()),
         home,
         mtls,
+        clusters: Arc::default(),
+        upstreams: Arc::default(),
     };
 
     let admin_state = state_rx.clone();

@@ -17,6 +17,7 @@ pub mod netns;
 pub mod policy;
 pub mod proxy;
 pub mod readiness;
+pub mod routing;
 pub mod signal;
 pub mod signer;
 pub mod state;

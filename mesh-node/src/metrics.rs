@@ -1,10 +1,14 @@
-//! Prometheus metrics: Istio's standard TCP metrics and Nodemesh's node metrics.
+//! Prometheus metrics: Istio's standard TCP and request metrics and Nodemesh's node
+//! metrics.
 //!
 //! Istio's names and labels are kept exactly so Kiali and the stock Grafana dashboards
 //! work unchanged. Label values come from the state (bounded by the number of workloads and
-//! services), never from request data, which keeps cardinality bounded.
+//! services), never from request data; the request metrics add only response codes, gRPC
+//! statuses and response flags, which are small fixed sets. That keeps cardinality bounded.
+mod http;
 pub mod server;
 
+pub use http::{HttpMetrics, RequestOutcome};
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 pub use server::serve;
 
@@ -195,6 +199,8 @@ pub struct NodeMetrics {
     certificate_expiry: IntGaugeVec,
     tunnels_opened: prometheus::IntCounter,
     pooled_tunnels: IntGauge,
+    upstream_overflows: IntCounterVec,
+    outlier_ejections: IntCounterVec,
 }
 
 impl NodeMetrics {
@@ -250,6 +256,19 @@ impl NodeMetrics {
             "HBONE tunnels currently in the pool",
         )?;
         registry.register(Box::new(pooled_tunnels.clone()))?;
+        let per_service = |name: &str, help: &str| -> prometheus::Result<IntCounterVec> {
+            let counter = IntCounterVec::new(Opts::new(name, help), &["destination_service"])?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok(counter)
+        };
+        let upstream_overflows = per_service(
+            "nodemesh_upstream_overflow_total",
+            "Requests or connections refused by a circuit breaker (connection pool limits)",
+        )?;
+        let outlier_ejections = per_service(
+            "nodemesh_outlier_ejections_total",
+            "Endpoints ejected from load balancing by outlier detection",
+        )?;
         registry.register(Box::new(enrolled_pods.clone()))?;
         registry.register(Box::new(config_rejections.clone()))?;
         registry.register(Box::new(config_loads.clone()))?;
@@ -266,6 +285,8 @@ impl NodeMetrics {
             certificate_expiry,
             tunnels_opened,
             pooled_tunnels,
+            upstream_overflows,
+            outlier_ejections,
         })
     }
 
@@ -313,6 +334,17 @@ impl NodeMetrics {
         self.pooled_tunnels.set(count as i64);
     }
 
+    /// A circuit breaker of `service` (its hostname, as in `destination_service`) refused
+    /// a request or connection.
+    pub fn upstream_overflow(&self, service: &str) {
+        self.upstream_overflows.with_label_values(&[service]).inc();
+    }
+
+    /// Outlier detection ejected one endpoint of `service` (its hostname).
+    pub fn outlier_ejected(&self, service: &str) {
+        self.outlier_ejections.with_label_values(&[service]).inc();
+    }
+
     pub fn set_bpf_event(&self, event: &str, value: u64) {
         self.bpf_counters
             .with_label_values(&[event])
@@ -325,6 +357,7 @@ impl NodeMetrics {
 pub struct Metrics {
     pub registry: Registry,
     pub tcp: TcpMetrics,
+    pub http: HttpMetrics,
     pub node: NodeMetrics,
 }
 
@@ -333,8 +366,12 @@ impl Metrics {
         let registry = Registry::new();
         Ok(Self {
             tcp: TcpMetrics::register(&registry)?,
+            http: HttpMetrics::register(&registry)?,
             node: NodeMetrics::register(&registry)?,
             registry,
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -239,13 +239,29 @@ const MARK_RULE_PRIORITY: u32 = 50;
 /// ingress interface to `sk_lookup`, which is how the proxy's own dial escapes re-capture.
 pub async fn install_inbound_routing(netns: &Netns, home: &Netns) -> Result<(), NetnsError> {
     netns.run(home, || {
-        std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1").map_err(|source| {
-            NetnsError::Io {
-                action: "writing",
-                path: "/proc/sys/net/ipv4/tcp_fwmark_accept".into(),
-                source,
+        // The app's replies to the proxy's transparent connections carry the mark back
+        // (accepted sockets: tcp_fwmark_accept; resets and ICMP errors when nothing listens:
+        // fwmark_reflect), so they route to the proxy rather than out to the caller's real
+        // address, and a dead app is refused at once instead of timing out.
+        for (path, required) in [
+            ("/proc/sys/net/ipv4/tcp_fwmark_accept", true),
+            ("/proc/sys/net/ipv4/fwmark_reflect", true),
+            ("/proc/sys/net/ipv6/fwmark_reflect", false),
+        ] {
+            match std::fs::write(path, "1") {
+                Ok(()) => {}
+                // A pod without IPv6 has no IPv6 sysctls.
+                Err(_) if !required => {}
+                Err(source) => {
+                    return Err(NetnsError::Io {
+                        action: "writing",
+                        path: path.into(),
+                        source,
+                    });
+                }
             }
-        })
+        }
+        Ok(())
     })??;
     let handle = netns.netlink(home)?;
     for v6 in [false, true] {

@@ -1,10 +1,11 @@
-//! Istio's security policies as the node proxy enforces them at L4: `PeerAuthentication`
-//! (is plaintext allowed?) and `AuthorizationPolicy` (may this peer connect?).
+//! Istio's security policies as the node proxy enforces them: `PeerAuthentication` (is
+//! plaintext allowed?) and `AuthorizationPolicy` (may this peer connect, and, where the
+//! proxy sees HTTP, may it make this request?).
 //!
 //! The resources are the ones Istio users already have (security.istio.io v1 and v1beta1);
 //! their semantics follow Istio's: the most specific PeerAuthentication wins; DENY
 //! policies are checked first, then ALLOW; with no ALLOW policy everything is allowed, and
-//! with ALLOW policies a connection must match one of them.
+//! with ALLOW policies a connection (or request) must match one of them.
 mod authorization;
 mod peer_authentication;
 
@@ -70,6 +71,17 @@ pub struct ConnectionAttributes<'a> {
     pub destination_port: u16,
 }
 
+/// What the policies may look at for one HTTP request (at the destination's proxy).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestAttributes<'a> {
+    pub method: &'a str,
+    /// The path only, without the query, as sent: Istio normalizes nothing here.
+    pub path: &'a str,
+    /// The Host header, or `:authority` in HTTP/2.
+    pub host: &'a str,
+    pub headers: &'a http::HeaderMap,
+}
+
 /// The outcome of authorization, with the policy that decided it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -104,8 +116,29 @@ impl Policies {
     }
 
     /// Whether a connection to `workload` is allowed, and by which policy.
+    /// Judged when the connection opens, before any request: rules that need request
+    /// attributes fail closed (see `authorization`).
     pub fn authorize(&self, workload: &Workload, connection: &ConnectionAttributes) -> Verdict {
-        authorization::evaluate(self, workload, connection)
+        authorization::evaluate(self, workload, connection, None)
+    }
+
+    /// Full evaluation (L4 + request attributes) for one request; same DENY-then-ALLOW
+    /// order as [`authorize`](Self::authorize). No JWT is validated yet, so request
+    /// principals and `request.auth.*` never match (see `authorization`).
+    pub fn authorize_request(
+        &self,
+        workload: &Workload,
+        connection: &ConnectionAttributes,
+        request: &RequestAttributes,
+    ) -> Verdict {
+        authorization::evaluate(self, workload, connection, Some(request))
+    }
+
+    /// Whether any AuthorizationPolicy applying to `workload` has rules needing request
+    /// attributes: then a connection's verdict must wait for its requests, since at L4
+    /// such rules can only fail closed.
+    pub fn needs_request_attributes(&self, workload: &Workload) -> bool {
+        authorization::needs_request(self, workload)
     }
 }
 

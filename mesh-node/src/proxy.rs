@@ -1,5 +1,6 @@
 //! The node proxy: one process serving the in-pod listeners of every enrolled pod.
 pub mod hbone;
+pub mod http;
 mod inbound;
 mod outbound;
 mod resolve;
@@ -48,6 +49,9 @@ pub struct ProxyContext {
     pub home: Arc<Netns>,
     /// mTLS (HBONE) between enrolled pods; `None` when the agent has no CA (plaintext).
     pub mtls: Option<Arc<Mtls>>,
+    /// L7: the upstream clusters (limits, endpoint health) and their pooled connections.
+    pub clusters: Arc<http::Clusters>,
+    pub upstreams: Arc<http::UpstreamPool>,
 }
 
 /// The pod a listener belongs to.
@@ -97,6 +101,8 @@ pub enum ProxyError {
     NotLocal(SocketAddr),
     #[error("plaintext refused: PeerAuthentication requires mutual TLS")]
     MtlsRequired,
+    #[error("HTTP: {0}")]
+    Http(String),
     #[error("denied by authorization policy {policy}: {reason}")]
     Denied {
         policy: String,
@@ -119,6 +125,7 @@ impl ProxyError {
             ProxyError::NotLocal(_) => "not_local",
             ProxyError::MtlsRequired => "mtls_required",
             ProxyError::Denied { .. } => "authorization_denied",
+            ProxyError::Http(_) => "http",
         }
     }
 }

@@ -10,7 +10,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::policy::Policies;
+use crate::{policy::Policies, routing::Routes};
 
 /// Label that enrolls a namespace (`true`) or opts a pod out (`false`).
 pub const ENROLLMENT_LABEL: &str = "nodemesh.io/enabled";
@@ -156,6 +156,8 @@ pub struct State {
     pub workloads: BTreeMap<ObjectKey, Workload>,
     pub services: BTreeMap<ObjectKey, Service>,
     pub policies: Policies,
+    /// VirtualServices, HTTPRoutes and DestinationRules, compiled for the proxy.
+    pub routes: Routes,
     pub rejections: Vec<Rejection>,
     workload_by_ip: HashMap<IpAddr, ObjectKey>,
     service_by_ip: HashMap<IpAddr, ObjectKey>,
@@ -168,6 +170,7 @@ impl State {
         workloads: BTreeMap<ObjectKey, Workload>,
         services: BTreeMap<ObjectKey, Service>,
         policies: Policies,
+        routes: Routes,
         rejections: Vec<Rejection>,
     ) -> Self {
         let workload_by_ip = workloads
@@ -183,6 +186,7 @@ impl State {
             workloads,
             services,
             policies,
+            routes,
             rejections,
             workload_by_ip,
             service_by_ip,
@@ -233,6 +237,7 @@ impl State {
             workloads,
             BTreeMap::new(),
             Policies::default(),
+            Routes::default(),
             Vec::new(),
         )
     }

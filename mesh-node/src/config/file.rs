@@ -3,21 +3,24 @@
 //! Each `*.yaml`/`*.yml` file may hold several documents (or a `List`). A resource that
 //! cannot be used is rejected alone, with the file and the resource in the error, and the
 //! last good version of that resource stays in force; a file that is not valid YAML keeps
-//! everything it last gave.
+//! everything it last gave. The same holds for a resource that refers to what no other
+//! resource defines (a VirtualService route to an undefined DestinationRule subset): its
+//! last good version stays, or it is left out if it has none.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, de::DeserializeOwned};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Object, ObjectId, translate, validate};
 use crate::{
     metrics::NodeMetrics,
+    routing::check_references,
     state::{Rejection, State, StateTx},
 };
 
@@ -111,12 +114,45 @@ impl FileSource {
             }
             files_seen.insert(path, from_this_file);
         }
+        self.enforce_references(&mut objects, &origins, &mut rejections);
         self.last_good_by_file = files_seen;
         self.last_good_by_id = objects.iter().map(|o| (o.id(), o.clone())).collect();
         Ok(Load {
             objects,
             rejections,
         })
+    }
+
+    /// Objects that refer to what no other object defines (a route to an undefined subset)
+    /// fall back to their last good version, or are dropped if that fails too or there is
+    /// none. Each is rejected once, with the reason its new version failed.
+    fn enforce_references(
+        &self,
+        objects: &mut Vec<Object>,
+        origins: &HashMap<ObjectId, PathBuf>,
+        rejections: &mut Vec<Rejection>,
+    ) {
+        let mut fell_back = HashSet::new();
+        loop {
+            let offenders = check_references(objects);
+            if offenders.is_empty() {
+                return;
+            }
+            for (id, error) in offenders {
+                let Some(index) = objects.iter().position(|o| o.id() == id) else {
+                    continue;
+                };
+                if fell_back.insert(id.clone()) {
+                    let origin = origins.get(&id).map_or_else(PathBuf::new, Clone::clone);
+                    rejections.push(reject(&origin, &id.to_string(), error));
+                    if let Some(previous) = self.last_good_by_id.get(&id) {
+                        objects[index] = previous.clone();
+                        continue;
+                    }
+                }
+                objects.remove(index);
+            }
+        }
     }
 
     fn yaml_files(&self) -> std::io::Result<Vec<PathBuf>> {
@@ -159,17 +195,25 @@ impl FileSource {
                 "config resource rejected; its last good version stays in force"
             );
         }
-        let rejected = rejections.len();
+        let loaded_rejections = rejections.len();
         let state = Arc::new(translate(&objects, rejections, &self.root_namespace));
+        for rejection in &state.rejections[loaded_rejections..] {
+            warn!(
+                resource = %rejection.resource,
+                error = %rejection.error,
+                "routing resource not applied to a host"
+            );
+        }
         info!(
             namespaces = state.namespaces.len(),
             workloads = state.workloads.len(),
             services = state.services.len(),
+            routed_hosts = state.routes.summary().len(),
             rejected = state.rejections.len(),
             "config loaded"
         );
         tx.send_replace(state.clone());
-        metrics.config_loaded(rejected);
+        metrics.config_loaded(state.rejections.len());
         Ok(state)
     }
 
@@ -270,15 +314,46 @@ fn parse_documents(text: &str) -> Result<Vec<Document>, String> {
     Ok(documents)
 }
 
+/// Reads a document as one kind of [`Object`].
+type Parse = fn(serde_yaml::Value) -> Result<Object, serde_yaml::Error>;
+
+fn parse_as<T: DeserializeOwned>(
+    value: serde_yaml::Value,
+    wrap: fn(Box<T>) -> Object,
+) -> Result<Object, serde_yaml::Error> {
+    serde_yaml::from_value(value).map(|o| wrap(Box::new(o)))
+}
+
 fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
     const SECURITY: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+    // The three versions Istio serves share one schema.
+    const NETWORKING: [&str; 3] = [
+        "networking.istio.io/v1",
+        "networking.istio.io/v1beta1",
+        "networking.istio.io/v1alpha3",
+    ];
+    const GATEWAY: [&str; 2] = [
+        "gateway.networking.k8s.io/v1",
+        "gateway.networking.k8s.io/v1beta1",
+    ];
     let api = meta.api_version.as_str();
-    let kind: &'static str = match meta.kind.as_str() {
-        "Namespace" if api == "v1" => "Namespace",
-        "Pod" if api == "v1" => "Pod",
-        "Service" if api == "v1" => "Service",
-        "PeerAuthentication" if SECURITY.contains(&api) => "PeerAuthentication",
-        "AuthorizationPolicy" if SECURITY.contains(&api) => "AuthorizationPolicy",
+    let (kind, parse): (&'static str, Parse) = match meta.kind.as_str() {
+        "Namespace" if api == "v1" => ("Namespace", |v| parse_as(v, Object::Namespace)),
+        "Pod" if api == "v1" => ("Pod", |v| parse_as(v, Object::Pod)),
+        "Service" if api == "v1" => ("Service", |v| parse_as(v, Object::Service)),
+        "PeerAuthentication" if SECURITY.contains(&api) => ("PeerAuthentication", |v| {
+            parse_as(v, Object::PeerAuthentication)
+        }),
+        "AuthorizationPolicy" if SECURITY.contains(&api) => ("AuthorizationPolicy", |v| {
+            parse_as(v, Object::AuthorizationPolicy)
+        }),
+        "VirtualService" if NETWORKING.contains(&api) => {
+            ("VirtualService", |v| parse_as(v, Object::VirtualService))
+        }
+        "DestinationRule" if NETWORKING.contains(&api) => {
+            ("DestinationRule", |v| parse_as(v, Object::DestinationRule))
+        }
+        "HTTPRoute" if GATEWAY.contains(&api) => ("HTTPRoute", |v| parse_as(v, Object::HttpRoute)),
         _ => return Document::Ignored { kind: meta.kind },
     };
     let resource = ObjectId {
@@ -290,16 +365,7 @@ fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
         },
         name: meta.metadata.name,
     };
-    let parsed = match kind {
-        "Namespace" => serde_yaml::from_value(value).map(|o| Object::Namespace(Box::new(o))),
-        "Pod" => serde_yaml::from_value(value).map(|o| Object::Pod(Box::new(o))),
-        "Service" => serde_yaml::from_value(value).map(|o| Object::Service(Box::new(o))),
-        "PeerAuthentication" => {
-            serde_yaml::from_value(value).map(|o| Object::PeerAuthentication(Box::new(o)))
-        }
-        _ => serde_yaml::from_value(value).map(|o| Object::AuthorizationPolicy(Box::new(o))),
-    };
-    let object = match parsed {
+    let object = match parse(value) {
         Ok(object) => object,
         Err(error) => {
             return Document::Invalid {

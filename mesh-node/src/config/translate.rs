@@ -12,12 +12,13 @@ use serde::Deserialize;
 
 use crate::{
     policy::{AuthorizationPolicySpec, PeerAuthenticationSpec, Policies, Policy, PolicyError},
+    routing::{DestinationRuleSpec, HttpRouteSpec, Routes, RoutingError, VirtualServiceSpec},
     state::{
         ENROLLMENT_LABEL, ObjectKey, Rejection, Service, ServicePort, State, TargetPort, Workload,
     },
 };
 
-/// A custom resource of Istio's APIs: Kubernetes metadata and a typed `spec`.
+/// A custom resource (Istio's APIs, the Gateway API): Kubernetes metadata and a typed `spec`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct IstioObject<S> {
     #[serde(default)]
@@ -34,6 +35,10 @@ pub enum Object {
     Service(Box<K8sService>),
     PeerAuthentication(Box<IstioObject<PeerAuthenticationSpec>>),
     AuthorizationPolicy(Box<IstioObject<AuthorizationPolicySpec>>),
+    VirtualService(Box<IstioObject<VirtualServiceSpec>>),
+    DestinationRule(Box<IstioObject<DestinationRuleSpec>>),
+    /// Gateway API `HTTPRoute`; the mesh uses those bound to Services (GAMMA).
+    HttpRoute(Box<IstioObject<HttpRouteSpec>>),
 }
 
 /// `Kind namespace/name`: what makes two objects the same object.
@@ -65,6 +70,8 @@ pub enum TranslateError {
     BadPort { index: usize, reason: String },
     #[error("spec: {0}")]
     Policy(#[from] PolicyError),
+    #[error("spec.{0}")]
+    Routing(#[from] RoutingError),
 }
 
 impl Object {
@@ -75,6 +82,9 @@ impl Object {
             Object::Service(o) => ("Service", &o.metadata),
             Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),
             Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
+            Object::VirtualService(o) => ("VirtualService", &o.metadata),
+            Object::DestinationRule(o) => ("DestinationRule", &o.metadata),
+            Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),
         };
         let namespace = match self {
             Object::Namespace(_) => String::new(),
@@ -90,12 +100,16 @@ impl Object {
 
 /// Checks what the translation needs from one object, so a bad one can be rejected alone.
 pub fn validate(object: &Object) -> Result<(), TranslateError> {
-    if object.id().name.is_empty() {
+    let id = object.id();
+    if id.name.is_empty() {
         return Err(TranslateError::MissingName);
     }
     match object {
         Object::Namespace(_) | Object::PeerAuthentication(_) => Ok(()),
         Object::AuthorizationPolicy(policy) => Ok(policy.spec.validate()?),
+        Object::VirtualService(vs) => Ok(vs.spec.validate(&id.namespace)?),
+        Object::DestinationRule(rule) => Ok(rule.spec.validate(&id.namespace)?),
+        Object::HttpRoute(route) => Ok(route.spec.validate(&id.namespace)?),
         Object::Pod(pod) => pod_ips(pod).map(|_| ()),
         Object::Service(service) => {
             service_cluster_ips(service)?;
@@ -105,8 +119,13 @@ pub fn validate(object: &Object) -> Result<(), TranslateError> {
 }
 
 /// Builds the state from objects that passed [`validate`]; objects that did not are skipped.
-/// Selector-less policies in `root_namespace` apply mesh-wide.
-pub fn translate(objects: &[Object], rejections: Vec<Rejection>, root_namespace: &str) -> State {
+/// Selector-less policies in `root_namespace` apply mesh-wide. Routing resources that
+/// conflict with others are reported in the state's rejections, after `rejections`.
+pub fn translate(
+    objects: &[Object],
+    mut rejections: Vec<Rejection>,
+    root_namespace: &str,
+) -> State {
     let mut namespaces = BTreeMap::new();
     for object in objects {
         if let Object::Namespace(ns) = object {
@@ -160,7 +179,11 @@ pub fn translate(objects: &[Object], rejections: Vec<Rejection>, root_namespace:
     policies
         .authorization_policies
         .sort_by(|a, b| a.key.cmp(&b.key));
-    State::new(namespaces, workloads, services, policies, rejections)
+    let (routes, routing_rejections) = Routes::build(objects);
+    rejections.extend(routing_rejections);
+    State::new(
+        namespaces, workloads, services, policies, routes, rejections,
+    )
 }
 
 fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, TranslateError> {

@@ -1,15 +1,36 @@
-//! `AuthorizationPolicy` at L4.
+//! `AuthorizationPolicy`: for connections (L4) and for HTTP requests (L7).
 //!
-//! The node proxy sees connections, not requests. Like Istio's ztunnel, a rule that needs
-//! request attributes (methods, paths, hosts, request principals, headers) cannot match at
-//! L4: in an ALLOW policy such a rule never matches (fail closed); in a DENY or AUDIT policy
-//! its request attributes are ignored and its L4 part alone decides (also fail closed).
-use std::net::IpAddr;
+//! A connection is judged when it opens, before any request is seen. Like Istio's ztunnel,
+//! a rule that needs request attributes (methods, paths, hosts, request principals,
+//! headers) cannot match a bare connection: in an ALLOW policy such a rule never matches
+//! (fail closed); in a DENY or AUDIT policy its request attributes are ignored and its L4
+//! part alone decides (also fail closed). When the proxy sees the requests it judges each
+//! one with every attribute, as Istio's sidecars and waypoints do.
+//!
+//! Matching follows the Envoy RBAC config Istio generates: values are exact, `prefix*`,
+//! `*suffix` or `*`. Methods and paths are case-sensitive and compared as sent (the path
+//! without its query; nothing is normalized). Hosts are case-insensitive, and a pattern
+//! without a port also matches a Host header that has one. Header names are
+//! case-insensitive; a header sent several times is matched on its values joined with `,`
+//! as Envoy does; a missing header matches no pattern, so only `notValues` can hold.
+//!
+//! What the proxy cannot know:
+//! * JWTs: there is no `RequestAuthentication` support yet, so no request has a request
+//!   principal or `request.auth.*` claims, as in Istio for a request without a valid JWT.
+//!   `requestPrincipals` and `request.auth.*` values never match, and their `not` forms
+//!   always do: `notRequestPrincipals: ["*"]` in a DENY policy denies every request.
+//! * `connection.sni` and `experimental.envoy.filters.*`: these count as not matching in
+//!   ALLOW policies and as matching in DENY and AUDIT ones, so not knowing them never lets
+//!   more traffic through.
+use std::{borrow::Cow, net::IpAddr};
 
+use http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::{ConnectionAttributes, Policies, Policy, Verdict, WorkloadSelector, applies};
+use super::{
+    ConnectionAttributes, Policies, Policy, RequestAttributes, Verdict, WorkloadSelector, applies,
+};
 use crate::state::Workload;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,26 +154,95 @@ pub enum PolicyError {
     IpBlock { field: &'static str, value: String },
     #[error("{field}: {value:?} is not a port number")]
     Port { field: &'static str, value: String },
-    #[error("when: key {0:?} is not an attribute Istio defines")]
+    #[error("{field}: {value:?} is a path template ({{*}} or {{**}}), which is not supported")]
+    PathTemplate { field: &'static str, value: String },
+    #[error("when: key {0:?} is not an attribute Istio defines for AuthorizationPolicy")]
     UnknownKey(String),
+    #[error("when: key {0:?} must name its entry in brackets, like request.headers[x-user]")]
+    MissingEntry(String),
+    #[error("when: key {key:?}: {name:?} is not a valid HTTP header name")]
+    HeaderName { key: String, name: String },
 }
 
-/// Condition keys known at L4.
-const L4_KEYS: &[&str] = &[
-    "source.ip",
-    "remote.ip",
-    "source.principal",
-    "source.namespace",
-    "destination.ip",
-    "destination.port",
-];
+/// A `when` key, parsed: what it reads, and whether the proxy can see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConditionKey<'k> {
+    SourceIp,
+    RemoteIp,
+    SourcePrincipal,
+    SourceNamespace,
+    DestinationIp,
+    DestinationPort,
+    /// `request.headers[<name>]`.
+    RequestHeader(&'k str),
+    /// `request.auth.*`: claims of a validated JWT, which no request has (module doc).
+    RequestAuth,
+    /// `connection.sni`, `experimental.envoy.filters.*`: not visible to this proxy.
+    Unseen,
+}
 
-/// Request-level condition keys (valid, but not evaluable at L4).
-fn is_request_key(key: &str) -> bool {
-    key.starts_with("request.")
-        || key.starts_with("experimental.")
-        || key == "connection.sni"
-        || key.starts_with("destination.")
+impl<'k> ConditionKey<'k> {
+    /// The keys Istio accepts (its `ValidateAttribute`); those it has retired
+    /// (`destination.labels[...]`, `destination.namespace`, ...) are unknown here too.
+    fn parse(key: &'k str) -> Result<Self, PolicyError> {
+        let (attribute, rest) = match key.split_once('[') {
+            Some((attribute, rest)) => (attribute, Some(rest)),
+            None => (key, None),
+        };
+        let entry = || {
+            rest.and_then(|rest| rest.strip_suffix(']'))
+                .filter(|entry| !entry.is_empty())
+                .ok_or_else(|| PolicyError::MissingEntry(key.to_string()))
+        };
+        Ok(match (attribute, rest.is_some()) {
+            ("source.ip", false) => Self::SourceIp,
+            ("remote.ip", false) => Self::RemoteIp,
+            ("source.principal", false) => Self::SourcePrincipal,
+            ("source.namespace", false) => Self::SourceNamespace,
+            ("destination.ip", false) => Self::DestinationIp,
+            ("destination.port", false) => Self::DestinationPort,
+            (
+                "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter",
+                false,
+            ) => Self::RequestAuth,
+            ("connection.sni", false) => Self::Unseen,
+            ("request.headers", _) => {
+                let name = entry()?;
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| PolicyError::HeaderName {
+                    key: key.to_string(),
+                    name: name.to_string(),
+                })?;
+                Self::RequestHeader(name)
+            }
+            ("request.auth.claims", _) => {
+                entry()?;
+                Self::RequestAuth
+            }
+            (experimental, _) if experimental.starts_with("experimental.envoy.filters.") => {
+                entry()?;
+                Self::Unseen
+            }
+            _ => return Err(PolicyError::UnknownKey(key.to_string())),
+        })
+    }
+
+    /// Whether the connection alone tells its value.
+    fn is_l4(self) -> bool {
+        matches!(
+            self,
+            Self::SourceIp
+                | Self::RemoteIp
+                | Self::SourcePrincipal
+                | Self::SourceNamespace
+                | Self::DestinationIp
+                | Self::DestinationPort
+        )
+    }
+
+    /// Whether a request tells more about it than the bare connection.
+    fn reads_request(self) -> bool {
+        matches!(self, Self::RequestHeader(_) | Self::RequestAuth)
+    }
 }
 
 impl AuthorizationPolicySpec {
@@ -168,40 +258,71 @@ impl AuthorizationPolicySpec {
         for rule in &self.rules {
             for from in &rule.from {
                 let s = &from.source;
-                for (field, blocks) in [
-                    ("ipBlocks", &s.ip_blocks),
-                    ("notIpBlocks", &s.not_ip_blocks),
-                    ("remoteIpBlocks", &s.remote_ip_blocks),
-                    ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
-                ] {
-                    for block in blocks {
-                        parse_block(block).ok_or_else(|| PolicyError::IpBlock {
-                            field,
-                            value: block.clone(),
-                        })?;
-                    }
-                }
+                check_blocks("ipBlocks", &s.ip_blocks)?;
+                check_blocks("notIpBlocks", &s.not_ip_blocks)?;
+                check_blocks("remoteIpBlocks", &s.remote_ip_blocks)?;
+                check_blocks("notRemoteIpBlocks", &s.not_remote_ip_blocks)?;
             }
             for to in &rule.to {
-                for (field, ports) in [
-                    ("ports", &to.operation.ports),
-                    ("notPorts", &to.operation.not_ports),
-                ] {
-                    for port in ports {
-                        port.parse::<u16>().map_err(|_| PolicyError::Port {
-                            field,
-                            value: port.clone(),
-                        })?;
-                    }
-                }
+                let o = &to.operation;
+                check_ports("ports", &o.ports)?;
+                check_ports("notPorts", &o.not_ports)?;
+                check_paths("paths", &o.paths)?;
+                check_paths("notPaths", &o.not_paths)?;
             }
             for condition in &rule.when {
-                if !L4_KEYS.contains(&condition.key.as_str()) && !is_request_key(&condition.key) {
-                    return Err(PolicyError::UnknownKey(condition.key.clone()));
+                let values = condition.values.iter().chain(&condition.not_values);
+                match ConditionKey::parse(&condition.key)? {
+                    ConditionKey::SourceIp => check_blocks("when source.ip", values)?,
+                    ConditionKey::RemoteIp => check_blocks("when remote.ip", values)?,
+                    ConditionKey::DestinationIp => check_blocks("when destination.ip", values)?,
+                    ConditionKey::DestinationPort => check_ports("when destination.port", values)?,
+                    _ => {}
                 }
             }
         }
         Ok(())
+    }
+}
+
+fn check_blocks<'v>(
+    field: &'static str,
+    blocks: impl IntoIterator<Item = &'v String>,
+) -> Result<(), PolicyError> {
+    match blocks.into_iter().find(|b| parse_block(b).is_none()) {
+        Some(bad) => Err(PolicyError::IpBlock {
+            field,
+            value: bad.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn check_ports<'v>(
+    field: &'static str,
+    ports: impl IntoIterator<Item = &'v String>,
+) -> Result<(), PolicyError> {
+    match ports.into_iter().find(|p| p.parse::<u16>().is_err()) {
+        Some(bad) => Err(PolicyError::Port {
+            field,
+            value: bad.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Istio's path templates would be compared literally here and so never match: refused,
+/// since in a DENY policy that would let the traffic through.
+fn check_paths(field: &'static str, paths: &[String]) -> Result<(), PolicyError> {
+    match paths
+        .iter()
+        .find(|p| p.contains("{*}") || p.contains("{**}"))
+    {
+        Some(template) => Err(PolicyError::PathTemplate {
+            field,
+            value: template.clone(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -212,62 +333,177 @@ fn parse_block(block: &str) -> Option<IpNet> {
         .or_else(|| block.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
-/// Istio's string match: exact, `*` (anything present), `prefix*` or `*suffix`.
-fn string_match(pattern: &str, value: &str) -> bool {
-    if pattern == "*" {
+// === Matching ===
+
+/// Istio's string match: exact, `*` (anything not empty), `prefix*` or `*suffix`, with
+/// `eq` comparing the bytes.
+fn wildcard_match(pattern: &str, value: &str, eq: impl Fn(&[u8], &[u8]) -> bool) -> bool {
+    let (pattern, value) = (pattern.as_bytes(), value.as_bytes());
+    if pattern == b"*" {
         return !value.is_empty();
     }
-    if let Some(prefix) = pattern.strip_suffix('*') {
-        return value.starts_with(prefix);
+    if let Some(prefix) = pattern.strip_suffix(b"*") {
+        return value.len() >= prefix.len() && eq(&value[..prefix.len()], prefix);
     }
-    if let Some(suffix) = pattern.strip_prefix('*') {
-        return value.ends_with(suffix);
+    if let Some(suffix) = pattern.strip_prefix(b"*") {
+        return value.len() >= suffix.len() && eq(&value[value.len() - suffix.len()..], suffix);
     }
-    pattern == value
+    eq(pattern, value)
 }
 
-/// `positive` must match (when given) and `negative` must not. A missing value (no
-/// identity on a plaintext connection) matches no pattern.
-fn field_matches(positive: &[String], negative: &[String], value: Option<&str>) -> bool {
-    let any =
-        |patterns: &[String]| value.is_some_and(|v| patterns.iter().any(|p| string_match(p, v)));
-    (positive.is_empty() || any(positive)) && !any(negative)
+fn string_match(pattern: &str, value: &str) -> bool {
+    wildcard_match(pattern, value, <[u8]>::eq)
 }
 
-fn ip_matches(positive: &[String], negative: &[String], ip: IpAddr) -> bool {
-    let any = |blocks: &[String]| {
-        blocks
-            .iter()
-            .filter_map(|b| parse_block(b))
-            .any(|net| net.contains(&ip))
-    };
-    (positive.is_empty() || any(positive)) && !any(negative)
+/// Headers and hosts: `*` means present, even with an empty value (Envoy's `present_match`).
+fn header_match(pattern: &str, value: &str) -> bool {
+    pattern == "*" || string_match(pattern, value)
 }
 
-fn port_matches(positive: &[String], negative: &[String], port: u16) -> bool {
-    let any = |ports: &[String]| ports.iter().any(|p| p.parse() == Ok(port));
-    (positive.is_empty() || any(positive)) && !any(negative)
+/// Case-insensitive; a pattern without a port matches the host with or without one.
+fn host_match(pattern: &str, host: &str) -> bool {
+    let matches = |host: &str| wildcard_match(pattern, host, <[u8]>::eq_ignore_ascii_case);
+    pattern == "*" || matches(host) || matches(without_port(host))
+}
+
+/// `host` without a trailing `:port`; an IPv6 literal keeps its brackets.
+fn without_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((name, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!name.contains(':') || name.ends_with(']')) =>
+        {
+            name
+        }
+        _ => host,
+    }
+}
+
+fn ip_match(block: &str, ip: &IpAddr) -> bool {
+    parse_block(block).is_some_and(|net| net.contains(ip))
+}
+
+fn port_match(pattern: &str, port: &u16) -> bool {
+    pattern.parse() == Ok(*port)
+}
+
+/// A header as Envoy's matchers see it: its values joined with `,`; `None` when absent.
+fn header_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<Cow<'h, str>> {
+    let mut values = headers
+        .get_all(name)
+        .iter()
+        .map(|value| String::from_utf8_lossy(value.as_bytes()));
+    let first = values.next()?;
+    Some(values.fold(first, |joined, next| Cow::Owned(format!("{joined},{next}"))))
+}
+
+/// One attribute as an evaluation sees it.
+#[derive(Clone, Copy)]
+enum Seen<T> {
+    Value(T),
+    /// Known to be absent (no identity on plaintext, no such header): matches no pattern.
+    Absent,
+    /// Not visible (request attributes at L4, the SNI): see `Subject::unseen_matches`.
+    Unseen,
+}
+
+impl<T> From<Option<T>> for Seen<T> {
+    fn from(value: Option<T>) -> Self {
+        value.map_or(Seen::Absent, Seen::Value)
+    }
+}
+
+/// What one evaluation can see, for one policy.
+#[derive(Clone, Copy)]
+struct Subject<'a> {
+    connection: &'a ConnectionAttributes<'a>,
+    /// `None` when a connection is judged before its requests (L4).
+    request: Option<&'a RequestAttributes<'a>>,
+    /// What an attribute the proxy cannot see counts as: a match in DENY and AUDIT
+    /// policies, not in ALLOW ones, so not knowing never lets more traffic through.
+    unseen_matches: bool,
+}
+
+impl<'a> Subject<'a> {
+    /// Istio's rule for a field and its `not` form: `positive` must match (when given) and
+    /// `negative` must not. A rule without either holds whatever the proxy can see.
+    fn matches<T: ?Sized>(
+        &self,
+        positive: &[String],
+        negative: &[String],
+        seen: Seen<&T>,
+        pattern_matches: impl Fn(&str, &T) -> bool,
+    ) -> bool {
+        if positive.is_empty() && negative.is_empty() {
+            return true;
+        }
+        let value = match seen {
+            Seen::Value(value) => Some(value),
+            Seen::Absent => None,
+            Seen::Unseen => return self.unseen_matches,
+        };
+        let any = |patterns: &[String]| {
+            value.is_some_and(|v| patterns.iter().any(|p| pattern_matches(p, v)))
+        };
+        (positive.is_empty() || any(positive)) && !any(negative)
+    }
+
+    /// An attribute of the request, which the proxy sees only at L7.
+    fn request_attribute<T: ?Sized>(
+        &self,
+        attribute: impl FnOnce(&'a RequestAttributes<'a>) -> &'a T,
+    ) -> Seen<&'a T> {
+        self.request
+            .map_or(Seen::Unseen, |r| Seen::Value(attribute(r)))
+    }
+
+    /// JWT attributes: absent from every request (no JWT support, module doc).
+    fn jwt(&self) -> Seen<&'static str> {
+        if self.request.is_some() {
+            Seen::Absent
+        } else {
+            Seen::Unseen
+        }
+    }
 }
 
 impl Source {
-    fn has_request_attributes(&self) -> bool {
+    fn reads_request(&self) -> bool {
         !self.request_principals.is_empty() || !self.not_request_principals.is_empty()
     }
 
-    fn matches(&self, c: &ConnectionAttributes) -> bool {
-        field_matches(&self.principals, &self.not_principals, c.source_principal)
-            && field_matches(&self.namespaces, &self.not_namespaces, c.source_namespace)
-            && ip_matches(&self.ip_blocks, &self.not_ip_blocks, c.source_ip)
-            && ip_matches(
+    fn matches(&self, s: &Subject) -> bool {
+        let c = s.connection;
+        let source_ip = Seen::Value(&c.source_ip);
+        s.matches(
+            &self.principals,
+            &self.not_principals,
+            c.source_principal.into(),
+            string_match,
+        ) && s.matches(
+            &self.namespaces,
+            &self.not_namespaces,
+            c.source_namespace.into(),
+            string_match,
+        ) && s.matches(&self.ip_blocks, &self.not_ip_blocks, source_ip, ip_match)
+            && s.matches(
                 &self.remote_ip_blocks,
                 &self.not_remote_ip_blocks,
-                c.source_ip,
+                source_ip,
+                ip_match,
+            )
+            && s.matches(
+                &self.request_principals,
+                &self.not_request_principals,
+                s.jwt(),
+                string_match,
             )
     }
 }
 
 impl Operation {
-    fn has_request_attributes(&self) -> bool {
+    fn reads_request(&self) -> bool {
         [
             &self.hosts,
             &self.not_hosts,
@@ -280,80 +516,147 @@ impl Operation {
         .any(|list| !list.is_empty())
     }
 
-    fn matches(&self, c: &ConnectionAttributes) -> bool {
-        port_matches(&self.ports, &self.not_ports, c.destination_port)
+    fn matches(&self, s: &Subject) -> bool {
+        let port = Seen::Value(&s.connection.destination_port);
+        s.matches(&self.ports, &self.not_ports, port, port_match)
+            && s.matches(
+                &self.methods,
+                &self.not_methods,
+                s.request_attribute(|r| r.method),
+                string_match,
+            )
+            && s.matches(
+                &self.paths,
+                &self.not_paths,
+                s.request_attribute(|r| r.path),
+                string_match,
+            )
+            && s.matches(
+                &self.hosts,
+                &self.not_hosts,
+                s.request_attribute(|r| r.host),
+                host_match,
+            )
     }
 }
 
 impl Condition {
-    fn is_request_level(&self) -> bool {
-        !L4_KEYS.contains(&self.key.as_str())
+    /// An invalid key (a policy that skipped `validate`) counts as unseen: fail closed.
+    fn parsed_key(&self) -> ConditionKey<'_> {
+        ConditionKey::parse(&self.key).unwrap_or(ConditionKey::Unseen)
     }
 
-    fn matches(&self, c: &ConnectionAttributes) -> bool {
-        let ip = |ip: IpAddr| ip_matches(&self.values, &self.not_values, ip);
-        let text = |value: Option<&str>| field_matches(&self.values, &self.not_values, value);
-        match self.key.as_str() {
-            "source.ip" | "remote.ip" => ip(c.source_ip),
-            "destination.ip" => ip(c.destination_ip),
-            "source.principal" => text(c.source_principal),
-            "source.namespace" => text(c.source_namespace),
-            "destination.port" => port_matches(&self.values, &self.not_values, c.destination_port),
-            // Request-level keys: see the module comment.
-            _ => true,
+    fn matches(&self, s: &Subject) -> bool {
+        let c = s.connection;
+        let (values, not_values) = (&self.values, &self.not_values);
+        let ip = |ip: &IpAddr| s.matches(values, not_values, Seen::Value(ip), ip_match);
+        let text = |seen: Seen<&str>| s.matches(values, not_values, seen, string_match);
+        match self.parsed_key() {
+            ConditionKey::SourceIp | ConditionKey::RemoteIp => ip(&c.source_ip),
+            ConditionKey::DestinationIp => ip(&c.destination_ip),
+            ConditionKey::SourcePrincipal => text(c.source_principal.into()),
+            ConditionKey::SourceNamespace => text(c.source_namespace.into()),
+            ConditionKey::DestinationPort => s.matches(
+                values,
+                not_values,
+                Seen::Value(&c.destination_port),
+                port_match,
+            ),
+            ConditionKey::RequestHeader(name) => {
+                let header = s.request.map(|r| header_value(r.headers, name));
+                let seen = match &header {
+                    None => Seen::Unseen,
+                    Some(value) => value.as_deref().into(),
+                };
+                s.matches(values, not_values, seen, header_match)
+            }
+            ConditionKey::RequestAuth => text(s.jwt()),
+            ConditionKey::Unseen => text(Seen::Unseen),
         }
     }
 }
 
 impl Rule {
-    fn has_request_attributes(&self) -> bool {
-        self.from.iter().any(|f| f.source.has_request_attributes())
-            || self.to.iter().any(|t| t.operation.has_request_attributes())
-            || self.when.iter().any(Condition::is_request_level)
+    /// Whether a request can tell more than its connection (see `needs_request_attributes`).
+    fn reads_request(&self) -> bool {
+        self.from.iter().any(|f| f.source.reads_request())
+            || self.to.iter().any(|t| t.operation.reads_request())
+            || self.when.iter().any(|w| w.parsed_key().reads_request())
     }
 
-    fn matches(&self, c: &ConnectionAttributes) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|f| f.source.matches(c)))
-            && (self.to.is_empty() || self.to.iter().any(|t| t.operation.matches(c)))
-            && self.when.iter().all(|w| w.matches(c))
+    /// Whether the connection alone decides the rule.
+    fn is_l4(&self) -> bool {
+        !self.reads_request() && self.when.iter().all(|w| w.parsed_key().is_l4())
+    }
+
+    fn matches(&self, s: &Subject) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|f| f.source.matches(s)))
+            && (self.to.is_empty() || self.to.iter().any(|t| t.operation.matches(s)))
+            && self.when.iter().all(|w| w.matches(s))
     }
 }
 
 impl AuthorizationPolicySpec {
-    fn matches(&self, c: &ConnectionAttributes) -> bool {
+    fn matches(
+        &self,
+        connection: &ConnectionAttributes,
+        request: Option<&RequestAttributes>,
+    ) -> bool {
+        let subject = Subject {
+            connection,
+            request,
+            unseen_matches: self.action != Action::Allow,
+        };
         self.rules.iter().any(|rule| {
-            let l4_only = !rule.has_request_attributes();
-            // ALLOW: a rule that needs the request cannot allow a bare connection.
-            (l4_only || self.action != Action::Allow) && rule.matches(c)
+            // At L4 an ALLOW rule that needs the request cannot allow a bare connection, even
+            // through another of its `from`/`to` entries: ztunnel's rule (module doc).
+            let decidable = request.is_some() || self.action != Action::Allow || rule.is_l4();
+            decidable && rule.matches(&subject)
         })
     }
 }
 
+fn applicable<'p>(
+    policies: &'p Policies,
+    workload: &'p Workload,
+) -> impl Iterator<Item = &'p Policy<AuthorizationPolicySpec>> {
+    policies.authorization_policies.iter().filter(|p| {
+        applies(
+            &p.key.namespace,
+            p.spec.selector.as_ref(),
+            workload,
+            &policies.root_namespace,
+        )
+    })
+}
+
+pub(super) fn needs_request(policies: &Policies, workload: &Workload) -> bool {
+    applicable(policies, workload).any(|p| p.spec.rules.iter().any(Rule::reads_request))
+}
+
+/// DENY first, then ALLOW; AUDIT matches are only logged. `request` is `None` at L4.
 pub(super) fn evaluate(
     policies: &Policies,
     workload: &Workload,
     connection: &ConnectionAttributes,
+    request: Option<&RequestAttributes>,
 ) -> Verdict {
-    let applicable: Vec<&Policy<AuthorizationPolicySpec>> = policies
-        .authorization_policies
-        .iter()
-        .filter(|p| {
-            applies(
-                &p.key.namespace,
-                p.spec.selector.as_ref(),
-                workload,
-                &policies.root_namespace,
-            )
-        })
-        .collect();
+    let applicable: Vec<&Policy<AuthorizationPolicySpec>> =
+        applicable(policies, workload).collect();
     let matching = |action: Action| {
         applicable
             .iter()
             .filter(move |p| p.spec.action == action)
-            .filter(|p| p.spec.matches(connection))
+            .filter(|p| p.spec.matches(connection, request))
     };
     for audited in matching(Action::Audit) {
-        tracing::info!(policy = %audited.key, source = %connection.source_ip, "AUDIT policy matched");
+        tracing::info!(
+            policy = %audited.key,
+            source = %connection.source_ip,
+            method = request.map(|r| r.method),
+            path = request.map(|r| r.path),
+            "AUDIT policy matched"
+        );
     }
     if let Some(deny) = matching(Action::Deny).next() {
         return Verdict::Deny {
@@ -361,11 +664,7 @@ pub(super) fn evaluate(
             reason: "denied by a DENY policy",
         };
     }
-    let mut allow_policies = applicable
-        .iter()
-        .filter(|p| p.spec.action == Action::Allow)
-        .peekable();
-    if allow_policies.peek().is_none() {
+    if !applicable.iter().any(|p| p.spec.action == Action::Allow) {
         return Verdict::Allow { policy: None };
     }
     match matching(Action::Allow).next() {

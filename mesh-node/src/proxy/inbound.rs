@@ -5,7 +5,8 @@ use std::{
     sync::Arc,
 };
 
-use http::StatusCode;
+use ::http::StatusCode;
+use bytes::Bytes;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -15,7 +16,7 @@ use tracing::{debug, warn};
 use super::{
     PodContext, ProxyContext, ProxyError,
     hbone::{self, IncomingConnect},
-    relay_counted,
+    http, relay_counted,
     socket::{Dial, connect_from_pod},
 };
 use crate::{
@@ -25,17 +26,31 @@ use crate::{
     state::{State, Workload},
 };
 
-/// Applies PeerAuthentication (unless the connection is mutual TLS) and
-/// AuthorizationPolicy to a connection for `workload`.
-pub(super) fn check_policy(
+/// How much of the policy a connection is checked against when it opens.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// PeerAuthentication and AuthorizationPolicy: the connection's verdict is final.
+    Full,
+    /// PeerAuthentication only: some policy needs request attributes, so the verdict
+    /// waits for the requests (or for the protocol to turn out not to be HTTP).
+    MtlsOnly,
+}
+
+/// Applies PeerAuthentication (unless the connection is mutual TLS) and, for a full
+/// admission, AuthorizationPolicy to a connection for `workload`.
+fn check_policy(
     policies: &Policies,
     workload: &Workload,
     attributes: &ConnectionAttributes,
     mutual_tls: bool,
+    admission: Admission,
 ) -> Result<(), ProxyError> {
     if !mutual_tls && policies.mtls_mode(workload, attributes.destination_port) == MtlsMode::Strict
     {
         return Err(ProxyError::MtlsRequired);
+    }
+    if admission == Admission::MtlsOnly {
+        return Ok(());
     }
     match policies.authorize(workload, attributes) {
         Verdict::Allow { .. } => Ok(()),
@@ -58,13 +73,10 @@ pub(super) async fn handle(
         .local_addr()
         .map_err(|e| ProxyError::Socket(e.to_string()))?;
     let state = proxy.state.borrow().clone();
-    let caller = Caller {
-        ip: peer.ip(),
-        identities: None,
-    };
-    admit(&state, pod, &caller, original)?;
+    let caller = Caller::new(peer.ip(), None);
+    let admission = admit(&state, pod, &caller, original, None)?;
     let _ = client.set_nodelay(true);
-    deliver(client, &caller, original, pod, proxy, &state).await
+    deliver(client, caller, original, pod, proxy, &state, admission).await
 }
 
 /// Serves one HBONE tunnel from another node proxy: mTLS as this pod's identity, then one
@@ -111,80 +123,139 @@ async fn serve_connect(
     peer: SocketAddr,
     pod: &PodContext,
     proxy: &ProxyContext,
-    identities: &(Identity, Identity),
+    identities: &Arc<(Identity, Identity)>,
 ) -> Result<(), ProxyError> {
     let target = incoming.target;
     let state = proxy.state.borrow().clone();
-    let caller = Caller {
-        ip: peer.ip(),
-        identities: Some(identities),
-    };
+    let caller = Caller::new(peer.ip(), Some(identities.clone()));
     let admitted = if pod.ips.contains(&target.ip()) {
-        admit(&state, pod, &caller, target)
+        admit(&state, pod, &caller, target, None)
     } else {
         Err(ProxyError::NotLocal(target))
     };
-    if let Err(error) = admitted {
-        incoming.refuse(StatusCode::FORBIDDEN);
-        return Err(error);
-    }
+    let admission = match admitted {
+        Ok(admission) => admission,
+        Err(error) => {
+            incoming.refuse(StatusCode::FORBIDDEN);
+            return Err(error);
+        }
+    };
     let stream = incoming.accept()?;
-    deliver(stream, &caller, target, pod, proxy, &state).await
+    deliver(stream, caller, target, pod, proxy, &state, admission).await
 }
 
 /// Who is calling, as far as the inbound side can tell.
-struct Caller<'a> {
-    ip: IpAddr,
+pub struct Caller {
+    pub ip: IpAddr,
     /// (caller, this pod) when the connection came over mTLS.
-    identities: Option<&'a (Identity, Identity)>,
+    pub identities: Option<Arc<(Identity, Identity)>>,
+    /// The caller's identity as Istio writes principals: `<td>/ns/<ns>/sa/<sa>`.
+    principal: Option<String>,
 }
 
-/// PeerAuthentication and AuthorizationPolicy for a connection to `original`.
+impl Caller {
+    fn new(ip: IpAddr, identities: Option<Arc<(Identity, Identity)>>) -> Self {
+        let principal = identities.as_ref().map(|pair| {
+            let id = pair.0.to_string();
+            id.trim_start_matches("spiffe://").to_string()
+        });
+        Self {
+            ip,
+            identities,
+            principal,
+        }
+    }
+
+    /// The connection as the policies see it.
+    pub fn attributes(&self, original: SocketAddr) -> ConnectionAttributes<'_> {
+        ConnectionAttributes {
+            source_ip: self.ip,
+            source_principal: self.principal.as_deref(),
+            source_namespace: self.identities.as_ref().map(|pair| pair.0.namespace()),
+            destination_ip: original.ip(),
+            destination_port: original.port(),
+        }
+    }
+}
+
+/// PeerAuthentication and AuthorizationPolicy for a connection to `original`. Unless
+/// `admission` is forced, a workload with request-level policies is admitted on its mTLS
+/// mode alone and authorized later.
 fn admit(
     state: &State,
     pod: &PodContext,
     caller: &Caller,
     original: SocketAddr,
-) -> Result<(), ProxyError> {
+    admission: Option<Admission>,
+) -> Result<Admission, ProxyError> {
     let Some(workload) = state.workloads.get(&pod.key) else {
-        return Ok(());
+        return Ok(Admission::Full);
     };
-    // Istio writes principals without the scheme: `<td>/ns/<ns>/sa/<sa>`.
-    let principal = caller.identities.map(|(source, _)| {
-        let id = source.to_string();
-        id.trim_start_matches("spiffe://").to_string()
+    let admission = admission.unwrap_or_else(|| {
+        if state.policies.needs_request_attributes(workload) {
+            Admission::MtlsOnly
+        } else {
+            Admission::Full
+        }
     });
-    let attributes = ConnectionAttributes {
-        source_ip: caller.ip,
-        source_principal: principal.as_deref(),
-        source_namespace: caller.identities.map(|(source, _)| source.namespace()),
-        destination_ip: original.ip(),
-        destination_port: original.port(),
-    };
     check_policy(
         &state.policies,
         workload,
-        &attributes,
+        &caller.attributes(original),
         caller.identities.is_some(),
-    )
+        admission,
+    )?;
+    Ok(admission)
 }
 
-/// Dials the app inside the pod as the caller and relays until both sides are done.
+/// Hands the connection to the app inside the pod as the caller: request by request when
+/// it carries HTTP, else relayed as bytes until both sides are done.
 async fn deliver<S>(
-    mut client: S,
-    caller: &Caller<'_>,
+    client: S,
+    caller: Caller,
     original: SocketAddr,
     pod: &PodContext,
     proxy: &ProxyContext,
     state: &State,
+    admission: Admission,
 ) -> Result<(), ProxyError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let source = state.workload_by_ip(caller.ip);
     let destination = state.workloads.get(&pod.key);
     let service = destination.and_then(|w| state.service_for(w, original.port()));
-    let mutual_tls = caller.identities.map(|(source, own)| (source, own));
+    let declared = service
+        .zip(destination)
+        .and_then(|(s, w)| http::service_port_for_target(s, w, original.port()))
+        .map(http::port_protocol)
+        .unwrap_or(http::PortProtocol::Undeclared);
+    let (mut client, is_http) = match declared {
+        http::PortProtocol::Http => (http::Prefixed::new(Bytes::new(), client), true),
+        http::PortProtocol::Tcp => (http::Prefixed::new(Bytes::new(), client), false),
+        http::PortProtocol::Undeclared => http::sniff(client).await,
+    };
+    if is_http {
+        debug!(%original, "inbound HTTP");
+        let inbound = Arc::new(http::inbound::Inbound {
+            pod: pod.clone(),
+            proxy: proxy.clone(),
+            caller,
+            original,
+        });
+        http::serve_connection(client, move |request| inbound.clone().handle(request))
+            .await
+            .map_err(|e| ProxyError::Http(e.to_string()))?;
+        return Ok(());
+    }
+    if admission == Admission::MtlsOnly {
+        // Not HTTP after all: the request-level rules cannot match; decide at L4 now.
+        admit(state, pod, &caller, original, Some(Admission::Full))?;
+    }
+    let mutual_tls = caller
+        .identities
+        .as_deref()
+        .map(|(source, own)| (source, own));
+    let source = state.workload_by_ip(caller.ip);
     let labels = ConnectionLabels::new(
         Reporter::Destination,
         source,

@@ -1,17 +1,20 @@
 //! The outbound leg: the in-pod 15001 listener, fed by the connect hooks.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    PodContext, ProxyContext, ProxyError, Upstream, relay_counted,
+    PodContext, ProxyContext, ProxyError, Upstream,
+    http::{self, PortProtocol, Prefixed},
+    relay_counted,
     socket::{Dial, connect_from_pod},
 };
 use crate::metrics::{ConnectionLabels, Reporter};
 
 pub(super) async fn handle(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     pod: &PodContext,
     proxy: &ProxyContext,
@@ -21,6 +24,33 @@ pub(super) async fn handle(
         .take_original_destination(pod.netns_cookie, peer)
         .ok_or(ProxyError::NoOriginalDestination)?;
     let state = proxy.state.borrow().clone();
+    let _ = client.set_nodelay(true);
+    // A Service port that carries HTTP is routed request by request.
+    let mut client = if let Some(service) = state.service_by_ip(original.ip())
+        && let Some(port) = service.port(original.port())
+    {
+        let (client, is_http) = match http::port_protocol(port) {
+            PortProtocol::Http => (Prefixed::new(Bytes::new(), client), true),
+            PortProtocol::Tcp => (Prefixed::new(Bytes::new(), client), false),
+            PortProtocol::Undeclared => http::sniff(client).await,
+        };
+        if is_http {
+            debug!(%original, service = %service.key, "outbound HTTP");
+            let outbound = Arc::new(http::outbound::Outbound {
+                pod: pod.clone(),
+                proxy: proxy.clone(),
+                service: service.key.clone(),
+                port: original.port(),
+                dialed: original.ip(),
+            });
+            return http::serve_connection(client, move |request| outbound.clone().handle(request))
+                .await
+                .map_err(|e| ProxyError::Http(e.to_string()));
+        }
+        client
+    } else {
+        Prefixed::new(Bytes::new(), client)
+    };
     let upstream = proxy.resolver.resolve(&state, original)?;
     let source = state.workloads.get(&pod.key);
     let (destination, service) = match &upstream {
@@ -30,7 +60,6 @@ pub(super) async fn handle(
         Upstream::Workload { workload, .. } => (state.workloads.get(workload), None),
         Upstream::Passthrough(_) => (None, None),
     };
-    let _ = client.set_nodelay(true);
     // Enrolled on both ends and a CA at hand: the connection goes through an HBONE tunnel
     // as the source pod's identity. Anything else leaves in plaintext, as without a mesh.
     let tunnel = match (&proxy.mtls, source, destination) {

@@ -1,8 +1,15 @@
 //! Where a captured connection goes: a Service's endpoint, a pod, or where it asked.
-use std::{collections::HashMap, net::SocketAddr, sync::Mutex};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Mutex,
+};
 
 use super::ProxyError;
-use crate::state::{ObjectKey, State, TargetPort};
+use crate::{
+    routing::{pick_weighted, total_weight},
+    state::{ObjectKey, Service, State, TargetPort},
+};
 
 /// The chosen upstream of one connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,31 +48,42 @@ pub struct Resolver {
 impl Resolver {
     pub fn resolve(&self, state: &State, dst: SocketAddr) -> Result<Upstream, ProxyError> {
         if let Some(service) = state.service_by_ip(dst.ip()) {
+            // A VirtualService's `tcp` route may send the connection elsewhere, by weight.
+            let (service, port, subset) = match state.routes.tcp_route(&service.key, dst.port()) {
+                Some(destinations) => {
+                    let total = total_weight(destinations);
+                    let roll = if total > 0 {
+                        rand::random_range(0..total)
+                    } else {
+                        0
+                    };
+                    let destination = pick_weighted(destinations, roll);
+                    match destination.and_then(|d| Some((d, state.services.get(&d.service)?))) {
+                        Some((destination, target)) => (
+                            target,
+                            destination.port.unwrap_or(dst.port()),
+                            destination
+                                .subset
+                                .as_deref()
+                                .and_then(|subset| state.routes.subset_labels(&target.key, subset)),
+                        ),
+                        None => (service, dst.port(), None),
+                    }
+                }
+                None => (service, dst.port(), None),
+            };
             let no_endpoint = || ProxyError::NoEndpoint {
                 service: service.key.to_string(),
-                port: dst.port(),
+                port,
             };
-            let port = service.port(dst.port()).ok_or_else(no_endpoint)?;
-            // Endpoints that can serve this port in the destination's address family.
-            let candidates: Vec<(ObjectKey, SocketAddr)> = service
-                .endpoints
-                .iter()
-                .filter_map(|key| state.workloads.get(key))
-                .filter_map(|w| {
-                    let ip = w.ip_like(dst.ip())?;
-                    let target = match &port.target_port {
-                        TargetPort::Number(n) => *n,
-                        TargetPort::Name(name) => *w.named_ports.get(name)?,
-                    };
-                    Some((w.key.clone(), SocketAddr::new(ip, target)))
-                })
-                .collect();
+            let candidates = service_endpoints(state, service, port, dst.ip(), subset)
+                .ok_or_else(no_endpoint)?;
             if candidates.is_empty() {
                 return Err(no_endpoint());
             }
             let index = {
                 let mut next = self.next.lock().expect("round robin lock");
-                let slot = next.entry((service.key.clone(), dst.port())).or_default();
+                let slot = next.entry((service.key.clone(), port)).or_default();
                 let index = *slot % candidates.len();
                 *slot = slot.wrapping_add(1);
                 index
@@ -85,6 +103,37 @@ impl Resolver {
         }
         Ok(Upstream::Passthrough(dst))
     }
+}
+
+/// The ready endpoints of `service` that serve its `port` in the address family of
+/// `family`, with `port` mapped to each endpoint's target port; only those carrying every
+/// label of `subset` when given. `None` when the Service has no such port.
+pub fn service_endpoints(
+    state: &State,
+    service: &Service,
+    port: u16,
+    family: IpAddr,
+    subset: Option<&BTreeMap<String, String>>,
+) -> Option<Vec<(ObjectKey, SocketAddr)>> {
+    let port = service.port(port)?;
+    Some(
+        service
+            .endpoints
+            .iter()
+            .filter_map(|key| state.workloads.get(key))
+            .filter(|w| {
+                subset.is_none_or(|labels| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            })
+            .filter_map(|w| {
+                let ip = w.ip_like(family)?;
+                let target = match &port.target_port {
+                    TargetPort::Number(n) => *n,
+                    TargetPort::Name(name) => *w.named_ports.get(name)?,
+                };
+                Some((w.key.clone(), SocketAddr::new(ip, target)))
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]

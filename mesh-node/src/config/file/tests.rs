@@ -242,3 +242,168 @@ spec:
         "{rejections:?}"
     );
 }
+
+const REVIEWS_DESTINATION_RULE: &str = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+";
+
+fn reviews_split(name: &str, second_subset: &str, second_weight: u32) -> String {
+    format!(
+        "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {{host: reviews, subset: v1}}
+      weight: {}
+    - destination: {{host: reviews, subset: {second_subset}}}
+      weight: {second_weight}
+",
+        100 - second_weight
+    )
+}
+
+/// The subsets and weights the route for `shop/reviews` sends to, `default` if none.
+fn reviews_route(state: &State) -> String {
+    use crate::routing::{HttpAction, RequestInfo, RouteMatch};
+    let (method, uri, headers, labels) = (
+        http::Method::GET,
+        http::Uri::from_static("/"),
+        http::HeaderMap::new(),
+        BTreeMap::new(),
+    );
+    let request = RequestInfo {
+        method: &method,
+        uri: &uri,
+        headers: &headers,
+        port: 9080,
+        source_labels: &labels,
+    };
+    match state
+        .routes
+        .match_http(&ObjectKey::new("shop", "reviews"), &request)
+    {
+        RouteMatch::Rule { rule, .. } => match &rule.action {
+            HttpAction::Route(destinations) => destinations
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{}={}",
+                        d.destination.subset.as_deref().unwrap_or("-"),
+                        d.weight
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => format!("{other:?}"),
+        },
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_virtual_service_routing_to_an_unknown_subset_keeps_its_last_good_version() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "dr.yaml", REVIEWS_DESTINATION_RULE);
+    write(dir.path(), "vs.yaml", &reviews_split("reviews", "v2", 20));
+    let mut source = FileSource::new(dir.path(), "nodemesh-system");
+    let (state, rejections) = load(&mut source);
+    assert!(rejections.is_empty(), "{rejections:?}");
+    assert_eq!(reviews_route(&state), "v1=80,v2=20");
+
+    // Valid on its own, but no DestinationRule defines v3.
+    write(dir.path(), "vs.yaml", &reviews_split("reviews", "v3", 50));
+    let (state, rejections) = load(&mut source);
+    assert_eq!(rejections.len(), 1, "{rejections:?}");
+    let rejection = &rejections[0];
+    assert!(
+        rejection.origin.ends_with("vs.yaml"),
+        "names the file: {rejection:?}"
+    );
+    assert_eq!(rejection.resource, "VirtualService shop/reviews");
+    assert!(
+        rejection.error.contains("subset \"v3\"") && rejection.error.contains("host \"reviews\""),
+        "says which subset of which host: {rejection:?}"
+    );
+    assert_eq!(
+        reviews_route(&state),
+        "v1=80,v2=20",
+        "the last good version stays in force"
+    );
+
+    // Once the subset exists, the new version applies.
+    write(
+        dir.path(),
+        "dr.yaml",
+        &format!("{REVIEWS_DESTINATION_RULE}  - {{name: v3, labels: {{version: v3}}}}\n"),
+    );
+    let (state, rejections) = load(&mut source);
+    assert!(rejections.is_empty(), "{rejections:?}");
+    assert_eq!(reviews_route(&state), "v1=50,v3=50");
+}
+
+#[test]
+fn a_new_virtual_service_routing_to_an_unknown_subset_is_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "dr.yaml", REVIEWS_DESTINATION_RULE);
+    write(dir.path(), "vs.yaml", &reviews_split("reviews", "v3", 50));
+    let (state, rejections) = load(&mut FileSource::new(dir.path(), "nodemesh-system"));
+    assert_eq!(rejections.len(), 1, "{rejections:?}");
+    assert_eq!(rejections[0].resource, "VirtualService shop/reviews");
+    assert_eq!(reviews_route(&state), "Default", "no version was ever good");
+}
+
+#[test]
+fn routing_resources_load_by_kind_and_a_bad_one_is_rejected_with_its_field() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "dr.yaml", REVIEWS_DESTINATION_RULE);
+    write(
+        dir.path(),
+        "routes.yaml",
+        &format!(
+            "{}---{}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: ratings, namespace: shop}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: ratings}}]
+  rules: [{{backendRefs: [{{name: ratings-v2, port: 9080}}]}}]
+",
+            reviews_split("reviews", "v2", 10),
+            reviews_split("bad-weights", "v2", 10).replace("weight: 10", "weight: 30")
+        ),
+    );
+    let (state, rejections) = load(&mut FileSource::new(dir.path(), "nodemesh-system"));
+    assert_eq!(rejections.len(), 1, "{rejections:?}");
+    assert_eq!(rejections[0].resource, "VirtualService shop/bad-weights");
+    assert!(
+        rejections[0].error.contains("spec.http[0].route")
+            && rejections[0].error.contains("sum to 120"),
+        "{rejections:?}"
+    );
+    assert_eq!(reviews_route(&state), "v1=90,v2=10");
+    let origins: Vec<String> = state
+        .routes
+        .summary()
+        .into_iter()
+        .map(|(_, o, _)| o)
+        .collect();
+    assert_eq!(
+        origins,
+        [
+            "HTTPRoute shop/ratings",
+            "DestinationRule shop/reviews",
+            "VirtualService shop/reviews"
+        ]
+    );
+}

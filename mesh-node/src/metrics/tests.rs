@@ -1,0 +1,202 @@
+use std::time::Duration;
+
+use prometheus::{Encoder, TextEncoder};
+
+use super::*;
+use crate::state::ObjectKey;
+
+/// What `/metrics` serves.
+fn exposition(metrics: &Metrics) -> String {
+    let mut body = Vec::new();
+    TextEncoder::new()
+        .encode(&metrics.registry.gather(), &mut body)
+        .expect("the registry encodes");
+    String::from_utf8(body).expect("the exposition is UTF-8")
+}
+
+/// The value of the one sample of `name` whose labels include `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| {
+            labels.iter().all(|(key, value)| {
+                let pair = format!("{key}=\"{value}\"");
+                line.contains(&format!("{{{pair}")) || line.contains(&format!(",{pair}"))
+            })
+        })
+        .collect();
+    assert_eq!(
+        matching.len(),
+        1,
+        "expected one {name} sample with {labels:?}, found {matching:#?} in\n{text}"
+    );
+    let value = matching[0]
+        .rsplit(' ')
+        .next()
+        .expect("a sample has a value");
+    value.parse().expect("a sample value is a number")
+}
+
+/// A mutual TLS connection from `sleep/sleep` to the `web` Service in `shop`, reported by
+/// the destination.
+fn sleep_to_web() -> ConnectionLabels {
+    let sleep = Workload::for_test(
+        "node0",
+        "sleep",
+        "sleep",
+        &[("app", "sleep"), ("version", "v1")],
+    );
+    let web = Workload::for_test("node1", "shop", "web", &[("app", "web")]);
+    let service = Service {
+        key: ObjectKey::new("shop", "web"),
+        cluster_ips: vec!["10.96.0.10".parse().expect("an IP")],
+        ports: Vec::new(),
+        endpoints: vec![web.key.clone()],
+    };
+    let identity =
+        |ns: &str, sa: &str| Identity::new("cluster.local", ns, sa).expect("an identity");
+    ConnectionLabels::new(
+        Reporter::Destination,
+        Some(&sleep),
+        Some(&web),
+        Some(&service),
+        Some((&identity("sleep", "sleep"), &identity("shop", "web"))),
+    )
+}
+
+#[test]
+fn requests_are_counted_with_istio_labels_and_buckets() {
+    let metrics = Metrics::new().expect("metrics register");
+    let labels = sleep_to_web();
+    let ok = RequestOutcome {
+        protocol: "http",
+        response_code: 200,
+        response_flags: "-",
+        grpc_status: None,
+        duration: Duration::from_micros(12_500),
+        request_bytes: 100,
+        response_bytes: 2_000,
+    };
+    metrics.http.record(&labels, &ok);
+    metrics.http.record(
+        &labels,
+        &RequestOutcome {
+            duration: Duration::from_millis(30),
+            ..ok.clone()
+        },
+    );
+    let no_upstream = RequestOutcome {
+        protocol: "grpc",
+        response_code: 503,
+        response_flags: "UF",
+        grpc_status: Some(14),
+        duration: Duration::from_millis(2),
+        request_bytes: 7,
+        response_bytes: 0,
+    };
+    metrics.http.record(&labels, &no_upstream);
+    let text = exposition(&metrics);
+
+    // Every label of Istio's request set, in the encoder's (alphabetical) order.
+    let ok_series = concat!(
+        "connection_security_policy=\"mutual_tls\",destination_app=\"web\",",
+        "destination_cluster=\"Kubernetes\",",
+        "destination_principal=\"spiffe://cluster.local/ns/shop/sa/web\",",
+        "destination_service=\"web.shop.svc.cluster.local\",destination_service_name=\"web\",",
+        "destination_service_namespace=\"shop\",destination_version=\"unknown\",",
+        "destination_workload=\"web\",destination_workload_namespace=\"shop\",",
+        "grpc_response_status=\"\",reporter=\"destination\",request_protocol=\"http\",",
+        "response_code=\"200\",response_flags=\"-\",source_app=\"sleep\",",
+        "source_cluster=\"Kubernetes\",",
+        "source_principal=\"spiffe://cluster.local/ns/sleep/sa/sleep\",",
+        "source_version=\"v1\",source_workload=\"sleep\",source_workload_namespace=\"sleep\"",
+    );
+    assert!(
+        text.lines()
+            .any(|line| line == format!("istio_requests_total{{{ok_series}}} 2")),
+        "two successful requests under the full label set in\n{text}"
+    );
+
+    let ok = [("response_code", "200"), ("request_protocol", "http")];
+    let failed = [
+        ("response_code", "503"),
+        ("request_protocol", "grpc"),
+        ("response_flags", "UF"),
+        ("grpc_response_status", "14"),
+    ];
+    assert_eq!(sample(&text, "istio_requests_total", &failed), 1.0);
+    let duration = "istio_request_duration_milliseconds";
+    assert_eq!(sample(&text, &format!("{duration}_count"), &ok), 2.0);
+    assert_eq!(sample(&text, &format!("{duration}_sum"), &ok), 42.5);
+    let bucket = |le: &'static str| {
+        let labels = [ok[0], ok[1], ("le", le)];
+        sample(&text, &format!("{duration}_bucket"), &labels)
+    };
+    assert_eq!(bucket("10"), 0.0);
+    assert_eq!(bucket("25"), 1.0, "12.5 ms");
+    assert_eq!(bucket("50"), 2.0, "30 ms");
+    assert_eq!(bucket("3600000"), 2.0, "Istio's largest bucket");
+    assert_eq!(sample(&text, &format!("{duration}_sum"), &failed), 2.0);
+    assert_eq!(sample(&text, "istio_request_bytes_sum", &ok), 200.0);
+    assert_eq!(sample(&text, "istio_response_bytes_sum", &ok), 4000.0);
+    assert_eq!(sample(&text, "istio_request_bytes_sum", &failed), 7.0);
+    assert_eq!(
+        sample(
+            &text,
+            "istio_response_bytes_bucket",
+            &[failed[0], ("le", "1")]
+        ),
+        1.0,
+        "an empty response is in the first bucket"
+    );
+    assert!(
+        !text.contains("request_protocol=\"tcp\""),
+        "requests replace the connection's protocol"
+    );
+}
+
+#[test]
+fn undefined_grpc_statuses_are_recorded_as_unknown() {
+    let metrics = Metrics::new().expect("metrics register");
+    metrics.http.record(
+        &sleep_to_web(),
+        &RequestOutcome {
+            protocol: "grpc",
+            response_code: 200,
+            response_flags: "-",
+            grpc_status: Some(4_000_000),
+            duration: Duration::ZERO,
+            request_bytes: 0,
+            response_bytes: 0,
+        },
+    );
+    let text = exposition(&metrics);
+    assert_eq!(
+        sample(
+            &text,
+            "istio_requests_total",
+            &[("grpc_response_status", "2")]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn circuit_breaker_and_outlier_counters_are_per_service() {
+    let metrics = Metrics::new().expect("metrics register");
+    let web = "web.shop.svc.cluster.local";
+    metrics.node.upstream_overflow(web);
+    metrics.node.upstream_overflow(web);
+    metrics.node.outlier_ejected(web);
+    let text = exposition(&metrics);
+    let service = [("destination_service", web)];
+    assert_eq!(
+        sample(&text, "nodemesh_upstream_overflow_total", &service),
+        2.0
+    );
+    assert_eq!(
+        sample(&text, "nodemesh_outlier_ejections_total", &service),
+        1.0
+    );
+}

@@ -1,0 +1,295 @@
+//! L7 routing: Istio's `VirtualService` and `DestinationRule` and the Gateway API's
+//! `HTTPRoute` bound to Services (GAMMA), compiled into [`Routes`], which the proxy asks
+//! per request where to send it and how.
+//!
+//! # How resources attach to Services
+//! * A host names a Kubernetes Service: `reviews` (in the resource's own namespace),
+//!   `reviews.shop`, `reviews.shop.svc` or `reviews.shop.svc.cluster.local` all mean the
+//!   Service `shop/reviews`. A two-label host is read as `name.namespace`, as the cluster's
+//!   DNS search path would; if no such Service exists it is simply never looked up. Any
+//!   other host (wildcards, external names) does not resolve: as a VirtualService or
+//!   DestinationRule host it is ignored, as a route destination it is an error.
+//! * A VirtualService whose `gateways` list is non-empty and lacks `mesh` configures
+//!   gateways only. This mesh runs none, so such a resource is ignored entirely (not even
+//!   validated). Likewise a `match` bound to gateways only never matches mesh traffic.
+//! * When several VirtualServices name the same Service, the first by (namespace, name)
+//!   applies to it; each other one is reported as a [`Rejection`] ("conflicts with ...")
+//!   for that Service and still applies to its other hosts.
+//! * An HTTPRoute attaches to the Services in its `parentRefs` (the namespace defaults to
+//!   the route's own); a parentRef `port` limits it to that Service port. A parentRef to
+//!   another namespace's Service (a GAMMA consumer route, meant for the route's namespace's
+//!   clients only) is rejected, since here it would apply to every client.
+//! * **An HTTPRoute beats a VirtualService.** When both target the same Service, the
+//!   HTTPRoutes apply, as in Istio's ambient mode, and the VirtualService is reported as
+//!   shadowed for that Service. All HTTPRoutes of one Service merge into one rule list in
+//!   the Gateway API's precedence order (see [`http_route`]).
+//! * DestinationRules for one Service merge the way Istio merges them: in (namespace, name)
+//!   order, the first top-level `trafficPolicy` applies and subsets are pooled; a subset
+//!   name defined again is reported and the first definition kept.
+//!
+//! # Validation
+//! Each resource is checked alone by [`config::validate`](crate::config::validate), which
+//! compiles it here; errors name the field and say why. References between resources (a
+//! route to a `subset` that no DestinationRule defines) are checked over the whole object
+//! set by [`check_references`], so a config source can fall back to the last good version
+//! of the offender. [`Routes::build`] skips anything that fails either check.
+//!
+//! Fields this proxy cannot honour are rejected rather than ignored when ignoring them
+//! would widen a match or silently drop behaviour (`sourceNamespace` matches, delegation,
+//! per-destination header operations, gRPC aborts, more than one mirror, ...). Fields
+//! that only tune what Envoy would do (`corsPolicy`, `tls`, locality settings, exportTo)
+//! are ignored.
+mod build;
+pub mod destination_rule;
+mod fields;
+pub mod host;
+pub mod http_route;
+mod matching;
+mod rule;
+mod traffic_policy;
+pub mod virtual_service;
+
+use std::collections::BTreeMap;
+
+pub use build::check_references;
+pub use destination_rule::DestinationRuleSpec;
+pub use http_route::HttpRouteSpec;
+pub use matching::{Pattern, RequestMatch, StringMatch};
+pub use rule::{
+    Destination, Fault, FaultAbort, FaultDelay, HeaderOps, HttpAction, HttpRule, Mirror, RetryOn,
+    RetryPolicy, Rewrite, TcpRule, WeightedDestination, pick_weighted, rewrite_uri, total_weight,
+};
+use serde::Serialize;
+use traffic_policy::PolicySection;
+pub use traffic_policy::{ConnectionPool, HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
+pub use virtual_service::VirtualServiceSpec;
+
+use crate::state::ObjectKey;
+#[cfg(doc)]
+use crate::state::Rejection;
+
+/// Why a routing resource cannot be used. `field` is the path inside `spec`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RoutingError {
+    #[error("{field}: {pattern:?} is not a valid regular expression: {reason}")]
+    BadRegex {
+        field: String,
+        pattern: String,
+        reason: String,
+    },
+    #[error("{field}: weight {weight} is negative")]
+    NegativeWeight { field: String, weight: i64 },
+    #[error("{field}: the weights of {count} destinations sum to {total}, not 100")]
+    WeightSum {
+        field: String,
+        count: usize,
+        total: i64,
+    },
+    #[error("{field}: route name {name:?} is used by more than one route")]
+    DuplicateRouteName { field: String, name: String },
+    #[error("{field}: subset name {name:?} is defined more than once")]
+    DuplicateSubset { field: String, name: String },
+    #[error("{field}: {value:?} is not a duration such as \"10s\", \"0.5s\" or \"100ms\"")]
+    BadDuration { field: String, value: String },
+    #[error("{field}: {value} is not a percentage between 0 and 100")]
+    BadPercentage { field: String, value: String },
+    #[error("{field}: {value} is not an HTTP status code (100-599)")]
+    BadStatus { field: String, value: i64 },
+    #[error("{field}: {value} is not a port number (1-65535)")]
+    BadPort { field: String, value: i64 },
+    #[error(
+        "{field}: unknown retry condition {token:?} (known: 5xx, gateway-error, \
+         connect-failure, reset, retriable-4xx, refused-stream, retriable-status-codes, \
+         the gRPC conditions and status codes)"
+    )]
+    UnknownRetryOn { field: String, token: String },
+    #[error("{field}: a route needs one of route, redirect or directResponse")]
+    NoAction { field: String },
+    #[error("{field}: only one of route, redirect and directResponse may be set")]
+    ConflictingActions { field: String },
+    #[error(
+        "{field}: parentRef {reference:?} is not a Service; only Services (group \"\" or \
+         \"core\", kind Service) are supported, as in GAMMA mesh routing"
+    )]
+    ParentNotService { field: String, reference: String },
+    #[error(
+        "{field}: {host:?} is not a Service of this cluster (name, name.namespace or \
+         name.namespace.svc.cluster.local)"
+    )]
+    UnresolvedHost { field: String, host: String },
+    #[error("{field}: {what} is not supported")]
+    Unsupported { field: String, what: String },
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+/// What the data path knows about one request when it picks a route.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestInfo<'a> {
+    pub method: &'a http::Method,
+    /// Path and query (origin-form); the authority may be absent.
+    pub uri: &'a http::Uri,
+    pub headers: &'a http::HeaderMap,
+    /// The Service port the client dialed.
+    pub port: u16,
+    pub source_labels: &'a BTreeMap<String, String>,
+}
+
+/// The outcome of [`Routes::match_http`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteMatch<'a> {
+    /// No VirtualService / HTTPRoute applies: route to the Service itself, same port, defaults.
+    Default,
+    /// A rule matched. `matched_prefix` is the prefix of the match that selected it (for rewrite).
+    Rule {
+        rule: &'a HttpRule,
+        matched_prefix: Option<&'a str>,
+    },
+    /// Routes exist for this host but none matched: the proxy answers 404 (flag NR).
+    NoneMatched,
+}
+
+/// Every route and destination policy of the mesh, compiled; part of the `State`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Routes {
+    /// VirtualService or HTTPRoute rules by the Service they apply to.
+    #[serde(serialize_with = "build::by_name")]
+    hosts: BTreeMap<ObjectKey, HostRoutes>,
+    /// Merged DestinationRules by Service.
+    #[serde(serialize_with = "build::by_name")]
+    destination_rules: BTreeMap<ObjectKey, DestinationPolicy>,
+}
+
+/// The rules that apply to one Service.
+#[derive(Clone, Debug, Default, Serialize)]
+struct HostRoutes {
+    /// The resources the rules came from, e.g. `VirtualService shop/reviews`.
+    origin: String,
+    http: Vec<CompiledRule>,
+    tcp: Vec<TcpRule>,
+}
+
+/// An HTTP rule and how a rewrite treats its match.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+struct CompiledRule {
+    #[serde(flatten)]
+    rule: HttpRule,
+    /// An HTTPRoute `ReplaceFullPath` rewrite: the rule reports no matched prefix, so
+    /// [`rewrite_uri`] replaces the whole path even after a `PathPrefix` match. Every other
+    /// rewrite follows Istio's rule.
+    full_path_rewrite: bool,
+}
+
+/// The merged DestinationRules of one Service.
+#[derive(Clone, Debug, Default, Serialize)]
+struct DestinationPolicy {
+    origin: String,
+    policy: traffic_policy::PolicyLayers,
+    subsets: BTreeMap<String, Subset>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+struct Subset {
+    labels: BTreeMap<String, String>,
+    policy: traffic_policy::PolicyLayers,
+}
+
+// === impl Routes ===
+
+impl Routes {
+    /// The rule for an HTTP request to `service`. Rules whose every match names another
+    /// port do not apply; if no rule applies, the Service is routed by default.
+    pub fn match_http(&self, service: &ObjectKey, request: &RequestInfo<'_>) -> RouteMatch<'_> {
+        let Some(host) = self.hosts.get(service) else {
+            return RouteMatch::Default;
+        };
+        let mut any_applies = false;
+        for compiled in &host.http {
+            let rule = &compiled.rule;
+            if rule.matches.is_empty() {
+                return RouteMatch::Rule {
+                    rule,
+                    matched_prefix: None,
+                };
+            }
+            any_applies |= rule.matches.iter().any(|m| m.applies_to_port(request.port));
+            if let Some(matched) = rule.matches.iter().find(|m| m.matches(request)) {
+                return RouteMatch::Rule {
+                    rule,
+                    matched_prefix: matched.uri_prefix().filter(|_| !compiled.full_path_rewrite),
+                };
+            }
+        }
+        if any_applies {
+            RouteMatch::NoneMatched
+        } else {
+            RouteMatch::Default
+        }
+    }
+
+    /// `tcp` routes of a VirtualService for L4 ports (first rule whose `match.port` fits or has no match).
+    pub fn tcp_route(&self, service: &ObjectKey, port: u16) -> Option<&[WeightedDestination]> {
+        self.hosts
+            .get(service)?
+            .tcp
+            .iter()
+            .find(|rule| rule.applies_to_port(port))
+            .map(|rule| rule.route.as_slice())
+    }
+
+    /// The pod labels that select `subset` of `service`, from its DestinationRules.
+    pub fn subset_labels(
+        &self,
+        service: &ObjectKey,
+        subset: &str,
+    ) -> Option<&BTreeMap<String, String>> {
+        self.destination_rules
+            .get(service)?
+            .subsets
+            .get(subset)
+            .map(|s| &s.labels)
+    }
+
+    /// Merged policy: DR top level < top-level portLevelSettings for `port` < subset < subset portLevelSettings
+    /// (each present section replaces the one below it). Default when no DR.
+    pub fn traffic_policy(
+        &self,
+        service: &ObjectKey,
+        subset: Option<&str>,
+        port: u16,
+    ) -> TrafficPolicy {
+        let Some(rule) = self.destination_rules.get(service) else {
+            return TrafficPolicy::default();
+        };
+        let mut merged = PolicySection::default();
+        rule.policy.overlay_onto(&mut merged, port);
+        if let Some(subset) = subset.and_then(|name| rule.subsets.get(name)) {
+            subset.policy.overlay_onto(&mut merged, port);
+        }
+        merged.into_policy()
+    }
+
+    /// Every compiled host for the admin API / `debug routes`: (service, origin, rule count).
+    /// Routed Services count their HTTP and TCP rules; Services with only DestinationRules
+    /// are listed too, counting their subsets.
+    pub fn summary(&self) -> Vec<(ObjectKey, String, usize)> {
+        let routed = self.hosts.iter().map(|(service, host)| {
+            (
+                service.clone(),
+                host.origin.clone(),
+                host.http.len() + host.tcp.len(),
+            )
+        });
+        let policies = self
+            .destination_rules
+            .iter()
+            .map(|(service, rule)| (service.clone(), rule.origin.clone(), rule.subsets.len()));
+        let mut summary: Vec<_> = routed.chain(policies).collect();
+        summary.sort();
+        summary
+    }
+}
+
+#[cfg(test)]
+mod tests;

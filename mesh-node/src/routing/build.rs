@@ -1,0 +1,233 @@
+//! From the whole object set to [`Routes`]: the cross-resource check, which resource wins
+//! a Service, and how DestinationRules merge.
+use std::collections::{BTreeMap, HashMap, HashSet, btree_map::Entry};
+
+use serde::{Serialize, Serializer};
+
+use super::{
+    CompiledRule, DestinationPolicy, HostRoutes, Routes, host::resolve_host, http_route::precedence,
+};
+use crate::{
+    config::{Object, ObjectId},
+    state::{ObjectKey, Rejection},
+};
+
+/// `Rejection::origin` of what [`Routes::build`] refuses: it is about how resources
+/// combine, not about one file.
+pub const ROUTING_ORIGIN: &str = "(routing)";
+
+/// VirtualService routes and mirrors to a `subset` that no DestinationRule for the
+/// destination's Service defines: each offending VirtualService with why. Usable by any
+/// config source, which can then fall back to the offender's last good version.
+pub fn check_references(objects: &[Object]) -> Vec<(ObjectId, String)> {
+    let mut subsets: HashMap<ObjectKey, HashSet<&str>> = HashMap::new();
+    for object in objects {
+        if let Object::DestinationRule(rule) = object
+            && let Some(service) = rule.spec.service(&object.id().namespace)
+        {
+            subsets
+                .entry(service)
+                .or_default()
+                .extend(rule.spec.subset_names());
+        }
+    }
+    let mut offenders = Vec::new();
+    for object in objects {
+        let Object::VirtualService(vs) = object else {
+            continue;
+        };
+        if !vs.spec.applies_to_mesh() {
+            continue;
+        }
+        let id = object.id();
+        let missing: Vec<String> = vs
+            .spec
+            .destinations()
+            .into_iter()
+            .filter_map(|(field, destination)| {
+                let subset = destination.subset.as_deref().filter(|s| !s.is_empty())?;
+                // A host that names no Service is the per-resource validation's to report.
+                let service = resolve_host(&destination.host, &id.namespace)?;
+                let defined = subsets.get(&service).is_some_and(|s| s.contains(subset));
+                (!defined).then(|| {
+                    format!(
+                        "{field}: subset {subset:?} of host {:?} is not defined by any \
+                         DestinationRule for {service}",
+                        destination.host
+                    )
+                })
+            })
+            .collect();
+        if !missing.is_empty() {
+            let error = format!("{id}: {}", missing.join("; "));
+            offenders.push((id, error));
+        }
+    }
+    offenders
+}
+
+impl Routes {
+    /// Compiles the routing resources among `objects`. Resources that fail validation or
+    /// [`check_references`] are skipped (a config source normally filtered them already);
+    /// conflicts between resources are returned as rejections (see the module doc).
+    pub fn build(objects: &[Object]) -> (Routes, Vec<Rejection>) {
+        let mut rejections = Vec::new();
+        let mut reject = |id: &ObjectId, error: String| {
+            rejections.push(Rejection {
+                origin: ROUTING_ORIGIN.to_string(),
+                resource: id.to_string(),
+                error,
+            });
+        };
+        let broken: HashMap<ObjectId, String> = check_references(objects).into_iter().collect();
+        for (id, error) in &broken {
+            reject(id, error.clone());
+        }
+        let mut sorted: Vec<(ObjectId, &Object)> = objects
+            .iter()
+            .map(|o| (o.id(), o))
+            .filter(|(id, _)| !broken.contains_key(id))
+            .collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+
+        let mut routes = Routes::default();
+        let http_routes = http_routes_by_service(&sorted);
+        for (service, (origins, rules)) in http_routes {
+            routes.hosts.insert(
+                service,
+                HostRoutes {
+                    origin: origins.join(", "),
+                    http: rules,
+                    tcp: Vec::new(),
+                },
+            );
+        }
+        let mut claimed_by: HashMap<ObjectKey, ObjectId> = HashMap::new();
+        for (id, object) in &sorted {
+            let Object::VirtualService(vs) = object else {
+                continue;
+            };
+            let Ok(Some(compiled)) = vs.spec.compile(&id.namespace, &id.to_string()) else {
+                continue;
+            };
+            for service in compiled.hosts {
+                if let Some(winner) = claimed_by.get(&service) {
+                    reject(
+                        id,
+                        format!("host {service}: conflicts with {winner}, which applies"),
+                    );
+                    continue;
+                }
+                if let Some(host) = routes.hosts.get(&service) {
+                    reject(
+                        id,
+                        format!(
+                            "host {service}: shadowed by {}; an HTTPRoute takes precedence \
+                             over a VirtualService for the same Service",
+                            host.origin
+                        ),
+                    );
+                    continue;
+                }
+                claimed_by.insert(service.clone(), id.clone());
+                routes.hosts.insert(
+                    service,
+                    HostRoutes {
+                        origin: id.to_string(),
+                        http: compiled.http.clone(),
+                        tcp: compiled.tcp.clone(),
+                    },
+                );
+            }
+        }
+        for (id, object) in &sorted {
+            if let Object::DestinationRule(rule) = object
+                && let Ok(compiled) = rule.spec.compile(&id.namespace)
+                && let Some(service) = compiled.host
+            {
+                let merged = match routes.destination_rules.entry(service.clone()) {
+                    Entry::Vacant(entry) => entry.insert(DestinationPolicy {
+                        origin: id.to_string(),
+                        policy: compiled.policy,
+                        subsets: BTreeMap::new(),
+                    }),
+                    Entry::Occupied(entry) => {
+                        let merged = entry.into_mut();
+                        merged.origin = format!("{}, {id}", merged.origin);
+                        // Istio keeps the first top-level policy among rules for a host.
+                        if merged.policy == Default::default() {
+                            merged.policy = compiled.policy;
+                        }
+                        merged
+                    }
+                };
+                for (name, subset) in compiled.subsets {
+                    match merged.subsets.entry(name) {
+                        Entry::Vacant(entry) => {
+                            entry.insert(subset);
+                        }
+                        Entry::Occupied(entry) => reject(
+                            id,
+                            format!(
+                                "subsets: {:?} of {service} is already defined by an earlier \
+                                 DestinationRule ({}); this definition is ignored",
+                                entry.key(),
+                                merged.origin
+                            ),
+                        ),
+                    }
+                }
+            }
+        }
+        (routes, rejections)
+    }
+}
+
+/// The rules of all HTTPRoutes by Service in Gateway API precedence, with the routes'
+/// names. `sorted` is in (namespace, name) order.
+fn http_routes_by_service(
+    sorted: &[(ObjectId, &Object)],
+) -> BTreeMap<ObjectKey, (Vec<String>, Vec<CompiledRule>)> {
+    let mut routes: Vec<_> = sorted
+        .iter()
+        .filter_map(|(id, object)| match object {
+            Object::HttpRoute(route) => Some((id, route)),
+            _ => None,
+        })
+        .collect();
+    // Oldest first, then by name: the Gateway API's tie-break between routes.
+    routes.sort_by(|a, b| {
+        (&a.1.metadata.creation_timestamp, a.0).cmp(&(&b.1.metadata.creation_timestamp, b.0))
+    });
+    let mut by_service: BTreeMap<ObjectKey, (Vec<String>, Vec<CompiledRule>)> = BTreeMap::new();
+    for (id, route) in routes {
+        let Ok(compiled) = route.spec.compile(&id.namespace, &id.to_string()) else {
+            continue;
+        };
+        for (service, port) in &compiled.parents {
+            let (origins, rules) = by_service.entry(service.clone()).or_default();
+            if !origins.contains(&id.to_string()) {
+                origins.push(id.to_string());
+            }
+            rules.extend(compiled.rules.iter().cloned().map(|mut compiled| {
+                for m in &mut compiled.rule.matches {
+                    m.port = *port;
+                }
+                compiled
+            }));
+        }
+    }
+    for (_, rules) in by_service.values_mut() {
+        // Stable: equal precedence keeps route, rule and match order.
+        rules.sort_by_key(|compiled| std::cmp::Reverse(precedence(&compiled.rule)));
+    }
+    by_service
+}
+
+/// Maps keyed by Service, serialized with `namespace/name` keys (JSON keys are strings).
+pub(super) fn by_name<V: Serialize, S: Serializer>(
+    map: &BTreeMap<ObjectKey, V>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(map.iter().map(|(key, value)| (key.to_string(), value)))
+}
