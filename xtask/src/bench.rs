@@ -611,7 +611,14 @@ impl Bench<'_> {
     ) -> anyhow::Result<HttpSample> {
         let cpu_before = cpu_seconds(&self.agent_pids)?;
         let started = Instant::now();
-        let run = oha::run(cluster, client, url, load.oha(), self.http_seconds)?;
+        let run =
+            oha::run(cluster, client, url, load.oha(), self.http_seconds).with_context(|| {
+                format!(
+                    "{load} to {url}; agent logs in {} (kept after the bench with \
+                     NODEMESH_KEEP=1)",
+                    cluster.logs_dir().display()
+                )
+            })?;
         let wall_seconds = started.elapsed().as_secs_f64();
         let cpu_after = cpu_seconds(&self.agent_pids)?;
         Ok(HttpSample {
@@ -909,11 +916,18 @@ impl PathCheck {
                 {
                     bail!("the mesh runs ({shape}, {load}) were not all counted by both proxies");
                 }
+                // Connections and tunnels show how the proxies carried the requests.
                 format!(
                     "{shape}, {load}: {runs} mesh runs; oha got {} answers; mutual-TLS \
                      requests counted by node0's source proxy +{}, by node{server_node}'s \
-                     destination proxy +{}",
-                    tally.answered, tally.requests_source, tally.requests_destination
+                     destination proxy +{}; connections opened by them +{} and +{}, tunnels \
+                     by node0's proxy +{}",
+                    tally.answered,
+                    tally.requests_source,
+                    tally.requests_destination,
+                    tally.source,
+                    tally.destination,
+                    tally.tunnels
                 )
             } else {
                 if tally.source < f64::from(runs) || tally.destination < f64::from(runs) {
@@ -1174,7 +1188,8 @@ mod tests {
             verified.contains(
                 "cross-node, HTTP/1.1 1 KiB @1000 rps ×16 conns: 1 mesh runs; oha got 3000 \
                  answers; mutual-TLS requests counted by node0's source proxy +3000, by \
-                 node1's destination proxy +3000"
+                 node1's destination proxy +3000; connections opened by them +0 and +0, \
+                 tunnels by node0's proxy +1"
             ),
             "{verified}"
         );
