@@ -349,13 +349,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     // The mesh namespace's client and same-node server on node0, its other server on node1.
     wait_enrolled(&cluster, &[2, 1])?;
     interrupt.check()?;
-    let agent_pids: Vec<u32> = (0..cluster.nodes())
-        .map(|i| cluster.agent_pid(i).context("agent not running"))
-        .collect::<anyhow::Result<_>>()?;
-    let rss_idle = agent_pids
-        .iter()
-        .map(|pid| agent::rss_mib(*pid))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let agent_pids = running_agents(&cluster)?;
+    let rss_idle = rss_mib(&agent_pids)?;
 
     println!("bench: starting sockperf, iperf3 and mesh-testapp servers in the server pods…");
     let mut sides = Vec::new();
@@ -429,23 +424,14 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     }
     let traffic_seconds = traffic_started.elapsed().as_secs_f64();
     let cpu_after = cpu_seconds(&agent_pids)?;
-    let rss_loaded = agent_pids
-        .iter()
-        .map(|pid| agent::rss_mib(*pid))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rss_loaded = rss_mib(&agent_pids)?;
 
     println!(
         "bench: restarting the agents with {} (a new mTLS tunnel per connection)…",
         FRESH_HANDSHAKE_ARGS.join(" ")
     );
     restart_agents(&mut cluster, FRESH_HANDSHAKE_ARGS)?;
-    bench.agent_pids = (0..cluster.nodes())
-        .map(|i| {
-            cluster
-                .agent_pid(i)
-                .context("agent not running after the restart")
-        })
-        .collect::<anyhow::Result<_>>()?;
+    bench.agent_pids = running_agents(&cluster)?;
     for side in &sides {
         bench.warm_up(&cluster, side, WARM_UP_CONNECTIONS)?;
     }
@@ -537,8 +523,7 @@ impl Bench<'_> {
         for server in &mut side.tools {
             server.check_running()?;
         }
-        let labels = side.mode.proof_labels();
-        let before = Counters::read_matching(cluster, labels);
+        let before = Counters::read_matching(cluster, side.mode.proof_labels());
         let run_started = Instant::now();
         let outcome = self.measure(cluster, side, shape, figure);
         let outcome = match outcome {
@@ -548,7 +533,7 @@ impl Bench<'_> {
         let took = run_started.elapsed();
         println!("{}", outcome.text);
         let expected = figure.expected(self.connections, outcome.answered);
-        let after = Counters::read_settled(cluster, labels, &before, &expected, shape);
+        let after = Counters::read_after(cluster, side.mode, &before, &expected, shape);
         self.path
             .record(side.mode, shape, expected, &before, &after)?;
         Ok(took)
@@ -629,11 +614,7 @@ impl Bench<'_> {
                 .zip(&cpu_before)
                 .map(|(a, b)| a - b)
                 .collect(),
-            agent_rss_mib: self
-                .agent_pids
-                .iter()
-                .map(|pid| agent::rss_mib(*pid))
-                .collect::<anyhow::Result<_>>()?,
+            agent_rss_mib: rss_mib(&self.agent_pids)?,
         })
     }
 
@@ -679,8 +660,23 @@ fn release_dir() -> anyhow::Result<PathBuf> {
     Ok(target.join("release"))
 }
 
+/// The process ids of every node's agent, node by node.
+fn running_agents(cluster: &Cluster) -> anyhow::Result<Vec<u32>> {
+    (0..cluster.nodes())
+        .map(|i| {
+            cluster
+                .agent_pid(i)
+                .with_context(|| format!("the agent of node{i} is not running"))
+        })
+        .collect()
+}
+
 fn cpu_seconds(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
     pids.iter().map(|pid| agent::cpu_seconds(*pid)).collect()
+}
+
+fn rss_mib(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
+    pids.iter().map(|pid| agent::rss_mib(*pid)).collect()
 }
 
 // === path check ===
@@ -730,21 +726,21 @@ impl Counters {
         }
     }
 
-    /// Reads the counters after a run that started at `before`: for a run whose requests
-    /// the proxies must count, once both ends counted them all or [`http::COUNT_SETTLE`]
-    /// passed (a proxy counts a request once its answer is sent, a little after the
-    /// client has it).
-    fn read_settled(
+    /// Reads the counters that prove a run of `mode` after it, `before` having been read
+    /// before it: for a mesh run whose requests the proxies must count, once both ends
+    /// counted them all or [`http::COUNT_SETTLE`] passed (a proxy counts a request once
+    /// its answer is sent, a little after the client has it).
+    fn read_after(
         cluster: &Cluster,
-        labels: &[(&str, &str)],
+        mode: Mode,
         before: &Counters,
         expected: &Expected,
         shape: Shape,
     ) -> Counters {
         let deadline = Instant::now() + http::COUNT_SETTLE;
         loop {
-            let after = Self::read_matching(cluster, labels);
-            let Some((_, sent)) = expected.requests else {
+            let after = Self::read_matching(cluster, mode.proof_labels());
+            let (Mode::MeshMtls, Some((_, sent))) = (mode, expected.requests) else {
                 return after;
             };
             let grown = after.since(before);
