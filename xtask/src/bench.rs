@@ -13,8 +13,15 @@
 //! by default, within the rounds, and with a fresh mTLS handshake per connection, in a
 //! last phase for which the agents are restarted with `--hbone-streams-per-tunnel 1`
 //! (no mesh and mesh interleaved again). node0's count of tunnels opened proves which.
+//!
+//! The L7 rows (see [`http`]) send HTTP/1.1 requests with oha, cross-node, at a fixed
+//! rate and flat out; the mesh rows through a Service the proxies route request by
+//! request. Their proof is exact: node0's source proxy and node1's destination proxy
+//! must each count, over mutual TLS, as many requests as oha got answers to.
 
 mod agent;
+mod http;
+mod oha;
 mod report;
 pub mod table;
 mod tools;
@@ -37,7 +44,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use mesh_tests::{Cluster, Pod, PodSpec};
 
-use self::{report::Report, tools::RoundTrip};
+use self::{
+    http::{HttpLoad, HttpSample},
+    report::Report,
+    tools::RoundTrip,
+};
 
 /// Message sizes of the round-trip figures: PERF.md's 16 B and 1 KiB. The 1 B an issue
 /// asked for cannot be measured with sockperf: each message carries sockperf's own 14 B
@@ -89,6 +100,15 @@ impl Mode {
             Mode::MeshMtls => "bench-mesh",
         }
     }
+
+    /// The labels of the proxies' counts that prove a run of this mode: a mesh run counts
+    /// only over mutual TLS (the full path), while a no-mesh run must move no count at all.
+    fn proof_labels(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Mode::NoMesh => &[],
+            Mode::MeshMtls => MUTUAL_TLS,
+        }
+    }
 }
 
 impl fmt::Display for Mode {
@@ -115,6 +135,11 @@ impl Shape {
             Shape::CrossNode => 1,
             Shape::SameNode => 0,
         }
+    }
+
+    /// The name of every mode's server pod of this shape, also its `app` label.
+    fn server_name(self) -> String {
+        format!("bench-server-node{}", self.server_node())
     }
 }
 
@@ -171,6 +196,10 @@ enum Figure {
     NewConnections {
         tunnels: Tunnels,
     },
+    /// HTTP/1.1 requests with oha, cross-node only.
+    Http {
+        load: HttpLoad,
+    },
 }
 
 impl Figure {
@@ -178,21 +207,30 @@ impl Figure {
     fn shapes(self) -> &'static [Shape] {
         match self {
             Figure::RoundTrip { .. } | Figure::Bulk => &Shape::ALL,
-            Figure::NewConnections { .. } => &[Shape::CrossNode],
+            Figure::NewConnections { .. } | Figure::Http { .. } => &[Shape::CrossNode],
         }
     }
 
     /// What the proxies must have seen of one mesh run, `connections` being the
-    /// connections a new-connections run opens.
-    fn expected(self, connections: u32) -> Expected {
+    /// connections a new-connections run opens and `answered` the requests an HTTP run
+    /// got answers to.
+    fn expected(self, connections: u32, answered: Option<u64>) -> Expected {
         match self {
             Figure::RoundTrip { .. } | Figure::Bulk => Expected {
                 connections: 1.0,
                 tunnels: None,
+                requests: None,
             },
             Figure::NewConnections { tunnels } => Expected {
                 connections: f64::from(connections),
                 tunnels: Some((tunnels, tunnels.expected_opened(connections))),
+                requests: None,
+            },
+            // The proxies handle these at L7: they count requests, not connections.
+            Figure::Http { load } => Expected {
+                connections: 0.0,
+                tunnels: None,
+                requests: Some((load, answered.unwrap_or(0) as f64)),
             },
         }
     }
@@ -204,6 +242,7 @@ impl fmt::Display for Figure {
             Figure::RoundTrip { size } => write!(f, "round trip {size} B"),
             Figure::Bulk => f.write_str("bulk stream"),
             Figure::NewConnections { tunnels } => write!(f, "new conn/s, {tunnels}"),
+            Figure::Http { load } => load.fmt(f),
         }
     }
 }
@@ -217,6 +256,8 @@ pub struct Results {
     pub bulk: BTreeMap<(Shape, Mode), Vec<f64>>,
     /// (agents' tunnels, mode) → new connections per second (cross-node), one per round.
     pub connections: BTreeMap<(Tunnels, Mode), Vec<f64>>,
+    /// (load, mode) → HTTP runs (cross-node), one per round.
+    pub http: BTreeMap<(HttpLoad, Mode), Vec<HttpSample>>,
 }
 
 /// One mode's pods and the servers running in them.
@@ -294,35 +335,35 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             let client = cluster.add_pod(pod("bench-client", 0));
             let servers = Shape::ALL
                 .iter()
-                .map(|shape| {
-                    let node = shape.server_node();
-                    cluster.add_pod(pod(&format!("bench-server-node{node}"), node))
-                })
+                .map(|shape| cluster.add_pod(pod(&shape.server_name(), shape.server_node())))
                 .collect();
             (mode, client, servers)
         })
         .collect();
+    cluster.write_config(
+        "bench-http.yaml",
+        &http::config_yaml(Mode::MeshMtls.namespace(), &Shape::CrossNode.server_name()),
+    );
     println!("bench: starting the agents…");
     cluster.start_agents();
     // The mesh namespace's client and same-node server on node0, its other server on node1.
     wait_enrolled(&cluster, &[2, 1])?;
     interrupt.check()?;
-    let agent_pids: Vec<u32> = (0..cluster.nodes())
-        .map(|i| cluster.agent_pid(i).context("agent not running"))
-        .collect::<anyhow::Result<_>>()?;
-    let rss_idle = agent_pids
-        .iter()
-        .map(|pid| agent::rss_mib(*pid))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let agent_pids = running_agents(&cluster)?;
+    let rss_idle = rss_mib(&agent_pids)?;
 
     println!("bench: starting sockperf, iperf3 and mesh-testapp servers in the server pods…");
     let mut sides = Vec::new();
     for (mode, client, servers) in pods {
         let mut running = Vec::new();
-        for server in &servers {
+        for (shape, server) in Shape::ALL.into_iter().zip(&servers) {
             running.push(tools::sockperf_server(&cluster, server)?);
             running.push(tools::iperf3_server(&cluster, server)?);
             running.push(tools::testapp_server(&cluster, server)?);
+            // The L7 rows are cross-node only.
+            if shape == Shape::CrossNode {
+                running.push(tools::testapp_http_server(&cluster, server)?);
+            }
         }
         sides.push(Side {
             mode,
@@ -331,6 +372,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             tools: running,
         });
     }
+    let mesh = sides
+        .iter()
+        .find(|side| side.mode == Mode::MeshMtls)
+        .expect("a mesh mode");
+    println!("bench: checking that the mesh routes the L7 rows with their VirtualService…");
+    http::check_route(&cluster, &mesh.client, mesh.server(Shape::CrossNode))?;
 
     let figures: Vec<Figure> = MESSAGE_SIZES
         .iter()
@@ -341,6 +388,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                 tunnels: Tunnels::Pooled,
             },
         ])
+        .chain(HttpLoad::ALL.map(|load| Figure::Http { load }))
         .collect();
     let fresh = Figure::NewConnections {
         tunnels: Tunnels::Fresh,
@@ -349,7 +397,9 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let mut bench = Bench {
         interrupt: &interrupt,
         seconds,
+        http_seconds: seconds.max(http::MIN_SECONDS),
         connections,
+        agent_pids: agent_pids.clone(),
         progress: Progress {
             done: 0,
             total: rounds as usize * (runs_per_round + fresh.shapes().len()) * sides.len(),
@@ -374,16 +424,14 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     }
     let traffic_seconds = traffic_started.elapsed().as_secs_f64();
     let cpu_after = cpu_seconds(&agent_pids)?;
-    let rss_loaded = agent_pids
-        .iter()
-        .map(|pid| agent::rss_mib(*pid))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rss_loaded = rss_mib(&agent_pids)?;
 
     println!(
         "bench: restarting the agents with {} (a new mTLS tunnel per connection)…",
         FRESH_HANDSHAKE_ARGS.join(" ")
     );
     restart_agents(&mut cluster, FRESH_HANDSHAKE_ARGS)?;
+    bench.agent_pids = running_agents(&cluster)?;
     for side in &sides {
         bench.warm_up(&cluster, side, WARM_UP_CONNECTIONS)?;
     }
@@ -398,6 +446,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         quick: options.quick,
         rounds,
         seconds,
+        http_seconds: bench.http_seconds,
         connections,
         results: &bench.results,
         agents: (0..agent_pids.len())
@@ -421,6 +470,13 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What one run measured, for the progress line and the path check.
+struct Measured {
+    text: String,
+    /// The requests an HTTP run got answers to.
+    answered: Option<u64>,
+}
+
 /// Numbers the runs in the progress lines.
 struct Progress {
     done: usize,
@@ -431,8 +487,12 @@ struct Progress {
 struct Bench<'a> {
     interrupt: &'a Interrupt,
     seconds: u32,
+    /// Seconds per HTTP run.
+    http_seconds: u32,
     /// Connections per new-connections run.
     connections: u32,
+    /// The agents' processes, node by node, whose CPU time the HTTP runs read.
+    agent_pids: Vec<u32>,
     progress: Progress,
     results: Results,
     path: PathCheck,
@@ -452,7 +512,7 @@ impl Bench<'_> {
         self.interrupt.check()?;
         self.progress.done += 1;
         print!(
-            "[{:>3}/{}] round {round}/{rounds}  {:<28} {:<10}  {:<13} … ",
+            "[{:>3}/{}] round {round}/{rounds}  {:<34} {:<10}  {:<13} … ",
             self.progress.done,
             self.progress.total,
             figure.to_string(),
@@ -463,8 +523,7 @@ impl Bench<'_> {
         for server in &mut side.tools {
             server.check_running()?;
         }
-        // Only mutual-TLS connections count: the mesh rows must prove the full path.
-        let before = Counters::read_matching(cluster, MUTUAL_TLS);
+        let before = Counters::read_matching(cluster, side.mode.proof_labels());
         let run_started = Instant::now();
         let outcome = self.measure(cluster, side, shape, figure);
         let outcome = match outcome {
@@ -472,44 +531,90 @@ impl Bench<'_> {
             outcome => outcome?,
         };
         let took = run_started.elapsed();
-        let after = Counters::read_matching(cluster, MUTUAL_TLS);
-        println!("{outcome}");
-        self.path.record(
-            side.mode,
-            shape,
-            figure.expected(self.connections),
-            &before,
-            &after,
-        )?;
+        println!("{}", outcome.text);
+        let expected = figure.expected(self.connections, outcome.answered);
+        let after = Counters::read_after(cluster, side.mode, &before, &expected, shape);
+        self.path
+            .record(side.mode, shape, expected, &before, &after)?;
         Ok(took)
     }
 
-    /// Runs the client of `figure` and records what it measured; returns it as text.
+    /// Runs the client of `figure` and records what it measured.
     fn measure(
         &mut self,
         cluster: &Cluster,
         side: &Side,
         shape: Shape,
         figure: Figure,
-    ) -> anyhow::Result<String> {
+    ) -> anyhow::Result<Measured> {
         let (client, server) = (&side.client, side.server(shape).ip);
-        let results = &mut self.results;
-        Ok(match figure {
+        let mut answered = None;
+        let text = match figure {
             Figure::RoundTrip { size } => {
                 let rt = tools::sockperf_ping_pong(cluster, client, server, self.seconds, size)?;
-                push(&mut results.round_trips, (size, shape, side.mode), rt);
+                push(&mut self.results.round_trips, (size, shape, side.mode), rt);
                 format!("p50 {:.1} µs, p99 {:.1} µs", rt.p50_us, rt.p99_us)
             }
             Figure::Bulk => {
                 let bps = tools::iperf3_bulk(cluster, client, server, self.seconds)?;
-                push(&mut results.bulk, (shape, side.mode), bps);
+                push(&mut self.results.bulk, (shape, side.mode), bps);
                 format!("{:.2} Gb/s", bps / 1e9)
             }
             Figure::NewConnections { tunnels } => {
                 let rate = tools::connect_rate(cluster, client, server, self.connections)?;
-                push(&mut results.connections, (tunnels, side.mode), rate);
+                push(&mut self.results.connections, (tunnels, side.mode), rate);
                 format!("{rate:.0} connections/s")
             }
+            Figure::Http { load } => {
+                let sample = self.http(cluster, client, &http::url(side.mode, server), load)?;
+                let run = &sample.run;
+                let text = format!(
+                    "p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, {:.0} requests/s; agents {:.3} \
+                     vCPU",
+                    run.p50_us,
+                    run.p90_us,
+                    run.p99_us,
+                    run.requests_per_second(),
+                    sample.agent_cores()
+                );
+                answered = Some(run.answered);
+                push(&mut self.results.http, (load, side.mode), sample);
+                text
+            }
+        };
+        Ok(Measured { text, answered })
+    }
+
+    /// One oha run from `client` to `url` under `load`, with the CPU time the agents
+    /// spent meanwhile and their memory after it.
+    fn http(
+        &self,
+        cluster: &Cluster,
+        client: &Pod,
+        url: &str,
+        load: HttpLoad,
+    ) -> anyhow::Result<HttpSample> {
+        let cpu_before = cpu_seconds(&self.agent_pids)?;
+        let started = Instant::now();
+        let run =
+            oha::run(cluster, client, url, load.oha(), self.http_seconds).with_context(|| {
+                format!(
+                    "{load} to {url}; agent logs in {} (kept after the bench with \
+                     NODEMESH_KEEP=1)",
+                    cluster.logs_dir().display()
+                )
+            })?;
+        let wall_seconds = started.elapsed().as_secs_f64();
+        let cpu_after = cpu_seconds(&self.agent_pids)?;
+        Ok(HttpSample {
+            run,
+            wall_seconds,
+            agent_cpu_seconds: cpu_after
+                .iter()
+                .zip(&cpu_before)
+                .map(|(a, b)| a - b)
+                .collect(),
+            agent_rss_mib: rss_mib(&self.agent_pids)?,
         })
     }
 
@@ -555,44 +660,96 @@ fn release_dir() -> anyhow::Result<PathBuf> {
     Ok(target.join("release"))
 }
 
+/// The process ids of every node's agent, node by node.
+fn running_agents(cluster: &Cluster) -> anyhow::Result<Vec<u32>> {
+    (0..cluster.nodes())
+        .map(|i| {
+            cluster
+                .agent_pid(i)
+                .with_context(|| format!("the agent of node{i} is not running"))
+        })
+        .collect()
+}
+
 fn cpu_seconds(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
     pids.iter().map(|pid| agent::cpu_seconds(*pid)).collect()
 }
 
+fn rss_mib(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
+    pids.iter().map(|pid| agent::rss_mib(*pid)).collect()
+}
+
 // === path check ===
 
-/// Connections (`istio_tcp_connections_opened_total`, by reporter) and HBONE tunnels
-/// (`nodemesh_hbone_tunnels_opened_total`) the proxy of every node opened.
+/// Connections (`istio_tcp_connections_opened_total`, by reporter), HBONE tunnels
+/// (`nodemesh_hbone_tunnels_opened_total`) and requests (`istio_requests_total`, by
+/// reporter) the proxy of every node opened or handled.
 #[derive(Clone, Debug)]
 pub(crate) struct Counters {
     pub source: Vec<f64>,
     pub destination: Vec<f64>,
     pub tunnels: Vec<f64>,
+    pub requests_source: Vec<f64>,
+    pub requests_destination: Vec<f64>,
 }
 
 impl Counters {
     const OPENED: &str = "istio_tcp_connections_opened_total";
     const TUNNELS_OPENED: &str = "nodemesh_hbone_tunnels_opened_total";
+    const REQUESTS: &str = "istio_requests_total";
 
     pub fn read(cluster: &Cluster) -> Counters {
         Self::read_matching(cluster, &[])
     }
 
-    /// Like [`read`](Self::read), counting only connections whose labels include `labels`.
+    /// Like [`read`](Self::read), counting only connections and requests whose labels
+    /// include `labels`.
     pub fn read_matching(cluster: &Cluster, labels: &[(&str, &str)]) -> Counters {
         let texts: Vec<String> = (0..cluster.nodes()).map(|i| cluster.metrics(i)).collect();
-        let value = |text: &str, reporter: &str| {
+        let per_node = |metric: &str, reporter: &str| -> Vec<f64> {
             let mut wanted = vec![("reporter", reporter)];
             wanted.extend_from_slice(labels);
-            mesh_tests::metric_value(text, Self::OPENED, &wanted).unwrap_or(0.0)
+            texts
+                .iter()
+                .map(|text| mesh_tests::metric_value(text, metric, &wanted).unwrap_or(0.0))
+                .collect()
         };
         Counters {
-            source: texts.iter().map(|t| value(t, "source")).collect(),
-            destination: texts.iter().map(|t| value(t, "destination")).collect(),
+            source: per_node(Self::OPENED, "source"),
+            destination: per_node(Self::OPENED, "destination"),
             tunnels: texts
                 .iter()
                 .map(|t| mesh_tests::metric_value(t, Self::TUNNELS_OPENED, &[]).unwrap_or(0.0))
                 .collect(),
+            requests_source: per_node(Self::REQUESTS, "source"),
+            requests_destination: per_node(Self::REQUESTS, "destination"),
+        }
+    }
+
+    /// Reads the counters that prove a run of `mode` after it, `before` having been read
+    /// before it: for a mesh run whose requests the proxies must count, once both ends
+    /// counted them all or [`http::COUNT_SETTLE`] passed (a proxy counts a request once
+    /// its answer is sent, a little after the client has it).
+    fn read_after(
+        cluster: &Cluster,
+        mode: Mode,
+        before: &Counters,
+        expected: &Expected,
+        shape: Shape,
+    ) -> Counters {
+        let deadline = Instant::now() + http::COUNT_SETTLE;
+        loop {
+            let after = Self::read_matching(cluster, mode.proof_labels());
+            let (Mode::MeshMtls, Some((_, sent))) = (mode, expected.requests) else {
+                return after;
+            };
+            let grown = after.since(before);
+            let counted =
+                grown.requests_source[0].min(grown.requests_destination[shape.server_node()]);
+            if counted >= sent || Instant::now() > deadline {
+                return after;
+            }
+            thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -603,12 +760,23 @@ impl Counters {
             source: diff(&self.source, &before.source),
             destination: diff(&self.destination, &before.destination),
             tunnels: diff(&self.tunnels, &before.tunnels),
+            requests_source: diff(&self.requests_source, &before.requests_source),
+            requests_destination: diff(&self.requests_destination, &before.requests_destination),
         }
     }
 
-    /// Connections opened, both reporters, all nodes.
-    pub fn total(&self) -> f64 {
-        self.source.iter().chain(&self.destination).sum()
+    /// Whether any count moved: connections, tunnels or requests, on any node.
+    fn any(&self) -> bool {
+        [
+            &self.source,
+            &self.destination,
+            &self.tunnels,
+            &self.requests_source,
+            &self.requests_destination,
+        ]
+        .into_iter()
+        .flatten()
+        .any(|count| *count != 0.0)
     }
 }
 
@@ -621,6 +789,10 @@ struct Expected {
     /// For new-connections runs: how the agents carry them, and how many tunnels node0's
     /// proxy may open meanwhile.
     tunnels: Option<(Tunnels, RangeInclusive<f64>)>,
+    /// For HTTP runs: the load, and the requests oha got answers to, which node0's source
+    /// proxy and the server node's destination proxy must each have counted, exactly (a
+    /// retried request would count twice at the destination: none should be here).
+    requests: Option<(HttpLoad, f64)>,
 }
 
 /// The mesh runs of one kind, summed.
@@ -632,13 +804,19 @@ struct Tally {
     source: f64,
     destination: f64,
     tunnels: f64,
+    /// Requests oha got answers to, and those node0's source proxy and the server node's
+    /// destination proxy counted.
+    answered: f64,
+    requests_source: f64,
+    requests_destination: f64,
 }
 
 /// Tallies what the proxies saw of each run, to prove the path every row measured.
 #[derive(Default)]
 struct PathCheck {
-    /// Per shape, and for new-connections runs how the agents carry tunnels.
-    mesh: BTreeMap<(Shape, Option<Tunnels>), Tally>,
+    /// Per shape, for new-connections runs how the agents carry tunnels, and for HTTP
+    /// runs the load.
+    mesh: BTreeMap<(Shape, Option<Tunnels>, Option<HttpLoad>), Tally>,
     no_mesh_runs: u32,
 }
 
@@ -657,10 +835,11 @@ impl PathCheck {
         let server_node = shape.server_node();
         match mode {
             Mode::NoMesh => {
-                if grown.total() != 0.0 || grown.tunnels.iter().sum::<f64>() != 0.0 {
+                if grown.any() {
                     bail!(
-                        "a no-mesh run ({shape}) went through the mesh: opened connections and \
-                         tunnels grew by {grown:?} (source / destination reporter per node)"
+                        "a no-mesh run ({shape}) went through the mesh: the proxies' counts of \
+                         connections, tunnels and requests grew by {grown:?} (source / \
+                         destination reporter per node)"
                     );
                 }
                 self.no_mesh_runs += 1;
@@ -687,14 +866,36 @@ impl PathCheck {
                         describe_range(range)
                     );
                 }
+                let (requests_source, requests_destination) = (
+                    grown.requests_source[0],
+                    grown.requests_destination[server_node],
+                );
+                if let Some((load, answered)) = expected.requests
+                    && (requests_source != answered || requests_destination != answered)
+                {
+                    bail!(
+                        "a mesh run ({shape}, {load}) was not handled request by request by \
+                         both proxies over mutual TLS: oha got {answered} answers, node0's \
+                         source reporter counted {requests_source} requests, \
+                         node{server_node}'s destination reporter {requests_destination} (all: \
+                         {grown:?})"
+                    );
+                }
                 let tally = self
                     .mesh
-                    .entry((shape, expected.tunnels.map(|(how, _)| how)))
+                    .entry((
+                        shape,
+                        expected.tunnels.map(|(how, _)| how),
+                        expected.requests.map(|(load, _)| load),
+                    ))
                     .or_default();
                 tally.runs += 1;
                 tally.source += source;
                 tally.destination += destination;
                 tally.tunnels += tunnels;
+                tally.answered += expected.requests.map_or(0.0, |(_, answered)| answered);
+                tally.requests_source += requests_source;
+                tally.requests_destination += requests_destination;
             }
         }
         Ok(())
@@ -702,28 +903,47 @@ impl PathCheck {
 
     fn verify(&self) -> anyhow::Result<String> {
         let mut lines = vec!["path verified: captured by both proxies".to_owned()];
-        for ((shape, tunnels), tally) in &self.mesh {
-            let runs = f64::from(tally.runs);
-            if tally.source < runs || tally.destination < runs {
-                bail!("the mesh runs ({shape}) were not all captured by both proxies");
-            }
-            let what = match tunnels {
-                None => shape.to_string(),
-                Some(how) => format!("{shape}, new connections, {how}"),
+        for ((shape, tunnels, load), tally) in &self.mesh {
+            let runs = tally.runs;
+            let server_node = shape.server_node();
+            let line = if let Some(load) = load {
+                if tally.requests_source != tally.answered
+                    || tally.requests_destination != tally.answered
+                {
+                    bail!("the mesh runs ({shape}, {load}) were not all counted by both proxies");
+                }
+                // Connections and tunnels show how the proxies carried the requests.
+                format!(
+                    "{shape}, {load}: {runs} mesh runs; oha got {} answers; mutual-TLS \
+                     requests counted by node0's source proxy +{}, by node{server_node}'s \
+                     destination proxy +{}; connections opened by them +{} and +{}, tunnels \
+                     by node0's proxy +{}",
+                    tally.answered,
+                    tally.requests_source,
+                    tally.requests_destination,
+                    tally.source,
+                    tally.destination,
+                    tally.tunnels
+                )
+            } else {
+                if tally.source < f64::from(runs) || tally.destination < f64::from(runs) {
+                    bail!("the mesh runs ({shape}) were not all captured by both proxies");
+                }
+                let what = match tunnels {
+                    None => shape.to_string(),
+                    Some(how) => format!("{shape}, new connections, {how}"),
+                };
+                format!(
+                    "{what}: {runs} mesh runs; mutual-TLS connections opened by node0's source \
+                     proxy +{}, by node{server_node}'s destination proxy +{}; tunnels opened \
+                     by node0's proxy +{}",
+                    tally.source, tally.destination, tally.tunnels
+                )
             };
-            lines.push(format!(
-                "  {what}: {} mesh runs; mutual-TLS connections opened by node0's source \
-                 proxy +{}, by node{}'s destination proxy +{}; tunnels opened by node0's \
-                 proxy +{}",
-                tally.runs,
-                tally.source,
-                shape.server_node(),
-                tally.destination,
-                tally.tunnels
-            ));
+            lines.push(format!("  {line}"));
         }
         lines.push(format!(
-            "  {} no-mesh runs; connections and tunnels opened by any proxy +0",
+            "  {} no-mesh runs; connections, tunnels and requests counted by any proxy +0",
             self.no_mesh_runs
         ));
         Ok(lines.join("\n"))
@@ -844,6 +1064,18 @@ mod tests {
             source: vec![source, 0.0],
             destination: vec![0.0, destination],
             tunnels: vec![tunnels, 0.0],
+            requests_source: vec![0.0, 0.0],
+            requests_destination: vec![0.0, 0.0],
+        }
+    }
+
+    /// Counters of a two-node cluster where node0's proxy counted `source` requests as
+    /// the source and node1's `destination` as the destination, over one tunnel.
+    fn requests(source: f64, destination: f64) -> Counters {
+        Counters {
+            requests_source: vec![source, 0.0],
+            requests_destination: vec![0.0, destination],
+            ..counters(0.0, 0.0, 1.0)
         }
     }
 
@@ -857,10 +1089,11 @@ mod tests {
         assert!(fresh.contains(&200.0) && fresh.contains(&1e9) && !fresh.contains(&199.0));
         assert_eq!(describe_range(&fresh), "at least 200");
         assert_eq!(
-            Figure::Bulk.expected(200),
+            Figure::Bulk.expected(200, None),
             Expected {
                 connections: 1.0,
-                tunnels: None
+                tunnels: None,
+                requests: None,
             }
         );
     }
@@ -876,7 +1109,13 @@ mod tests {
         };
         let mut path = PathCheck::default();
         let record = |path: &mut PathCheck, mode, figure: Figure, after| {
-            path.record(mode, Shape::CrossNode, figure.expected(200), &zero, &after)
+            path.record(
+                mode,
+                Shape::CrossNode,
+                figure.expected(200, None),
+                &zero,
+                &after,
+            )
         };
         record(
             &mut path,
@@ -909,5 +1148,46 @@ mod tests {
             "{verified}"
         );
         assert!(verified.contains("1 no-mesh runs"), "{verified}");
+    }
+
+    #[test]
+    fn path_check_of_http_counts_every_request_at_both_ends() {
+        let zero = counters(0.0, 0.0, 0.0);
+        let fixed = Figure::Http {
+            load: HttpLoad::FixedRate,
+        };
+        let mut path = PathCheck::default();
+        let record = |path: &mut PathCheck, mode, after| {
+            path.record(
+                mode,
+                Shape::CrossNode,
+                fixed.expected(200, Some(3000)),
+                &zero,
+                &after,
+            )
+        };
+        // No connection is counted at L7: the requests are the proof.
+        record(&mut path, Mode::MeshMtls, requests(3000.0, 3000.0)).unwrap();
+        record(&mut path, Mode::NoMesh, zero.clone()).unwrap();
+        // A request missed at either end, a retried one counted twice at the destination,
+        // and a no-mesh run a proxy saw a request of all fail.
+        for (mode, after) in [
+            (Mode::MeshMtls, requests(2999.0, 3000.0)),
+            (Mode::MeshMtls, requests(3000.0, 2999.0)),
+            (Mode::MeshMtls, requests(3000.0, 3001.0)),
+            (Mode::NoMesh, requests(1.0, 0.0)),
+        ] {
+            assert!(record(&mut path, mode, after).is_err());
+        }
+        let verified = path.verify().unwrap();
+        assert!(
+            verified.contains(
+                "cross-node, HTTP/1.1 1 KiB @1000 rps ×16 conns: 1 mesh runs; oha got 3000 \
+                 answers; mutual-TLS requests counted by node0's source proxy +3000, by \
+                 node1's destination proxy +3000; connections opened by them +0 and +0, \
+                 tunnels by node0's proxy +1"
+            ),
+            "{verified}"
+        );
     }
 }

@@ -16,11 +16,15 @@ use crate::run as run_command;
 const DEBIAN_PACKAGES: &[&str] = &["iproute2", "sockperf", "iperf3", "tcpdump", "prometheus"];
 /// The bpf-linker release known to build against nightly's LLVM here.
 const BPF_LINKER_VERSION: &str = "^0.13";
+/// The HTTP load generator of the bench's L7 rows (crates.io), pinned so its JSON report
+/// keeps the shape the bench reads; this release builds with stable Rust 1.88 and later.
+const OHA_VERSION: &str = "1.16.0";
 
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     debian_packages()?;
+    oha()?;
     Ok(())
 }
 
@@ -38,6 +42,14 @@ pub fn path_with_cargo_bin() -> OsString {
         paths.extend(env::split_paths(&path));
     }
     env::join_paths(paths).expect("PATH entries contain no separator")
+}
+
+/// Where `program` is: the first match on [`path_with_cargo_bin`], so also the tools
+/// `cargo install` put in `$CARGO_HOME/bin` when that is not on the caller's PATH.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    env::split_paths(&path_with_cargo_bin())
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
 }
 
 fn output(command: &mut Command) -> anyhow::Result<String> {
@@ -150,5 +162,33 @@ fn debian_packages() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .env("RUNLEVEL", "1"),
+    )
+}
+
+/// `oha` from crates.io, unless one already runs. (It does not build without its default
+/// TLS feature, though the bench speaks plain HTTP.)
+fn oha() -> anyhow::Result<()> {
+    // Found the way the bench finds it.
+    let works = find_program("oha").is_some_and(|oha| {
+        Command::new(oha)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if works {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: building the HTTP load generator oha {OHA_VERSION} from crates.io (several \
+         minutes on 2 cores)"
+    );
+    run_command(
+        Command::new("cargo")
+            .args(["install", "oha", "--locked", "-j2"])
+            .args(["--version", OHA_VERSION])
+            .arg("--root")
+            .arg(cargo_home()),
     )
 }

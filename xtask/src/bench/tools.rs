@@ -1,6 +1,7 @@
 //! The measuring tools, real and common so users can reproduce the figures (PERF.md):
 //! `sockperf ping-pong` for warm round trips, `iperf3` for one bulk TCP stream, and the
-//! harness's own `mesh-testapp connect` for new connections per second.
+//! harness's own `mesh-testapp connect` for new connections per second; the servers they
+//! talk to, `mesh-testapp http-serve` included (oha, the HTTP client, has its own module).
 
 use std::{
     fs::File,
@@ -21,6 +22,9 @@ pub const SOCKPERF_PORT: u16 = 11111;
 pub const IPERF_PORT: u16 = 5201;
 /// Port of the `mesh-testapp serve` in every server pod.
 pub const TESTAPP_PORT: u16 = 8080;
+/// Port of the `mesh-testapp http-serve` in the cross-node server pods (8080 is taken by
+/// `mesh-testapp serve`).
+pub const HTTP_PORT: u16 = 8081;
 /// The line `mesh-testapp connect` sends on each connection.
 const CONNECT_MESSAGE: &str = "x";
 /// Fewer new connections per second than this and a `mesh-testapp connect` run counts as
@@ -101,6 +105,19 @@ pub fn testapp_server(cluster: &Cluster, pod: &Pod) -> anyhow::Result<Server> {
     )
 }
 
+/// `mesh-testapp http-serve` on the pod's address, once it listens: HTTP/1.1 answers, of
+/// `size` bytes with `?size=<size>`.
+pub fn testapp_http_server(cluster: &Cluster, pod: &Pod) -> anyhow::Result<Server> {
+    let listen = SocketAddrV4::new(pod.ip, HTTP_PORT).to_string();
+    spawn_server(
+        cluster,
+        pod,
+        mesh_tests::bin_path("mesh-testapp"),
+        &["http-serve", "--listen", &listen, "--name", &pod.name],
+        HTTP_PORT,
+    )
+}
+
 fn spawn_server(
     cluster: &Cluster,
     pod: &Pod,
@@ -119,9 +136,11 @@ fn spawn_server(
         pod.namespace,
         pod.name
     );
+    // The port tells apart two servers of one program in a pod (mesh-testapp's TCP and
+    // HTTP servers).
     let log = cluster
         .logs_dir()
-        .join(format!("{name}-{}-{}.log", pod.namespace, pod.name));
+        .join(format!("{name}-{}-{}-{port}.log", pod.namespace, pod.name));
     let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     // Spawned from the main thread: pod processes die with the thread that started them.
@@ -282,12 +301,17 @@ pub fn connect_rate(
     })
 }
 
-fn client_timeout(seconds: u32) -> Duration {
+/// How long a client asked to run for `seconds` may take before it counts as hung.
+pub(super) fn client_timeout(seconds: u32) -> Duration {
     Duration::from_secs(seconds.into()) + CLIENT_GRACE
 }
 
 /// Runs `command` to completion (killed after `timeout`); fails unless it exits 0.
-fn run_to_end(command: Command, what: &str, timeout: Duration) -> anyhow::Result<Output> {
+pub(super) fn run_to_end(
+    command: Command,
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Result<Output> {
     run_timed(command, what, timeout).map(|(output, _)| output)
 }
 
