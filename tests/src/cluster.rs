@@ -62,7 +62,12 @@ pub struct Cluster {
     pods: Vec<Pod>,
     next_pod_index: Vec<u32>,
     agents: Vec<Option<Child>>,
+    /// The agents' `RUST_LOG` when the environment sets none.
+    agent_log_filter: String,
 }
+
+/// Tests want every connection in the agent logs.
+const DEFAULT_AGENT_LOG_FILTER: &str = "info,mesh_node=debug";
 
 // === impl Cluster: construction ===
 
@@ -119,6 +124,7 @@ impl Cluster {
             pods: Vec::new(),
             next_pod_index: vec![0; nodes],
             agents: (0..nodes).map(|_| None).collect(),
+            agent_log_filter: DEFAULT_AGENT_LOG_FILTER.to_string(),
             unique,
             nodes,
         };
@@ -510,6 +516,14 @@ fn check_file_name(file_name: &str) {
 // === impl Cluster: agents ===
 
 impl Cluster {
+    /// The `RUST_LOG` filter of agents started from now on (unless the environment sets
+    /// one); benchmarks use `info`, as production does, not the tests' debug logging.
+    pub fn set_agent_log_filter(&mut self, filter: &str) {
+        self.agent_log_filter = filter.to_string();
+    }
+}
+
+impl Cluster {
     /// Starts the agent of every node and waits until all are ready.
     pub fn start_agents(&mut self) {
         // Started together, waited for together: they initialize in parallel.
@@ -599,7 +613,7 @@ impl Cluster {
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log);
         if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "info,mesh_node=debug");
+            command.env("RUST_LOG", &self.agent_log_filter);
         }
         // Inside the node cgroup, as on a real node (where the capture programs sit on the
         // root cgroup above the agent's own): the agent's own sockets then pass through
