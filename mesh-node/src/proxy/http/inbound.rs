@@ -18,7 +18,7 @@ use super::{
     upstream::{Connector, SendError, Via},
 };
 use crate::{
-    distributed_tracing::{SpanKind, span_name},
+    distributed_tracing::SpanKind,
     policy::{RequestAttributes, Verdict},
     proxy::{
         PodContext, ProxyContext,
@@ -49,17 +49,7 @@ impl Inbound {
             .service
             .clone()
             .unwrap_or_else(|| self.original.to_string());
-        let span = self.proxy.tracing.start(
-            SpanKind::Server,
-            span_name(request.method(), &target),
-            request.headers(),
-        );
-        let mut record = Record::new(
-            request.method(),
-            request.uri(),
-            request.headers(),
-            Some(span),
-        );
+        let mut record = Record::traced(&self.proxy, SpanKind::Server, &target, &request);
         record.upstream = Some(self.original);
         let request_bytes = record.request_bytes.clone();
         let finish = |mut record: Record, response: Response<ProxyBody>, flag: &'static str| {

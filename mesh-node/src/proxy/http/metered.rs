@@ -19,7 +19,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use super::{BoxError, ProxyBody, is_grpc};
 use crate::{
     access_log::{AccessLog, Entry, Parties, RequestEnd, RequestFacts, Started},
-    distributed_tracing::RequestSpan,
+    distributed_tracing::{RequestSpan, SpanKind, span_name},
     metrics::{HttpMetrics, RequestOutcome},
     proxy::ProxyContext,
 };
@@ -43,6 +43,26 @@ pub struct Record {
 }
 
 impl Record {
+    /// Starts the record of `request` with a span of `kind` named after `target`, which
+    /// continues the trace context the request carries.
+    pub fn traced<B>(
+        proxy: &ProxyContext,
+        kind: SpanKind,
+        target: &str,
+        request: &http::Request<B>,
+    ) -> Self {
+        let span =
+            proxy
+                .tracing
+                .start(kind, span_name(request.method(), target), request.headers());
+        Self::new(
+            request.method(),
+            request.uri(),
+            request.headers(),
+            Some(span),
+        )
+    }
+
     /// Starts the record of a request with this head, traced by `span`.
     pub fn new(method: &Method, uri: &Uri, headers: &HeaderMap, span: Option<RequestSpan>) -> Self {
         let text = |value: &HeaderValue| String::from_utf8_lossy(value.as_bytes()).into_owned();

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     access_log::Parties,
-    distributed_tracing::{SpanKind, span_name},
+    distributed_tracing::SpanKind,
     identity::Identity,
     metrics::Reporter,
     proxy::{PodContext, ProxyContext, ProxyError, resolve::service_endpoints},
@@ -172,17 +172,7 @@ impl Outbound {
             .services
             .get(&self.service)
             .map_or_else(|| self.service.to_string(), |s| s.hostname());
-        let span = self.proxy.tracing.start(
-            SpanKind::Client,
-            span_name(request.method(), &target),
-            request.headers(),
-        );
-        let mut record = Record::new(
-            request.method(),
-            request.uri(),
-            request.headers(),
-            Some(span),
-        );
+        let mut record = Record::traced(&self.proxy, SpanKind::Client, &target, &request);
         let source = state.workloads.get(&self.pod.key);
         let no_labels = BTreeMap::new();
         let matched = state.routes.match_http(
