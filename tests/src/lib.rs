@@ -26,6 +26,7 @@
 //! assert!(out.status.success());
 //! ```
 
+pub mod bookinfo;
 mod cgroup;
 mod cleanup;
 mod cluster;

@@ -2,7 +2,7 @@
 use std::{net::SocketAddr, process::Command, time::Duration};
 
 use mesh_tests::{
-    Cluster, Pod, PodSpec, bin_path, namespace_yaml,
+    Cluster, Pod, PodSpec, bin_path, bookinfo, namespace_yaml,
     scenario::{metric, skip, wait_enrolled, wait_until},
     service_yaml,
 };
@@ -152,17 +152,7 @@ spec:
 
 /// `mesh-testapp http` from `client` to `url` with `args`: the response's JSON line.
 fn http_request(cluster: &Cluster, client: &Pod, url: &str, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["http", "--url", url];
-    all.extend_from_slice(args);
-    let output = client.run(cluster, &all, Duration::from_secs(30));
-    assert!(
-        output.status.success(),
-        "mesh-testapp {all:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().next().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    bookinfo::http(cluster, client, url, args).remove(0)
 }
 
 /// The `verdict:` line of `mesh-node debug explain <args>` on node `i`.
@@ -182,17 +172,8 @@ fn explain_gives_the_verdict_the_proxy_then_enforces() {
         return;
     }
     let mut cluster = Cluster::new("explain", 2);
-    let productpage = cluster.add_pod(
-        PodSpec::new("productpage", 0)
-            .label("app", "productpage")
-            .service_account("bookinfo-productpage"),
-    );
-    let reviews = cluster.add_pod(
-        PodSpec::new("reviews-v1", 1)
-            .label("app", "reviews")
-            .label("version", "v1")
-            .service_account("bookinfo-reviews"),
-    );
+    let productpage = bookinfo::add_productpage(&mut cluster, 0);
+    let reviews = bookinfo::add_reviews(&mut cluster, "v1", 1);
     cluster.write_config(
         "ns.yaml",
         &namespace_yaml("default", &[("nodemesh.io/enabled", "true")]),
@@ -217,12 +198,7 @@ fn explain_gives_the_verdict_the_proxy_then_enforces() {
     ];
     cluster.write_config("services.yaml", &services.join("---\n"));
     cluster.write_config("authz.yaml", REVIEWS_VIEWER);
-    let listen = format!("{}:8080", reviews.ip);
-    let mut server = reviews.spawn(
-        &cluster,
-        &["http-serve", "--listen", &listen, "--name", "reviews-v1"],
-    );
-    server.wait_for_output("ready", Duration::from_secs(10));
+    let _server = bookinfo::serve_http(&cluster, &reviews);
     cluster.start_agents();
     wait_enrolled(&cluster, 0, 1);
     wait_enrolled(&cluster, 1, 1);

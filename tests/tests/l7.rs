@@ -4,7 +4,9 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use mesh_tests::{
-    Cluster, Pod, PodProcess, PodSpec, http_get_in_netns, namespace_yaml,
+    Cluster, Pod, PodProcess,
+    bookinfo::{self, APP_PORT},
+    http_get_in_netns, namespace_yaml,
     scenario::{CONVERGE_TIMEOUT, connect, metric, replies, skip, wait_enrolled, wait_until},
     service_yaml,
 };
@@ -16,7 +18,6 @@ const REVIEWS_V1_IP: &str = "10.96.0.21";
 const REVIEWS_V2_IP: &str = "10.96.0.22";
 /// A Service whose ports declare no protocol: the proxy sniffs.
 const REVIEWS_UNDECLARED_IP: &str = "10.96.0.23";
-const APP_PORT: u16 = 8080;
 /// How long one `mesh-testapp http` run may take.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -72,19 +73,9 @@ struct Bookinfo {
 
 fn bookinfo(test: &str) -> Bookinfo {
     let mut cluster = Cluster::new(test, 2);
-    let productpage = cluster.add_pod(
-        PodSpec::new("productpage", 0)
-            .label("app", "productpage")
-            .service_account("bookinfo-productpage"),
-    );
-    let reviews = |name: &str, node: usize, version: &str| {
-        PodSpec::new(name, node)
-            .label("app", "reviews")
-            .label("version", version)
-            .service_account("bookinfo-reviews")
-    };
-    let v1 = cluster.add_pod(reviews("reviews-v1", 1, "v1"));
-    let v2 = cluster.add_pod(reviews("reviews-v2", 0, "v2"));
+    let productpage = bookinfo::add_productpage(&mut cluster, 0);
+    let v1 = bookinfo::add_reviews(&mut cluster, "v1", 1);
+    let v2 = bookinfo::add_reviews(&mut cluster, "v2", 0);
     cluster.write_config("ns.yaml", &namespace_yaml("default", ENROLLED));
     let port = [("http", 9080, APP_PORT)];
     let services = [
@@ -113,7 +104,7 @@ fn bookinfo(test: &str) -> Bookinfo {
     cluster.write_config("services.yaml", &services.join("---\n"));
     let servers = [&v1, &v2]
         .into_iter()
-        .map(|pod| serve_http(&cluster, pod))
+        .map(|pod| bookinfo::serve_http(&cluster, pod))
         .collect();
     cluster.start_agents();
     wait_enrolled(&cluster, 0, 2);
@@ -133,17 +124,6 @@ fn bookinfo_canary(test: &str) -> Bookinfo {
     scene.apply("subsets.yaml", REVIEWS_SUBSETS);
     scene.apply("vs.yaml", REVIEWS_80_20);
     scene
-}
-
-/// `mesh-testapp http-serve` on the pod's port 8080, named after the pod.
-fn serve_http(cluster: &Cluster, pod: &Pod) -> PodProcess {
-    let listen = format!("{}:{APP_PORT}", pod.ip);
-    let mut server = pod.spawn(
-        cluster,
-        &["http-serve", "--listen", &listen, "--name", &pod.name],
-    );
-    server.wait_for_output("ready", Duration::from_secs(10));
-    server
 }
 
 impl Bookinfo {
@@ -179,18 +159,7 @@ impl Bookinfo {
 
     fn http_to(&self, ip: &str, path: &str, args: &[&str]) -> Vec<Value> {
         let url = format!("http://{ip}:9080{path}");
-        let mut all = vec!["http", "--url", &url];
-        all.extend_from_slice(args);
-        let output = self.productpage.run(&self.cluster, &all, CLIENT_TIMEOUT);
-        assert!(
-            output.status.success(),
-            "mesh-testapp {all:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
-            .collect()
+        bookinfo::http(&self.cluster, &self.productpage, &url, args)
     }
 
     /// `count` requests; the summary (status and backend counts).
@@ -503,7 +472,9 @@ spec:
     let after = scene.summary("/", 20, &[]);
     assert_eq!(count(&after, "served_by", "reviews-v1"), 20, "{after}");
     // Back after baseEjectionTime.
-    scene._servers.push(serve_http(&scene.cluster, &scene.v2));
+    scene
+        ._servers
+        .push(bookinfo::serve_http(&scene.cluster, &scene.v2));
     std::thread::sleep(Duration::from_secs(4));
     let back = scene.summary("/", 20, &[]);
     assert!(count(&back, "served_by", "reviews-v2") > 0, "{back}");
@@ -580,12 +551,7 @@ fn sniffing_grpc_http2_upgrades_mirroring_and_l7_authorization() {
             &[("app", "reviews"), ("version", "v1")],
         ),
     );
-    let echo = format!("{}:8081", scene.v1.ip);
-    let mut tcp_server = scene.v1.spawn(
-        &scene.cluster,
-        &["serve", "--listen", &echo, "--name", "reviews-v1-tcp"],
-    );
-    tcp_server.wait_for_output("ready", Duration::from_secs(10));
+    let tcp_server = bookinfo::serve_tcp(&scene.cluster, &scene.v1, 8081, "reviews-v1-tcp");
     scene._servers.push(tcp_server);
     let sniffed = scene.summary_to(REVIEWS_UNDECLARED_IP, "/sniffed", 3, &[]);
     assert_eq!(count(&sniffed, "status", "200"), 3, "{sniffed}");

@@ -16,7 +16,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Incoming};
 use hyper_util::rt::TokioIo;
 use mesh_tests::{
-    Cluster, Pod, PodProcess, PodSpec, namespace_yaml,
+    Cluster, Pod, PodProcess,
+    bookinfo::{self, APP_PORT},
+    namespace_yaml,
     scenario::{CONVERGE_TIMEOUT, connect, skip, wait_enrolled, wait_until},
     service_yaml,
 };
@@ -29,9 +31,7 @@ use serde_json::Value;
 
 const ENROLLED: &[(&str, &str)] = &[("nodemesh.io/enabled", "true")];
 const REVIEWS_IP: &str = "10.96.0.20";
-const APP_PORT: u16 = 8080;
 const TCP_PORT: u16 = 7000;
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Spans leave in batches every 5 s (the SDK's default schedule).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -107,17 +107,8 @@ struct Scene {
 
 fn scene(test: &str) -> Scene {
     let mut cluster = Cluster::new(test, 2);
-    let productpage = cluster.add_pod(
-        PodSpec::new("productpage", 0)
-            .label("app", "productpage")
-            .service_account("bookinfo-productpage"),
-    );
-    let reviews = cluster.add_pod(
-        PodSpec::new("reviews-v1", 1)
-            .label("app", "reviews")
-            .label("version", "v1")
-            .service_account("bookinfo-reviews"),
-    );
+    let productpage = bookinfo::add_productpage(&mut cluster, 0);
+    let reviews = bookinfo::add_reviews(&mut cluster, "v1", 1);
     cluster.write_config("ns.yaml", &namespace_yaml("default", ENROLLED));
     cluster.write_config(
         "services.yaml",
@@ -131,24 +122,8 @@ fn scene(test: &str) -> Scene {
     );
     cluster.write_config("authz.yaml", REVIEWS_VIEWER);
     cluster.write_config("vs.yaml", REVIEWS_ROUTE);
-    let http_listen = format!("{}:{APP_PORT}", reviews.ip);
-    let mut http = reviews.spawn(
-        &cluster,
-        &[
-            "http-serve",
-            "--listen",
-            &http_listen,
-            "--name",
-            &reviews.name,
-        ],
-    );
-    http.wait_for_output("ready", Duration::from_secs(10));
-    let tcp_listen = format!("{}:{TCP_PORT}", reviews.ip);
-    let mut tcp = reviews.spawn(
-        &cluster,
-        &["serve", "--listen", &tcp_listen, "--name", "reviews-tcp"],
-    );
-    tcp.wait_for_output("ready", Duration::from_secs(10));
+    let http = bookinfo::serve_http(&cluster, &reviews);
+    let tcp = bookinfo::serve_tcp(&cluster, &reviews, TCP_PORT, "reviews-tcp");
 
     // The collector listens on node0's address, which node1 reaches over the fabric.
     let collector = Collector::start(&cluster, SocketAddr::from((cluster.node_ip(0), 0)));
@@ -171,18 +146,11 @@ impl Scene {
     /// One request from productpage to the reviews Service; its response line.
     fn request(&self, method: &str, path: &str, headers: &[&str]) -> Value {
         let url = format!("http://{REVIEWS_IP}:9080{path}");
-        let mut args = vec!["http", "--url", &url, "--method", method];
+        let mut args = vec!["--method", method];
         for header in headers {
             args.extend(["--header", header]);
         }
-        let output = self.productpage.run(&self.cluster, &args, CLIENT_TIMEOUT);
-        assert!(
-            output.status.success(),
-            "mesh-testapp {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout)
-            .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(&output.stdout)))
+        bookinfo::http(&self.cluster, &self.productpage, &url, &args).remove(0)
     }
 
     /// The access log lines node `i`'s agent wrote so far (its log's JSON lines with a
