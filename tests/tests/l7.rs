@@ -379,7 +379,25 @@ spec:
     fault:
       delay: {fixedDelay: 400ms, percentage: {value: 100}}
     route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {exact: /old}}]
+    redirect: {uri: /new, authority: reviews.example, redirectCode: 308}
+  - match: [{uri: {prefix: /maintenance}}]
+    directResponse: {status: 503, body: {string: down for maintenance}}
 ",
+    );
+
+    // redirect and directResponse are answered by the proxy itself.
+    let before_local = scene.stats(&scene.v1)["requests"].as_u64().unwrap();
+    let moved = scene.one("/old", &[]);
+    assert_eq!(moved["status"], 308, "{moved}");
+    assert_eq!(moved["headers"]["location"], "http://reviews.example/new");
+    let direct = scene.one("/maintenance/now", &[]);
+    assert_eq!(direct["status"], 503);
+    assert_eq!(direct["body"], "down for maintenance");
+    assert_eq!(
+        scene.stats(&scene.v1)["requests"].as_u64().unwrap(),
+        before_local,
+        "neither reached the backend"
     );
 
     // Fails twice, then succeeds: three retries are enough, one is not.

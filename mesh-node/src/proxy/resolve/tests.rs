@@ -10,6 +10,9 @@ fn state(yaml: &str) -> State {
             match value["kind"].as_str().unwrap() {
                 "Pod" => Object::Pod(Box::new(serde_yaml::from_value(value).unwrap())),
                 "Service" => Object::Service(Box::new(serde_yaml::from_value(value).unwrap())),
+                "VirtualService" => {
+                    Object::VirtualService(Box::new(serde_yaml::from_value(value).unwrap()))
+                }
                 kind => panic!("unexpected kind {kind}"),
             }
         })
@@ -123,5 +126,39 @@ fn unknown_port_and_unknown_address() {
     assert_eq!(
         outside,
         Upstream::Passthrough("192.0.2.1:443".parse().unwrap())
+    );
+}
+
+#[test]
+fn a_virtual_service_tcp_route_sends_l4_connections_where_it_says() {
+    let state = state(&format!(
+        "{CLUSTER}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web]
+  tcp:
+  - match: [{{port: 80}}]
+    route:
+    - destination: {{host: web, port: {{number: 81}}}}
+      weight: 100
+"
+    ));
+    let resolver = Resolver::default();
+    let mut addrs: Vec<String> = (0..2)
+        .map(|_| {
+            resolver
+                .resolve(&state, "10.96.0.1:80".parse().unwrap())
+                .unwrap()
+                .addr()
+                .to_string()
+        })
+        .collect();
+    addrs.sort();
+    assert_eq!(
+        addrs,
+        ["10.0.0.1:8081", "10.0.0.2:8082"],
+        "port 80 routed to the Service's port 81 and its named target port"
     );
 }
