@@ -7,7 +7,10 @@ use mesh_tests::{
     Cluster, Pod, PodProcess,
     bookinfo::{self, APP_PORT},
     http_get_in_netns, namespace_yaml,
-    scenario::{CONVERGE_TIMEOUT, connect, metric, replies, skip, wait_enrolled, wait_until},
+    scenario::{
+        CONVERGE_TIMEOUT, connect, metric, replies, skip, wait_enrolled, wait_for_metric,
+        wait_until,
+    },
     service_yaml,
 };
 use serde_json::Value;
@@ -240,9 +243,15 @@ fn canary_split_header_and_path_matches_and_request_metrics() {
             ],
         )
     };
-    assert_eq!(source("v1") + source("v2"), 1000.0);
+    // A request is counted when its response body has ended, which may be a moment after
+    // the client has read it.
+    wait_until(
+        CONVERGE_TIMEOUT,
+        "1000 requests counted at the source",
+        || (source("v1") + source("v2") == 1000.0).then_some(()),
+    );
     assert_eq!(source("v2"), to_v2 as f64);
-    let at_v1 = metric(
+    wait_for_metric(
         &scene.cluster,
         1,
         "istio_requests_total",
@@ -256,8 +265,8 @@ fn canary_split_header_and_path_matches_and_request_metrics() {
             ),
             ("response_code", "200"),
         ],
+        (1000 - to_v2) as f64,
     );
-    assert_eq!(at_v1, (1000 - to_v2) as f64);
     let durations = metric(
         &scene.cluster,
         0,
@@ -432,7 +441,7 @@ spec:
         delayed["elapsed_ms"].as_f64().unwrap() >= 400.0,
         "{delayed}"
     );
-    let fault_flags = metric(
+    wait_for_metric(
         &scene.cluster,
         0,
         "istio_requests_total",
@@ -441,8 +450,8 @@ spec:
             ("response_code", "418"),
             ("response_flags", "FI"),
         ],
+        1.0,
     );
-    assert_eq!(fault_flags, 1.0);
 }
 
 #[test]
@@ -580,10 +589,7 @@ fn sniffing_grpc_http2_upgrades_mirroring_and_l7_authorization() {
             "reviews-undeclared.default.svc.cluster.local",
         ),
     ];
-    assert_eq!(
-        metric(&scene.cluster, 0, "istio_requests_total", &undeclared),
-        3.0
-    );
+    wait_for_metric(&scene.cluster, 0, "istio_requests_total", &undeclared, 3.0);
     let tcp = replies(&connect(
         &scene.cluster,
         &scene.productpage,
@@ -592,15 +598,14 @@ fn sniffing_grpc_http2_upgrades_mirroring_and_l7_authorization() {
     ));
     assert_eq!(tcp.len(), 2);
     assert_eq!(tcp[0]["server"], "reviews-v1-tcp");
-    assert_eq!(
-        metric(
-            &scene.cluster,
-            0,
-            "istio_tcp_connections_closed_total",
-            &undeclared
-        ),
+    // L4 metrics for the bytes that were not HTTP (a close is counted once both sides
+    // are done, just after the client returns).
+    wait_for_metric(
+        &scene.cluster,
+        0,
+        "istio_tcp_connections_closed_total",
+        &undeclared,
         2.0,
-        "L4 metrics for the bytes that were not HTTP"
     );
     assert_eq!(
         metric(&scene.cluster, 0, "istio_requests_total", &undeclared),
@@ -637,7 +642,7 @@ fn sniffing_grpc_http2_upgrades_mirroring_and_l7_authorization() {
     let stream = grpc("/nodemesh.test.Echo/Stream", &["a", "b", "c"]);
     assert_eq!(stream.len(), 4, "{stream:?}");
     assert!(stream[2].ends_with(":c"), "{stream:?}");
-    let grpc_metric = metric(
+    wait_for_metric(
         &scene.cluster,
         0,
         "istio_requests_total",
@@ -646,8 +651,8 @@ fn sniffing_grpc_http2_upgrades_mirroring_and_l7_authorization() {
             ("request_protocol", "grpc"),
             ("grpc_response_status", "0"),
         ],
+        2.0,
     );
-    assert_eq!(grpc_metric, 2.0);
 
     // An upgraded connection (as WebSocket does) passes through.
     let url = format!("http://{REVIEWS_IP}:9080/ws");
@@ -710,13 +715,13 @@ spec:
         403,
         "method not allowed"
     );
-    let denied_metric = metric(
+    wait_for_metric(
         &scene.cluster,
         1,
         "istio_requests_total",
         &[("reporter", "destination"), ("response_code", "403")],
+        2.0,
     );
-    assert_eq!(denied_metric, 2.0);
 }
 
 #[test]
