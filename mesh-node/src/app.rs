@@ -11,8 +11,8 @@ use crate::{
     access_log::AccessLog,
     admin::{Admin, LogControl},
     ca_server::{self, CaService, TokenFile},
-    cli::{CaConfig, RunConfig},
-    config::file::FileSource,
+    cli::{CaConfig, ConfigSourceKind, RunConfig, resolve_config_source},
+    config::{file::FileSource, kube::KubeSource},
     distributed_tracing::{TraceConfig, Tracing},
     ebpf::Capture,
     enroll::Enrollment,
@@ -22,10 +22,10 @@ use crate::{
     metrics::{self, Metrics, NodeMetrics, server::Endpoints},
     netns::Netns,
     proxy::{Mtls, ProxyContext, Resolver, connections::Connections},
-    readiness::Readiness,
+    readiness::{Readiness, ReadinessGuard},
     signal,
     signer::{NodeSigner, RemoteSigner},
-    state::{State, StateRx},
+    state::{State, StateRx, StateTx},
 };
 
 /// How often the eBPF counters and certificate expiries are copied into the metrics.
@@ -72,11 +72,14 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     );
 
     let (state_tx, state_rx) = watch::channel(Arc::new(State::default()));
-    let mut source = FileSource::new(&config.config_dir, config.root_namespace.clone());
-    source
-        .publish(&state_tx, &metrics.node)
-        .with_context(|| format!("reading config dir {}", config.config_dir.display()))?;
-    drop(config_ready);
+    let source = ConfigSource::start(
+        config.config_source,
+        config.config_dir.as_deref(),
+        &config.root_namespace,
+        &state_tx,
+        &metrics.node,
+    )
+    .await?;
 
     let mtls = match (&config.ca_dir, config.ca_addr) {
         (Some(dir), _) => Some(Arc::new(local_ca(
@@ -120,7 +123,12 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
 
     let admin_state = state_rx.clone();
     let mut tasks = JoinSet::new();
-    tasks.spawn(source.watch(state_tx, metrics.node.clone(), shutdown.clone()));
+    tasks.spawn(source.run(
+        state_tx,
+        metrics.node.clone(),
+        config_ready,
+        shutdown.clone(),
+    ));
     tasks.spawn(Enrollment::new(config.node_name.clone(), proxy).run(
         state_rx,
         pods_ready,
@@ -175,6 +183,59 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         tasks,
         tracing,
     })
+}
+
+/// The config source `mesh-node run` or `mesh-node ca` reads, once its first state is in.
+enum ConfigSource {
+    File(FileSource),
+    Kube(KubeSource),
+}
+
+impl ConfigSource {
+    /// Opens the source. A directory is read at once (a broken one fails start-up); the API
+    /// server is listed by [`run`](Self::run), which drops `ready` when the first state is in.
+    async fn start(
+        asked: Option<ConfigSourceKind>,
+        dir: Option<&Path>,
+        root_namespace: &str,
+        tx: &StateTx,
+        metrics: &NodeMetrics,
+    ) -> anyhow::Result<Self> {
+        match resolve_config_source(asked, dir).map_err(anyhow::Error::msg)? {
+            ConfigSourceKind::File => {
+                let dir = dir.context("--config-dir is required")?;
+                let mut source = FileSource::new(dir, root_namespace);
+                source
+                    .publish(tx, metrics)
+                    .with_context(|| format!("reading config dir {}", dir.display()))?;
+                info!(dir = %dir.display(), "config source: files");
+                Ok(Self::File(source))
+            }
+            ConfigSourceKind::Kube => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API server")?;
+                info!("config source: the Kubernetes API server");
+                Ok(Self::Kube(KubeSource::new(client, root_namespace)))
+            }
+        }
+    }
+
+    async fn run(
+        self,
+        tx: StateTx,
+        metrics: NodeMetrics,
+        ready: ReadinessGuard,
+        shutdown: CancellationToken,
+    ) {
+        match self {
+            Self::File(source) => {
+                drop(ready);
+                source.watch(tx, metrics, shutdown).await;
+            }
+            Self::Kube(source) => source.run(tx, metrics, ready, shutdown).await,
+        }
+    }
 }
 
 /// The in-process CA (file-backed root in `dir`) and the certificate manager in front of it.

@@ -113,6 +113,42 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where `mesh-node run` reads Kubernetes objects from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigSourceKind {
+    /// A directory of YAML (`--config-dir`).
+    File,
+    /// The Kubernetes API server (in-cluster service account, or `KUBECONFIG`).
+    Kube,
+}
+
+/// The config source a command asked for: `--config-source`, else `file` when a directory was
+/// given, else `kube` when a cluster is reachable by the usual means.
+pub fn resolve_config_source(
+    asked: Option<ConfigSourceKind>,
+    config_dir: Option<&std::path::Path>,
+) -> Result<ConfigSourceKind, String> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("KUBECONFIG").is_some();
+    match (asked, config_dir) {
+        (Some(ConfigSourceKind::File), None) => {
+            Err("--config-source file needs --config-dir".into())
+        }
+        (Some(ConfigSourceKind::Kube), Some(_)) => {
+            Err("--config-dir is for --config-source file, not kube".into())
+        }
+        (Some(kind), _) => Ok(kind),
+        (None, Some(_)) => Ok(ConfigSourceKind::File),
+        (None, None) if in_cluster => Ok(ConfigSourceKind::Kube),
+        (None, None) => Err(
+            "no config source: give --config-dir, or run in a cluster (KUBERNETES_SERVICE_HOST) \
+             or with KUBECONFIG for --config-source kube"
+                .into(),
+        ),
+    }
+}
+
 /// Everything `mesh-node run` is configured with; parsed once and logged at start-up.
 #[derive(Clone, Debug, clap::Args, Serialize)]
 pub struct RunConfig {
@@ -120,9 +156,16 @@ pub struct RunConfig {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
 
-    /// Directory of Kubernetes YAML (Namespaces, Pods, Services), reloaded on change.
+    /// Where the mesh's view of the cluster comes from: `kube` (watch the API server; the
+    /// default inside a cluster, found through `KUBERNETES_SERVICE_HOST` or `KUBECONFIG`) or
+    /// `file` (a directory of YAML, `--config-dir`; the default elsewhere).
+    #[arg(long, value_enum)]
+    pub config_source: Option<ConfigSourceKind>,
+
+    /// Directory of Kubernetes YAML (Namespaces, Pods, Services, EndpointSlices, Istio and
+    /// Gateway API resources), reloaded on change. Implies `--config-source file`.
     #[arg(long)]
-    pub config_dir: PathBuf,
+    pub config_dir: Option<PathBuf>,
 
     /// cgroup v2 directory the capture programs attach to (the node's root cgroup).
     #[arg(long, default_value = "/sys/fs/cgroup")]

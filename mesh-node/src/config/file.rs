@@ -7,20 +7,23 @@
 //! resource defines (a VirtualService route to an undefined DestinationRule subset): its
 //! last good version stays, or it is left out if it has none.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use serde::{Deserialize, de::DeserializeOwned};
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use super::{Object, ObjectId, translate, validate};
+use super::{
+    LastGood, Object, ObjectId,
+    document::{Document, TypeMeta, classify},
+    publish,
+};
 use crate::{
     metrics::NodeMetrics,
-    routing::check_references,
     state::{Rejection, State, StateTx},
 };
 
@@ -35,7 +38,7 @@ pub struct FileSource {
     /// Objects each file gave the last time it was readable YAML.
     last_good_by_file: HashMap<PathBuf, Vec<Object>>,
     /// The last accepted version of each object, whatever file it came from.
-    last_good_by_id: HashMap<ObjectId, Object>,
+    last_good: LastGood,
     /// The file each object of the last load came from, for the admin API's config dump.
     origins: BTreeMap<String, String>,
 }
@@ -54,7 +57,7 @@ impl FileSource {
             dir: dir.into(),
             root_namespace: root_namespace.into(),
             last_good_by_file: HashMap::new(),
-            last_good_by_id: HashMap::new(),
+            last_good: LastGood::default(),
             origins: BTreeMap::new(),
         }
     }
@@ -81,7 +84,7 @@ impl FileSource {
                             Document::Object(object) => accepted.push(object),
                             Document::Invalid { resource, error } => {
                                 rejections.push(reject(&path, &resource.to_string(), error));
-                                if let Some(previous) = self.last_good_by_id.get(&resource) {
+                                if let Some(previous) = self.last_good.get(&resource) {
                                     accepted.push(previous.clone());
                                 }
                             }
@@ -117,9 +120,15 @@ impl FileSource {
             }
             files_seen.insert(path, from_this_file);
         }
-        self.enforce_references(&mut objects, &origins, &mut rejections);
+        let origin_of = |id: &ObjectId| {
+            origins
+                .get(id)
+                .map_or_else(String::new, |p| p.display().to_string())
+        };
+        self.last_good
+            .enforce_references(&mut objects, origin_of, &mut rejections);
         self.last_good_by_file = files_seen;
-        self.last_good_by_id = objects.iter().map(|o| (o.id(), o.clone())).collect();
+        self.last_good.remember(&objects);
         self.origins = objects
             .iter()
             .filter_map(|o| {
@@ -132,38 +141,6 @@ impl FileSource {
             objects,
             rejections,
         })
-    }
-
-    /// Objects that refer to what no other object defines (a route to an undefined subset)
-    /// fall back to their last good version, or are dropped if that fails too or there is
-    /// none. Each is rejected once, with the reason its new version failed.
-    fn enforce_references(
-        &self,
-        objects: &mut Vec<Object>,
-        origins: &HashMap<ObjectId, PathBuf>,
-        rejections: &mut Vec<Rejection>,
-    ) {
-        let mut fell_back = HashSet::new();
-        loop {
-            let offenders = check_references(objects);
-            if offenders.is_empty() {
-                return;
-            }
-            for (id, error) in offenders {
-                let Some(index) = objects.iter().position(|o| o.id() == id) else {
-                    continue;
-                };
-                if fell_back.insert(id.clone()) {
-                    let origin = origins.get(&id).map_or_else(PathBuf::new, Clone::clone);
-                    rejections.push(reject(&origin, &id.to_string(), error));
-                    if let Some(previous) = self.last_good_by_id.get(&id) {
-                        objects[index] = previous.clone();
-                        continue;
-                    }
-                }
-                objects.remove(index);
-            }
-        }
     }
 
     fn yaml_files(&self) -> std::io::Result<Vec<PathBuf>> {
@@ -198,36 +175,14 @@ impl FileSource {
             objects,
             rejections,
         } = self.load()?;
-        for rejection in &rejections {
-            warn!(
-                file = %rejection.origin,
-                resource = %rejection.resource,
-                error = %rejection.error,
-                "config resource rejected; its last good version stays in force"
-            );
-        }
-        let loaded_rejections = rejections.len();
-        let mut state = translate(&objects, rejections, &self.root_namespace);
-        state.origins = self.origins.clone();
-        let state = Arc::new(state);
-        for rejection in &state.rejections[loaded_rejections..] {
-            warn!(
-                resource = %rejection.resource,
-                error = %rejection.error,
-                "routing resource not applied to a host"
-            );
-        }
-        info!(
-            namespaces = state.namespaces.len(),
-            workloads = state.workloads.len(),
-            services = state.services.len(),
-            routed_hosts = state.routes.summary().len(),
-            rejected = state.rejections.len(),
-            "config loaded"
-        );
-        tx.send_replace(state.clone());
-        metrics.config_loaded(state.rejections.len());
-        Ok(state)
+        Ok(publish(
+            &objects,
+            rejections,
+            self.origins.clone(),
+            &self.root_namespace,
+            tx,
+            metrics,
+        ))
     }
 
     /// Reloads whenever the directory changes, until `shutdown`.
@@ -264,33 +219,6 @@ fn reject(path: &Path, resource: &str, error: String) -> Rejection {
     }
 }
 
-/// One YAML document, classified.
-enum Document {
-    Object(Object),
-    Invalid { resource: ObjectId, error: String },
-    Ignored { kind: String },
-}
-
-#[derive(Deserialize)]
-struct TypeMeta {
-    #[serde(rename = "apiVersion", default)]
-    api_version: String,
-    #[serde(default)]
-    kind: String,
-    #[serde(default)]
-    metadata: MetaNames,
-    #[serde(default)]
-    items: Vec<serde_yaml::Value>,
-}
-
-#[derive(Deserialize, Default)]
-struct MetaNames {
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-}
-
 /// Splits a file into documents. Fails only when the file is not YAML at all.
 fn parse_documents(text: &str) -> Result<Vec<Document>, String> {
     let mut values = Vec::new();
@@ -325,75 +253,6 @@ fn parse_documents(text: &str) -> Result<Vec<Document>, String> {
     }
     documents.reverse();
     Ok(documents)
-}
-
-/// Reads a document as one kind of [`Object`].
-type Parse = fn(serde_yaml::Value) -> Result<Object, serde_yaml::Error>;
-
-fn parse_as<T: DeserializeOwned>(
-    value: serde_yaml::Value,
-    wrap: fn(Box<T>) -> Object,
-) -> Result<Object, serde_yaml::Error> {
-    serde_yaml::from_value(value).map(|o| wrap(Box::new(o)))
-}
-
-fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
-    const SECURITY: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
-    // The three versions Istio serves share one schema.
-    const NETWORKING: [&str; 3] = [
-        "networking.istio.io/v1",
-        "networking.istio.io/v1beta1",
-        "networking.istio.io/v1alpha3",
-    ];
-    const GATEWAY: [&str; 2] = [
-        "gateway.networking.k8s.io/v1",
-        "gateway.networking.k8s.io/v1beta1",
-    ];
-    let api = meta.api_version.as_str();
-    let (kind, parse): (&'static str, Parse) = match meta.kind.as_str() {
-        "Namespace" if api == "v1" => ("Namespace", |v| parse_as(v, Object::Namespace)),
-        "Pod" if api == "v1" => ("Pod", |v| parse_as(v, Object::Pod)),
-        "Service" if api == "v1" => ("Service", |v| parse_as(v, Object::Service)),
-        "PeerAuthentication" if SECURITY.contains(&api) => ("PeerAuthentication", |v| {
-            parse_as(v, Object::PeerAuthentication)
-        }),
-        "AuthorizationPolicy" if SECURITY.contains(&api) => ("AuthorizationPolicy", |v| {
-            parse_as(v, Object::AuthorizationPolicy)
-        }),
-        "VirtualService" if NETWORKING.contains(&api) => {
-            ("VirtualService", |v| parse_as(v, Object::VirtualService))
-        }
-        "DestinationRule" if NETWORKING.contains(&api) => {
-            ("DestinationRule", |v| parse_as(v, Object::DestinationRule))
-        }
-        "HTTPRoute" if GATEWAY.contains(&api) => ("HTTPRoute", |v| parse_as(v, Object::HttpRoute)),
-        _ => return Document::Ignored { kind: meta.kind },
-    };
-    let resource = ObjectId {
-        kind,
-        namespace: if kind == "Namespace" {
-            String::new()
-        } else {
-            meta.metadata.namespace.unwrap_or_else(|| "default".into())
-        },
-        name: meta.metadata.name,
-    };
-    let object = match parse(value) {
-        Ok(object) => object,
-        Err(error) => {
-            return Document::Invalid {
-                resource,
-                error: error.to_string(),
-            };
-        }
-    };
-    match validate(&object) {
-        Ok(()) => Document::Object(object),
-        Err(error) => Document::Invalid {
-            resource,
-            error: error.to_string(),
-        },
-    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{Namespace, Pod, Service as K8sService},
+    api::{
+        core::v1::{Namespace, Pod, Service as K8sService},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use serde::Deserialize;
@@ -33,6 +36,8 @@ pub enum Object {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
     Service(Box<K8sService>),
+    /// A Service's endpoints as the API server lists them (`discovery.k8s.io/v1`).
+    EndpointSlice(Box<EndpointSlice>),
     PeerAuthentication(Box<IstioObject<PeerAuthenticationSpec>>),
     AuthorizationPolicy(Box<IstioObject<AuthorizationPolicySpec>>),
     VirtualService(Box<IstioObject<VirtualServiceSpec>>),
@@ -80,6 +85,7 @@ impl Object {
             Object::Namespace(o) => ("Namespace", &o.metadata),
             Object::Pod(o) => ("Pod", &o.metadata),
             Object::Service(o) => ("Service", &o.metadata),
+            Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
             Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),
             Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
             Object::VirtualService(o) => ("VirtualService", &o.metadata),
@@ -105,7 +111,7 @@ pub fn validate(object: &Object) -> Result<(), TranslateError> {
         return Err(TranslateError::MissingName);
     }
     match object {
-        Object::Namespace(_) | Object::PeerAuthentication(_) => Ok(()),
+        Object::Namespace(_) | Object::PeerAuthentication(_) | Object::EndpointSlice(_) => Ok(()),
         Object::AuthorizationPolicy(policy) => Ok(policy.spec.validate()?),
         Object::VirtualService(vs) => Ok(vs.spec.validate(&id.namespace)?),
         Object::DestinationRule(rule) => Ok(rule.spec.validate(&id.namespace)?),
@@ -143,10 +149,11 @@ pub fn translate(
             workloads.insert(workload.key.clone(), workload);
         }
     }
+    let slices = endpoint_slices_by_service(objects);
     let mut services = BTreeMap::new();
     for object in objects {
         if let Object::Service(svc) = object
-            && let Ok(service) = service(object.id(), svc, &workloads)
+            && let Ok(service) = service(object.id(), svc, &workloads, &slices)
         {
             services.insert(service.key.clone(), service);
         }
@@ -328,19 +335,73 @@ fn service_ports(svc: &K8sService) -> Result<Vec<ServicePort>, TranslateError> {
         .collect()
 }
 
+/// The label that ties an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// EndpointSlices by the Service they belong to.
+fn endpoint_slices_by_service(objects: &[Object]) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
+    let mut slices: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for object in objects {
+        if let Object::EndpointSlice(slice) = object
+            && let Some(service) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            let key = ObjectKey::new(object.id().namespace, service.clone());
+            slices.entry(key).or_default().push(slice);
+        }
+    }
+    slices
+}
+
+/// The pods a Service's EndpointSlices list as serving (`ready` unset counts as ready, as
+/// kube-proxy reads it). Endpoints that are not pods (no `targetRef`) carry no identity for
+/// the mesh and are left out.
+fn endpoints_from_slices(
+    namespace: &str,
+    slices: &[&EndpointSlice],
+    workloads: &BTreeMap<ObjectKey, Workload>,
+) -> Vec<ObjectKey> {
+    let mut endpoints: Vec<ObjectKey> = slices
+        .iter()
+        .flat_map(|slice| slice.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .filter_map(|e| e.target_ref.as_ref())
+        .filter(|target| target.kind.as_deref() == Some("Pod"))
+        .filter_map(|target| {
+            let namespace = target.namespace.as_deref().unwrap_or(namespace);
+            let key = ObjectKey::new(namespace, target.name.clone()?);
+            workloads
+                .get(&key)
+                .filter(|w| !w.ips.is_empty())
+                .map(|_| key)
+        })
+        .collect();
+    endpoints.sort();
+    endpoints.dedup();
+    endpoints
+}
+
 fn service(
     id: ObjectId,
     svc: &K8sService,
     workloads: &BTreeMap<ObjectKey, Workload>,
+    slices: &BTreeMap<ObjectKey, Vec<&EndpointSlice>>,
 ) -> Result<Service, TranslateError> {
     let selector = svc
         .spec
         .as_ref()
         .and_then(|s| s.selector.clone())
         .unwrap_or_default();
-    // A Service without a selector has manually managed endpoints (EndpointSlices), which
-    // the file source does not carry yet: it simply has none.
-    let endpoints = if selector.is_empty() {
+    let key = ObjectKey::new(id.namespace.clone(), id.name.clone());
+    // The API server's EndpointSlices say which pods serve, when there are any (always, in
+    // a cluster). Without them (a config directory of Services and Pods alone) the selector
+    // is matched here the way the EndpointSlice controller would.
+    let endpoints = if let Some(slices) = slices.get(&key) {
+        endpoints_from_slices(&id.namespace, slices, workloads)
+    } else if selector.is_empty() {
         Vec::new()
     } else {
         workloads
@@ -351,7 +412,7 @@ fn service(
             .collect()
     };
     Ok(Service {
-        key: ObjectKey::new(id.namespace, id.name),
+        key,
         cluster_ips: service_cluster_ips(svc)?,
         ports: service_ports(svc)?,
         endpoints,

@@ -1,5 +1,5 @@
 use super::*;
-use crate::state::ObjectKey;
+use crate::{config::translate, state::ObjectKey};
 
 const NAMESPACE: &str = "
 apiVersion: v1

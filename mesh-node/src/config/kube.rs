@@ -1,0 +1,365 @@
+//! The kube config source: watches the API server and publishes the same [`State`] the file
+//! source would for the same objects.
+//!
+//! One kube-rs watcher per kind the mesh understands, all cluster-wide. Each object is
+//! classified exactly as a document of the file source is ([`classify`]), so a bad resource is
+//! refused alone with its reason and its last good version stays ([`LastGood`]). A relist (a
+//! watch that expired, the API server restarting) is buffered and swapped in whole when it
+//! completes, so pods never flap out of the state while the list is in flight. Watch errors
+//! back off (kube-rs' default backoff) and resume; nothing known is dropped meanwhile. The
+//! first state is published once every kind has listed, which is when the agent turns ready.
+//!
+//! Pods are watched on every node, not just this one: a pod's service account (the identity
+//! its peers must present) and labels (DestinationRule subsets, metrics) are needed wherever
+//! its callers run, and no EndpointSlice carries them. The pods kept in memory are trimmed to
+//! the fields the mesh reads.
+use std::{
+    collections::{BTreeMap, HashSet},
+    pin::Pin,
+    time::Duration,
+};
+
+use futures::{Stream, StreamExt};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{
+    LastGood, Object, ObjectId,
+    document::{Document, TypeMeta, classify},
+    publish,
+};
+use crate::{
+    metrics::NodeMetrics,
+    readiness::ReadinessGuard,
+    state::{Rejection, StateTx},
+};
+
+/// Changes arriving this close together are published as one state.
+const PUBLISH_DELAY: Duration = Duration::from_millis(50);
+/// What a rejection names as the origin of an object from the API server.
+pub const ORIGIN: &str = "kubernetes API";
+
+/// A kind the mesh watches: `apiVersion`, `kind`, plural resource name.
+pub struct WatchedKind {
+    pub api_version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+}
+
+/// Every kind the translation understands, at the version the source asks the API server for.
+pub const WATCHED_KINDS: [WatchedKind; 9] = [
+    watched("v1", "Namespace", "namespaces"),
+    watched("v1", "Pod", "pods"),
+    watched("v1", "Service", "services"),
+    watched("discovery.k8s.io/v1", "EndpointSlice", "endpointslices"),
+    watched(
+        "security.istio.io/v1",
+        "PeerAuthentication",
+        "peerauthentications",
+    ),
+    watched(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    ),
+    watched(
+        "networking.istio.io/v1",
+        "VirtualService",
+        "virtualservices",
+    ),
+    watched(
+        "networking.istio.io/v1",
+        "DestinationRule",
+        "destinationrules",
+    ),
+    watched("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),
+];
+
+const fn watched(
+    api_version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+) -> WatchedKind {
+    WatchedKind {
+        api_version,
+        kind,
+        plural,
+    }
+}
+
+impl WatchedKind {
+    fn api_resource(&self) -> ApiResource {
+        let (group, version) = self
+            .api_version
+            .rsplit_once('/')
+            .unwrap_or(("", self.api_version));
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(group, version, self.kind),
+            self.plural,
+        )
+    }
+
+    /// Whether the cluster may lack this kind (a CRD that was never installed).
+    fn is_optional(&self) -> bool {
+        self.api_version.contains(".istio.io/") || self.api_version.starts_with("gateway.")
+    }
+}
+
+/// The objects of one kind, as last listed and watched.
+#[derive(Default)]
+struct KindCache {
+    /// By `(namespace, name)`.
+    objects: BTreeMap<(String, String), Document>,
+    /// A relist in progress: replaces `objects` whole when it completes.
+    relist: Option<BTreeMap<(String, String), Document>>,
+    synced: bool,
+}
+
+impl KindCache {
+    /// Applies one watch event; says whether the visible objects changed.
+    fn apply(&mut self, kind: &WatchedKind, event: watcher::Event<DynamicObject>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(object) => {
+                let (key, document) = classify_object(kind, object);
+                self.relist.get_or_insert_default().insert(key, document);
+                false
+            }
+            watcher::Event::InitDone => {
+                self.objects = self.relist.take().unwrap_or_default();
+                self.synced = true;
+                true
+            }
+            watcher::Event::Apply(object) => {
+                let (key, document) = classify_object(kind, object);
+                self.objects.insert(key, document);
+                true
+            }
+            watcher::Event::Delete(object) => {
+                let key = object_key(&object);
+                self.objects.remove(&key).is_some()
+            }
+        }
+    }
+}
+
+fn object_key(object: &DynamicObject) -> (String, String) {
+    (
+        object.metadata.namespace.clone().unwrap_or_default(),
+        object.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Classifies an object from the API server the way the file source classifies a document.
+fn classify_object(kind: &WatchedKind, mut object: DynamicObject) -> ((String, String), Document) {
+    let key = object_key(&object);
+    object.metadata.managed_fields = None;
+    if kind.kind == "Pod" {
+        // The translation reads no pod annotations; `last-applied-configuration` alone can
+        // be larger than the rest of the pod.
+        object.metadata.annotations = None;
+        trim_pod(&mut object.data);
+    }
+    let mut value = Map::new();
+    value.insert("apiVersion".into(), kind.api_version.into());
+    value.insert("kind".into(), kind.kind.into());
+    value.insert(
+        "metadata".into(),
+        serde_json::to_value(&object.metadata).unwrap_or_default(),
+    );
+    if let Value::Object(data) = object.data {
+        value.extend(data);
+    }
+    let document = serde_yaml::to_value(Value::Object(value))
+        .map_err(|e| e.to_string())
+        .and_then(|value| {
+            let meta: TypeMeta =
+                serde_yaml::from_value(value.clone()).map_err(|e| e.to_string())?;
+            Ok(classify(meta, value))
+        })
+        .unwrap_or_else(|error| Document::Invalid {
+            resource: ObjectId {
+                kind: kind.kind,
+                namespace: key.0.clone(),
+                name: key.1.clone(),
+            },
+            error,
+        });
+    (key, document)
+}
+
+/// Keeps only what the translation reads of a pod: the rest (container images, env,
+/// volumes, statuses) would be held in memory for every pod of the cluster.
+fn trim_pod(data: &mut Value) {
+    fn keep(value: &mut Value, fields: &[&str]) {
+        if let Value::Object(map) = value {
+            map.retain(|k, _| fields.contains(&k.as_str()));
+        }
+    }
+    if let Some(spec) = data.get_mut("spec") {
+        keep(spec, &["nodeName", "serviceAccountName", "containers"]);
+        if let Some(Value::Array(containers)) = spec.get_mut("containers") {
+            for container in containers {
+                keep(container, &["name", "ports"]);
+            }
+        }
+    }
+    if let Some(status) = data.get_mut("status") {
+        keep(
+            status,
+            &["phase", "podIP", "podIPs", "conditions", "hostIP"],
+        );
+    }
+    if let Value::Object(map) = data {
+        map.retain(|k, _| k == "spec" || k == "status");
+    }
+}
+
+type EventStream = Pin<
+    Box<dyn Stream<Item = (usize, Result<watcher::Event<DynamicObject>, watcher::Error>)> + Send>,
+>;
+
+/// Watches the API server and publishes states until `shutdown`.
+pub struct KubeSource {
+    client: Client,
+    root_namespace: String,
+    caches: Vec<KindCache>,
+    last_good: LastGood,
+}
+
+impl KubeSource {
+    pub fn new(client: Client, root_namespace: impl Into<String>) -> Self {
+        Self {
+            client,
+            root_namespace: root_namespace.into(),
+            caches: WATCHED_KINDS.iter().map(|_| KindCache::default()).collect(),
+            last_good: LastGood::default(),
+        }
+    }
+
+    fn streams(&self) -> Vec<EventStream> {
+        WATCHED_KINDS
+            .iter()
+            .enumerate()
+            .map(|(index, kind)| {
+                let api: Api<DynamicObject> =
+                    Api::all_with(self.client.clone(), &kind.api_resource());
+                // `any_semantic`: lists may be served from the API server's watch cache, as
+                // for every informer; the watch that follows brings anything newer.
+                let config = watcher::Config::default().any_semantic();
+                let stream = watcher(api, config)
+                    .default_backoff()
+                    .map(move |event| (index, event));
+                Box::pin(stream) as EventStream
+            })
+            .collect()
+    }
+
+    /// Runs until `shutdown`. `ready` is dropped when the first state is published, after
+    /// every kind has been listed.
+    pub async fn run(
+        mut self,
+        tx: StateTx,
+        metrics: NodeMetrics,
+        ready: ReadinessGuard,
+        shutdown: CancellationToken,
+    ) {
+        let mut events = futures::stream::select_all(self.streams());
+        let mut ready = Some(ready);
+        let mut missing_kinds_logged = HashSet::new();
+        let mut dirty = false;
+        loop {
+            let all_synced = self.caches.iter().all(|c| c.synced);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(PUBLISH_DELAY), if dirty && all_synced => {
+                    dirty = false;
+                    self.publish(&tx, &metrics);
+                    if ready.take().is_some() {
+                        info!("kube source synced: every kind listed");
+                    }
+                }
+                next = events.next() => {
+                    let Some((index, event)) = next else { return };
+                    let kind = &WATCHED_KINDS[index];
+                    match event {
+                        Ok(event) => dirty |= self.caches[index].apply(kind, event),
+                        Err(error) if kind.is_optional() && is_not_found(&error) => {
+                            // A CRD that is not installed: nothing of that kind exists. The
+                            // watcher keeps retrying, so installing it later is picked up.
+                            if missing_kinds_logged.insert(index) {
+                                info!(kind = kind.kind, api_version = kind.api_version,
+                                      "kind not served by this cluster (CRD not installed); watching for it");
+                            }
+                            let cache = &mut self.caches[index];
+                            dirty |= !cache.synced;
+                            cache.synced = true;
+                        }
+                        Err(error) => {
+                            warn!(kind = kind.kind, %error, "watch failed; backing off and resuming, the last state stays");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every accepted object (a refused one replaced by its last good version) and every
+    /// refusal, in a stable order.
+    fn accepted(&mut self) -> (Vec<Object>, Vec<Rejection>) {
+        let mut objects = Vec::new();
+        let mut rejections = Vec::new();
+        for document in self.caches.iter().flat_map(|c| c.objects.values()) {
+            match document {
+                Document::Object(object) => objects.push(object.clone()),
+                Document::Invalid { resource, error } => {
+                    rejections.push(Rejection {
+                        origin: ORIGIN.into(),
+                        resource: resource.to_string(),
+                        error: error.clone(),
+                    });
+                    if let Some(previous) = self.last_good.get(resource) {
+                        objects.push(previous.clone());
+                    }
+                }
+                Document::Ignored { kind } => debug!(kind, "ignoring unsupported kind"),
+            }
+        }
+        self.last_good
+            .enforce_references(&mut objects, |_| ORIGIN.into(), &mut rejections);
+        self.last_good.remember(&objects);
+        (objects, rejections)
+    }
+
+    fn publish(&mut self, tx: &StateTx, metrics: &NodeMetrics) {
+        let (objects, rejections) = self.accepted();
+        publish(
+            &objects,
+            rejections,
+            BTreeMap::new(),
+            &self.root_namespace,
+            tx,
+            metrics,
+        );
+    }
+}
+
+fn is_not_found(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;
