@@ -7,7 +7,7 @@
 //! plain manifests are built with, and the chart templates put them back as Helm expressions.
 mod chart;
 mod check;
-mod objects;
+pub mod objects;
 
 use std::{
     collections::BTreeMap,

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod deploy;
+mod e2e_k8s;
 mod setup;
 
 use std::process::Command;
@@ -63,6 +64,18 @@ enum Task {
     /// Validate every manifest in deploy/ (and `kubectl kustomize`, `helm template` output
     /// when those tools are installed) against the Kubernetes API schemas.
     DeployCheck,
+    /// Install deploy/ on the cluster KUBECONFIG points at, enroll a namespace, check
+    /// routing, mutual TLS identities and metrics, then uninstall and check nothing is
+    /// left. Skipped (exit 0) when KUBECONFIG is not set.
+    E2eK8s {
+        /// The agent image, already available to the cluster's nodes (for kind:
+        /// `docker build -t nodemesh:e2e . && kind load docker-image nodemesh:e2e`).
+        #[arg(long, default_value = "nodemesh:e2e")]
+        image: String,
+        /// Leave the install and the test namespace in place afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         }),
         Task::Manifests => deploy::write_manifests(),
         Task::DeployCheck => deploy::check(),
+        Task::E2eK8s { image, keep } => e2e_k8s::run(&e2e_k8s::Options { image, keep }),
     }
 }
 

@@ -233,6 +233,8 @@ pub struct KubeSource {
     client: Client,
     root_namespace: String,
     caches: Vec<KindCache>,
+    /// Indexes into [`WATCHED_KINDS`] of the kinds this source watches.
+    watching: Vec<usize>,
     last_good: LastGood,
 }
 
@@ -242,15 +244,27 @@ impl KubeSource {
             client,
             root_namespace: root_namespace.into(),
             caches: WATCHED_KINDS.iter().map(|_| KindCache::default()).collect(),
+            watching: (0..WATCHED_KINDS.len()).collect(),
             last_good: LastGood::default(),
         }
     }
 
+    /// Watches only `kinds` (the CA needs pods, not routes): the others stay empty, and
+    /// need no RBAC.
+    pub fn only(mut self, kinds: &[&str]) -> Self {
+        self.watching
+            .retain(|index| kinds.contains(&WATCHED_KINDS[*index].kind));
+        for (index, cache) in self.caches.iter_mut().enumerate() {
+            cache.synced = !self.watching.contains(&index);
+        }
+        self
+    }
+
     fn streams(&self) -> Vec<EventStream> {
-        WATCHED_KINDS
+        self.watching
             .iter()
-            .enumerate()
-            .map(|(index, kind)| {
+            .map(|&index| {
+                let kind = &WATCHED_KINDS[index];
                 let api: Api<DynamicObject> =
                     Api::all_with(self.client.clone(), &kind.api_resource());
                 // `any_semantic`: lists may be served from the API server's watch cache, as

@@ -40,6 +40,8 @@ struct Store {
     /// How long a list takes to answer, to make a relist observable.
     list_delay: Duration,
     lists_served: HashMap<&'static str, usize>,
+    /// Every plural a request asked for.
+    requested: HashSet<&'static str>,
 }
 
 #[derive(Clone, Default)]
@@ -161,6 +163,7 @@ impl FakeApiServer {
         else {
             return json_response(StatusCode::NOT_FOUND, &status(404, "NotFound", &path));
         };
+        self.store.lock().unwrap().requested.insert(kind.plural);
         if self.store.lock().unwrap().missing.contains(kind.plural) {
             let message = "the server could not find the requested resource";
             return json_response(StatusCode::NOT_FOUND, &status(404, "NotFound", message));
@@ -242,11 +245,19 @@ impl Drop for Running {
 }
 
 fn start(api: &FakeApiServer) -> Running {
+    start_with(api, |source| source)
+}
+
+/// A running kube source fed by `api`, set up by `configure`.
+fn start_with(api: &FakeApiServer, configure: impl FnOnce(KubeSource) -> KubeSource) -> Running {
     let (tx, state) = watch::channel(Arc::new(State::default()));
     let readiness = Readiness::default();
     let ready = readiness.register("config");
     let shutdown = CancellationToken::new();
-    let source = KubeSource::new(api.start(), crate::policy::DEFAULT_ROOT_NAMESPACE);
+    let source = configure(KubeSource::new(
+        api.start(),
+        crate::policy::DEFAULT_ROOT_NAMESPACE,
+    ));
     let metrics = Metrics::new().expect("metrics").node;
     tokio::spawn(source.run(tx, metrics, ready, shutdown.clone()));
     Running {
@@ -570,6 +581,22 @@ async fn a_cluster_without_the_istio_and_gateway_crds_still_syncs() {
     running
         .wait_for("readiness without the CRDs", |s| s.workloads.len() == 1)
         .await;
+}
+
+#[tokio::test]
+async fn a_source_for_pods_only_asks_for_nothing_else() {
+    let api = FakeApiServer::default();
+    api.seed([
+        namespace("shop", true),
+        pod("shop", "web-1", "10.0.0.1", "node-a"),
+        service("shop", "web", "10.96.0.10"),
+    ]);
+    let mut running = start_with(&api, |source| source.only(&["Pod"]));
+    let state = running
+        .wait_for("the pods", |s| s.workloads.len() == 1)
+        .await;
+    assert!(state.services.is_empty() && state.namespaces.is_empty());
+    assert_eq!(api.store.lock().unwrap().requested, HashSet::from(["pods"]));
 }
 
 #[test]
