@@ -409,3 +409,62 @@ async fn export_map_fill(capture: Arc<Capture>, node: NodeMetrics, shutdown: Can
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    /// An agent started before the CA published its root stays alive and unready
+    /// ("ca-root" pending) until the root file appears, then becomes ready.
+    #[tokio::test(start_paused = true)]
+    async fn a_remote_ca_agent_waits_unready_for_the_root_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_file = dir.path().join("root-cert.pem");
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "projected-token\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "mesh-node",
+            "run",
+            "--node-name",
+            "node-a",
+            "--config-dir",
+            "/unused",
+            "--ca-addr",
+            "127.0.0.1:15012",
+            "--ca-root-file",
+            root_file.to_str().unwrap(),
+            "--ca-token-file",
+            token_file.to_str().unwrap(),
+        ])
+        .unwrap();
+        let Command::Run(config) = cli.command else {
+            panic!("not run");
+        };
+        let metrics = Metrics::new().unwrap();
+        let readiness = Readiness::default();
+        let addr = config.ca_addr.unwrap();
+        let starting = tokio::spawn({
+            let readiness = readiness.clone();
+            async move { remote_ca(&config, &metrics.node, addr, &readiness).await }
+        });
+
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(!starting.is_finished(), "still waiting for the root file");
+        assert_eq!(readiness.pending(), ["ca-root"]);
+
+        CertificateAuthority::load_or_create(&dir.path().join("ca"), "cluster.local").unwrap();
+        std::fs::copy(dir.path().join("ca/root-cert.pem"), &root_file).unwrap();
+        tokio::time::timeout(Duration::from_secs(60), starting)
+            .await
+            .expect("the root file is picked up")
+            .unwrap()
+            .expect("the remote CA is set up");
+        assert!(
+            readiness.pending().is_empty(),
+            "ready once the root is read"
+        );
+    }
+}
