@@ -130,7 +130,10 @@ pub async fn load_ca(
                 read(GENERATED_ROOT_SECRET)
                     .await?
                     .ok_or_else(|| ClusterRootError::Api {
-                        action: format!("reading Secret {namespace}/{GENERATED_ROOT_SECRET}"),
+                        action: format!(
+                            "Secret {namespace}/{GENERATED_ROOT_SECRET} existed when we created \
+                             it but was gone when read back"
+                        ),
                         source: kube::Error::Api(status),
                     })?;
             let ca = load_secret(&theirs, namespace, GENERATED_ROOT_SECRET, trust_domain)?;

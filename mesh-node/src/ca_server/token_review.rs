@@ -3,8 +3,9 @@
 //! kubelet projects a token with audience `nodemesh-ca` into each agent pod. The CA asks the
 //! API server whose token it is and accepts only the agent ServiceAccount's; the requesting
 //! node is the node of the pod the token is bound to: named in the token itself on recent
-//! Kubernetes (1.32+), else read from that pod, whose uid must match the token's so a token
-//! of a deleted pod cannot speak for whatever pod took its name.
+//! Kubernetes (1.30+, `ServiceAccountTokenPodNodeInfo`), else read from that pod, whose uid
+//! must match the token's so a token of a deleted pod cannot speak for whatever pod took its
+//! name.
 use std::{
     collections::HashMap,
     sync::{Mutex, PoisonError},
@@ -23,7 +24,7 @@ use tracing::{debug, warn};
 
 use super::{Authenticator, Refusal};
 
-/// The bound pod's node, in tokens of Kubernetes 1.32+ (`ServiceAccountTokenPodNodeInfo`).
+/// The bound pod's node, in tokens of Kubernetes 1.30+ (`ServiceAccountTokenPodNodeInfo`).
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// The bound pod, in every projected token: the fallback to find the node.
 pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
