@@ -10,7 +10,10 @@ use tracing::{info, warn};
 use crate::{
     access_log::AccessLog,
     admin::{Admin, LogControl},
-    ca_server::{self, CaService, TokenFile},
+    ca_server::{
+        self, Authenticator, CaService, TokenFile, cluster_root,
+        token_review::TokenReviewAuthenticator,
+    },
     cli::{CaConfig, ConfigSourceKind, RunConfig, resolve_config_source},
     config::{file::FileSource, kube::KubeSource},
     distributed_tracing::{TraceConfig, Tracing},
@@ -24,7 +27,7 @@ use crate::{
     proxy::{Mtls, ProxyContext, Resolver, connections::Connections},
     readiness::{Readiness, ReadinessGuard},
     signal,
-    signer::{NodeSigner, RemoteSigner},
+    signer::{self, NodeSigner, RemoteSigner},
     state::{State, StateRx, StateTx},
 };
 
@@ -65,6 +68,14 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     let bound_admin = admin_listener.local_addr()?;
     let bound_metrics = metrics_listener.local_addr()?;
     let bound_health = health_listener.local_addr()?;
+    // Health first: while the agent waits for what it needs (the CA's root), it answers
+    // "alive, not ready" instead of being restarted for not answering.
+    let mut tasks = JoinSet::new();
+    tasks.spawn(metrics::serve(
+        health_listener,
+        Endpoints::Health(readiness.clone()),
+        shutdown.clone(),
+    ));
 
     let home = Arc::new(Netns::current().context("opening the agent's own netns")?);
     let capture = Arc::new(
@@ -88,7 +99,9 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
             dir,
             state_rx.clone(),
         )?)),
-        (None, Some(addr)) => Some(Arc::new(remote_ca(&config, &metrics.node, addr)?)),
+        (None, Some(addr)) => Some(Arc::new(
+            remote_ca(&config, &metrics.node, addr, &readiness).await?,
+        )),
         (None, None) => {
             warn!("no --ca-dir or --ca-addr: mutual TLS is off; enrolled pods talk plaintext");
             None
@@ -122,7 +135,6 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     };
 
     let admin_state = state_rx.clone();
-    let mut tasks = JoinSet::new();
     tasks.spawn(source.run(
         state_tx,
         metrics.node.clone(),
@@ -143,18 +155,13 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         node: config.node_name.clone(),
         state: admin_state,
         mtls: proxy_mtls.clone(),
-        readiness: readiness.clone(),
+        readiness,
         log,
         connections,
     };
     tasks.spawn(metrics::serve(
         admin_listener,
         Endpoints::Admin(Arc::new(admin)),
-        shutdown.clone(),
-    ));
-    tasks.spawn(metrics::serve(
-        health_listener,
-        Endpoints::Health(readiness),
         shutdown.clone(),
     ));
     tasks.spawn(export_map_fill(
@@ -221,6 +228,14 @@ impl ConfigSource {
         }
     }
 
+    /// The CA needs pods only: watching nothing else keeps its RBAC to pods.
+    fn pods_only(self) -> Self {
+        match self {
+            Self::Kube(source) => Self::Kube(source.only(&["Pod"])),
+            file => file,
+        }
+    }
+
     async fn run(
         self,
         tx: StateTx,
@@ -257,27 +272,33 @@ fn local_ca(
     Ok(mtls(config, metrics, Arc::new(signer), trust_bundle))
 }
 
-/// A `mesh-node ca` service behind the certificate manager.
-fn remote_ca(config: &RunConfig, metrics: &NodeMetrics, addr: SocketAddr) -> anyhow::Result<Mtls> {
+/// A `mesh-node ca` service behind the certificate manager. Waits (unready) for the CA's
+/// root file, which in Kubernetes appears once the CA has published it.
+async fn remote_ca(
+    config: &RunConfig,
+    metrics: &NodeMetrics,
+    addr: SocketAddr,
+    readiness: &Readiness,
+) -> anyhow::Result<Mtls> {
     let root_file = config
         .ca_root_file
         .as_deref()
         .context("--ca-root-file is required")?;
     let token_file = config
         .ca_token_file
-        .as_deref()
+        .clone()
         .context("--ca-token-file is required")?;
-    let roots =
-        std::fs::read(root_file).with_context(|| format!("reading {}", root_file.display()))?;
-    let trust_bundle = ca_server::certificates_from_pem(&roots)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", root_file.display()))?;
-    let token = std::fs::read_to_string(token_file)
-        .with_context(|| format!("reading {}", token_file.display()))?
-        .trim()
-        .to_string();
+    let trust_bundle = {
+        let _waiting = readiness.register("ca-root");
+        signer::wait_for_trust_bundle(root_file).await
+    };
     let expected = ca_server::ca_identity(&config.trust_domain, &config.root_namespace)?;
     let tls = identity::tls::ca_client_config(&trust_bundle, expected)?;
-    let signer = RemoteSigner { addr, tls, token };
+    let signer = RemoteSigner {
+        addr,
+        tls,
+        token_file,
+    };
     info!(ca = %addr, trust_domain = %config.trust_domain, "mutual TLS on, remote CA");
     Ok(mtls(config, metrics, Arc::new(signer), trust_bundle))
 }
@@ -304,40 +325,113 @@ fn mtls(
     )
 }
 
-/// `mesh-node ca`: loads the CA, follows the config for node authorization, serves until
-/// SIGTERM/SIGINT.
+/// `mesh-node ca`: loads the CA (from `--ca-dir`, or the cluster's Secret), checks agents'
+/// tokens (from `--node-tokens`, or with TokenReview), follows where pods run for node
+/// authorization, serves until SIGTERM/SIGINT.
 pub async fn run_ca(config: CaConfig) -> anyhow::Result<()> {
     info!(config = %serde_json::to_string(&config)?, "starting mesh-node ca");
-    let ca = CertificateAuthority::load_or_create(&config.ca_dir, &config.trust_domain)
-        .with_context(|| format!("loading the CA in {}", config.ca_dir.display()))?;
-    let authenticator = TokenFile::load(&config.node_tokens)
-        .with_context(|| format!("reading {}", config.node_tokens.display()))?;
+    let in_cluster = config.ca_dir.is_none() || config.node_tokens.is_none();
+    let kube = if in_cluster {
+        Some(kube::Client::try_default().await.context(
+            "connecting to the Kubernetes API (needed without --ca-dir or --node-tokens)",
+        )?)
+    } else {
+        None
+    };
+    let in_cluster_client = || {
+        kube.clone()
+            .context("no Kubernetes client: give --ca-dir and --node-tokens outside a cluster")
+    };
+
+    let ca = match &config.ca_dir {
+        Some(dir) => CertificateAuthority::load_or_create(dir, &config.trust_domain)
+            .with_context(|| format!("loading the CA in {}", dir.display()))?,
+        None => {
+            let (ca, source) = cluster_root::load_ca(
+                in_cluster_client()?,
+                &config.namespace,
+                &config.trust_domain,
+            )
+            .await
+            .context("loading the CA from its Secret")?;
+            info!(namespace = %config.namespace, ?source, "CA root from a Secret");
+            ca
+        }
+    };
+    if let Some(client) = &kube {
+        cluster_root::publish_trust_bundle(client.clone(), &config.namespace, &ca)
+            .await
+            .context("publishing the trust bundle for agents")?;
+    }
+    let authenticator: Arc<dyn Authenticator> = match &config.node_tokens {
+        Some(path) => {
+            Arc::new(TokenFile::load(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        None => Arc::new(TokenReviewAuthenticator::new(
+            in_cluster_client()?,
+            &config.namespace,
+            &config.agent_service_account,
+            &config.token_audience,
+        )),
+    };
     let identity = ca_server::ca_identity(&config.trust_domain, &config.root_namespace)?;
     let serving = ca_server::serving_certificate(&ca, &identity)?;
     let tls = identity::tls::ca_server_config(&serving)?;
     let metrics = Metrics::new().context("registering metrics")?;
-    let (state_tx, state_rx) = watch::channel(Arc::new(State::default()));
-    let mut source = FileSource::new(&config.config_dir, config.root_namespace.clone());
-    source
-        .publish(&state_tx, &metrics.node)
-        .with_context(|| format!("reading config dir {}", config.config_dir.display()))?;
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let pods = follow_pods_for_node_authorization(&config, &metrics, &mut tasks, &shutdown).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let shutdown = CancellationToken::new();
     let service = Arc::new(CaService {
         ca: Arc::new(ca),
-        authenticator: Arc::new(authenticator),
-        state: state_rx,
+        authenticator,
+        state: pods,
     });
-    let mut tasks = JoinSet::new();
-    tasks.spawn(source.watch(state_tx, metrics.node.clone(), shutdown.clone()));
     tasks.spawn(service.serve(listener, tls, shutdown.clone()));
     info!(listen = %config.listen, %identity, "mesh-node ca running");
     signal::shutdown_requested().await;
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Where pods are scheduled, for the CA's node authorization: Pods from the API server, or
+/// the YAML in `--config-dir`, followed until `shutdown`. Returns once the first state is in,
+/// so the CA never judges a request against an empty view.
+async fn follow_pods_for_node_authorization(
+    config: &CaConfig,
+    metrics: &Metrics,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<StateRx> {
+    let (state_tx, mut state_rx) = watch::channel(Arc::new(State::default()));
+    let source = ConfigSource::start(
+        config.config_source,
+        config.config_dir.as_deref(),
+        &config.root_namespace,
+        &state_tx,
+        &metrics.node,
+    )
+    .await?
+    .pods_only();
+    let readiness = Readiness::default();
+    tasks.spawn(source.run(
+        state_tx,
+        metrics.node.clone(),
+        readiness.register("pods"),
+        shutdown.clone(),
+    ));
+    state_rx
+        .changed()
+        .await
+        .context("the config source stopped before its first state")?;
+    info!(
+        pods = state_rx.borrow().workloads.len(),
+        "following where pods run"
+    );
+    Ok(state_rx)
 }
 
 impl Bound {
@@ -402,5 +496,64 @@ async fn export_map_fill(capture: Arc<Capture>, node: NodeMetrics, shutdown: Can
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(MAP_FILL_INTERVAL) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    /// An agent started before the CA published its root stays alive and unready
+    /// ("ca-root" pending) until the root file appears, then becomes ready.
+    #[tokio::test(start_paused = true)]
+    async fn a_remote_ca_agent_waits_unready_for_the_root_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_file = dir.path().join("root-cert.pem");
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "projected-token\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "mesh-node",
+            "run",
+            "--node-name",
+            "node-a",
+            "--config-dir",
+            "/unused",
+            "--ca-addr",
+            "127.0.0.1:15012",
+            "--ca-root-file",
+            root_file.to_str().unwrap(),
+            "--ca-token-file",
+            token_file.to_str().unwrap(),
+        ])
+        .unwrap();
+        let Command::Run(config) = cli.command else {
+            panic!("not run");
+        };
+        let metrics = Metrics::new().unwrap();
+        let readiness = Readiness::default();
+        let addr = config.ca_addr.unwrap();
+        let starting = tokio::spawn({
+            let readiness = readiness.clone();
+            async move { remote_ca(&config, &metrics.node, addr, &readiness).await }
+        });
+
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(!starting.is_finished(), "still waiting for the root file");
+        assert_eq!(readiness.pending(), ["ca-root"]);
+
+        CertificateAuthority::load_or_create(&dir.path().join("ca"), "cluster.local").unwrap();
+        std::fs::copy(dir.path().join("ca/root-cert.pem"), &root_file).unwrap();
+        tokio::time::timeout(Duration::from_secs(60), starting)
+            .await
+            .expect("the root file is picked up")
+            .unwrap()
+            .expect("the remote CA is set up");
+        assert!(
+            readiness.pending().is_empty(),
+            "ready once the root is read"
+        );
     }
 }

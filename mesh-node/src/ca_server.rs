@@ -3,9 +3,10 @@
 //! HTTPS (TLS 1.3, the CA presenting the SPIFFE identity `<root-ns>/sa/nodemesh-ca`), one
 //! endpoint: `POST /v1/certificates` with a JSON [`CertificateRequest`] and the agent's token
 //! as `Authorization: Bearer`. The token says which node asks; the CA signs only identities
-//! of pods scheduled on that node (node authorization). Tokens come from a file today; the
-//! Kubernetes install checks ServiceAccount tokens with TokenReview through the same
-//! [`Authenticator`] trait.
+//! of pods scheduled on that node (node authorization). Tokens come from a file
+//! ([`TokenFile`]) or, in Kubernetes, are the agents' projected ServiceAccount tokens checked
+//! with TokenReview ([`token_review`]); both are an [`Authenticator`]. In Kubernetes the root
+//! lives in a Secret and the trust bundle is published for agents ([`cluster_root`]).
 use std::{
     collections::HashMap,
     convert::Infallible,
@@ -70,9 +71,38 @@ pub struct ErrorResponse {
     pub error: String,
 }
 
+pub mod cluster_root;
+#[cfg(test)]
+mod scripted_api;
+pub mod token_review;
+
 /// Which node a bearer token belongs to.
 pub trait Authenticator: Send + Sync + 'static {
-    fn node_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Option<String>>;
+    fn node_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, Refusal>>;
+}
+
+/// Why a token gets no certificate; each maps to the status the CA answers with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Not a valid token for us (unknown, expired, wrong audience): 401.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid token, but not an agent's, or its node cannot be established: 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The token could not be checked now (API server unreachable): 503, the agent retries.
+    #[error("cannot check the token now: {0}")]
+    Unavailable(String),
+}
+
+impl Refusal {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Unauthenticated(_) => 401,
+            Self::Forbidden(_) => 403,
+            Self::Unavailable(_) => 503,
+        }
+    }
 }
 
 /// Static tokens from a file: one `<node-name> <token>` per line, `#` comments.
@@ -111,8 +141,13 @@ impl TokenFile {
 }
 
 impl Authenticator for TokenFile {
-    fn node_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Option<String>> {
-        Box::pin(async move { self.nodes_by_token.get(token).cloned() })
+    fn node_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, Refusal>> {
+        Box::pin(async move {
+            self.nodes_by_token
+                .get(token)
+                .cloned()
+                .ok_or_else(|| Refusal::Unauthenticated("unknown token".into()))
+        })
     }
 }
 
@@ -221,7 +256,7 @@ impl CaService {
             .authenticator
             .node_of(&token)
             .await
-            .ok_or((401, "unknown token".to_string()))?;
+            .map_err(|refusal| (refusal.status(), refusal.to_string()))?;
         let body = Limited::new(request.into_body(), MAX_REQUEST_BYTES)
             .collect()
             .await

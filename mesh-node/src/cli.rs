@@ -261,6 +261,10 @@ pub struct ObservabilityConfig {
 }
 
 /// Everything `mesh-node ca` is configured with.
+///
+/// Outside Kubernetes: `--ca-dir` and `--node-tokens`. In a cluster, leave both out: the root
+/// comes from Secret `cacerts` (or a generated `nodemesh-ca-root`) in `--namespace`, and
+/// agents present projected ServiceAccount tokens checked with TokenReview.
 #[derive(Clone, Debug, clap::Args, Serialize)]
 pub struct CaConfig {
     /// Where the certificate API listens (HTTPS).
@@ -268,17 +272,39 @@ pub struct CaConfig {
     pub listen: SocketAddr,
 
     /// The CA's directory, as for `mesh-node run --ca-dir` (Istio's `cacerts` layout; a new
-    /// root is created when it is empty).
+    /// root is created when it is empty). Without it the CA runs in-cluster: Secret
+    /// `cacerts` in `--namespace` if present, else `nodemesh-ca-root` (created when absent).
     #[arg(long)]
-    pub ca_dir: PathBuf,
+    pub ca_dir: Option<PathBuf>,
 
-    /// Directory of Kubernetes YAML saying where pods are scheduled (node authorization).
-    #[arg(long)]
-    pub config_dir: PathBuf,
+    /// Where the CA learns which pods run on which node (node authorization): `kube`
+    /// (watches Pods; the default in a cluster) or `file` (`--config-dir`).
+    #[arg(long, value_enum)]
+    pub config_source: Option<ConfigSourceKind>,
 
-    /// Agents' tokens: one `<node-name> <token>` per line.
+    /// Directory of Kubernetes YAML saying where pods are scheduled. Implies
+    /// `--config-source file`.
     #[arg(long)]
-    pub node_tokens: PathBuf,
+    pub config_dir: Option<PathBuf>,
+
+    /// Agents' tokens: one `<node-name> <token>` per line. Without it, agents' projected
+    /// ServiceAccount tokens are checked with the API server (TokenReview).
+    #[arg(long)]
+    pub node_tokens: Option<PathBuf>,
+
+    /// The namespace the CA and the agents run in: its Secrets hold the root, its ConfigMap
+    /// `nodemesh-ca-root-cert` the trust bundle, and agents' tokens must be of its
+    /// `--agent-service-account`.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "nodemesh-system")]
+    pub namespace: String,
+
+    /// The agents' ServiceAccount: only its tokens get certificates (with TokenReview).
+    #[arg(long, default_value = "nodemesh-node")]
+    pub agent_service_account: String,
+
+    /// The audience agents' projected tokens are issued for (with TokenReview).
+    #[arg(long, default_value = "nodemesh-ca")]
+    pub token_audience: String,
 
     /// SPIFFE trust domain.
     #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
@@ -357,6 +383,47 @@ mod tests {
         }
         assert!(parse_ca_addr("http://10.0.0.5:15012").is_err());
         assert!(parse_ca_addr("https://ca.example:15012").is_err());
+    }
+
+    #[test]
+    fn the_ca_runs_in_cluster_mode_without_a_dir_or_token_file() {
+        let cli = Cli::try_parse_from(["mesh-node", "ca", "--config-dir", "/c"])
+            .expect("--ca-dir and --node-tokens are optional");
+        let Command::Ca(config) = cli.command else {
+            panic!("not ca");
+        };
+        assert_eq!(config.ca_dir, None);
+        assert_eq!(config.node_tokens, None);
+        assert_eq!(config.agent_service_account, "nodemesh-node");
+        assert_eq!(config.token_audience, "nodemesh-ca");
+        let expected_namespace =
+            std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "nodemesh-system".into());
+        assert_eq!(config.namespace, expected_namespace);
+
+        let cli = Cli::try_parse_from([
+            "mesh-node",
+            "ca",
+            "--config-dir",
+            "/c",
+            "--namespace",
+            "mesh",
+            "--agent-service-account",
+            "nodemesh-node",
+            "--token-audience",
+            "ca.mesh",
+        ])
+        .expect("valid flags");
+        let Command::Ca(config) = cli.command else {
+            panic!("not ca");
+        };
+        assert_eq!(
+            (
+                config.namespace.as_str(),
+                config.agent_service_account.as_str(),
+                config.token_audience.as_str()
+            ),
+            ("mesh", "nodemesh-node", "ca.mesh")
+        );
     }
 
     #[test]

@@ -1,10 +1,17 @@
-//! The in-process CA as a [`CertificateSigner`], behind node authorization: it signs only
-//! identities of pods scheduled on this node, exactly as the cluster CA will check a
-//! remote agent's requests.
-use std::{sync::Arc, time::Duration};
+//! Where an agent's certificates come from: the in-process CA ([`NodeSigner`]) behind node
+//! authorization (it signs only identities of pods scheduled on this node, exactly as the
+//! cluster CA checks a remote agent's requests), or `mesh-node ca` over HTTPS
+//! ([`RemoteSigner`]).
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::BoxFuture;
-use rustls_pki_types::CertificateSigningRequestDer;
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use tracing::{info, warn};
 
 use crate::{
     identity::{CaError, CertificateAuthority, CertificateSigner, Identity, IssuedCertificate},
@@ -44,7 +51,8 @@ impl CertificateSigner for NodeSigner {
 pub struct RemoteSigner {
     pub addr: std::net::SocketAddr,
     pub tls: Arc<rustls::ClientConfig>,
-    pub token: String,
+    /// Read for every request: kubelet rotates projected ServiceAccount tokens in place.
+    pub token_file: PathBuf,
 }
 
 fn unavailable(error: impl std::fmt::Display) -> CaError {
@@ -52,9 +60,24 @@ fn unavailable(error: impl std::fmt::Display) -> CaError {
 }
 
 impl RemoteSigner {
+    fn token(&self) -> Result<String, CaError> {
+        // A token of a few hundred bytes on a local volume: not worth a blocking-pool hop.
+        let token = std::fs::read_to_string(&self.token_file)
+            .map_err(|e| unavailable(format!("reading {}: {e}", self.token_file.display())))?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(unavailable(format!(
+                "{} is empty",
+                self.token_file.display()
+            )));
+        }
+        Ok(token.to_owned())
+    }
+
     async fn request(&self, body: Vec<u8>) -> Result<(hyper::StatusCode, bytes::Bytes), CaError> {
         use http_body_util::BodyExt;
 
+        let token = self.token()?;
         let tcp = tokio::net::TcpStream::connect(self.addr)
             .await
             .map_err(unavailable)?;
@@ -70,10 +93,7 @@ impl RemoteSigner {
         tokio::spawn(connection);
         let request = hyper::Request::post(crate::ca_server::CERTIFICATES_PATH)
             .header(hyper::header::HOST, self.addr.to_string())
-            .header(
-                hyper::header::AUTHORIZATION,
-                format!("Bearer {}", self.token),
-            )
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(http_body_util::Full::new(bytes::Bytes::from(body)))
             .map_err(unavailable)?;
@@ -134,6 +154,37 @@ impl CertificateSigner for RemoteSigner {
     }
 }
 
+/// Longest pause between two looks for the CA's root file.
+const ROOT_FILE_MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// The CA's roots from `path`, waiting for the file to appear and hold certificates: in
+/// Kubernetes it is the CA's ConfigMap, which the CA may publish after the agents start
+/// (kubelet then fills the mounted volume). Waits as long as it takes, with backoff; the
+/// caller keeps the agent unready meanwhile rather than crash-looping.
+pub async fn wait_for_trust_bundle(path: &Path) -> Vec<CertificateDer<'static>> {
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(ROOT_FILE_MAX_DELAY)
+        .without_max_times()
+        .build();
+    loop {
+        // A small file on a local volume, as the token: read in place.
+        let problem = match std::fs::read(path) {
+            Ok(pem) => match crate::ca_server::certificates_from_pem(&pem) {
+                Ok(roots) => {
+                    info!(path = %path.display(), roots = roots.len(), "CA root loaded");
+                    return roots;
+                }
+                Err(reason) => reason,
+            },
+            Err(error) => error.to_string(),
+        };
+        let delay = delays.next().unwrap_or(ROOT_FILE_MAX_DELAY);
+        warn!(path = %path.display(), %problem, retry_in = ?delay, "waiting for the CA's root certificate");
+        tokio::time::sleep(delay).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rcgen::{CertificateParams, KeyPair};
@@ -173,5 +224,32 @@ mod tests {
             "a pod of another node: {:?}",
             refused.err()
         );
+    }
+
+    /// The agent may start before the CA has published its ConfigMap: it picks the root up
+    /// when the file appears, and not before it holds a certificate.
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_the_root_file_to_appear() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root-cert.pem");
+        let waiting = tokio::spawn({
+            let path = path.clone();
+            async move { wait_for_trust_bundle(&path).await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiting.is_finished(), "no file yet");
+        std::fs::write(&path, "").unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!waiting.is_finished(), "an empty file holds no root");
+
+        let ca =
+            CertificateAuthority::load_or_create(&dir.path().join("ca"), "cluster.local").unwrap();
+        let root = std::fs::read(dir.path().join("ca/root-cert.pem")).unwrap();
+        std::fs::write(&path, root).unwrap();
+        let roots = tokio::time::timeout(ROOT_FILE_MAX_DELAY * 2, waiting)
+            .await
+            .expect("picked up within one backoff step")
+            .unwrap();
+        assert_eq!(roots, ca.trust_bundle());
     }
 }

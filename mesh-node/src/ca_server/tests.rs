@@ -1,7 +1,13 @@
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde_json::json;
 
 use super::*;
 use crate::{
+    ca_server::{
+        scripted_api::{self, AGENT_USERNAME},
+        token_review::{NODE_NAME_EXTRA, TokenReviewAuthenticator},
+    },
     identity::{CertificateSigner, identity_from_cert, tls},
     signer::RemoteSigner,
     state::{State, Workload},
@@ -17,10 +23,14 @@ struct Running {
 }
 
 async fn service(dir: &Path) -> Running {
-    let ca = CertificateAuthority::load_or_create(dir, "cluster.local").unwrap();
-    let roots = ca.trust_bundle();
     let tokens = dir.join("tokens");
     std::fs::write(&tokens, "# node token\nnode-a token-a\nnode-b token-b\n").unwrap();
+    service_with(dir, Arc::new(TokenFile::load(&tokens).unwrap())).await
+}
+
+async fn service_with(dir: &Path, authenticator: Arc<dyn Authenticator>) -> Running {
+    let ca = CertificateAuthority::load_or_create(&dir.join("ca"), "cluster.local").unwrap();
+    let roots = ca.trust_bundle();
     let state = State::with_workloads([
         Workload::for_test("node-a", "shop", "web", &[]),
         Workload::for_test("node-b", "shop", "db", &[]),
@@ -30,7 +40,7 @@ async fn service(dir: &Path) -> Running {
     let tls = tls::ca_server_config(&serving_certificate(&ca, &identity).unwrap()).unwrap();
     let service = Arc::new(CaService {
         ca: Arc::new(ca),
-        authenticator: Arc::new(TokenFile::load(&tokens).unwrap()),
+        authenticator,
         state: rx,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -45,13 +55,26 @@ async fn service(dir: &Path) -> Running {
     }
 }
 
-fn signer(addr: SocketAddr, roots: &[CertificateDer<'static>], token: &str) -> RemoteSigner {
+/// A client of the service whose token file (in `dir`) holds `token`.
+fn signer(
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+    dir: &Path,
+    token: &str,
+) -> RemoteSigner {
     let expected = ca_identity("cluster.local", "nodemesh-system").unwrap();
+    let token_file = token_file(dir, token);
     RemoteSigner {
         addr,
         tls: tls::ca_client_config(roots, expected).unwrap(),
-        token: token.into(),
+        token_file,
     }
+}
+
+fn token_file(dir: &Path, token: &str) -> PathBuf {
+    let path = dir.join(format!("token-{token}"));
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    path
 }
 
 fn csr() -> CertificateSigningRequestDer<'static> {
@@ -75,7 +98,7 @@ async fn signs_for_pods_of_the_token_s_node_and_refuses_others() {
     let web = Identity::new("cluster.local", "shop", "web").unwrap();
     let db = Identity::new("cluster.local", "shop", "db").unwrap();
 
-    let node_a = signer(addr, &roots, "token-a");
+    let node_a = signer(addr, &roots, dir.path(), "token-a");
     let issued = node_a
         .sign(csr(), &web, ttl)
         .await
@@ -90,7 +113,7 @@ async fn signs_for_pods_of_the_token_s_node_and_refuses_others() {
         "{refused}"
     );
 
-    let stranger = signer(addr, &roots, "no-such-token");
+    let stranger = signer(addr, &roots, dir.path(), "no-such-token");
     let refused = stranger
         .sign(csr(), &web, ttl)
         .await
@@ -109,11 +132,88 @@ async fn agents_refuse_a_ca_that_is_not_the_pinned_one() {
         .unwrap()
         .trust_bundle();
     let web = Identity::new("cluster.local", "shop", "web").unwrap();
-    let error = signer(addr, &other_roots, "token-a")
+    let error = signer(addr, &other_roots, dir.path(), "token-a")
         .sign(csr(), &web, Duration::from_secs(600))
         .await
         .unwrap_err();
     assert!(matches!(error, CaError::Unavailable(_)), "{error}");
+    shutdown.cancel();
+}
+
+/// kubelet rotates the projected token in place: the next request carries the new one.
+#[tokio::test]
+async fn agents_send_the_token_the_file_holds_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let Running {
+        addr,
+        roots,
+        shutdown,
+        ..
+    } = service(dir.path()).await;
+    let web = Identity::new("cluster.local", "shop", "web").unwrap();
+    let ttl = Duration::from_secs(600);
+    let node_a = signer(addr, &roots, dir.path(), "expired-token");
+
+    let refused = node_a.sign(csr(), &web, ttl).await.unwrap_err().to_string();
+    assert!(refused.contains("401"), "{refused}");
+    std::fs::write(&node_a.token_file, "token-a\n").unwrap();
+    node_a
+        .sign(csr(), &web, ttl)
+        .await
+        .expect("the rotated token is read and accepted");
+    shutdown.cancel();
+}
+
+/// The Kubernetes path end to end: the API server says the token is node-a's agent; the CA
+/// signs node-a's pod identities and refuses node-b's.
+#[tokio::test]
+async fn with_token_review_only_pods_of_the_agents_node_are_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, requests) = scripted_api::client(|_| {
+        (
+            201,
+            scripted_api::token_review(
+                true,
+                &["nodemesh-ca"],
+                AGENT_USERNAME,
+                json!({ NODE_NAME_EXTRA: ["node-a"] }),
+            ),
+        )
+    });
+    let authenticator =
+        TokenReviewAuthenticator::new(client, "nodemesh-system", "nodemesh-agent", "nodemesh-ca");
+    let Running {
+        addr,
+        roots,
+        shutdown,
+        ..
+    } = service_with(dir.path(), Arc::new(authenticator)).await;
+    let ttl = Duration::from_secs(600);
+    let node_a = signer(addr, &roots, dir.path(), "projected-token-of-node-a");
+
+    let web = Identity::new("cluster.local", "shop", "web").unwrap();
+    let issued = node_a
+        .sign(csr(), &web, ttl)
+        .await
+        .expect("web runs on node-a");
+    assert_eq!(identity_from_cert(issued.leaf().unwrap()).unwrap(), web);
+
+    let db = Identity::new("cluster.local", "shop", "db").unwrap();
+    let refused = node_a.sign(csr(), &db, ttl).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("403") && refused.contains("node-a"),
+        "db runs on node-b: {refused}"
+    );
+    let reviewed: Vec<_> = requests
+        .all()
+        .into_iter()
+        .map(|r| r.body["spec"]["token"].clone())
+        .collect();
+    assert_eq!(
+        reviewed,
+        [json!("projected-token-of-node-a")],
+        "the agent's token was reviewed, once for both requests"
+    );
     shutdown.cancel();
 }
 

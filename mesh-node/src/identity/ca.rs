@@ -45,7 +45,8 @@ pub const CA_KEY_FILE: &str = "ca-key.pem";
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 /// The signing certificate and its issuers.
 pub const CERT_CHAIN_FILE: &str = "cert-chain.pem";
-const LAYOUT: [&str; 4] = [CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE];
+/// Every file of a CA directory (and every key of a CA Secret).
+pub const LAYOUT: [&str; 4] = [CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE];
 /// Serializes creation between processes sharing a directory; flock is released by the
 /// kernel when a process dies, so a crash never leaves a stale lock behind.
 const LOCK_FILE: &str = ".nodemesh-ca.lock";
@@ -236,8 +237,9 @@ impl CertificateAuthority {
         Self::load(dir, trust_domain)
     }
 
-    /// Loads a complete layout and checks it hangs together before it signs anything.
-    fn load(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+    /// Loads a complete layout and checks it hangs together before it signs anything. Never
+    /// creates anything: for roots that must exist (a Secret staged into a directory).
+    pub(crate) fn load(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
         let roots = read_certs(&dir.join(ROOT_CERT_FILE))?;
         let ca_cert_path = dir.join(CA_CERT_FILE);
         // read_certs never returns an empty list; the extra `ok_or_else` keeps that

@@ -1,0 +1,255 @@
+//! Agents' projected ServiceAccount tokens, checked by the API server (TokenReview).
+//!
+//! kubelet projects a token with audience `nodemesh-ca` into each agent pod. The CA asks the
+//! API server whose token it is and accepts only the agent ServiceAccount's; the requesting
+//! node is the node of the pod the token is bound to: named in the token itself on recent
+//! Kubernetes (1.30+, `ServiceAccountTokenPodNodeInfo`), else read from that pod, whose uid
+//! must match the token's so a token of a deleted pod cannot speak for whatever pod took its
+//! name.
+use std::{
+    collections::HashMap,
+    sync::{Mutex, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use base64::Engine as _;
+use futures::future::BoxFuture;
+use k8s_openapi::api::{
+    authentication::v1::{TokenReview, TokenReviewSpec},
+    core::v1::Pod,
+};
+use kube::{Api, api::PostParams};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::{Authenticator, Refusal};
+
+/// The bound pod's node, in tokens of Kubernetes 1.30+ (`ServiceAccountTokenPodNodeInfo`).
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The bound pod, in every projected token: the fallback to find the node.
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
+
+/// How long a positive answer is reused, so a node renewing many certificates at once costs
+/// one TokenReview. Short, because a deleted pod's token must stop working soon.
+pub const CACHE_TTL: Duration = Duration::from_secs(60);
+/// Answers kept at most: a few per node (tokens rotate hourly). When full, expired ones are
+/// dropped; if none are, new answers are simply not cached.
+const CACHE_CAPACITY: usize = 16_384;
+
+/// Maps an agent's projected token to its node through TokenReview.
+pub struct TokenReviewAuthenticator {
+    reviews: Api<TokenReview>,
+    /// Pods of the agents' namespace, for tokens that do not name their node.
+    pods: Api<Pod>,
+    namespace: String,
+    audience: String,
+    /// `system:serviceaccount:<namespace>:<agent service account>`.
+    agent_username: String,
+    cache: Mutex<NodeCache>,
+}
+
+impl TokenReviewAuthenticator {
+    /// Accepts tokens for `audience` of ServiceAccount `agent_service_account` in `namespace`
+    /// (where the agents run).
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        agent_service_account: &str,
+        audience: &str,
+    ) -> Self {
+        Self {
+            reviews: Api::all(client.clone()),
+            pods: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+            audience: audience.to_owned(),
+            agent_username: format!("system:serviceaccount:{namespace}:{agent_service_account}"),
+            cache: Mutex::default(),
+        }
+    }
+
+    async fn review(&self, token: &str) -> Result<String, Refusal> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..TokenReview::default()
+        };
+        let reviewed = self
+            .reviews
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|error| {
+                warn!(%error, "TokenReview failed: refusing certificate requests until it works");
+                Refusal::Unavailable(format!("TokenReview: {error}"))
+            })?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(Refusal::Unauthenticated(format!(
+                "token not authenticated: {}",
+                status.error.as_deref().unwrap_or("no reason given")
+            )));
+        }
+        // The API server answers with the requested audiences the token is valid for; an
+        // authenticator that ignores audiences may not, and such a token is not ours.
+        if !status
+            .audiences
+            .unwrap_or_default()
+            .contains(&self.audience)
+        {
+            return Err(Refusal::Unauthenticated(format!(
+                "token is not for audience {:?}",
+                self.audience
+            )));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        if username != self.agent_username {
+            return Err(Refusal::Forbidden(format!(
+                "token of {username:?}, not of the agents' ServiceAccount {:?}",
+                self.agent_username
+            )));
+        }
+        let extra = user.extra.unwrap_or_default();
+        let first = |key: &str| {
+            extra
+                .get(key)
+                .and_then(|values| values.first())
+                .filter(|value| !value.is_empty())
+        };
+        if let Some(node) = first(NODE_NAME_EXTRA) {
+            return Ok(node.clone());
+        }
+        match (first(POD_NAME_EXTRA), first(POD_UID_EXTRA)) {
+            (Some(pod), Some(uid)) => self.node_of_pod(pod, uid).await,
+            _ => Err(Refusal::Forbidden(
+                "the token is bound to no pod: agents must present their projected \
+                 ServiceAccount token"
+                    .into(),
+            )),
+        }
+    }
+
+    async fn node_of_pod(&self, name: &str, uid: &str) -> Result<String, Refusal> {
+        let namespace = &self.namespace;
+        let pod = self
+            .pods
+            .get_opt(name)
+            .await
+            .map_err(|error| {
+                warn!(%error, pod = name, namespace, "reading the token's pod failed");
+                Refusal::Unavailable(format!("reading pod {namespace}/{name}: {error}"))
+            })?
+            .ok_or_else(|| {
+                Refusal::Forbidden(format!("the token's pod {namespace}/{name} does not exist"))
+            })?;
+        if pod.metadata.uid.as_deref() != Some(uid) {
+            return Err(Refusal::Forbidden(format!(
+                "the token's pod {namespace}/{name} (uid {uid}) was replaced by another one"
+            )));
+        }
+        pod.spec
+            .and_then(|spec| spec.node_name)
+            .filter(|node| !node.is_empty())
+            .ok_or_else(|| {
+                Refusal::Forbidden(format!(
+                    "the token's pod {namespace}/{name} is not scheduled on a node"
+                ))
+            })
+    }
+
+    fn cached(&self, key: &TokenHash) -> Option<String> {
+        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.get(key, Instant::now())
+    }
+
+    fn remember(&self, key: TokenHash, token: &str, node: &str) {
+        let Some(lifetime) = cache_lifetime(token, SystemTime::now()) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.insert(key, node, now + lifetime, now);
+    }
+}
+
+impl Authenticator for TokenReviewAuthenticator {
+    fn node_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, Refusal>> {
+        Box::pin(async move {
+            let key = token_hash(token);
+            if let Some(node) = self.cached(&key) {
+                debug!(node, "token known from a recent TokenReview");
+                return Ok(node);
+            }
+            let node = self.review(token).await?;
+            self.remember(key, token, &node);
+            Ok(node)
+        })
+    }
+}
+
+/// Cache key: tokens are credentials, so the cache holds only their digest.
+type TokenHash = [u8; 32];
+
+fn token_hash(token: &str) -> TokenHash {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut key = [0; 32];
+    key.copy_from_slice(digest.as_ref());
+    key
+}
+
+/// How long an accepted token's node may be reused: [`CACHE_TTL`], but never past the
+/// token's own `exp`; `None` when it has already expired. A token whose expiry cannot be
+/// read (not a JWT, or a legacy token without `exp`, which never expires) gets the TTL: the
+/// API server accepted it just now.
+fn cache_lifetime(token: &str, now: SystemTime) -> Option<Duration> {
+    match token_expiry(token) {
+        Some(expiry) => expiry
+            .duration_since(now)
+            .ok()
+            .map(|left| left.min(CACHE_TTL)),
+        None => Some(CACHE_TTL),
+    }
+}
+
+/// The `exp` claim of a JWT, read without checking the signature: only ever used to shorten
+/// how long an answer of the API server, which did check it, is reused.
+fn token_expiry(token: &str) -> Option<SystemTime> {
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        exp: Option<u64>,
+    }
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Claims = serde_json::from_slice(&json).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(claims.exp?))
+}
+
+#[derive(Default)]
+struct NodeCache {
+    nodes: HashMap<TokenHash, (String, Instant)>,
+}
+
+impl NodeCache {
+    fn get(&self, key: &TokenHash, now: Instant) -> Option<String> {
+        self.nodes
+            .get(key)
+            .filter(|(_, until)| *until > now)
+            .map(|(node, _)| node.clone())
+    }
+
+    fn insert(&mut self, key: TokenHash, node: &str, until: Instant, now: Instant) {
+        if self.nodes.len() >= CACHE_CAPACITY {
+            self.nodes.retain(|_, (_, until)| *until > now);
+        }
+        if self.nodes.len() < CACHE_CAPACITY {
+            self.nodes.insert(key, (node.to_owned(), until));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,279 @@
+use http::Method;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::ca_server::scripted_api::{self, AGENT_USERNAME, Recorded, Requests, token_review};
+
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+const AGENT_POD: &str = "/api/v1/namespaces/nodemesh-system/pods/nodemesh-agent-x7k2p";
+
+fn authenticator<F>(answer: F) -> (TokenReviewAuthenticator, Requests)
+where
+    F: Fn(&Recorded) -> (u16, Value) + Send + 'static,
+{
+    let (client, requests) = scripted_api::client(answer);
+    let authenticator =
+        TokenReviewAuthenticator::new(client, "nodemesh-system", "nodemesh-agent", "nodemesh-ca");
+    (authenticator, requests)
+}
+
+/// A JWT-shaped token (unsigned: only the API server checks tokens) expiring after `valid`.
+fn token(valid: Duration) -> String {
+    let exp = (SystemTime::now() + valid)
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({ "exp": exp, "sub": AGENT_USERNAME }).to_string());
+    format!("eyJhbGciOiJSUzI1NiJ9.{claims}.c2lnbmF0dXJl")
+}
+
+fn agent_on(node: &str) -> (u16, Value) {
+    (
+        201,
+        token_review(
+            true,
+            &["nodemesh-ca"],
+            AGENT_USERNAME,
+            json!({ NODE_NAME_EXTRA: [node] }),
+        ),
+    )
+}
+
+fn bound_to_pod(uid: &str) -> Value {
+    json!({ POD_NAME_EXTRA: ["nodemesh-agent-x7k2p"], POD_UID_EXTRA: [uid] })
+}
+
+fn agent_pod(uid: &str, node: &str) -> (u16, Value) {
+    (
+        200,
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": "nodemesh-agent-x7k2p", "namespace": "nodemesh-system", "uid": uid },
+            "spec": { "nodeName": node, "containers": [] },
+        }),
+    )
+}
+
+#[tokio::test]
+async fn the_node_named_in_the_token_is_the_requester() {
+    let (authenticator, requests) = authenticator(|_| agent_on("node-a"));
+    let token = token(Duration::from_secs(3600));
+
+    assert_eq!(authenticator.node_of(&token).await, Ok("node-a".into()));
+    let sent = requests.all();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].method, Method::POST);
+    assert!(sent[0].path.starts_with(TOKEN_REVIEWS), "{}", sent[0].path);
+    assert_eq!(sent[0].body["spec"]["token"], token.as_str());
+    assert_eq!(sent[0].body["spec"]["audiences"], json!(["nodemesh-ca"]));
+}
+
+#[tokio::test]
+async fn unauthenticated_tokens_are_refused() {
+    let (authenticator, _) = authenticator(|_| {
+        let mut review = token_review(false, &[], "", json!({}));
+        review["status"]["error"] = json!("token has expired");
+        (201, review)
+    });
+    let refusal = authenticator.node_of("stale").await.unwrap_err();
+    assert!(
+        matches!(&refusal, Refusal::Unauthenticated(reason) if reason.contains("token has expired")),
+        "{refusal:?}"
+    );
+    assert_eq!(refusal.status(), 401);
+}
+
+#[tokio::test]
+async fn tokens_of_other_service_accounts_are_refused() {
+    let (authenticator, _) = authenticator(|_| {
+        (
+            201,
+            token_review(
+                true,
+                &["nodemesh-ca"],
+                "system:serviceaccount:shop:web",
+                json!({ NODE_NAME_EXTRA: ["node-a"] }),
+            ),
+        )
+    });
+    let refusal = authenticator.node_of("web's token").await.unwrap_err();
+    assert!(
+        matches!(&refusal, Refusal::Forbidden(reason) if reason.contains("system:serviceaccount:shop:web")),
+        "{refusal:?}"
+    );
+    assert_eq!(refusal.status(), 403);
+}
+
+#[tokio::test]
+async fn tokens_for_another_audience_are_refused() {
+    let (authenticator, _) = authenticator(|_| {
+        (
+            201,
+            token_review(
+                true,
+                &["https://kubernetes.default.svc"],
+                AGENT_USERNAME,
+                json!({ NODE_NAME_EXTRA: ["node-a"] }),
+            ),
+        )
+    });
+    let refusal = authenticator.node_of("api token").await.unwrap_err();
+    assert!(
+        matches!(&refusal, Refusal::Unauthenticated(reason) if reason.contains("nodemesh-ca")),
+        "{refusal:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_node_is_read_from_the_bound_pod_when_the_token_does_not_name_it() {
+    let (authenticator, requests) = authenticator(|request| match request.method {
+        Method::POST => (
+            201,
+            token_review(
+                true,
+                &["nodemesh-ca"],
+                AGENT_USERNAME,
+                bound_to_pod("uid-1"),
+            ),
+        ),
+        _ => agent_pod("uid-1", "node-b"),
+    });
+    assert_eq!(authenticator.node_of("bound").await, Ok("node-b".into()));
+    assert_eq!(requests.count(&Method::GET, AGENT_POD), 1);
+}
+
+#[tokio::test]
+async fn a_token_of_a_replaced_or_missing_pod_is_refused() {
+    let (replaced, _) = authenticator(|request| match request.method {
+        Method::POST => (
+            201,
+            token_review(
+                true,
+                &["nodemesh-ca"],
+                AGENT_USERNAME,
+                bound_to_pod("uid-old"),
+            ),
+        ),
+        _ => agent_pod("uid-new", "node-b"),
+    });
+    let refusal = replaced.node_of("old pod's token").await.unwrap_err();
+    assert!(
+        matches!(&refusal, Refusal::Forbidden(reason) if reason.contains("replaced")),
+        "{refusal:?}"
+    );
+
+    let (missing, _) = authenticator(|request| match request.method {
+        Method::POST => (
+            201,
+            token_review(
+                true,
+                &["nodemesh-ca"],
+                AGENT_USERNAME,
+                bound_to_pod("uid-1"),
+            ),
+        ),
+        _ => scripted_api::status(404, "NotFound"),
+    });
+    let refusal = missing.node_of("deleted pod's token").await.unwrap_err();
+    assert!(
+        matches!(&refusal, Refusal::Forbidden(reason) if reason.contains("does not exist")),
+        "{refusal:?}"
+    );
+}
+
+#[tokio::test]
+async fn tokens_bound_to_no_pod_are_refused() {
+    let (authenticator, _) = authenticator(|_| {
+        (
+            201,
+            token_review(true, &["nodemesh-ca"], AGENT_USERNAME, json!({})),
+        )
+    });
+    let refusal = authenticator.node_of("legacy").await.unwrap_err();
+    assert!(matches!(refusal, Refusal::Forbidden(_)), "{refusal:?}");
+}
+
+#[tokio::test]
+async fn api_errors_refuse_and_are_not_cached() {
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let answer_failing = failing.clone();
+    let (authenticator, requests) = authenticator(move |_| {
+        if answer_failing.load(std::sync::atomic::Ordering::SeqCst) {
+            scripted_api::status(500, "InternalError")
+        } else {
+            agent_on("node-a")
+        }
+    });
+    let token = token(Duration::from_secs(3600));
+    let refusal = authenticator.node_of(&token).await.unwrap_err();
+    assert!(matches!(refusal, Refusal::Unavailable(_)), "{refusal:?}");
+    assert_eq!(refusal.status(), 503);
+
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(authenticator.node_of(&token).await, Ok("node-a".into()));
+    assert_eq!(requests.count(&Method::POST, TOKEN_REVIEWS), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn accepted_tokens_are_reviewed_once_per_ttl() {
+    let (authenticator, requests) = authenticator(|_| agent_on("node-a"));
+    let token = token(Duration::from_secs(3600));
+
+    for _ in 0..3 {
+        assert_eq!(authenticator.node_of(&token).await, Ok("node-a".into()));
+    }
+    assert_eq!(
+        requests.count(&Method::POST, TOKEN_REVIEWS),
+        1,
+        "answers within the TTL come from the cache"
+    );
+
+    tokio::time::advance(CACHE_TTL + Duration::from_secs(1)).await;
+    assert_eq!(authenticator.node_of(&token).await, Ok("node-a".into()));
+    assert_eq!(
+        requests.count(&Method::POST, TOKEN_REVIEWS),
+        2,
+        "an expired answer is asked again"
+    );
+
+    let other = format!("{token}x");
+    assert_eq!(authenticator.node_of(&other).await, Ok("node-a".into()));
+    assert_eq!(
+        requests.count(&Method::POST, TOKEN_REVIEWS),
+        3,
+        "another token is another entry"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_cache_never_outlives_the_token() {
+    let (authenticator, requests) = authenticator(|_| agent_on("node-a"));
+    let token = token(Duration::from_secs(10));
+    authenticator.node_of(&token).await.unwrap();
+    tokio::time::advance(Duration::from_secs(11)).await;
+    authenticator.node_of(&token).await.unwrap();
+    assert_eq!(
+        requests.count(&Method::POST, TOKEN_REVIEWS),
+        2,
+        "a token expiring in 10 s is cached at most 10 s"
+    );
+}
+
+#[test]
+fn token_expiry_is_read_from_jwts_only() {
+    let now = SystemTime::now();
+    let lifetime = cache_lifetime(&token(Duration::from_secs(30)), now).unwrap();
+    assert!(lifetime <= Duration::from_secs(30) && lifetime > Duration::from_secs(25));
+    assert_eq!(
+        cache_lifetime(&token(Duration::from_secs(7200)), now),
+        Some(CACHE_TTL)
+    );
+    assert_eq!(
+        cache_lifetime(&token(Duration::ZERO), now + Duration::from_secs(5)),
+        None,
+        "an expired token is not cached"
+    );
+    assert_eq!(cache_lifetime("opaque-token", now), Some(CACHE_TTL));
+}
