@@ -9,12 +9,12 @@ use k8s_openapi::{
             RollingUpdateDaemonSet,
         },
         core::v1::{
-            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
-            EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, Namespace,
+            Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+            EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, Namespace,
             ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-            ProjectedVolumeSource, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
-            ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec,
-            TCPSocketAction, Volume, VolumeMount, VolumeProjection,
+            ProjectedVolumeSource, SeccompProfile, SecurityContext, Service, ServiceAccount,
+            ServiceAccountTokenProjection, ServicePort, ServiceSpec, TCPSocketAction, Volume,
+            VolumeMount, VolumeProjection,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
         rbac::v1::{
@@ -27,6 +27,7 @@ use k8s_openapi::{
         CustomResourceSubresources, CustomResourceValidation, JSONSchemaProps,
     },
     apimachinery::pkg::{
+        api::resource::Quantity,
         apis::meta::v1::{LabelSelector, ObjectMeta},
         util::intstr::IntOrString,
     },
@@ -39,12 +40,13 @@ use super::Values;
 pub const NAMESPACE: &str = "nodemesh-system";
 pub const AGENT: &str = "nodemesh-node";
 pub const CA: &str = "nodemesh-ca";
-/// The file source's config until the kube source lands; the CA reads it too (where pods run).
-const CONFIG: &str = "nodemesh-config";
 /// Istio's name for a user-provided CA (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`,
 /// `cert-chain.pem`).
 const CACERTS: &str = "cacerts";
-const NODE_TOKENS: &str = "nodemesh-node-tokens";
+/// The root the CA creates when the user brings none.
+const GENERATED_ROOT: &str = "nodemesh-ca-root";
+/// Where the CA publishes the trust bundle (`root-cert.pem`) for the agents.
+const TRUST_BUNDLE: &str = "nodemesh-ca-root-cert";
 /// Audience of the agent's projected ServiceAccount token: only the CA accepts it.
 const CA_TOKEN_AUDIENCE: &str = "nodemesh-ca";
 const CA_PORT: i32 = 15012;
@@ -73,11 +75,6 @@ pub fn manifests(values: &Values) -> Vec<Manifest> {
             file: "rbac.yaml",
             objects: rbac(),
             comments: RBAC_REASONS.to_vec(),
-        },
-        Manifest {
-            file: "config.yaml",
-            objects: vec![to_value(config_map())],
-            comments: vec![],
         },
         Manifest {
             file: "ca.yaml",
@@ -167,22 +164,6 @@ fn namespace() -> Namespace {
     }
 }
 
-fn config_map() -> ConfigMap {
-    ConfigMap {
-        metadata: ObjectMeta {
-            annotations: Some(BTreeMap::from([(
-                "nodemesh.io/purpose".into(),
-                "Kubernetes YAML for the agent's file config source, until the kube source \
-                 lands"
-                    .into(),
-            )])),
-            ..meta(CONFIG, "config")
-        },
-        data: Some(BTreeMap::new()),
-        ..ConfigMap::default()
-    }
-}
-
 // === RBAC ===
 
 fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
@@ -208,8 +189,12 @@ const RBAC_REASONS: &[(&str, &str)] = &[
     ),
     (
         "- cacerts",
-        "the CA reads its root; `create` (which cannot be limited by name) writes one when \
-         absent",
+        "the CA reads the user's root, or its own; `create` (which cannot be limited by \
+         name) writes its own when neither exists",
+    ),
+    (
+        "- nodemesh-ca-root-cert",
+        "the trust bundle the CA publishes for the agents",
     ),
 ];
 
@@ -230,8 +215,6 @@ fn rbac() -> Vec<Value> {
                 READ,
             ),
             rule(&["gateway.networking.k8s.io"], &["httproutes"], READ),
-            // kube-rs' event recorder patches an event to count repeats of it.
-            rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
         ]),
         ..ClusterRole::default()
     };
@@ -239,7 +222,8 @@ fn rbac() -> Vec<Value> {
         metadata: cluster_meta(CA, "ca"),
         rules: Some(vec![
             rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
-            // Node authorization: an agent gets certificates only for pods on its node.
+            // Node authorization: an agent gets certificates only for pods on its node (and
+            // `get` finds an agent's node from its pod when the token does not say).
             rule(&[""], &["pods"], READ),
         ]),
         ..ClusterRole::default()
@@ -248,10 +232,15 @@ fn rbac() -> Vec<Value> {
         metadata: meta(CA, "ca"),
         rules: Some(vec![
             PolicyRule {
-                resource_names: Some(vec![CACERTS.into()]),
+                resource_names: Some(vec![CACERTS.into(), GENERATED_ROOT.into()]),
                 ..rule(&[""], &["secrets"], &["get"])
             },
             rule(&[""], &["secrets"], &["create"]),
+            PolicyRule {
+                resource_names: Some(vec![TRUST_BUNDLE.into()]),
+                ..rule(&[""], &["configmaps"], &["get", "update"])
+            },
+            rule(&[""], &["configmaps"], &["create"]),
         ]),
     };
     let subject = |name: &str| Subject {
@@ -301,8 +290,8 @@ const AGENT_REASONS: &[(&str, &str)] = &[
         "capabilities instead, each with its reason",
     ),
     (
-        "--config-dir=/etc/nodemesh/config",
-        "until the kube config source lands, the agent reads the nodemesh-config ConfigMap",
+        "--config-source=kube",
+        "watches Namespaces, Pods, Services, EndpointSlices and the Istio/Gateway API kinds",
     ),
     (
         "--cgroup-path=/host/sys/fs/cgroup",
@@ -425,8 +414,7 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
         args: args(&[
             "run",
             "--node-name=$(NODE_NAME)",
-            // The kube config source is not there yet: the agent reads this ConfigMap.
-            "--config-dir=/etc/nodemesh/config",
+            "--config-source=kube",
             "--cgroup-path=/host/sys/fs/cgroup",
             "--metrics-addr",
             &metrics_addr,
@@ -478,7 +466,6 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             ..SecurityContext::default()
         }),
         volume_mounts: Some(vec![
-            mount("config", "/etc/nodemesh/config", true),
             mount("ca-root", "/etc/nodemesh/ca-root", true),
             mount("ca-token", "/var/run/secrets/nodemesh/ca-token", true),
             mount("bpffs", "/sys/fs/bpf", false),
@@ -506,24 +493,18 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
         containers: vec![container],
         volumes: Some(vec![
             Volume {
-                name: "config".into(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: CONFIG.into(),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume {
                 name: "ca-root".into(),
-                // Only the root certificate: the agent never sees the CA's key.
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(CACERTS.into()),
+                // The trust bundle the CA publishes; optional, so an agent that starts first
+                // waits for it (alive, not ready) instead of failing to start.
+                config_map: Some(ConfigMapVolumeSource {
+                    name: TRUST_BUNDLE.into(),
+                    optional: Some(true),
                     items: Some(vec![KeyToPath {
                         key: "root-cert.pem".into(),
                         path: "root-cert.pem".into(),
                         ..KeyToPath::default()
                     }]),
-                    ..SecretVolumeSource::default()
+                    ..ConfigMapVolumeSource::default()
                 }),
                 ..Volume::default()
             },
@@ -622,15 +603,6 @@ fn ca_deployment(values: &Values) -> Deployment {
     /// distroless' `nonroot` user.
     const NONROOT: i64 = 65532;
     let listen = format!("0.0.0.0:{CA_PORT}");
-    let secret_volume = |name: &str, secret: &str| Volume {
-        name: name.into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(secret.into()),
-            default_mode: Some(0o440),
-            ..SecretVolumeSource::default()
-        }),
-        ..Volume::default()
-    };
     let tcp_probe = |period_seconds: i32| Probe {
         tcp_socket: Some(TCPSocketAction {
             port: IntOrString::String("https".into()),
@@ -647,15 +619,33 @@ fn ca_deployment(values: &Values) -> Deployment {
             "ca",
             "--listen",
             &listen,
-            "--ca-dir=/etc/cacerts",
-            // Where pods run, for node authorization, until the CA watches pods itself.
-            "--config-dir=/etc/nodemesh/config",
-            // Until TokenReview lands: `<node-name> <token>` lines.
-            "--node-tokens=/etc/nodemesh/node-tokens/node-tokens",
+            // Pods, for node authorization; the root from Secret `cacerts` (or its own);
+            // agents' tokens checked with TokenReview.
+            "--config-source=kube",
             "--root-namespace",
             NAMESPACE,
+            "--agent-service-account",
+            AGENT,
+            "--token-audience",
+            CA_TOKEN_AUDIENCE,
         ]),
-        env: Some(vec![env("RUST_LOG", &values.log_level)]),
+        env: Some(vec![
+            env("RUST_LOG", &values.log_level),
+            EnvVar {
+                name: "POD_NAMESPACE".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.namespace".into(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+            // The root's key is written here for a moment while it loads (the root
+            // filesystem is read-only).
+            env("TMPDIR", "/tmp"),
+        ]),
         ports: Some(vec![port("https", CA_PORT)]),
         readiness_probe: Some(tcp_probe(5)),
         liveness_probe: Some(tcp_probe(10)),
@@ -669,11 +659,7 @@ fn ca_deployment(values: &Values) -> Deployment {
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            mount("cacerts", "/etc/cacerts", true),
-            mount("config", "/etc/nodemesh/config", true),
-            mount("node-tokens", "/etc/nodemesh/node-tokens", true),
-        ]),
+        volume_mounts: Some(vec![mount("tmp", "/tmp", false)]),
         ..Container::default()
     };
     Deployment {
@@ -703,18 +689,14 @@ fn ca_deployment(values: &Values) -> Deployment {
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
-                    volumes: Some(vec![
-                        secret_volume("cacerts", CACERTS),
-                        Volume {
-                            name: "config".into(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: CONFIG.into(),
-                                ..ConfigMapVolumeSource::default()
-                            }),
-                            ..Volume::default()
-                        },
-                        secret_volume("node-tokens", NODE_TOKENS),
-                    ]),
+                    volumes: Some(vec![Volume {
+                        name: "tmp".into(),
+                        empty_dir: Some(EmptyDirVolumeSource {
+                            medium: Some("Memory".into()),
+                            size_limit: Some(Quantity("1Mi".into())),
+                        }),
+                        ..Volume::default()
+                    }]),
                     ..PodSpec::default()
                 }),
             },
