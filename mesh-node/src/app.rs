@@ -27,7 +27,7 @@ use crate::{
     proxy::{Mtls, ProxyContext, Resolver, connections::Connections},
     readiness::{Readiness, ReadinessGuard},
     signal,
-    signer::{self, NodeSigner, RemoteSigner},
+    signer::{self, CaAddress, NodeSigner, RemoteSigner},
     state::{State, StateRx, StateTx},
 };
 
@@ -92,7 +92,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     )
     .await?;
 
-    let mtls = match (&config.ca_dir, config.ca_addr) {
+    let mtls = match (&config.ca_dir, config.ca_addr.clone()) {
         (Some(dir), _) => Some(Arc::new(local_ca(
             &config,
             &metrics.node,
@@ -277,7 +277,7 @@ fn local_ca(
 async fn remote_ca(
     config: &RunConfig,
     metrics: &NodeMetrics,
-    addr: SocketAddr,
+    addr: CaAddress,
     readiness: &Readiness,
 ) -> anyhow::Result<Mtls> {
     let root_file = config
@@ -294,12 +294,12 @@ async fn remote_ca(
     };
     let expected = ca_server::ca_identity(&config.trust_domain, &config.root_namespace)?;
     let tls = identity::tls::ca_client_config(&trust_bundle, expected)?;
+    info!(ca = %addr, trust_domain = %config.trust_domain, "mutual TLS on, remote CA");
     let signer = RemoteSigner {
         addr,
         tls,
         token_file,
     };
-    info!(ca = %addr, trust_domain = %config.trust_domain, "mutual TLS on, remote CA");
     Ok(mtls(config, metrics, Arc::new(signer), trust_bundle))
 }
 
@@ -534,7 +534,7 @@ mod tests {
         };
         let metrics = Metrics::new().unwrap();
         let readiness = Readiness::default();
-        let addr = config.ca_addr.unwrap();
+        let addr = config.ca_addr.clone().unwrap();
         let starting = tokio::spawn({
             let readiness = readiness.clone();
             async move { remote_ca(&config, &metrics.node, addr, &readiness).await }

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::{Serialize, Serializer};
 
-use crate::access_log::AccessLogMode;
+use crate::{access_log::AccessLogMode, signer::CaAddress};
 
 #[derive(Debug, Parser)]
 #[command(name = "mesh-node", version, about = "Nodemesh node agent")]
@@ -196,11 +196,13 @@ pub struct RunConfig {
     #[arg(long, conflicts_with = "ca_addr")]
     pub ca_dir: Option<PathBuf>,
 
-    /// URL (`https://<ip>:<port>`, or just `<ip>:<port>`) of a `mesh-node ca` service to
-    /// get certificates from, instead of an in-process CA. Needs `--ca-root-file` and
+    /// URL (`https://<host>:<port>`, or just `<host>:<port>`; the host an IP address or a
+    /// DNS name such as `nodemesh-ca.nodemesh-system.svc`) of a `mesh-node ca` service to get
+    /// certificates from, instead of an in-process CA. Needs `--ca-root-file` and
     /// `--ca-token-file`.
-    #[arg(long, requires_all = ["ca_root_file", "ca_token_file"], value_parser = parse_ca_addr)]
-    pub ca_addr: Option<SocketAddr>,
+    #[arg(long, requires_all = ["ca_root_file", "ca_token_file"], value_parser = CaAddress::parse)]
+    #[serde(serialize_with = "serialize_optional_display")]
+    pub ca_addr: Option<CaAddress>,
 
     /// The CA's root certificate(s), PEM (`root-cert.pem`): pinned to check the CA service,
     /// and the trust bundle for mutual TLS.
@@ -319,20 +321,6 @@ pub struct CaConfig {
     pub log_format: LogFormat,
 }
 
-/// `https://10.0.0.5:15012`, `https://10.0.0.5:15012/` or `10.0.0.5:15012`. The CA is
-/// addressed by IP: its certificate carries a SPIFFE id, not a DNS name.
-fn parse_ca_addr(value: &str) -> Result<SocketAddr, String> {
-    let bare = value
-        .strip_prefix("https://")
-        .unwrap_or(value)
-        .trim_end_matches('/');
-    if value.starts_with("http://") {
-        return Err("the CA is only spoken to over https".into());
-    }
-    bare.parse()
-        .map_err(|_| format!("{value:?} is not https://<ip>:<port>"))
-}
-
 /// A percentage from 0 to 100.
 fn parse_percent(value: &str) -> Result<f64, String> {
     value
@@ -372,17 +360,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ca_addresses_accept_urls_and_bare_addresses() {
-        let addr: SocketAddr = "10.0.0.5:15012".parse().unwrap();
+    fn ca_addresses_accept_urls_names_and_bare_addresses() {
+        let ip = CaAddress {
+            host: "10.0.0.5".into(),
+            port: 15012,
+        };
         for value in [
             "https://10.0.0.5:15012",
             "https://10.0.0.5:15012/",
             "10.0.0.5:15012",
         ] {
-            assert_eq!(parse_ca_addr(value), Ok(addr), "{value}");
+            assert_eq!(CaAddress::parse(value), Ok(ip.clone()), "{value}");
         }
-        assert!(parse_ca_addr("http://10.0.0.5:15012").is_err());
-        assert!(parse_ca_addr("https://ca.example:15012").is_err());
+        let name = CaAddress::parse("https://nodemesh-ca.nodemesh-system.svc:15012").unwrap();
+        assert_eq!(name.host, "nodemesh-ca.nodemesh-system.svc");
+        assert_eq!(name.to_string(), "nodemesh-ca.nodemesh-system.svc:15012");
+        let v6 = CaAddress::parse("https://[fd00::5]:15012").unwrap();
+        assert_eq!(
+            (v6.host.as_str(), v6.to_string()),
+            ("fd00::5", "[fd00::5]:15012".into())
+        );
+        assert!(CaAddress::parse("http://10.0.0.5:15012").is_err());
+        assert!(
+            CaAddress::parse("https://ca.example").is_err(),
+            "a port is needed"
+        );
+        assert!(CaAddress::parse("https://ca example:15012").is_err());
     }
 
     #[test]

@@ -46,10 +46,60 @@ impl CertificateSigner for NodeSigner {
     }
 }
 
+/// Where `mesh-node ca` listens: an IP address or a DNS name (resolved at every connection,
+/// so a Service whose address changes is followed), and a port. The name only finds the CA:
+/// it is authenticated by its SPIFFE identity, never by the name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl CaAddress {
+    /// `https://<host>:<port>[/]` or `<host>:<port>`; IPv6 hosts in brackets.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        if value.starts_with("http://") {
+            return Err("the CA is only spoken to over https".into());
+        }
+        let bare = value
+            .strip_prefix("https://")
+            .unwrap_or(value)
+            .trim_end_matches('/');
+        let invalid = || format!("{value:?} is not https://<host>:<port>");
+        if let Ok(addr) = bare.parse::<std::net::SocketAddr>() {
+            return Ok(Self {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            });
+        }
+        let (host, port) = bare.rsplit_once(':').ok_or_else(invalid)?;
+        let port = port.parse().map_err(|_| invalid())?;
+        // A DNS name: letters, digits, dots and dashes (what `ServerName` accepts too).
+        rustls_pki_types::DnsName::try_from(host).map_err(|_| invalid())?;
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    fn server_name(&self) -> Result<rustls_pki_types::ServerName<'static>, CaError> {
+        rustls_pki_types::ServerName::try_from(self.host.clone()).map_err(unavailable)
+    }
+}
+
+impl std::fmt::Display for CaAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.host.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            _ => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
 /// A client of `mesh-node ca` (`--ca-addr`): the same requests, over HTTPS, with this
 /// node's token; the CA applies node authorization on its side.
 pub struct RemoteSigner {
-    pub addr: std::net::SocketAddr,
+    pub addr: CaAddress,
     pub tls: Arc<rustls::ClientConfig>,
     /// Read for every request: kubelet rotates projected ServiceAccount tokens in place.
     pub token_file: PathBuf,
@@ -78,12 +128,11 @@ impl RemoteSigner {
         use http_body_util::BodyExt;
 
         let token = self.token()?;
-        let tcp = tokio::net::TcpStream::connect(self.addr)
+        let tcp = tokio::net::TcpStream::connect((self.addr.host.as_str(), self.addr.port))
             .await
-            .map_err(unavailable)?;
-        let name = rustls_pki_types::ServerName::IpAddress(self.addr.ip().into());
+            .map_err(|e| unavailable(format!("connecting to {}: {e}", self.addr)))?;
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
+            .connect(self.addr.server_name()?, tcp)
             .await
             .map_err(unavailable)?;
         let (mut sender, connection) =

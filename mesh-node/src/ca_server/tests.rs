@@ -9,7 +9,7 @@ use crate::{
         token_review::{NODE_NAME_EXTRA, TokenReviewAuthenticator},
     },
     identity::{CertificateSigner, identity_from_cert, tls},
-    signer::RemoteSigner,
+    signer::{CaAddress, RemoteSigner},
     state::{State, Workload},
 };
 
@@ -65,7 +65,10 @@ fn signer(
     let expected = ca_identity("cluster.local", "nodemesh-system").unwrap();
     let token_file = token_file(dir, token);
     RemoteSigner {
-        addr,
+        addr: CaAddress {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        },
         tls: tls::ca_client_config(roots, expected).unwrap(),
         token_file,
     }
@@ -120,6 +123,26 @@ async fn signs_for_pods_of_the_token_s_node_and_refuses_others() {
         .unwrap_err()
         .to_string();
     assert!(refused.contains("401"), "{refused}");
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn agents_reach_the_ca_by_dns_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let Running {
+        addr,
+        roots,
+        shutdown,
+        ..
+    } = service(dir.path()).await;
+    let mut by_name = signer(addr, &roots, dir.path(), "token-a");
+    // The name is resolved at connection time; the CA is still checked by its SPIFFE id.
+    by_name.addr = CaAddress::parse(&format!("https://localhost:{}", addr.port())).unwrap();
+    let web = Identity::new("cluster.local", "shop", "web").unwrap();
+    by_name
+        .sign(csr(), &web, Duration::from_secs(600))
+        .await
+        .expect("signed through the name");
     shutdown.cancel();
 }
 
