@@ -12,6 +12,7 @@ use crate::{
     admin::{Admin, LogControl},
     ca_server::{self, CaService, TokenFile},
     cli::{CaConfig, RunConfig},
+    cni::{self, install::Installation, server::CniServer},
     config::file::FileSource,
     distributed_tracing::{TraceConfig, Tracing},
     ebpf::Capture,
@@ -121,11 +122,26 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     let admin_state = state_rx.clone();
     let mut tasks = JoinSet::new();
     tasks.spawn(source.watch(state_tx, metrics.node.clone(), shutdown.clone()));
-    tasks.spawn(Enrollment::new(config.node_name.clone(), proxy).run(
-        state_rx,
-        pods_ready,
-        shutdown.clone(),
-    ));
+    let mut enrollment = Enrollment::new(config.node_name.clone(), proxy);
+    if let Some(socket) = &config.cni_socket {
+        let server = CniServer::bind(socket).context("binding the CNI socket")?;
+        let (handle, requests) = cni::server::channel();
+        tasks.spawn(server.serve(handle, shutdown.clone()));
+        enrollment = enrollment.with_cni(requests);
+    }
+    if let (Some(bin_dir), Some(conf_dir), Some(socket)) = (
+        &config.cni_bin_dir,
+        &config.cni_conf_dir,
+        &config.cni_socket,
+    ) {
+        let installation = Installation {
+            bin_dir: bin_dir.clone(),
+            conf_dir: conf_dir.clone(),
+            agent_socket: socket.clone(),
+        };
+        tasks.spawn(cni::install::keep_installed(installation, shutdown.clone()));
+    }
+    tasks.spawn(enrollment.run(state_rx, pods_ready, shutdown.clone()));
     tasks.spawn(metrics::serve(
         metrics_listener,
         Endpoints::Metrics(metrics.clone()),

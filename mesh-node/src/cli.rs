@@ -21,6 +21,31 @@ pub enum Command {
     Ca(CaConfig),
     /// Show what a running agent knows, as tables (or JSON), from its admin API.
     Debug(DebugArgs),
+    /// The chained CNI plugin (also installed as `nodemesh-cni`): without a subcommand it
+    /// runs one CNI call as the container runtime drives it (`CNI_*` environment variables,
+    /// network config on stdin).
+    Cni(CniArgs),
+}
+
+/// `mesh-node cni`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CniArgs {
+    #[command(subcommand)]
+    pub action: Option<CniAction>,
+}
+
+#[derive(Clone, Debug, Subcommand)]
+pub enum CniAction {
+    /// Remove the plugin's chain entry and binary from the node (what the agent installed
+    /// with `--cni-bin-dir` and `--cni-conf-dir`).
+    Uninstall {
+        /// The CNI bin dir the plugin binary was copied to.
+        #[arg(long)]
+        cni_bin_dir: PathBuf,
+        /// The CNI conf dir whose chain holds the entry.
+        #[arg(long)]
+        cni_conf_dir: PathBuf,
+    },
 }
 
 /// `mesh-node debug`.
@@ -185,6 +210,21 @@ pub struct RunConfig {
     /// Log format; the level comes from `RUST_LOG` (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Unix socket the CNI plugin hands new pods over (e.g. `/var/run/nodemesh/cni.sock`):
+    /// pods are then enrolled before their containers start. Off without it.
+    #[arg(long)]
+    pub cni_socket: Option<PathBuf>,
+
+    /// CNI bin dir (e.g. `/opt/cni/bin`) to install the plugin binary into at start, as
+    /// `nodemesh-cni`. Needs `--cni-conf-dir` and `--cni-socket`.
+    #[arg(long, requires_all = ["cni_conf_dir", "cni_socket"])]
+    pub cni_bin_dir: Option<PathBuf>,
+
+    /// CNI conf dir (e.g. `/etc/cni/net.d`) whose chain (the first config file, as kubelet
+    /// picks it) gets the plugin's entry at its end, at start and whenever it goes missing.
+    #[arg(long, requires_all = ["cni_bin_dir", "cni_socket"])]
+    pub cni_conf_dir: Option<PathBuf>,
 
     /// Access logs and tracing. Boxed: `Command` stays small for the subcommands that
     /// do not run the agent.
