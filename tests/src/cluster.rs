@@ -272,6 +272,21 @@ impl Cluster {
         self.node_cgroups[i].clone()
     }
 
+    /// Creates the cgroup `<node i's cgroup>/<relative>` (and its parents), removed with the
+    /// cluster; processes in it are the node's as much as those in the node cgroup.
+    pub fn add_cgroup(&mut self, i: usize, relative: &str) -> PathBuf {
+        let mut dir = self.node_cgroup(i);
+        for segment in Path::new(relative).components() {
+            dir.push(segment);
+            if !self.owned_cgroups.contains(&dir) {
+                fs::create_dir(&dir)
+                    .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+                self.owned_cgroups.push(dir.clone());
+            }
+        }
+        dir
+    }
+
     /// The cluster's cgroup, parent of the node cgroups.
     pub fn cgroup_dir(&self) -> &Path {
         &self.cgroup_dir
@@ -420,6 +435,9 @@ impl Cluster {
         };
         let mut pod_ips = vec![ip.to_string()];
         pod_ips.extend(ip6.map(|ip6| ip6.to_string()));
+        if spec.pending {
+            pod_ips.clear();
+        }
         let manifest = yaml::pod_yaml(&yaml::PodYaml {
             name: &pod.name,
             namespace: &pod.namespace,
