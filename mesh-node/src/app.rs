@@ -123,16 +123,16 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     let mut tasks = JoinSet::new();
     tasks.spawn(source.watch(state_tx, metrics.node.clone(), shutdown.clone()));
     let mut enrollment = Enrollment::new(config.node_name.clone(), proxy);
-    if let Some(socket) = &config.cni_socket {
+    if let Some(socket) = &config.cni.socket {
         let server = CniServer::bind(socket).context("binding the CNI socket")?;
         let (handle, requests) = cni::server::channel();
         tasks.spawn(server.serve(handle, shutdown.clone()));
         enrollment = enrollment.with_cni(requests);
     }
     if let (Some(bin_dir), Some(conf_dir), Some(socket)) = (
-        &config.cni_bin_dir,
-        &config.cni_conf_dir,
-        &config.cni_socket,
+        &config.cni.bin_dir,
+        &config.cni.conf_dir,
+        &config.cni.socket,
     ) {
         let installation = Installation {
             bin_dir: bin_dir.clone(),

@@ -119,6 +119,11 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// Its manifest's file name in the config dir.
+    pub fn manifest_file_name(&self) -> String {
+        format!("pod-{}-{}.yaml", self.namespace, self.name)
+    }
+
     /// Its network namespace's path, as a container runtime passes it to CNI plugins.
     pub fn netns_path(&self) -> PathBuf {
         netns::netns_path(&self.netns)

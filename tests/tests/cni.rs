@@ -336,3 +336,59 @@ fn a_pod_netns_is_found_by_its_uid_in_a_kubelet_like_cgroup() {
     let _ = pause.kill();
     let _ = pause.wait();
 }
+
+/// How often node 0's agent (logging JSON) logged `pod` enrolled.
+fn enrollments(cluster: &Cluster, pod: &Pod) -> usize {
+    let log = std::fs::read_to_string(cluster.agent_log(0)).expect("agent log");
+    let key = format!("{}/{}", pod.namespace, pod.name);
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["fields"]["message"] == "pod enrolled" && line["fields"]["pod"] == key)
+        .count()
+}
+
+#[test]
+fn a_pod_the_config_does_not_know_yet_is_enrolled_by_its_namespace_and_kept() {
+    if skip() {
+        return;
+    }
+    let (mut cluster, client, _server) = shop("cni_lag", true);
+    // The watch has not delivered the pod yet when the runtime sets up its sandbox.
+    cluster.remove_config(&client.manifest_file_name());
+    let socket = cni_socket(&cluster);
+    cluster.start_agent(
+        0,
+        &[
+            "--cni-socket",
+            socket.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
+    );
+    wait_enrolled(&cluster, 0, 1);
+
+    let config = network_config(&socket, &client, json!({}));
+    let add = cni(&cluster, 0, "ADD", &client, &config);
+    assert_success(&add, "ADD");
+    assert_eq!(
+        metric(&cluster, 0, "nodemesh_enrolled_pods", &[]),
+        2.0,
+        "namespace shop is enrolled: so is the pod it does not know yet"
+    );
+    assert!(reaches_service(&cluster, &client));
+
+    // The config catches up with the same IPs: the pod stays as it is, no second search.
+    cluster.write_pod_manifest(&client, false);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(reaches_service(&cluster, &client));
+    assert_eq!(enrollments(&cluster, &client), 1, "enrolled once");
+
+    // The pod turns out opted out: the reconcile takes it out.
+    let mut opted_out = client.clone();
+    opted_out
+        .labels
+        .push(("nodemesh.io/enabled".into(), "false".into()));
+    cluster.write_pod_manifest(&opted_out, false);
+    wait_enrolled(&cluster, 0, 1);
+    assert!(!reaches_service(&cluster, &client));
+}

@@ -57,7 +57,7 @@ fn read(path: &Path) -> Value {
 
 /// Key order matters to people diffing the file: compare as text.
 fn same_text(a: &Value, b: &Value) -> bool {
-    a.to_string() == b.to_string()
+    serde_json::to_string(a).unwrap() == serde_json::to_string(b).unwrap()
 }
 
 #[test]
