@@ -59,9 +59,11 @@ struct EnrolledPod {
 /// What the CNI plugin said about a pod's sandbox.
 #[derive(Clone, Debug)]
 struct Sandbox {
-    netns: PathBuf,
+    /// `None` once the path is gone (see [`Enrollment::reconcile`]).
+    netns: Option<PathBuf>,
     /// From the main plugin's result.
     ips: Vec<IpAddr>,
+    uid: Option<String>,
 }
 
 /// A CNI ADD for a pod the config does not know yet.
@@ -79,7 +81,7 @@ struct DesiredPod<'a> {
     ips: Vec<IpAddr>,
     /// `None` for a pod only the CNI plugin told about (the config lags behind).
     workload: Option<&'a Workload>,
-    uid: Option<&'a str>,
+    uid: Option<String>,
     /// From the CNI plugin: no search needed.
     netns: Option<PathBuf>,
 }
@@ -179,6 +181,16 @@ impl Enrollment {
     }
 
     async fn reconcile(&mut self, state: &State) {
+        // A sandbox netns path that is gone: the sandbox was deleted without its DEL
+        // reaching the agent, or the agent does not see the runtime's netns mounts. A pod
+        // the config knows is searched for instead; one it does not know is forgotten.
+        self.sandboxes.retain(|key, sandbox| {
+            let Some(path) = sandbox.netns.take_if(|path| !path.exists()) else {
+                return true;
+            };
+            debug!(pod = %key, netns = %path.display(), "sandbox netns gone");
+            state.workloads.contains_key(key)
+        });
         let desired = self.desired(state);
         let stale: Vec<ObjectKey> = self
             .pods
@@ -247,8 +259,8 @@ impl Enrollment {
                 DesiredPod {
                     ips,
                     workload: Some(workload),
-                    uid: Some(workload.uid.as_str()),
-                    netns: sandbox.map(|s| s.netns.clone()),
+                    uid: Some(workload.uid.clone()),
+                    netns: sandbox.and_then(|s| s.netns.clone()),
                 },
             );
         }
@@ -261,8 +273,8 @@ impl Enrollment {
                 DesiredPod {
                     ips: sandbox.ips.clone(),
                     workload: None,
-                    uid: None,
-                    netns: Some(sandbox.netns.clone()),
+                    uid: sandbox.uid.clone(),
+                    netns: sandbox.netns.clone(),
                 },
             );
         }
@@ -282,7 +294,11 @@ impl Enrollment {
                 pod, netns, ips, ..
             } => {
                 let key = pod.key();
-                let sandbox = Sandbox { netns, ips };
+                let sandbox = Sandbox {
+                    netns: Some(netns),
+                    ips,
+                    uid: pod.uid,
+                };
                 self.deleted_sandboxes.remove(&key);
                 self.replace_other_sandbox(&key, &sandbox).await;
                 if !state.workloads.contains_key(&key) {
@@ -312,7 +328,11 @@ impl Enrollment {
         let Some(enrolled) = self.pods.get(key) else {
             return;
         };
-        let same = Netns::open(&sandbox.netns).is_ok_and(|n| n.inode() == enrolled.netns.inode());
+        let same = sandbox
+            .netns
+            .as_deref()
+            .and_then(|path| Netns::open(path).ok())
+            .is_some_and(|netns| netns.inode() == enrolled.netns.inode());
         if !same {
             self.unenroll(key).await;
         }
@@ -463,6 +483,7 @@ impl Enrollment {
         }
         if let Some(netns) = wanted
             .uid
+            .as_deref()
             .and_then(|uid| netns::find_pod_netns_by_uid(uid, home))
         {
             return Ok(netns);
