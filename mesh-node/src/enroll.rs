@@ -123,8 +123,8 @@ impl Enrollment {
         self
     }
 
-    /// Runs until `shutdown`, then un-enrolls every pod. `ready` drops after the first pass,
-    /// when the CNI plugin's requests start being answered too.
+    /// Runs until `shutdown`, then un-enrolls every pod. `ready` drops after the first pass;
+    /// the CNI plugin's requests are answered from the first pass over a published state.
     pub async fn run(
         mut self,
         mut state: StateRx,
@@ -132,11 +132,20 @@ impl Enrollment {
         shutdown: CancellationToken,
     ) {
         let mut cni = self.cni.take();
+        // The channel starts with an empty placeholder. The plugin is answered only once a
+        // state the config source published has been reconciled: an ADD racing the first
+        // sync would otherwise be decided against an empty config.
+        let mut config_published = state.has_changed().unwrap_or(false);
         let mut snapshot = state.borrow_and_update().clone();
         self.reconcile(&snapshot).await;
         drop(ready);
-        if let Some(cni) = &cni {
-            cni.ready.send_replace(true);
+        let answer_cni = |cni: &Option<CniRequests>| {
+            if let Some(cni) = cni {
+                cni.ready.send_replace(true);
+            }
+        };
+        if config_published {
+            answer_cni(&cni);
         }
         loop {
             let retry = !self.pending.is_empty();
@@ -155,6 +164,10 @@ impl Enrollment {
                     snapshot = state.borrow_and_update().clone();
                     self.take_known_waiting(&snapshot);
                     self.reconcile(&snapshot).await;
+                    if !config_published {
+                        config_published = true;
+                        answer_cni(&cni);
+                    }
                 }
                 () = tokio::time::sleep(RETRY_INTERVAL), if retry => {
                     self.reconcile(&snapshot).await;
