@@ -208,6 +208,11 @@ fn add_enrolls_a_pending_pod_before_it_returns_and_del_releases_it() {
         !reaches_service(&cluster, &client),
         "after DEL new connections are not captured"
     );
+    // A new sandbox for the pod (the runtime recreated it): captured again.
+    assert_success(&cni(&cluster, 0, "ADD", &client, &config), "second ADD");
+    assert_eq!(metric(&cluster, 0, "nodemesh_enrolled_pods", &[]), 2.0);
+    assert!(reaches_service(&cluster, &client));
+    assert_success(&cni(&cluster, 0, "STATUS", &client, &config), "STATUS");
 
     // The agent installed itself at the end of the chain; `cni uninstall` takes it out.
     let plugins = wait_until(READY_TIMEOUT, "the chain entry", || {

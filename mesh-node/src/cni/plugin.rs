@@ -171,6 +171,8 @@ pub enum PluginError {
     },
     #[error("the nodemesh agent could not enroll pod {pod}: {error}")]
     EnrollFailed { pod: String, error: String },
+    #[error("the nodemesh agent is not available: {0}")]
+    NotAvailable(String),
     #[error("the nodemesh agent answered {0:?} to {1}")]
     UnexpectedAnswer(AgentResponse, &'static str),
 }
@@ -184,6 +186,8 @@ impl PluginError {
             Self::BadConfig(_) | Self::BadPrevResult(_) => 6,
             Self::MissingPrevResult => 7,
             Self::AgentUnavailable { .. } => 11,
+            // STATUS: "the plugin is not available".
+            Self::NotAvailable(_) => 50,
             Self::EnrollFailed { .. } => 100,
             Self::UnexpectedAnswer(..) => 101,
         }
@@ -327,13 +331,10 @@ fn del(env: &CniEnv, conf: &NetConf, stderr: &mut dyn Write) {
 }
 
 fn status(conf: &NetConf) -> Result<(), PluginError> {
-    match call_agent(conf, &AgentRequest::Status, false)? {
-        AgentResponse::Ready => Ok(()),
-        other => Err(PluginError::AgentUnavailable {
-            socket: conf.agent_socket.clone(),
-            timeout: conf.agent_timeout,
-            last: format!("{other:?}"),
-        }),
+    match call_agent(conf, &AgentRequest::Status, false) {
+        Ok(AgentResponse::Ready) => Ok(()),
+        Ok(other) => Err(PluginError::NotAvailable(format!("it answered {other:?}"))),
+        Err(error) => Err(PluginError::NotAvailable(error.to_string())),
     }
 }
 

@@ -7,6 +7,7 @@ use std::{
     fs, io,
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use tokio::{
@@ -21,6 +22,8 @@ use super::{AgentRequest, AgentResponse};
 
 /// A request no plugin sends is this long; a longer one is cut off and refused.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+/// The plugin writes its request at once; a connection that stays silent is dropped.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests waiting for the enrollment loop; the plugin retries when the agent is slow.
 const QUEUE_DEPTH: usize = 64;
 
@@ -129,14 +132,16 @@ impl Drop for CniServer {
 async fn answer(stream: UnixStream, calls: mpsc::Sender<CniCall>, ready: watch::Receiver<bool>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let response = match BufReader::new(read.take(MAX_REQUEST_BYTES))
-        .read_line(&mut line)
-        .await
-    {
-        Err(error) => AgentResponse::Failed {
+    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
+    let reading = reader.read_line(&mut line);
+    let response = match tokio::time::timeout(REQUEST_READ_TIMEOUT, reading).await {
+        Err(_) => AgentResponse::Failed {
+            error: format!("no request within {REQUEST_READ_TIMEOUT:?}"),
+        },
+        Ok(Err(error)) => AgentResponse::Failed {
             error: format!("reading the request: {error}"),
         },
-        Ok(_) => match serde_json::from_str::<AgentRequest>(&line) {
+        Ok(Ok(_)) => match serde_json::from_str::<AgentRequest>(&line) {
             Err(error) => AgentResponse::Failed {
                 error: format!("bad request: {error}"),
             },

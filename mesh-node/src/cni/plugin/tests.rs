@@ -178,6 +178,24 @@ fn non_kubernetes_calls_and_del_never_fail() {
 }
 
 #[test]
+fn status_asks_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("cni.sock");
+    let agent = fake_agent(&socket, AgentResponse::Ready);
+    let status = call(&env("STATUS", None), &config(&socket, json!({})));
+    assert!(status.ok, "{}", status.stdout);
+    assert_eq!(agent.join().unwrap(), AgentRequest::Status);
+
+    let _agent = fake_agent(&dir.path().join("busy.sock"), AgentResponse::NotReady);
+    let status = call(
+        &env("STATUS", None),
+        &config(&dir.path().join("busy.sock"), json!({})),
+    );
+    assert!(!status.ok);
+    assert_eq!(result_json(&status)["code"], 50, "plugin not available");
+}
+
+#[test]
 fn version_and_bad_input_answer_with_cni_json() {
     let version = call(&env("VERSION", None), b"");
     assert!(version.ok);
