@@ -129,16 +129,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         tasks.spawn(server.serve(handle, shutdown.clone()));
         enrollment = enrollment.with_cni(requests);
     }
-    if let (Some(bin_dir), Some(conf_dir), Some(socket)) = (
-        &config.cni.bin_dir,
-        &config.cni.conf_dir,
-        &config.cni.socket,
-    ) {
-        let installation = Installation {
-            bin_dir: bin_dir.clone(),
-            conf_dir: conf_dir.clone(),
-            agent_socket: socket.clone(),
-        };
+    if let Some(installation) = Installation::from_flags(&config.cni) {
         tasks.spawn(cni::install::keep_installed(installation, shutdown.clone()));
     }
     tasks.spawn(enrollment.run(state_rx, pods_ready, shutdown.clone()));

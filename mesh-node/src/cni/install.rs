@@ -23,6 +23,8 @@ use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::cli::CniConfig;
+
 /// The plugin's `type` in the chain, and its binary's name in the CNI bin dir.
 pub const PLUGIN_TYPE: &str = "nodemesh-cni";
 /// How often the entry is checked (and put back if a main plugin rewrote its config).
@@ -54,6 +56,16 @@ pub struct Installation {
 }
 
 impl Installation {
+    /// What `mesh-node run --cni-bin-dir .. --cni-conf-dir .. --cni-socket ..` asks for;
+    /// `None` when not installing (clap requires the three together).
+    pub fn from_flags(flags: &CniConfig) -> Option<Self> {
+        Some(Self {
+            bin_dir: flags.bin_dir.clone()?,
+            conf_dir: flags.conf_dir.clone()?,
+            agent_socket: flags.socket.clone()?,
+        })
+    }
+
     /// The chain entry this agent wants.
     fn entry(&self) -> Map<String, Value> {
         let entry = json!({
