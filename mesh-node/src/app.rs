@@ -15,6 +15,7 @@ use crate::{
         token_review::TokenReviewAuthenticator,
     },
     cli::{CaConfig, ConfigSourceKind, RunConfig, resolve_config_source},
+    cni::{self, install::Installation, server::CniServer},
     config::{file::FileSource, kube::KubeSource},
     distributed_tracing::{TraceConfig, Tracing},
     ebpf::Capture,
@@ -141,11 +142,17 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         config_ready,
         shutdown.clone(),
     ));
-    tasks.spawn(Enrollment::new(config.node_name.clone(), proxy).run(
-        state_rx,
-        pods_ready,
-        shutdown.clone(),
-    ));
+    let mut enrollment = Enrollment::new(config.node_name.clone(), proxy);
+    if let Some(socket) = &config.cni.socket {
+        let server = CniServer::bind(socket).context("binding the CNI socket")?;
+        let (handle, requests) = cni::server::channel();
+        tasks.spawn(server.serve(handle, shutdown.clone()));
+        enrollment = enrollment.with_cni(requests);
+    }
+    if let Some(installation) = Installation::from_flags(&config.cni) {
+        tasks.spawn(cni::install::keep_installed(installation, shutdown.clone()));
+    }
+    tasks.spawn(enrollment.run(state_rx, pods_ready, shutdown.clone()));
     tasks.spawn(metrics::serve(
         metrics_listener,
         Endpoints::Metrics(metrics.clone()),

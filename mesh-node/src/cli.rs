@@ -21,6 +21,31 @@ pub enum Command {
     Ca(CaConfig),
     /// Show what a running agent knows, as tables (or JSON), from its admin API.
     Debug(DebugArgs),
+    /// The chained CNI plugin (also installed as `nodemesh-cni`): without a subcommand it
+    /// runs one CNI call as the container runtime drives it (`CNI_*` environment variables,
+    /// network config on stdin).
+    Cni(CniArgs),
+}
+
+/// `mesh-node cni`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CniArgs {
+    #[command(subcommand)]
+    pub action: Option<CniAction>,
+}
+
+#[derive(Clone, Debug, Subcommand)]
+pub enum CniAction {
+    /// Remove the plugin's chain entry and binary from the node (what the agent installed
+    /// with `--cni-bin-dir` and `--cni-conf-dir`).
+    Uninstall {
+        /// The CNI bin dir the plugin binary was copied to.
+        #[arg(long)]
+        cni_bin_dir: PathBuf,
+        /// The CNI conf dir whose chain holds the entry.
+        #[arg(long)]
+        cni_conf_dir: PathBuf,
+    },
 }
 
 /// `mesh-node debug`.
@@ -231,11 +256,39 @@ pub struct RunConfig {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// The CNI plugin's socket and installation. Boxed, as `observability`.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub cni: Box<CniConfig>,
+
     /// Access logs and tracing. Boxed: `Command` stays small for the subcommands that
     /// do not run the agent.
     #[command(flatten)]
     #[serde(flatten)]
     pub observability: Box<ObservabilityConfig>,
+}
+
+/// `mesh-node run`'s CNI flags: where the plugin reaches the agent, and where the agent
+/// installs the plugin.
+#[derive(Clone, Debug, clap::Args, Serialize)]
+pub struct CniConfig {
+    /// Unix socket the CNI plugin hands new pods over (e.g. `/var/run/nodemesh/cni.sock`):
+    /// pods are then enrolled before their containers start. Off without it.
+    #[arg(long = "cni-socket", id = "cni_socket")]
+    #[serde(rename = "cni_socket")]
+    pub socket: Option<PathBuf>,
+
+    /// CNI bin dir (e.g. `/opt/cni/bin`) to install the plugin binary into at start, as
+    /// `nodemesh-cni`. Needs `--cni-conf-dir` and `--cni-socket`.
+    #[arg(long = "cni-bin-dir", id = "cni_bin_dir", requires_all = ["cni_conf_dir", "cni_socket"])]
+    #[serde(rename = "cni_bin_dir")]
+    pub bin_dir: Option<PathBuf>,
+
+    /// CNI conf dir (e.g. `/etc/cni/net.d`) whose chain (the first config file, as kubelet
+    /// picks it) gets the plugin's entry at its end, at start and whenever it goes missing.
+    #[arg(long = "cni-conf-dir", id = "cni_conf_dir", requires_all = ["cni_bin_dir", "cni_socket"])]
+    #[serde(rename = "cni_conf_dir")]
+    pub conf_dir: Option<PathBuf>,
 }
 
 /// `mesh-node run`'s access log and tracing flags.
@@ -357,6 +410,8 @@ fn serialize_optional_display<T: std::fmt::Display, S: Serializer>(
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -426,6 +481,41 @@ mod tests {
                 config.token_audience.as_str()
             ),
             ("mesh", "nodemesh-node", "ca.mesh")
+        );
+    }
+
+    #[test]
+    fn cni_flags_install_only_with_the_socket_and_both_dirs() {
+        let base = ["mesh-node", "run", "--node-name", "n", "--config-dir", "/c"];
+        let parse = |extra: &[&str]| {
+            Cli::try_parse_from(base.iter().chain(extra)).map(|cli| match cli.command {
+                Command::Run(config) => config.cni,
+                _ => unreachable!(),
+            })
+        };
+        let cni = parse(&[
+            "--cni-socket",
+            "/run/nodemesh/cni.sock",
+            "--cni-bin-dir",
+            "/opt/cni/bin",
+            "--cni-conf-dir",
+            "/etc/cni/net.d",
+        ])
+        .expect("all three");
+        assert_eq!(
+            cni.socket.as_deref(),
+            Some(Path::new("/run/nodemesh/cni.sock"))
+        );
+        assert_eq!(cni.conf_dir.as_deref(), Some(Path::new("/etc/cni/net.d")));
+        assert!(
+            parse(&["--cni-socket", "/s"]).is_ok(),
+            "socket alone: no install"
+        );
+        assert!(parse(&["--cni-bin-dir", "/b", "--cni-socket", "/s"]).is_err());
+        assert!(parse(&["--cni-bin-dir", "/b", "--cni-conf-dir", "/c"]).is_err());
+        assert!(
+            Cli::try_parse_from(["mesh-node", "cni", "uninstall", "--cni-bin-dir", "/b"]).is_err(),
+            "uninstall needs both dirs"
         );
     }
 

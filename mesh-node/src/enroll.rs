@@ -3,25 +3,41 @@
 //! Pods join and leave while running: enrolling opens the pod's in-pod listeners, installs
 //! its inbound routing and registers its netns with the eBPF programs; leaving undoes that.
 //! Connections already open when a pod leaves run to their end.
+//!
+//! Two inputs drive it. The config state says which pods should be enrolled; their netns
+//! is found by the pod's UID (its cgroup) or IP. The CNI plugin ([`crate::cni`]) reports new
+//! pod sandboxes before their containers start, with the netns and IPs the API server does
+//! not know yet: the loop enrolls such a pod at once and answers the plugin only then, so
+//! no connection of the pod escapes capture. The sandbox's netns is remembered, so the
+//! state learning the pod's IPs later changes nothing (unless they differ: re-enrolled).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
+use tokio::{sync::oneshot, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    cni::{
+        AgentRequest, AgentResponse, PodRef,
+        server::{CniCall, CniRequests},
+    },
     netns::{self, Netns, NetnsError},
     proxy::{self, Direction, PodContext, ProxyContext, bind_pod_listeners},
     readiness::ReadinessGuard,
-    state::{ObjectKey, State, StateRx, Workload},
+    state::{ENROLLMENT_LABEL, ObjectKey, State, StateRx, Workload},
 };
 
 /// How often pods whose netns was not found yet are looked for again.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a CNI ADD for a pod the config does not know yet (watch lag) waits for it,
+/// before the namespace's label alone decides.
+const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -40,14 +56,51 @@ struct EnrolledPod {
     stop: CancellationToken,
 }
 
-/// Reconciles the node's enrolled pods with the state.
+/// What the CNI plugin said about a pod's sandbox.
+#[derive(Clone, Debug)]
+struct Sandbox {
+    /// `None` once the path is gone (see [`Enrollment::reconcile`]).
+    netns: Option<PathBuf>,
+    /// From the main plugin's result.
+    ips: Vec<IpAddr>,
+    uid: Option<String>,
+}
+
+/// A CNI ADD for a pod the config does not know yet.
+struct WaitingAdd {
+    key: ObjectKey,
+    sandbox: Sandbox,
+    deadline: Instant,
+    /// Its sandbox is in [`Enrollment::sandboxes`] now: answered after the next reconcile.
+    resolved: bool,
+    reply: oneshot::Sender<AgentResponse>,
+}
+
+/// A pod that should be enrolled now, and where to find it.
+struct DesiredPod<'a> {
+    ips: Vec<IpAddr>,
+    /// `None` for a pod only the CNI plugin told about (the config lags behind).
+    workload: Option<&'a Workload>,
+    uid: Option<String>,
+    /// From the CNI plugin: no search needed.
+    netns: Option<PathBuf>,
+}
+
+/// Reconciles the node's enrolled pods with the state and the CNI plugin's reports.
 pub struct Enrollment {
     node: String,
     proxy: ProxyContext,
     pods: BTreeMap<ObjectKey, EnrolledPod>,
-    /// Pods that should be enrolled but are not (yet): their netns is missing, or enrolling
-    /// failed. Retried every [`RETRY_INTERVAL`].
-    pending: BTreeSet<ObjectKey>,
+    /// Pods that should be enrolled but are not (yet), with why: their netns is missing, or
+    /// enrolling failed. Retried every [`RETRY_INTERVAL`].
+    pending: BTreeMap<ObjectKey, String>,
+    /// Sandboxes the CNI plugin reported (ADD), until their DEL.
+    sandboxes: BTreeMap<ObjectKey, Sandbox>,
+    /// Pods whose sandbox the CNI plugin reported gone (DEL): not enrolled from the config
+    /// (whose IPs may still name them) until a new ADD, or until they leave the config.
+    deleted_sandboxes: BTreeSet<ObjectKey>,
+    waiting: Vec<WaitingAdd>,
+    cni: Option<CniRequests>,
 }
 
 impl Enrollment {
@@ -56,28 +109,82 @@ impl Enrollment {
             node,
             proxy,
             pods: BTreeMap::new(),
-            pending: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            sandboxes: BTreeMap::new(),
+            deleted_sandboxes: BTreeSet::new(),
+            waiting: Vec::new(),
+            cni: None,
         }
     }
 
-    /// Runs until `shutdown`, then un-enrolls every pod. `ready` drops after the first pass.
+    /// Takes the CNI plugin's requests (`mesh-node run --cni-socket`).
+    pub fn with_cni(mut self, requests: CniRequests) -> Self {
+        self.cni = Some(requests);
+        self
+    }
+
+    /// Runs until `shutdown`, then un-enrolls every pod. `ready` drops after the first pass;
+    /// the CNI plugin's requests are answered from the first pass over a published state.
     pub async fn run(
         mut self,
         mut state: StateRx,
         ready: ReadinessGuard,
         shutdown: CancellationToken,
     ) {
-        let mut ready = Some(ready);
+        let mut cni = self.cni.take();
+        // The channel starts with an empty placeholder. The plugin is answered only once a
+        // state the config source published has been reconciled: an ADD racing the first
+        // sync would otherwise be decided against an empty config.
+        let mut config_published = state.has_changed().unwrap_or(false);
+        let mut snapshot = state.borrow_and_update().clone();
+        self.reconcile(&snapshot).await;
+        drop(ready);
+        let answer_cni = |cni: &Option<CniRequests>| {
+            if let Some(cni) = cni {
+                cni.ready.send_replace(true);
+            }
+        };
+        if config_published {
+            answer_cni(&cni);
+        }
         loop {
-            let snapshot = state.borrow_and_update().clone();
-            self.reconcile(&snapshot).await;
-            drop(ready.take());
             let retry = !self.pending.is_empty();
+            let next_deadline = self
+                .waiting
+                .iter()
+                .filter(|w| !w.resolved)
+                .map(|w| w.deadline)
+                .min();
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                changed = state.changed() => if changed.is_err() { break },
-                () = tokio::time::sleep(RETRY_INTERVAL), if retry => {}
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    snapshot = state.borrow_and_update().clone();
+                    self.take_known_waiting(&snapshot);
+                    self.reconcile(&snapshot).await;
+                    if !config_published {
+                        config_published = true;
+                        answer_cni(&cni);
+                    }
+                }
+                () = tokio::time::sleep(RETRY_INTERVAL), if retry => {
+                    self.reconcile(&snapshot).await;
+                }
+                () = tokio::time::sleep_until(next_deadline.unwrap_or_else(Instant::now)),
+                    if next_deadline.is_some() => {
+                    self.take_expired_waiting();
+                    self.reconcile(&snapshot).await;
+                }
+                Some((request, reply)) = next_call(&mut cni) => {
+                    self.handle_cni(request, reply, &snapshot).await;
+                }
             }
+            self.answer_resolved_waiting(&snapshot);
+        }
+        for waiting in self.waiting.drain(..) {
+            let _ = waiting.reply.send(AgentResponse::NotReady);
         }
         let keys: Vec<ObjectKey> = self.pods.keys().cloned().collect();
         for key in keys {
@@ -87,26 +194,33 @@ impl Enrollment {
     }
 
     async fn reconcile(&mut self, state: &State) {
-        let node = self.node.clone();
-        let desired: BTreeMap<ObjectKey, &Workload> = state
-            .enrolled_on(&node)
-            .map(|w| (w.key.clone(), w))
-            .collect();
+        // A sandbox netns path that is gone: the sandbox was deleted without its DEL
+        // reaching the agent, or the agent does not see the runtime's netns mounts. A pod
+        // the config knows is searched for instead; one it does not know is forgotten.
+        self.sandboxes.retain(|key, sandbox| {
+            let Some(path) = sandbox.netns.take_if(|path| !path.exists()) else {
+                return true;
+            };
+            debug!(pod = %key, netns = %path.display(), "sandbox netns gone");
+            state.workloads.contains_key(key)
+        });
+        let desired = self.desired(state);
         let stale: Vec<ObjectKey> = self
             .pods
             .iter()
-            .filter(|(key, pod)| desired.get(*key).is_none_or(|w| w.ips != pod.ips))
+            .filter(|(key, pod)| desired.get(*key).is_none_or(|d| d.ips != pod.ips))
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
             self.unenroll(&key).await;
         }
-        self.pending.clear();
-        for (key, workload) in desired {
+        let mut pending = BTreeMap::new();
+        let mut enrolled = Vec::new();
+        for (key, wanted) in desired {
             if self.pods.contains_key(&key) {
                 continue;
             }
-            match self.enroll(workload).await {
+            match self.enroll(&key, &wanted).await {
                 Ok(pod) => {
                     info!(
                         pod = %key,
@@ -115,31 +229,210 @@ impl Enrollment {
                         ips = ?pod.ips,
                         "pod enrolled"
                     );
-                    self.pods.insert(key, pod);
+                    enrolled.push((key, pod));
                 }
                 Err(error @ EnrollError::NetnsNotFound(_)) => {
                     debug!(pod = %key, %error, "pod not enrolled yet; will retry");
-                    self.pending.insert(key);
+                    pending.insert(key, error.to_string());
                 }
                 Err(error) => {
                     warn!(pod = %key, %error, "enrolling pod failed; will retry");
-                    self.pending.insert(key);
+                    pending.insert(key, error.to_string());
                 }
             }
         }
+        self.pods.extend(enrolled);
+        self.pending = pending;
+        // A DEL is forgotten once the pod leaves the config: a pod of that name later is
+        // another pod.
+        self.deleted_sandboxes
+            .retain(|key| state.workloads.contains_key(key));
         self.proxy.metrics.node.set_enrolled_pods(self.pods.len());
     }
 
-    async fn enroll(&self, workload: &Workload) -> Result<EnrolledPod, EnrollError> {
+    /// The pods that should be enrolled now: the config's enrolled pods of this node (with
+    /// the CNI plugin's IPs while the config has none), and pods only the plugin reported,
+    /// by their namespace's label.
+    fn desired<'a>(&self, state: &'a State) -> BTreeMap<ObjectKey, DesiredPod<'a>> {
+        let mut desired = BTreeMap::new();
+        for workload in state.workloads.values() {
+            let sandbox = self.sandboxes.get(&workload.key);
+            // The plugin ran here: the pod is here, whatever a lagging config says.
+            let here = workload.node == self.node || sandbox.is_some();
+            if !here || !workload.enrolled || self.deleted_sandboxes.contains(&workload.key) {
+                continue;
+            }
+            let ips = match (workload.ips.is_empty(), sandbox) {
+                (false, _) => workload.ips.clone(),
+                (true, Some(sandbox)) => sandbox.ips.clone(),
+                (true, None) => continue,
+            };
+            desired.insert(
+                workload.key.clone(),
+                DesiredPod {
+                    ips,
+                    workload: Some(workload),
+                    uid: Some(workload.uid.clone()),
+                    netns: sandbox.and_then(|s| s.netns.clone()),
+                },
+            );
+        }
+        for (key, sandbox) in &self.sandboxes {
+            if state.workloads.contains_key(key) || !namespace_enrolled(state, &key.namespace) {
+                continue;
+            }
+            desired.insert(
+                key.clone(),
+                DesiredPod {
+                    ips: sandbox.ips.clone(),
+                    workload: None,
+                    uid: sandbox.uid.clone(),
+                    netns: sandbox.netns.clone(),
+                },
+            );
+        }
+        desired.retain(|_, pod| !pod.ips.is_empty());
+        desired
+    }
+
+    async fn handle_cni(
+        &mut self,
+        request: AgentRequest,
+        reply: oneshot::Sender<AgentResponse>,
+        state: &State,
+    ) {
+        debug!(?request, "CNI request");
+        let response = match request {
+            AgentRequest::Add {
+                pod, netns, ips, ..
+            } => {
+                let key = pod.key();
+                let sandbox = Sandbox {
+                    netns: Some(netns),
+                    ips,
+                    uid: pod.uid,
+                };
+                self.deleted_sandboxes.remove(&key);
+                self.replace_other_sandbox(&key, &sandbox).await;
+                if !state.workloads.contains_key(&key) {
+                    debug!(pod = %key, "CNI ADD for a pod the config does not know yet");
+                    self.sandboxes.remove(&key);
+                    self.waiting.push(WaitingAdd {
+                        key,
+                        sandbox,
+                        deadline: Instant::now() + UNKNOWN_POD_WAIT,
+                        resolved: false,
+                        reply,
+                    });
+                    return;
+                }
+                self.sandboxes.insert(key.clone(), sandbox);
+                self.reconcile(state).await;
+                self.outcome(&key, state)
+            }
+            AgentRequest::Del { pod, .. } => self.handle_del(&pod).await,
+            AgentRequest::Status => AgentResponse::Ready,
+        };
+        let _ = reply.send(response);
+    }
+
+    /// A new sandbox for an enrolled pod (the old one died): the capture moves to it.
+    async fn replace_other_sandbox(&mut self, key: &ObjectKey, sandbox: &Sandbox) {
+        let Some(enrolled) = self.pods.get(key) else {
+            return;
+        };
+        let same = sandbox
+            .netns
+            .as_deref()
+            .and_then(|path| Netns::open(path).ok())
+            .is_some_and(|netns| netns.inode() == enrolled.netns.inode());
+        if !same {
+            self.unenroll(key).await;
+        }
+    }
+
+    async fn handle_del(&mut self, pod: &PodRef) -> AgentResponse {
+        let key = pod.key();
+        self.sandboxes.remove(&key);
+        self.deleted_sandboxes.insert(key.clone());
+        let (gone, waiting) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| w.key == key);
+        self.waiting = waiting;
+        for waiting in gone {
+            let _ = waiting.reply.send(AgentResponse::NotEnrolled {
+                reason: "the sandbox was deleted".into(),
+            });
+        }
+        self.unenroll(&key).await;
+        AgentResponse::Removed
+    }
+
+    /// Waiting ADDs whose pod the config now knows: their sandboxes join the reconcile.
+    fn take_known_waiting(&mut self, state: &State) {
+        self.resolve_waiting(|waiting| state.workloads.contains_key(&waiting.key));
+    }
+
+    /// Waiting ADDs past their deadline: decided by the namespace label in the reconcile.
+    fn take_expired_waiting(&mut self) {
+        let now = Instant::now();
+        self.resolve_waiting(|waiting| waiting.deadline <= now);
+    }
+
+    fn resolve_waiting(&mut self, done: impl Fn(&WaitingAdd) -> bool) {
+        for waiting in self.waiting.iter_mut().filter(|w| !w.resolved) {
+            if done(waiting) {
+                waiting.resolved = true;
+                self.sandboxes
+                    .insert(waiting.key.clone(), waiting.sandbox.clone());
+            }
+        }
+    }
+
+    /// Answers the waiting ADDs whose sandbox the last reconcile considered.
+    fn answer_resolved_waiting(&mut self, state: &State) {
+        let (resolved, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| w.resolved);
+        self.waiting = waiting;
+        for waiting in resolved {
+            let _ = waiting.reply.send(self.outcome(&waiting.key, state));
+        }
+    }
+
+    /// The answer for an ADD of `key`, after a reconcile that considered its sandbox.
+    fn outcome(&self, key: &ObjectKey, state: &State) -> AgentResponse {
+        if self.pods.contains_key(key) {
+            return AgentResponse::Enrolled;
+        }
+        if let Some(error) = self.pending.get(key) {
+            return AgentResponse::Failed {
+                error: error.clone(),
+            };
+        }
+        let reason = match state.workloads.get(key) {
+            Some(workload) if workload.enrolled => "the pod has no IP".to_owned(),
+            Some(_) if namespace_enrolled(state, &key.namespace) => {
+                format!("the pod is labelled {ENROLLMENT_LABEL}=false")
+            }
+            _ => format!("namespace {} is not enrolled", key.namespace),
+        };
+        AgentResponse::NotEnrolled { reason }
+    }
+
+    async fn enroll(
+        &self,
+        key: &ObjectKey,
+        wanted: &DesiredPod<'_>,
+    ) -> Result<EnrolledPod, EnrollError> {
         let home = &self.proxy.home;
-        let netns = netns::find_pod_netns(&workload.ips, home)
-            .await?
-            .ok_or_else(|| EnrollError::NetnsNotFound(workload.ips.clone()))?;
-        let netns = Arc::new(netns);
+        let ips = &wanted.ips;
+        let netns = Arc::new(self.find_netns(wanted).await?);
         netns::install_inbound_routing(&netns, home).await?;
         let mtls = self.proxy.mtls.is_some();
-        let listeners = bind_pod_listeners(&netns, home, &workload.ips, mtls)?;
+        let listeners = bind_pod_listeners(&netns, home, ips, mtls)?;
         if let Some(mtls) = &self.proxy.mtls
+            && let Some(workload) = wanted.workload
             && let Ok(identity) = mtls.identity_of(workload)
         {
             // Ask for the certificate now, so the first connection does not wait for it.
@@ -163,8 +456,8 @@ impl Enrollment {
             .enroll(listeners.netns_cookie, netns.as_ref(), &inbound)?;
         let stop = CancellationToken::new();
         let pod = PodContext {
-            key: workload.key.clone(),
-            ips: workload.ips.clone(),
+            key: key.clone(),
+            ips: ips.clone(),
             netns: netns.clone(),
             netns_cookie: listeners.netns_cookie,
         };
@@ -187,11 +480,30 @@ impl Enrollment {
             ));
         }
         Ok(EnrolledPod {
-            ips: workload.ips.clone(),
+            ips: ips.clone(),
             netns,
             netns_cookie: listeners.netns_cookie,
             stop,
         })
+    }
+
+    /// The pod's netns: the one the CNI plugin named, else found by the pod's UID (its
+    /// cgroup), else by its IPs.
+    async fn find_netns(&self, wanted: &DesiredPod<'_>) -> Result<Netns, EnrollError> {
+        let home = &self.proxy.home;
+        if let Some(path) = &wanted.netns {
+            return Ok(Netns::open(path)?);
+        }
+        if let Some(netns) = wanted
+            .uid
+            .as_deref()
+            .and_then(|uid| netns::find_pod_netns_by_uid(uid, home))
+        {
+            return Ok(netns);
+        }
+        netns::find_pod_netns(&wanted.ips, home)
+            .await?
+            .ok_or_else(|| EnrollError::NetnsNotFound(wanted.ips.clone()))
     }
 
     async fn unenroll(&mut self, key: &ObjectKey) {
@@ -205,4 +517,20 @@ impl Enrollment {
         self.proxy.metrics.node.set_enrolled_pods(self.pods.len());
         info!(pod = %key, "pod un-enrolled");
     }
+}
+
+/// The next CNI request; never, without the CNI socket or once the server is gone.
+async fn next_call(cni: &mut Option<CniRequests>) -> Option<CniCall> {
+    match cni {
+        Some(cni) => cni.calls.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn namespace_enrolled(state: &State, namespace: &str) -> bool {
+    state
+        .namespaces
+        .get(namespace)
+        .and_then(|labels| labels.get(ENROLLMENT_LABEL))
+        .is_some_and(|value| value == "true")
 }

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod app;
 pub mod ca_server;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod debug;
 pub mod distributed_tracing;

@@ -1,25 +1,57 @@
-use std::sync::Arc;
+use std::{ffi::OsStr, io::Read as _, path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::Parser;
 use mesh_node::{
     admin::LogControl,
     app,
-    cli::{Cli, Command, LogFormat},
+    cli::{Cli, CniAction, CniArgs, Command, LogFormat},
+    cni::{
+        install::{self, PLUGIN_TYPE as CNI_PLUGIN_NAME},
+        plugin,
+    },
 };
 use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
+    // The runtime executes the plugin by its file name, with no arguments.
+    let invoked_as = std::env::args_os().next().map(PathBuf::from);
+    if invoked_as.is_some_and(|path| path.file_name() == Some(OsStr::new(CNI_PLUGIN_NAME))) {
+        return Ok(run_cni_plugin());
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run(config) => {
             let log = init_logging(config.log_format);
-            runtime()?.block_on(async { app::build(config, Some(log)).await?.wait().await })
+            runtime()?.block_on(async { app::build(config, Some(log)).await?.wait().await })?;
         }
-        Command::Debug(args) => runtime()?.block_on(mesh_node::debug::run(args)),
+        Command::Debug(args) => runtime()?.block_on(mesh_node::debug::run(args))?,
         Command::Ca(config) => {
             let _ = init_logging(config.log_format);
-            runtime()?.block_on(app::run_ca(config))
+            runtime()?.block_on(app::run_ca(config))?;
         }
+        Command::Cni(CniArgs { action: None }) => return Ok(run_cni_plugin()),
+        Command::Cni(CniArgs {
+            action:
+                Some(CniAction::Uninstall {
+                    cni_bin_dir,
+                    cni_conf_dir,
+                }),
+        }) => install::uninstall(&cni_bin_dir, &cni_conf_dir)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One CNI call: the result goes to stdout, as the runtime expects, logs to stderr.
+fn run_cni_plugin() -> ExitCode {
+    let mut stdin = Vec::new();
+    if let Err(error) = std::io::stdin().read_to_end(&mut stdin) {
+        eprintln!("nodemesh-cni: reading stdin: {error}");
+    }
+    let env = plugin::CniEnv::from_env();
+    if plugin::run(&env, &stdin, &mut std::io::stdout(), &mut std::io::stderr()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -161,6 +161,54 @@ pub async fn find_pod_netns(ips: &[IpAddr], home: &Netns) -> Result<Option<Netns
     Ok(None)
 }
 
+/// Finds the netns of the pod with UID `uid` through its processes' cgroups: kubelet puts
+/// every container of a pod (the sandbox's pause process included) under a cgroup named
+/// after the pod's UID, whatever the runtime. Unlike the IP scan this works before the API
+/// server reports the pod's IP, and cannot be fooled by another netns holding the same IP.
+///
+/// Processes of the agent's own netns (`home`) are skipped: a host-network pod has no
+/// netns of its own to enroll.
+pub fn find_pod_netns_by_uid(uid: &str, home: &Netns) -> Option<Netns> {
+    if uid.is_empty() {
+        return None;
+    }
+    let entries = std::fs::read_dir("/proc").ok()?;
+    for entry in entries.filter_map(Result::ok) {
+        let pid = entry.path();
+        let Ok(cgroups) = std::fs::read_to_string(pid.join("cgroup")) else {
+            continue; // a kernel thread, or the process exited meanwhile
+        };
+        if !cgroups.lines().any(|line| cgroup_line_holds_pod(line, uid)) {
+            continue;
+        }
+        let Ok(netns) = Netns::open(&pid.join("ns/net")) else {
+            continue;
+        };
+        if netns.inode() != home.inode() {
+            debug!(netns = %netns.path().display(), uid, "found pod netns by UID");
+            return Some(netns);
+        }
+    }
+    None
+}
+
+/// Whether a `/proc/<pid>/cgroup` line (`<id>:<controllers>:<path>`) puts the process
+/// under pod `uid`'s cgroup, as kubelet names it with either cgroup driver:
+/// * cgroupfs: `/kubepods/burstable/pod<uid>/<container>`;
+/// * systemd: `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid with
+///   '-' replaced by '_'>.slice/cri-containerd-<container>.scope`.
+///
+/// Whole path segments are compared, so one UID never matches inside another.
+fn cgroup_line_holds_pod(line: &str, uid: &str) -> bool {
+    let Some(path) = line.splitn(3, ':').nth(2) else {
+        return false;
+    };
+    let cgroupfs = format!("pod{uid}");
+    let systemd = format!("-pod{}.slice", uid.replace('-', "_"));
+    path.split('/')
+        .any(|segment| segment == cgroupfs || segment.ends_with(&systemd))
+}
+
 /// Index of the interface holding one of `ips` in the calling thread's netns.
 fn interface_with(ips: &[IpAddr]) -> Option<u32> {
     let addresses = nix::ifaddrs::getifaddrs().ok()?;
@@ -411,5 +459,44 @@ pub fn netns_cookie(socket: &impl AsFd) -> io::Result<u64> {
         Ok(cookie)
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "0b6f1f6e-3a7c-4d2e-9f1a-2c3d4e5f6a7b";
+
+    #[test]
+    fn cgroup_lines_of_both_kubelet_drivers_name_the_pod() {
+        for line in [
+            // cgroupfs driver, cgroup v2 and a v1 controller line.
+            "0::/kubepods/burstable/pod0b6f1f6e-3a7c-4d2e-9f1a-2c3d4e5f6a7b/4f3c2b1a",
+            "4:memory:/kubepods/besteffort/pod0b6f1f6e-3a7c-4d2e-9f1a-2c3d4e5f6a7b/4f3c2b1a",
+            // Guaranteed pods sit directly under kubepods.
+            "0::/kubepods/pod0b6f1f6e-3a7c-4d2e-9f1a-2c3d4e5f6a7b",
+            // systemd driver.
+            "0::/kubepods.slice/kubepods-burstable.slice/             kubepods-burstable-pod0b6f1f6e_3a7c_4d2e_9f1a_2c3d4e5f6a7b.slice/             cri-containerd-4f3c2b1a.scope",
+            "0::/kubepods.slice/kubepods-pod0b6f1f6e_3a7c_4d2e_9f1a_2c3d4e5f6a7b.slice",
+            // Seen from an agent in its own cgroup namespace.
+            "0::/../../kubepods/burstable/pod0b6f1f6e-3a7c-4d2e-9f1a-2c3d4e5f6a7b/4f3c2b1a",
+        ] {
+            assert!(cgroup_line_holds_pod(line, UID), "{line}");
+        }
+    }
+
+    #[test]
+    fn other_pods_and_prefixes_do_not_match() {
+        for line in [
+            "0::/kubepods/burstable/pod1b6f1f6e-3a7c-4d2e-9f1a-2c3d4e5f6a7b/4f3c2b1a",
+            // The UID as a prefix of a longer one.
+            "0::/kubepods/burstable/pod0b6f1f6e-3a7c-4d2e-9f1a-2c3d4e5f6a7b0/4f3c2b1a",
+            "0::/kubepods.slice/kubepods-burstable.slice/             kubepods-burstable-podx0b6f1f6e_3a7c_4d2e_9f1a_2c3d4e5f6a7b.slice",
+            "0::/system.slice/containerd.service",
+            "garbage",
+        ] {
+            assert!(!cgroup_line_holds_pod(line, UID), "{line}");
+        }
     }
 }

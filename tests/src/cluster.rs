@@ -272,6 +272,21 @@ impl Cluster {
         self.node_cgroups[i].clone()
     }
 
+    /// Creates the cgroup `<node i's cgroup>/<relative>` (and its parents), removed with the
+    /// cluster; processes in it are the node's as much as those in the node cgroup.
+    pub fn add_cgroup(&mut self, i: usize, relative: &str) -> PathBuf {
+        let mut dir = self.node_cgroup(i);
+        for segment in Path::new(relative).components() {
+            dir.push(segment);
+            if !self.owned_cgroups.contains(&dir) {
+                fs::create_dir(&dir)
+                    .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+                self.owned_cgroups.push(dir.clone());
+            }
+        }
+        dir
+    }
+
     /// The cluster's cgroup, parent of the node cgroups.
     pub fn cgroup_dir(&self) -> &Path {
         &self.cgroup_dir
@@ -418,28 +433,37 @@ impl Cluster {
             labels: spec.labels,
             service_account: spec.service_account,
         };
-        let mut pod_ips = vec![ip.to_string()];
-        pod_ips.extend(ip6.map(|ip6| ip6.to_string()));
+        self.write_pod_manifest(&pod, spec.pending);
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    /// (Re)writes `pod`'s manifest from its fields: Running with its IPs, or Pending
+    /// without them (see [`PodSpec::pending`]).
+    pub fn write_pod_manifest(&self, pod: &Pod, pending: bool) {
+        let mut pod_ips = Vec::new();
+        if !pending {
+            pod_ips.push(pod.ip.to_string());
+            pod_ips.extend(pod.ip6.map(|ip6| ip6.to_string()));
+        }
         let manifest = yaml::pod_yaml(&yaml::PodYaml {
             name: &pod.name,
             namespace: &pod.namespace,
             uid: &pod.uid,
             labels: &pod.labels,
-            node_name: &self.node_name(i),
+            node_name: &self.node_name(pod.node),
             service_account: &pod.service_account,
-            host_ip: &self.node_ip(i).to_string(),
+            host_ip: &self.node_ip(pod.node).to_string(),
             pod_ips: &pod_ips,
         });
-        self.write_config(&pod_file_name(&pod), &manifest);
-        self.pods.push(pod.clone());
-        pod
+        self.write_config(&pod.manifest_file_name(), &manifest);
     }
 
     /// Deletes the pod named `name`: its processes, manifest, veth, routes and netns.
     pub fn remove_pod(&mut self, name: &str) {
         let pod = self.pods.remove(self.pod_index(name));
         // The manifest goes first, as when Kubernetes deletes a pod.
-        self.remove_config(&pod_file_name(&pod));
+        self.remove_config(&pod.manifest_file_name());
         self.kill_pod_processes(&pod);
         // Deleting the node end removes both ends and the host routes right away; the
         // netns itself is torn down asynchronously by the kernel.
@@ -500,10 +524,6 @@ impl Cluster {
             _ => {}
         }
     }
-}
-
-fn pod_file_name(pod: &Pod) -> String {
-    format!("pod-{}-{}.yaml", pod.namespace, pod.name)
 }
 
 fn check_file_name(file_name: &str) {

@@ -5,7 +5,7 @@ use std::{
     fs::{File, OpenOptions},
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
         Arc, Mutex,
@@ -32,6 +32,9 @@ pub struct PodSpec {
     pub service_account: String,
     /// Whether the pod also gets an IPv6 address (dual stack).
     pub ipv6: bool,
+    /// Whether its manifest says Pending, without IPs, as at CNI time (the netns has its
+    /// addresses all the same).
+    pub pending: bool,
 }
 
 impl Default for PodSpec {
@@ -43,6 +46,7 @@ impl Default for PodSpec {
             labels: Vec::new(),
             service_account: "default".into(),
             ipv6: false,
+            pending: false,
         }
     }
 }
@@ -80,6 +84,13 @@ impl PodSpec {
         self.ipv6 = ipv6;
         self
     }
+
+    /// Writes the manifest as Pending, without IPs: the agent cannot find the pod by IP
+    /// until something (the CNI plugin) tells it.
+    pub fn pending(mut self) -> Self {
+        self.pending = true;
+        self
+    }
 }
 
 /// A pod that exists: its addresses and network namespace.
@@ -108,6 +119,16 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// Its manifest's file name in the config dir.
+    pub fn manifest_file_name(&self) -> String {
+        format!("pod-{}-{}.yaml", self.namespace, self.name)
+    }
+
+    /// Its network namespace's path, as a container runtime passes it to CNI plugins.
+    pub fn netns_path(&self) -> PathBuf {
+        netns::netns_path(&self.netns)
+    }
+
     /// A command for `program` that runs inside this pod: in its netns and in its node's
     /// cgroup, so the node agent's cgroup eBPF programs see its sockets.
     ///
@@ -116,9 +137,15 @@ impl Pod {
     /// short-lived helper thread. The cluster kills everything left in its cgroups when
     /// dropped.
     pub fn command(&self, cluster: &Cluster, program: impl AsRef<OsStr>) -> Command {
+        self.command_in_cgroup(&cluster.node_cgroup(self.node), program)
+    }
+
+    /// Like [`Pod::command`], in the cgroup `cgroup` (e.g. one named like kubelet's, from
+    /// [`Cluster::add_cgroup`]).
+    pub fn command_in_cgroup(&self, cgroup: &Path, program: impl AsRef<OsStr>) -> Command {
         let ns =
             netns::open_netns(&self.netns).unwrap_or_else(|e| panic!("pod {}: {e}", self.name));
-        let procs_path = cluster.node_cgroup(self.node).join("cgroup.procs");
+        let procs_path = cgroup.join("cgroup.procs");
         let procs = OpenOptions::new()
             .write(true)
             .open(&procs_path)

@@ -67,7 +67,8 @@ pub(crate) struct PodYaml<'a> {
     pub pod_ips: &'a [String],
 }
 
-/// A running, ready `v1/Pod`, as the API server would report it.
+/// A running, ready `v1/Pod`, as the API server would report it; without `pod_ips`, a
+/// pending one whose sandbox is being set up (what the API server says at CNI time).
 pub(crate) fn pod_yaml(pod: &PodYaml<'_>) -> String {
     let labels: Vec<(&str, &str)> = pod
         .labels
@@ -76,6 +77,28 @@ pub(crate) fn pod_yaml(pod: &PodYaml<'_>) -> String {
         .collect();
     let ips: Vec<Value> = pod.pod_ips.iter().map(|ip| json!({ "ip": ip })).collect();
     let condition = |kind: &str| json!({ "type": kind, "status": "True" });
+    let status = if pod.pod_ips.is_empty() {
+        json!({
+            "phase": "Pending",
+            "hostIP": pod.host_ip,
+            "hostIPs": [{ "ip": pod.host_ip }],
+            "conditions": [condition("PodScheduled")],
+        })
+    } else {
+        json!({
+            "phase": "Running",
+            "hostIP": pod.host_ip,
+            "hostIPs": [{ "ip": pod.host_ip }],
+            "podIP": pod.pod_ips.first(),
+            "podIPs": ips,
+            "conditions": [
+                condition("PodScheduled"),
+                condition("Initialized"),
+                condition("ContainersReady"),
+                condition("Ready"),
+            ],
+        })
+    };
     to_yaml(&json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -90,19 +113,7 @@ pub(crate) fn pod_yaml(pod: &PodYaml<'_>) -> String {
             "serviceAccountName": pod.service_account,
             "containers": [{ "name": "app", "image": "mesh-testapp" }],
         },
-        "status": {
-            "phase": "Running",
-            "hostIP": pod.host_ip,
-            "hostIPs": [{ "ip": pod.host_ip }],
-            "podIP": pod.pod_ips.first(),
-            "podIPs": ips,
-            "conditions": [
-                condition("PodScheduled"),
-                condition("Initialized"),
-                condition("ContainersReady"),
-                condition("Ready"),
-            ],
-        },
+        "status": status,
     }))
 }
 
@@ -151,5 +162,19 @@ mod tests {
         assert_eq!(pod["status"]["podIP"], "10.244.1.10");
         assert_eq!(pod["status"]["podIPs"][1]["ip"], "fd00:244:1::10");
         assert_eq!(pod["metadata"]["labels"]["app"], "web");
+
+        let pending: serde_yaml::Value = serde_yaml::from_str(&pod_yaml(&PodYaml {
+            name: "web",
+            namespace: "prod",
+            uid: "u-1",
+            labels: &labels,
+            node_name: "node1",
+            service_account: "default",
+            host_ip: "10.99.0.11",
+            pod_ips: &[],
+        }))
+        .unwrap();
+        assert_eq!(pending["status"]["phase"], "Pending");
+        assert!(pending["status"].get("podIP").is_none());
     }
 }
