@@ -15,7 +15,7 @@ use crate::{
         token_review::TokenReviewAuthenticator,
     },
     cli::{CaConfig, ConfigSourceKind, RunConfig, resolve_config_source},
-    cni::{self, install::Installation, server::CniServer},
+    cni::{self, install::Installation, owner::CniOwner, server::CniServer},
     config::{file::FileSource, kube::KubeSource},
     distributed_tracing::{TraceConfig, Tracing},
     ebpf::Capture,
@@ -29,7 +29,7 @@ use crate::{
     readiness::{Readiness, ReadinessGuard},
     signal,
     signer::{self, CaAddress, NodeSigner, RemoteSigner},
-    state::{State, StateRx, StateTx},
+    state::{ObjectKey, State, StateRx, StateTx},
 };
 
 /// How often the eBPF counters and certificate expiries are copied into the metrics.
@@ -47,6 +47,8 @@ pub struct Bound {
     tasks: JoinSet<()>,
     /// Flushed last, so spans of connections that drained still leave.
     tracing: Arc<Tracing>,
+    /// The DaemonSet whose deletion takes the CNI plugin off the node, and what to remove.
+    cni_owner: Option<(ObjectKey, Installation)>,
 }
 
 pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result<Bound> {
@@ -149,9 +151,11 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         tasks.spawn(server.serve(handle, shutdown.clone()));
         enrollment = enrollment.with_cni(requests);
     }
-    if let Some(installation) = Installation::from_flags(&config.cni) {
+    let installation = Installation::from_flags(&config.cni);
+    if let Some(installation) = installation.clone() {
         tasks.spawn(cni::install::keep_installed(installation, shutdown.clone()));
     }
+    let cni_owner = config.cni.uninstall_with.clone().zip(installation);
     tasks.spawn(enrollment.run(state_rx, pods_ready, shutdown.clone()));
     tasks.spawn(metrics::serve(
         metrics_listener,
@@ -196,6 +200,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         shutdown,
         tasks,
         tracing,
+        cni_owner,
     })
 }
 
@@ -458,6 +463,20 @@ impl Bound {
         // The flush waits for posts that run on this runtime: not on one of its workers.
         let tracing = self.tracing;
         let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+        if let Some((daemon_set, installation)) = self.cni_owner {
+            match kube::Client::try_default().await {
+                Ok(client) => {
+                    let owner = CniOwner {
+                        client,
+                        namespace: daemon_set.namespace,
+                        daemon_set: daemon_set.name,
+                        installation,
+                    };
+                    owner.uninstall_if_removed().await;
+                }
+                Err(error) => warn!(%error, "no Kubernetes client: the CNI plugin stays"),
+            }
+        }
     }
 }
 

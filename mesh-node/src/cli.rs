@@ -289,6 +289,24 @@ pub struct CniConfig {
     #[arg(long = "cni-conf-dir", id = "cni_conf_dir", requires_all = ["cni_bin_dir", "cni_socket"])]
     #[serde(rename = "cni_conf_dir")]
     pub conf_dir: Option<PathBuf>,
+
+    /// The DaemonSet (`namespace/name`) that runs this agent: when the agent stops and finds
+    /// it deleted (the mesh is being uninstalled, not updated), it removes the plugin from
+    /// the node. Asks the API server; without this flag the plugin always stays.
+    #[arg(long = "cni-uninstall-with", id = "cni_uninstall_with",
+          requires = "cni_bin_dir", value_parser = parse_object_key)]
+    #[serde(rename = "cni_uninstall_with")]
+    pub uninstall_with: Option<crate::state::ObjectKey>,
+}
+
+/// `namespace/name`.
+fn parse_object_key(value: &str) -> Result<crate::state::ObjectKey, String> {
+    match value.split_once('/') {
+        Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
+            Ok(crate::state::ObjectKey::new(namespace, name))
+        }
+        _ => Err(format!("{value:?} is not namespace/name")),
+    }
 }
 
 /// `mesh-node run`'s access log and tracing flags.
@@ -441,6 +459,20 @@ mod tests {
             "a port is needed"
         );
         assert!(CaAddress::parse("https://ca example:15012").is_err());
+    }
+
+    #[test]
+    fn the_daemon_set_to_uninstall_with_is_namespace_slash_name() {
+        assert_eq!(
+            parse_object_key("nodemesh-system/nodemesh-node"),
+            Ok(crate::state::ObjectKey::new(
+                "nodemesh-system",
+                "nodemesh-node"
+            ))
+        );
+        for bad in ["nodemesh-node", "/nodemesh-node", "nodemesh-system/"] {
+            assert!(parse_object_key(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

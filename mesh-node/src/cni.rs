@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::state::ObjectKey;
 
 pub mod install;
+pub mod owner;
 pub mod plugin;
 pub mod server;
 

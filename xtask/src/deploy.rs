@@ -56,6 +56,15 @@ pub struct AgentValues {
     pub metrics_port: i32,
     pub resources: ResourceRequirements,
     pub tolerations: Vec<Toleration>,
+    pub cni: CniValues,
+}
+
+/// The node's CNI directories (host paths).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CniValues {
+    pub bin_dir: String,
+    pub conf_dir: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]

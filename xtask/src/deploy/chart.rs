@@ -86,6 +86,16 @@ fn substitutions(values: &Values) -> anyhow::Result<Vec<Substitution>> {
             Helm::Scalar("{{ .Values.ca.replicas }}"),
         ),
         any(
+            Some("path"),
+            json!(values.agent.cni.bin_dir),
+            Helm::Scalar("{{ .Values.agent.cni.binDir }}"),
+        ),
+        any(
+            Some("path"),
+            json!(values.agent.cni.conf_dir),
+            Helm::Scalar("{{ .Values.agent.cni.confDir }}"),
+        ),
+        any(
             Some("tolerations"),
             serde_json::to_value(&values.agent.tolerations)?,
             Helm::Block("toYaml .Values.agent.tolerations"),

@@ -199,7 +199,7 @@ const RBAC_REASONS: &[(&str, &str)] = &[
 ];
 
 fn rbac() -> Vec<Value> {
-    let agent_role = ClusterRole {
+    let agent_cluster_role = ClusterRole {
         metadata: cluster_meta(AGENT, "agent"),
         rules: Some(vec![
             rule(&[""], &["namespaces", "pods", "services"], READ),
@@ -217,6 +217,14 @@ fn rbac() -> Vec<Value> {
             rule(&["gateway.networking.k8s.io"], &["httproutes"], READ),
         ]),
         ..ClusterRole::default()
+    };
+    let agent_role = Role {
+        metadata: meta(AGENT, "agent"),
+        // When it stops: is its DaemonSet gone (uninstall: remove the CNI plugin) or not?
+        rules: Some(vec![PolicyRule {
+            resource_names: Some(vec![AGENT.into()]),
+            ..rule(&["apps"], &["daemonsets"], &["get"])
+        }]),
     };
     let ca_cluster_role = ClusterRole {
         metadata: cluster_meta(CA, "ca"),
@@ -268,8 +276,14 @@ fn rbac() -> Vec<Value> {
             metadata: meta(CA, "ca"),
             ..ServiceAccount::default()
         }),
-        to_value(agent_role),
+        to_value(agent_cluster_role),
         to_value(cluster_binding(AGENT, "agent")),
+        to_value(agent_role),
+        to_value(RoleBinding {
+            metadata: meta(AGENT, "agent"),
+            role_ref: role_ref("Role", AGENT),
+            subjects: Some(vec![subject(AGENT)]),
+        }),
         to_value(ca_cluster_role),
         to_value(cluster_binding(CA, "ca")),
         to_value(ca_role),
@@ -343,11 +357,19 @@ const AGENT_REASONS: &[(&str, &str)] = &[
     ),
     (
         "mountPath: /host/opt/cni/bin",
-        "for the chained CNI plugin (not shipped yet)",
+        "the agent copies itself here as the chained plugin nodemesh-cni",
     ),
     (
         "mountPath: /host/etc/cni/net.d",
-        "for the chained CNI plugin (not shipped yet)",
+        "the agent adds nodemesh-cni at the end of the node's chain",
+    ),
+    (
+        "mountPath: /var/run/nodemesh",
+        "the agent's CNI socket, at the path the plugin (run by the runtime on the host) dials",
+    ),
+    (
+        "--cni-uninstall-with=nodemesh-system/nodemesh-node",
+        "the plugin leaves the node when this DaemonSet is deleted, not on a rolling update",
     ),
 ];
 
@@ -426,6 +448,10 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             &values.ca.address,
             "--ca-root-file=/etc/nodemesh/ca-root/root-cert.pem",
             "--ca-token-file=/var/run/secrets/nodemesh/ca-token/token",
+            "--cni-socket=/var/run/nodemesh/cni.sock",
+            "--cni-bin-dir=/host/opt/cni/bin",
+            "--cni-conf-dir=/host/etc/cni/net.d",
+            &format!("--cni-uninstall-with={NAMESPACE}/{AGENT}"),
         ]),
         env: Some(vec![
             EnvVar {
@@ -477,6 +503,7 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             },
             mount("cni-bin", "/host/opt/cni/bin", false),
             mount("cni-conf", "/host/etc/cni/net.d", false),
+            mount("cni-socket", "/var/run/nodemesh", false),
         ]),
         ..Container::default()
     };
@@ -527,8 +554,9 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             host_path("cgroup", "/sys/fs/cgroup", "Directory"),
             host_path("proc", "/proc", "Directory"),
             host_path("netns", "/var/run/netns", "DirectoryOrCreate"),
-            host_path("cni-bin", "/opt/cni/bin", "DirectoryOrCreate"),
-            host_path("cni-conf", "/etc/cni/net.d", "DirectoryOrCreate"),
+            host_path("cni-bin", &values.agent.cni.bin_dir, "DirectoryOrCreate"),
+            host_path("cni-conf", &values.agent.cni.conf_dir, "DirectoryOrCreate"),
+            host_path("cni-socket", "/var/run/nodemesh", "DirectoryOrCreate"),
         ]),
         ..PodSpec::default()
     };
