@@ -6,7 +6,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Cluster, Pod, metric_value};
+use crate::{Cluster, Pod, metric_value, namespace_yaml, service_yaml};
+
+/// Labels that enroll a namespace.
+pub const ENROLLED: &[(&str, &str)] = &[("nodemesh.io/enabled", "true")];
+/// The cluster IP of [`write_shop`]'s Service `web`.
+pub const SHOP_SERVICE_IP: &str = "10.96.0.10";
+
+/// Namespace `shop` (enrolled unless `enrolled` is false), Service `web` at
+/// [`SHOP_SERVICE_IP`] on port 80 → 8080 over pods labelled app=web.
+pub fn write_shop(cluster: &Cluster, enrolled: bool) {
+    let labels = if enrolled { ENROLLED } else { &[] };
+    cluster.write_config("ns-shop.yaml", &namespace_yaml("shop", labels));
+    cluster.write_config(
+        "svc-web.yaml",
+        &service_yaml(
+            "web",
+            "shop",
+            SHOP_SERVICE_IP,
+            &[("tcp-web", 80, 8080)],
+            &[("app", "web")],
+        ),
+    );
+}
 
 /// How long one `mesh-testapp connect` may run.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);

@@ -4,14 +4,13 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 use mesh_tests::{
     Cluster, Pod, PodProcess, PodSpec, namespace_yaml,
     scenario::{
-        CONVERGE_TIMEOUT, addr_field, connect, metric, replies, skip, wait_enrolled,
-        wait_for_metric, wait_until,
+        CONVERGE_TIMEOUT, SHOP_SERVICE_IP, addr_field, connect, metric, replies, skip,
+        wait_enrolled, wait_for_metric, wait_until, write_shop,
     },
     service_yaml,
 };
 
-const ENROLLED: &[(&str, &str)] = &[("nodemesh.io/enabled", "true")];
-const SERVICE_IP: &str = "10.96.0.10";
+const SERVICE_IP: &str = SHOP_SERVICE_IP;
 const SERVICE_IP6: &str = "fd00:10:96::10";
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -26,23 +25,6 @@ fn serve(cluster: &Cluster, pod: &Pod) -> PodProcess {
     let mut process = pod.spawn(cluster, &args);
     process.wait_for_output("ready", READY_TIMEOUT);
     process
-}
-
-/// Namespace `shop` (enrolled unless `enrolled` is false), Service `web` on port 80 →
-/// 8080 over pods labelled app=web.
-fn write_shop(cluster: &Cluster, enrolled: bool) {
-    let labels = if enrolled { ENROLLED } else { &[] };
-    cluster.write_config("ns-shop.yaml", &namespace_yaml("shop", labels));
-    cluster.write_config(
-        "svc-web.yaml",
-        &service_yaml(
-            "web",
-            "shop",
-            SERVICE_IP,
-            &[("tcp-web", 80, 8080)],
-            &[("app", "web")],
-        ),
-    );
 }
 
 /// Counts replies per answering server.

@@ -14,14 +14,14 @@ use std::{
 
 use mesh_node::netns::{Netns, find_pod_netns_by_uid};
 use mesh_tests::{
-    Cluster, Pod, PodProcess, PodSpec, bin_path, namespace_yaml,
-    scenario::{connect, metric, replies, skip, wait_enrolled, wait_until},
-    service_yaml,
+    Cluster, Pod, PodProcess, PodSpec, bin_path,
+    scenario::{
+        SHOP_SERVICE_IP, connect, metric, replies, skip, wait_enrolled, wait_until, write_shop,
+    },
 };
 use serde_json::{Value, json};
 
-const ENROLLED: &[(&str, &str)] = &[("nodemesh.io/enabled", "true")];
-const SERVICE_IP: &str = "10.96.0.10";
+const SERVICE_IP: &str = SHOP_SERVICE_IP;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The agent's CNI socket in the cluster's work dir.
@@ -130,18 +130,7 @@ fn shop(test: &str, enrolled: bool) -> (Cluster, Pod, PodProcess) {
             .label("app", "web"),
     );
     let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop").pending());
-    let labels = if enrolled { ENROLLED } else { &[] };
-    cluster.write_config("ns-shop.yaml", &namespace_yaml("shop", labels));
-    cluster.write_config(
-        "svc-web.yaml",
-        &service_yaml(
-            "web",
-            "shop",
-            SERVICE_IP,
-            &[("tcp-web", 80, 8080)],
-            &[("app", "web")],
-        ),
-    );
+    write_shop(&cluster, enrolled);
     let listen = format!("{}:8080", web.ip);
     let mut server = web.spawn(&cluster, &["serve", "--listen", &listen, "--name", "web-1"]);
     server.wait_for_output("ready", READY_TIMEOUT);

@@ -401,6 +401,21 @@ fn env(name: &str, value: &str) -> EnvVar {
     }
 }
 
+/// An environment variable from the pod's own fields (the downward API).
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 fn http_probe(path: &str, period_seconds: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -454,17 +469,7 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             &format!("--cni-uninstall-with={NAMESPACE}/{AGENT}"),
         ]),
         env: Some(vec![
-            EnvVar {
-                name: "NODE_NAME".into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "spec.nodeName".into(),
-                        ..ObjectFieldSelector::default()
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
+            field_env("NODE_NAME", "spec.nodeName"),
             env("RUST_LOG", &values.log_level),
         ]),
         ports: Some(vec![
@@ -659,17 +664,7 @@ fn ca_deployment(values: &Values) -> Deployment {
         ]),
         env: Some(vec![
             env("RUST_LOG", &values.log_level),
-            EnvVar {
-                name: "POD_NAMESPACE".into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "metadata.namespace".into(),
-                        ..ObjectFieldSelector::default()
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
+            field_env("POD_NAMESPACE", "metadata.namespace"),
             // The root's key is written here for a moment while it loads (the root
             // filesystem is read-only).
             env("TMPDIR", "/tmp"),
