@@ -290,6 +290,16 @@ pub struct CniConfig {
     #[serde(rename = "cni_conf_dir")]
     pub conf_dir: Option<PathBuf>,
 
+    /// The executable installed as the plugin (default: this one). The image ships a static
+    /// build for it: the runtime runs the plugin on the host, with the host's C library.
+    #[arg(
+        long = "cni-plugin-binary",
+        id = "cni_plugin_binary",
+        requires = "cni_bin_dir"
+    )]
+    #[serde(rename = "cni_plugin_binary")]
+    pub plugin_binary: Option<PathBuf>,
+
     /// The DaemonSet (`namespace/name`) that runs this agent: when the agent stops and finds
     /// it deleted (the mesh is being uninstalled, not updated), it removes the plugin from
     /// the node. Asks the API server; without this flag the plugin always stays.

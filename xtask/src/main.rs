@@ -22,7 +22,11 @@ struct Cli {
 enum Task {
     /// Install what building and testing need (idempotent): rust-src for nightly,
     /// bpf-linker built against nightly's LLVM, Debian packages used by tests and benches.
-    Setup,
+    Setup {
+        /// Only what building needs (rust-src, bpf-linker), as the image's build stage.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build the agent and the test binaries.
     Build {
         /// Build with optimizations.
@@ -80,7 +84,8 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::run(),
+        Task::Setup { build_only: true } => setup::build_tools(),
+        Task::Setup { build_only: false } => setup::run(),
         Task::Build { release } => {
             setup::run()?;
             build(release)

@@ -21,11 +21,16 @@ const BPF_LINKER_VERSION: &str = "^0.13";
 const OHA_VERSION: &str = "1.16.0";
 
 pub fn run() -> anyhow::Result<()> {
-    rust_src()?;
-    bpf_linker()?;
+    build_tools()?;
     debian_packages()?;
     oha()?;
     Ok(())
+}
+
+/// Only what building the agent needs (the image's build stage): no test or bench tools.
+pub fn build_tools() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()
 }
 
 fn cargo_home() -> PathBuf {

@@ -53,6 +53,10 @@ pub struct Installation {
     pub conf_dir: PathBuf,
     /// The `agentSocket` the entry points the plugin at.
     pub agent_socket: PathBuf,
+    /// The executable copied in as the plugin; `None`: the running agent's own. The image
+    /// ships a static build for this, since the runtime runs the plugin on the host, with
+    /// the host's C library.
+    pub plugin_binary: Option<PathBuf>,
 }
 
 impl Installation {
@@ -63,6 +67,7 @@ impl Installation {
             bin_dir: flags.bin_dir.clone()?,
             conf_dir: flags.conf_dir.clone()?,
             agent_socket: flags.socket.clone()?,
+            plugin_binary: flags.plugin_binary.clone(),
         })
     }
 
@@ -84,7 +89,7 @@ impl Installation {
 /// Copies the running executable to `<bin_dir>/nodemesh-cni` and adds the entry to the
 /// chain; returns the config file holding it. Idempotent.
 pub fn install(installation: &Installation) -> Result<PathBuf, InstallError> {
-    install_binary(&installation.bin_dir)?;
+    install_binary(installation)?;
     install_entry(installation)
 }
 
@@ -143,12 +148,16 @@ pub async fn keep_installed(installation: Installation, shutdown: CancellationTo
     }
 }
 
-fn install_binary(bin_dir: &Path) -> Result<(), InstallError> {
-    let source = std::env::current_exe().map_err(|source| InstallError::Io {
-        action: "finding",
-        path: "the running executable".into(),
-        source,
-    })?;
+fn install_binary(installation: &Installation) -> Result<(), InstallError> {
+    let bin_dir = &installation.bin_dir;
+    let source = match &installation.plugin_binary {
+        Some(binary) => binary.clone(),
+        None => std::env::current_exe().map_err(|source| InstallError::Io {
+            action: "finding",
+            path: "the running executable".into(),
+            source,
+        })?,
+    };
     let target = bin_dir.join(PLUGIN_TYPE);
     let temp = bin_dir.join(format!(".{PLUGIN_TYPE}.{}.tmp", std::process::id()));
     fs::create_dir_all(bin_dir).map_err(io_error("creating", bin_dir))?;

@@ -368,6 +368,10 @@ const AGENT_REASONS: &[(&str, &str)] = &[
         "the agent's CNI socket, at the path the plugin (run by the runtime on the host) dials",
     ),
     (
+        "--cni-plugin-binary=/usr/local/lib/nodemesh/nodemesh-cni",
+        "the image's static build: the runtime runs the plugin on the host, with its libc",
+    ),
+    (
         "--cni-uninstall-with=nodemesh-system/nodemesh-node",
         "the plugin leaves the node when this DaemonSet is deleted, not on a rolling update",
     ),
@@ -466,6 +470,7 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             "--cni-socket=/var/run/nodemesh/cni.sock",
             "--cni-bin-dir=/host/opt/cni/bin",
             "--cni-conf-dir=/host/etc/cni/net.d",
+            "--cni-plugin-binary=/usr/local/lib/nodemesh/nodemesh-cni",
             &format!("--cni-uninstall-with={NAMESPACE}/{AGENT}"),
         ]),
         env: Some(vec![

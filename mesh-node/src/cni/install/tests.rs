@@ -46,6 +46,7 @@ fn dirs(files: &[(&str, &str)]) -> Dirs {
             bin_dir: root.path().join("bin"),
             conf_dir,
             agent_socket: "/var/run/nodemesh/cni.sock".into(),
+            plugin_binary: None,
         },
         _root: root,
     }
@@ -191,4 +192,25 @@ fn no_network_config_yet_is_an_error_that_says_so() {
     let dirs = self::dirs(&[("10-bad.conflist", "{ not json")]);
     let error = install(&dirs.installation).unwrap_err().to_string();
     assert!(error.contains("10-bad.conflist"), "{error}");
+}
+
+#[test]
+fn a_given_plugin_binary_is_installed_instead_of_the_agent() {
+    let dirs = dirs(&[("10-calico.conflist", CALICO)]);
+    let static_build = dirs
+        .installation
+        .conf_dir
+        .with_file_name("static-mesh-node");
+    fs::write(&static_build, b"\x7fELF a static build").unwrap();
+    let installation = Installation {
+        plugin_binary: Some(static_build),
+        ..dirs.installation.clone()
+    };
+    install(&installation).unwrap();
+    let installed = installation.bin_dir.join(PLUGIN_TYPE);
+    assert_eq!(fs::read(&installed).unwrap(), b"\x7fELF a static build");
+    assert_eq!(
+        fs::metadata(&installed).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
 }

@@ -53,6 +53,7 @@ impl Node {
             bin_dir: root.path().join("bin"),
             conf_dir,
             agent_socket: "/var/run/nodemesh/cni.sock".into(),
+            plugin_binary: None,
         };
         install(&installation).unwrap();
         Self {
