@@ -372,7 +372,7 @@ const AGENT_REASONS: &[(&str, &str)] = &[
         "the image's static build: the runtime runs the plugin on the host, with its libc",
     ),
     (
-        "--cni-uninstall-with=nodemesh-system/nodemesh-node",
+        "--cni-uninstall-with=$(POD_NAMESPACE)/nodemesh-node",
         "the plugin leaves the node when this DaemonSet is deleted, not on a rolling update",
     ),
 ];
@@ -471,10 +471,12 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             "--cni-bin-dir=/host/opt/cni/bin",
             "--cni-conf-dir=/host/etc/cni/net.d",
             "--cni-plugin-binary=/usr/local/lib/nodemesh/nodemesh-cni",
-            &format!("--cni-uninstall-with={NAMESPACE}/{AGENT}"),
+            &format!("--cni-uninstall-with=$(POD_NAMESPACE)/{AGENT}"),
         ]),
         env: Some(vec![
             field_env("NODE_NAME", "spec.nodeName"),
+            // Whatever namespace the install went to (Helm's release namespace).
+            field_env("POD_NAMESPACE", "metadata.namespace"),
             env("RUST_LOG", &values.log_level),
         ]),
         ports: Some(vec![
