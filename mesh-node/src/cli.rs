@@ -154,19 +154,27 @@ pub fn resolve_config_source(
     asked: Option<ConfigSourceKind>,
     config_dir: Option<&std::path::Path>,
 ) -> Result<ConfigSourceKind, String> {
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+    let cluster_reachable = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
         || std::env::var_os("KUBECONFIG").is_some();
-    match (asked, config_dir) {
-        (Some(ConfigSourceKind::File), None) => {
+    choose_config_source(asked, config_dir.is_some(), cluster_reachable)
+}
+
+fn choose_config_source(
+    asked: Option<ConfigSourceKind>,
+    has_dir: bool,
+    cluster_reachable: bool,
+) -> Result<ConfigSourceKind, String> {
+    match (asked, has_dir) {
+        (Some(ConfigSourceKind::File), false) => {
             Err("--config-source file needs --config-dir".into())
         }
-        (Some(ConfigSourceKind::Kube), Some(_)) => {
+        (Some(ConfigSourceKind::Kube), true) => {
             Err("--config-dir is for --config-source file, not kube".into())
         }
         (Some(kind), _) => Ok(kind),
-        (None, Some(_)) => Ok(ConfigSourceKind::File),
-        (None, None) if in_cluster => Ok(ConfigSourceKind::Kube),
-        (None, None) => Err(
+        (None, true) => Ok(ConfigSourceKind::File),
+        (None, false) if cluster_reachable => Ok(ConfigSourceKind::Kube),
+        (None, false) => Err(
             "no config source: give --config-dir, or run in a cluster (KUBERNETES_SERVICE_HOST) \
              or with KUBECONFIG for --config-source kube"
                 .into(),
@@ -469,6 +477,19 @@ mod tests {
             "a port is needed"
         );
         assert!(CaAddress::parse("https://ca example:15012").is_err());
+    }
+
+    #[test]
+    fn the_config_source_is_the_one_asked_for_else_the_one_at_hand() {
+        use ConfigSourceKind::{File, Kube};
+        assert_eq!(choose_config_source(None, true, true), Ok(File));
+        assert_eq!(choose_config_source(None, false, true), Ok(Kube));
+        assert_eq!(choose_config_source(Some(Kube), false, false), Ok(Kube));
+        assert_eq!(choose_config_source(Some(File), true, true), Ok(File));
+        let nothing = choose_config_source(None, false, false).unwrap_err();
+        assert!(nothing.contains("--config-dir"), "{nothing}");
+        assert!(choose_config_source(Some(File), false, true).is_err());
+        assert!(choose_config_source(Some(Kube), true, true).is_err());
     }
 
     #[test]

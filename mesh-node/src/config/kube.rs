@@ -356,10 +356,15 @@ impl KubeSource {
 
     fn publish(&mut self, tx: &StateTx, metrics: &NodeMetrics) {
         let (objects, rejections) = self.accepted();
+        // The config dump says where each object came from, as for files.
+        let origins = objects
+            .iter()
+            .map(|o| (o.id().to_string(), ORIGIN.to_string()))
+            .collect();
         publish(
             &objects,
             rejections,
-            BTreeMap::new(),
+            origins,
             &self.root_namespace,
             tx,
             metrics,

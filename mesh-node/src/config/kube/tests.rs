@@ -395,6 +395,10 @@ async fn the_initial_list_becomes_the_state_and_readiness_waits_for_it() {
     assert_eq!(web.named_ports.get("http"), Some(&8080));
     assert_eq!(endpoints(&state, "shop", "web"), ["web-1", "web-2"]);
     assert!(state.service_by_ip("10.96.0.10".parse().unwrap()).is_some());
+    assert_eq!(
+        state.origin_of("Pod", &ObjectKey::new("shop", "web-1")),
+        Some(ORIGIN)
+    );
     assert!(state.rejections.is_empty(), "{:?}", state.rejections);
 }
 
