@@ -15,10 +15,10 @@ use std::{
     io::Write,
     net::{IpAddr, SocketAddr},
     str::FromStr,
-    sync::Mutex,
     time::{Duration, SystemTime},
 };
 
+use parking_lot::Mutex;
 use serde::{Serialize, Serializer};
 use tokio::time::Instant;
 
@@ -128,10 +128,7 @@ impl AccessLog {
             }
         };
         line.push(b'\n');
-        let mut sink = self
-            .sink
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut sink = self.sink.lock();
         // A closed stdout is no reason to fail a connection; the agent's own log says why.
         if let Err(error) = sink.write_all(&line).and_then(|()| sink.flush()) {
             tracing::debug!(%error, "writing the access log");
@@ -424,7 +421,9 @@ impl Entry {
 /// Envoy's response flag for a connection the proxy could not serve.
 pub fn response_flags(error: &ProxyError) -> &'static str {
     match error {
-        ProxyError::NoOriginalDestination | ProxyError::NotLocal(_) => "NR",
+        ProxyError::NoOriginalDestination
+        | ProxyError::NotLocal(_)
+        | ProxyError::OwnListener(_) => "NR",
         ProxyError::NoEndpoint { .. } => "UH",
         ProxyError::Denied { .. } | ProxyError::MtlsRequired => "RBAC",
         ProxyError::Connect { .. }

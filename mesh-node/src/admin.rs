@@ -2,6 +2,7 @@
 //! `mesh-node debug` and for people with curl.
 use std::{sync::Arc, time::UNIX_EPOCH};
 
+use http::Method;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -26,7 +27,7 @@ pub const PATHS: &[&str] = &[
     "/certs",
     "/connections",
     "/explain?source=<pod>&destination=<service, pod or IP>&port=<port>&path=<path>&method=<method>&header=<name>:<value>",
-    "/logging?level=<filter>",
+    "POST /logging?level=<filter>",
     "/healthz/ready",
 ];
 
@@ -41,8 +42,23 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Answers `path` (with its query string): an HTTP status and a JSON body.
-    pub fn answer(&self, path: &str, query: Option<&str>) -> (u16, Value) {
+    /// Answers `method` on `path` (with its query string): an HTTP status and a JSON body.
+    /// What changes the agent takes POST only, so that a page the node's browser (or any
+    /// link follower) loads cannot change it with a plain GET; everything else reads.
+    pub fn answer(&self, method: &Method, path: &str, query: Option<&str>) -> (u16, Value) {
+        let mutating = path == "/logging";
+        let allowed = if mutating {
+            method == Method::POST
+        } else {
+            method == Method::GET || method == Method::HEAD
+        };
+        if !allowed {
+            let allow = if mutating { "POST" } else { "GET" };
+            return (
+                405,
+                json!({ "error": format!("{method} {path}: method not allowed, use {allow}") }),
+            );
+        }
         let state = self.state.borrow().clone();
         match path {
             "/" => (200, json!({ "node": self.node, "paths": PATHS })),
@@ -201,7 +217,7 @@ impl Admin {
         }) else {
             return (
                 400,
-                json!({ "error": "use /logging?level=<filter>, e.g. info,mesh_node=debug" }),
+                json!({ "error": "use POST /logging?level=<filter>, e.g. info,mesh_node=debug" }),
             );
         };
         match &self.log {
@@ -256,7 +272,7 @@ mod tests {
 
     #[test]
     fn the_config_dump_says_where_each_object_came_from() {
-        let (status, dump) = admin(state_with_origins()).answer("/config_dump", None);
+        let (status, dump) = admin(state_with_origins()).answer(&Method::GET, "/config_dump", None);
         assert_eq!(status, 200);
         assert_eq!(dump["workloads"][0]["key"]["name"], "web-0");
         assert_eq!(dump["workloads"][0]["origin"], "/etc/mesh/pods.yaml");
@@ -275,27 +291,57 @@ mod tests {
             upstream: Some("Service shop/web".into()),
             opened_at: SystemTime::now(),
         });
-        let (status, rows) = admin.answer("/connections", None);
+        let (status, rows) = admin.answer(&Method::GET, "/connections", None);
         assert_eq!(status, 200);
         assert_eq!(rows[0]["original_destination"], "10.96.0.1:80");
         drop(open);
-        assert_eq!(admin.answer("/connections", None).1, json!([]));
+        assert_eq!(
+            admin.answer(&Method::GET, "/connections", None).1,
+            json!([])
+        );
     }
 
     #[test]
     fn explain_answers_from_the_live_state_and_refuses_bad_questions() {
         let admin = admin(state_with_origins());
         let (status, answer) = admin.answer(
+            &Method::GET,
             "/explain",
             Some("source=shop/web-0&destination=192.0.2.1&port=443"),
         );
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer["verdict"]["verdict"], "ALLOWED");
         assert_eq!(answer["destination"], "outside the mesh");
-        let (status, answer) = admin.answer("/explain", Some("source=shop/nobody&destination=x"));
+        let (status, answer) = admin.answer(
+            &Method::GET,
+            "/explain",
+            Some("source=shop/nobody&destination=x"),
+        );
         assert_eq!(status, 404, "{answer}");
-        let (status, answer) = admin.answer("/explain", None);
+        let (status, answer) = admin.answer(&Method::GET, "/explain", None);
         assert_eq!(status, 400);
         assert!(answer["error"].as_str().unwrap().contains("missing source"));
+    }
+
+    #[test]
+    fn the_log_level_changes_by_post_only_and_reads_refuse_post() {
+        let changed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let mut admin = admin(State::default());
+        let record = changed.clone();
+        admin.log = Some(Arc::new(move |level: &str| {
+            record.lock().unwrap().push(level.to_string());
+            Ok(())
+        }));
+        let (status, answer) = admin.answer(&Method::GET, "/logging", Some("level=trace"));
+        assert_eq!(status, 405, "a GET must not change the log level: {answer}");
+        assert!(
+            changed.lock().unwrap().is_empty(),
+            "the GET changed the level"
+        );
+        let (status, answer) = admin.answer(&Method::POST, "/logging", Some("level=debug"));
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(*changed.lock().unwrap(), ["debug"]);
+        let (status, _) = admin.answer(&Method::POST, "/config_dump", None);
+        assert_eq!(status, 405, "reads answer GET only");
     }
 }

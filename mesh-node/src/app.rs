@@ -400,6 +400,7 @@ pub async fn run_ca(config: CaConfig) -> anyhow::Result<()> {
         ca: Arc::new(ca),
         authenticator,
         state: pods,
+        max_cert_ttl: config.max_cert_ttl,
     });
     tasks.spawn(service.serve(listener, tls, shutdown.clone()));
     info!(listen = %config.listen, %identity, "mesh-node ca running");

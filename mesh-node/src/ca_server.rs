@@ -183,6 +183,9 @@ pub struct CaService {
     pub authenticator: Arc<dyn Authenticator>,
     /// Where pods are scheduled.
     pub state: StateRx,
+    /// The longest lifetime a certificate gets, whatever its requester asks for: a stolen
+    /// agent token must not mint certificates that outlive its revocation.
+    pub max_cert_ttl: Duration,
 }
 
 impl CaService {
@@ -201,6 +204,7 @@ impl CaService {
                     Ok(accepted) => accepted,
                     Err(error) => {
                         warn!(%error, "CA accept failed");
+                        crate::accept::back_off(&error).await;
                         continue;
                     }
                 },
@@ -226,6 +230,11 @@ impl CaService {
                 }
             });
         }
+    }
+
+    /// The lifetime a request for `asked` seconds gets: at most `max_cert_ttl`.
+    fn ttl_for(&self, asked: u64) -> Duration {
+        Duration::from_secs(asked).min(self.max_cert_ttl)
     }
 
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -273,7 +282,7 @@ impl CaService {
             .map_err(|e| (403, e.to_string()))?;
         let issued = self
             .ca
-            .sign(&csr, &identity, Duration::from_secs(asked.ttl_seconds))
+            .sign(&csr, &identity, self.ttl_for(asked.ttl_seconds))
             .map_err(|e| (400, e.to_string()))?;
         info!(%identity, node, "certificate issued");
         Ok(CertificateResponse {

@@ -405,6 +405,10 @@ pub struct CaConfig {
     #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
 
+    /// The longest lifetime of a workload certificate; agents asking for more get this.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub max_cert_ttl: std::time::Duration,
+
     /// Log format; the level comes from `RUST_LOG` (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

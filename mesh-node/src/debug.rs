@@ -25,7 +25,13 @@ pub async fn run(args: DebugArgs) -> anyhow::Result<()> {
         DebugWhat::Config => "/config_dump".to_string(),
         DebugWhat::Log { level } => format!("/logging?level={level}"),
     };
-    let body = get(args.admin_addr, &path).await?;
+    // Changing the log level is the one call that changes the agent: POST, as the API wants.
+    let method = if matches!(args.what, DebugWhat::Log { .. }) {
+        hyper::Method::POST
+    } else {
+        hyper::Method::GET
+    };
+    let body = call(args.admin_addr, method, &path).await?;
     if args.output == OutputFormat::Json || matches!(args.what, DebugWhat::Config) {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
@@ -45,13 +51,15 @@ fn request(args: &ExplainArgs) -> ExplainRequest {
     }
 }
 
-async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
+async fn call(addr: SocketAddr, method: hyper::Method, path: &str) -> anyhow::Result<Value> {
     let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| {
         format!("connecting to the agent's admin API at {addr} (is mesh-node running here? see --admin-addr)")
     })?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(connection);
-    let request = hyper::Request::get(path)
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, addr.to_string())
         .body(Empty::<bytes::Bytes>::new())?;
     let response = sender.send_request(request).await?;

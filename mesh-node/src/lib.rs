@@ -3,6 +3,7 @@
 //! Unsafe code is confined to the one socket option std and nix do not wrap (`netns`);
 //! raw aya handles stay inside `ebpf`.
 #![deny(unsafe_code)]
+pub mod accept;
 pub mod access_log;
 pub mod admin;
 pub mod app;

@@ -25,7 +25,7 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "nodemesh-system";
 
 /// `selector.matchLabels`, as Istio's policies carry it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,

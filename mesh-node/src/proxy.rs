@@ -109,6 +109,8 @@ pub enum ProxyError {
     NoSourceAddress,
     #[error("CONNECT to {0}, which is not this pod (no open relay)")]
     NotLocal(SocketAddr),
+    #[error("{0} is the proxy's own listener or loopback: refused, delivering it would loop")]
+    OwnListener(SocketAddr),
     #[error("plaintext refused: PeerAuthentication requires mutual TLS")]
     MtlsRequired,
     #[error("HTTP: {0}")]
@@ -133,6 +135,7 @@ impl ProxyError {
             ProxyError::Hbone(_) => "hbone",
             ProxyError::NoSourceAddress => "no_source_address",
             ProxyError::NotLocal(_) => "not_local",
+            ProxyError::OwnListener(_) => "own_listener",
             ProxyError::MtlsRequired => "mtls_required",
             ProxyError::Denied { .. } => "authorization_denied",
             ProxyError::Http(_) => "http",
@@ -266,6 +269,7 @@ pub async fn serve(
                 Ok(accepted) => accepted,
                 Err(error) => {
                     warn!(pod = %pod.key, direction = name, %error, "accept failed");
+                    crate::accept::back_off(&error).await;
                     continue;
                 }
             },

@@ -1,8 +1,7 @@
 //! Readiness as a set of named guards: the agent is ready once every guard has dropped.
-use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex},
-};
+use std::{collections::BTreeSet, sync::Arc};
+
+use parking_lot::Mutex;
 
 #[derive(Clone, Default)]
 pub struct Readiness {
@@ -18,7 +17,7 @@ pub struct ReadinessGuard {
 
 impl Readiness {
     pub fn register(&self, name: &'static str) -> ReadinessGuard {
-        self.pending.lock().expect("lock").insert(name);
+        self.pending.lock().insert(name);
         ReadinessGuard {
             name,
             pending: self.pending.clone(),
@@ -27,12 +26,12 @@ impl Readiness {
 
     /// The parts still starting, for the readiness endpoint's answer.
     pub fn pending(&self) -> Vec<&'static str> {
-        self.pending.lock().expect("lock").iter().copied().collect()
+        self.pending.lock().iter().copied().collect()
     }
 }
 
 impl Drop for ReadinessGuard {
     fn drop(&mut self) {
-        self.pending.lock().expect("lock").remove(self.name);
+        self.pending.lock().remove(self.name);
     }
 }

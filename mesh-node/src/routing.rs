@@ -89,7 +89,10 @@ pub enum RoutingError {
     DuplicateRouteName { field: String, name: String },
     #[error("{field}: subset name {name:?} is defined more than once")]
     DuplicateSubset { field: String, name: String },
-    #[error("{field}: {value:?} is not a duration such as \"10s\", \"0.5s\" or \"100ms\"")]
+    #[error(
+        "{field}: {value:?} is not a duration such as \"10s\", \"0.5s\" or \"100ms\", of at \
+         most 87600h (ten years)"
+    )]
     BadDuration { field: String, value: String },
     #[error("{field}: {value} is not a percentage between 0 and 100")]
     BadPercentage { field: String, value: String },

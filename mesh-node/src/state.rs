@@ -3,6 +3,7 @@
 //! Config sources translate Kubernetes objects into one immutable [`State`] snapshot and
 //! publish it through `tokio::sync::watch`; readers take a cheap `Arc` clone.
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::Arc,
@@ -195,6 +196,29 @@ impl State {
             workload_by_ip,
             service_by_ip,
         }
+    }
+
+    /// The pod `key` as the state knows it or, for a pod it does not know yet (the CNI
+    /// enrolls pods before the config source reports them), a stand-in with its namespace
+    /// and no labels: enough for its namespace's and the mesh's policies to apply at once.
+    pub fn workload_or_unknown(&self, key: &ObjectKey) -> Cow<'_, Workload> {
+        self.workloads.get(key).map_or_else(
+            || {
+                Cow::Owned(Workload {
+                    key: key.clone(),
+                    uid: String::new(),
+                    workload_name: key.name.clone(),
+                    node: String::new(),
+                    service_account: String::new(),
+                    labels: BTreeMap::new(),
+                    ips: Vec::new(),
+                    named_ports: BTreeMap::new(),
+                    ready: false,
+                    enrolled: true,
+                })
+            },
+            Cow::Borrowed,
+        )
     }
 
     /// Where the object `kind` `key` came from, if the config source said.

@@ -16,7 +16,8 @@ use mesh_node::netns::{Netns, find_pod_netns_by_uid};
 use mesh_tests::{
     Cluster, Pod, PodProcess, PodSpec, bin_path,
     scenario::{
-        SHOP_SERVICE_IP, connect, metric, replies, skip, wait_enrolled, wait_until, write_shop,
+        SHOP_SERVICE_IP, connect, metric, replies, skip, wait_enrolled, wait_for_metric,
+        wait_until, write_shop,
     },
 };
 use serde_json::{Value, json};
@@ -385,4 +386,53 @@ fn a_pod_the_config_does_not_know_yet_is_enrolled_by_its_namespace_and_kept() {
     cluster.write_pod_manifest(&opted_out, false);
     wait_enrolled(&cluster, 0, 1);
     assert!(!reaches_service(&cluster, &client));
+}
+
+#[test]
+fn a_pod_the_config_does_not_know_yet_gets_its_namespace_policies_at_once() {
+    if skip() {
+        return;
+    }
+    let (mut cluster, client, _server) = shop("cni_lag_strict", true);
+    cluster.remove_config(&client.manifest_file_name());
+    let outsider = cluster.add_pod(PodSpec::new("outsider", 0).namespace("plain"));
+    cluster.write_config(
+        "strict.yaml",
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec:
+  mtls: {mode: STRICT}
+",
+    );
+    let socket = cni_socket(&cluster);
+    cluster.start_agent(0, &["--cni-socket", socket.to_str().unwrap()]);
+    wait_enrolled(&cluster, 0, 1);
+    assert_success(
+        &cni(
+            &cluster,
+            0,
+            "ADD",
+            &client,
+            &network_config(&socket, &client, json!({})),
+        ),
+        "ADD",
+    );
+    assert_eq!(metric(&cluster, 0, "nodemesh_enrolled_pods", &[]), 2.0);
+    let listen = format!("{}:9090", client.ip);
+    let mut server = client.spawn(
+        &cluster,
+        &["serve", "--listen", &listen, "--name", "client"],
+    );
+    server.wait_for_output("ready", READY_TIMEOUT);
+    // The pod is still unknown to the config: namespace shop's STRICT applies all the same.
+    let plaintext = connect(&cluster, &outsider, &listen, 1);
+    assert!(
+        !plaintext.status.success(),
+        "plaintext to a STRICT pod the config does not know yet must be refused: {}",
+        String::from_utf8_lossy(&plaintext.stdout)
+    );
+    // Refused by the mesh, for its policy.
+    let refused = [("direction", "inbound"), ("reason", "mtls_required")];
+    wait_for_metric(&cluster, 0, "nodemesh_proxy_errors_total", &refused, 1.0);
 }

@@ -511,6 +511,12 @@ fn a_direct_hbone_connect_to_anything_but_the_pod_is_refused() {
             .expect("mTLS and HTTP/2 with the pod's identity");
         let elsewhere = SocketAddr::from(([10, 244, 1, 99], 8080));
         let refused = hbone::connect(sender.clone(), elsewhere).await.err();
+        // The pod's own proxy ports: delivering there would land on the proxy again.
+        let mut looped = Vec::new();
+        for port in [15006, 15008, 15001] {
+            let own = SocketAddr::from((web_ip, port));
+            looped.push(hbone::connect(sender.clone(), own).await.err());
+        }
         let mut stream = hbone::connect(sender, SocketAddr::from((web_ip, 8080)))
             .await
             .expect("CONNECT to the pod itself");
@@ -520,12 +526,14 @@ fn a_direct_hbone_connect_to_anything_but_the_pod_is_refused() {
             .read_line(&mut reply)
             .await
             .expect("read");
-        (refused, reply)
+        (refused, looped, reply)
     });
-    let (refused, reply) = outcome;
+    let (refused, looped, reply) = outcome;
+    let forbidden = |e: &Option<HboneError>| matches!(e, Some(HboneError::Refused(status)) if status.as_u16() == 403);
+    assert!(forbidden(&refused), "no open relay: {refused:?}");
     assert!(
-        matches!(refused, Some(HboneError::Refused(status)) if status.as_u16() == 403),
-        "no open relay: {refused:?}"
+        looped.iter().all(forbidden),
+        "CONNECT to the proxy's own ports is refused: {looped:?}"
     );
     assert!(
         reply.contains("\"echo\":\"direct\""),
@@ -539,6 +547,8 @@ fn a_direct_hbone_connect_to_anything_but_the_pod_is_refused() {
         &not_local,
         1.0,
     );
+    let own = [("direction", "hbone"), ("reason", "own_listener")];
+    wait_for_metric(&scene.cluster, 1, "nodemesh_proxy_errors_total", &own, 3.0);
 }
 
 /// `mesh-node ca` in node0's netns, killed on drop.

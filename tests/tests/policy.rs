@@ -203,3 +203,103 @@ spec:
         "no policy: everything allowed again"
     );
 }
+
+/// The open file descriptors of node `i`'s agent.
+fn agent_fds(scene: &Scene, i: usize) -> usize {
+    let pid = scene.cluster.agent_pid(i).expect("the agent runs");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the agent's fd table")
+        .count()
+}
+
+#[test]
+fn the_proxy_never_delivers_to_its_own_listeners() {
+    if skip() {
+        return;
+    }
+    let scene = scene("own_listener");
+    let before = agent_fds(&scene, 1);
+    // From outside the mesh straight at the inbound listener (it listens on every address),
+    // and from the app itself over loopback: each would be accepted, then dialled again to
+    // the same listener, without end.
+    let attempts = [
+        (&scene.alice, format!("{}:15006", scene.web.ip)),
+        (&scene.web, "127.0.0.1:15006".to_string()),
+        (&scene.alice, format!("{}:15001", scene.web.ip)),
+    ];
+    for (client, to) in &attempts {
+        let output = connect(&scene.cluster, client, to, 1);
+        assert!(
+            !output.status.success(),
+            "{} → {to} must be refused, got {}",
+            client.name,
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    let own = [("direction", "inbound"), ("reason", "own_listener")];
+    // The third is steered to 15006 like any port of the pod, and refused for naming one.
+    wait_for_metric(&scene.cluster, 1, "nodemesh_proxy_errors_total", &own, 3.0);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = agent_fds(&scene, 1);
+    assert!(
+        after <= before + 8,
+        "the agent's fds must stay flat: {before} before, {after} after"
+    );
+    assert!(scene.reaches(&scene.alice, 8080), "the app is still served");
+}
+
+#[test]
+fn a_policy_the_mesh_cannot_apply_never_widens_access() {
+    if skip() {
+        return;
+    }
+    let scene = scene("fail_closed");
+    assert!(
+        scene.reaches(&scene.alice, 8080),
+        "PERMISSIVE is the default"
+    );
+    // `strict` is not a mode Istio knows (it wants STRICT): unreadable, so enforced STRICT.
+    scene.cluster.write_config(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  mtls: {mode: strict}
+",
+    );
+    wait_for_metric(
+        &scene.cluster,
+        1,
+        "nodemesh_config_rejected_resources",
+        &[],
+        1.0,
+    );
+    assert!(
+        !scene.reaches(&scene.alice, 8080),
+        "an unreadable PeerAuthentication counts as STRICT"
+    );
+
+    // An ALLOW policy whose only rule is unsupported (a path template) allows nothing.
+    scene.cluster.write_config(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - to:
+    - operation: {paths: ['/api/{*}']}
+",
+    );
+    wait_until(CONVERGE_TIMEOUT, "the ALLOW policy to be enforced", || {
+        (!scene.reaches(&scene.bob, 8081)).then_some(())
+    });
+    assert_eq!(
+        metric(&scene.cluster, 1, "nodemesh_config_rejected_resources", &[]),
+        1.0,
+        "still reported as rejected"
+    );
+}

@@ -13,6 +13,9 @@ use crate::{
     state::{State, Workload},
 };
 
+/// The services' `--max-cert-ttl`.
+const MAX_CERT_TTL: Duration = Duration::from_secs(3600);
+
 /// A CA service on loopback that knows `web` runs on node-a and `db` on node-b.
 struct Running {
     addr: SocketAddr,
@@ -42,6 +45,7 @@ async fn service_with(dir: &Path, authenticator: Arc<dyn Authenticator>) -> Runn
         ca: Arc::new(ca),
         authenticator,
         state: rx,
+        max_cert_ttl: MAX_CERT_TTL,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -123,6 +127,34 @@ async fn signs_for_pods_of_the_token_s_node_and_refuses_others() {
         .unwrap_err()
         .to_string();
     assert!(refused.contains("401"), "{refused}");
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn the_ca_caps_the_lifetime_an_agent_asks_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let Running {
+        addr,
+        roots,
+        shutdown,
+        ..
+    } = service(dir.path()).await;
+    let web = Identity::new("cluster.local", "shop", "web").unwrap();
+    let node_a = signer(addr, &roots, dir.path(), "token-a");
+    let ten_years = Duration::from_secs(10 * 365 * 24 * 3600);
+    let issued = node_a.sign(csr(), &web, ten_years).await.expect("signed");
+    let lifetime = issued
+        .not_after
+        .duration_since(SystemTime::now())
+        .expect("not yet expired");
+    assert!(
+        lifetime <= MAX_CERT_TTL,
+        "asked for ten years, got {lifetime:?}: more than --max-cert-ttl {MAX_CERT_TTL:?}"
+    );
+    assert!(
+        lifetime > MAX_CERT_TTL / 2,
+        "but the cap itself: {lifetime:?}"
+    );
     shutdown.cancel();
 }
 

@@ -8,7 +8,6 @@
 //! name.
 use std::{
     collections::HashMap,
-    sync::{Mutex, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -19,6 +18,7 @@ use k8s_openapi::api::{
     core::v1::Pod,
 };
 use kube::{Api, api::PostParams};
+use parking_lot::Mutex;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -33,9 +33,18 @@ pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 /// How long a positive answer is reused, so a node renewing many certificates at once costs
 /// one TokenReview. Short, because a deleted pod's token must stop working soon.
 pub const CACHE_TTL: Duration = Duration::from_secs(60);
+/// How long a refusal (a token the API server did not accept, or not an agent's) is reused,
+/// so that a client repeating a bad token cannot turn each request into a TokenReview.
+/// Short, so a token that becomes valid (a pod just scheduled) is not refused for long.
+pub const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(10);
 /// Answers kept at most: a few per node (tokens rotate hourly). When full, expired ones are
 /// dropped; if none are, new answers are simply not cached.
 const CACHE_CAPACITY: usize = 16_384;
+/// TokenReviews (and pod reads) in flight at once: a flood of unknown tokens waits its turn
+/// instead of becoming a flood of calls to the API server.
+pub const MAX_CONCURRENT_REVIEWS: usize = 8;
+/// How long a request waits for its turn before it is told to retry (503).
+const REVIEW_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Maps an agent's projected token to its node through TokenReview.
 pub struct TokenReviewAuthenticator {
@@ -47,6 +56,8 @@ pub struct TokenReviewAuthenticator {
     /// `system:serviceaccount:<namespace>:<agent service account>`.
     agent_username: String,
     cache: Mutex<NodeCache>,
+    /// Bounds the reviews in flight ([`MAX_CONCURRENT_REVIEWS`]).
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl TokenReviewAuthenticator {
@@ -65,6 +76,7 @@ impl TokenReviewAuthenticator {
             audience: audience.to_owned(),
             agent_username: format!("system:serviceaccount:{namespace}:{agent_service_account}"),
             cache: Mutex::default(),
+            in_flight: tokio::sync::Semaphore::new(MAX_CONCURRENT_REVIEWS),
         }
     }
 
@@ -159,18 +171,26 @@ impl TokenReviewAuthenticator {
             })
     }
 
-    fn cached(&self, key: &TokenHash) -> Option<String> {
-        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+    fn cached(&self, key: &TokenHash) -> Option<Result<String, Refusal>> {
+        let cache = self.cache.lock();
         cache.get(key, Instant::now())
     }
 
-    fn remember(&self, key: TokenHash, token: &str, node: &str) {
-        let Some(lifetime) = cache_lifetime(token, SystemTime::now()) else {
+    /// Keeps an answer for a while: an accepted token's node for [`cache_lifetime`], a
+    /// refusal for [`NEGATIVE_CACHE_TTL`]. That the API server could not answer is not kept:
+    /// the next request asks again.
+    fn remember(&self, key: TokenHash, token: &str, answer: &Result<String, Refusal>) {
+        let lifetime = match answer {
+            Ok(_) => cache_lifetime(token, SystemTime::now()),
+            Err(Refusal::Unavailable(_)) => None,
+            Err(_) => Some(NEGATIVE_CACHE_TTL),
+        };
+        let Some(lifetime) = lifetime else {
             return;
         };
         let now = Instant::now();
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        cache.insert(key, node, now + lifetime, now);
+        let mut cache = self.cache.lock();
+        cache.insert(key, answer.clone(), now + lifetime, now);
     }
 }
 
@@ -178,13 +198,26 @@ impl Authenticator for TokenReviewAuthenticator {
     fn node_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, Refusal>> {
         Box::pin(async move {
             let key = token_hash(token);
-            if let Some(node) = self.cached(&key) {
-                debug!(node, "token known from a recent TokenReview");
-                return Ok(node);
+            if let Some(answer) = self.cached(&key) {
+                debug!(
+                    accepted = answer.is_ok(),
+                    "token known from a recent TokenReview"
+                );
+                return answer;
             }
-            let node = self.review(token).await?;
-            self.remember(key, token, &node);
-            Ok(node)
+            let _turn = tokio::time::timeout(REVIEW_QUEUE_TIMEOUT, self.in_flight.acquire())
+                .await
+                .map_err(|_| {
+                    Refusal::Unavailable("too many token reviews in flight; retry".into())
+                })?
+                .map_err(|_| Refusal::Unavailable("the CA is shutting down".into()))?;
+            // Another request with the same token may have been answered while this waited.
+            if let Some(answer) = self.cached(&key) {
+                return answer;
+            }
+            let answer = self.review(token).await;
+            self.remember(key, token, &answer);
+            answer
         })
     }
 }
@@ -228,25 +261,32 @@ fn token_expiry(token: &str) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(claims.exp?))
 }
 
+/// Recent answers by token digest: the node, or why the token was refused.
 #[derive(Default)]
 struct NodeCache {
-    nodes: HashMap<TokenHash, (String, Instant)>,
+    answers: HashMap<TokenHash, (Result<String, Refusal>, Instant)>,
 }
 
 impl NodeCache {
-    fn get(&self, key: &TokenHash, now: Instant) -> Option<String> {
-        self.nodes
+    fn get(&self, key: &TokenHash, now: Instant) -> Option<Result<String, Refusal>> {
+        self.answers
             .get(key)
             .filter(|(_, until)| *until > now)
-            .map(|(node, _)| node.clone())
+            .map(|(answer, _)| answer.clone())
     }
 
-    fn insert(&mut self, key: TokenHash, node: &str, until: Instant, now: Instant) {
-        if self.nodes.len() >= CACHE_CAPACITY {
-            self.nodes.retain(|_, (_, until)| *until > now);
+    fn insert(
+        &mut self,
+        key: TokenHash,
+        answer: Result<String, Refusal>,
+        until: Instant,
+        now: Instant,
+    ) {
+        if self.answers.len() >= CACHE_CAPACITY {
+            self.answers.retain(|_, (_, until)| *until > now);
         }
-        if self.nodes.len() < CACHE_CAPACITY {
-            self.nodes.insert(key, (node.to_owned(), until));
+        if self.answers.len() < CACHE_CAPACITY {
+            self.answers.insert(key, (answer, until));
         }
     }
 }

@@ -110,6 +110,7 @@ impl CniServer {
                     Ok((stream, _)) => stream,
                     Err(error) => {
                         warn!(%error, "accepting a CNI connection");
+                        crate::accept::back_off(&error).await;
                         continue;
                     }
                 },

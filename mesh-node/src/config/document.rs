@@ -1,15 +1,26 @@
 //! One Kubernetes object (YAML or the API server's JSON) → an [`Object`] or the reason it
 //! cannot be one. The file source and the kube source both classify through here, so a
 //! resource is accepted or refused alike whichever way it arrives.
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, de::DeserializeOwned};
 
-use super::{Object, ObjectId, validate};
+use super::{Object, ObjectId, translate::IstioObject, validate};
+use crate::policy::{Action, AuthorizationPolicySpec, PeerAuthenticationSpec};
 
 /// One YAML document, classified.
 pub(crate) enum Document {
     Object(Object),
-    Invalid { resource: ObjectId, error: String },
-    Ignored { kind: String },
+    /// Refused. A security resource is still enforced, as `fail_closed`: the form that
+    /// denies at least what the resource meant to deny (see [`fail_closed`]); other kinds
+    /// fall back to their last good version.
+    Invalid {
+        resource: ObjectId,
+        error: String,
+        fail_closed: Option<Object>,
+    },
+    Ignored {
+        kind: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -86,20 +97,52 @@ pub(crate) fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
         },
         name: meta.metadata.name,
     };
-    let object = match parse(value) {
-        Ok(object) => object,
-        Err(error) => {
-            return Document::Invalid {
-                resource,
-                error: error.to_string(),
-            };
-        }
+    let spec = value.get("spec").cloned().unwrap_or_default();
+    let error = match parse(value).map_err(|e| e.to_string()).and_then(|object| {
+        validate(&object)
+            .map(|()| object)
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(object) => return Document::Object(object),
+        Err(error) => error,
     };
-    match validate(&object) {
-        Ok(()) => Document::Object(object),
-        Err(error) => Document::Invalid {
-            resource,
-            error: error.to_string(),
+    let fail_closed = fail_closed(&resource, &spec);
+    let error = match &fail_closed {
+        Some(Object::PeerAuthentication(_)) => {
+            format!("{error}; enforced as STRICT for its selection until fixed")
+        }
+        Some(Object::AuthorizationPolicy(policy)) => match policy.spec.action {
+            Action::Allow => format!(
+                "{error}; enforced with its {} valid rule(s) only until fixed",
+                policy.spec.rules.len()
+            ),
+            _ => format!("{error}; enforced as DENY of its whole selection until fixed"),
         },
+        _ => error,
+    };
+    Document::Invalid {
+        resource,
+        error,
+        fail_closed,
+    }
+}
+
+/// The stand-in for a security resource that cannot be applied as written: a security
+/// resource that is refused must never widen access (DESIGN.md, "Fail closed"), and a last
+/// good version would not survive a restart. `None` for every other kind.
+fn fail_closed(resource: &ObjectId, spec: &serde_yaml::Value) -> Option<Object> {
+    let metadata = ObjectMeta {
+        name: Some(resource.name.clone()),
+        namespace: Some(resource.namespace.clone()),
+        ..ObjectMeta::default()
+    };
+    match resource.kind {
+        "PeerAuthentication" => Some(Object::PeerAuthentication(Box::new(IstioObject {
+            metadata,
+            spec: PeerAuthenticationSpec::fail_closed(spec),
+        }))),
+        "AuthorizationPolicy" => AuthorizationPolicySpec::fail_closed(spec)
+            .map(|spec| Object::AuthorizationPolicy(Box::new(IstioObject { metadata, spec }))),
+        _ => None,
     }
 }

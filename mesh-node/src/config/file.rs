@@ -82,11 +82,15 @@ impl FileSource {
                     for document in documents {
                         match document {
                             Document::Object(object) => accepted.push(object),
-                            Document::Invalid { resource, error } => {
+                            Document::Invalid {
+                                resource,
+                                error,
+                                fail_closed,
+                            } => {
                                 rejections.push(reject(&path, &resource.to_string(), error));
-                                if let Some(previous) = self.last_good.get(&resource) {
-                                    accepted.push(previous.clone());
-                                }
+                                accepted.extend(
+                                    self.last_good.stand_in(&resource, fail_closed.as_ref()),
+                                );
                             }
                             Document::Ignored { kind } => {
                                 debug!(file = %path.display(), kind, "ignoring unsupported kind");
@@ -241,6 +245,7 @@ fn parse_documents(text: &str) -> Result<Vec<Document>, String> {
                         name: String::new(),
                     },
                     error: format!("not a Kubernetes object: {error}"),
+                    fail_closed: None,
                 });
                 continue;
             }

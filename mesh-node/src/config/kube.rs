@@ -193,6 +193,7 @@ fn classify_object(kind: &WatchedKind, mut object: DynamicObject) -> ((String, S
                 name: key.1.clone(),
             },
             error,
+            fail_closed: None,
         });
     (key, document)
 }
@@ -335,15 +336,17 @@ impl KubeSource {
         for document in self.caches.iter().flat_map(|c| c.objects.values()) {
             match document {
                 Document::Object(object) => objects.push(object.clone()),
-                Document::Invalid { resource, error } => {
+                Document::Invalid {
+                    resource,
+                    error,
+                    fail_closed,
+                } => {
                     rejections.push(Rejection {
                         origin: ORIGIN.into(),
                         resource: resource.to_string(),
                         error: error.clone(),
                     });
-                    if let Some(previous) = self.last_good.get(resource) {
-                        objects.push(previous.clone());
-                    }
+                    objects.extend(self.last_good.stand_in(resource, fail_closed.as_ref()));
                 }
                 Document::Ignored { kind } => debug!(kind, "ignoring unsupported kind"),
             }

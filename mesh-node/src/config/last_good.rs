@@ -11,9 +11,11 @@ pub struct LastGood {
 }
 
 impl LastGood {
-    /// The last accepted version of `id`, if it ever had one.
-    pub fn get(&self, id: &ObjectId) -> Option<&Object> {
-        self.by_id.get(id)
+    /// What is enforced in place of a refused object: its fail-closed form when it is a
+    /// security resource (a last good version would not survive a restart, and the rule is
+    /// the same every time), else its last good version, if it ever had one.
+    pub fn stand_in(&self, resource: &ObjectId, fail_closed: Option<&Object>) -> Option<Object> {
+        fail_closed.or_else(|| self.by_id.get(resource)).cloned()
     }
 
     /// Objects that refer to what no other object defines (a route to an undefined subset)

@@ -5,7 +5,6 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
-    sync::Mutex,
 };
 
 use aya::{
@@ -19,6 +18,7 @@ use aya::{
 use mesh_common::{
     EnrolledNetns, ListenerKey, OrigDstKey, SockAddr, capacity, counters, maps, programs,
 };
+use parking_lot::Mutex;
 use tracing::{debug, info};
 
 use super::addr::{from_sock_addr, to_listener_key, to_sock_addr};
@@ -166,7 +166,7 @@ impl Capture {
         netns: impl AsFd,
         inbound: &[(IpAddr, &dyn AsRawFd)],
     ) -> Result<(), CaptureError> {
-        let mut control = self.control.lock().expect("capture lock");
+        let mut control = self.control.lock();
         for (ip, listener) in inbound {
             control
                 .listeners
@@ -190,7 +190,7 @@ impl Capture {
 
     /// Stops capturing a pod. Best effort: every step runs even when one fails.
     pub fn unenroll(&self, netns_cookie: u64, inbound_ips: &[IpAddr]) {
-        let mut control = self.control.lock().expect("capture lock");
+        let mut control = self.control.lock();
         if let Err(error) = control.enrolled.remove(&netns_cookie) {
             debug!(netns_cookie, %error, "netns was not in the enrolled map");
         }
@@ -215,7 +215,7 @@ impl Capture {
         client: SocketAddr,
     ) -> Option<SocketAddr> {
         let key = orig_dst_key(netns_cookie, client);
-        let mut table = self.orig_dst.lock().expect("orig dst lock");
+        let mut table = self.orig_dst.lock();
         let original = table.get(&key, 0).ok()?;
         let _ = table.remove(&key);
         from_sock_addr(&original)
@@ -229,7 +229,7 @@ impl Capture {
         client: SocketAddr,
     ) -> Option<SocketAddr> {
         let key = orig_dst_key(netns_cookie, client);
-        let table = self.orig_dst.lock().expect("orig dst lock");
+        let table = self.orig_dst.lock();
         from_sock_addr(&table.get(&key, 0).ok()?)
     }
 

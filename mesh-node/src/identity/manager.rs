@@ -7,12 +7,13 @@
 use std::{
     collections::HashMap,
     fmt,
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::future::BoxFuture;
+use parking_lot::Mutex;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, UnixTime};
 use tokio::{
@@ -191,11 +192,7 @@ impl CertificateManager {
     /// listeners use this to swap in renewed certificates (`changed()`), and must be spawned
     /// on a Tokio runtime.
     pub fn subscribe(&self, identity: &Identity) -> watch::Receiver<CertState> {
-        let mut workers = self
-            .inner
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut workers = self.inner.workers.lock();
         if let Some(worker) = workers.get(identity) {
             return worker.state.clone();
         }
@@ -221,12 +218,7 @@ impl CertificateManager {
     /// Drops `identity`'s certificate and key and stops renewing it (no pod needs it any
     /// more). Returns whether it was known.
     pub fn forget(&self, identity: &Identity) -> bool {
-        let removed = self
-            .inner
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(identity);
+        let removed = self.inner.workers.lock().remove(identity);
         match removed {
             Some(worker) => {
                 worker.task.abort();
@@ -239,14 +231,7 @@ impl CertificateManager {
 
     /// Identities with a worker, sorted (for the admin endpoint and tests).
     pub fn identities(&self) -> Vec<Identity> {
-        let mut ids: Vec<_> = self
-            .inner
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .keys()
-            .cloned()
-            .collect();
+        let mut ids: Vec<_> = self.inner.workers.lock().keys().cloned().collect();
         ids.sort();
         ids
     }
@@ -257,7 +242,6 @@ impl CertificateManager {
             .inner
             .workers
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .map(|(id, worker)| (id.clone(), worker.state.borrow().clone()))
             .collect();
@@ -270,10 +254,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Workers hold no reference back to Inner, so this runs when the last manager clone
         // goes; without it they would keep renewing certificates nobody can read.
-        let workers = self
-            .workers
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
+        let workers = self.workers.get_mut();
         for worker in workers.values() {
             worker.task.abort();
         }

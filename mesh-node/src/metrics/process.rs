@@ -5,8 +5,9 @@
 //! are read from `/proc/self` at scrape time. The prometheus crate's `process` feature
 //! would do the same through the procfs crate (a dependency the workspace does not have)
 //! and rounds CPU time down to whole seconds, too coarse for a 1 s scrape.
-use std::{fs, sync::Mutex};
+use std::fs;
 
+use parking_lot::Mutex;
 use prometheus::{
     Counter, IntGauge,
     core::{Collector, Desc},
@@ -84,7 +85,7 @@ impl Collector for ProcessCollector {
 
     /// Reads `/proc/self`; a value that cannot be read keeps its last reading.
     fn collect(&self) -> Vec<MetricFamily> {
-        let _one_at_a_time = self.collecting.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = self.collecting.lock();
         if let Some(stat) = read_proc("/proc/self/stat").and_then(|text| Stat::parse(&text)) {
             let behind = stat.cpu_seconds() - self.cpu.get();
             if behind > 0.0 {

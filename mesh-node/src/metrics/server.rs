@@ -36,6 +36,7 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: Cancel
                 Ok((stream, _)) => stream,
                 Err(error) => {
                     debug!(%error, "accept failed");
+                    crate::accept::back_off(&error).await;
                     continue;
                 }
             },
@@ -65,7 +66,11 @@ fn answer(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<Full<B
             .expect("static response parts are valid")
     };
     if let Endpoints::Admin(admin) = endpoints {
-        let (status, body) = admin.answer(request.uri().path(), request.uri().query());
+        let (status, body) = admin.answer(
+            request.method(),
+            request.uri().path(),
+            request.uri().query(),
+        );
         let body = serde_json::to_vec_pretty(&body).unwrap_or_default();
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return reply(status, "application/json", body);

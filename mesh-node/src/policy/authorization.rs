@@ -47,7 +47,7 @@ pub enum Action {
 
 /// `spec` of an AuthorizationPolicy.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     #[serde(default)]
     pub selector: Option<WorkloadSelector>,
@@ -62,9 +62,14 @@ pub struct AuthorizationPolicySpec {
     pub target_ref: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_refs: Option<serde_json::Value>,
+    /// CUSTOM's external authorizer: present only so that such a policy is refused for its
+    /// action, the real reason, rather than for an unknown field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
     pub from: Vec<RuleFrom>,
@@ -75,13 +80,14 @@ pub struct Rule {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleFrom {
     #[serde(default)]
     pub source: Source,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     #[serde(default)]
     pub principals: Vec<String>,
@@ -107,13 +113,14 @@ pub struct Source {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleTo {
     #[serde(default)]
     pub operation: Operation,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default)]
     pub hosts: Vec<String>,
@@ -134,7 +141,7 @@ pub struct Operation {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
     pub key: String,
     #[serde(default)]
@@ -255,30 +262,77 @@ impl AuthorizationPolicySpec {
         if self.target_ref.is_some() || self.target_refs.is_some() {
             return Err(PolicyError::TargetRef);
         }
-        for rule in &self.rules {
-            for from in &rule.from {
-                let s = &from.source;
-                check_blocks("ipBlocks", &s.ip_blocks)?;
-                check_blocks("notIpBlocks", &s.not_ip_blocks)?;
-                check_blocks("remoteIpBlocks", &s.remote_ip_blocks)?;
-                check_blocks("notRemoteIpBlocks", &s.not_remote_ip_blocks)?;
-            }
-            for to in &rule.to {
-                let o = &to.operation;
-                check_ports("ports", &o.ports)?;
-                check_ports("notPorts", &o.not_ports)?;
-                check_paths("paths", &o.paths)?;
-                check_paths("notPaths", &o.not_paths)?;
-            }
-            for condition in &rule.when {
-                let values = condition.values.iter().chain(&condition.not_values);
-                match ConditionKey::parse(&condition.key)? {
-                    ConditionKey::SourceIp => check_blocks("when source.ip", values)?,
-                    ConditionKey::RemoteIp => check_blocks("when remote.ip", values)?,
-                    ConditionKey::DestinationIp => check_blocks("when destination.ip", values)?,
-                    ConditionKey::DestinationPort => check_ports("when destination.port", values)?,
-                    _ => {}
-                }
+        self.rules.iter().try_for_each(Rule::validate)
+    }
+
+    /// What a policy that cannot be applied as written (`spec` failed to parse or to
+    /// validate) is enforced as, so that it never widens access; Istio's own rules:
+    /// * ALLOW: only its valid rules, so its selection stays denied except by them;
+    /// * DENY, CUSTOM, or an action that cannot be read: deny its whole selection;
+    /// * AUDIT: nothing (it never decides access), so `None`.
+    ///
+    /// A selector that cannot be read, or targeting by `targetRef` (not supported),
+    /// widens the selection to the policy's whole namespace: more is denied, never less.
+    pub fn fail_closed(spec: &serde_yaml::Value) -> Option<Self> {
+        let field = |name: &str| spec.get(name).cloned();
+        let targeted = field("targetRef").is_some() || field("targetRefs").is_some();
+        let selector = field("selector")
+            .filter(|_| !targeted)
+            .and_then(|s| serde_yaml::from_value::<WorkloadSelector>(s).ok());
+        let action = match field("action") {
+            None => Some(Action::Allow),
+            Some(action) => serde_yaml::from_value(action).ok(),
+        };
+        let rules = match action {
+            Some(Action::Audit) => return None,
+            Some(Action::Allow) => field("rules")
+                .and_then(|rules| serde_yaml::from_value::<Vec<serde_yaml::Value>>(rules).ok())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|rule| serde_yaml::from_value::<Rule>(rule).ok())
+                .filter(|rule| rule.validate().is_ok())
+                .collect(),
+            // A rule without conditions matches everything.
+            Some(Action::Deny | Action::Custom) | None => vec![Rule::default()],
+        };
+        let action = if action == Some(Action::Allow) {
+            Action::Allow
+        } else {
+            Action::Deny
+        };
+        Some(Self {
+            selector,
+            action,
+            rules,
+            ..Self::default()
+        })
+    }
+}
+
+impl Rule {
+    fn validate(&self) -> Result<(), PolicyError> {
+        for from in &self.from {
+            let s = &from.source;
+            check_blocks("ipBlocks", &s.ip_blocks)?;
+            check_blocks("notIpBlocks", &s.not_ip_blocks)?;
+            check_blocks("remoteIpBlocks", &s.remote_ip_blocks)?;
+            check_blocks("notRemoteIpBlocks", &s.not_remote_ip_blocks)?;
+        }
+        for to in &self.to {
+            let o = &to.operation;
+            check_ports("ports", &o.ports)?;
+            check_ports("notPorts", &o.not_ports)?;
+            check_paths("paths", &o.paths)?;
+            check_paths("notPaths", &o.not_paths)?;
+        }
+        for condition in &self.when {
+            let values = condition.values.iter().chain(&condition.not_values);
+            match ConditionKey::parse(&condition.key)? {
+                ConditionKey::SourceIp => check_blocks("when source.ip", values)?,
+                ConditionKey::RemoteIp => check_blocks("when remote.ip", values)?,
+                ConditionKey::DestinationIp => check_blocks("when destination.ip", values)?,
+                ConditionKey::DestinationPort => check_ports("when destination.port", values)?,
+                _ => {}
             }
         }
         Ok(())

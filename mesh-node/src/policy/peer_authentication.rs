@@ -21,6 +21,7 @@ pub enum MtlsMode {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Mtls {
     #[serde(default)]
     pub mode: MtlsMode,
@@ -28,7 +29,7 @@ pub struct Mtls {
 
 /// `spec` of a PeerAuthentication.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
     #[serde(default)]
     pub selector: Option<WorkloadSelector>,
@@ -37,9 +38,30 @@ pub struct PeerAuthenticationSpec {
     /// Per-port overrides; Istio honours them only on policies with a selector.
     #[serde(default)]
     pub port_level_mtls: BTreeMap<u16, Mtls>,
+    /// Set on the stand-in for a policy that could not be read ([`Self::fail_closed`]):
+    /// it makes its selection STRICT whatever any other policy says.
+    #[serde(skip_deserializing, skip_serializing_if = "std::ops::Not::not")]
+    pub fail_closed: bool,
 }
 
 impl PeerAuthenticationSpec {
+    /// What a PeerAuthentication that cannot be read (`spec` failed to parse) is enforced
+    /// as: STRICT for its selection, as Istio fails closed. A selector that cannot be read
+    /// widens the selection to the policy's whole namespace.
+    pub fn fail_closed(spec: &serde_yaml::Value) -> Self {
+        let selector = spec
+            .get("selector")
+            .and_then(|s| serde_yaml::from_value::<WorkloadSelector>(s.clone()).ok());
+        Self {
+            selector,
+            mtls: Some(Mtls {
+                mode: MtlsMode::Strict,
+            }),
+            port_level_mtls: BTreeMap::new(),
+            fail_closed: true,
+        }
+    }
+
     fn mode(&self) -> MtlsMode {
         self.mtls.map(|m| m.mode).unwrap_or_default()
     }
@@ -62,6 +84,9 @@ pub(super) fn resolve(policies: &Policies, workload: &Workload, port: u16) -> Mt
             (None, false) => &mut namespace_wide,
             (None, true) => &mut mesh_wide,
         };
+        if policy.spec.fail_closed {
+            return MtlsMode::Strict;
+        }
         slot.get_or_insert(policy);
     }
     let port_level = with_selector

@@ -10,12 +10,13 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::SystemTime,
 };
 
+use parking_lot::Mutex;
 use serde::{Serialize, Serializer};
 use tokio::net::TcpStream;
 
@@ -58,10 +59,7 @@ impl Connections {
     /// Adds `connection` until the returned guard is dropped.
     pub fn register(self: &Arc<Self>, connection: Connection) -> Registered {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.live
-            .lock()
-            .expect("connections lock")
-            .insert(id, connection);
+        self.live.lock().insert(id, connection);
         Registered {
             registry: self.clone(),
             id,
@@ -70,12 +68,7 @@ impl Connections {
 
     /// The live connections, oldest first.
     pub fn snapshot(&self) -> Vec<Connection> {
-        self.live
-            .lock()
-            .expect("connections lock")
-            .values()
-            .cloned()
-            .collect()
+        self.live.lock().values().cloned().collect()
     }
 }
 
@@ -89,11 +82,7 @@ pub struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.registry
-            .live
-            .lock()
-            .expect("connections lock")
-            .remove(&self.id);
+        self.registry.live.lock().remove(&self.id);
     }
 }
 

@@ -3,7 +3,7 @@
 //! caller, so the same code serves whatever identity source provides the certificates.
 mod stream;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use h2::{client::SendRequest, server::SendResponse};
@@ -20,6 +20,11 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME_SIZE: u32 = 256 * 1024;
+/// A CONNECT carries an authority and a few trace headers: 16 KiB is generous, and a peer
+/// cannot make the proxy buffer megabytes of headers per stream.
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// How long the HTTP/2 handshake and a CONNECT's answer may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -31,6 +36,8 @@ pub enum HboneError {
     Refused(StatusCode),
     #[error("not a CONNECT to an address: {0}")]
     BadRequest(String),
+    #[error("{0}: timed out")]
+    Timeout(&'static str),
 }
 
 /// Opens the HTTP/2 client side of a tunnel over an established (TLS) connection. The
@@ -39,12 +46,15 @@ pub async fn client_handshake<IO>(io: IO) -> Result<SendRequest<Bytes>, HboneErr
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = h2::client::Builder::new()
+    let handshake = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .handshake(io)
-        .await?;
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .handshake(io);
+    let (sender, connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| HboneError::Timeout("HTTP/2 handshake"))??;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             debug!(%error, "HBONE tunnel closed");
@@ -64,7 +74,11 @@ pub async fn connect(
         .uri(target.to_string())
         .body(())?;
     let (response, send) = sender.send_request(request, false)?;
-    let response = response.await?;
+    // The peer's proxy answers once its own checks are done; a peer that never does (it
+    // stalled, or its node went away without a reset) must not hold the caller forever.
+    let response = tokio::time::timeout(HANDSHAKE_TIMEOUT, response)
+        .await
+        .map_err(|_| HboneError::Timeout("CONNECT response"))??;
     if response.status() != StatusCode::OK {
         return Err(HboneError::Refused(response.status()));
     }
@@ -102,13 +116,16 @@ where
     F: Fn(IncomingConnect) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut connection = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .handshake(io)
-        .await?;
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .handshake(io);
+    let mut connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| HboneError::Timeout("HTTP/2 handshake"))??;
     while let Some(accepted) = connection.accept().await {
         let (request, mut respond) = accepted?;
         let target = (request.method() == Method::CONNECT)

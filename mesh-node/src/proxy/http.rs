@@ -297,22 +297,32 @@ pub fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::up
     });
 }
 
-/// The path with `.` and `..` segments resolved (RFC 3986 §5.2.4), as Istio normalizes
-/// paths before authorization: `/public/../admin` must meet the policies for `/admin`,
-/// and the app must get the path that was authorized. `None` when there is nothing to do.
+/// The path as authorization sees it and the app receives it, normalized as Istio's
+/// `DECODE_AND_MERGE_SLASHES` (the option Istio recommends against policy bypasses; it is
+/// Nodemesh's only behaviour, documented in the README's policy section):
+/// * percent-encoded unreserved characters are decoded (`%61dmin` is `admin`, `%2e%2e` is
+///   `..`), once: `%252e` stays `%252e`;
+/// * encoded slashes and backslashes (`%2F`, `%5C`) and backslashes become `/`;
+/// * runs of slashes merge into one;
+/// * `.` and `..` segments are resolved (RFC 3986 §5.2.4).
+///
+/// So `//admin`, `/public/%2e%2e/admin`, `/public%2F..%2Fadmin` and `\admin` all meet the
+/// policies for `/admin`, and the app gets the path that was authorized. `None` when the
+/// path is already normal.
 pub fn normalize_path(path: &str) -> Option<String> {
-    let has_dot_segment = path
-        .split('/')
-        .any(|segment| segment == "." || segment == "..");
-    if !has_dot_segment {
+    // `*` (OPTIONS) is not a path to normalize.
+    if !path.starts_with(['/', '\\']) {
         return None;
     }
+    let decoded = decode_path(path);
     let mut segments: Vec<&str> = Vec::new();
-    let mut parts = path.split('/').skip(1).peekable();
+    let mut parts = decoded.split('/').skip(1).peekable();
     while let Some(segment) = parts.next() {
         let last = parts.peek().is_none();
         match segment {
-            "." => {
+            // An empty segment inside the path is a doubled slash: merged away.
+            "" if !last => {}
+            "." | "" => {
                 if last {
                     segments.push("");
                 }
@@ -326,7 +336,43 @@ pub fn normalize_path(path: &str) -> Option<String> {
             segment => segments.push(segment),
         }
     }
-    Some(format!("/{}", segments.join("/")))
+    let normalized = format!("/{}", segments.join("/"));
+    (normalized != path).then_some(normalized)
+}
+
+/// One pass of percent-decoding for the characters that normalization may decode: the
+/// unreserved ones (RFC 3986 §2.3), and slashes and backslashes, which become `/` as does a
+/// literal backslash. Everything else, including malformed escapes, stays as sent.
+fn decode_path(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = bytes[i];
+        if byte == b'%'
+            && let Some(hex) = path.get(i + 1..i + 3)
+            && let Ok(decoded) = u8::from_str_radix(hex, 16)
+        {
+            let unreserved = decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded);
+            if unreserved || decoded == b'/' || decoded == b'\\' {
+                out.push(if decoded == b'\\' {
+                    '/'
+                } else {
+                    char::from(decoded)
+                });
+                i += 3;
+                continue;
+            }
+        }
+        let start = i;
+        i += 1;
+        while i < bytes.len() && !path.is_char_boundary(i) {
+            i += 1;
+        }
+        let piece = &path[start..i];
+        out.push_str(if piece == "\\" { "/" } else { piece });
+    }
+    out
 }
 
 /// gRPC: `application/grpc` and its `+proto`/`+json` variants.

@@ -7,6 +7,7 @@ use std::{
 
 use ::http::StatusCode;
 use bytes::Bytes;
+use mesh_common::ports;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -81,7 +82,9 @@ pub(super) async fn handle(
         .map_err(|e| ProxyError::Socket(e.to_string()))?;
     let state = proxy.state.borrow().clone();
     let caller = Caller::new(peer.ip(), None);
-    let result = match admit(&state, pod, &caller, original, None) {
+    let result = match refuse_own_listeners(original)
+        .and_then(|()| admit(&state, pod, &caller, original, None))
+    {
         Ok(admission) => {
             let _ = client.set_nodelay(true);
             let delivery = Delivery {
@@ -150,7 +153,7 @@ async fn serve_connect(
     let state = proxy.state.borrow().clone();
     let caller = Caller::new(peer.ip(), Some(identities.clone()));
     let admitted = if pod.ips.contains(&target.ip()) {
-        admit(&state, pod, &caller, target, None)
+        refuse_own_listeners(target).and_then(|()| admit(&state, pod, &caller, target, None))
     } else {
         Err(ProxyError::NotLocal(target))
     };
@@ -175,6 +178,20 @@ async fn serve_connect(
         log_refused(proxy, pod, &caller, target, started, error);
     }
     result
+}
+
+/// Refuses a destination that is one of the proxy's own in-pod listeners, or loopback (where
+/// only the app itself can have reached the 15006 listener). Delivering there would land the
+/// connection on the proxy again, which would deliver it again, until the node ran out of
+/// sockets: plaintext to `<pod IP>:15006` arrives on the listener directly, and an HBONE
+/// CONNECT may name any port.
+fn refuse_own_listeners(original: SocketAddr) -> Result<(), ProxyError> {
+    const OWN_PORTS: [u16; 3] = [ports::OUTBOUND, ports::INBOUND_PLAINTEXT, ports::HBONE];
+    let ip = original.ip();
+    if ip.is_loopback() || ip.is_unspecified() || OWN_PORTS.contains(&original.port()) {
+        return Err(ProxyError::OwnListener(original));
+    }
+    Ok(())
 }
 
 /// Logs a connection to this pod that the proxy refused or could not hand to the app. An
@@ -262,9 +279,8 @@ fn admit(
     original: SocketAddr,
     admission: Option<Admission>,
 ) -> Result<Admission, ProxyError> {
-    let Some(workload) = state.workloads.get(&pod.key) else {
-        return Ok(Admission::Full);
-    };
+    let workload = state.workload_or_unknown(&pod.key);
+    let workload = workload.as_ref();
     let admission = admission.unwrap_or_else(|| {
         if state.policies.needs_request_attributes(workload) {
             Admission::MtlsOnly

@@ -2,8 +2,9 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
-    sync::Mutex,
 };
+
+use parking_lot::Mutex;
 
 use super::ProxyError;
 use crate::{
@@ -82,7 +83,7 @@ impl Resolver {
                 return Err(no_endpoint());
             }
             let index = {
-                let mut next = self.next.lock().expect("round robin lock");
+                let mut next = self.next.lock();
                 let slot = next.entry((service.key.clone(), port)).or_default();
                 let index = *slot % candidates.len();
                 *slot = slot.wrapping_add(1);

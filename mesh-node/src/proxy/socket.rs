@@ -1,5 +1,8 @@
 //! Sockets opened inside pods' network namespaces.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
 
 use mesh_common::{marks, ports};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -159,7 +162,17 @@ fn new_upstream_socket(addr: SocketAddr, dial: &Dial) -> std::io::Result<Socket>
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
     match dial {
-        Dial::Outbound => socket.set_mark(marks::PROXY_OUTBOUND)?,
+        Dial::Outbound => {
+            socket.set_mark(marks::PROXY_OUTBOUND)?;
+            // A peer that vanishes without a reset (its node went away) is found out within
+            // about a minute instead of holding the connection, or a pooled tunnel, forever.
+            socket.set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(30))
+                    .with_interval(Duration::from_secs(10))
+                    .with_retries(3),
+            )?;
+        }
         Dial::Transparent { source } => {
             socket.set_mark(marks::INBOUND_TRANSPARENT)?;
             if source.is_ipv6() {

@@ -4,14 +4,16 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
 use h2::client::SendRequest;
 use mesh_common::ports;
+use parking_lot::Mutex;
 use rustls::{ServerConfig, pki_types::ServerName};
 use rustls_pki_types::CertificateDer;
 use tokio_rustls::{TlsAcceptor, TlsConnector, server::TlsStream};
@@ -28,6 +30,11 @@ use crate::{
     netns::Netns,
     state::Workload,
 };
+
+/// How long a TLS handshake may take on either end of a tunnel (the HTTP/2 one after it has
+/// the same bound): a peer that connects and never speaks, or a blackholed one, costs a
+/// socket for this long at most.
+const HANDSHAKE_TIMEOUT: Duration = hbone::HANDSHAKE_TIMEOUT;
 
 /// A pooled tunnel: one mTLS connection from one source pod (and identity) to one
 /// destination pod, multiplexing HBONE streams. The source IP is part of the key because
@@ -134,7 +141,7 @@ impl Mtls {
             hbone: SocketAddr::new(target.ip(), ports::HBONE),
         };
         let pooled = {
-            let mut pool = self.pool.lock().expect("pool lock");
+            let mut pool = self.pool.lock();
             pool.get_mut(&key)
                 .filter(|p| Arc::ptr_eq(&p.cert, &cert) && p.has_room(self.max_streams_per_tunnel))
                 .map(|p| {
@@ -149,14 +156,14 @@ impl Mtls {
                 Err(error @ HboneError::Refused(_)) => return Err(error.into()),
                 Err(error) => {
                     debug!(%error, hbone = %key.hbone, "pooled tunnel is dead; reconnecting");
-                    self.pool.lock().expect("pool lock").remove(&key);
+                    self.pool.lock().remove(&key);
                 }
             }
         }
         let sender = self.dial(pod, home, &cert, destination, key.hbone).await?;
         let open = Arc::new(AtomicUsize::new(0));
         let slot = StreamSlot::take(&open);
-        self.pool.lock().expect("pool lock").insert(
+        self.pool.lock().insert(
             key,
             Pooled {
                 cert,
@@ -181,9 +188,13 @@ impl Mtls {
         let config = tls::client_config(cert, &self.trust_bundle, destination.clone())
             .map_err(|e| ProxyError::Tls(e.to_string()))?;
         let tcp = connect_from_pod(pod, home, hbone, Dial::Outbound).await?;
-        let tls = TlsConnector::from(config)
-            .connect(ServerName::IpAddress(hbone.ip().into()), tcp)
+        let connecting =
+            TlsConnector::from(config).connect(ServerName::IpAddress(hbone.ip().into()), tcp);
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
             .await
+            .map_err(|_| {
+                ProxyError::Tls(format!("no TLS handshake with {hbone} within the timeout"))
+            })?
             .map_err(|e| ProxyError::Tls(e.to_string()))?;
         debug!(%hbone, %destination, "HBONE tunnel established");
         self.metrics.tunnel_opened();
@@ -192,7 +203,7 @@ impl Mtls {
 
     /// Tunnels in the pool (some may be draining towards their replacement).
     pub fn pooled_tunnels(&self) -> usize {
-        self.pool.lock().expect("pool lock").len()
+        self.pool.lock().len()
     }
 
     /// Accepts the TLS side of an inbound tunnel as `identity`; returns the stream and the
@@ -203,9 +214,9 @@ impl Mtls {
         stream: tokio::net::TcpStream,
     ) -> Result<(TlsStream<tokio::net::TcpStream>, Identity), ProxyError> {
         let config = self.server_config(identity).await?;
-        let tls = TlsAcceptor::from(config)
-            .accept(stream)
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream))
             .await
+            .map_err(|_| ProxyError::Tls("no TLS handshake within the timeout".into()))?
             .map_err(|e| ProxyError::Tls(e.to_string()))?;
         let peer = tls::peer_identity(tls.get_ref().1, &self.trust_domain)
             .map_err(|e| ProxyError::Tls(e.to_string()))?;
@@ -215,7 +226,7 @@ impl Mtls {
     /// The server configuration for `identity`, rebuilt only when its certificate changed.
     async fn server_config(&self, identity: &Identity) -> Result<Arc<ServerConfig>, ProxyError> {
         let cert = self.certificate(identity).await?;
-        let mut configs = self.server_configs.lock().expect("config lock");
+        let mut configs = self.server_configs.lock();
         if let Some((cached, config)) = configs.get(identity)
             && Arc::ptr_eq(cached, &cert)
         {

@@ -7,13 +7,20 @@ use serde::Serializer;
 
 use super::{HeaderOps, RoutingError};
 
+/// The longest duration any field takes: ten years is past every sensible timeout, interval
+/// or ejection time, and keeps `now + duration` (and its multiples) far from overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Istio's protobuf durations ("10s", "0.5s") and Go/Gateway API ones ("100ms", "1h30m"):
-/// one or more `<decimal><unit>` parts, units `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`.
+/// one or more `<decimal><unit>` parts, units `h`, `m`, `s`, `ms`, `us`/`µs`, `ns`; at most
+/// [`MAX_DURATION`].
 pub(super) fn duration(field: &str, value: &str) -> Result<Duration, RoutingError> {
-    parse_duration(value).ok_or_else(|| RoutingError::BadDuration {
-        field: field.to_string(),
-        value: value.to_string(),
-    })
+    parse_duration(value)
+        .filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| RoutingError::BadDuration {
+            field: field.to_string(),
+            value: value.to_string(),
+        })
 }
 
 fn parse_duration(text: &str) -> Option<Duration> {
@@ -193,6 +200,18 @@ mod tests {
         }
         for text in ["", "10", "s", "-1s", "1.2.3s", "10 s", "1d", "ten seconds"] {
             assert_eq!(parse_duration(text), None, "{text:?} must not parse");
+        }
+    }
+
+    #[test]
+    fn durations_past_the_bound_are_refused_not_overflowed() {
+        assert!(
+            duration("timeout", "87600h").is_ok(),
+            "ten years is allowed"
+        );
+        for huge in ["87601h", "10000000000000000000s", "9999999999999999999h"] {
+            let error = duration("outlierDetection.baseEjectionTime", huge).unwrap_err();
+            assert!(error.to_string().contains(huge), "{error}");
         }
     }
 }

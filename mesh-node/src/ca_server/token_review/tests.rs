@@ -277,3 +277,105 @@ fn token_expiry_is_read_from_jwts_only() {
     );
     assert_eq!(cache_lifetime("opaque-token", now), Some(CACHE_TTL));
 }
+
+#[tokio::test]
+async fn a_refused_token_is_remembered_briefly_and_not_reviewed_again() {
+    let (authenticator, requests) = authenticator(|_| {
+        let mut review = token_review(false, &[], "", json!({}));
+        review["status"]["error"] = json!("invalid bearer token");
+        (201, review)
+    });
+    for _ in 0..5 {
+        let refusal = authenticator.node_of("forged").await.unwrap_err();
+        assert_eq!(refusal.status(), 401, "{refusal:?}");
+    }
+    assert_eq!(
+        requests.count(&Method::POST, TOKEN_REVIEWS),
+        1,
+        "one TokenReview for a token refused five times"
+    );
+}
+
+#[tokio::test]
+async fn an_api_server_that_cannot_answer_is_asked_again() {
+    let (authenticator, requests) = authenticator(|_| scripted_api::status(500, "InternalError"));
+    for _ in 0..2 {
+        let refusal = authenticator.node_of("token").await.unwrap_err();
+        assert_eq!(refusal.status(), 503, "{refusal:?}");
+    }
+    assert_eq!(
+        requests.count(&Method::POST, TOKEN_REVIEWS),
+        2,
+        "not cached"
+    );
+}
+
+type ApiHandle =
+    tower_test::mock::Handle<http::Request<kube::client::Body>, http::Response<kube::client::Body>>;
+type Received = (
+    http::Request<kube::client::Body>,
+    tower_test::mock::SendResponse<http::Response<kube::client::Body>>,
+);
+
+/// The next request the client sends, if one comes within 300 ms.
+async fn next(handle: &mut ApiHandle) -> Result<Option<Received>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_millis(300), handle.next_request()).await
+}
+
+#[tokio::test]
+async fn token_reviews_in_flight_are_bounded() {
+    use std::sync::Arc;
+
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let authenticator = Arc::new(TokenReviewAuthenticator::new(
+        client,
+        "nodemesh-system",
+        "nodemesh-agent",
+        "nodemesh-ca",
+    ));
+    let calls: Vec<_> = (0..3 * MAX_CONCURRENT_REVIEWS)
+        .map(|i| {
+            let authenticator = authenticator.clone();
+            tokio::spawn(async move { authenticator.node_of(&format!("token-{i}")).await })
+        })
+        .collect();
+    // Hold every request that arrives without answering: only the bound may arrive.
+    let mut held = Vec::new();
+    while let Ok(Some(request)) = next(&mut handle).await {
+        held.push(request);
+    }
+    assert_eq!(
+        held.len(),
+        MAX_CONCURRENT_REVIEWS,
+        "reviews in flight at once"
+    );
+    let answer = |respond: tower_test::mock::SendResponse<Response<Body>>| {
+        let (status, body) = agent_on("node-a");
+        respond.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    };
+    for (_, respond) in held {
+        answer(respond);
+    }
+    // The others get their turn as the first ones finish.
+    let mut answered = MAX_CONCURRENT_REVIEWS;
+    while answered < calls.len() {
+        let (_, respond) = next(&mut handle)
+            .await
+            .expect("the queued reviews follow")
+            .expect("the client is alive");
+        answer(respond);
+        answered += 1;
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap(), Ok("node-a".into()));
+    }
+}

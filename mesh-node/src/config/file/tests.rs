@@ -248,7 +248,16 @@ spec:
         .iter()
         .map(|p| p.key.name.as_str())
         .collect();
-    assert_eq!(names, ["allow-sleep"], "the bad policy is left out");
+    assert_eq!(
+        names,
+        ["allow-sleep", "bad-block"],
+        "the bad ALLOW policy stays, fail closed"
+    );
+    let bad = &state.policies.authorization_policies[1].spec;
+    assert!(
+        bad.rules.is_empty(),
+        "with none of its invalid rules: {bad:?}"
+    );
     assert_eq!(rejections.len(), 1, "{rejections:?}");
     assert_eq!(rejections[0].resource, "AuthorizationPolicy shop/bad-block");
     assert!(
@@ -442,4 +451,206 @@ fn the_published_state_says_which_file_each_object_came_from() {
         "{:?}",
         state.origins
     );
+}
+
+// === Security resources that cannot be applied fail closed ===
+
+/// The state a fresh source (no last good version, as after a restart) builds from `yaml`.
+fn load_fresh(yaml: &str) -> (State, Vec<Rejection>) {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "security.yaml", yaml);
+    load(&mut FileSource::new(dir.path(), "nodemesh-system"))
+}
+
+fn shop_workload(app: &str) -> crate::state::Workload {
+    crate::state::Workload::for_test("node0", "shop", app, &[("app", app)])
+}
+
+/// A plaintext connection (no identity) or an mTLS one from `principal`, to port 8080.
+fn caller(principal: Option<&str>) -> crate::policy::ConnectionAttributes<'_> {
+    crate::policy::ConnectionAttributes {
+        source_ip: "10.0.0.7".parse().unwrap(),
+        source_principal: principal,
+        source_namespace: principal.and_then(|p| p.split('/').nth(2)),
+        destination_ip: "10.0.0.1".parse().unwrap(),
+        destination_port: 8080,
+    }
+}
+
+const SLEEP: &str = "cluster.local/ns/sleep/sa/sleep";
+
+#[test]
+fn an_unreadable_peer_authentication_makes_its_selection_strict_even_after_a_restart() {
+    use crate::policy::MtlsMode;
+    let (state, rejections) = load_fresh(
+        "
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec:
+  mtls: {mode: PERMISSIVE}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web-strict, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  mtls: {mode: strict}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: db-strict, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  mtls: {mode: STRICT, extra: field}
+",
+    );
+    assert_eq!(
+        rejections.len(),
+        2,
+        "both bad policies are reported: {rejections:?}"
+    );
+    assert!(
+        rejections.iter().all(|r| r.error.contains("STRICT")),
+        "the rejection says how it is enforced: {rejections:?}"
+    );
+    let policies = &state.policies;
+    assert_eq!(
+        policies.mtls_mode(&shop_workload("web"), 8080),
+        MtlsMode::Strict,
+        "`mode: strict` does not parse: STRICT, not the namespace's PERMISSIVE"
+    );
+    assert_eq!(
+        policies.mtls_mode(&shop_workload("db"), 8080),
+        MtlsMode::Strict,
+        "an unknown field is an error: STRICT"
+    );
+    assert_eq!(
+        policies.mtls_mode(&shop_workload("cart"), 8080),
+        MtlsMode::Permissive,
+        "outside their selections the namespace's policy holds"
+    );
+}
+
+#[test]
+fn an_allow_policy_with_an_unsupported_rule_keeps_only_its_valid_rules() {
+    let (state, rejections) = load_fresh(&format!(
+        "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: web, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  rules:
+  - from:
+    - source: {{principals: [{SLEEP}]}}
+  - to:
+    - operation: {{paths: ['/api/{{*}}/admin']}}
+  - from:
+    - source: {{namespaces: [shop], unknownField: x}}
+"
+    ));
+    assert_eq!(rejections.len(), 1, "{rejections:?}");
+    assert!(
+        rejections[0].error.contains("1 valid rule"),
+        "{rejections:?}"
+    );
+    let (policies, web) = (&state.policies, shop_workload("web"));
+    assert!(policies.authorize(&web, &caller(Some(SLEEP))).is_allowed());
+    assert!(
+        !policies
+            .authorize(&web, &caller(Some("cluster.local/ns/shop/sa/cart")))
+            .is_allowed(),
+        "the rule with an unknown field must not allow namespace shop"
+    );
+    assert!(!policies.authorize(&web, &caller(None)).is_allowed());
+    assert!(
+        policies
+            .authorize(&shop_workload("db"), &caller(None))
+            .is_allowed(),
+        "outside the selection nothing changes"
+    );
+}
+
+#[test]
+fn a_deny_or_custom_policy_that_cannot_be_applied_denies_its_whole_selection() {
+    let (state, rejections) = load_fresh(
+        "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {paths: ['/admin/{**}']}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: CUSTOM
+  provider: {name: opa}
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit-typo, namespace: shop}
+spec:
+  action: AUDIT
+  rulez: []
+",
+    );
+    assert_eq!(rejections.len(), 3, "{rejections:?}");
+    let custom = rejections
+        .iter()
+        .find(|r| r.resource.contains("ext-authz"))
+        .unwrap();
+    assert!(
+        custom.error.contains("CUSTOM"),
+        "the real reason: {custom:?}"
+    );
+    let policies = &state.policies;
+    for app in ["web", "db"] {
+        let verdict = policies.authorize(&shop_workload(app), &caller(Some(SLEEP)));
+        assert!(!verdict.is_allowed(), "{app}: {verdict:?}");
+    }
+    assert!(
+        policies
+            .authorize(&shop_workload("cart"), &caller(None))
+            .is_allowed(),
+        "a broken AUDIT policy never decides access"
+    );
+}
+
+#[test]
+fn a_policy_targeting_by_ref_or_with_an_unreadable_selector_covers_its_namespace() {
+    let (state, rejections) = load_fresh(
+        "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: by-ref, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: '', name: web}]
+  action: DENY
+  rules:
+  - from:
+    - source: {notNamespaces: [shop]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: odd-selector, namespace: other}
+spec:
+  selector: {matchExpressions: [{key: app, operator: In, values: [web]}]}
+  action: DENY
+",
+    );
+    assert_eq!(rejections.len(), 2, "{rejections:?}");
+    let other = crate::state::Workload::for_test("node0", "other", "api", &[]);
+    for workload in [shop_workload("web"), shop_workload("cart"), other] {
+        let verdict = state.policies.authorize(&workload, &caller(Some(SLEEP)));
+        assert!(!verdict.is_allowed(), "{}: {verdict:?}", workload.key);
+    }
 }

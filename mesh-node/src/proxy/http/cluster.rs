@@ -7,11 +7,13 @@ use std::{
     hash::{Hash, Hasher},
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU32, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
+use parking_lot::Mutex;
 use tokio::{sync::Notify, time::Instant};
 
 use crate::{
@@ -61,7 +63,7 @@ pub struct Clusters {
 
 impl Clusters {
     pub fn get(&self, key: &ClusterKey) -> Arc<Cluster> {
-        let mut clusters = self.clusters.lock().expect("clusters lock");
+        let mut clusters = self.clusters.lock();
         if let Some(cluster) = clusters.get(key) {
             return cluster.clone();
         }
@@ -165,7 +167,7 @@ impl Cluster {
         tried: &[SocketAddr],
     ) -> Option<SocketAddr> {
         let now = Instant::now();
-        let endpoints = self.endpoints.lock().expect("endpoints lock");
+        let endpoints = self.endpoints.lock();
         let healthy = |addr: &&SocketAddr| !endpoints.get(addr).is_some_and(|h| h.is_ejected(now));
         let fresh: Vec<SocketAddr> = candidates
             .iter()
@@ -216,7 +218,7 @@ impl Cluster {
         if !try_increment(&self.active_requests, limit) {
             return None;
         }
-        let mut endpoints = self.endpoints.lock().expect("endpoints lock");
+        let mut endpoints = self.endpoints.lock();
         endpoints.entry(endpoint).or_default().active_requests += 1;
         Some(ActiveRequest {
             cluster: self.clone(),
@@ -265,7 +267,7 @@ impl Cluster {
         endpoint_count: usize,
     ) -> bool {
         let now = Instant::now();
-        let mut endpoints = self.endpoints.lock().expect("endpoints lock");
+        let mut endpoints = self.endpoints.lock();
         let ejected_now = endpoints.values().filter(|h| h.is_ejected(now)).count();
         let health = endpoints.entry(endpoint).or_default();
         if !result.is_5xx() {
@@ -295,9 +297,12 @@ impl Cluster {
         if ejected_now > 0 && ejected_now >= cap {
             return false;
         }
-        health.times_ejected += 1;
-        // Each ejection of the same endpoint lasts longer: base time × times ejected.
-        health.ejected_until = Some(now + detection.base_ejection_time * health.times_ejected);
+        health.times_ejected = health.times_ejected.saturating_add(1);
+        health.ejected_until = Some(ejection_end(
+            now,
+            detection.base_ejection_time,
+            health.times_ejected,
+        ));
         health.consecutive_5xx = 0;
         health.consecutive_gateway = 0;
         true
@@ -306,7 +311,7 @@ impl Cluster {
     /// Endpoints ejected right now, for the admin API and tests.
     pub fn ejected(&self) -> Vec<SocketAddr> {
         let now = Instant::now();
-        let endpoints = self.endpoints.lock().expect("endpoints lock");
+        let endpoints = self.endpoints.lock();
         let mut ejected: Vec<SocketAddr> = endpoints
             .iter()
             .filter(|(_, h)| h.is_ejected(now))
@@ -315,6 +320,16 @@ impl Cluster {
         ejected.sort();
         ejected
     }
+}
+
+/// When an endpoint ejected for the `times`th time comes back: each ejection lasts longer,
+/// base time × times ejected, up to Envoy's `max_ejection_time` default (the greater of
+/// 300 s and the base time). Saturating: no configured time can overflow the clock.
+fn ejection_end(now: Instant, base: Duration, times: u32) -> Instant {
+    let longest = base.max(Duration::from_secs(300));
+    let lasts = base.saturating_mul(times).min(longest);
+    now.checked_add(lasts)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// Increments `counter` unless it is at `limit`.
@@ -348,7 +363,7 @@ pub struct ActiveRequest {
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
         self.cluster.active_requests.fetch_sub(1, Ordering::AcqRel);
-        let mut endpoints = self.cluster.endpoints.lock().expect("endpoints lock");
+        let mut endpoints = self.cluster.endpoints.lock();
         if let Some(health) = endpoints.get_mut(&self.endpoint) {
             health.active_requests = health.active_requests.saturating_sub(1);
         }

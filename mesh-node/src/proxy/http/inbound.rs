@@ -42,7 +42,7 @@ pub struct Inbound {
 impl Inbound {
     pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
         let state = self.proxy.state.borrow().clone();
-        let workload = state.workloads.get(&self.pod.key);
+        let workload = state.workload_or_unknown(&self.pod.key);
         let parties = self.caller.parties(&state, &self.pod, self.original);
         let target = parties
             .peers
@@ -77,39 +77,37 @@ impl Inbound {
                 Err(_) => return finish(record, bad_path(), "-"),
             }
         }
-        if let Some(workload) = workload {
-            let host = request
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| request.uri().authority().map(|a| a.as_str()))
-                .unwrap_or_default();
-            let attributes = RequestAttributes {
-                method: request.method().as_str(),
-                path: request.uri().path(),
-                host,
-                headers: request.headers(),
-            };
-            let connection = self.caller.attributes(self.original);
-            if let Verdict::Deny { policy, reason } =
-                state
-                    .policies
-                    .authorize_request(workload, &connection, &attributes)
-            {
-                debug!(
-                    ?policy,
-                    reason,
-                    path = request.uri().path(),
-                    "request denied"
-                );
-                self.proxy
-                    .metrics
-                    .node
-                    .proxy_error("inbound", "authorization_denied");
-                record.facts.policy = Some(policy_name(policy.as_ref()));
-                let denied = local_response(StatusCode::FORBIDDEN, ACCESS_DENIED);
-                return finish(record, denied, "RBAC");
-            }
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| request.uri().authority().map(|a| a.as_str()))
+            .unwrap_or_default();
+        let attributes = RequestAttributes {
+            method: request.method().as_str(),
+            path: request.uri().path(),
+            host,
+            headers: request.headers(),
+        };
+        let connection = self.caller.attributes(self.original);
+        if let Verdict::Deny { policy, reason } =
+            state
+                .policies
+                .authorize_request(&workload, &connection, &attributes)
+        {
+            debug!(
+                ?policy,
+                reason,
+                path = request.uri().path(),
+                "request denied"
+            );
+            self.proxy
+                .metrics
+                .node
+                .proxy_error("inbound", "authorization_denied");
+            record.facts.policy = Some(policy_name(policy.as_ref()));
+            let denied = local_response(StatusCode::FORBIDDEN, ACCESS_DENIED);
+            return finish(record, denied, "RBAC");
         }
 
         let downstream_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));

@@ -109,3 +109,48 @@ fn dot_segments_are_resolved_before_authorization() {
         "dots inside a segment stay"
     );
 }
+
+#[test]
+fn paths_that_dodge_a_policy_on_admin_all_normalize_to_it() {
+    for dodge in [
+        "//admin",
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/%2E%2E/admin",
+        "/public%2F..%2Fadmin",
+        "/public%2f..%2fadmin",
+        "\\admin",
+        "/%5Cadmin",
+        "/public/..\\admin",
+        "/%61dmin",
+        "/./admin",
+        "///admin",
+    ] {
+        assert_eq!(
+            normalize_path(dodge).as_deref(),
+            Some("/admin"),
+            "{dodge:?} must be judged as /admin"
+        );
+    }
+}
+
+#[test]
+fn normalization_decodes_once_and_keeps_what_it_must_not_touch() {
+    assert_eq!(
+        normalize_path("/a/%252e%252e/b").as_deref(),
+        None,
+        "one decoding pass"
+    );
+    assert_eq!(
+        normalize_path("/a%20b/c").as_deref(),
+        None,
+        "reserved escapes stay"
+    );
+    assert_eq!(normalize_path("/a%zz"), None, "malformed escapes stay");
+    assert_eq!(
+        normalize_path("/caf\u{e9}/%7euser").as_deref(),
+        Some("/caf\u{e9}/~user")
+    );
+    assert_eq!(normalize_path("/a//b/").as_deref(), Some("/a/b/"));
+    assert_eq!(normalize_path("/"), None);
+}

@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -14,6 +14,7 @@ use hyper::{
     client::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     time::Instant,
@@ -171,7 +172,6 @@ impl UpstreamPool {
                 if sender.ready().await.is_ok() {
                     pool.idle
                         .lock()
-                        .expect("idle lock")
                         .entry(key)
                         .or_default()
                         .push(IdleConnection {
@@ -225,7 +225,7 @@ impl UpstreamPool {
     }
 
     fn take_idle(&self, key: &PoolKey, idle_timeout: Duration) -> Option<IdleConnection> {
-        let mut idle = self.idle.lock().expect("idle lock");
+        let mut idle = self.idle.lock();
         let list = idle.get_mut(key)?;
         while let Some(connection) = list.pop() {
             if connection.idle_since.elapsed() < idle_timeout && connection.sender.is_ready() {
@@ -236,7 +236,7 @@ impl UpstreamPool {
     }
 
     fn evict_one_idle(&self, cluster: &super::cluster::ClusterKey) {
-        let mut idle = self.idle.lock().expect("idle lock");
+        let mut idle = self.idle.lock();
         if let Some(list) = idle
             .iter_mut()
             .find(|(key, list)| &key.cluster == cluster && !list.is_empty())
@@ -256,7 +256,7 @@ impl UpstreamPool {
         let key = connector.key(cluster, true);
         let max_requests = limits.max_requests_per_connection.unwrap_or(u32::MAX);
         {
-            let mut shared = self.http2.lock().expect("http2 lock");
+            let mut shared = self.http2.lock();
             if let Some(connection) = shared.get_mut(&key) {
                 if !connection.sender.is_closed() && connection.served < max_requests {
                     connection.served += 1;
@@ -272,7 +272,7 @@ impl UpstreamPool {
         let Sender::Http2(sender) = open(cluster, limits, connector, true).await? else {
             unreachable!("asked for HTTP/2")
         };
-        self.http2.lock().expect("http2 lock").insert(
+        self.http2.lock().insert(
             key,
             SharedHttp2 {
                 sender: sender.clone(),

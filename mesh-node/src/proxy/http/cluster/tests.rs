@@ -186,3 +186,21 @@ fn limits_refuse_beyond_their_size_and_free_on_drop() {
     drop(retry);
     assert!(cluster.start_retry(&pool).is_some());
 }
+
+#[test]
+fn ejection_time_grows_with_each_ejection_up_to_its_cap_and_never_overflows() {
+    let now = Instant::now();
+    let base = Duration::from_secs(30);
+    assert_eq!(ejection_end(now, base, 1) - now, base);
+    assert_eq!(ejection_end(now, base, 3) - now, Duration::from_secs(90));
+    assert_eq!(
+        ejection_end(now, base, 1000) - now,
+        Duration::from_secs(300),
+        "capped at Envoy's max_ejection_time default"
+    );
+    let huge = Duration::from_secs(u64::MAX);
+    assert!(
+        ejection_end(now, huge, u32::MAX) > now,
+        "saturates, no panic"
+    );
+}
