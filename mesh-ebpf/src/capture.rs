@@ -3,7 +3,7 @@ use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action::SK_PASS},
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr, sk_action::SK_PASS},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, SockHash},
@@ -101,33 +101,99 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
         if ip == [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])] {
             return ALLOW;
         }
+        let port = u32::from(u16::from_be(sock_addr.user_port as u16));
+        if is_v4_mapped(&ip) {
+            // A dual-stack socket (Java's default) connecting to an IPv4 address: it is an
+            // IPv4 connection, so it goes to the IPv4 listener (as ::ffff:127.0.0.1, which
+            // every pod has; [::1] exists only in pods with IPv6) and its original
+            // destination is recorded as IPv4, which is how the listener sees it.
+            if ip[3].to_ne_bytes()[0] == 127 {
+                return ALLOW;
+            }
+            return redirect(
+                ctx,
+                sock_addr,
+                SockAddr {
+                    family: AF_INET,
+                    port,
+                    addr: [ip[3], 0, 0, 0],
+                },
+                [0, 0, V4_MAPPED_PREFIX, u32::from_ne_bytes([127, 0, 0, 1])],
+            );
+        }
         SockAddr {
             family,
-            port: u32::from(u16::from_be(sock_addr.user_port as u16)),
+            port,
             addr: ip,
         }
     };
-    // SAFETY: helper available to cgroup sock_addr programs since 4.12.
-    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIG_DST_BY_COOKIE
-        .insert(&socket_cookie, &original, 0)
-        .is_err()
-    {
-        bump(counters::ORIG_DST_TABLE_FULL);
+    if family == AF_INET {
+        return redirect_v4(ctx, sock_addr, original);
+    }
+    redirect(
+        ctx,
+        sock_addr,
+        original,
+        [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])],
+    )
+}
+
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as stored.
+const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+#[inline(always)]
+fn is_v4_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_PREFIX
+}
+
+/// Records `original` for this socket and sends an IPv4 connect to the in-pod listener.
+#[inline(always)]
+fn redirect_v4(ctx: &SockAddrContext, sock_addr: &mut bpf_sock_addr, original: SockAddr) -> i32 {
+    if !remember(ctx, &original) {
         return ALLOW;
     }
-    if family == AF_INET {
-        sock_addr.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
-    } else {
-        // The verifier wants one 32-bit store per word of user_ip6.
-        sock_addr.user_ip6[0] = 0;
-        sock_addr.user_ip6[1] = 0;
-        sock_addr.user_ip6[2] = 0;
-        sock_addr.user_ip6[3] = u32::from_ne_bytes([0, 0, 0, 1]);
-    }
+    sock_addr.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
     sock_addr.user_port = u32::from(ports::OUTBOUND.to_be());
     bump(counters::OUTBOUND_REDIRECTED);
     ALLOW
+}
+
+/// Records `original` for this socket and sends an IPv6 connect to `listener` (the in-pod
+/// listener's address: `[::1]`, or `::ffff:127.0.0.1` for an IPv4 connection).
+#[inline(always)]
+fn redirect(
+    ctx: &SockAddrContext,
+    sock_addr: &mut bpf_sock_addr,
+    original: SockAddr,
+    listener: [u32; 4],
+) -> i32 {
+    if !remember(ctx, &original) {
+        return ALLOW;
+    }
+    // The verifier wants one 32-bit store per word of user_ip6.
+    sock_addr.user_ip6[0] = listener[0];
+    sock_addr.user_ip6[1] = listener[1];
+    sock_addr.user_ip6[2] = listener[2];
+    sock_addr.user_ip6[3] = listener[3];
+    sock_addr.user_port = u32::from(ports::OUTBOUND.to_be());
+    bump(counters::OUTBOUND_REDIRECTED);
+    ALLOW
+}
+
+/// Keeps the original destination of this socket until `sockops` re-keys it; false (and
+/// counted) when it cannot, and the connect then goes where it was going.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, original: &SockAddr) -> bool {
+    // SAFETY: helper available to cgroup sock_addr programs since 4.12.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIG_DST_BY_COOKIE
+        .insert(&socket_cookie, original, 0)
+        .is_err()
+    {
+        bump(counters::ORIG_DST_TABLE_FULL);
+        return false;
+    }
+    true
 }
 
 // === outbound: sockops ===
@@ -168,6 +234,12 @@ fn try_sockops(ctx: &SockOpsContext) -> u32 {
                 read_volatile(&raw const (*ops).local_ip6[3]),
             ]
         }
+    };
+    // A dual-stack socket's IPv4 connection: the listener sees an IPv4 peer.
+    let (family, addr) = if family == AF_INET6 && is_v4_mapped(&addr) {
+        (AF_INET, [addr[3], 0, 0, 0])
+    } else {
+        (family, addr)
     };
     let key = OrigDstKey {
         // SAFETY: helper available to sock_ops programs since 5.15.

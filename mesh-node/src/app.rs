@@ -135,6 +135,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         access_log: Arc::new(AccessLog::stdout(config.observability.access_log)),
         tracing: tracing.clone(),
         connections: connections.clone(),
+        node_addresses: Arc::default(),
     };
 
     let admin_state = state_rx.clone();

@@ -211,23 +211,29 @@ fn cgroup_line_holds_pod(line: &str, uid: &str) -> bool {
 
 /// Index of the interface holding one of `ips` in the calling thread's netns.
 fn interface_with(ips: &[IpAddr]) -> Option<u32> {
-    let addresses = nix::ifaddrs::getifaddrs().ok()?;
-    for address in addresses {
-        let Some(storage) = address.address else {
-            continue;
-        };
-        let ip = if let Some(v4) = storage.as_sockaddr_in() {
-            IpAddr::V4(v4.ip())
-        } else if let Some(v6) = storage.as_sockaddr_in6() {
-            IpAddr::V6(v6.ip())
-        } else {
-            continue;
-        };
-        if ips.contains(&ip) {
-            return nix::net::if_::if_nametoindex(address.interface_name.as_str()).ok();
-        }
-    }
-    None
+    let (interface, _) = local_addresses()
+        .into_iter()
+        .find(|(_, ip)| ips.contains(ip))?;
+    nix::net::if_::if_nametoindex(interface.as_str()).ok()
+}
+
+/// Every IP address of the calling thread's netns, with the interface that holds it; empty
+/// when they cannot be listed.
+pub fn local_addresses() -> Vec<(String, IpAddr)> {
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addresses
+        .filter_map(|address| {
+            let storage = address.address?;
+            let ip = if let Some(v4) = storage.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else {
+                IpAddr::V6(storage.as_sockaddr_in6()?.ip())
+            };
+            Some((address.interface_name, ip))
+        })
+        .collect()
 }
 
 /// Whether interface `ifindex` of `netns` is a veth whose other end is in `home`.

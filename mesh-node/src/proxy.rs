@@ -4,6 +4,7 @@ pub mod hbone;
 pub mod http;
 // `explain` judges a hypothetical request with the proxy's own admission and resolution.
 pub(crate) mod inbound;
+pub mod node_probes;
 mod outbound;
 pub(crate) mod resolve;
 mod socket;
@@ -62,6 +63,8 @@ pub struct ProxyContext {
     pub tracing: Arc<Tracing>,
     /// The live connections, for the admin API.
     pub connections: Arc<connections::Connections>,
+    /// The node's own addresses: plaintext from them is kubelet probing its pods.
+    pub node_addresses: Arc<node_probes::NodeAddresses>,
 }
 
 /// The pod a listener belongs to.

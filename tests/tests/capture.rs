@@ -330,6 +330,32 @@ fn ipv6_service_and_pod_addresses_work_like_ipv4() {
 }
 
 #[test]
+fn a_dual_stack_socket_to_an_ipv4_address_is_captured_in_an_ipv4_only_pod() {
+    if skip() {
+        return;
+    }
+    let mut shop = Shop::new("v4mapped", 2, PodSpec::new("client", 0), &[1], true);
+    shop.start(&[1, 1]);
+    let Shop {
+        cluster, client, ..
+    } = &shop;
+    // An AF_INET6 socket (not v6-only, as Java opens them) connecting to ::ffff:<IPv4>: the
+    // pod has no IPv6 at all, so no [::1] listener either.
+    let mapped = format!("[::ffff:{SERVICE_IP}]:80");
+    let replies = replies(&connect(cluster, client, &mapped, 2));
+    for reply in &replies {
+        assert_eq!(reply["server"], "web-1", "{reply}");
+        assert_eq!(
+            addr_field(reply, "peer").ip(),
+            IpAddr::from(client.ip),
+            "the backend sees the client's IPv4 address: {reply}"
+        );
+    }
+    let captured = [("event", "outbound_redirected")];
+    wait_for_metric(cluster, 0, "nodemesh_bpf_events", &captured, 2.0);
+}
+
+#[test]
 fn a_broken_file_or_resource_is_rejected_alone_and_the_rest_applies() {
     if skip() {
         return;

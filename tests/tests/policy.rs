@@ -303,3 +303,50 @@ spec:
         "still reported as rejected"
     );
 }
+
+/// One line sent to `to` from node `i`'s own netns, as kubelet's probes come, and the
+/// first line of the answer.
+fn from_node(scene: &Scene, i: usize, to: String) -> std::io::Result<String> {
+    scene.cluster.run_in_node(i, move || {
+        use std::io::{BufRead, BufReader, Write};
+        let addr: std::net::SocketAddr = to.parse().expect("an address");
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"probe\n")?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        Ok(line)
+    })
+}
+
+#[test]
+fn the_node_s_own_probes_pass_strict_and_allow_policies_and_only_they_do() {
+    if skip() {
+        return;
+    }
+    let scene = scene("probes");
+    scene.apply(
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: nodemesh-system}
+spec:
+  mtls: {mode: STRICT}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: nobody, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+",
+    );
+    let web = format!("{}:8080", scene.web.ip);
+    assert!(
+        !scene.reaches(&scene.alice, 8080),
+        "plaintext from a pod is refused"
+    );
+    let probe = from_node(&scene, 1, web.clone()).expect("the node's probe is answered");
+    assert!(probe.contains("\"echo\":\"probe\""), "{probe}");
+    // Another node is not this node: its plaintext is refused like any other.
+    let answer = from_node(&scene, 0, web).unwrap_or_default();
+    assert!(answer.is_empty(), "another node's plaintext got {answer:?}");
+}

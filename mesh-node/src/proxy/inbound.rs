@@ -81,7 +81,8 @@ pub(super) async fn handle(
         .local_addr()
         .map_err(|e| ProxyError::Socket(e.to_string()))?;
     let state = proxy.state.borrow().clone();
-    let caller = Caller::new(peer.ip(), None);
+    let mut caller = Caller::new(peer.ip(), None);
+    caller.from_node = proxy.node_addresses.contains(peer.ip());
     let result = match refuse_own_listeners(original)
         .and_then(|()| admit(&state, pod, &caller, original, None))
     {
@@ -225,6 +226,10 @@ pub struct Caller {
     pub identities: Option<Arc<(Identity, Identity)>>,
     /// The caller's identity as Istio writes principals: `<td>/ns/<ns>/sa/<sa>`.
     principal: Option<String>,
+    /// Plaintext from one of the node's own addresses: kubelet's probes (and the node's
+    /// host-network processes), which pass the policies as in Istio ambient
+    /// (`node_probes`).
+    pub from_node: bool,
 }
 
 impl Caller {
@@ -237,6 +242,7 @@ impl Caller {
             ip,
             identities,
             principal,
+            from_node: false,
         }
     }
 
@@ -279,6 +285,9 @@ fn admit(
     original: SocketAddr,
     admission: Option<Admission>,
 ) -> Result<Admission, ProxyError> {
+    if caller.from_node && caller.identities.is_none() {
+        return Ok(Admission::Full);
+    }
     let workload = state.workload_or_unknown(&pod.key);
     let workload = workload.as_ref();
     let admission = admission.unwrap_or_else(|| {
