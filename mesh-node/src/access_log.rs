@@ -3,7 +3,9 @@
 //!
 //! The lines are written straight to stdout, not through `tracing`, so they stay one JSON
 //! object per line whatever `--log-format` the agent's own logs use; a line is written
-//! with one call under stdout's lock, so it never interleaves with a log line. Every line
+//! with one call under stdout's lock, so it never interleaves with a log line. A thread of
+//! its own writes them from a bounded queue, so a blocked stdout drops lines (counted) and
+//! never stalls the proxy. Every line
 //! has every field (`null` when the proxy does not know it), so `jq` filters need no
 //! guards.
 //!
@@ -15,10 +17,13 @@ use std::{
     io::Write,
     net::{IpAddr, SocketAddr},
     str::FromStr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError},
+    },
     time::{Duration, SystemTime},
 };
 
-use parking_lot::Mutex;
 use serde::{Serialize, Serializer};
 use tokio::time::Instant;
 
@@ -92,10 +97,26 @@ impl Serialize for AccessLogMode {
     }
 }
 
-/// Where the lines go: stdout, or a buffer in tests.
+/// Lines waiting for the writer thread at most: beyond that, new lines are dropped (and
+/// counted) rather than stall the proxy.
+const QUEUE_LINES: usize = 8192;
+
+/// Where the lines go: stdout, or a buffer in tests. Lines are written by a thread of their
+/// own through a bounded queue: a stdout that blocks (a slow log collector, a full pipe)
+/// then costs dropped lines, never a stalled proxy worker.
 pub struct AccessLog {
     mode: AccessLogMode,
-    sink: Mutex<Box<dyn Write + Send>>,
+    /// `None` when the mode is `off`: no thread at all.
+    queue: Option<SyncSender<Queued>>,
+    dropped: AtomicU64,
+    /// `nodemesh_access_log_dropped_total`, when the agent exports it.
+    dropped_metric: Option<prometheus::IntCounter>,
+}
+
+enum Queued {
+    Line(Vec<u8>),
+    /// Answered once every line queued before it is written ([`AccessLog::sync`]).
+    Sync(std::sync::mpsc::Sender<()>),
 }
 
 impl AccessLog {
@@ -104,10 +125,29 @@ impl AccessLog {
     }
 
     pub fn new(mode: AccessLogMode, sink: Box<dyn Write + Send>) -> Self {
+        let queue = (mode != AccessLogMode::Off).then(|| {
+            let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE_LINES);
+            // Detached: it ends when the log (the queue's only sender) is dropped.
+            let spawned = std::thread::Builder::new()
+                .name("access-log".into())
+                .spawn(move || write_lines(&lines, sink));
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "cannot start the access log writer; no access log");
+            }
+            queue
+        });
         Self {
             mode,
-            sink: Mutex::new(sink),
+            queue,
+            dropped: AtomicU64::new(0),
+            dropped_metric: None,
         }
+    }
+
+    /// Counts dropped lines in `metric` too.
+    pub fn counting_drops_in(mut self, metric: prometheus::IntCounter) -> Self {
+        self.dropped_metric = Some(metric);
+        self
     }
 
     /// Whether any line can be written, so callers skip building entries for nothing.
@@ -115,8 +155,11 @@ impl AccessLog {
         self.mode != AccessLogMode::Off
     }
 
-    /// Writes `entry` as one line if the mode keeps it.
+    /// Queues `entry` as one line if the mode keeps it. Never blocks.
     pub fn log(&self, entry: &Entry) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
         if !self.mode.keeps(entry, || rand::random_range(0.0..1.0)) {
             return;
         }
@@ -128,11 +171,58 @@ impl AccessLog {
             }
         };
         line.push(b'\n');
-        let mut sink = self.sink.lock();
-        // A closed stdout is no reason to fail a connection; the agent's own log says why.
-        if let Err(error) = sink.write_all(&line).and_then(|()| sink.flush()) {
-            tracing::debug!(%error, "writing the access log");
+        if let Err(TrySendError::Full(_)) = queue.try_send(Queued::Line(line)) {
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if let Some(metric) = &self.dropped_metric {
+                metric.inc();
+            }
+            // Said once, then at every power of two: the agent's log must not flood either.
+            if dropped.is_power_of_two() {
+                tracing::warn!(dropped, "access log output is blocked; dropping lines");
+            }
         }
+    }
+
+    /// Lines dropped because the output could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every line queued so far is written (tests, shutdown).
+    pub fn sync(&self) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        let (done, written) = std::sync::mpsc::channel();
+        if queue.send(Queued::Sync(done)).is_ok() {
+            let _ = written.recv();
+        }
+    }
+}
+
+/// The writer thread: writes lines as they come, flushing whenever the queue runs dry.
+fn write_lines(lines: &Receiver<Queued>, mut sink: Box<dyn Write + Send>) {
+    let mut next = lines.recv().ok();
+    while let Some(queued) = next {
+        match queued {
+            // A closed stdout is no reason to stop; the agent's own log says why.
+            Queued::Line(line) => {
+                if let Err(error) = sink.write_all(&line) {
+                    tracing::debug!(%error, "writing the access log");
+                }
+            }
+            Queued::Sync(done) => {
+                let _ = sink.flush();
+                let _ = done.send(());
+            }
+        }
+        next = match lines.try_recv() {
+            Ok(queued) => Some(queued),
+            Err(_) => {
+                let _ = sink.flush();
+                lines.recv().ok()
+            }
+        };
     }
 }
 

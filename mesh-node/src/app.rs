@@ -132,7 +132,10 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         mtls,
         clusters: Arc::default(),
         upstreams: Arc::default(),
-        access_log: Arc::new(AccessLog::stdout(config.observability.access_log)),
+        access_log: Arc::new(
+            AccessLog::stdout(config.observability.access_log)
+                .counting_drops_in(metrics.node.access_log_dropped()),
+        ),
         tracing: tracing.clone(),
         connections: connections.clone(),
         node_addresses: Arc::default(),
@@ -143,6 +146,12 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         state_tx,
         metrics.node.clone(),
         config_ready,
+        shutdown.clone(),
+    ));
+    tasks.spawn(prune_departed(
+        proxy.clone(),
+        config.node_name.clone(),
+        state_rx.clone(),
         shutdown.clone(),
     ));
     let mut enrollment = Enrollment::new(config.node_name.clone(), proxy);
@@ -509,6 +518,28 @@ async fn export_node_metrics(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(NODE_METRICS_INTERVAL) => {}
         }
+    }
+}
+
+/// How often the proxy forgets what departed pods and callers left behind, besides after
+/// every config change.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Keeps the proxy's memory flat under churn: prunes after each config change (pods and
+/// Services leave with one) and every [`PRUNE_INTERVAL`] (idle pooled connections expire).
+async fn prune_departed(
+    proxy: ProxyContext,
+    node: String,
+    mut state: StateRx,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = state.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(PRUNE_INTERVAL) => {}
+        }
+        proxy.prune(&node);
     }
 }
 

@@ -223,6 +223,7 @@ pub struct NodeMetrics {
     pooled_tunnels: IntGauge,
     upstream_overflows: IntCounterVec,
     outlier_ejections: IntCounterVec,
+    access_log_dropped: IntCounter,
 }
 
 impl NodeMetrics {
@@ -309,6 +310,10 @@ impl NodeMetrics {
                 "Endpoints ejected from load balancing by outlier detection",
                 &["destination_service"],
             )?,
+            access_log_dropped: counter(
+                "nodemesh_access_log_dropped_total",
+                "Access log lines dropped because the output (stdout) could not keep up",
+            )?,
         })
     }
 
@@ -346,6 +351,11 @@ impl NodeMetrics {
                 .with_label_values(&[identity.as_str()])
                 .set(i64::try_from(unix).unwrap_or(i64::MAX));
         }
+    }
+
+    /// The counter the access log bumps for each line it drops.
+    pub fn access_log_dropped(&self) -> IntCounter {
+        self.access_log_dropped.clone()
     }
 
     pub fn tunnel_opened(&self) {

@@ -67,6 +67,30 @@ pub struct ProxyContext {
     pub node_addresses: Arc<node_probes::NodeAddresses>,
 }
 
+impl ProxyContext {
+    /// Drops what departed pods, Services and callers left behind (certificates, tunnels,
+    /// clusters, pooled connections, round-robin positions), so that churn leaves memory
+    /// and sockets flat. `node` is this agent's node: its enrolled pods' identities are the
+    /// certificates it needs.
+    pub fn prune(&self, node: &str) {
+        let state = self.state.borrow().clone();
+        let service_exists =
+            |service: &crate::state::ObjectKey| state.services.contains_key(service);
+        self.clusters.prune(service_exists);
+        self.resolver.prune(service_exists);
+        self.upstreams.prune();
+        if let Some(mtls) = &self.mtls {
+            let needed = state
+                .workloads
+                .values()
+                .filter(|w| w.node == node && w.enrolled)
+                .filter_map(|w| mtls.identity_of(w).ok())
+                .collect();
+            mtls.prune(&needed, |ip| state.workload_by_ip(ip).is_some());
+        }
+    }
+}
+
 /// The pod a listener belongs to.
 #[derive(Clone, Debug)]
 pub struct PodContext {

@@ -664,3 +664,55 @@ fn tunnels_are_pooled_and_the_pool_limit_forces_new_handshakes() {
         "one fresh handshake per connection (a new agent)"
     );
 }
+
+/// The identities node `i`'s agent holds certificates for.
+fn held_identities(cluster: &Cluster, i: usize) -> Vec<String> {
+    let (status, body) = cluster.http_get(i, 15000, "/certs");
+    assert_eq!(status, 200, "{body}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
+    rows.iter()
+        .filter_map(|row| row["identity"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn departed_pods_leave_no_certificates_or_tunnels_behind() {
+    if skip() {
+        return;
+    }
+    let mut scene = scene("mtls_churn");
+    let clients: Vec<Pod> = (1..=4)
+        .map(|n| {
+            let name = format!("client-{n}");
+            scene.cluster.add_pod(
+                PodSpec::new(&name, 0)
+                    .namespace("shop")
+                    .service_account(&name),
+            )
+        })
+        .collect();
+    scene.cluster.start_agents();
+    wait_enrolled(&scene.cluster, 0, 6);
+    for client in &clients {
+        replies(&connect(&scene.cluster, client, &scene.web_addr(), 1));
+    }
+    let tunnels = "nodemesh_hbone_pooled_tunnels";
+    wait_for_metric(&scene.cluster, 0, tunnels, &[], 4.0);
+    let held = held_identities(&scene.cluster, 0);
+    assert!(
+        held.iter().filter(|id| id.contains("/sa/client-")).count() == 4,
+        "one certificate per client identity: {held:?}"
+    );
+
+    for client in &clients {
+        scene.cluster.remove_pod(&client.name);
+    }
+    wait_enrolled(&scene.cluster, 0, 2);
+    wait_for_metric(&scene.cluster, 0, tunnels, &[], 0.0);
+    wait_until(CONVERGE_TIMEOUT, "the departed identities' certificates to go", || {
+        let held = held_identities(&scene.cluster, 0);
+        (!held.iter().any(|id| id.contains("/sa/client-"))).then_some(())
+    });
+    // The pods that stay keep working, over new tunnels as needed.
+    replies(&connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 1));
+}

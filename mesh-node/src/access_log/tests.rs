@@ -111,6 +111,7 @@ fn a_request_line_has_every_field_and_names_both_ends() {
     let buffer = Buffer::default();
     let log = AccessLog::new(AccessLogMode::Full, Box::new(buffer.clone()));
     log.log(&request(200, "-"));
+    log.sync();
     let lines = buffer.lines();
     assert_eq!(lines.len(), 1);
     let line = &lines[0];
@@ -174,6 +175,7 @@ fn sampling_keeps_every_failure() {
         log.log(&ok);
     }
     log.log(&server_error);
+    log.sync();
     let lines = buffer.lines();
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["response_flags"], "UF");
@@ -264,4 +266,44 @@ fn modes_parse_and_print_back() {
         let error = bad.parse::<AccessLogMode>().unwrap_err();
         assert!(error.contains("sampled:<ratio>"), "{bad}: {error}");
     }
+}
+
+/// A sink whose writes block until the test opens the gate, like a stdout nobody reads.
+struct Blocked(std::sync::mpsc::Receiver<()>);
+
+impl Write for Blocked {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let _ = self.0.recv();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_blocked_output_drops_lines_and_never_blocks_the_proxy() {
+    let (gate, blocked) = std::sync::mpsc::channel();
+    let log = Arc::new(AccessLog::new(
+        AccessLogMode::Full,
+        Box::new(Blocked(blocked)),
+    ));
+    let lines = super::QUEUE_LINES + 100;
+    let (done, finished) = std::sync::mpsc::channel();
+    let logger = log.clone();
+    std::thread::spawn(move || {
+        for _ in 0..lines {
+            logger.log(&request(200, "-"));
+        }
+        let _ = done.send(());
+    });
+    assert!(
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .is_ok(),
+        "logging waited for an output that never drains"
+    );
+    assert!(log.dropped() >= 99, "dropped {} of {lines}", log.dropped());
+    drop(gate);
 }

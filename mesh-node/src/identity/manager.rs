@@ -132,7 +132,7 @@ pub struct CertificateManager {
 struct Inner {
     signer: Arc<dyn CertificateSigner>,
     config: ManagerConfig,
-    // A std mutex: it is never held across an await, only to look up or insert a worker.
+    // Never held across an await, only to look up, insert or remove a worker.
     workers: Mutex<HashMap<Identity, Worker>>,
 }
 

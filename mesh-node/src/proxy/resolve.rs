@@ -47,6 +47,13 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// Forgets the round-robin positions of Services that `service_exists` no longer knows.
+    pub fn prune(&self, service_exists: impl Fn(&ObjectKey) -> bool) {
+        self.next
+            .lock()
+            .retain(|(service, _), _| service_exists(service));
+    }
+
     pub fn resolve(&self, state: &State, dst: SocketAddr) -> Result<Upstream, ProxyError> {
         if let Some(service) = state.service_by_ip(dst.ip()) {
             // A VirtualService's `tcp` route may send the connection elsewhere, by weight.

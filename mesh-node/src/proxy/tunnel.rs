@@ -1,7 +1,7 @@
 //! mTLS between node proxies: workload certificates, the pool of HBONE tunnels, and the
 //! TLS configurations of both ends.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
@@ -11,6 +11,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::FutureExt as _;
 use h2::client::SendRequest;
 use mesh_common::ports;
 use parking_lot::Mutex;
@@ -199,6 +200,25 @@ impl Mtls {
         debug!(%hbone, %destination, "HBONE tunnel established");
         self.metrics.tunnel_opened();
         Ok(hbone::client_handshake(tls).await?)
+    }
+
+    /// Forgets what departed pods left behind: the certificates (and their renewals) and
+    /// server configurations of identities no local pod has any more (`needed`), and the
+    /// pooled tunnels from or to an address that is no pod's now (`is_pod`), or whose
+    /// connection is gone (an evicted dead tunnel is redialled on next use).
+    pub fn prune(&self, needed: &HashSet<Identity>, is_pod: impl Fn(IpAddr) -> bool) {
+        for identity in self.manager.identities() {
+            if !needed.contains(&identity) {
+                self.manager.forget(&identity);
+            }
+        }
+        self.server_configs
+            .lock()
+            .retain(|identity, _| needed.contains(identity));
+        self.pool.lock().retain(|key, pooled| {
+            let alive = !matches!(pooled.sender.clone().ready().now_or_never(), Some(Err(_)));
+            alive && needed.contains(&key.source) && is_pod(key.source_ip) && is_pod(key.hbone.ip())
+        });
     }
 
     /// Tunnels in the pool (some may be draining towards their replacement).

@@ -71,6 +71,18 @@ impl Clusters {
         clusters.insert(key.clone(), cluster.clone());
         cluster
     }
+
+    /// Forgets the clusters nothing uses now (no request holds them) that are not worth
+    /// keeping: every destination-side cluster (one per app port a caller picked: they
+    /// hold nothing but counters) and those of Services that `service_exists` no longer
+    /// knows. A Service's cluster stays while the Service does, with its outlier-detection
+    /// state and load-balancing position.
+    pub fn prune(&self, service_exists: impl Fn(&ObjectKey) -> bool) {
+        self.clusters.lock().retain(|key, cluster| {
+            let in_use = Arc::strong_count(cluster) > 1;
+            in_use || (!key.to_app && service_exists(&key.service))
+        });
+    }
 }
 
 /// Envoy's circuit-breaker defaults are effectively unlimited; so are ours.

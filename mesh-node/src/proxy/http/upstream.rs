@@ -128,12 +128,19 @@ struct PoolKey {
 struct IdleConnection {
     sender: http1::SendRequest<ProxyBody>,
     idle_since: Instant,
+    /// Its cluster's `idleTimeout` when it was parked: [`UpstreamPool::prune`] closes it
+    /// after that even if no request for its key ever comes again.
+    idle_timeout: Duration,
     served: u32,
 }
 
 struct SharedHttp2 {
     sender: http2::SendRequest<ProxyBody>,
     served: u32,
+    /// When a stream was last opened on it, and its cluster's idle timeout: pruned after
+    /// that (streams still open finish on it).
+    last_used: Instant,
+    idle_timeout: Duration,
 }
 
 #[derive(Default)]
@@ -163,6 +170,7 @@ impl UpstreamPool {
             .await
             .map_err(SendError::Reset)?;
         let max_requests = limits.max_requests_per_connection.unwrap_or(u32::MAX);
+        let idle_timeout = limits.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
         // An upgraded connection belongs to its tunnel from now on.
         if !upgrade && served + 1 < max_requests {
             let (pool, key) = (self.clone(), connector.key(cluster, false));
@@ -177,6 +185,7 @@ impl UpstreamPool {
                         .push(IdleConnection {
                             sender,
                             idle_since: Instant::now(),
+                            idle_timeout,
                             served: served + 1,
                         });
                     cluster.released.notify_one();
@@ -224,6 +233,20 @@ impl UpstreamPool {
         }
     }
 
+    /// Closes the idle HTTP/1.1 connections idle for longer than their cluster's idle
+    /// timeout or closed by their peer, drops closed HTTP/2 connections, and forgets the
+    /// pool keys left empty: inbound keys name the caller's address, so without this every
+    /// caller that ever called would keep an entry (and its idle sockets).
+    pub fn prune(&self) {
+        self.idle.lock().retain(|_, list| {
+            list.retain(|c| c.idle_since.elapsed() < c.idle_timeout && c.sender.is_ready());
+            !list.is_empty()
+        });
+        self.http2.lock().retain(|_, shared| {
+            !shared.sender.is_closed() && shared.last_used.elapsed() < shared.idle_timeout
+        });
+    }
+
     fn take_idle(&self, key: &PoolKey, idle_timeout: Duration) -> Option<IdleConnection> {
         let mut idle = self.idle.lock();
         let list = idle.get_mut(key)?;
@@ -260,6 +283,7 @@ impl UpstreamPool {
             if let Some(connection) = shared.get_mut(&key) {
                 if !connection.sender.is_closed() && connection.served < max_requests {
                     connection.served += 1;
+                    connection.last_used = Instant::now();
                     return Ok(connection.sender.clone());
                 }
                 // Closed or used up: in-flight streams finish on it, new ones go elsewhere.
@@ -277,6 +301,8 @@ impl UpstreamPool {
             SharedHttp2 {
                 sender: sender.clone(),
                 served: 1,
+                last_used: Instant::now(),
+                idle_timeout: limits.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
             },
         );
         Ok(sender)

@@ -204,3 +204,28 @@ fn ejection_time_grows_with_each_ejection_up_to_its_cap_and_never_overflows() {
         "saturates, no panic"
     );
 }
+
+#[test]
+fn prune_keeps_clusters_in_use_and_those_of_services_that_remain() {
+    let clusters = Clusters::default();
+    let kept = ObjectKey::new("default", "reviews");
+    let gone = ObjectKey::new("default", "ratings");
+    let service = |key: &ObjectKey| ClusterKey::service(key.clone(), None, 9080);
+    let reviews = Arc::as_ptr(&clusters.get(&service(&kept)));
+    clusters.get(&service(&gone));
+    // Destination-side clusters, one per port a caller picked.
+    for port in 1..=100 {
+        clusters.get(&ClusterKey::app(ObjectKey::new("default", "web-0"), port));
+    }
+    let busy = clusters.get(&ClusterKey::app(ObjectKey::new("default", "web-0"), 8080));
+    clusters.prune(|key| *key == kept);
+    let held = clusters.clusters.lock().len();
+    assert_eq!(held, 2, "reviews' cluster and the app cluster in use");
+    assert!(
+        std::ptr::eq(Arc::as_ptr(&clusters.get(&service(&kept))), reviews),
+        "a remaining Service keeps its cluster (and its ejections)"
+    );
+    drop(busy);
+    clusters.prune(|key| *key == kept);
+    assert_eq!(clusters.clusters.lock().len(), 1);
+}
