@@ -3,7 +3,10 @@ use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr, sk_action::SK_PASS},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr,
+        sk_action::{SK_DROP, SK_PASS},
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, SockHash},
@@ -18,6 +21,8 @@ use crate::counters::bump;
 
 /// Verdict of cgroup sock_addr programs that lets the `connect()` proceed.
 const ALLOW: i32 = 1;
+/// Verdict that fails the `connect()` with EPERM.
+const REFUSE: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 /// `lo` is always interface 1 in a network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
@@ -55,8 +60,9 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     try_connect(&ctx, AF_INET6)
 }
 
-/// Never refuses a `connect()`: when something goes wrong the socket simply goes direct
-/// (and the bypass is counted), which is what the pod would get without the mesh.
+/// Refuses a `connect()` only when it cannot be captured (its original destination cannot
+/// be recorded): going direct would carry it past the mesh, in plaintext and past every
+/// policy, so it fails closed (EPERM, counted) and the app retries.
 #[inline(always)]
 fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     // SAFETY: the kernel hands us a valid context for the duration of the program.
@@ -150,7 +156,7 @@ fn is_v4_mapped(ip: &[u32; 4]) -> bool {
 #[inline(always)]
 fn redirect_v4(ctx: &SockAddrContext, sock_addr: &mut bpf_sock_addr, original: SockAddr) -> i32 {
     if !remember(ctx, &original) {
-        return ALLOW;
+        return REFUSE;
     }
     sock_addr.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
     sock_addr.user_port = u32::from(ports::OUTBOUND.to_be());
@@ -168,7 +174,7 @@ fn redirect(
     listener: [u32; 4],
 ) -> i32 {
     if !remember(ctx, &original) {
-        return ALLOW;
+        return REFUSE;
     }
     // The verifier wants one 32-bit store per word of user_ip6.
     sock_addr.user_ip6[0] = listener[0];
@@ -181,7 +187,7 @@ fn redirect(
 }
 
 /// Keeps the original destination of this socket until `sockops` re-keys it; false (and
-/// counted) when it cannot, and the connect then goes where it was going.
+/// counted) when it cannot.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, original: &SockAddr) -> bool {
     // SAFETY: helper available to cgroup sock_addr programs since 4.12.
@@ -265,7 +271,9 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
 
 /// Steers new TCP connections that arrive from outside the pod to the pod's inbound
 /// listener. What arrives on `lo` is the proxy itself delivering to the app (or the app
-/// talking to itself) and must go where it asked, or the proxy would capture itself.
+/// talking to itself) and must go where it asked, or the proxy would capture itself. A
+/// connection for an address with no listener (one the agent does not know the pod by) is
+/// refused (the lookup fails: TCP answers with a reset), never delivered past the proxy.
 #[inline(always)]
 fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     // SAFETY: the kernel hands us a valid context for the duration of the program.
@@ -298,8 +306,13 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         addr,
     };
     match INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0) {
-        Ok(()) => bump(counters::INBOUND_STEERED),
-        Err(_) => bump(counters::INBOUND_NO_LISTENER),
+        Ok(()) => {
+            bump(counters::INBOUND_STEERED);
+            SK_PASS
+        }
+        Err(_) => {
+            bump(counters::INBOUND_NO_LISTENER);
+            SK_DROP
+        }
     }
-    SK_PASS
 }

@@ -213,7 +213,7 @@ pub struct NodeMetrics {
     config_rejections: IntGauge,
     config_loads: IntCounter,
     captured_connections: IntCounterVec,
-    capture_bypasses: IntCounterVec,
+    capture_refusals: IntCounterVec,
     proxy_errors: IntCounterVec,
     bpf_counters: IntGaugeVec,
     bpf_map_entries: IntGaugeVec,
@@ -261,10 +261,10 @@ impl NodeMetrics {
                 "Connections accepted by the in-pod listeners",
                 &["direction"],
             )?,
-            capture_bypasses: counters(
-                "nodemesh_capture_bypassed_connections_total",
-                "Connections of enrolled pods that went direct although the mesh should have \
-                 captured them, by direction and the kernel side's reason",
+            capture_refusals: counters(
+                "nodemesh_capture_refused_connections_total",
+                "Connections of enrolled pods the kernel side refused because it could not \
+                 capture them (rather than let them past the mesh), by direction and reason",
                 &["direction", "reason"],
             )?,
             proxy_errors: counters(
@@ -378,16 +378,15 @@ impl NodeMetrics {
     }
 
     /// Copies a snapshot of the kernel side's counters: all of them as
-    /// `nodemesh_bpf_events`, and those that mean a connection escaped capture as
-    /// `nodemesh_capture_bypassed_connections_total`.
+    /// `nodemesh_bpf_events`, and those that mean a connection could not be captured, and
+    /// so was refused, as `nodemesh_capture_refused_connections_total`.
     ///
-    /// What escapes: an enrolled pod's `connect()` that went direct because the
-    /// original-destination table was full (`orig_dst_table_full`; the kernel side counts
-    /// a failed re-keying at establishment under the same index, which loses the
-    /// destination rather than the capture), and a connection into an enrolled pod that
-    /// found no inbound listener for its address and reached the app without the proxy
-    /// and its policies (`no_listener`). The proxy's own sockets skipping the hooks
-    /// (`outbound_proxy_bypass`) are expected and are not a bypass.
+    /// What is refused: an enrolled pod's `connect()` whose original destination could not
+    /// be recorded (`orig_dst_table_full`: it fails with EPERM; the kernel side counts a
+    /// failed re-keying at establishment under the same index, after which the proxy
+    /// refuses the connection for want of its destination), and a connection into an
+    /// enrolled pod for an address with no inbound listener (`no_listener`: refused). The
+    /// proxy's own sockets skipping the hooks (`outbound_proxy_bypass`) are expected.
     pub fn record_bpf_counters(&self, counters: &Counters) {
         let events = [
             ("outbound_redirected", counters.outbound_redirected),
@@ -401,7 +400,7 @@ impl NodeMetrics {
                 .with_label_values(&[event])
                 .set(i64::try_from(value).unwrap_or(i64::MAX));
         }
-        let bypasses = [
+        let refusals = [
             (
                 "outbound",
                 "orig_dst_table_full",
@@ -409,9 +408,9 @@ impl NodeMetrics {
             ),
             ("inbound", "no_listener", counters.inbound_no_listener),
         ];
-        for (direction, reason, total) in bypasses {
+        for (direction, reason, total) in refusals {
             let counter = self
-                .capture_bypasses
+                .capture_refusals
                 .with_label_values(&[direction, reason]);
             // The kernel's counts only grow while the agent runs (it loads its own maps),
             // so the counter follows them by the difference.

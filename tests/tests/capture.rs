@@ -356,6 +356,67 @@ fn a_dual_stack_socket_to_an_ipv4_address_is_captured_in_an_ipv4_only_pod() {
 }
 
 #[test]
+fn unenrolling_a_pod_keeps_the_listener_of_a_new_pod_that_took_its_address() {
+    use mesh_node::{ebpf::Capture, netns::Netns};
+    if skip() {
+        return;
+    }
+    let mut cluster = Cluster::new("ip_reuse", 1);
+    let (old, new) = (
+        cluster.add_pod(PodSpec::new("old", 0)),
+        cluster.add_pod(PodSpec::new("new", 0)),
+    );
+    // The test drives the agent's capture itself, on the node's cgroup (never the root's).
+    let capture = Capture::attach(&cluster.node_cgroup(0)).expect("eBPF capture");
+    let listener = |pod: &Pod| {
+        Cluster::run_in_netns(&pod.netns, || std::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("a listener in the pod")
+    };
+    let (old_listener, new_listener) = (listener(&old), listener(&new));
+    let reused = IpAddr::from(old.ip);
+    let netns = |pod: &Pod| Netns::open(&pod.netns_path()).expect("pod netns");
+    let (old_cookie, new_cookie) = (1, 2);
+    capture
+        .enroll(old_cookie, netns(&old), &[(reused, &old_listener)])
+        .expect("enroll the old pod");
+    // The old pod's address is given to the new pod before the old one is un-enrolled.
+    capture
+        .enroll(new_cookie, netns(&new), &[(reused, &new_listener)])
+        .expect("enroll the new pod");
+    capture.unenroll(old_cookie, &[reused]);
+    let listeners = |capture: &Capture| {
+        capture
+            .map_fill()
+            .into_iter()
+            .find(|fill| fill.map == "INBOUND_LISTENERS")
+            .expect("the listener map")
+            .entries
+    };
+    assert_eq!(
+        listeners(&capture),
+        1,
+        "the new pod's inbound listener must survive the old pod's un-enrollment"
+    );
+
+    // The new pod is enrolled, but not at its own address: a connection to that address
+    // finds no listener and is refused, never delivered to the app past the proxy.
+    let own = std::net::SocketAddr::from((new.ip, 9000));
+    let app = Cluster::run_in_netns(&new.netns, || std::net::TcpListener::bind(own))
+        .expect("an app in the new pod");
+    let reached = Cluster::run_in_netns(&old.netns, || {
+        std::net::TcpStream::connect_timeout(&own, Duration::from_secs(2))
+    });
+    assert!(
+        reached.is_err(),
+        "delivered to the app uncaptured: {reached:?}"
+    );
+    assert!(capture.counters().inbound_no_listener >= 1);
+    drop(app);
+    capture.unenroll(new_cookie, &[reused]);
+    assert_eq!(listeners(&capture), 0, "and go with its own");
+}
+
+#[test]
 fn a_broken_file_or_resource_is_rejected_alone_and_the_rest_applies() {
     if skip() {
         return;

@@ -709,10 +709,14 @@ fn departed_pods_leave_no_certificates_or_tunnels_behind() {
     }
     wait_enrolled(&scene.cluster, 0, 2);
     wait_for_metric(&scene.cluster, 0, tunnels, &[], 0.0);
-    wait_until(CONVERGE_TIMEOUT, "the departed identities' certificates to go", || {
-        let held = held_identities(&scene.cluster, 0);
-        (!held.iter().any(|id| id.contains("/sa/client-"))).then_some(())
-    });
+    wait_until(
+        CONVERGE_TIMEOUT,
+        "the departed identities' certificates to go",
+        || {
+            let held = held_identities(&scene.cluster, 0);
+            (!held.iter().any(|id| id.contains("/sa/client-"))).then_some(())
+        },
+    );
     // The pods that stay keep working, over new tunnels as needed.
     replies(&connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 1));
 }

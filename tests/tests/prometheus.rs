@@ -191,7 +191,7 @@ fn prometheus_counts_requests_connections_and_node_state_from_both_agents() {
         CONVERGE,
     );
     prometheus.wait_for_value(
-        "sum(nodemesh_capture_bypassed_connections_total)",
+        "sum(nodemesh_capture_refused_connections_total)",
         0.0,
         CONVERGE,
     );
@@ -368,7 +368,7 @@ fn promql_metric_names_are_found_outside_matchers_and_clauses() {
 fn grafana_dashboard_queries_only_metrics_the_agent_exports() {
     let exported = exported_names();
     assert!(
-        exported.contains("nodemesh_capture_bypassed_connections_total")
+        exported.contains("nodemesh_capture_refused_connections_total")
             && exported.contains("istio_request_duration_milliseconds_bucket")
             && exported.contains("process_cpu_seconds_total"),
         "every family is gathered: {exported:?}"
@@ -423,7 +423,7 @@ fn grafana_dashboard_queries_only_metrics_the_agent_exports() {
         "nodemesh_enrolled_pods",
         "nodemesh_captured_connections_total",
         "nodemesh_proxy_errors_total",
-        "nodemesh_capture_bypassed_connections_total",
+        "nodemesh_capture_refused_connections_total",
         "nodemesh_bpf_map_entries",
         "nodemesh_bpf_map_capacity",
         "nodemesh_certificate_expiration_timestamp_seconds",

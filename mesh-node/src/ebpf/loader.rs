@@ -90,6 +90,11 @@ struct Control {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, EnrolledNetns>,
     listeners: SockHash<MapData, ListenerKey>,
+    /// Which pod (netns cookie) each listener entry was last written for. A pod's address
+    /// can be reused by a new pod before the old one is un-enrolled: the old pod's
+    /// un-enrollment must then leave the new pod's entry alone (the kernel cannot say whose
+    /// socket an entry holds).
+    listener_owners: StdHashMap<ListenerKey, u64>,
     sk_lookup_links: StdHashMap<u64, SkLookupLinkId>,
 }
 
@@ -150,6 +155,7 @@ impl Capture {
                 ebpf,
                 enrolled,
                 listeners,
+                listener_owners: StdHashMap::new(),
                 sk_lookup_links: StdHashMap::new(),
             }),
             orig_dst: Mutex::new(orig_dst),
@@ -168,9 +174,9 @@ impl Capture {
     ) -> Result<(), CaptureError> {
         let mut control = self.control.lock();
         for (ip, listener) in inbound {
-            control
-                .listeners
-                .insert(to_listener_key(*ip), listener.as_raw_fd(), 0)?;
+            let key = to_listener_key(*ip);
+            control.listeners.insert(key, listener.as_raw_fd(), 0)?;
+            control.listener_owners.insert(key, netns_cookie);
         }
         if !control.sk_lookup_links.contains_key(&netns_cookie) {
             let program: &mut SkLookup = control
@@ -195,7 +201,13 @@ impl Capture {
             debug!(netns_cookie, %error, "netns was not in the enrolled map");
         }
         for ip in inbound_ips {
-            let _ = control.listeners.remove(&to_listener_key(*ip));
+            let key = to_listener_key(*ip);
+            if control.listener_owners.get(&key) == Some(&netns_cookie) {
+                control.listener_owners.remove(&key);
+                let _ = control.listeners.remove(&key);
+            } else {
+                debug!(netns_cookie, %ip, "address now belongs to another pod; its listener stays");
+            }
         }
         if let Some(link) = control.sk_lookup_links.remove(&netns_cookie)
             && let Some(program) = control.ebpf.program_mut(programs::SK_LOOKUP)

@@ -205,7 +205,7 @@ fn circuit_breaker_and_outlier_counters_are_per_service() {
 }
 
 #[test]
-fn capture_bypasses_follow_the_kernel_counters() {
+fn capture_refusals_follow_the_kernel_counters() {
     let metrics = Metrics::new().expect("metrics register");
     let counters = |inbound_no_listener, orig_dst_table_full| Counters {
         outbound_redirected: 40,
@@ -216,24 +216,24 @@ fn capture_bypasses_follow_the_kernel_counters() {
     };
     metrics.node.record_bpf_counters(&counters(0, 0));
     let text = exposition(&metrics);
-    let bypassed = "nodemesh_capture_bypassed_connections_total";
+    let refused = "nodemesh_capture_refused_connections_total";
     let inbound = [("direction", "inbound"), ("reason", "no_listener")];
     let outbound = [("direction", "outbound"), ("reason", "orig_dst_table_full")];
     assert_eq!(
-        sample(&text, bypassed, &inbound),
+        sample(&text, refused, &inbound),
         0.0,
         "both series exist from the first snapshot, so rate() has a start"
     );
     assert!(
-        text.contains(&format!("# TYPE {bypassed} counter")),
+        text.contains(&format!("# TYPE {refused} counter")),
         "{text}"
     );
 
     metrics.node.record_bpf_counters(&counters(3, 1));
     metrics.node.record_bpf_counters(&counters(5, 1));
     let text = exposition(&metrics);
-    assert_eq!(sample(&text, bypassed, &inbound), 5.0);
-    assert_eq!(sample(&text, bypassed, &outbound), 1.0);
+    assert_eq!(sample(&text, refused, &inbound), 5.0);
+    assert_eq!(sample(&text, refused, &outbound), 1.0);
     let event = |name| sample(&text, "nodemesh_bpf_events", &[("event", name)]);
     assert_eq!(
         event("outbound_proxy_bypass"),
@@ -242,10 +242,8 @@ fn capture_bypasses_follow_the_kernel_counters() {
     );
     assert_eq!(event("inbound_no_listener"), 5.0);
     assert!(
-        !text.contains(&format!(
-            "{bypassed}{{direction=\"outbound\",reason=\"proxy"
-        )),
-        "the proxy's own sockets are not counted as bypasses:\n{text}"
+        !text.contains(&format!("{refused}{{direction=\"outbound\",reason=\"proxy")),
+        "the proxy's own sockets are not refusals:\n{text}"
     );
 }
 
