@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::{
     Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rcgen::{CertificateParams, KeyPair};
 use rustls::ServerConfig;
 use rustls_pki_types::{
@@ -43,6 +43,9 @@ pub const DEFAULT_PORT: u16 = 15012;
 /// The service account the CA's serving certificate names.
 pub const SERVICE_ACCOUNT: &str = "nodemesh-ca";
 pub const CERTIFICATES_PATH: &str = "/v1/certificates";
+/// How long a client of the CA may take to complete TLS, and then to send a request's
+/// headers: agents send theirs at once, so anything slower is not an agent.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lifetime of the CA service's own serving certificate (capped at the CA's expiry).
 const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// Requests are a CSR and a name: anything larger is not one.
@@ -211,10 +214,15 @@ impl CaService {
             };
             let (service, acceptor) = (self.clone(), acceptor.clone());
             tokio::spawn(async move {
-                let tls = match acceptor.accept(stream).await {
-                    Ok(tls) => tls,
-                    Err(error) => {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                let tls = match handshake.await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
                         debug!(%peer, %error, "CA TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "CA TLS handshake timed out");
                         return;
                     }
                 };
@@ -223,6 +231,8 @@ impl CaService {
                     async move { Ok::<_, Infallible>(service.handle(request).await) }
                 });
                 if let Err(error) = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT)
                     .serve_connection(TokioIo::new(tls), handler)
                     .await
                 {

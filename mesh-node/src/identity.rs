@@ -361,4 +361,29 @@ mod tests {
             Err(IdentityError::BadCertificate { .. })
         ));
     }
+
+    proptest::proptest! {
+        /// Any text: no panic; what parses prints back the same (one spelling per id).
+        #[test]
+        fn fuzz_spiffe_ids(text in "spiffe://[a-z0-9.:/_-]{0,30}/ns/[a-z0-9._/-]{0,12}/sa/[a-z0-9._%/-]{0,12}|\\PC{0,60}") {
+            if let Ok(identity) = id(&text) {
+                proptest::prop_assert_eq!(identity.to_string(), text);
+            }
+        }
+
+        /// Valid names make valid ids, read back from a real certificate.
+        #[test]
+        fn fuzz_identity_from_certificates(namespace in "[a-z0-9][a-z0-9-]{0,20}", account in "[a-z0-9][a-z0-9._-]{0,20}") {
+            let text = format!("spiffe://cluster.local/ns/{namespace}/sa/{account}");
+            let parsed = id(&text);
+            let cert = cert_with_sans(vec![uri(&text)]);
+            proptest::prop_assert_eq!(identity_from_cert(&cert), parsed);
+        }
+
+        /// Arbitrary bytes as a certificate: an error, never a panic.
+        #[test]
+        fn fuzz_certificate_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            proptest::prop_assert!(identity_from_cert(&CertificateDer::from(bytes)).is_err());
+        }
+    }
 }

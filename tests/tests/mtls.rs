@@ -720,3 +720,54 @@ fn departed_pods_leave_no_certificates_or_tunnels_behind() {
     // The pods that stay keep working, over new tunnels as needed.
     replies(&connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 1));
 }
+
+#[test]
+fn silent_connections_to_the_hbone_port_are_closed_within_the_handshake_timeout() {
+    if skip() {
+        return;
+    }
+    let mut scene = scene("mtls_silent");
+    scene.start();
+    let hbone = SocketAddr::from((scene.web.ip, 15008));
+    let pid = scene.cluster.agent_pid(1).expect("node1's agent");
+    let fds = || {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fd table")
+            .count()
+    };
+    let before = fds();
+    let still_open = scene.cluster.run_in_node(0, move || {
+        use std::io::Read;
+        // Connections that never say a word: no ClientHello, nothing.
+        let silent: Vec<std::net::TcpStream> = (0..400)
+            .map(|_| std::net::TcpStream::connect(hbone).expect("TCP to 15008"))
+            .collect();
+        std::thread::sleep(Duration::from_secs(12));
+        silent
+            .into_iter()
+            .filter(|mut stream| {
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(20)))
+                    .expect("timeout");
+                // Closed by the proxy: end of stream or a reset. Open: the read times out.
+                let read = stream.read(&mut [0; 1]);
+                let open = |kind| {
+                    matches!(
+                        kind,
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                };
+                matches!(read, Err(e) if open(e.kind()))
+            })
+            .count()
+    });
+    assert_eq!(
+        still_open, 0,
+        "silent connections the proxy still holds after 12 s"
+    );
+    let after = fds();
+    assert!(
+        after <= before + 8,
+        "the agent's fds must come back: {before} before, {after} after"
+    );
+}

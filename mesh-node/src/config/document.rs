@@ -146,3 +146,180 @@ fn fail_closed(resource: &ObjectId, spec: &serde_yaml::Value) -> Option<Object> 
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_yaml::Value;
+
+    use super::*;
+    use crate::config::translate;
+
+    /// Field names the mesh reads, and some it does not, so random specs reach deep.
+    fn field() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::sample::select(vec![
+                "selector",
+                "matchLabels",
+                "rules",
+                "from",
+                "to",
+                "source",
+                "operation",
+                "paths",
+                "notPaths",
+                "methods",
+                "ports",
+                "principals",
+                "namespaces",
+                "ipBlocks",
+                "when",
+                "key",
+                "values",
+                "action",
+                "mtls",
+                "mode",
+                "portLevelMtls",
+                "hosts",
+                "http",
+                "tcp",
+                "route",
+                "destination",
+                "host",
+                "subset",
+                "subsets",
+                "weight",
+                "timeout",
+                "retries",
+                "attempts",
+                "perTryTimeout",
+                "fault",
+                "delay",
+                "abort",
+                "match",
+                "uri",
+                "prefix",
+                "exact",
+                "regex",
+                "headers",
+                "trafficPolicy",
+                "outlierDetection",
+                "baseEjectionTime",
+                "connectionPool",
+                "parentRefs",
+                "backendRefs",
+                "matches",
+                "labels",
+                "name",
+                "namespace",
+                "port",
+                "targetPort",
+                "clusterIP",
+                "clusterIPs",
+                "containers",
+                "podIP",
+                "podIPs",
+                "nodeName",
+                "endpoints",
+                "addresses",
+                "targetRef",
+                "targetRefs",
+                "provider",
+            ])
+            .prop_map(str::to_string),
+            "[a-zA-Z]{1,8}",
+        ]
+    }
+
+    fn yaml() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| Value::Number(n.into())),
+            any::<f64>().prop_map(|n| Value::Number(n.into())),
+            "[a-zA-Z0-9*/{}.:%-]{0,16}".prop_map(Value::String),
+            proptest::sample::select(vec![
+                "ALLOW",
+                "DENY",
+                "AUDIT",
+                "CUSTOM",
+                "STRICT",
+                "PERMISSIVE",
+                "DISABLE",
+                "strict",
+                "10s",
+                "1h",
+                "100000000000000000000s",
+                "10.0.0.0/8",
+                "::1",
+                "*",
+                "/a/{*}",
+            ])
+            .prop_map(|s| Value::String(s.to_string())),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::Sequence),
+                proptest::collection::vec((field(), inner), 0..6).prop_map(|fields| {
+                    Value::Mapping(
+                        fields
+                            .into_iter()
+                            .map(|(key, value)| (Value::String(key), value))
+                            .collect(),
+                    )
+                }),
+            ]
+        })
+    }
+
+    fn document() -> impl Strategy<Value = Value> {
+        let kinds = vec![
+            ("v1", "Namespace"),
+            ("v1", "Pod"),
+            ("v1", "Service"),
+            ("discovery.k8s.io/v1", "EndpointSlice"),
+            ("security.istio.io/v1", "PeerAuthentication"),
+            ("security.istio.io/v1beta1", "AuthorizationPolicy"),
+            ("networking.istio.io/v1", "VirtualService"),
+            ("networking.istio.io/v1beta1", "DestinationRule"),
+            ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+        ];
+        (proptest::sample::select(kinds), "[a-z]{0,6}", yaml(), yaml()).prop_map(
+            |((api, kind), name, spec, status)| {
+                let text = format!(
+                    "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: '{name}', namespace: shop}}\n"
+                );
+                let mut value: Value = serde_yaml::from_str(&text).expect("a header");
+                if let Value::Mapping(fields) = &mut value {
+                    fields.insert("spec".into(), spec);
+                    fields.insert("status".into(), status);
+                }
+                value
+            },
+        )
+    }
+
+    proptest! {
+        /// Any object of any kind the mesh reads: classified without a panic, the state
+        /// built from whatever is accepted, and a refused security policy always has its
+        /// fail-closed stand-in (an AUDIT policy excepted).
+        #[test]
+        fn fuzz_object_classification(documents in proptest::collection::vec(document(), 1..6)) {
+            let mut objects = Vec::new();
+            for value in documents {
+                let meta: TypeMeta = serde_yaml::from_value(value.clone()).expect("the header");
+                match classify(meta, value) {
+                    Document::Object(object) => objects.push(object),
+                    Document::Invalid { resource, fail_closed, .. } => {
+                        if resource.kind == "PeerAuthentication" {
+                            prop_assert!(fail_closed.is_some(), "{resource}");
+                        }
+                        objects.extend(fail_closed);
+                    }
+                    Document::Ignored { .. } => {}
+                }
+            }
+            translate(&objects, Vec::new(), "nodemesh-system");
+        }
+    }
+}

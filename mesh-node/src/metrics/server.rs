@@ -6,7 +6,7 @@ use http_body_util::Full;
 use hyper::{
     Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -47,7 +47,10 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: Cancel
                 let endpoints = endpoints.clone();
                 async move { Ok::<_, Infallible>(answer(&endpoints, &request)) }
             });
+            // A scraper or a curl that never sends its request is let go.
             if let Err(error) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(crate::proxy::http::HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

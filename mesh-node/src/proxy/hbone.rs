@@ -128,10 +128,7 @@ where
         .map_err(|_| HboneError::Timeout("HTTP/2 handshake"))??;
     while let Some(accepted) = connection.accept().await {
         let (request, mut respond) = accepted?;
-        let target = (request.method() == Method::CONNECT)
-            .then(|| request.uri().authority())
-            .flatten()
-            .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok());
+        let target = connect_target(request.method(), request.uri());
         match target {
             Some(target) => {
                 tokio::spawn(on_connect(IncomingConnect {
@@ -154,6 +151,15 @@ where
         }
     }
     Ok(())
+}
+
+/// Where a CONNECT asks to go: its authority, which must be an IP address and port (HBONE
+/// names pods by address, never by name); `None` for anything else.
+fn connect_target(method: &Method, uri: &http::Uri) -> Option<SocketAddr> {
+    if method != Method::CONNECT {
+        return None;
+    }
+    uri.authority()?.as_str().parse().ok()
 }
 
 #[cfg(test)]

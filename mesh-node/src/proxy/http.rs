@@ -25,7 +25,7 @@ pub use cluster::Clusters;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 pub use upstream::UpstreamPool;
 
@@ -198,10 +198,35 @@ where
         let handler = handler.clone();
         async move { Ok::<_, Infallible>(handler(request).await) }
     });
-    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that never finishes its headers, or keeps an HTTP/1.1 connection idle, is
+    // let go after a while (hyper times from when the connection waits for a request), and
+    // an HTTP/2 peer that stops answering pings is dropped: one pod cannot hold the node's
+    // sockets with silent connections.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE);
+    builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await
 }
+
+/// How long an HTTP/1.1 client may take to send a request's headers, counted from when
+/// the connection starts waiting for it (so also how long a keep-alive connection idles).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// HTTP/2 pings on connections the proxy serves, and how long an answer may take.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Envoy's default limit on a request's headers (60 KiB), so a peer cannot make the proxy
+/// buffer megabytes of them.
+const MAX_HEADER_LIST_SIZE: u32 = 60 * 1024;
 
 pub fn full(body: impl Into<Bytes>) -> ProxyBody {
     Full::new(body.into())
@@ -301,7 +326,8 @@ pub fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::up
 /// `DECODE_AND_MERGE_SLASHES` (the option Istio recommends against policy bypasses; it is
 /// Nodemesh's only behaviour, documented in the README's policy section):
 /// * percent-encoded unreserved characters are decoded (`%61dmin` is `admin`, `%2e%2e` is
-///   `..`), once: `%252e` stays `%252e`;
+///   `..`), once: `%252e` stays `%252e`, and a stray `%` is escaped (`%25`), so the result
+///   is its own normal form;
 /// * encoded slashes and backslashes (`%2F`, `%5C`) and backslashes become `/`;
 /// * runs of slashes merge into one;
 /// * `.` and `..` segments are resolved (RFC 3986 §5.2.4).
@@ -342,27 +368,33 @@ pub fn normalize_path(path: &str) -> Option<String> {
 
 /// One pass of percent-decoding for the characters that normalization may decode: the
 /// unreserved ones (RFC 3986 §2.3), and slashes and backslashes, which become `/` as does a
-/// literal backslash. Everything else, including malformed escapes, stays as sent.
+/// literal backslash. Other escapes stay as sent; a `%` that starts none becomes `%25`.
 fn decode_path(path: &str) -> String {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
-        let byte = bytes[i];
-        if byte == b'%'
-            && let Some(hex) = path.get(i + 1..i + 3)
-            && let Ok(decoded) = u8::from_str_radix(hex, 16)
-        {
-            let unreserved = decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded);
-            if unreserved || decoded == b'/' || decoded == b'\\' {
-                out.push(if decoded == b'\\' {
-                    '/'
-                } else {
-                    char::from(decoded)
-                });
-                i += 3;
-                continue;
+        if bytes[i] == b'%' {
+            let escape = path
+                .get(i + 1..i + 3)
+                .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
+            match escape.and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
+                Some(b'/' | b'\\') => out.push('/'),
+                Some(decoded) if decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded) => {
+                    out.push(char::from(decoded));
+                }
+                Some(_) => out.push_str(&path[i..i + 3]),
+                // A `%` that starts no escape is escaped itself, so that no decoded
+                // character can complete it into a new escape (`%%32e` would otherwise
+                // read `%2e` to the app, and `.` to an app that decodes again).
+                None => {
+                    out.push_str("%25");
+                    i += 1;
+                    continue;
+                }
             }
+            i += 3;
+            continue;
         }
         let start = i;
         i += 1;

@@ -214,4 +214,21 @@ mod tests {
             assert!(error.to_string().contains(huge), "{error}");
         }
     }
+
+    proptest::proptest! {
+        /// Any text: no panic, and never more than the bound.
+        #[test]
+        fn fuzz_durations(text in "\\PC{0,24}|[0-9.]{1,30}(h|m|s|ms|us|ns){1,3}") {
+            if let Ok(parsed) = duration("timeout", &text) {
+                proptest::prop_assert!(parsed <= MAX_DURATION);
+            }
+        }
+
+        /// What Istio writes parses to what it means.
+        #[test]
+        fn fuzz_durations_round_trip(millis in 0u64..MAX_DURATION.as_millis() as u64) {
+            let text = format!("{}.{:03}s", millis / 1000, millis % 1000);
+            proptest::prop_assert_eq!(duration("timeout", &text), Ok(Duration::from_millis(millis)));
+        }
+    }
 }

@@ -217,3 +217,36 @@ fn version_and_bad_input_answer_with_cni_json() {
         assert_eq!(result_json(&result)["code"], code, "{}", result.stdout);
     }
 }
+
+proptest::proptest! {
+    /// Any `CNI_ARGS`: no panic; a pod is named only with both its namespace and name.
+    #[test]
+    fn fuzz_cni_args(args in "\\PC{0,80}|(K8S_POD_(NAMESPACE|NAME|UID)=[a-z0-9-]{0,8};?){0,4}") {
+        if let Ok(Some(pod)) = pod_from_args(Some(&args)) {
+            proptest::prop_assert!(!pod.namespace.is_empty() && !pod.name.is_empty(), "{pod:?}");
+        }
+    }
+
+    /// Any network config on stdin, for every command that does not reach the agent: a
+    /// result or a CNI error on stdout, never a panic; an error is always valid JSON.
+    #[test]
+    fn fuzz_cni_network_config(
+        stdin in "\\PC{0,120}|\\{\"cniVersion\":\"(1.0.0|0.3.1|9)\",\"prevResult\":\\{\"ips\":\\[\\{\"address\":\"[0-9a-f.:/]{0,20}\"\\}\\]\\}\\}",
+        command in proptest::sample::select(vec!["ADD", "CHECK", "VERSION", "BOGUS", ""]),
+    ) {
+        // Without K8S_POD_* arguments an ADD is not for a pod: the agent is not called.
+        let env = CniEnv { command: command.to_string(), ..CniEnv::default() };
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let ok = run(&env, stdin.as_bytes(), &mut stdout, &mut stderr);
+        if !ok {
+            let error: serde_json::Value = serde_json::from_slice(&stdout).expect("an error result");
+            proptest::prop_assert!(error["code"].as_u64().is_some(), "{error}");
+        }
+    }
+
+    /// Any `prevResult`: its addresses or a clear error, never a panic.
+    #[test]
+    fn fuzz_prev_result(address in "\\PC{0,30}|[0-9a-f.:/]{0,30}") {
+        let _ = prev_result_ips(&json!({ "ips": [{ "address": address }] }));
+    }
+}

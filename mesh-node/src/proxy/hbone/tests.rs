@@ -92,3 +92,33 @@ async fn a_refused_stream_reports_the_status_and_the_tunnel_lives_on() {
     stream.read_to_string(&mut reply).await.unwrap();
     assert_eq!(reply, "still up");
 }
+
+proptest::proptest! {
+    /// Any authority a peer can put in a request: no panic; only `ip:port` is a target.
+    #[test]
+    fn fuzz_connect_targets(authority in "\\PC{0,40}|\\[[0-9a-f:]{0,40}\\]:[0-9]{0,6}|[0-9.]{0,16}:[0-9]{0,6}") {
+        let Ok(uri) = authority.parse::<http::Uri>() else {
+            return Ok(());
+        };
+        if let Some(target) = connect_target(&Method::CONNECT, &uri) {
+            proptest::prop_assert!(target.port() == uri.port_u16().unwrap_or(0), "{target} from {uri}");
+        }
+        proptest::prop_assert_eq!(connect_target(&Method::GET, &uri), None);
+    }
+
+    /// Whatever a peer sends after the HTTP/2 preface on a tunnel: the server ends (with an
+    /// error or cleanly) and never panics, and never hands a stream over.
+    #[test]
+    fn fuzz_hbone_server_frames(frames in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let (mut client, server_io) = duplex(1 << 16);
+            let served = tokio::spawn(serve(server_io, |_incoming: IncomingConnect| async move {}));
+            client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+            let _ = client.write_all(&frames).await;
+            drop(client);
+            let ended = tokio::time::timeout(Duration::from_secs(5), served).await;
+            assert!(matches!(ended, Ok(Ok(_))), "the server must end, not panic or hang: {ended:?}");
+        });
+    }
+}

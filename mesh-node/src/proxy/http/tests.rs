@@ -146,11 +146,38 @@ fn normalization_decodes_once_and_keeps_what_it_must_not_touch() {
         None,
         "reserved escapes stay"
     );
-    assert_eq!(normalize_path("/a%zz"), None, "malformed escapes stay");
+    assert_eq!(
+        normalize_path("/a%zz").as_deref(),
+        Some("/a%25zz"),
+        "a stray % is escaped"
+    );
+    assert_eq!(
+        normalize_path("/%%32e%%32e/admin").as_deref(),
+        Some("/%252e%252e/admin"),
+        "decoding never completes a new escape"
+    );
     assert_eq!(
         normalize_path("/caf\u{e9}/%7euser").as_deref(),
         Some("/caf\u{e9}/~user")
     );
     assert_eq!(normalize_path("/a//b/").as_deref(), Some("/a/b/"));
     assert_eq!(normalize_path("/"), None);
+}
+
+proptest::proptest! {
+    /// Whatever a client sends as a path: no panic, and the normalized path is normal: it
+    /// starts with `/`, has no empty, `.` or `..` segment, nothing left to decode, and
+    /// normalizing it again changes nothing.
+    #[test]
+    fn fuzz_path_normalization(path in "[/\\\\%.a-zA-Z0-9~_-]{0,40}|/(%[0-9a-fA-F]{2}|[./\\\\a-z])*") {
+        if let Some(normal) = normalize_path(&path) {
+            proptest::prop_assert!(normal.starts_with('/'), "{normal:?}");
+            let inner = normal.trim_end_matches('/');
+            for segment in inner.split('/').skip(1) {
+                proptest::prop_assert!(!matches!(segment, "" | "." | ".."), "{path:?} -> {normal:?}");
+            }
+            proptest::prop_assert!(!normal.contains('\\'), "{normal:?}");
+            proptest::prop_assert_eq!(normalize_path(&normal), None, "not idempotent: {:?}", path);
+        }
+    }
 }
