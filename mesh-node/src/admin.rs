@@ -325,22 +325,19 @@ mod tests {
 
     #[test]
     fn the_log_level_changes_by_post_only_and_reads_refuse_post() {
-        let changed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let changed = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
         let mut admin = admin(State::default());
         let record = changed.clone();
         admin.log = Some(Arc::new(move |level: &str| {
-            record.lock().unwrap().push(level.to_string());
+            record.lock().push(level.to_string());
             Ok(())
         }));
         let (status, answer) = admin.answer(&Method::GET, "/logging", Some("level=trace"));
         assert_eq!(status, 405, "a GET must not change the log level: {answer}");
-        assert!(
-            changed.lock().unwrap().is_empty(),
-            "the GET changed the level"
-        );
+        assert!(changed.lock().is_empty(), "the GET changed the level");
         let (status, answer) = admin.answer(&Method::POST, "/logging", Some("level=debug"));
         assert_eq!(status, 200, "{answer}");
-        assert_eq!(*changed.lock().unwrap(), ["debug"]);
+        assert_eq!(*changed.lock(), ["debug"]);
         let (status, _) = admin.answer(&Method::POST, "/config_dump", None);
         assert_eq!(status, 405, "reads answer GET only");
     }

@@ -148,8 +148,8 @@ impl RemoteSigner {
             .map_err(unavailable)?;
         let response = sender.send_request(request).await.map_err(unavailable)?;
         let status = response.status();
-        let body = response
-            .into_body()
+        // A certificate chain is a few KiB: a CA that sends more is not answering.
+        let body = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
             .map_err(unavailable)?
@@ -180,7 +180,14 @@ impl CertificateSigner for RemoteSigner {
                 ttl_seconds: ttl.as_secs().max(1),
             })
             .map_err(unavailable)?;
-            let (status, body) = self.request(body).await?;
+            let (status, body) = tokio::time::timeout(REQUEST_TIMEOUT, self.request(body))
+                .await
+                .map_err(|_| {
+                    unavailable(format!(
+                        "no answer from {} within {REQUEST_TIMEOUT:?}",
+                        self.addr
+                    ))
+                })??;
             if !status.is_success() {
                 let reason = serde_json::from_slice::<ErrorResponse>(&body)
                     .map_or_else(|_| String::from_utf8_lossy(&body).into_owned(), |e| e.error);
@@ -202,6 +209,11 @@ impl CertificateSigner for RemoteSigner {
         })
     }
 }
+
+/// How long one request to the CA may take, connecting included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest answer read from the CA.
+const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
 /// Longest pause between two looks for the CA's root file.
 const ROOT_FILE_MAX_DELAY: Duration = Duration::from_secs(30);

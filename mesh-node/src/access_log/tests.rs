@@ -1,7 +1,6 @@
-use std::{
-    io,
-    sync::{Arc, Mutex},
-};
+use std::{io, sync::Arc};
+
+use parking_lot::Mutex;
 
 use super::*;
 use crate::state::ObjectKey;
@@ -12,7 +11,7 @@ struct Buffer(Arc<Mutex<Vec<u8>>>);
 
 impl Write for Buffer {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
+        self.0.lock().extend_from_slice(bytes);
         Ok(bytes.len())
     }
 
@@ -23,7 +22,7 @@ impl Write for Buffer {
 
 impl Buffer {
     fn lines(&self) -> Vec<serde_json::Value> {
-        String::from_utf8(self.0.lock().unwrap().clone())
+        String::from_utf8(self.0.lock().clone())
             .unwrap()
             .lines()
             .map(|line| serde_json::from_str(line).expect("one JSON object per line"))

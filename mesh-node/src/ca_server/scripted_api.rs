@@ -1,9 +1,10 @@
 //! A scripted Kubernetes API server for tests (kube-rs' `tower-test` pattern): a closure
 //! answers each request, and every request is recorded so tests can count and inspect them.
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http::{Method, Request, Response};
 use kube::client::Body;
+use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 /// One request the client made.
@@ -22,7 +23,7 @@ pub struct Requests(Arc<Mutex<Vec<Recorded>>>);
 
 impl Requests {
     pub fn all(&self) -> Vec<Recorded> {
-        self.0.lock().expect("lock").clone()
+        self.0.lock().clone()
     }
 
     /// How many requests had this method and a path starting with `prefix`.
@@ -55,7 +56,7 @@ where
                 body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
             };
             let (status, body) = answer(&request);
-            recorded.0.lock().expect("lock").push(request);
+            recorded.0.lock().push(request);
             respond.send_response(
                 Response::builder()
                     .status(status)

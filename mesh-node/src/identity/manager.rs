@@ -177,6 +177,15 @@ impl CertificateManager {
                 identity: identity.clone(),
             })?;
         match &*state {
+            // Never hand out a certificate past its notAfter, whatever the worker is doing.
+            CertState::Ready(cert) if cert.not_after <= SystemTime::now() => {
+                Err(ManagerError::Unavailable {
+                    identity: identity.clone(),
+                    source: Arc::new(CaError::Unavailable(
+                        "the certificate expired and no renewal arrived".into(),
+                    )),
+                })
+            }
             CertState::Ready(cert) => Ok(cert.clone()),
             CertState::Unavailable(source) => Err(ManagerError::Unavailable {
                 identity: identity.clone(),
@@ -274,7 +283,32 @@ async fn run_worker(
     let mut expires_at: Option<Instant> = None;
     let mut backoff: Option<ExponentialBackoff> = None;
     loop {
-        match issue(&*signer, &identity, config.ttl).await {
+        // A CA that accepts the request and answers late, or never, must not keep an
+        // expired certificate in service: the attempt is bounded, and the certificate is
+        // withdrawn at its expiry even while the attempt is still pending.
+        let attempt = tokio::time::timeout(ISSUE_TIMEOUT, issue(&*signer, &identity, config.ttl));
+        tokio::pin!(attempt);
+        let attempted = loop {
+            let Some(expiry) = expires_at else {
+                break attempt.await;
+            };
+            tokio::select! {
+                attempted = &mut attempt => break attempted,
+                () = sleep_until(expiry) => {
+                    warn!(%identity, "certificate expired while its renewal was pending");
+                    expires_at = None;
+                    tx.send_replace(CertState::Unavailable(Arc::new(CaError::Unavailable(
+                        "the certificate expired while its renewal was pending".into(),
+                    ))));
+                }
+            }
+        };
+        let issued = attempted.unwrap_or_else(|_| {
+            Err(CaError::Unavailable(
+                format!("no answer from the CA within {ISSUE_TIMEOUT:?}").into(),
+            ))
+        });
+        match issued {
             Ok((cert, lifetime)) => {
                 backoff = None;
                 let renew_in = jitter(lifetime / 2);
@@ -330,6 +364,9 @@ async fn run_worker(
         }
     }
 }
+
+/// How long one certificate request may take, whatever the signer.
+pub const ISSUE_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn new_backoff(config: &ManagerConfig) -> ExponentialBackoff {
     // backon's own jitter adds up to +100 %, which would blow through the cap; ours is ±10 %.

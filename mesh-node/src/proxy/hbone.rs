@@ -19,6 +19,10 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// HTTP/2 windows sized for bulk TCP: the defaults (64 KiB) throttle a single stream.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// On the serving side (15008) the whole tunnel gets one stream's window: what a peer can
+/// make the proxy buffer is at most 4 MiB per tunnel, whatever its number of streams, and a
+/// single bulk stream still has all of it.
+const SERVER_CONNECTION_WINDOW: u32 = STREAM_WINDOW;
 const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// A CONNECT carries an authority and a few trace headers: 16 KiB is generous, and a peer
 /// cannot make the proxy buffer megabytes of headers per stream.
@@ -118,7 +122,7 @@ where
 {
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(SERVER_CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)

@@ -5,12 +5,13 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     path::Path,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
+use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -97,7 +98,7 @@ impl FakeApiServer {
     }
 
     fn apply(&self, mut object: Value) {
-        let mut store = self.store.lock().unwrap();
+        let mut store = self.store.lock();
         store.revision += 1;
         let revision = store.revision;
         object["metadata"]["resourceVersion"] = json!(revision.to_string());
@@ -120,7 +121,7 @@ impl FakeApiServer {
     }
 
     fn delete(&self, kind: &str, namespace: &str, name: &str) {
-        let mut store = self.store.lock().unwrap();
+        let mut store = self.store.lock();
         store.revision += 1;
         let revision = store.revision;
         let plural = WATCHED_KINDS
@@ -143,7 +144,7 @@ impl FakeApiServer {
     }
 
     fn lists_served(&self, plural: &str) -> usize {
-        let store = self.store.lock().unwrap();
+        let store = self.store.lock();
         store.lists_served.get(plural).copied().unwrap_or(0)
     }
 
@@ -163,8 +164,8 @@ impl FakeApiServer {
         else {
             return json_response(StatusCode::NOT_FOUND, &status(404, "NotFound", &path));
         };
-        self.store.lock().unwrap().requested.insert(kind.plural);
-        if self.store.lock().unwrap().missing.contains(kind.plural) {
+        self.store.lock().requested.insert(kind.plural);
+        if self.store.lock().missing.contains(kind.plural) {
             let message = "the server could not find the requested resource";
             return json_response(StatusCode::NOT_FOUND, &status(404, "NotFound", message));
         }
@@ -180,9 +181,9 @@ impl FakeApiServer {
     }
 
     async fn list(&self, kind: &WatchedKind) -> Response<Body> {
-        let delay = self.store.lock().unwrap().list_delay;
+        let delay = self.store.lock().list_delay;
         tokio::time::sleep(delay).await;
-        let mut store = self.store.lock().unwrap();
+        let mut store = self.store.lock();
         *store.lists_served.entry(kind.plural).or_default() += 1;
         let items: Vec<Value> = store
             .objects
@@ -204,7 +205,7 @@ impl FakeApiServer {
         let mut lines = Vec::new();
         while tokio::time::Instant::now() < deadline {
             {
-                let mut store = self.store.lock().unwrap();
+                let mut store = self.store.lock();
                 if store.expire_next_watch.remove(kind.plural) {
                     let gone = status(410, "Expired", "too old resource version");
                     lines.push(json!({"type": "ERROR", "object": gone}));
@@ -366,7 +367,7 @@ fn route_summary(state: &State) -> String {
 #[tokio::test]
 async fn the_initial_list_becomes_the_state_and_readiness_waits_for_it() {
     let api = FakeApiServer::default();
-    api.store.lock().unwrap().list_delay = Duration::from_millis(300);
+    api.store.lock().list_delay = Duration::from_millis(300);
     api.seed([
         namespace("shop", true),
         pod("shop", "web-1", "10.0.0.1", "node-a"),
@@ -462,13 +463,13 @@ async fn an_expired_watch_relists_without_losing_or_flapping_the_state() {
         while observer.changed().await.is_ok() {
             let state = observer.borrow_and_update().clone();
             if enrolled(&state, "shop", "web-1").is_none() {
-                seen.lock().unwrap().push(state.workloads.len());
+                seen.lock().push(state.workloads.len());
             }
         }
     });
     let lists_before = api.lists_served("pods");
     {
-        let mut store = api.store.lock().unwrap();
+        let mut store = api.store.lock();
         store.list_delay = Duration::from_millis(300);
         store.expire_next_watch.insert("pods");
     }
@@ -491,9 +492,9 @@ async fn an_expired_watch_relists_without_losing_or_flapping_the_state() {
         })
         .await;
     assert!(
-        flapped.lock().unwrap().is_empty(),
+        flapped.lock().is_empty(),
         "states without the pod were published: {:?}",
-        flapped.lock().unwrap()
+        flapped.lock()
     );
 }
 
@@ -569,7 +570,7 @@ async fn an_invalid_virtual_service_is_rejected_and_the_old_one_kept() {
 async fn a_cluster_without_the_istio_and_gateway_crds_still_syncs() {
     let api = FakeApiServer::default();
     {
-        let mut store = api.store.lock().unwrap();
+        let mut store = api.store.lock();
         store.missing.extend(
             WATCHED_KINDS
                 .iter()
@@ -600,7 +601,7 @@ async fn a_source_for_pods_only_asks_for_nothing_else() {
         .wait_for("the pods", |s| s.workloads.len() == 1)
         .await;
     assert!(state.services.is_empty() && state.namespaces.is_empty());
-    assert_eq!(api.store.lock().unwrap().requested, HashSet::from(["pods"]));
+    assert_eq!(api.store.lock().requested, HashSet::from(["pods"]));
 }
 
 #[test]

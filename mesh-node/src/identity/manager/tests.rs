@@ -13,6 +13,8 @@ use crate::identity::{
 struct TestSigner {
     ca: CertificateAuthority,
     fail: AtomicBool,
+    /// Accepts requests and never answers them.
+    stall: AtomicBool,
     answer_for: Option<Identity>,
     delay: Duration,
     calls: Mutex<Vec<Instant>>,
@@ -23,6 +25,7 @@ impl TestSigner {
         Arc::new(Self {
             ca: new_ca("cluster.local"),
             fail: AtomicBool::new(false),
+            stall: AtomicBool::new(false),
             answer_for: None,
             delay: Duration::ZERO,
             calls: Mutex::new(Vec::new()),
@@ -49,6 +52,9 @@ impl CertificateSigner for TestSigner {
             self.calls.lock().push(Instant::now());
             if !self.delay.is_zero() {
                 sleep(self.delay).await;
+            }
+            if self.stall.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
             }
             if self.fail.load(Ordering::SeqCst) {
                 return Err(CaError::Unavailable("test: CA is down".into()));
@@ -344,4 +350,39 @@ fn debug_output_never_shows_the_key() {
     let cert = crate::identity::testutil::workload(&ca, &id("cluster.local", "ns", "sa"));
     let printed = format!("{cert:?} {:?}", cert.clone());
     assert!(!printed.contains("key"), "no key field in {printed}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_ca_never_leaves_an_expired_certificate_in_service() {
+    let signer = TestSigner::new();
+    let manager = CertificateManager::new(
+        signer.clone(),
+        ManagerConfig {
+            ttl: Duration::from_secs(120),
+            ..ManagerConfig::default()
+        },
+    );
+    let web = id("cluster.local", "shop", "web");
+    manager.fetch(&web).await.expect("the first certificate");
+    signer.stall.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let mut state = manager.subscribe(&web);
+    // Renewals from half life on hang; at expiry the certificate must be withdrawn.
+    tokio::time::timeout(
+        Duration::from_secs(600),
+        state.wait_for(|state| matches!(state, CertState::Unavailable(_))),
+    )
+    .await
+    .expect("withdrawn, not served past its expiry")
+    .expect("the worker runs");
+    let withdrawn_after = started.elapsed();
+    assert!(
+        withdrawn_after <= Duration::from_secs(125),
+        "withdrawn {withdrawn_after:?} after issuance, for a 120 s certificate"
+    );
+    assert!(
+        signer.calls().len() >= 2,
+        "renewals were attempted: {:?}",
+        signer.calls()
+    );
 }
