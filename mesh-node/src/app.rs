@@ -526,7 +526,8 @@ async fn export_node_metrics(
 const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Keeps the proxy's memory flat under churn: prunes after each config change (pods and
-/// Services leave with one) and every [`PRUNE_INTERVAL`] (idle pooled connections expire).
+/// Services leave with one) and every [`PRUNE_INTERVAL`] (idle pooled connections expire),
+/// then gives the freed memory back to the system.
 async fn prune_departed(
     proxy: ProxyContext,
     node: String,
@@ -540,6 +541,7 @@ async fn prune_departed(
             () = tokio::time::sleep(PRUNE_INTERVAL) => {}
         }
         proxy.prune(&node);
+        crate::memory::release_free_memory();
     }
 }
 

@@ -1,7 +1,7 @@
 //! Nodemesh node agent: eBPF capture of enrolled pods and the node-local proxy.
 //!
-//! Unsafe code is confined to the one socket option std and nix do not wrap (`netns`);
-//! raw aya handles stay inside `ebpf`.
+//! Unsafe code is confined to the one socket option std and nix do not wrap (`netns`) and
+//! the allocator's trim (`memory`); raw aya handles stay inside `ebpf`.
 #![deny(unsafe_code)]
 pub mod accept;
 pub mod access_log;
@@ -17,6 +17,7 @@ pub mod ebpf;
 pub mod enroll;
 pub mod explain;
 pub mod identity;
+pub mod memory;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

@@ -1,5 +1,6 @@
 //! The node proxy: one process serving the in-pod listeners of every enrolled pod.
 pub mod connections;
+mod copy;
 pub mod hbone;
 pub mod http;
 // `explain` judges a hypothetical request with the proxy's own admission and resolution.
@@ -170,24 +171,53 @@ impl ProxyError {
     }
 }
 
-/// Copies both ways until both sides are done, passing half-closes on. Returns the bytes
-/// (client → upstream, upstream → client) that crossed, also when the copy ends in an
-/// error (a reset mid-stream is the peer's business, but its bytes did cross).
-pub async fn relay<C, U>(client: &mut C, upstream: &mut U) -> (u64, u64, Option<std::io::Error>)
+/// How long a relayed connection may carry nothing either way before the proxy closes it:
+/// Envoy's (and so Istio's) TCP idle timeout. Without one, connections whose ends vanished
+/// without a word would hold the node's sockets forever.
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Copies both ways until both sides are done, passing half-closes on, or until nothing
+/// has crossed for `idle_timeout`. Returns the bytes (client → upstream, upstream →
+/// client) that crossed, also when the copy ends in an error (a reset mid-stream is the
+/// peer's business, but its bytes did cross).
+pub async fn relay<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    idle_timeout: Duration,
+) -> (u64, u64, Option<std::io::Error>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let (from_client, from_upstream) = (AtomicU64::new(0), AtomicU64::new(0));
-    let result = tokio::io::copy_bidirectional(
-        &mut Counted::new(client, &from_client),
-        &mut Counted::new(upstream, &from_upstream),
-    )
-    .await;
+    let (mut client, mut upstream) = (
+        Counted::new(client, &from_client),
+        Counted::new(upstream, &from_upstream),
+    );
+    let copy = copy::copy_bidirectional(&mut client, &mut upstream);
+    let crossed = || from_client.load(Ordering::Relaxed) + from_upstream.load(Ordering::Relaxed);
+    let idle = async {
+        let mut seen = crossed();
+        loop {
+            tokio::time::sleep(idle_timeout).await;
+            let now = crossed();
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    };
+    let error = tokio::select! {
+        result = copy => result.err(),
+        () = idle => Some(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("nothing crossed for {idle_timeout:?}"),
+        )),
+    };
     (
         from_client.load(Ordering::Relaxed),
         from_upstream.load(Ordering::Relaxed),
-        result.err(),
+        error,
     )
 }
 
@@ -205,7 +235,7 @@ async fn relay_counted<C, U>(
 {
     let labels = &connection.parties.labels;
     proxy.metrics.tcp.opened(labels);
-    let (from_client, to_client, error) = relay(client, upstream).await;
+    let (from_client, to_client, error) = relay(client, upstream, TCP_IDLE_TIMEOUT).await;
     proxy.metrics.tcp.closed(labels, from_client, to_client);
     tracing::debug!(from_client, to_client, error = ?error, "connection closed");
     if proxy.access_log.is_on() {
@@ -321,5 +351,38 @@ pub async fn serve(
             }
             .instrument(span),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_relay_ends_after_the_idle_timeout_and_not_while_bytes_flow() {
+        let idle = Duration::from_secs(60);
+        let (mut client, mut client_end) = duplex(1024);
+        let (mut upstream, mut upstream_end) = duplex(1024);
+        let relayed = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let (sent, _, error) = relay(&mut client_end, &mut upstream_end, idle).await;
+            (started.elapsed(), sent, error)
+        });
+        // Traffic every 50 s for 200 s keeps it open.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            client.write_all(b"x").await.unwrap();
+            let mut byte = [0; 1];
+            upstream.read_exact(&mut byte).await.unwrap();
+        }
+        let (lasted, sent, error) = relayed.await.unwrap();
+        assert_eq!(sent, 4);
+        assert!(
+            lasted >= Duration::from_secs(200) && lasted <= Duration::from_secs(200) + 2 * idle,
+            "{lasted:?}"
+        );
+        assert_eq!(error.map(|e| e.kind()), Some(std::io::ErrorKind::TimedOut));
     }
 }
