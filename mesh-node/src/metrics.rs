@@ -21,9 +21,12 @@
 //!   `identity` is one per service account with a pod on this node (series of certificates
 //!   no longer held are removed); `destination_service` is one per Service hostname.
 //! * `process_*`: no labels.
+mod departed;
 mod http;
 pub mod process;
 pub mod server;
+
+use std::time::Duration;
 
 pub use http::{HttpMetrics, RequestOutcome};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
@@ -438,6 +441,7 @@ pub struct Metrics {
     pub tcp: TcpMetrics,
     pub http: HttpMetrics,
     pub node: NodeMetrics,
+    departed: std::sync::Arc<departed::DepartedSeries>,
 }
 
 impl Metrics {
@@ -449,7 +453,28 @@ impl Metrics {
             http: HttpMetrics::register(&registry)?,
             node: NodeMetrics::register(&registry)?,
             registry,
+            departed: std::sync::Arc::default(),
         })
+    }
+
+    /// Removes the `istio_*` series of workloads gone for a minute (so scrapes in between
+    /// still see their last counts). `present(workload, namespace)` says whether a workload
+    /// is in the mesh now.
+    pub fn forget_departed(&self, present: &dyn Fn(&str, &str) -> bool) {
+        self.forget_departed_after(present, departed::GRACE);
+    }
+
+    fn forget_departed_after(&self, present: &dyn Fn(&str, &str) -> bool, grace: Duration) {
+        let sweep = &self.departed;
+        for vec in [
+            &self.tcp.opened,
+            &self.tcp.closed,
+            &self.tcp.sent_bytes,
+            &self.tcp.received_bytes,
+        ] {
+            sweep.sweep(vec, TCP_LABELS, present, grace);
+        }
+        self.http.forget_departed(sweep, present, grace);
     }
 }
 

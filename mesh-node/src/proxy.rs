@@ -80,6 +80,13 @@ impl ProxyContext {
         self.clusters.prune(service_exists);
         self.resolver.prune(service_exists);
         self.upstreams.prune();
+        let workloads: std::collections::HashSet<(&str, &str)> = state
+            .workloads
+            .values()
+            .map(|w| (w.workload_name.as_str(), w.key.namespace.as_str()))
+            .collect();
+        self.metrics
+            .forget_departed(&|workload, namespace| workloads.contains(&(workload, namespace)));
         if let Some(mtls) = &self.mtls {
             let needed = state
                 .workloads

@@ -94,6 +94,20 @@ impl HttpMetrics {
         })
     }
 
+    /// See [`super::Metrics::forget_departed`].
+    pub(super) fn forget_departed(
+        &self,
+        sweep: &super::departed::DepartedSeries,
+        present: &dyn Fn(&str, &str) -> bool,
+        grace: std::time::Duration,
+    ) {
+        let labels: Vec<&str> = TCP_LABELS.iter().chain(RESPONSE_LABELS).copied().collect();
+        sweep.sweep(&self.requests, &labels, present, grace);
+        for histogram in [&self.duration, &self.request_bytes, &self.response_bytes] {
+            sweep.sweep(histogram, &labels, present, grace);
+        }
+    }
+
     /// Records one finished request on the connection labelled `labels`; the outcome's
     /// protocol and flags replace the connection's `tcp` and `-`.
     pub fn record(&self, labels: &ConnectionLabels, outcome: &RequestOutcome) {

@@ -290,3 +290,39 @@ fn the_agent_process_is_exported_without_labels() {
         );
     }
 }
+
+#[test]
+fn series_of_departed_workloads_go_after_a_grace_period() {
+    let metrics = Metrics::new().expect("metrics register");
+    let labels = sleep_to_web();
+    metrics.tcp.opened(&labels);
+    metrics.tcp.closed(&labels, 10, 20);
+    let opened = "istio_tcp_connections_opened_total";
+    let has_series = |metrics: &Metrics| exposition(metrics).contains(&format!("{opened}{{"));
+    let everyone = |_: &str, _: &str| true;
+    let without_sleep = |workload: &str, _: &str| workload != "sleep";
+    let (long, none) = (Duration::from_secs(3600), Duration::ZERO);
+    metrics.forget_departed_after(&everyone, none);
+    assert!(has_series(&metrics), "both workloads are here");
+    metrics.forget_departed_after(&without_sleep, long);
+    assert!(
+        has_series(&metrics),
+        "kept through the grace period, for a last scrape"
+    );
+    // Back within the grace period: kept, and no longer marked.
+    metrics.forget_departed_after(&everyone, none);
+    metrics.forget_departed_after(&without_sleep, long);
+    assert!(has_series(&metrics));
+    metrics.forget_departed_after(&without_sleep, none);
+    assert!(!has_series(&metrics), "gone once the grace period is over");
+    // A workload that comes back gets its series again, from zero.
+    metrics.tcp.opened(&labels);
+    assert_eq!(
+        sample(
+            &exposition(&metrics),
+            opened,
+            &[("source_workload", "sleep")]
+        ),
+        1.0
+    );
+}
