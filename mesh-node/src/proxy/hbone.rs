@@ -56,15 +56,41 @@ where
         .max_frame_size(MAX_FRAME_SIZE)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .handshake(io);
-    let (sender, connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    let (sender, mut connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| HboneError::Timeout("HTTP/2 handshake"))??;
+    let ping_pong = connection.ping_pong();
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
+        let closed = match ping_pong {
+            Some(ping_pong) => tokio::select! {
+                closed = connection => closed,
+                dead = keepalive(ping_pong) => Err(dead),
+            },
+            None => connection.await,
+        };
+        if let Err(error) = closed {
             debug!(%error, "HBONE tunnel closed");
         }
     });
     Ok(sender)
+}
+
+/// How often an HBONE client pings its tunnel, and how long the answer may take.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pings the tunnel's peer every [`KEEPALIVE_INTERVAL`]; returns when a ping goes
+/// unanswered, so the tunnel is dropped (and its pool entry found dead) instead of holding
+/// streams to a peer that vanished without a word.
+async fn keepalive(mut ping_pong: h2::PingPong) -> h2::Error {
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(error)) => return error,
+            Err(_) => return h2::Error::from(h2::Reason::PROTOCOL_ERROR),
+        }
+    }
 }
 
 /// Opens one CONNECT stream to `target` over a tunnel.

@@ -93,6 +93,57 @@ async fn a_refused_stream_reports_the_status_and_the_tunnel_lives_on() {
     assert_eq!(reply, "still up");
 }
 
+/// The server side of a tunnel to a peer that went silent after the handshake: it reads
+/// (so windows and pings are no help) and never answers anything.
+async fn silent_peer() -> (SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
+    let (client_io, server_io) = duplex(1 << 16);
+    let server = tokio::spawn(async move {
+        let mut connection = h2::server::handshake(server_io).await.expect("handshake");
+        // Take the request and never answer it.
+        let _held = connection.accept().await;
+        std::future::pending::<()>().await;
+    });
+    (
+        client_handshake(client_io).await.expect("handshake"),
+        server,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connect_to_a_peer_that_never_answers_times_out() {
+    let (sender, server) = silent_peer().await;
+    let started = tokio::time::Instant::now();
+    let refused = connect(sender, "10.0.0.1:8080".parse().unwrap()).await;
+    assert!(
+        matches!(refused, Err(HboneError::Timeout(_))),
+        "{:?}",
+        refused.map(|_| ())
+    );
+    assert_eq!(started.elapsed(), HANDSHAKE_TIMEOUT);
+    server.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tunnel_whose_peer_stops_answering_pings_is_dropped() {
+    // The peer's connection task is parked: nothing on its side reads or answers at all.
+    let (client_io, server_io) = duplex(1 << 16);
+    let server = tokio::spawn(async move {
+        let mut connection = h2::server::handshake(server_io).await.expect("handshake");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Stop polling the connection: pings are never answered from here on.
+        let _frozen = &mut connection;
+        std::future::pending::<()>().await;
+    });
+    let mut sender = client_handshake(client_io).await.expect("handshake");
+    tokio::time::sleep(KEEPALIVE_INTERVAL * 3).await;
+    let ready = std::future::poll_fn(|cx| sender.poll_ready(cx)).await;
+    assert!(
+        ready.is_err(),
+        "the tunnel must be closed after an unanswered ping"
+    );
+    server.abort();
+}
+
 proptest::proptest! {
     /// Any authority a peer can put in a request: no panic; only `ip:port` is a target.
     #[test]
