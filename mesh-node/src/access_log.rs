@@ -37,7 +37,7 @@ use crate::{
 /// Which connections and requests get a line.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum AccessLogMode {
-    /// No access log (the default: see the README's "Access logs").
+    /// No access log (the default: see docs/observability.md).
     #[default]
     Off,
     /// A line for every connection and request.

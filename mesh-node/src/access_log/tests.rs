@@ -30,7 +30,7 @@ impl Buffer {
     }
 }
 
-/// The fields the README promises on every line.
+/// The fields docs/observability.md promises on every line.
 const FIELDS: &[&str] = &[
     "time",
     "kind",
