@@ -46,7 +46,7 @@ pub use http::http_get_in_netns;
 pub use metrics::{Sample, metric_value, parse_samples};
 pub use netns::{ip_binary, run_in_netns};
 pub use pod::{Pod, PodProcess, PodSpec};
-pub use process::bin_path;
+pub use process::{bin_path, rss_bytes};
 pub use prometheus::{PROMETHEUS_BINARY, PromSample, Prometheus};
 pub use yaml::{namespace_yaml, service_yaml};
 

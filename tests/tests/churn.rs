@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use mesh_tests::{
-    Cluster, PodSpec, metric_value, namespace_yaml,
+    Cluster, PodSpec, metric_value, namespace_yaml, rss_bytes,
     scenario::{ENROLLED, connect, replies, skip, wait_enrolled, wait_for_metric, wait_until},
     service_yaml,
 };
@@ -11,15 +11,6 @@ use mesh_tests::{
 /// About two minutes of churn: long enough for the agent to forget the metric series of
 /// departed workloads (after a minute) while new ones keep coming.
 const ROUNDS: usize = 90;
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("status")
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
 
 /// Entries of every eBPF map on node `i`, as the agent last counted them.
 fn map_entries(cluster: &Cluster, i: usize) -> f64 {
@@ -92,7 +83,7 @@ fn pods_and_services_coming_and_going_leave_the_agents_flat() {
             "node0's eBPF maps to empty",
             || (map_entries(&cluster, 0) == 0.0).then_some(()),
         );
-        rss.push(rss_kib(pid));
+        rss.push(rss_bytes(pid) / 1024);
     }
     let (_, certs) = cluster.http_get(0, 15000, "/certs");
     assert_eq!(

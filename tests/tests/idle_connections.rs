@@ -7,7 +7,7 @@ use std::{
 };
 
 use mesh_tests::{
-    Cluster, PodSpec, namespace_yaml,
+    Cluster, PodSpec, namespace_yaml, rss_bytes,
     scenario::{ENROLLED, skip, wait_enrolled, wait_for_metric, wait_until},
 };
 
@@ -63,17 +63,6 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Resident memory of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib * 1024
 }
 
 #[test]
@@ -140,11 +129,11 @@ fn ten_thousand_idle_mtls_connections_cost_at_most_30_kib_each_and_are_given_bac
         200.0,
     );
     let pids = [0, 1].map(|i| cluster.agent_pid(i).expect("agent"));
-    let before = pids.map(rss);
+    let before = pids.map(rss_bytes);
 
     let connections = open(CONNECTIONS);
     std::thread::sleep(Duration::from_secs(1));
-    let held = pids.map(rss);
+    let held = pids.map(rss_bytes);
     for (i, (held, before)) in held.iter().zip(before).enumerate() {
         let per_connection = held.saturating_sub(before) / CONNECTIONS as u64;
         eprintln!(
@@ -171,7 +160,7 @@ fn ten_thousand_idle_mtls_connections_cost_at_most_30_kib_each_and_are_given_bac
         Duration::from_secs(45),
         "the agents to give memory back",
         || {
-            let after = pids.map(rss);
+            let after = pids.map(rss_bytes);
             let returned = after
                 .iter()
                 .zip(held)
