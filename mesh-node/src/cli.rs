@@ -637,4 +637,53 @@ mod tests {
         assert!("sampled:2".parse::<AccessLogMode>().is_err());
         assert!("sometimes".parse::<AccessLogMode>().is_err());
     }
+
+    /// `docs/cli.md`: every command's flags, as `--help` prints them.
+    fn cli_reference() -> String {
+        use clap::CommandFactory;
+
+        let mut cli = Cli::command().term_width(100);
+        let mut out = String::from(
+            "# Command-line reference\n\nEvery flag of every `mesh-node` command, as `--help` \
+             prints it. Generated: a unit test fails when this file and the code disagree \
+             (`NODEMESH_UPDATE_DOCS=1 cargo test -p mesh-node cli_reference` rewrites it).\n",
+        );
+        let mut sections = vec![(String::from("mesh-node"), cli.render_long_help())];
+        for sub in cli.get_subcommands_mut() {
+            let name = format!("mesh-node {}", sub.get_name());
+            for nested in sub.get_subcommands_mut() {
+                let nested_name = format!("{name} {}", nested.get_name());
+                sections.push((nested_name, nested.render_long_help()));
+            }
+            sections.push((name, sub.render_long_help()));
+        }
+        sections.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, help) in sections {
+            // Values from this machine's environment (`[env: X=value]`) are not reference.
+            let help = regex::Regex::new(r"\[env: ([A-Z_]+)=[^\]]*\]")
+                .expect("a regex")
+                .replace_all(&help.to_string(), "[env: $1]")
+                .into_owned();
+            out.push_str(&format!(
+                "\n## `{name}`\n\n```text\n{}\n```\n",
+                help.trim_end()
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn cli_reference_is_up_to_date() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cli.md");
+        let expected = cli_reference();
+        if std::env::var_os("NODEMESH_UPDATE_DOCS").is_some() {
+            std::fs::write(&path, &expected).expect("writing docs/cli.md");
+        }
+        let actual = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            actual == expected,
+            "docs/cli.md is stale: run NODEMESH_UPDATE_DOCS=1 cargo test -p mesh-node \
+             cli_reference"
+        );
+    }
 }
