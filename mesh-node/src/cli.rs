@@ -658,10 +658,10 @@ mod tests {
             sections.push((name, sub.render_long_help()));
         }
         sections.sort_by(|a, b| a.0.cmp(&b.0));
+        // Values from this machine's environment (`[env: X=value]`) are not reference.
+        let env_value = regex::Regex::new(r"\[env: ([A-Z_]+)=[^\]]*\]").expect("a regex");
         for (name, help) in sections {
-            // Values from this machine's environment (`[env: X=value]`) are not reference.
-            let help = regex::Regex::new(r"\[env: ([A-Z_]+)=[^\]]*\]")
-                .expect("a regex")
+            let help = env_value
                 .replace_all(&help.to_string(), "[env: $1]")
                 .into_owned();
             out.push_str(&format!(
