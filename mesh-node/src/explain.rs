@@ -30,7 +30,7 @@ use crate::{
         http::{
             PortProtocol, normalize_path, outbound::prepare, port_protocol, service_port_for_target,
         },
-        inbound::{Admission, Caller, check_policy},
+        inbound::{Admission, Caller, check_policy, refuse_own_listeners},
         resolve::service_endpoints,
     },
     routing::{
@@ -981,6 +981,14 @@ impl Explainer<'_> {
         };
         check.protocol = if is_http { "HTTP" } else { "TCP" }.into();
         check.peer_authentication = Some(policies.mtls_mode(destination, address.port()));
+        if let Err(error) = refuse_own_listeners(address) {
+            check.outcome = Outcome::Denied {
+                by: "the destination's proxy".into(),
+                reason: error.to_string(),
+            };
+            check.detail = "the connection is refused".into();
+            return check;
+        }
 
         let caller = Caller::new(source_ip, identities);
         let attributes = caller.attributes(address);

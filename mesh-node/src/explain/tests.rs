@@ -546,3 +546,17 @@ fn requests_travel_as_query_strings() {
     assert!(ExplainRequest::from_query("source=a&destination=b&port=x").is_err());
     assert!(ExplainRequest::from_query("source=%zz&destination=b").is_err());
 }
+
+#[test]
+fn a_connection_to_the_proxy_s_own_port_is_explained_as_refused() {
+    let state = state(BOOKINFO);
+    let explanation = explained(
+        &state,
+        &ask("productpage", "default/reviews-v1", Some(15006)),
+    );
+    let check = endpoint(&explanation, "default/reviews-v1");
+    assert!(
+        matches!(&check.outcome, Outcome::Denied { reason, .. } if reason.contains("own listener")),
+        "{check:?}"
+    );
+}

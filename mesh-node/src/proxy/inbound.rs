@@ -186,7 +186,7 @@ async fn serve_connect(
 /// connection on the proxy again, which would deliver it again, until the node ran out of
 /// sockets: plaintext to `<pod IP>:15006` arrives on the listener directly, and an HBONE
 /// CONNECT may name any port.
-fn refuse_own_listeners(original: SocketAddr) -> Result<(), ProxyError> {
+pub(crate) fn refuse_own_listeners(original: SocketAddr) -> Result<(), ProxyError> {
     const OWN_PORTS: [u16; 3] = [ports::OUTBOUND, ports::INBOUND_PLAINTEXT, ports::HBONE];
     let ip = original.ip();
     if ip.is_loopback() || ip.is_unspecified() || OWN_PORTS.contains(&original.port()) {
