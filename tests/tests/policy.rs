@@ -22,6 +22,11 @@ struct Scene {
 }
 
 fn scene(test: &str) -> Scene {
+    scene_with(test, &[])
+}
+
+/// [`scene`] with `agent_args` added to both agents' command lines.
+fn scene_with(test: &str, agent_args: &[&str]) -> Scene {
     let mut cluster = Cluster::new(test, 2);
     let web = cluster.add_pod(PodSpec::new("web", 1).namespace("shop").label("app", "web"));
     let alice = cluster.add_pod(PodSpec::new("alice", 0).namespace("plain"));
@@ -33,7 +38,9 @@ fn scene(test: &str) -> Scene {
         &["serve", "--listen", &a, "--listen", &b, "--name", "web"],
     );
     server.wait_for_output("ready", Duration::from_secs(10));
-    cluster.start_agents();
+    for node in 0..2 {
+        cluster.start_agent(node, agent_args);
+    }
     wait_enrolled(&cluster, 1, 1);
     Scene {
         cluster,
@@ -97,6 +104,11 @@ spec:
         "nodemesh_proxy_errors_total",
         &refused,
         1.0,
+    );
+    let probe = from_node(&scene, 1, format!("{}:8080", scene.web.ip)).unwrap_or_default();
+    assert!(
+        probe.is_empty(),
+        "without --allow-node-probes the node's own plaintext is refused too: {probe:?}"
     );
 
     scene.apply(
@@ -324,7 +336,7 @@ fn the_node_s_own_probes_pass_strict_and_allow_policies_and_only_they_do() {
     if skip() {
         return;
     }
-    let scene = scene("probes");
+    let scene = scene_with("probes", &["--allow-node-probes"]);
     scene.apply(
         "apiVersion: security.istio.io/v1
 kind: PeerAuthentication

@@ -82,7 +82,10 @@ pub(super) async fn handle(
         .map_err(|e| ProxyError::Socket(e.to_string()))?;
     let state = proxy.state.borrow().clone();
     let mut caller = Caller::new(peer.ip(), None);
-    caller.from_node = proxy.node_addresses.contains(peer.ip());
+    caller.from_node = proxy
+        .node_addresses
+        .as_ref()
+        .is_some_and(|node| node.contains(peer.ip()));
     let result = match refuse_own_listeners(original)
         .and_then(|()| admit(&state, pod, &caller, original, None))
     {

@@ -4,11 +4,15 @@
 //! identity. Under a STRICT PeerAuthentication (or an ALLOW-only AuthorizationPolicy) a
 //! probed pod would never become ready. Istio ambient lets such traffic through: its CNI
 //! marks every connection that originates on the node (`--socket-exists`) with a link-local
-//! source, and ztunnel does not intercept it. Nodemesh needs no iptables to tell: a
-//! connection whose source address is one of the node's own addresses was made on the node
-//! (a pod cannot complete a handshake with a spoofed node address: the replies go to the
-//! node). As in Istio, that covers kubelet and any host-network process of the node, and
-//! nothing else: a pod on the node, or anything on another node, is judged as before.
+//! source, and ztunnel does not intercept it. With `--allow-node-probes`, Nodemesh tells the
+//! node's traffic by its source: one of the node's own addresses (a pod cannot complete a
+//! handshake with a spoofed node address: the replies go to the node). That covers kubelet
+//! and the node's host-network processes, and a pod on the node or anything on another node
+//! is judged as before. But it also covers what kube-proxy forwards with SNAT to the node's
+//! address (a NodePort with `externalTrafficPolicy: Cluster`), which Istio's
+//! `--socket-exists` does not: hence off by default, until the kernel side records the
+//! connections that node sockets open (as a `sockops` program can) and the proxy checks for
+//! those instead.
 use std::{
     net::IpAddr,
     sync::Arc,
