@@ -42,6 +42,8 @@ pub mod maps {
     pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
     pub const ORIG_DST_BY_TUPLE: &str = "ORIG_DST_BY_TUPLE";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const NODE_CONNECTIONS: &str = "NODE_CONNECTIONS";
+    pub const HOST_NETNS: &str = "HOST_NETNS";
     pub const COUNTERS: &str = "COUNTERS";
 }
 
@@ -58,6 +60,7 @@ pub mod capacity {
     pub const ENROLLED_NETNS: u32 = 4096;
     pub const ORIG_DST: u32 = 65536;
     pub const INBOUND_LISTENERS: u32 = 8192;
+    pub const NODE_CONNECTIONS: u32 = 16384;
 }
 
 /// `AF_INET` and `AF_INET6` as the kernel numbers them.

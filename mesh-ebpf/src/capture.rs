@@ -9,7 +9,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{HashMap, LruHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
@@ -42,6 +42,18 @@ static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
 #[map(name = "ORIG_DST_BY_TUPLE")]
 static ORIG_DST_BY_TUPLE: LruHashMap<OrigDstKey, SockAddr> =
     LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
+
+/// Connections opened by sockets of the node itself (its own network namespace: kubelet's
+/// probes, host-network processes), by the node socket's address, for the proxy to tell
+/// them from connections that only carry a node address (kube-proxy's SNAT). LRU: the
+/// proxy takes the entries it needs, the rest age out.
+#[map(name = "NODE_CONNECTIONS")]
+static NODE_CONNECTIONS: LruHashMap<SockAddr, u32> =
+    LruHashMap::with_max_entries(capacity::NODE_CONNECTIONS, 0);
+
+/// The node's own netns cookie (the agent's), written by the agent at start.
+#[map(name = "HOST_NETNS")]
+static HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Each enrolled pod's in-pod inbound (15006) listener, by pod address.
 #[map(name = "INBOUND_LISTENERS")]
@@ -209,15 +221,27 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     try_sockops(&ctx)
 }
 
-/// When a captured socket is established, re-key its original destination by the client
-/// address the in-pod listener will see as its peer. This runs while the SYN-ACK is being
-/// processed, before the final ACK leaves, so the record exists before `accept()` returns.
+/// When a socket is established: a captured one's original destination is re-keyed by the
+/// client address the in-pod listener will see as its peer, and one of the node's own is
+/// recorded as the node's. This runs while the SYN-ACK is being processed, before the
+/// final ACK leaves, so the record exists before `accept()` returns.
 #[inline(always)]
 fn try_sockops(ctx: &SockOpsContext) -> u32 {
     if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 1;
     }
     let ops_ptr: *mut c_void = ctx.as_ptr();
+    // SAFETY: helper available to sock_ops programs since 5.15.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ops_ptr) };
+    if HOST_NETNS
+        .get(0)
+        .is_some_and(|host| *host != 0 && *host == netns_cookie)
+    {
+        if NODE_CONNECTIONS.insert(&local_addr(ctx), &1, 0).is_err() {
+            bump(counters::ORIG_DST_TABLE_FULL);
+        }
+        return 1;
+    }
     // SAFETY: helper available to sock_ops programs since 4.12.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ops_ptr) };
     // SAFETY: the value is copied out before the entry is removed.
@@ -225,6 +249,20 @@ fn try_sockops(ctx: &SockOpsContext) -> u32 {
         return 1;
     };
     let _ = ORIG_DST_BY_COOKIE.remove(&socket_cookie);
+    let key = OrigDstKey {
+        netns_cookie,
+        client: local_addr(ctx),
+    };
+    if ORIG_DST_BY_TUPLE.insert(&key, &original, 0).is_err() {
+        bump(counters::ORIG_DST_TABLE_FULL);
+    }
+    1
+}
+
+/// The socket's own end (address and port), as its peer sees it: a dual-stack socket's
+/// IPv4 connection as IPv4.
+#[inline(always)]
+fn local_addr(ctx: &SockOpsContext) -> SockAddr {
     let ops = ctx.ops;
     let family = ctx.family();
     // SAFETY: `ops` is the valid context. Each field is read with its own load at a constant
@@ -241,25 +279,16 @@ fn try_sockops(ctx: &SockOpsContext) -> u32 {
             ]
         }
     };
-    // A dual-stack socket's IPv4 connection: the listener sees an IPv4 peer.
     let (family, addr) = if family == AF_INET6 && is_v4_mapped(&addr) {
         (AF_INET, [addr[3], 0, 0, 0])
     } else {
         (family, addr)
     };
-    let key = OrigDstKey {
-        // SAFETY: helper available to sock_ops programs since 5.15.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ops_ptr) },
-        client: SockAddr {
-            family,
-            port: ctx.local_port(),
-            addr,
-        },
-    };
-    if ORIG_DST_BY_TUPLE.insert(&key, &original, 0).is_err() {
-        bump(counters::ORIG_DST_TABLE_FULL);
+    SockAddr {
+        family,
+        port: ctx.local_port(),
+        addr,
     }
-    1
 }
 
 // === inbound: sk_lookup ===

@@ -138,7 +138,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         ),
         tracing: tracing.clone(),
         connections: connections.clone(),
-        node_addresses: config.allow_node_probes.then(Arc::default),
+        node_addresses: Arc::default(),
     };
 
     let admin_state = state_rx.clone();

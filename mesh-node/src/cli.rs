@@ -255,14 +255,6 @@ pub struct RunConfig {
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_ttl: std::time::Duration,
 
-    /// Let plaintext from the node's own addresses (kubelet's probes) pass
-    /// PeerAuthentication and AuthorizationPolicy, so probed pods under STRICT become
-    /// ready. Off by default: the agent tells the node's traffic by its source address,
-    /// and traffic kube-proxy forwards with SNAT to the node's address (a NodePort with
-    /// `externalTrafficPolicy: Cluster`) would pass too.
-    #[arg(long)]
-    pub allow_node_probes: bool,
-
     /// Connections one pooled HBONE tunnel carries before a new tunnel (a new TLS
     /// handshake) replaces it; 1 disables pooling.
     #[arg(long, default_value_t = 1000)]

@@ -64,9 +64,9 @@ pub struct ProxyContext {
     pub tracing: Arc<Tracing>,
     /// The live connections, for the admin API.
     pub connections: Arc<connections::Connections>,
-    /// The node's own addresses, when plaintext from them (kubelet probing its pods)
-    /// passes the policies (`--allow-node-probes`).
-    pub node_addresses: Option<Arc<node_probes::NodeAddresses>>,
+    /// The node's own addresses: plaintext from them that a node socket opened is kubelet
+    /// probing its pods.
+    pub node_addresses: Arc<node_probes::NodeAddresses>,
 }
 
 impl ProxyContext {

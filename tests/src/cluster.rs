@@ -6,7 +6,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    process::{Child, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
@@ -687,6 +687,21 @@ impl Cluster {
             .take()
             .unwrap_or_else(|| panic!("the agent of node{i} is not running"));
         process::terminate(&mut child, AGENT_STOP_GRACE).expect("waiting for the agent")
+    }
+
+    /// A command that runs `program` as a process of node `i` itself: in the node's netns
+    /// and its cgroup (where the capture programs see its sockets), like kubelet.
+    pub fn node_command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.check_node(i);
+        let ns = netns::open_netns(&self.node_netns[i]).unwrap_or_else(|e| panic!("{e}"));
+        let procs_path = self.node_cgroups[i].join("cgroup.procs");
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(&procs_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", procs_path.display()));
+        let mut command = Command::new(program);
+        process::place(&mut command, ns, Some(procs));
+        command
     }
 
     /// PID of node `i`'s agent, if it was started and not stopped.

@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Ebpf, Pod,
-    maps::{HashMap, IterableMap, Map, MapData, MapError, MapKeys, PerCpuArray, SockHash},
+    maps::{Array, HashMap, IterableMap, Map, MapData, MapError, MapKeys, PerCpuArray, SockHash},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
         sk_lookup::SkLookupLinkId,
@@ -46,6 +46,8 @@ pub enum CaptureError {
         map: &'static str,
         source: std::io::Error,
     },
+    #[error("reading the agent's own netns cookie: {0}")]
+    OwnNetns(#[source] std::io::Error),
 }
 
 /// Snapshot of the kernel-side event counters.
@@ -74,6 +76,8 @@ pub struct Capture {
     control: Mutex<Control>,
     /// Separate lock: read on every accepted connection.
     orig_dst: Mutex<HashMap<MapData, OrigDstKey, SockAddr>>,
+    /// Connections the node's own sockets opened, read for plaintext from a node address.
+    node_connections: Mutex<HashMap<MapData, SockAddr, u32>>,
     counters: PerCpuArray<MapData, u64>,
     census: Vec<Census>,
 }
@@ -139,10 +143,20 @@ impl Capture {
         // Only the kernel side uses it; the agent holds it just to count its entries.
         let by_cookie: HashMap<_, u64, SockAddr> =
             HashMap::try_from(take(maps::ORIG_DST_BY_COOKIE)?)?;
+        let node_connections: HashMap<_, SockAddr, u32> =
+            HashMap::try_from(take(maps::NODE_CONNECTIONS)?)?;
+        // The node's netns is the agent's own: its sockets' connections are the node's.
+        let mut host_netns: Array<_, u64> = Array::try_from(take(maps::HOST_NETNS)?)?;
+        host_netns.set(0, own_netns_cookie()?, 0)?;
         let census = vec![
             Census::of_hash(maps::ENROLLED_NETNS, capacity::ENROLLED_NETNS, &enrolled)?,
             Census::of_hash(maps::ORIG_DST_BY_COOKIE, capacity::ORIG_DST, &by_cookie)?,
             Census::of_hash(maps::ORIG_DST_BY_TUPLE, capacity::ORIG_DST, &orig_dst)?,
+            Census::of_hash(
+                maps::NODE_CONNECTIONS,
+                capacity::NODE_CONNECTIONS,
+                &node_connections,
+            )?,
             Census::of_sock_hash(
                 maps::INBOUND_LISTENERS,
                 capacity::INBOUND_LISTENERS,
@@ -159,6 +173,7 @@ impl Capture {
                 sk_lookup_links: StdHashMap::new(),
             }),
             orig_dst: Mutex::new(orig_dst),
+            node_connections: Mutex::new(node_connections),
             counters,
             census,
         })
@@ -245,6 +260,20 @@ impl Capture {
         from_sock_addr(&table.get(&key, 0).ok()?)
     }
 
+    /// Whether the connection whose client end is `client` was opened by one of the node's
+    /// own sockets (the kernel saw it established in the node's netns), rather than merely
+    /// carrying a node address, as traffic kube-proxy forwards with SNAT does. Consumes
+    /// the record.
+    pub fn take_node_connection(&self, client: SocketAddr) -> bool {
+        let key = to_sock_addr(client);
+        let mut table = self.node_connections.lock();
+        let found = table.get(&key, 0).is_ok();
+        if found {
+            let _ = table.remove(&key);
+        }
+        found
+    }
+
     pub fn counters(&self) -> Counters {
         let read = |index: u32| -> u64 {
             self.counters
@@ -328,4 +357,11 @@ fn orig_dst_key(netns_cookie: u64, client: SocketAddr) -> OrigDstKey {
         netns_cookie,
         client: to_sock_addr(client),
     }
+}
+
+/// The cookie of the calling thread's netns (the agent's own), read from a socket made for
+/// the purpose.
+fn own_netns_cookie() -> Result<u64, CaptureError> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(CaptureError::OwnNetns)?;
+    crate::netns::netns_cookie(&socket).map_err(CaptureError::OwnNetns)
 }

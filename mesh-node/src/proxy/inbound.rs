@@ -82,10 +82,10 @@ pub(super) async fn handle(
         .map_err(|e| ProxyError::Socket(e.to_string()))?;
     let state = proxy.state.borrow().clone();
     let mut caller = Caller::new(peer.ip(), None);
-    caller.from_node = proxy
-        .node_addresses
-        .as_ref()
-        .is_some_and(|node| node.contains(peer.ip()));
+    // A node address is not enough (kube-proxy's SNAT gives forwarded traffic one): the
+    // kernel must also have seen a node socket open this connection.
+    caller.from_node =
+        proxy.node_addresses.contains(peer.ip()) && proxy.capture.take_node_connection(peer);
     let result = match refuse_own_listeners(original)
         .and_then(|()| admit(&state, pod, &caller, original, None))
     {

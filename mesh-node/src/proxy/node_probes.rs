@@ -3,16 +3,15 @@
 //! kubelet probes pods from the node's own network namespace, in plaintext and without an
 //! identity. Under a STRICT PeerAuthentication (or an ALLOW-only AuthorizationPolicy) a
 //! probed pod would never become ready. Istio ambient lets such traffic through: its CNI
-//! marks every connection that originates on the node (`--socket-exists`) with a link-local
-//! source, and ztunnel does not intercept it. With `--allow-node-probes`, Nodemesh tells the
-//! node's traffic by its source: one of the node's own addresses (a pod cannot complete a
-//! handshake with a spoofed node address: the replies go to the node). That covers kubelet
-//! and the node's host-network processes, and a pod on the node or anything on another node
-//! is judged as before. But it also covers what kube-proxy forwards with SNAT to the node's
-//! address (a NodePort with `externalTrafficPolicy: Cluster`), which Istio's
-//! `--socket-exists` does not: hence off by default, until the kernel side records the
-//! connections that node sockets open (as a `sockops` program can) and the proxy checks for
-//! those instead.
+//! SNATs every connection that a socket of the node opens (iptables `--socket-exists`) to a
+//! link-local source, and ztunnel lets that source pass. Nodemesh needs no iptables: the
+//! capture's `sockops` program records every connection a socket in the node's netns
+//! establishes, and the proxy lets plaintext pass when its source is one of the node's
+//! addresses (checked first: cheap) and the kernel recorded it. That covers kubelet and the
+//! node's host-network processes, as in Istio. It does not cover traffic that kube-proxy
+//! forwards with SNAT to a node address (a NodePort with `externalTrafficPolicy: Cluster`):
+//! no node socket opened it, so it is judged like any client, and so is a pod on the node
+//! or anything on another node.
 use std::{
     net::IpAddr,
     sync::Arc,
