@@ -229,7 +229,7 @@ pub struct Caller {
     pub identities: Option<Arc<(Identity, Identity)>>,
     /// The caller's identity as Istio writes principals: `<td>/ns/<ns>/sa/<sa>`.
     principal: Option<String>,
-    /// Plaintext from one of the node's own addresses: kubelet's probes (and the node's
+    /// Plaintext that a socket of the node itself opened: kubelet's probes (and the node's
     /// host-network processes), which pass the policies as in Istio ambient
     /// (`node_probes`).
     pub from_node: bool,
