@@ -7,6 +7,12 @@
 //! connection (ECONNABORTED: the client gave up while queued) do not.
 use std::{io, time::Duration};
 
+/// How long an HTTP/1.1 client may take to send a request's headers, counted from when
+/// the connection starts waiting for it (so also how long a keep-alive connection idles).
+/// Every HTTP server of the agent (the proxy's and its own endpoints) lets go of a client that
+/// takes longer.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long an accept loop waits after running out of fds or memory.
 pub const RESOURCE_BACK_OFF: Duration = Duration::from_millis(100);
 

@@ -29,9 +29,8 @@ use tokio::time::Instant;
 
 use crate::{
     identity::Identity,
+    inventory::{Service, Workload},
     metrics::{ConnectionLabels, Reporter},
-    proxy::ProxyError,
-    state::{Service, Workload},
 };
 
 /// Which connections and requests get a line.
@@ -384,6 +383,17 @@ pub struct RequestFacts {
     pub policy: Option<String>,
 }
 
+/// Why the proxy refused a connection or could not serve it, as telemetry records it. The
+/// proxy describes its own errors this way, so the sinks need not know them.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    /// Envoy's response flag (`NR`, `UH`, `RBAC`, `UF`...).
+    pub response_flags: &'static str,
+    /// The policy that refused it, if a policy did.
+    pub policy: Option<String>,
+    pub error: String,
+}
+
 /// How a request ended.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestEnd<'a> {
@@ -448,18 +458,18 @@ impl Entry {
         parties: &Parties,
         started: &Started,
         upstream: Option<SocketAddr>,
-        error: &ProxyError,
+        refusal: Refusal,
     ) -> Self {
-        let policy = match error {
-            ProxyError::Denied { policy, .. } => Some(policy.clone()),
-            ProxyError::MtlsRequired => Some("PeerAuthentication (mTLS STRICT)".into()),
-            _ => None,
-        };
+        let Refusal {
+            response_flags,
+            policy,
+            error,
+        } = refusal;
         Self {
             upstream,
-            response_flags: response_flags(error).into(),
+            response_flags: response_flags.into(),
             policy,
-            error: Some(error.to_string()),
+            error: Some(error),
             ..Self::new(parties, Kind::Connection, started, "tcp")
         }
     }
@@ -505,25 +515,6 @@ impl Entry {
             || self.response_flags != "-"
             || self.policy.is_some()
             || self.error.is_some()
-    }
-}
-
-/// Envoy's response flag for a connection the proxy could not serve.
-pub fn response_flags(error: &ProxyError) -> &'static str {
-    match error {
-        ProxyError::NoOriginalDestination
-        | ProxyError::NotLocal(_)
-        | ProxyError::OwnListener(_) => "NR",
-        ProxyError::NoEndpoint { .. } => "UH",
-        ProxyError::Denied { .. } | ProxyError::MtlsRequired => "RBAC",
-        ProxyError::Connect { .. }
-        | ProxyError::ConnectTimeout(_)
-        | ProxyError::Socket(_)
-        | ProxyError::Certificate(_)
-        | ProxyError::Tls(_)
-        | ProxyError::Hbone(_)
-        | ProxyError::NoSourceAddress => "UF",
-        ProxyError::Http(_) => "-",
     }
 }
 

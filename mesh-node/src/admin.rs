@@ -9,9 +9,10 @@ use serde_json::{Value, json};
 use crate::{
     explain::{self, Agent, ExplainError, ExplainRequest},
     identity::CertState,
+    inventory::ObjectKey,
     proxy::{Mtls, connections::Connections},
     readiness::Readiness,
-    state::{ObjectKey, State, StateRx},
+    state::{State, StateRx},
 };
 
 /// Changes the log filter at run time (`RUST_LOG` syntax); `Err` says why not.
@@ -247,7 +248,7 @@ mod tests {
     use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
 
     use super::*;
-    use crate::{proxy::connections::Connection, state::Workload};
+    use crate::{inventory::Workload, proxy::connections::Connection};
 
     fn admin(state: State) -> Admin {
         let (_, rx) = tokio::sync::watch::channel(Arc::new(state));

@@ -19,17 +19,19 @@ use crate::{
     config::{file::FileSource, kube::KubeSource},
     distributed_tracing::{TraceConfig, Tracing},
     ebpf::Capture,
+    endpoints::{self, Endpoints},
     enroll::Enrollment,
     identity::{
         self, CertState, CertificateAuthority, CertificateManager, CertificateSigner, ManagerConfig,
     },
-    metrics::{self, Metrics, NodeMetrics, server::Endpoints},
+    inventory::ObjectKey,
+    metrics::{Metrics, NodeMetrics},
     netns::Netns,
     proxy::{Mtls, ProxyContext, Resolver, connections::Connections},
     readiness::{Readiness, ReadinessGuard},
     signal,
     signer::{self, CaAddress, NodeSigner, RemoteSigner},
-    state::{ObjectKey, State, StateRx, StateTx},
+    state::{State, StateRx, StateTx},
 };
 
 /// How often the eBPF counters and certificate expiries are copied into the metrics.
@@ -74,7 +76,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     // Health first: while the agent waits for what it needs (the CA's root), it answers
     // "alive, not ready" instead of being restarted for not answering.
     let mut tasks = JoinSet::new();
-    tasks.spawn(metrics::serve(
+    tasks.spawn(endpoints::serve(
         health_listener,
         Endpoints::Health(readiness.clone()),
         shutdown.clone(),
@@ -167,7 +169,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     }
     let cni_owner = config.cni.uninstall_with.clone().zip(installation);
     tasks.spawn(enrollment.run(state_rx, pods_ready, shutdown.clone()));
-    tasks.spawn(metrics::serve(
+    tasks.spawn(endpoints::serve(
         metrics_listener,
         Endpoints::Metrics(metrics.clone()),
         shutdown.clone(),
@@ -180,7 +182,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         log,
         connections,
     };
-    tasks.spawn(metrics::serve(
+    tasks.spawn(endpoints::serve(
         admin_listener,
         Endpoints::Admin(Arc::new(admin)),
         shutdown.clone(),

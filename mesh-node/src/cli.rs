@@ -314,14 +314,14 @@ pub struct CniConfig {
     #[arg(long = "cni-uninstall-with", id = "cni_uninstall_with",
           requires = "cni_bin_dir", value_parser = parse_object_key)]
     #[serde(rename = "cni_uninstall_with")]
-    pub uninstall_with: Option<crate::state::ObjectKey>,
+    pub uninstall_with: Option<crate::inventory::ObjectKey>,
 }
 
 /// `namespace/name`.
-fn parse_object_key(value: &str) -> Result<crate::state::ObjectKey, String> {
+fn parse_object_key(value: &str) -> Result<crate::inventory::ObjectKey, String> {
     match value.split_once('/') {
         Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
-            Ok(crate::state::ObjectKey::new(namespace, name))
+            Ok(crate::inventory::ObjectKey::new(namespace, name))
         }
         _ => Err(format!("{value:?} is not namespace/name")),
     }
@@ -500,7 +500,7 @@ mod tests {
     fn the_daemon_set_to_uninstall_with_is_namespace_slash_name() {
         assert_eq!(
             parse_object_key("nodemesh-system/nodemesh-node"),
-            Ok(crate::state::ObjectKey::new(
+            Ok(crate::inventory::ObjectKey::new(
                 "nodemesh-system",
                 "nodemesh-node"
             ))

@@ -15,7 +15,7 @@ use std::{net::IpAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::ObjectKey;
+use crate::inventory::ObjectKey;
 
 pub mod install;
 pub mod owner;

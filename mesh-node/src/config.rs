@@ -15,11 +15,12 @@ use std::{collections::BTreeMap, sync::Arc};
 
 pub use last_good::LastGood;
 use tracing::{info, warn};
-pub use translate::{Object, ObjectId, TranslateError, translate, validate};
+pub use translate::{Object, TranslateError, routing_resources, translate, validate};
 
 use crate::{
+    inventory::Rejection,
     metrics::NodeMetrics,
-    state::{Rejection, State, StateTx},
+    state::{State, StateTx},
 };
 
 /// Translates `objects` and publishes the state; logs what was refused. `origins` says where

@@ -27,10 +27,11 @@ use crate::{
         AgentRequest, AgentResponse, PodRef,
         server::{CniCall, CniRequests},
     },
+    inventory::{ENROLLMENT_LABEL, ObjectKey, Workload},
     netns::{self, Netns, NetnsError},
     proxy::{self, Direction, PodContext, ProxyContext, bind_pod_listeners},
     readiness::ReadinessGuard,
-    state::{ENROLLMENT_LABEL, ObjectKey, State, StateRx, Workload},
+    state::{State, StateRx},
 };
 
 /// How often pods whose netns was not found yet are looked for again.

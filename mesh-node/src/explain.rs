@@ -24,20 +24,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     identity::Identity,
-    policy::{Action, MtlsMode, Policies, RequestAttributes, Verdict},
-    proxy::{
-        ProxyError,
-        http::{
-            PortProtocol, normalize_path, outbound::prepare, port_protocol, service_port_for_target,
+    inventory::{ObjectKey, Service, ServicePort, Workload},
+    plan::{
+        admission::{
+            ACCESS_DENIED, Admission, Caller, Refused, admission_for, authorize_request,
+            check_policy, refuse_own_listeners, request_host,
         },
-        inbound::{Admission, Caller, check_policy, refuse_own_listeners},
-        resolve::service_endpoints,
+        endpoints::service_endpoints,
+        path::normalize_path,
+        protocol::{self, PortProtocol, port_protocol},
+        request::rewrite_request,
     },
+    policy::{Action, MtlsMode, Policies, RequestAttributes, Verdict},
     routing::{
         Destination, HttpAction, HttpRule, RequestInfo, RouteMatch, host::resolve_host,
         total_weight,
     },
-    state::{ObjectKey, Service, ServicePort, State, Workload},
+    state::State,
 };
 
 /// The namespace of a pod named without one, as kubectl assumes.
@@ -737,7 +740,7 @@ impl Explainer<'_> {
         self.fault_notes(rule);
         // The request as it leaves the source: the rule's rewrite and header changes.
         let mut forwarded = self.client.parts.clone();
-        prepare(&mut forwarded, rule, matched_prefix);
+        rewrite_request(&mut forwarded, rule, matched_prefix);
         if forwarded.uri != self.client.parts.uri {
             self.notes.push(format!(
                 "the route rewrites the request to {}",
@@ -969,11 +972,7 @@ impl Explainer<'_> {
             };
             return check;
         };
-        let declared = self
-            .state
-            .service_for(destination, address.port())
-            .and_then(|s| service_port_for_target(s, destination, address.port()))
-            .map_or(PortProtocol::Undeclared, port_protocol);
+        let declared = protocol::declared_inbound(self.state, Some(destination), address.port());
         let is_http = match declared {
             PortProtocol::Http => true,
             PortProtocol::Tcp => false,
@@ -993,11 +992,7 @@ impl Explainer<'_> {
         let caller = Caller::new(source_ip, identities);
         let attributes = caller.attributes(address);
         let mutual_tls = check.mutual_tls;
-        let admission = if policies.needs_request_attributes(destination) {
-            Admission::MtlsOnly
-        } else {
-            Admission::Full
-        };
+        let admission = admission_for(policies, destination);
         let admitted = check_policy(policies, destination, &attributes, mutual_tls, admission)
             .and_then(|()| {
                 // Not HTTP after all: request-level policies are decided at L4 now.
@@ -1015,7 +1010,7 @@ impl Explainer<'_> {
             });
         let l4_verdict = || policies.authorize(destination, &attributes);
         match admitted {
-            Err(ProxyError::MtlsRequired) => {
+            Err(Refused::MtlsRequired) => {
                 check.outcome = Outcome::Denied {
                     by: "PeerAuthentication (mode STRICT)".into(),
                     reason: "plaintext refused: mutual TLS required".into(),
@@ -1037,19 +1032,13 @@ impl Explainer<'_> {
         let request = request.unwrap_or(&self.client.parts);
         let path =
             normalize_path(request.uri.path()).unwrap_or_else(|| request.uri.path().to_string());
-        let host = request
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| request.uri.authority().map(|a| a.as_str()))
-            .unwrap_or_default();
         let attributes_l7 = RequestAttributes {
             method: request.method.as_str(),
             path: &path,
-            host,
+            host: request_host(&request.uri, &request.headers),
             headers: &request.headers,
         };
-        let verdict = policies.authorize_request(destination, &attributes, &attributes_l7);
+        let verdict = authorize_request(policies, destination, &caller, address, &attributes_l7);
         if verdict.is_allowed() {
             check.detail = allowed_by(&verdict);
         } else {
@@ -1062,8 +1051,7 @@ impl Explainer<'_> {
             );
             check.detail = format!(
                 "{} {path} is answered 403 ({})",
-                request.method,
-                crate::proxy::http::inbound::ACCESS_DENIED
+                request.method, ACCESS_DENIED
             );
         }
         check

@@ -24,19 +24,17 @@
 mod departed;
 mod http;
 pub mod process;
-pub mod server;
 
 use std::time::Duration;
 
 pub use http::{HttpMetrics, RequestOutcome};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
-pub use server::serve;
 
 use crate::{
     ebpf::{Counters, MapFill},
     identity::Identity,
+    inventory::{Service, Workload},
     metrics::process::ProcessCollector,
-    state::{Service, Workload},
 };
 
 /// Istio's label set for `istio_tcp_*`, in order.

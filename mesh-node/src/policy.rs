@@ -18,7 +18,7 @@ pub use authorization::{
 pub use peer_authentication::{Mtls, MtlsMode, PeerAuthenticationSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{ObjectKey, Workload};
+use crate::inventory::{ObjectKey, Workload};
 
 /// Namespace whose selector-less policies apply to the whole mesh (Istio's root namespace).
 pub const DEFAULT_ROOT_NAMESPACE: &str = "nodemesh-system";

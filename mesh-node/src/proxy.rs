@@ -33,11 +33,12 @@ use tracing::{Instrument, info_span, warn};
 pub use tunnel::Mtls;
 
 use crate::{
-    access_log::{self, AccessLog},
+    access_log::{self, AccessLog, Refusal},
     distributed_tracing::Tracing,
     ebpf::Capture,
     metrics::Metrics,
     netns::Netns,
+    plan::admission::Refused,
     state::StateRx,
 };
 
@@ -77,7 +78,7 @@ impl ProxyContext {
     pub fn prune(&self, node: &str) {
         let state = self.state.borrow().clone();
         let service_exists =
-            |service: &crate::state::ObjectKey| state.services.contains_key(service);
+            |service: &crate::inventory::ObjectKey| state.services.contains_key(service);
         self.clusters.prune(service_exists);
         self.resolver.prune(service_exists);
         self.upstreams.prune();
@@ -103,7 +104,7 @@ impl ProxyContext {
 /// The pod a listener belongs to.
 #[derive(Clone, Debug)]
 pub struct PodContext {
-    pub key: crate::state::ObjectKey,
+    pub key: crate::inventory::ObjectKey,
     pub ips: Vec<std::net::IpAddr>,
     pub netns: Arc<Netns>,
     pub netns_cookie: u64,
@@ -158,6 +159,16 @@ pub enum ProxyError {
     },
 }
 
+impl From<Refused> for ProxyError {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::OwnListener(original) => ProxyError::OwnListener(original),
+            Refused::MtlsRequired => ProxyError::MtlsRequired,
+            Refused::Denied { policy, reason } => ProxyError::Denied { policy, reason },
+        }
+    }
+}
+
 impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
@@ -175,6 +186,39 @@ impl ProxyError {
             ProxyError::MtlsRequired => "mtls_required",
             ProxyError::Denied { .. } => "authorization_denied",
             ProxyError::Http(_) => "http",
+        }
+    }
+
+    /// Envoy's response flag for a connection the proxy could not serve.
+    pub fn response_flags(&self) -> &'static str {
+        match self {
+            ProxyError::NoOriginalDestination
+            | ProxyError::NotLocal(_)
+            | ProxyError::OwnListener(_) => "NR",
+            ProxyError::NoEndpoint { .. } => "UH",
+            ProxyError::Denied { .. } | ProxyError::MtlsRequired => "RBAC",
+            ProxyError::Connect { .. }
+            | ProxyError::ConnectTimeout(_)
+            | ProxyError::Socket(_)
+            | ProxyError::Certificate(_)
+            | ProxyError::Tls(_)
+            | ProxyError::Hbone(_)
+            | ProxyError::NoSourceAddress => "UF",
+            ProxyError::Http(_) => "-",
+        }
+    }
+
+    /// This error as the access log and the other telemetry sinks record it.
+    pub fn refusal(&self) -> Refusal {
+        let policy = match self {
+            ProxyError::Denied { policy, .. } => Some(policy.clone()),
+            ProxyError::MtlsRequired => Some("PeerAuthentication (mTLS STRICT)".into()),
+            _ => None,
+        };
+        Refusal {
+            response_flags: self.response_flags(),
+            policy,
+            error: self.to_string(),
         }
     }
 }

@@ -64,9 +64,22 @@ use traffic_policy::PolicySection;
 pub use traffic_policy::{ConnectionPool, HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
 pub use virtual_service::VirtualServiceSpec;
 
-use crate::state::ObjectKey;
+use crate::inventory::ObjectKey;
 #[cfg(doc)]
-use crate::state::Rejection;
+use crate::inventory::Rejection;
+
+/// One routing resource's typed spec, as a config source hands it to [`Routes::build`]
+/// beside its [`ObjectId`](crate::inventory::ObjectId).
+#[derive(Clone, Copy, Debug)]
+pub enum RoutingSpec<'a> {
+    VirtualService(&'a VirtualServiceSpec),
+    DestinationRule(&'a DestinationRuleSpec),
+    /// `created` (metadata.creationTimestamp) is the Gateway API's tie-break between routes.
+    HttpRoute {
+        spec: &'a HttpRouteSpec,
+        created: Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    },
+}
 
 /// Why a routing resource cannot be used. `field` is the path inside `spec`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

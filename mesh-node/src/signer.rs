@@ -251,7 +251,7 @@ mod tests {
     use rcgen::{CertificateParams, KeyPair};
 
     use super::*;
-    use crate::state::{State, Workload};
+    use crate::{inventory::Workload, state::State};
 
     /// The CA signs for node A only identities of pods scheduled on node A.
     #[tokio::test]

@@ -3,7 +3,7 @@ use std::{io, sync::Arc};
 use parking_lot::Mutex;
 
 use super::*;
-use crate::state::ObjectKey;
+use crate::{inventory::ObjectKey, proxy::ProxyError};
 
 /// A sink the test reads back.
 #[derive(Clone, Default)]
@@ -190,7 +190,7 @@ fn refused_connections_carry_the_flag_the_policy_and_the_error() {
         &reviews_parties(),
         &Started::now(),
         Some("10.244.1.10:8080".parse().unwrap()),
-        &denied,
+        denied.refusal(),
     );
     assert_eq!(entry.kind, Kind::Connection);
     assert_eq!(entry.protocol, "tcp");
@@ -204,12 +204,12 @@ fn refused_connections_carry_the_flag_the_policy_and_the_error() {
         service: "default/reviews".into(),
         port: 9080,
     };
-    assert_eq!(response_flags(&unroutable), "UH");
+    assert_eq!(unroutable.response_flags(), "UH");
     assert_eq!(
-        response_flags(&ProxyError::ConnectTimeout("10.0.0.1:80".parse().unwrap())),
+        ProxyError::ConnectTimeout("10.0.0.1:80".parse().unwrap()).response_flags(),
         "UF"
     );
-    assert_eq!(response_flags(&ProxyError::MtlsRequired), "RBAC");
+    assert_eq!(ProxyError::MtlsRequired.response_flags(), "RBAC");
 }
 
 #[test]

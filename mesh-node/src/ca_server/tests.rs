@@ -9,8 +9,9 @@ use crate::{
         token_review::{NODE_NAME_EXTRA, TokenReviewAuthenticator},
     },
     identity::{CertificateSigner, identity_from_cert, tls},
+    inventory::Workload,
     signer::{CaAddress, RemoteSigner},
-    state::{State, Workload},
+    state::State,
 };
 
 /// The services' `--max-cert-ttl`.

@@ -4,8 +4,11 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, de::DeserializeOwned};
 
-use super::{Object, ObjectId, translate::IstioObject, validate};
-use crate::policy::{Action, AuthorizationPolicySpec, PeerAuthenticationSpec};
+use super::{Object, translate::IstioObject, validate};
+use crate::{
+    inventory::ObjectId,
+    policy::{Action, AuthorizationPolicySpec, PeerAuthenticationSpec},
+};
 
 /// One YAML document, classified.
 pub(crate) enum Document {

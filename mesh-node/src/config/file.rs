@@ -18,13 +18,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{
-    LastGood, Object, ObjectId,
+    LastGood, Object,
     document::{Document, TypeMeta, classify},
     publish,
 };
 use crate::{
+    inventory::{ObjectId, Rejection},
     metrics::NodeMetrics,
-    state::{Rejection, State, StateTx},
+    state::{State, StateTx},
 };
 
 /// How often the directory is checked for changes. Polling (not inotify) because config

@@ -30,14 +30,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    LastGood, Object, ObjectId,
+    LastGood, Object,
     document::{Document, TypeMeta, classify},
     publish,
 };
 use crate::{
+    inventory::{ObjectId, Rejection},
     metrics::NodeMetrics,
     readiness::ReadinessGuard,
-    state::{Rejection, StateTx},
+    state::StateTx,
 };
 
 /// Changes arriving this close together are published as one state.

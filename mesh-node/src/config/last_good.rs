@@ -1,8 +1,11 @@
 //! The last accepted version of every object, so a refused new version falls back to it.
 use std::collections::{HashMap, HashSet};
 
-use super::{Object, ObjectId};
-use crate::{routing::check_references, state::Rejection};
+use super::Object;
+use crate::{
+    inventory::{ObjectId, Rejection},
+    routing::check_references,
+};
 
 /// What a source accepted last time, by object.
 #[derive(Default)]
@@ -30,7 +33,7 @@ impl LastGood {
     ) {
         let mut fell_back = HashSet::new();
         loop {
-            let offenders = check_references(objects);
+            let offenders = check_references(&super::routing_resources(objects));
             if offenders.is_empty() {
                 return;
             }

@@ -14,11 +14,15 @@ use k8s_openapi::{
 use serde::Deserialize;
 
 use crate::{
-    policy::{AuthorizationPolicySpec, PeerAuthenticationSpec, Policies, Policy, PolicyError},
-    routing::{DestinationRuleSpec, HttpRouteSpec, Routes, RoutingError, VirtualServiceSpec},
-    state::{
-        ENROLLMENT_LABEL, ObjectKey, Rejection, Service, ServicePort, State, TargetPort, Workload,
+    inventory::{
+        ENROLLMENT_LABEL, ObjectId, ObjectKey, Rejection, Service, ServicePort, TargetPort,
+        Workload,
     },
+    policy::{AuthorizationPolicySpec, PeerAuthenticationSpec, Policies, Policy, PolicyError},
+    routing::{
+        DestinationRuleSpec, HttpRouteSpec, Routes, RoutingError, RoutingSpec, VirtualServiceSpec,
+    },
+    state::State,
 };
 
 /// A custom resource (Istio's APIs, the Gateway API): Kubernetes metadata and a typed `spec`.
@@ -44,24 +48,6 @@ pub enum Object {
     DestinationRule(Box<IstioObject<DestinationRuleSpec>>),
     /// Gateway API `HTTPRoute`; the mesh uses those bound to Services (GAMMA).
     HttpRoute(Box<IstioObject<HttpRouteSpec>>),
-}
-
-/// `Kind namespace/name`: what makes two objects the same object.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ObjectId {
-    pub kind: &'static str,
-    pub namespace: String,
-    pub name: String,
-}
-
-impl std::fmt::Display for ObjectId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.namespace.is_empty() {
-            write!(f, "{} {}", self.kind, self.name)
-        } else {
-            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
-        }
-    }
 }
 
 /// Why an object cannot be used.
@@ -102,6 +88,29 @@ impl Object {
             name: meta.name.clone().unwrap_or_default(),
         }
     }
+}
+
+impl Object {
+    /// The typed spec of a routing resource (VirtualService, DestinationRule, HTTPRoute).
+    pub fn routing_spec(&self) -> Option<RoutingSpec<'_>> {
+        Some(match self {
+            Object::VirtualService(o) => RoutingSpec::VirtualService(&o.spec),
+            Object::DestinationRule(o) => RoutingSpec::DestinationRule(&o.spec),
+            Object::HttpRoute(o) => RoutingSpec::HttpRoute {
+                spec: &o.spec,
+                created: o.metadata.creation_timestamp.as_ref(),
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// The routing resources among `objects`, as routing compiles them.
+pub fn routing_resources(objects: &[Object]) -> Vec<(ObjectId, RoutingSpec<'_>)> {
+    objects
+        .iter()
+        .filter_map(|object| Some((object.id(), object.routing_spec()?)))
+        .collect()
 }
 
 /// Checks what the translation needs from one object, so a bad one can be rejected alone.
@@ -186,7 +195,7 @@ pub fn translate(
     policies
         .authorization_policies
         .sort_by(|a, b| a.key.cmp(&b.key));
-    let (routes, routing_rejections) = Routes::build(objects);
+    let (routes, routing_rejections) = Routes::build(&routing_resources(objects));
     rejections.extend(routing_rejections);
     State::new(
         namespaces, workloads, services, policies, routes, rejections,

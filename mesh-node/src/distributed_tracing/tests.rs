@@ -16,8 +16,8 @@ use tokio::{net::TcpListener, sync::mpsc};
 use super::{propagation::*, *};
 use crate::{
     access_log::{Parties, RequestEnd, RequestFacts, Started},
+    inventory::Workload,
     metrics::Reporter,
-    state::Workload,
 };
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";

@@ -5,7 +5,7 @@ use prometheus::{Encoder, TextEncoder};
 use super::*;
 use crate::{
     ebpf::{Counters, MapFill},
-    state::ObjectKey,
+    inventory::ObjectKey,
 };
 
 /// What `/metrics` serves.

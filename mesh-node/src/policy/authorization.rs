@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     ConnectionAttributes, Policies, Policy, RequestAttributes, Verdict, WorkloadSelector, applies,
 };
-use crate::state::Workload;
+use crate::inventory::Workload;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

@@ -21,7 +21,7 @@ use serde::{Serialize, Serializer};
 use tokio::net::TcpStream;
 
 use super::{Direction, PodContext, ProxyContext};
-use crate::state::ObjectKey;
+use crate::inventory::ObjectKey;
 
 /// One live connection, as the proxy accepted it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

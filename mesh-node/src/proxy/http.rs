@@ -29,8 +29,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 pub use upstream::UpstreamPool;
 
-use crate::state::{Service, ServicePort, TargetPort, Workload};
-
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the proxy hands on: the client's or upstream's, streamed, or a local one.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -44,59 +42,6 @@ const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 const HTTP1_METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
-
-/// What a Service port declares it carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PortProtocol {
-    /// HTTP, HTTP/2 or gRPC: parsed without sniffing.
-    Http,
-    /// Declared as something else (TCP, TLS, a database protocol): relayed at L4.
-    Tcp,
-    /// Nothing declared: the first bytes decide.
-    Undeclared,
-}
-
-/// Istio's rule: `appProtocol` first, then the port name's prefix (`http-web`, `grpc`).
-pub fn port_protocol(port: &ServicePort) -> PortProtocol {
-    const HTTP: &[&str] = &["http", "http2", "grpc", "grpc-web", "kubernetes.io/h2c"];
-    const OTHER: &[&str] = &[
-        "tcp", "tls", "https", "mongo", "mysql", "redis", "udp", "sctp",
-    ];
-    if let Some(protocol) = &port.app_protocol {
-        return if HTTP.contains(&protocol.to_ascii_lowercase().as_str()) {
-            PortProtocol::Http
-        } else {
-            PortProtocol::Tcp
-        };
-    }
-    let Some(name) = port.name.as_deref().map(str::to_ascii_lowercase) else {
-        return PortProtocol::Undeclared;
-    };
-    let has_prefix = |prefixes: &[&str]| {
-        prefixes
-            .iter()
-            .any(|p| name == *p || name.starts_with(&format!("{p}-")))
-    };
-    if has_prefix(HTTP) {
-        PortProtocol::Http
-    } else if has_prefix(OTHER) {
-        PortProtocol::Tcp
-    } else {
-        PortProtocol::Undeclared
-    }
-}
-
-/// The port of `service` that forwards to `target_port` on `workload`.
-pub fn service_port_for_target<'a>(
-    service: &'a Service,
-    workload: &Workload,
-    target_port: u16,
-) -> Option<&'a ServicePort> {
-    service.ports.iter().find(|p| match &p.target_port {
-        TargetPort::Number(n) => *n == target_port,
-        TargetPort::Name(name) => workload.named_ports.get(name) == Some(&target_port),
-    })
-}
 
 /// Whether `prefix` (the first bytes a client sent) starts an HTTP/1 request or the
 /// HTTP/2 preface; `None` while too few bytes have arrived to tell.
@@ -206,7 +151,7 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(crate::accept::HEADER_READ_TIMEOUT);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -218,9 +163,6 @@ where
         .await
 }
 
-/// How long an HTTP/1.1 client may take to send a request's headers, counted from when
-/// the connection starts waiting for it (so also how long a keep-alive connection idles).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// HTTP/2 pings on connections the proxy serves, and how long an answer may take.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -320,91 +262,6 @@ pub fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::up
             ),
         }
     });
-}
-
-/// The path as authorization sees it and the app receives it, normalized as Istio's
-/// `DECODE_AND_MERGE_SLASHES` (the option Istio recommends against policy bypasses; it is
-/// Nodemesh's only behaviour, documented in the README's policy section):
-/// * percent-encoded unreserved characters are decoded (`%61dmin` is `admin`, `%2e%2e` is
-///   `..`), once: `%252e` stays `%252e`, and a stray `%` is escaped (`%25`), so the result
-///   is its own normal form;
-/// * encoded slashes and backslashes (`%2F`, `%5C`) and backslashes become `/`;
-/// * runs of slashes merge into one;
-/// * `.` and `..` segments are resolved (RFC 3986 §5.2.4).
-///
-/// So `//admin`, `/public/%2e%2e/admin`, `/public%2F..%2Fadmin` and `\admin` all meet the
-/// policies for `/admin`, and the app gets the path that was authorized. `None` when the
-/// path is already normal.
-pub fn normalize_path(path: &str) -> Option<String> {
-    // `*` (OPTIONS) is not a path to normalize.
-    if !path.starts_with(['/', '\\']) {
-        return None;
-    }
-    let decoded = decode_path(path);
-    let mut segments: Vec<&str> = Vec::new();
-    let mut parts = decoded.split('/').skip(1).peekable();
-    while let Some(segment) = parts.next() {
-        let last = parts.peek().is_none();
-        match segment {
-            // An empty segment inside the path is a doubled slash: merged away.
-            "" if !last => {}
-            "." | "" => {
-                if last {
-                    segments.push("");
-                }
-            }
-            ".." => {
-                segments.pop();
-                if last {
-                    segments.push("");
-                }
-            }
-            segment => segments.push(segment),
-        }
-    }
-    let normalized = format!("/{}", segments.join("/"));
-    (normalized != path).then_some(normalized)
-}
-
-/// One pass of percent-decoding for the characters that normalization may decode: the
-/// unreserved ones (RFC 3986 §2.3), and slashes and backslashes, which become `/` as does a
-/// literal backslash. Other escapes stay as sent; a `%` that starts none becomes `%25`.
-fn decode_path(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut out = String::with_capacity(path.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let escape = path
-                .get(i + 1..i + 3)
-                .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
-            match escape.and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
-                Some(b'/' | b'\\') => out.push('/'),
-                Some(decoded) if decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded) => {
-                    out.push(char::from(decoded));
-                }
-                Some(_) => out.push_str(&path[i..i + 3]),
-                // A `%` that starts no escape is escaped itself, so that no decoded
-                // character can complete it into a new escape (`%%32e` would otherwise
-                // read `%2e` to the app, and `.` to an app that decodes again).
-                None => {
-                    out.push_str("%25");
-                    i += 1;
-                    continue;
-                }
-            }
-            i += 3;
-            continue;
-        }
-        let start = i;
-        i += 1;
-        while i < bytes.len() && !path.is_char_boundary(i) {
-            i += 1;
-        }
-        let piece = &path[start..i];
-        out.push_str(if piece == "\\" { "/" } else { piece });
-    }
-    out
 }
 
 /// gRPC: `application/grpc` and its `+proto`/`+json` variants.

@@ -1,13 +1,9 @@
 //! The inbound leg: the in-pod 15006 listener (plaintext, fed by `sk_lookup`) and the
 //! in-pod 15008 listener (HBONE tunnels from other node proxies).
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use ::http::StatusCode;
 use bytes::Bytes;
-use mesh_common::ports;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -24,49 +20,12 @@ use crate::{
     access_log::{ConnectionRecord, Entry, Parties, Started},
     identity::Identity,
     metrics::Reporter,
-    policy::{ConnectionAttributes, MtlsMode, Policies, Verdict},
-    state::{ObjectKey, State, Workload},
+    plan::{
+        admission::{self, Admission, Caller, Refused, refuse_own_listeners},
+        protocol::{self, PortProtocol},
+    },
+    state::State,
 };
-
-/// How much of the policy a connection is checked against when it opens.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Admission {
-    /// PeerAuthentication and AuthorizationPolicy: the connection's verdict is final.
-    Full,
-    /// PeerAuthentication only: some policy needs request attributes, so the verdict
-    /// waits for the requests (or for the protocol to turn out not to be HTTP).
-    MtlsOnly,
-}
-
-/// Applies PeerAuthentication (unless the connection is mutual TLS) and, for a full
-/// admission, AuthorizationPolicy to a connection for `workload`.
-pub(crate) fn check_policy(
-    policies: &Policies,
-    workload: &Workload,
-    attributes: &ConnectionAttributes,
-    mutual_tls: bool,
-    admission: Admission,
-) -> Result<(), ProxyError> {
-    if !mutual_tls && policies.mtls_mode(workload, attributes.destination_port) == MtlsMode::Strict
-    {
-        return Err(ProxyError::MtlsRequired);
-    }
-    if admission == Admission::MtlsOnly {
-        return Ok(());
-    }
-    match policies.authorize(workload, attributes) {
-        Verdict::Allow { .. } => Ok(()),
-        Verdict::Deny { policy, reason } => Err(ProxyError::Denied {
-            policy: policy_name(policy.as_ref()),
-            reason,
-        }),
-    }
-}
-
-/// The policy a denial names; a default deny (ALLOW policies exist, none matched) has none.
-pub fn policy_name(policy: Option<&ObjectKey>) -> String {
-    policy.map_or_else(|| "(no ALLOW policy matched)".into(), ToString::to_string)
-}
 
 pub(super) async fn handle(
     client: TcpStream,
@@ -98,7 +57,7 @@ pub(super) async fn handle(
             };
             deliver(client, &delivery, pod, proxy, &state, admission).await
         }
-        Err(error) => Err(error),
+        Err(refused) => Err(refused.into()),
     };
     if let Err(error) = &result {
         log_refused(proxy, pod, &caller, original, started, error);
@@ -157,7 +116,9 @@ async fn serve_connect(
     let state = proxy.state.borrow().clone();
     let caller = Caller::new(peer.ip(), Some(identities.clone()));
     let admitted = if pod.ips.contains(&target.ip()) {
-        refuse_own_listeners(target).and_then(|()| admit(&state, pod, &caller, target, None))
+        refuse_own_listeners(target)
+            .and_then(|()| admit(&state, pod, &caller, target, None))
+            .map_err(ProxyError::from)
     } else {
         Err(ProxyError::NotLocal(target))
     };
@@ -184,20 +145,6 @@ async fn serve_connect(
     result
 }
 
-/// Refuses a destination that is one of the proxy's own in-pod listeners, or loopback (where
-/// only the app itself can have reached the 15006 listener). Delivering there would land the
-/// connection on the proxy again, which would deliver it again, until the node ran out of
-/// sockets: plaintext to `<pod IP>:15006` arrives on the listener directly, and an HBONE
-/// CONNECT may name any port.
-pub(crate) fn refuse_own_listeners(original: SocketAddr) -> Result<(), ProxyError> {
-    const OWN_PORTS: [u16; 3] = [ports::OUTBOUND, ports::INBOUND_PLAINTEXT, ports::HBONE];
-    let ip = original.ip();
-    if ip.is_loopback() || ip.is_unspecified() || OWN_PORTS.contains(&original.port()) {
-        return Err(ProxyError::OwnListener(original));
-    }
-    Ok(())
-}
-
 /// Logs a connection to this pod that the proxy refused or could not hand to the app. An
 /// HTTP connection's failures are its requests' business: each has a line of its own.
 fn log_refused(
@@ -212,102 +159,55 @@ fn log_refused(
         return;
     }
     let state = proxy.state.borrow().clone();
-    let parties = caller.parties(&state, pod, original);
+    let parties = parties(caller, &state, pod, original);
     proxy.access_log.log(&Entry::refused_connection(
         &parties,
         &started,
         Some(original),
-        error,
+        error.refusal(),
     ));
 }
 
-/// Who is calling, as far as the inbound side can tell.
-#[derive(Clone)]
-pub struct Caller {
-    pub ip: IpAddr,
-    /// (caller, this pod) when the connection came over mTLS.
-    pub identities: Option<Arc<(Identity, Identity)>>,
-    /// The caller's identity as Istio writes principals: `<td>/ns/<ns>/sa/<sa>`.
-    principal: Option<String>,
-    /// Plaintext that a socket of the node itself opened: kubelet's probes (and the node's
-    /// host-network processes), which pass the policies as in Istio ambient
-    /// (`node_probes`).
-    pub from_node: bool,
+/// The caller and this pod, as the metrics and the access log name them, for a connection
+/// to `original`.
+pub(super) fn parties(
+    caller: &Caller,
+    state: &State,
+    pod: &PodContext,
+    original: SocketAddr,
+) -> Parties {
+    let destination = state.workloads.get(&pod.key);
+    let service = destination.and_then(|w| state.service_for(w, original.port()));
+    Parties::new(
+        Reporter::Destination,
+        state.workload_by_ip(caller.ip),
+        destination,
+        service,
+        caller
+            .identities
+            .as_deref()
+            .map(|(source, own)| (source, own)),
+        Some(caller.ip),
+    )
 }
 
-impl Caller {
-    pub(crate) fn new(ip: IpAddr, identities: Option<Arc<(Identity, Identity)>>) -> Self {
-        let principal = identities.as_ref().map(|pair| {
-            let id = pair.0.to_string();
-            id.trim_start_matches("spiffe://").to_string()
-        });
-        Self {
-            ip,
-            identities,
-            principal,
-            from_node: false,
-        }
-    }
-
-    /// The caller and this pod, as the metrics and the access log name them, for a
-    /// connection to `original`.
-    pub fn parties(&self, state: &State, pod: &PodContext, original: SocketAddr) -> Parties {
-        let destination = state.workloads.get(&pod.key);
-        let service = destination.and_then(|w| state.service_for(w, original.port()));
-        Parties::new(
-            Reporter::Destination,
-            state.workload_by_ip(self.ip),
-            destination,
-            service,
-            self.identities
-                .as_deref()
-                .map(|(source, own)| (source, own)),
-            Some(self.ip),
-        )
-    }
-
-    /// The connection as the policies see it.
-    pub fn attributes(&self, original: SocketAddr) -> ConnectionAttributes<'_> {
-        ConnectionAttributes {
-            source_ip: self.ip,
-            source_principal: self.principal.as_deref(),
-            source_namespace: self.identities.as_ref().map(|pair| pair.0.namespace()),
-            destination_ip: original.ip(),
-            destination_port: original.port(),
-        }
-    }
-}
-
-/// PeerAuthentication and AuthorizationPolicy for a connection to `original`. Unless
-/// `admission` is forced, a workload with request-level policies is admitted on its mTLS
-/// mode alone and authorized later.
+/// PeerAuthentication and AuthorizationPolicy for a connection to `original`, as the
+/// planner decides them for this pod.
 fn admit(
     state: &State,
     pod: &PodContext,
     caller: &Caller,
     original: SocketAddr,
     admission: Option<Admission>,
-) -> Result<Admission, ProxyError> {
-    if caller.from_node && caller.identities.is_none() {
-        return Ok(Admission::Full);
-    }
+) -> Result<Admission, Refused> {
     let workload = state.workload_or_unknown(&pod.key);
-    let workload = workload.as_ref();
-    let admission = admission.unwrap_or_else(|| {
-        if state.policies.needs_request_attributes(workload) {
-            Admission::MtlsOnly
-        } else {
-            Admission::Full
-        }
-    });
-    check_policy(
+    admission::admit(
         &state.policies,
-        workload,
-        &caller.attributes(original),
-        caller.identities.is_some(),
+        workload.as_ref(),
+        caller,
+        original,
         admission,
-    )?;
-    Ok(admission)
+    )
 }
 
 /// An admitted connection on its way to the app.
@@ -337,17 +237,12 @@ where
         original,
         started,
     } = *delivery;
-    let destination = state.workloads.get(&pod.key);
-    let service = destination.and_then(|w| state.service_for(w, original.port()));
-    let declared = service
-        .zip(destination)
-        .and_then(|(s, w)| http::service_port_for_target(s, w, original.port()))
-        .map(http::port_protocol)
-        .unwrap_or(http::PortProtocol::Undeclared);
+    let declared =
+        protocol::declared_inbound(state, state.workloads.get(&pod.key), original.port());
     let (mut client, is_http) = match declared {
-        http::PortProtocol::Http => (http::Prefixed::new(Bytes::new(), client), true),
-        http::PortProtocol::Tcp => (http::Prefixed::new(Bytes::new(), client), false),
-        http::PortProtocol::Undeclared => http::sniff(client).await,
+        PortProtocol::Http => (http::Prefixed::new(Bytes::new(), client), true),
+        PortProtocol::Tcp => (http::Prefixed::new(Bytes::new(), client), false),
+        PortProtocol::Undeclared => http::sniff(client).await,
     };
     if is_http {
         debug!(%original, "inbound HTTP");
@@ -367,7 +262,7 @@ where
         admit(state, pod, caller, original, Some(Admission::Full))?;
     }
     let connection = ConnectionRecord {
-        parties: caller.parties(state, pod, original),
+        parties: parties(caller, state, pod, original),
         started,
         upstream: original,
     };

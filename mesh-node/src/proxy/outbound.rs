@@ -7,13 +7,14 @@ use tracing::debug;
 
 use super::{
     PodContext, ProxyContext, ProxyError, Upstream,
-    http::{self, PortProtocol, Prefixed},
+    http::{self, Prefixed},
     relay_counted,
     socket::{Dial, connect_from_pod},
 };
 use crate::{
     access_log::{ConnectionRecord, Entry, Parties, Started},
     metrics::Reporter,
+    plan::protocol::{PortProtocol, port_protocol},
 };
 
 pub(super) async fn handle(
@@ -58,7 +59,10 @@ fn log_refused(
         original.and_then(|o| pod.ip_like(o.ip())),
     );
     proxy.access_log.log(&Entry::refused_connection(
-        &parties, &started, original, error,
+        &parties,
+        &started,
+        original,
+        error.refusal(),
     ));
 }
 
@@ -76,7 +80,7 @@ async fn proxy_to(
     let mut client = if let Some(service) = state.service_by_ip(original.ip())
         && let Some(port) = service.port(original.port())
     {
-        let (client, is_http) = match http::port_protocol(port) {
+        let (client, is_http) = match port_protocol(port) {
             PortProtocol::Http => (Prefixed::new(Bytes::new(), client), true),
             PortProtocol::Tcp => (Prefixed::new(Bytes::new(), client), false),
             PortProtocol::Undeclared => http::sniff(client).await,

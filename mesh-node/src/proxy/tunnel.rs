@@ -27,9 +27,9 @@ use super::{
 };
 use crate::{
     identity::{CertificateManager, Identity, WorkloadCert, tls},
+    inventory::Workload,
     metrics::NodeMetrics,
     netns::Netns,
-    state::Workload,
 };
 
 /// How long a TLS handshake may take on either end of a tunnel (the HTTP/2 one after it has

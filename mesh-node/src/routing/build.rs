@@ -5,12 +5,10 @@ use std::collections::{BTreeMap, HashMap, HashSet, btree_map::Entry};
 use serde::{Serialize, Serializer};
 
 use super::{
-    CompiledRule, DestinationPolicy, HostRoutes, Routes, host::resolve_host, http_route::precedence,
+    CompiledRule, DestinationPolicy, HostRoutes, Routes, RoutingSpec, host::resolve_host,
+    http_route::precedence,
 };
-use crate::{
-    config::{Object, ObjectId},
-    state::{ObjectKey, Rejection},
-};
+use crate::inventory::{ObjectId, ObjectKey, Rejection};
 
 /// `Rejection::origin` of what [`Routes::build`] refuses: it is about how resources
 /// combine, not about one file.
@@ -19,29 +17,27 @@ pub const ROUTING_ORIGIN: &str = "(routing)";
 /// VirtualService routes and mirrors to a `subset` that no DestinationRule for the
 /// destination's Service defines: each offending VirtualService with why. Usable by any
 /// config source, which can then fall back to the offender's last good version.
-pub fn check_references(objects: &[Object]) -> Vec<(ObjectId, String)> {
+pub fn check_references(resources: &[(ObjectId, RoutingSpec<'_>)]) -> Vec<(ObjectId, String)> {
     let mut subsets: HashMap<ObjectKey, HashSet<&str>> = HashMap::new();
-    for object in objects {
-        if let Object::DestinationRule(rule) = object
-            && let Some(service) = rule.spec.service(&object.id().namespace)
+    for (id, spec) in resources {
+        if let RoutingSpec::DestinationRule(rule) = spec
+            && let Some(service) = rule.service(&id.namespace)
         {
             subsets
                 .entry(service)
                 .or_default()
-                .extend(rule.spec.subset_names());
+                .extend(rule.subset_names());
         }
     }
     let mut offenders = Vec::new();
-    for object in objects {
-        let Object::VirtualService(vs) = object else {
+    for (id, spec) in resources {
+        let RoutingSpec::VirtualService(vs) = spec else {
             continue;
         };
-        if !vs.spec.applies_to_mesh() {
+        if !vs.applies_to_mesh() {
             continue;
         }
-        let id = object.id();
         let missing: Vec<String> = vs
-            .spec
             .destinations()
             .into_iter()
             .filter_map(|(field, destination)| {
@@ -60,17 +56,17 @@ pub fn check_references(objects: &[Object]) -> Vec<(ObjectId, String)> {
             .collect();
         if !missing.is_empty() {
             let error = format!("{id}: {}", missing.join("; "));
-            offenders.push((id, error));
+            offenders.push((id.clone(), error));
         }
     }
     offenders
 }
 
 impl Routes {
-    /// Compiles the routing resources among `objects`. Resources that fail validation or
+    /// Compiles the routing resources. Resources that fail validation or
     /// [`check_references`] are skipped (a config source normally filtered them already);
     /// conflicts between resources are returned as rejections (see the module doc).
-    pub fn build(objects: &[Object]) -> (Routes, Vec<Rejection>) {
+    pub fn build(resources: &[(ObjectId, RoutingSpec<'_>)]) -> (Routes, Vec<Rejection>) {
         let mut rejections = Vec::new();
         let mut reject = |id: &ObjectId, error: String| {
             rejections.push(Rejection {
@@ -79,13 +75,12 @@ impl Routes {
                 error,
             });
         };
-        let broken: HashMap<ObjectId, String> = check_references(objects).into_iter().collect();
+        let broken: HashMap<ObjectId, String> = check_references(resources).into_iter().collect();
         for (id, error) in &broken {
             reject(id, error.clone());
         }
-        let mut sorted: Vec<(ObjectId, &Object)> = objects
+        let mut sorted: Vec<&(ObjectId, RoutingSpec<'_>)> = resources
             .iter()
-            .map(|o| (o.id(), o))
             .filter(|(id, _)| !broken.contains_key(id))
             .collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
@@ -103,11 +98,11 @@ impl Routes {
             );
         }
         let mut claimed_by: HashMap<ObjectKey, ObjectId> = HashMap::new();
-        for (id, object) in &sorted {
-            let Object::VirtualService(vs) = object else {
+        for (id, spec) in &sorted {
+            let RoutingSpec::VirtualService(vs) = spec else {
                 continue;
             };
-            let Ok(Some(compiled)) = vs.spec.compile(&id.namespace, &id.to_string()) else {
+            let Ok(Some(compiled)) = vs.compile(&id.namespace, &id.to_string()) else {
                 continue;
             };
             for service in compiled.hosts {
@@ -140,9 +135,9 @@ impl Routes {
                 );
             }
         }
-        for (id, object) in &sorted {
-            if let Object::DestinationRule(rule) = object
-                && let Ok(compiled) = rule.spec.compile(&id.namespace)
+        for (id, spec) in &sorted {
+            if let RoutingSpec::DestinationRule(rule) = spec
+                && let Ok(compiled) = rule.compile(&id.namespace)
                 && let Some(service) = compiled.host
             {
                 let merged = match routes.destination_rules.entry(service.clone()) {
@@ -186,22 +181,20 @@ impl Routes {
 /// The rules of all HTTPRoutes by Service in Gateway API precedence, with the routes'
 /// names. `sorted` is in (namespace, name) order.
 fn http_routes_by_service(
-    sorted: &[(ObjectId, &Object)],
+    sorted: &[&(ObjectId, RoutingSpec<'_>)],
 ) -> BTreeMap<ObjectKey, (Vec<String>, Vec<CompiledRule>)> {
     let mut routes: Vec<_> = sorted
         .iter()
-        .filter_map(|(id, object)| match object {
-            Object::HttpRoute(route) => Some((id, route)),
+        .filter_map(|(id, spec)| match spec {
+            RoutingSpec::HttpRoute { spec, created } => Some((id, spec, created)),
             _ => None,
         })
         .collect();
     // Oldest first, then by name: the Gateway API's tie-break between routes.
-    routes.sort_by(|a, b| {
-        (&a.1.metadata.creation_timestamp, a.0).cmp(&(&b.1.metadata.creation_timestamp, b.0))
-    });
+    routes.sort_by(|a, b| (a.2, a.0).cmp(&(b.2, b.0)));
     let mut by_service: BTreeMap<ObjectKey, (Vec<String>, Vec<CompiledRule>)> = BTreeMap::new();
-    for (id, route) in routes {
-        let Ok(compiled) = route.spec.compile(&id.namespace, &id.to_string()) else {
+    for (id, route, _) in routes {
+        let Ok(compiled) = route.compile(&id.namespace, &id.to_string()) else {
             continue;
         };
         for (service, port) in &compiled.parents {

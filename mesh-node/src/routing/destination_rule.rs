@@ -8,7 +8,7 @@ use super::{
     ConnectionPool, HashKey, LoadBalancer, OutlierDetection, PolicySection, RoutingError, Subset,
     fields, host::resolve_host, traffic_policy::PolicyLayers, virtual_service::PortSelector,
 };
-use crate::state::ObjectKey;
+use crate::inventory::ObjectKey;
 
 /// `spec` of a DestinationRule.
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -1,5 +1,5 @@
 //! Host names in routing resources → the Kubernetes Service they name.
-use crate::state::ObjectKey;
+use crate::inventory::ObjectKey;
 
 /// The cluster DNS suffix Istio assumes (`Service::hostname` uses it too).
 const CLUSTER_SUFFIX: &str = ".svc.cluster.local";

@@ -18,7 +18,7 @@ use super::{
     RetryPolicy, Rewrite, RoutingError, StringMatch, WeightedDestination, fields,
     matching::Pattern,
 };
-use crate::state::ObjectKey;
+use crate::inventory::ObjectKey;
 
 /// `spec` of an HTTPRoute.
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -8,7 +8,7 @@ use super::{
     RequestMatch, RoutingError,
     fields::{self, serialize_duration, serialize_optional_duration},
 };
-use crate::state::ObjectKey;
+use crate::inventory::ObjectKey;
 
 /// One HTTP rule, from a VirtualService `http` entry or an HTTPRoute rule.
 #[derive(Clone, Debug, PartialEq, Serialize)]

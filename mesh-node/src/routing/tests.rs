@@ -5,8 +5,8 @@ use serde::Deserialize;
 
 use super::{build::ROUTING_ORIGIN, *};
 use crate::{
-    config::{Object, validate},
-    state::Rejection,
+    config::{Object, routing_resources, validate},
+    inventory::Rejection,
 };
 
 // === helpers ===
@@ -38,7 +38,7 @@ fn routes(yaml: &str) -> (Routes, Vec<Rejection>) {
             panic!("{} should be valid: {error}", object.id());
         }
     }
-    Routes::build(&objects)
+    Routes::build(&routing_resources(&objects))
 }
 
 fn routes_without_rejections(yaml: &str) -> Routes {
@@ -860,7 +860,7 @@ spec:
     mirror: {{host: ratings, subset: shadow}}
 "
     ));
-    let offenders = check_references(&objects);
+    let offenders = check_references(&routing_resources(&objects));
     let ids: Vec<String> = offenders.iter().map(|(id, _)| id.to_string()).collect();
     assert_eq!(
         ids,
@@ -883,7 +883,7 @@ spec:
     }
     assert!(offenders[1].1.contains("http[0].mirror"), "{offenders:?}");
 
-    let (routes, rejections) = Routes::build(&objects);
+    let (routes, rejections) = Routes::build(&routing_resources(&objects));
     assert_eq!(
         route_for(&routes, "reviews", &Request::get("/")),
         "default",

@@ -9,7 +9,7 @@ use super::{
     Mirror, RequestMatch, RetryOn, RetryPolicy, Rewrite, RoutingError, StringMatch, TcpRule,
     WeightedDestination, fields, host::resolve_host, matching::Pattern,
 };
-use crate::state::ObjectKey;
+use crate::inventory::ObjectKey;
 
 /// The gateway name that stands for the mesh (sidecars, here the node proxy).
 const MESH_GATEWAY: &str = "mesh";

@@ -1,5 +1,5 @@
 use super::*;
-use crate::{config::translate, state::ObjectKey};
+use crate::{config::translate, inventory::ObjectKey};
 
 const NAMESPACE: &str = "
 apiVersion: v1
@@ -462,8 +462,8 @@ fn load_fresh(yaml: &str) -> (State, Vec<Rejection>) {
     load(&mut FileSource::new(dir.path(), "nodemesh-system"))
 }
 
-fn shop_workload(app: &str) -> crate::state::Workload {
-    crate::state::Workload::for_test("node0", "shop", app, &[("app", app)])
+fn shop_workload(app: &str) -> crate::inventory::Workload {
+    crate::inventory::Workload::for_test("node0", "shop", app, &[("app", app)])
 }
 
 /// A plaintext connection (no identity) or an mTLS one from `principal`, to port 8080.
@@ -648,7 +648,7 @@ spec:
 ",
     );
     assert_eq!(rejections.len(), 2, "{rejections:?}");
-    let other = crate::state::Workload::for_test("node0", "other", "api", &[]);
+    let other = crate::inventory::Workload::for_test("node0", "other", "api", &[]);
     for workload in [shop_workload("web"), shop_workload("cart"), other] {
         let verdict = state.policies.authorize(&workload, &caller(Some(SLEEP)));
         assert!(!verdict.is_allowed(), "{}: {verdict:?}", workload.key);

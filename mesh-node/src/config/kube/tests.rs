@@ -18,9 +18,10 @@ use tokio::sync::watch;
 use super::*;
 use crate::{
     config::file::FileSource,
+    inventory::ObjectKey,
     metrics::Metrics,
     readiness::Readiness,
-    state::{ObjectKey, State, StateRx},
+    state::{State, StateRx},
 };
 
 /// How long a watch is held open with nothing to say before it ends (the client re-watches).

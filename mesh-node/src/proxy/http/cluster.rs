@@ -17,8 +17,8 @@ use parking_lot::Mutex;
 use tokio::{sync::Notify, time::Instant};
 
 use crate::{
+    inventory::ObjectKey,
     routing::{ConnectionPool, LoadBalancer, OutlierDetection},
-    state::ObjectKey,
 };
 
 /// What makes two requests share limits and endpoint health.

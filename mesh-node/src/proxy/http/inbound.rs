@@ -4,7 +4,7 @@
 //! caller's address.
 use std::{net::SocketAddr, sync::Arc};
 
-use http::{Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::debug;
@@ -14,21 +14,20 @@ use super::{
     cluster::ClusterKey,
     incoming, is_upgrade, local_response,
     metered::{CountedRequest, Record, meter},
-    normalize_path, splice_upgrade, strip_hop_by_hop, strip_hop_by_hop_for_forwarding,
+    splice_upgrade, strip_hop_by_hop, strip_hop_by_hop_for_forwarding,
     upstream::{Connector, SendError, Via},
 };
 use crate::{
     distributed_tracing::SpanKind,
-    policy::{RequestAttributes, Verdict},
-    proxy::{
-        PodContext, ProxyContext,
-        inbound::{Caller, policy_name},
+    inventory::Workload,
+    plan::{
+        admission::{ACCESS_DENIED, Caller, authorize_request, policy_name, request_host},
+        path::normalize_path,
     },
+    policy::{Policies, RequestAttributes, Verdict},
+    proxy::{PodContext, ProxyContext, inbound::parties},
     routing::ConnectionPool,
 };
-
-/// Envoy's body for a request denied by RBAC; clients and tests match on it.
-pub const ACCESS_DENIED: &str = "RBAC: access denied";
 
 /// One connection (or HBONE stream) to a pod's HTTP port.
 pub struct Inbound {
@@ -40,10 +39,11 @@ pub struct Inbound {
 }
 
 impl Inbound {
+    /// Serves one request: its path normalized, authorized, then handed to the app.
     pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
         let state = self.proxy.state.borrow().clone();
         let workload = state.workload_or_unknown(&self.pod.key);
-        let parties = self.caller.parties(&state, &self.pod, self.original);
+        let parties = parties(&self.caller, &state, &self.pod, self.original);
         let target = parties
             .peers
             .service
@@ -51,75 +51,61 @@ impl Inbound {
             .unwrap_or_else(|| self.original.to_string());
         let mut record = Record::traced(&self.proxy, SpanKind::Server, &target, &request);
         record.upstream = Some(self.original);
-        let request_bytes = record.request_bytes.clone();
-        let finish = |mut record: Record, response: Response<ProxyBody>, flag: &'static str| {
-            if flag != "-" {
-                record.flags.push(flag);
-            }
-            meter(&self.proxy, parties, record, response)
+        let (response, flag) = if normalize_request_path(&mut request).is_err() {
+            (bad_path(), "-")
+        } else if let Err(denied) = self.authorize(&state.policies, &workload, &request) {
+            record.facts.policy = Some(denied);
+            (local_response(StatusCode::FORBIDDEN, ACCESS_DENIED), "RBAC")
+        } else {
+            self.forward(request, &mut record).await
         };
-
-        if let Some(normalized) = normalize_path(request.uri().path()) {
-            let mut parts = request.uri().clone().into_parts();
-            let query = request
-                .uri()
-                .query()
-                .map(|q| format!("?{q}"))
-                .unwrap_or_default();
-            match format!("{normalized}{query}").parse() {
-                Ok(path_and_query) => {
-                    parts.path_and_query = Some(path_and_query);
-                    match http::Uri::from_parts(parts) {
-                        Ok(uri) => *request.uri_mut() = uri,
-                        Err(_) => return finish(record, bad_path(), "-"),
-                    }
-                }
-                Err(_) => return finish(record, bad_path(), "-"),
-            }
+        if flag != "-" {
+            record.flags.push(flag);
         }
-        let host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| request.uri().authority().map(|a| a.as_str()))
-            .unwrap_or_default();
+        meter(&self.proxy, parties, record, response)
+    }
+
+    /// AuthorizationPolicy for the request, as the planner decides it; a denial names its
+    /// policy.
+    fn authorize(
+        &self,
+        policies: &Policies,
+        workload: &Workload,
+        request: &Request<Incoming>,
+    ) -> Result<(), String> {
         let attributes = RequestAttributes {
             method: request.method().as_str(),
             path: request.uri().path(),
-            host,
+            host: request_host(request.uri(), request.headers()),
             headers: request.headers(),
         };
-        let connection = self.caller.attributes(self.original);
-        let verdict = if self.caller.from_node {
-            Verdict::Allow { policy: None }
-        } else {
-            state
-                .policies
-                .authorize_request(&workload, &connection, &attributes)
+        let verdict =
+            authorize_request(policies, workload, &self.caller, self.original, &attributes);
+        let Verdict::Deny { policy, reason } = verdict else {
+            return Ok(());
         };
-        if let Verdict::Deny { policy, reason } = verdict {
-            debug!(
-                ?policy,
-                reason,
-                path = request.uri().path(),
-                "request denied"
-            );
-            self.proxy
-                .metrics
-                .node
-                .proxy_error("inbound", "authorization_denied");
-            record.facts.policy = Some(policy_name(policy.as_ref()));
-            let denied = local_response(StatusCode::FORBIDDEN, ACCESS_DENIED);
-            return finish(record, denied, "RBAC");
-        }
+        debug!(?policy, reason, path = attributes.path, "request denied");
+        self.proxy
+            .metrics
+            .node
+            .proxy_error("inbound", "authorization_denied");
+        Err(policy_name(policy.as_ref()))
+    }
 
+    /// Hands the request to the app over the pod's pooled connection; the app's response,
+    /// or the proxy's own when the app did not answer, with its response flag.
+    async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        record: &mut Record,
+    ) -> (Response<ProxyBody>, &'static str) {
         let downstream_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         strip_hop_by_hop_for_forwarding(&mut parts.headers, downstream_upgrade.is_some());
         if let Some(span) = &record.span {
             span.inject(&mut parts.headers);
         }
-        let body = CountedRequest::new(incoming(body), request_bytes).boxed();
+        let body = CountedRequest::new(incoming(body), record.request_bytes.clone()).boxed();
         let upstream_request = Request::from_parts(parts, body);
         // One cluster per app port of the pod: the pool's key, with no limits of its own.
         let cluster = self
@@ -153,11 +139,11 @@ impl Inbound {
                 } else {
                     strip_hop_by_hop(response.headers_mut());
                 }
-                finish(record, response.map(incoming), "-")
+                (response.map(incoming), "-")
             }
             Err(error) => {
                 debug!(%error, app = %self.original, "app did not answer");
-                let flags = match error {
+                let flag = match error {
                     SendError::Reset(_) => "UC",
                     _ => "UF",
                 };
@@ -165,10 +151,27 @@ impl Inbound {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream connect error or disconnect/reset before headers",
                 );
-                finish(record, failed, flags)
+                (failed, flag)
             }
         }
     }
+}
+
+/// Rewrites the request's path to its normal form ([`normalize_path`]), the form both
+/// authorization and the app see; `Err` when the result is no valid URI.
+fn normalize_request_path<B>(request: &mut Request<B>) -> Result<(), ()> {
+    let Some(normalized) = normalize_path(request.uri().path()) else {
+        return Ok(());
+    };
+    let query = request
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = Some(format!("{normalized}{query}").parse().map_err(drop)?);
+    *request.uri_mut() = http::Uri::from_parts(parts).map_err(drop)?;
+    Ok(())
 }
 
 fn bad_path() -> Response<ProxyBody> {

@@ -27,13 +27,15 @@ use crate::{
     access_log::Parties,
     distributed_tracing::SpanKind,
     identity::Identity,
+    inventory::{ObjectKey, Workload},
     metrics::Reporter,
-    proxy::{PodContext, ProxyContext, ProxyError, resolve::service_endpoints},
+    plan::{endpoints::service_endpoints, request::rewrite_request},
+    proxy::{PodContext, ProxyContext, ProxyError},
     routing::{
-        Destination, HashKey, HttpAction, HttpRule, LoadBalancer, RequestInfo, RetryOn,
-        RetryPolicy, RouteMatch, TrafficPolicy, pick_weighted, rewrite_uri, total_weight,
+        Destination, HashKey, HttpAction, LoadBalancer, RequestInfo, RetryOn, RetryPolicy,
+        RouteMatch, TrafficPolicy, pick_weighted, total_weight,
     },
-    state::{ObjectKey, State, Workload},
+    state::State,
 };
 
 /// Request bodies up to this size are buffered so a retry or a mirror can replay them;
@@ -263,7 +265,7 @@ impl Outbound {
         let downstream_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         if let Some(rule) = rule {
-            prepare(&mut parts, rule, matched_prefix.as_deref());
+            rewrite_request(&mut parts, rule, matched_prefix.as_deref());
         }
         strip_hop_by_hop_for_forwarding(&mut parts.headers, downstream_upgrade.is_some());
         if let Some(span) = &record.span {
@@ -629,7 +631,7 @@ impl Outbound {
         &self,
         state: &State,
         destination: Option<&Workload>,
-        service: Option<&crate::state::Service>,
+        service: Option<&crate::inventory::Service>,
         identities: Option<(Identity, Identity)>,
         record: Record,
         response: Response<ProxyBody>,
@@ -645,37 +647,6 @@ impl Outbound {
         );
         meter(&self.proxy, parties, record, response)
     }
-}
-
-/// Applies the rule's rewrite and request header changes.
-pub(crate) fn prepare(parts: &mut Parts, rule: &HttpRule, matched_prefix: Option<&str>) {
-    if let Some(rewrite) = &rule.rewrite {
-        if let Some(uri) = &rewrite.uri {
-            let path_and_query = rewrite_uri(uri, matched_prefix, &parts.uri);
-            let mut uri_parts = parts.uri.clone().into_parts();
-            if let Ok(pq) = path_and_query.parse() {
-                uri_parts.path_and_query = Some(pq);
-                if let Ok(uri) = Uri::from_parts(uri_parts) {
-                    parts.uri = uri;
-                }
-            }
-        }
-        if let Some(authority) = &rewrite.authority
-            && let Ok(value) = HeaderValue::from_str(authority)
-        {
-            parts.headers.insert(header::HOST, value);
-            let mut uri_parts = parts.uri.clone().into_parts();
-            if uri_parts.authority.is_some()
-                && let Ok(authority) = authority.parse()
-            {
-                uri_parts.authority = Some(authority);
-                if let Ok(uri) = Uri::from_parts(uri_parts) {
-                    parts.uri = uri;
-                }
-            }
-        }
-    }
-    rule.request_headers.apply(&mut parts.headers);
 }
 
 /// HTTP/2 upstream requests carry scheme and authority (`:scheme`, `:authority`).

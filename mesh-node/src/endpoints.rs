@@ -1,4 +1,5 @@
-//! The `/metrics` and health endpoints, plain HTTP/1.1 over hyper.
+//! The agent's own HTTP endpoints (`/metrics`, health, the admin API), plain HTTP/1.1 over
+//! hyper. Above the metrics and the admin API, so neither imports the other.
 use std::{convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
@@ -12,8 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::Metrics;
-use crate::readiness::Readiness;
+use crate::{admin::Admin, metrics::Metrics, readiness::Readiness};
 
 /// What one server answers.
 #[derive(Clone)]
@@ -23,7 +23,7 @@ pub enum Endpoints {
     /// `GET /healthz/ready` (200 once every readiness guard dropped) and `/healthz/live`.
     Health(Readiness),
     /// The admin API (JSON).
-    Admin(Arc<crate::admin::Admin>),
+    Admin(Arc<Admin>),
 }
 
 /// Serves `endpoints` on an already bound listener until `shutdown`.
@@ -50,7 +50,7 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: Cancel
             // A scraper or a curl that never sends its request is let go.
             if let Err(error) = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(crate::proxy::http::HEADER_READ_TIMEOUT)
+                .header_read_timeout(crate::accept::HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
