@@ -33,13 +33,10 @@ use crate::{
         endpoints::service_endpoints,
         path::normalize_path,
         protocol::{self, PortProtocol, port_protocol},
-        request::rewrite_request,
+        request::{RequestHead, rewrite_request, select_route},
     },
     policy::{Action, MtlsMode, Policies, RequestAttributes, Verdict},
-    routing::{
-        Destination, HttpAction, HttpRule, RequestInfo, RouteMatch, host::resolve_host,
-        total_weight,
-    },
+    routing::{Destination, HttpAction, HttpRule, RouteMatch, host::resolve_host, total_weight},
     state::State,
 };
 
@@ -706,15 +703,12 @@ impl Explainer<'_> {
     /// The source proxy's per-request routing (`http::outbound`).
     fn http_route(&mut self, service: &Service, dialed: IpAddr, port: u16) -> Routed {
         let parts = &self.client.parts;
-        let matched = self.state.routes.match_http(
+        let matched = select_route(
+            self.state,
             &service.key,
-            &RequestInfo {
-                method: &parts.method,
-                uri: &parts.uri,
-                headers: &parts.headers,
-                port,
-                source_labels: &self.source.labels,
-            },
+            port,
+            Some(self.source),
+            RequestHead::of_parts(parts),
         );
         let (rule, matched_prefix) = match matched {
             RouteMatch::Default => {

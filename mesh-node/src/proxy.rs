@@ -1,18 +1,17 @@
 //! The node proxy: one process serving the in-pod listeners of every enrolled pod.
 pub mod connections;
 mod copy;
+mod error;
 pub mod hbone;
 pub mod http;
-// `explain` judges a hypothetical request with the proxy's own admission and resolution.
-pub(crate) mod inbound;
+mod inbound;
 pub mod node_probes;
 mod outbound;
-pub(crate) mod resolve;
+mod resolve;
 mod socket;
 mod tunnel;
 
 use std::{
-    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -22,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+pub use error::{CertificateError, HandshakeError, ProxyError, SocketError};
 pub use resolve::{Resolver, Upstream};
 pub use socket::{ListenerSet, bind_pod_listeners};
 use tokio::{
@@ -33,12 +33,11 @@ use tracing::{Instrument, info_span, warn};
 pub use tunnel::Mtls;
 
 use crate::{
-    access_log::{self, AccessLog, Refusal},
+    access_log::{self, AccessLog},
     distributed_tracing::Tracing,
     ebpf::Capture,
     metrics::Metrics,
     netns::Netns,
-    plan::admission::Refused,
     state::StateRx,
 };
 
@@ -117,109 +116,6 @@ impl PodContext {
             .iter()
             .copied()
             .find(|ip| ip.is_ipv4() == other.is_ipv4())
-    }
-}
-
-/// Why a connection could not be proxied; doubles as the metric label.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("no original destination recorded for this connection")]
-    NoOriginalDestination,
-    #[error("service {service} has no ready endpoint for port {port}")]
-    NoEndpoint { service: String, port: u16 },
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("connecting to {0}: timed out")]
-    ConnectTimeout(SocketAddr),
-    #[error("creating a socket in the pod's netns: {0}")]
-    Socket(String),
-    #[error("workload certificate: {0}")]
-    Certificate(String),
-    #[error("TLS: {0}")]
-    Tls(String),
-    #[error("HBONE: {0}")]
-    Hbone(#[from] hbone::HboneError),
-    #[error("the pod has no address of the destination's family")]
-    NoSourceAddress,
-    #[error("CONNECT to {0}, which is not this pod (no open relay)")]
-    NotLocal(SocketAddr),
-    #[error("{0} is the proxy's own listener or loopback: refused, delivering it would loop")]
-    OwnListener(SocketAddr),
-    #[error("plaintext refused: PeerAuthentication requires mutual TLS")]
-    MtlsRequired,
-    #[error("HTTP: {0}")]
-    Http(String),
-    #[error("denied by authorization policy {policy}: {reason}")]
-    Denied {
-        policy: String,
-        reason: &'static str,
-    },
-}
-
-impl From<Refused> for ProxyError {
-    fn from(refused: Refused) -> Self {
-        match refused {
-            Refused::OwnListener(original) => ProxyError::OwnListener(original),
-            Refused::MtlsRequired => ProxyError::MtlsRequired,
-            Refused::Denied { policy, reason } => ProxyError::Denied { policy, reason },
-        }
-    }
-}
-
-impl ProxyError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ProxyError::NoOriginalDestination => "no_original_destination",
-            ProxyError::NoEndpoint { .. } => "no_endpoint",
-            ProxyError::Connect { .. } => "connect_failed",
-            ProxyError::ConnectTimeout(_) => "connect_timeout",
-            ProxyError::Socket(_) => "socket",
-            ProxyError::Certificate(_) => "certificate",
-            ProxyError::Tls(_) => "tls",
-            ProxyError::Hbone(_) => "hbone",
-            ProxyError::NoSourceAddress => "no_source_address",
-            ProxyError::NotLocal(_) => "not_local",
-            ProxyError::OwnListener(_) => "own_listener",
-            ProxyError::MtlsRequired => "mtls_required",
-            ProxyError::Denied { .. } => "authorization_denied",
-            ProxyError::Http(_) => "http",
-        }
-    }
-
-    /// Envoy's response flag for a connection the proxy could not serve.
-    pub fn response_flags(&self) -> &'static str {
-        match self {
-            ProxyError::NoOriginalDestination
-            | ProxyError::NotLocal(_)
-            | ProxyError::OwnListener(_) => "NR",
-            ProxyError::NoEndpoint { .. } => "UH",
-            ProxyError::Denied { .. } | ProxyError::MtlsRequired => "RBAC",
-            ProxyError::Connect { .. }
-            | ProxyError::ConnectTimeout(_)
-            | ProxyError::Socket(_)
-            | ProxyError::Certificate(_)
-            | ProxyError::Tls(_)
-            | ProxyError::Hbone(_)
-            | ProxyError::NoSourceAddress => "UF",
-            ProxyError::Http(_) => "-",
-        }
-    }
-
-    /// This error as the access log and the other telemetry sinks record it.
-    pub fn refusal(&self) -> Refusal {
-        let policy = match self {
-            ProxyError::Denied { policy, .. } => Some(policy.clone()),
-            ProxyError::MtlsRequired => Some("PeerAuthentication (mTLS STRICT)".into()),
-            _ => None,
-        };
-        Refusal {
-            response_flags: self.response_flags(),
-            policy,
-            error: self.to_string(),
-        }
     }
 }
 

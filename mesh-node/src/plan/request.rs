@@ -1,7 +1,62 @@
-//! What a route does to a request before it leaves the source node.
-use http::{HeaderValue, Uri, header, request::Parts};
+//! Which route a request takes at the source node, and what the route does to it before it
+//! leaves.
+use std::collections::BTreeMap;
 
-use crate::routing::{HttpRule, rewrite_uri};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri, header, request::Parts};
+
+use crate::{
+    inventory::{ObjectKey, Workload},
+    routing::{HttpRule, RequestInfo, RouteMatch, rewrite_uri},
+    state::State,
+};
+
+/// What routing reads of a request: its head.
+#[derive(Clone, Copy)]
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a> RequestHead<'a> {
+    pub fn of<B>(request: &'a Request<B>) -> Self {
+        Self {
+            method: request.method(),
+            uri: request.uri(),
+            headers: request.headers(),
+        }
+    }
+
+    pub fn of_parts(parts: &'a Parts) -> Self {
+        Self {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+        }
+    }
+}
+
+/// The VirtualService or HTTPRoute rule that `request` from `source` to `service`'s `port`
+/// takes (a source unknown to the state matches no `sourceLabels`).
+pub fn select_route<'s>(
+    state: &'s State,
+    service: &ObjectKey,
+    port: u16,
+    source: Option<&Workload>,
+    request: RequestHead<'_>,
+) -> RouteMatch<'s> {
+    let no_labels = BTreeMap::new();
+    state.routes.match_http(
+        service,
+        &RequestInfo {
+            method: request.method,
+            uri: request.uri,
+            headers: request.headers,
+            port,
+            source_labels: source.map_or(&no_labels, |w| &w.labels),
+        },
+    )
+}
 
 /// The request as the source proxy sends it on: the rule's rewrite (`matched_prefix` is the
 /// part of the path the rule's prefix match covered) and its request header changes.

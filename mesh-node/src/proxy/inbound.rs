@@ -11,7 +11,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    PodContext, ProxyContext, ProxyError,
+    CertificateError, PodContext, ProxyContext, ProxyError,
     hbone::{self, IncomingConnect},
     http, relay_counted,
     socket::{Dial, connect_from_pod},
@@ -38,7 +38,7 @@ pub(super) async fn handle(
     // the pod address and port the client asked for.
     let original = client
         .local_addr()
-        .map_err(|e| ProxyError::Socket(e.to_string()))?;
+        .map_err(|e| ProxyError::Socket(e.into()))?;
     let state = proxy.state.borrow().clone();
     let mut caller = Caller::new(peer.ip(), None);
     // A node address is not enough (kube-proxy's SNAT gives forwarded traffic one): the
@@ -73,16 +73,13 @@ pub(super) async fn handle_hbone(
     pod: &PodContext,
     proxy: &ProxyContext,
 ) -> Result<(), ProxyError> {
-    let mtls = proxy
-        .mtls
-        .clone()
-        .ok_or_else(|| ProxyError::Certificate("this agent has no CA; HBONE is off".into()))?;
+    let mtls = proxy.mtls.clone().ok_or(CertificateError::NoCa)?;
     let own = {
         let state = proxy.state.borrow();
         let workload = state
             .workloads
             .get(&pod.key)
-            .ok_or_else(|| ProxyError::Certificate(format!("pod {} is gone", pod.key)))?;
+            .ok_or_else(|| CertificateError::PodGone(pod.key.clone()))?;
         mtls.identity_of(workload)?
     };
     let _ = stream.set_nodelay(true);
@@ -254,7 +251,7 @@ where
         });
         http::serve_connection(client, move |request| inbound.clone().handle(request))
             .await
-            .map_err(|e| ProxyError::Http(e.to_string()))?;
+            .map_err(ProxyError::Http)?;
         return Ok(());
     }
     if admission == Admission::MtlsOnly {

@@ -15,6 +15,7 @@ use crate::{
     access_log::{ConnectionRecord, Entry, Parties, Started},
     metrics::Reporter,
     plan::protocol::{PortProtocol, port_protocol},
+    state::State,
 };
 
 pub(super) async fn handle(
@@ -77,7 +78,7 @@ async fn proxy_to(
     let state = proxy.state.borrow().clone();
     let _ = client.set_nodelay(true);
     // A Service port that carries HTTP is routed request by request.
-    let mut client = if let Some(service) = state.service_by_ip(original.ip())
+    let client = if let Some(service) = state.service_by_ip(original.ip())
         && let Some(port) = service.port(original.port())
     {
         let (client, is_http) = match port_protocol(port) {
@@ -96,13 +97,26 @@ async fn proxy_to(
             });
             return http::serve_connection(client, move |request| outbound.clone().handle(request))
                 .await
-                .map_err(|e| ProxyError::Http(e.to_string()));
+                .map_err(ProxyError::Http);
         }
         client
     } else {
         Prefixed::new(Bytes::new(), client)
     };
-    let upstream = proxy.resolver.resolve(&state, original)?;
+    relay_l4(client, original, started, pod, proxy, &state).await
+}
+
+/// Relays a connection that is not HTTP (or not on an HTTP port) as bytes: to the
+/// resolved upstream, through an HBONE tunnel when both ends are in the mesh.
+async fn relay_l4(
+    mut client: Prefixed<TcpStream>,
+    original: SocketAddr,
+    started: Started,
+    pod: &PodContext,
+    proxy: &ProxyContext,
+    state: &State,
+) -> Result<(), ProxyError> {
+    let upstream = proxy.resolver.resolve(state, original)?;
     let source = state.workloads.get(&pod.key);
     let (destination, service) = match &upstream {
         Upstream::Service {

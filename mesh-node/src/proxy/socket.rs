@@ -34,45 +34,8 @@ pub fn bind_pod_listeners(
     hbone: bool,
 ) -> Result<ListenerSet, NetnsError> {
     let has_v6 = pod_ips.iter().any(IpAddr::is_ipv6);
-    let unspecified: &[IpAddr] = if has_v6 {
-        &[
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        ]
-    } else {
-        &[IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
-    };
-    let sockets = netns.run(home, || -> std::io::Result<_> {
-        let mut outbound = vec![listen(SocketAddr::from((
-            Ipv4Addr::LOCALHOST,
-            ports::OUTBOUND,
-        )))?];
-        let mut inbound = vec![listen(SocketAddr::from((
-            Ipv4Addr::UNSPECIFIED,
-            ports::INBOUND_PLAINTEXT,
-        )))?];
-        if has_v6 {
-            outbound.push(listen(SocketAddr::from((
-                Ipv6Addr::LOCALHOST,
-                ports::OUTBOUND,
-            )))?);
-            inbound.push(listen(SocketAddr::from((
-                Ipv6Addr::UNSPECIFIED,
-                ports::INBOUND_PLAINTEXT,
-            )))?);
-        }
-        let hbone_listeners = if hbone {
-            unspecified
-                .iter()
-                .map(|ip| listen(SocketAddr::new(*ip, ports::HBONE)))
-                .collect::<std::io::Result<Vec<_>>>()?
-        } else {
-            Vec::new()
-        };
-        let cookie = crate::netns::netns_cookie(&outbound[0])?;
-        Ok((outbound, inbound, hbone_listeners, cookie))
-    })?;
-    let (outbound, inbound, hbone, netns_cookie) = sockets.map_err(|source| NetnsError::Io {
+    let bound = netns.run(home, || bind_sockets(has_v6, hbone))?;
+    let bound = bound.map_err(|source| NetnsError::Io {
         action: "binding listeners in",
         path: netns.path().to_path_buf(),
         source,
@@ -84,12 +47,14 @@ pub fn bind_pod_listeners(
         source,
     };
     Ok(ListenerSet {
-        outbound: outbound
+        outbound: bound
+            .outbound
             .into_iter()
             .map(to_tokio)
             .collect::<Result<_, _>>()
             .map_err(io_error)?,
-        inbound: inbound
+        inbound: bound
+            .inbound
             .into_iter()
             .map(|socket| {
                 let v6 = socket
@@ -106,11 +71,67 @@ pub fn bind_pod_listeners(
             })
             .collect::<Result<_, _>>()
             .map_err(io_error)?,
-        hbone: hbone
+        hbone: bound
+            .hbone
             .into_iter()
             .map(to_tokio)
             .collect::<Result<_, _>>()
             .map_err(io_error)?,
+        netns_cookie: bound.netns_cookie,
+    })
+}
+
+/// A pod's listening sockets, bound in its netns and not yet registered with tokio (which
+/// happens back in the agent's thread).
+struct BoundSockets {
+    outbound: Vec<Socket>,
+    inbound: Vec<Socket>,
+    hbone: Vec<Socket>,
+    netns_cookie: u64,
+}
+
+/// Binds the pod's listeners in the current netns: IPv6 ones too when `has_v6`, HBONE's
+/// when `hbone`.
+fn bind_sockets(has_v6: bool, hbone: bool) -> std::io::Result<BoundSockets> {
+    let mut outbound = vec![listen(SocketAddr::from((
+        Ipv4Addr::LOCALHOST,
+        ports::OUTBOUND,
+    )))?];
+    let mut inbound = vec![listen(SocketAddr::from((
+        Ipv4Addr::UNSPECIFIED,
+        ports::INBOUND_PLAINTEXT,
+    )))?];
+    if has_v6 {
+        outbound.push(listen(SocketAddr::from((
+            Ipv6Addr::LOCALHOST,
+            ports::OUTBOUND,
+        )))?);
+        inbound.push(listen(SocketAddr::from((
+            Ipv6Addr::UNSPECIFIED,
+            ports::INBOUND_PLAINTEXT,
+        )))?);
+    }
+    let unspecified: &[IpAddr] = if has_v6 {
+        &[
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ]
+    } else {
+        &[IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
+    };
+    let hbone = if hbone {
+        unspecified
+            .iter()
+            .map(|ip| listen(SocketAddr::new(*ip, ports::HBONE)))
+            .collect::<std::io::Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
+    let netns_cookie = crate::netns::netns_cookie(&outbound[0])?;
+    Ok(BoundSockets {
+        outbound,
+        inbound,
+        hbone,
         netns_cookie,
     })
 }
@@ -145,8 +166,8 @@ pub async fn connect_from_pod(
     let socket = pod
         .netns
         .run(home, || new_upstream_socket(addr, &dial))
-        .map_err(|e| ProxyError::Socket(e.to_string()))?
-        .map_err(|e| ProxyError::Socket(e.to_string()))?;
+        .map_err(|e| ProxyError::Socket(e.into()))?
+        .map_err(|e| ProxyError::Socket(e.into()))?;
     let socket = TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
         Ok(Ok(stream)) => {

@@ -21,7 +21,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, server::TlsStream};
 use tracing::debug;
 
 use super::{
-    PodContext, ProxyError,
+    CertificateError, HandshakeError, PodContext, ProxyError,
     hbone::{self, H2Stream, HboneError, StreamSlot},
     socket::{Dial, connect_from_pod},
 };
@@ -112,14 +112,14 @@ impl Mtls {
             &workload.key.namespace,
             &workload.service_account,
         )
-        .map_err(|e| ProxyError::Certificate(e.to_string()))
+        .map_err(|e| CertificateError::from(e).into())
     }
 
     async fn certificate(&self, identity: &Identity) -> Result<Arc<WorkloadCert>, ProxyError> {
         self.manager
             .fetch(identity)
             .await
-            .map_err(|e| ProxyError::Certificate(e.to_string()))
+            .map_err(|e| CertificateError::from(e).into())
     }
 
     /// Opens an HBONE stream to `target` (a pod address and port) as `source`, reusing a
@@ -187,16 +187,14 @@ impl Mtls {
         hbone: SocketAddr,
     ) -> Result<SendRequest<Bytes>, ProxyError> {
         let config = tls::client_config(cert, &self.trust_bundle, destination.clone())
-            .map_err(|e| ProxyError::Tls(e.to_string()))?;
+            .map_err(HandshakeError::from)?;
         let tcp = connect_from_pod(pod, home, hbone, Dial::Outbound).await?;
         let connecting =
             TlsConnector::from(config).connect(ServerName::IpAddress(hbone.ip().into()), tcp);
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
             .await
-            .map_err(|_| {
-                ProxyError::Tls(format!("no TLS handshake with {hbone} within the timeout"))
-            })?
-            .map_err(|e| ProxyError::Tls(e.to_string()))?;
+            .map_err(|_| HandshakeError::TimedOutWith(hbone))?
+            .map_err(HandshakeError::from)?;
         debug!(%hbone, %destination, "HBONE tunnel established");
         self.metrics.tunnel_opened();
         Ok(hbone::client_handshake(tls).await?)
@@ -236,10 +234,10 @@ impl Mtls {
         let config = self.server_config(identity).await?;
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream))
             .await
-            .map_err(|_| ProxyError::Tls("no TLS handshake within the timeout".into()))?
-            .map_err(|e| ProxyError::Tls(e.to_string()))?;
+            .map_err(|_| HandshakeError::TimedOut)?
+            .map_err(HandshakeError::from)?;
         let peer = tls::peer_identity(tls.get_ref().1, &self.trust_domain)
-            .map_err(|e| ProxyError::Tls(e.to_string()))?;
+            .map_err(HandshakeError::from)?;
         Ok((tls, peer))
     }
 
@@ -252,8 +250,7 @@ impl Mtls {
         {
             return Ok(config.clone());
         }
-        let config = tls::server_config(&cert, &self.trust_bundle)
-            .map_err(|e| ProxyError::Tls(e.to_string()))?;
+        let config = tls::server_config(&cert, &self.trust_bundle).map_err(HandshakeError::from)?;
         configs.insert(identity.clone(), (cert, config.clone()));
         Ok(config)
     }

@@ -2,26 +2,39 @@
 //! routed here, at the source node — VirtualService or HTTPRoute rules, the
 //! DestinationRule's subsets, load balancer, limits and outlier detection, then retries,
 //! timeouts, faults and mirroring — before it leaves for the chosen endpoint.
+//!
+//! Each stage has its file: [`fault`], [`route`] (what the matched rule does), [`body`]
+//! (buffered for replay or streamed), [`mirror`], [`retry`] (attempts, back-off, timeouts),
+//! and [`replies`] (the proxy's own answers); [`Outbound::handle`] composes them in order,
+//! and the request is metered when its response ends (`metered`).
+mod body;
+mod fault;
+mod mirror;
+mod replies;
+mod retry;
+mod route;
+
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
+    sync::Arc,
 };
 
-use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header, request::Parts};
-use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::Incoming;
 use tracing::debug;
 
+use self::{
+    body::RequestBody,
+    replies::{Local, NO_HEALTHY_UPSTREAM, NO_ROUTE},
+    route::Action,
+};
 use super::{
     ProxyBody,
-    cluster::{AttemptResult, Cluster, ClusterKey, HashInput},
-    full, incoming, is_upgrade, local_response,
-    metered::{CountedRequest, REQUEST_ID, Record, meter},
+    cluster::{Cluster, ClusterKey, HashInput},
+    incoming, is_upgrade, local_response,
+    metered::{REQUEST_ID, Record, meter},
     splice_upgrade, strip_hop_by_hop, strip_hop_by_hop_for_forwarding,
-    upstream::{Connector, SendError, Via},
+    upstream::Via,
 };
 use crate::{
     access_log::Parties,
@@ -29,21 +42,14 @@ use crate::{
     identity::Identity,
     inventory::{ObjectKey, Workload},
     metrics::Reporter,
-    plan::{endpoints::service_endpoints, request::rewrite_request},
-    proxy::{PodContext, ProxyContext, ProxyError},
-    routing::{
-        Destination, HashKey, HttpAction, LoadBalancer, RequestInfo, RetryOn, RetryPolicy,
-        RouteMatch, TrafficPolicy, pick_weighted, total_weight,
+    plan::{
+        endpoints::service_endpoints,
+        request::{RequestHead, rewrite_request, select_route},
     },
+    proxy::{PodContext, ProxyContext, ProxyError},
+    routing::{Destination, HashKey, LoadBalancer, RetryPolicy, RouteMatch, TrafficPolicy},
     state::State,
 };
-
-/// Request bodies up to this size are buffered so a retry or a mirror can replay them;
-/// larger or streaming bodies (gRPC, chunked uploads) go through once, without retries.
-const MAX_REPLAY_BODY: u64 = 64 * 1024;
-/// Envoy's retry back-off: 25 ms base, doubling, with jitter, at most ten times the base.
-const RETRY_BACKOFF_BASE: Duration = Duration::from_millis(25);
-const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// One client connection of a pod to a Service port that carries HTTP.
 pub struct Outbound {
@@ -56,12 +62,6 @@ pub struct Outbound {
     pub dialed: IpAddr,
 }
 
-/// The request's body, replayable when buffered.
-enum RequestBody {
-    Buffered(Bytes),
-    Streaming(Option<ProxyBody>),
-}
-
 /// Everything decided about a request before its attempts.
 struct Plan {
     destination: Destination,
@@ -70,192 +70,63 @@ struct Plan {
     candidates: Vec<(ObjectKey, SocketAddr)>,
 }
 
-/// How the proxy ended a request, in Envoy's response flags.
-struct Local {
-    status: StatusCode,
-    body: &'static str,
-    flags: &'static str,
+impl Plan {
+    /// The pod behind a candidate address the load balancer picked.
+    fn endpoint_key(&self, endpoint: SocketAddr) -> ObjectKey {
+        self.candidates
+            .iter()
+            .find(|(_, a)| *a == endpoint)
+            .map(|(k, _)| k.clone())
+            .expect("picked from the candidates")
+    }
 }
 
-const NO_ROUTE: Local = Local {
-    status: StatusCode::NOT_FOUND,
-    body: "route not found",
-    flags: "NR",
-};
-const NO_HEALTHY_UPSTREAM: Local = Local {
-    status: StatusCode::SERVICE_UNAVAILABLE,
-    body: "no healthy upstream",
-    flags: "UH",
-};
-const OVERFLOW: Local = Local {
-    status: StatusCode::SERVICE_UNAVAILABLE,
-    body: "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-    flags: "UO",
-};
-const CONNECT_FAILURE: Local = Local {
-    status: StatusCode::SERVICE_UNAVAILABLE,
-    body: "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-    flags: "UF",
-};
-const RESET: Local = Local {
-    status: StatusCode::SERVICE_UNAVAILABLE,
-    body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-    flags: "UC",
-};
-const TIMEOUT: Local = Local {
-    status: StatusCode::GATEWAY_TIMEOUT,
-    body: "upstream request timeout",
-    flags: "UT",
-};
-
-/// How one attempt on an endpoint ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ended {
-    Status(u16),
-    ConnectFailure,
-    Reset,
-    /// `perTryTimeout` elapsed.
-    Timeout,
-}
-
-impl Ended {
-    fn outlier_result(self) -> AttemptResult {
-        match self {
-            Ended::Status(status) => AttemptResult::Status(status),
-            _ => AttemptResult::LocalFailure,
+/// Envoy's rule: the first proxy gives the request an id, which both ends log.
+fn ensure_request_id<B>(request: &mut Request<B>) {
+    if !request.headers().contains_key(REQUEST_ID) {
+        let id = format!("{:032x}", rand::random::<u128>());
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            request.headers_mut().insert(REQUEST_ID, value);
         }
     }
-
-    /// The proxy's own answer when the last attempt ended without a response.
-    fn local(self) -> Local {
-        match self {
-            Ended::ConnectFailure => CONNECT_FAILURE,
-            Ended::Reset => RESET,
-            Ended::Timeout | Ended::Status(_) => TIMEOUT,
-        }
-    }
-}
-
-/// Whether `retryOn` retries an attempt that ended so. As in Envoy, `5xx` and
-/// `gateway-error` include the failures that never produced a status.
-fn retriable(ended: Ended, on: &RetryOn) -> bool {
-    let no_status = on.five_xx || on.gateway_error;
-    match ended {
-        Ended::Status(status) => on.retries_status(status),
-        Ended::ConnectFailure => on.connect_failure || no_status,
-        Ended::Reset => on.reset || no_status,
-        Ended::Timeout => on.reset || no_status,
-    }
-}
-
-/// The upper bound of the jittered pause before retry number `retry` (1-based).
-fn backoff_ceiling(retry: u32) -> Duration {
-    RETRY_BACKOFF_BASE
-        .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
-        .min(RETRY_BACKOFF_MAX)
-}
-
-/// Rolls a percentage (0–100) the way Envoy's runtime fractions do.
-fn chance(percent: f64) -> bool {
-    percent >= 100.0 || (percent > 0.0 && rand::random_range(0.0..100.0) < percent)
 }
 
 impl Outbound {
+    /// Serves one request: matched to a route, faults injected, sent on to the chosen
+    /// destination (mirrored, retried, within the route's timeout) or answered at the source.
     pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
         let state = self.proxy.state.borrow().clone();
-        // Envoy's rule: the first proxy gives the request an id, which both ends log.
-        if !request.headers().contains_key(REQUEST_ID) {
-            let id = format!("{:032x}", rand::random::<u128>());
-            if let Ok(value) = HeaderValue::from_str(&id) {
-                request.headers_mut().insert(REQUEST_ID, value);
-            }
-        }
+        ensure_request_id(&mut request);
         let target = state
             .services
             .get(&self.service)
             .map_or_else(|| self.service.to_string(), |s| s.hostname());
         let mut record = Record::traced(&self.proxy, SpanKind::Client, &target, &request);
         let source = state.workloads.get(&self.pod.key);
-        let no_labels = BTreeMap::new();
-        let matched = state.routes.match_http(
+        let (rule, matched_prefix) = match select_route(
+            &state,
             &self.service,
-            &RequestInfo {
-                method: request.method(),
-                uri: request.uri(),
-                headers: request.headers(),
-                port: self.port,
-                source_labels: source.map_or(&no_labels, |w| &w.labels),
-            },
-        );
-        let (rule, matched_prefix) = match matched {
+            self.port,
+            source,
+            RequestHead::of(&request),
+        ) {
             RouteMatch::Default => (None, None),
             RouteMatch::Rule {
                 rule,
                 matched_prefix,
             } => (Some(rule), matched_prefix.map(str::to_string)),
-            RouteMatch::NoneMatched => {
-                return self.local(&state, None, record, NO_ROUTE);
-            }
+            RouteMatch::NoneMatched => return self.local(&state, None, record, NO_ROUTE),
         };
         record.facts.route = rule.map(|r| r.name.clone().unwrap_or_else(|| r.origin.clone()));
-        if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
-            if let Some(delay) = fault.delay.as_ref().filter(|d| chance(d.percent)) {
-                tokio::time::sleep(delay.fixed).await;
-                record.flags.push("DI");
-            }
-            if let Some(abort) = fault.abort.as_ref().filter(|a| chance(a.percent)) {
-                let status =
-                    StatusCode::from_u16(abort.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                record.flags.push("FI");
-                let response = local_response(status, "fault filter abort");
-                return self.finish(&state, None, record, response);
-            }
+        if let Some(fault) = rule.and_then(|r| r.fault.as_ref())
+            && let Some(aborted) = fault::inject(fault, &mut record).await
+        {
+            return self.finish(&state, None, record, aborted);
         }
-        let destination = match rule.map(|r| &r.action) {
-            None => Destination {
-                service: self.service.clone(),
-                subset: None,
-                port: None,
-            },
-            Some(HttpAction::Route(destinations)) => {
-                let total = total_weight(destinations);
-                let roll = if total > 0 {
-                    rand::random_range(0..total)
-                } else {
-                    0
-                };
-                match pick_weighted(destinations, roll) {
-                    Some(destination) => destination.clone(),
-                    None => return self.local(&state, None, record, NO_ROUTE),
-                }
-            }
-            Some(HttpAction::DirectResponse { status, body }) => {
-                let mut response = local_response(
-                    StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
-                    body.as_deref().unwrap_or(""),
-                );
-                if let Some(rule) = rule {
-                    rule.response_headers.apply(response.headers_mut());
-                }
-                return self.finish(&state, None, record, response);
-            }
-            Some(HttpAction::Redirect {
-                scheme,
-                authority,
-                port,
-                path,
-                status,
-            }) => {
-                let response = redirect(
-                    &request,
-                    scheme.as_deref(),
-                    authority.as_deref(),
-                    *port,
-                    path.as_deref(),
-                    *status,
-                );
-                return self.finish(&state, None, record, response);
-            }
+        let destination = match route::action(rule, &self.service, &request) {
+            Action::Forward(destination) => destination,
+            Action::Answer(response) => return self.finish(&state, None, record, response),
+            Action::NoRoute => return self.local(&state, None, record, NO_ROUTE),
         };
         let Some(plan) = self.plan(&state, destination) else {
             return self.local(&state, None, record, NO_HEALTHY_UPSTREAM);
@@ -271,57 +142,20 @@ impl Outbound {
         if let Some(span) = &record.span {
             span.inject(&mut parts.headers);
         }
-        let replayable = record.protocol == "http"
-            && downstream_upgrade.is_none()
-            && (body.is_end_stream()
-                || body
-                    .size_hint()
-                    .upper()
-                    .is_some_and(|n| n <= MAX_REPLAY_BODY));
-        let body = if replayable {
-            match body.collect().await {
-                Ok(collected) => {
-                    let bytes = collected.to_bytes();
-                    record
-                        .request_bytes
-                        .store(bytes.len() as u64, Ordering::Relaxed);
-                    RequestBody::Buffered(bytes)
-                }
-                Err(error) => {
-                    debug!(%error, "client request body failed");
-                    let response = local_response(StatusCode::BAD_REQUEST, "bad request body");
-                    return self.finish(&state, None, record, response);
-                }
+        let body = match RequestBody::read(body, &record, downstream_upgrade.is_some()).await {
+            Ok(body) => body,
+            Err(error) => {
+                debug!(%error, "client request body failed");
+                let response = local_response(StatusCode::BAD_REQUEST, "bad request body");
+                return self.finish(&state, None, record, response);
             }
-        } else {
-            RequestBody::Streaming(Some(
-                CountedRequest::new(incoming(body), record.request_bytes.clone()).boxed(),
-            ))
         };
-        if let (Some(mirror), RequestBody::Buffered(bytes)) =
-            (rule.and_then(|r| r.mirror.as_ref()), &body)
-            && chance(mirror.percent)
-        {
-            self.clone().mirror(
-                state.clone(),
-                mirror.destination.clone(),
-                &parts,
-                bytes.clone(),
-            );
-        }
-
+        self.mirror_if_asked(&state, rule, &parts, &body);
         let retries = rule
             .and_then(|r| r.retries.clone())
             .unwrap_or_else(RetryPolicy::istio_default);
         let attempts = self.attempts(&state, &plan, &retries, &parts, body, &mut record);
-        let outcome = match rule.and_then(|r| r.timeout) {
-            Some(limit) => match tokio::time::timeout(limit, attempts).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(TIMEOUT),
-            },
-            None => attempts.await,
-        };
-        match outcome {
+        match retry::within_timeout(rule.and_then(|r| r.timeout), attempts).await {
             Ok((mut response, endpoint)) => {
                 if let Some(rule) = rule {
                     rule.response_headers.apply(response.headers_mut());
@@ -366,136 +200,6 @@ impl Outbound {
         })
     }
 
-    /// Tries the request up to the retry policy's limit; returns the response to give the
-    /// client and the endpoint that gave it, or how the proxy ends the request itself.
-    async fn attempts(
-        &self,
-        state: &State,
-        plan: &Plan,
-        retries: &RetryPolicy,
-        parts: &Parts,
-        mut body: RequestBody,
-        record: &mut Record,
-    ) -> Result<(Response<Incoming>, ObjectKey), Local> {
-        let max_attempts = match body {
-            RequestBody::Buffered(_) => 1 + retries.attempts,
-            RequestBody::Streaming(_) => 1,
-        };
-        let addresses: Vec<SocketAddr> = plan.candidates.iter().map(|(_, a)| *a).collect();
-        let limits = &plan.policy.connection_pool;
-        let detection = plan.policy.outlier_detection.as_ref();
-        let hash = self.hash_input(&plan.policy.load_balancer, parts);
-        let mut tried = Vec::new();
-        let mut _retry_slot = None;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            if attempt > 1 {
-                match plan.cluster.start_retry(limits) {
-                    Some(slot) => _retry_slot = Some(slot),
-                    None => return Err(OVERFLOW),
-                }
-                let ceiling = backoff_ceiling(attempt - 1);
-                let jitter = rand::random_range(0..=ceiling.as_millis() as u64);
-                tokio::time::sleep(Duration::from_millis(jitter)).await;
-            }
-            let last = attempt >= max_attempts;
-            let Some(endpoint) =
-                plan.cluster
-                    .pick(&addresses, &plan.policy.load_balancer, hash, &tried)
-            else {
-                return Err(NO_HEALTHY_UPSTREAM);
-            };
-            tried.push(endpoint);
-            record.upstream = Some(endpoint);
-            let endpoint_key = plan
-                .candidates
-                .iter()
-                .find(|(_, a)| *a == endpoint)
-                .map(|(k, _)| k.clone())
-                .expect("picked from the candidates");
-            let Some(_active) = plan.cluster.start_request(endpoint, limits) else {
-                self.proxy
-                    .metrics
-                    .node
-                    .upstream_overflow(&plan.destination.service.to_string());
-                return Err(OVERFLOW);
-            };
-            let mut upstream_request = Request::from_parts(
-                parts.clone(),
-                match &mut body {
-                    RequestBody::Buffered(bytes) => full(bytes.clone()),
-                    RequestBody::Streaming(body) => body.take().unwrap_or_else(super::empty),
-                },
-            );
-            upstream_request
-                .headers_mut()
-                .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
-            if upstream_request.version() == http::Version::HTTP_2 {
-                absolute_uri(&mut upstream_request);
-            }
-            let via = match self.via(state, endpoint) {
-                Ok(via) => via,
-                Err(error) => {
-                    debug!(%error, %endpoint, "no identity for the upstream");
-                    return Err(CONNECT_FAILURE);
-                }
-            };
-            let connector = Connector {
-                pod: &self.pod,
-                proxy: &self.proxy,
-                endpoint,
-                via,
-            };
-            let send =
-                self.proxy
-                    .upstreams
-                    .send(&plan.cluster, limits, &connector, upstream_request);
-            let sent = match retries.per_try_timeout {
-                Some(limit) => tokio::time::timeout(limit, send).await.ok(),
-                None => Some(send.await),
-            };
-            let (ended, response) = match sent {
-                Some(Ok(response)) => (Ended::Status(response.status().as_u16()), Some(response)),
-                Some(Err(SendError::Overflow)) => {
-                    self.proxy
-                        .metrics
-                        .node
-                        .upstream_overflow(&plan.destination.service.to_string());
-                    return Err(OVERFLOW);
-                }
-                Some(Err(SendError::Connect(error))) => {
-                    debug!(%error, %endpoint, "upstream connect failed");
-                    (Ended::ConnectFailure, None)
-                }
-                Some(Err(SendError::Reset(error))) => {
-                    debug!(%error, %endpoint, "upstream reset");
-                    (Ended::Reset, None)
-                }
-                None => (Ended::Timeout, None),
-            };
-            if plan
-                .cluster
-                .report(endpoint, ended.outlier_result(), detection, addresses.len())
-            {
-                self.proxy
-                    .metrics
-                    .node
-                    .outlier_ejected(&plan.destination.service.to_string());
-            }
-            let retry = retriable(ended, &retries.retry_on);
-            if last || !retry {
-                if attempt > 1 && retry {
-                    record.flags.push("URX");
-                }
-                return match response {
-                    Some(response) => Ok((response, endpoint_key)),
-                    None => Err(ended.local()),
-                };
-            }
-        }
-    }
-
     /// HBONE when both ends are enrolled and the agent has a CA, else plaintext.
     fn via(&self, state: &State, endpoint: SocketAddr) -> Result<Via, ProxyError> {
         let source = state.workloads.get(&self.pod.key);
@@ -526,53 +230,6 @@ impl Outbound {
                 .ip_like(self.dialed)
                 .map_or_else(HashInput::default, HashInput::of),
         }
-    }
-
-    /// Sends a copy to the mirror destination and ignores its answer (Envoy's shadowing:
-    /// the copy's authority gets `-shadow` appended).
-    fn mirror(
-        self: Arc<Self>,
-        state: Arc<State>,
-        destination: Destination,
-        parts: &Parts,
-        body: Bytes,
-    ) {
-        let mut parts = parts.clone();
-        let authority = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()));
-        if let Some(authority) = authority
-            && let Ok(value) = HeaderValue::from_str(&format!("{authority}-shadow"))
-        {
-            parts.headers.insert(header::HOST, value);
-        }
-        tokio::spawn(async move {
-            let Some(plan) = self.plan(&state, destination) else {
-                return;
-            };
-            let no_retries = RetryPolicy {
-                attempts: 0,
-                ..RetryPolicy::istio_default()
-            };
-            let mut record = Record::new(&parts.method, &parts.uri, &parts.headers, None);
-            let outcome = self
-                .attempts(
-                    &state,
-                    &plan,
-                    &no_retries,
-                    &parts,
-                    RequestBody::Buffered(body),
-                    &mut record,
-                )
-                .await;
-            if let Ok((response, _)) = outcome {
-                // Read the answer to the end so the connection returns to the pool.
-                let _ = response.into_body().collect().await;
-            }
-        });
     }
 
     fn local(
@@ -685,48 +342,6 @@ fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(key, _)| *key == name)
         .map(|(_, value)| value)
-}
-
-/// A redirect answer: each part of the location that the rule does not set is the
-/// request's own.
-fn redirect(
-    request: &Request<Incoming>,
-    scheme: Option<&str>,
-    authority: Option<&str>,
-    port: Option<u16>,
-    path: Option<&str>,
-    status: u16,
-) -> Response<ProxyBody> {
-    let host = authority
-        .map(str::to_string)
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .or_else(|| request.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
-    let host = match port {
-        Some(port) => format!("{}:{port}", host.split(':').next().unwrap_or_default()),
-        None => host,
-    };
-    let path = path.map(str::to_string).unwrap_or_else(|| {
-        request
-            .uri()
-            .path_and_query()
-            .map_or("/".into(), |pq| pq.to_string())
-    });
-    let location = format!("{}://{host}{path}", scheme.unwrap_or("http"));
-    let mut response = local_response(
-        StatusCode::from_u16(status).unwrap_or(StatusCode::MOVED_PERMANENTLY),
-        "",
-    );
-    if let Ok(value) = HeaderValue::from_str(&location) {
-        response.headers_mut().insert(header::LOCATION, value);
-    }
-    response
 }
 
 #[cfg(test)]

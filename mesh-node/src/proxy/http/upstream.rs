@@ -25,7 +25,7 @@ use super::{ProxyBody, cluster::Cluster};
 use crate::{
     identity::Identity,
     proxy::{
-        CONNECT_TIMEOUT, PodContext, ProxyContext, ProxyError,
+        CONNECT_TIMEOUT, CertificateError, PodContext, ProxyContext, ProxyError,
         socket::{Dial, connect_from_pod},
     },
     routing::ConnectionPool,
@@ -68,9 +68,11 @@ impl Connector<'_> {
                     source,
                     destination,
                 } => {
-                    let mtls = self.proxy.mtls.as_ref().ok_or_else(|| {
-                        ProxyError::Certificate("this agent has no CA; HBONE is off".into())
-                    })?;
+                    let mtls = self
+                        .proxy
+                        .mtls
+                        .as_ref()
+                        .ok_or_else(|| ProxyError::from(CertificateError::NoCa))?;
                     Box::new(
                         mtls.open_stream(pod, home, source, destination, endpoint)
                             .await?,
@@ -329,7 +331,7 @@ async fn open(
             .map_err(SendError::Connect)?;
         let io = TokioIo::new(io);
         let cluster = cluster.clone();
-        let http_error = |e: hyper::Error| SendError::Connect(ProxyError::Http(e.to_string()));
+        let http_error = |e: hyper::Error| SendError::Connect(ProxyError::Http(e.into()));
         if http2 {
             let (sender, connection) = http2::handshake(TokioExecutor::new(), io)
                 .await

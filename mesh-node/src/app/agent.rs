@@ -1,0 +1,448 @@
+//! `mesh-node run`, wired: the agent. Servers bind first and spawn later, so callers (and
+//! tests) can bind port 0 and read the addresses back from [`Bound`].
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::source::ConfigSource;
+use crate::{
+    access_log::AccessLog,
+    admin::{Admin, LogControl},
+    ca_server,
+    cli::RunConfig,
+    cni::{self, install::Installation, owner::CniOwner, server::CniServer},
+    distributed_tracing::{TraceConfig, Tracing},
+    ebpf::Capture,
+    endpoints::{self, Endpoints},
+    enroll::Enrollment,
+    identity::{
+        self, CertState, CertificateAuthority, CertificateManager, CertificateSigner, ManagerConfig,
+    },
+    inventory::ObjectKey,
+    metrics::{Metrics, NodeMetrics},
+    netns::Netns,
+    proxy::{Mtls, ProxyContext, Resolver, connections::Connections},
+    readiness::Readiness,
+    signal,
+    signer::{self, CaAddress, NodeSigner, RemoteSigner},
+    state::{State, StateRx},
+};
+
+/// How often the eBPF counters and certificate expiries are copied into the metrics.
+const NODE_METRICS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the eBPF maps' entries are counted: a count walks every key, up to 65,536
+/// system calls for the largest map.
+const MAP_FILL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The running agent.
+pub struct Bound {
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    /// Flushed last, so spans of connections that drained still leave.
+    tracing: Arc<Tracing>,
+    /// The DaemonSet whose deletion takes the CNI plugin off the node, and what to remove.
+    cni_owner: Option<(ObjectKey, Installation)>,
+}
+
+pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result<Bound> {
+    info!(config = %serde_json::to_string(&config)?, "starting mesh-node");
+    let readiness = Readiness::default();
+    let config_ready = readiness.register("config");
+    let pods_ready = readiness.register("pods");
+    let metrics = Metrics::new().context("registering metrics")?;
+    let shutdown = CancellationToken::new();
+
+    let metrics_listener = TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("binding metrics on {}", config.metrics_addr))?;
+    let health_listener = TcpListener::bind(config.health_addr)
+        .await
+        .with_context(|| format!("binding health on {}", config.health_addr))?;
+    let admin_listener = TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("binding admin on {}", config.admin_addr))?;
+    let bound_admin = admin_listener.local_addr()?;
+    let bound_metrics = metrics_listener.local_addr()?;
+    let bound_health = health_listener.local_addr()?;
+    // Health first: while the agent waits for what it needs (the CA's root), it answers
+    // "alive, not ready" instead of being restarted for not answering.
+    let mut tasks = JoinSet::new();
+    tasks.spawn(endpoints::serve(
+        health_listener,
+        Endpoints::Health(readiness.clone()),
+        shutdown.clone(),
+    ));
+
+    let home = Arc::new(Netns::current().context("opening the agent's own netns")?);
+    let capture = Arc::new(
+        Capture::attach(&config.cgroup_path).context("loading and attaching eBPF capture")?,
+    );
+
+    let (state_tx, state_rx) = watch::channel(Arc::new(State::default()));
+    let source = ConfigSource::start(
+        config.config_source,
+        config.config_dir.as_deref(),
+        &config.root_namespace,
+        &state_tx,
+        &metrics.node,
+    )
+    .await?;
+
+    let mtls = match (&config.ca_dir, config.ca_addr.clone()) {
+        (Some(dir), _) => Some(Arc::new(local_ca(
+            &config,
+            &metrics.node,
+            dir,
+            state_rx.clone(),
+        )?)),
+        (None, Some(addr)) => Some(Arc::new(
+            remote_ca(&config, &metrics.node, addr, &readiness).await?,
+        )),
+        (None, None) => {
+            warn!("no --ca-dir or --ca-addr: mutual TLS is off; enrolled pods talk plaintext");
+            None
+        }
+    };
+    let proxy_mtls = mtls.clone();
+    let tracing = Arc::new(
+        Tracing::new(
+            &TraceConfig {
+                otlp_endpoint: config.observability.otlp_endpoint.clone(),
+                sampling_percent: config.observability.trace_sampling,
+                node: config.node_name.clone(),
+            },
+            tokio::runtime::Handle::current(),
+        )
+        .context("setting up tracing")?,
+    );
+    let connections = Arc::new(Connections::default());
+    let proxy = ProxyContext {
+        state: state_rx.clone(),
+        capture: capture.clone(),
+        metrics: metrics.clone(),
+        resolver: Arc::new(Resolver::default()),
+        home,
+        mtls,
+        clusters: Arc::default(),
+        upstreams: Arc::default(),
+        access_log: Arc::new(
+            AccessLog::stdout(config.observability.access_log)
+                .counting_drops_in(metrics.node.access_log_dropped()),
+        ),
+        tracing: tracing.clone(),
+        connections: connections.clone(),
+        node_addresses: Arc::default(),
+    };
+
+    let admin_state = state_rx.clone();
+    tasks.spawn(source.run(
+        state_tx,
+        metrics.node.clone(),
+        config_ready,
+        shutdown.clone(),
+    ));
+    tasks.spawn(prune_departed(
+        proxy.clone(),
+        config.node_name.clone(),
+        state_rx.clone(),
+        shutdown.clone(),
+    ));
+    let mut enrollment = Enrollment::new(config.node_name.clone(), proxy);
+    if let Some(socket) = &config.cni.socket {
+        let server = CniServer::bind(socket).context("binding the CNI socket")?;
+        let (handle, requests) = cni::server::channel();
+        tasks.spawn(server.serve(handle, shutdown.clone()));
+        enrollment = enrollment.with_cni(requests);
+    }
+    let installation = Installation::from_flags(&config.cni);
+    if let Some(installation) = installation.clone() {
+        tasks.spawn(cni::install::keep_installed(installation, shutdown.clone()));
+    }
+    let cni_owner = config.cni.uninstall_with.clone().zip(installation);
+    tasks.spawn(enrollment.run(state_rx, pods_ready, shutdown.clone()));
+    tasks.spawn(endpoints::serve(
+        metrics_listener,
+        Endpoints::Metrics(metrics.clone()),
+        shutdown.clone(),
+    ));
+    let admin = Admin {
+        node: config.node_name.clone(),
+        state: admin_state,
+        mtls: proxy_mtls.clone(),
+        readiness,
+        log,
+        connections,
+    };
+    tasks.spawn(endpoints::serve(
+        admin_listener,
+        Endpoints::Admin(Arc::new(admin)),
+        shutdown.clone(),
+    ));
+    tasks.spawn(export_map_fill(
+        capture.clone(),
+        metrics.node.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(export_node_metrics(
+        capture,
+        proxy_mtls,
+        metrics,
+        shutdown.clone(),
+    ));
+    info!(
+        metrics = %bound_metrics,
+        health = %bound_health,
+        admin = %bound_admin,
+        node = %config.node_name,
+        "mesh-node running"
+    );
+    Ok(Bound {
+        admin_addr: bound_admin,
+        metrics_addr: bound_metrics,
+        health_addr: bound_health,
+        shutdown,
+        tasks,
+        tracing,
+        cni_owner,
+    })
+}
+
+/// The in-process CA (file-backed root in `dir`) and the certificate manager in front of it.
+fn local_ca(
+    config: &RunConfig,
+    metrics: &NodeMetrics,
+    dir: &Path,
+    state: StateRx,
+) -> anyhow::Result<Mtls> {
+    let ca = CertificateAuthority::load_or_create(dir, &config.trust_domain)
+        .with_context(|| format!("loading the CA in {}", dir.display()))?;
+    let trust_bundle = ca.trust_bundle();
+    let signer = NodeSigner {
+        ca: Arc::new(ca),
+        node: config.node_name.clone(),
+        state,
+    };
+    info!(ca_dir = %dir.display(), trust_domain = %config.trust_domain, "mutual TLS on, in-process CA");
+    Ok(mtls(config, metrics, Arc::new(signer), trust_bundle))
+}
+
+/// A `mesh-node ca` service behind the certificate manager. Waits (unready) for the CA's
+/// root file, which in Kubernetes appears once the CA has published it.
+async fn remote_ca(
+    config: &RunConfig,
+    metrics: &NodeMetrics,
+    addr: CaAddress,
+    readiness: &Readiness,
+) -> anyhow::Result<Mtls> {
+    let root_file = config
+        .ca_root_file
+        .as_deref()
+        .context("--ca-root-file is required")?;
+    let token_file = config
+        .ca_token_file
+        .clone()
+        .context("--ca-token-file is required")?;
+    let trust_bundle = {
+        let _waiting = readiness.register("ca-root");
+        signer::wait_for_trust_bundle(root_file).await
+    };
+    let expected = ca_server::ca_identity(&config.trust_domain, &config.root_namespace)?;
+    let tls = identity::tls::ca_client_config(&trust_bundle, expected)?;
+    info!(ca = %addr, trust_domain = %config.trust_domain, "mutual TLS on, remote CA");
+    let signer = RemoteSigner {
+        addr,
+        tls,
+        token_file,
+    };
+    Ok(mtls(config, metrics, Arc::new(signer), trust_bundle))
+}
+
+fn mtls(
+    config: &RunConfig,
+    metrics: &NodeMetrics,
+    signer: Arc<dyn CertificateSigner>,
+    trust_bundle: Vec<rustls_pki_types::CertificateDer<'static>>,
+) -> Mtls {
+    let manager = CertificateManager::new(
+        signer,
+        ManagerConfig {
+            ttl: config.cert_ttl,
+            ..ManagerConfig::default()
+        },
+    );
+    Mtls::new(
+        Arc::new(manager),
+        trust_bundle,
+        config.trust_domain.clone(),
+        config.hbone_streams_per_tunnel,
+        metrics.clone(),
+    )
+}
+
+impl Bound {
+    /// Runs until SIGTERM/SIGINT, then drains: pods are un-enrolled and the eBPF programs
+    /// detached (the `Capture` drops with the last task that holds it).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        signal::shutdown_requested().await;
+        self.stop().await;
+        info!("mesh-node stopped");
+        Ok(())
+    }
+
+    /// Stops the agent without a signal (embedding, tests).
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        // The flush waits for posts that run on this runtime: not on one of its workers.
+        let tracing = self.tracing;
+        let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+        if let Some((daemon_set, installation)) = self.cni_owner {
+            match kube::Client::try_default().await {
+                Ok(client) => {
+                    let owner = CniOwner {
+                        client,
+                        namespace: daemon_set.namespace,
+                        daemon_set: daemon_set.name,
+                        installation,
+                    };
+                    owner.uninstall_if_removed().await;
+                }
+                Err(error) => warn!(%error, "no Kubernetes client: the CNI plugin stays"),
+            }
+        }
+    }
+}
+
+/// Copies what the kernel counted and the certificates' expiries into the metrics.
+async fn export_node_metrics(
+    capture: Arc<Capture>,
+    mtls: Option<Arc<Mtls>>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let node = &metrics.node;
+        node.record_bpf_counters(&capture.counters());
+        if let Some(mtls) = &mtls {
+            let expiries: Vec<_> = mtls
+                .manager
+                .snapshot()
+                .into_iter()
+                .filter_map(|(identity, state)| match state {
+                    CertState::Ready(cert) => Some((identity.to_string(), cert.not_after)),
+                    _ => None,
+                })
+                .collect();
+            node.set_certificate_expiries(&expiries);
+            node.set_pooled_tunnels(mtls.pooled_tunnels());
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(NODE_METRICS_INTERVAL) => {}
+        }
+    }
+}
+
+/// How often the proxy forgets what departed pods and callers left behind, besides after
+/// every config change.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Keeps the proxy's memory flat under churn: prunes after each config change (pods and
+/// Services leave with one) and every [`PRUNE_INTERVAL`] (idle pooled connections expire),
+/// then gives the freed memory back to the system.
+async fn prune_departed(
+    proxy: ProxyContext,
+    node: String,
+    mut state: StateRx,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = state.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(PRUNE_INTERVAL) => {}
+        }
+        proxy.prune(&node);
+        crate::memory::release_free_memory();
+    }
+}
+
+/// Counts the entries of the agent's eBPF maps into the metrics, on a blocking thread.
+async fn export_map_fill(capture: Arc<Capture>, node: NodeMetrics, shutdown: CancellationToken) {
+    loop {
+        let counting = capture.clone();
+        match tokio::task::spawn_blocking(move || counting.map_fill()).await {
+            Ok(fill) => node.set_bpf_map_fill(&fill),
+            Err(error) => warn!(%error, "counting eBPF map entries failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(MAP_FILL_INTERVAL) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    /// An agent started before the CA published its root stays alive and unready
+    /// ("ca-root" pending) until the root file appears, then becomes ready.
+    #[tokio::test(start_paused = true)]
+    async fn a_remote_ca_agent_waits_unready_for_the_root_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_file = dir.path().join("root-cert.pem");
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "projected-token\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "mesh-node",
+            "run",
+            "--node-name",
+            "node-a",
+            "--config-dir",
+            "/unused",
+            "--ca-addr",
+            "127.0.0.1:15012",
+            "--ca-root-file",
+            root_file.to_str().unwrap(),
+            "--ca-token-file",
+            token_file.to_str().unwrap(),
+        ])
+        .unwrap();
+        let Command::Run(config) = cli.command else {
+            panic!("not run");
+        };
+        let metrics = Metrics::new().unwrap();
+        let readiness = Readiness::default();
+        let addr = config.ca_addr.clone().unwrap();
+        let starting = tokio::spawn({
+            let readiness = readiness.clone();
+            async move { remote_ca(&config, &metrics.node, addr, &readiness).await }
+        });
+
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(!starting.is_finished(), "still waiting for the root file");
+        assert_eq!(readiness.pending(), ["ca-root"]);
+
+        CertificateAuthority::load_or_create(&dir.path().join("ca"), "cluster.local").unwrap();
+        std::fs::copy(dir.path().join("ca/root-cert.pem"), &root_file).unwrap();
+        tokio::time::timeout(Duration::from_secs(60), starting)
+            .await
+            .expect("the root file is picked up")
+            .unwrap()
+            .expect("the remote CA is set up");
+        assert!(
+            readiness.pending().is_empty(),
+            "ready once the root is read"
+        );
+    }
+}

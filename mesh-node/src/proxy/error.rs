@@ -1,0 +1,154 @@
+//! Why a connection could not be proxied: one error type for the whole proxy, each failure
+//! a variant that keeps its cause (`source()`), and the names metrics and access logs give it.
+use std::{io, net::SocketAddr};
+
+use super::{hbone, http::BoxError};
+use crate::{
+    access_log::Refusal,
+    identity::{IdentityError, manager::ManagerError, tls::TlsError},
+    inventory::ObjectKey,
+    netns::NetnsError,
+    plan::admission::Refused,
+};
+
+/// Why a connection could not be proxied; doubles as the metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no original destination recorded for this connection")]
+    NoOriginalDestination,
+    #[error("service {service} has no ready endpoint for port {port}")]
+    NoEndpoint { service: String, port: u16 },
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connecting to {0}: timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("creating a socket in the pod's netns: {0}")]
+    Socket(#[from] SocketError),
+    #[error("workload certificate: {0}")]
+    Certificate(#[from] CertificateError),
+    #[error("TLS: {0}")]
+    Tls(#[from] HandshakeError),
+    #[error("HBONE: {0}")]
+    Hbone(#[from] hbone::HboneError),
+    #[error("the pod has no address of the destination's family")]
+    NoSourceAddress,
+    #[error("CONNECT to {0}, which is not this pod (no open relay)")]
+    NotLocal(SocketAddr),
+    #[error("{0} is the proxy's own listener or loopback: refused, delivering it would loop")]
+    OwnListener(SocketAddr),
+    #[error("plaintext refused: PeerAuthentication requires mutual TLS")]
+    MtlsRequired,
+    /// Boxed: hyper's and hyper-util's connection errors differ.
+    #[error("HTTP: {0}")]
+    Http(#[source] BoxError),
+    #[error("denied by authorization policy {policy}: {reason}")]
+    Denied {
+        policy: String,
+        reason: &'static str,
+    },
+}
+
+/// Why the proxy could not make or read a socket in a pod's network namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Why the proxy has no certificate to speak for a pod.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Unavailable(#[from] ManagerError),
+    #[error("this agent has no CA; HBONE is off")]
+    NoCa,
+    #[error("pod {0} is gone")]
+    PodGone(ObjectKey),
+}
+
+/// Why a TLS session with a peer proxy did not come up.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error(transparent)]
+    Config(#[from] TlsError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("no TLS handshake with {0} within the timeout")]
+    TimedOutWith(SocketAddr),
+    #[error("no TLS handshake within the timeout")]
+    TimedOut,
+}
+
+impl From<NetnsError> for ProxyError {
+    fn from(error: NetnsError) -> Self {
+        ProxyError::Socket(error.into())
+    }
+}
+
+impl From<Refused> for ProxyError {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::OwnListener(original) => ProxyError::OwnListener(original),
+            Refused::MtlsRequired => ProxyError::MtlsRequired,
+            Refused::Denied { policy, reason } => ProxyError::Denied { policy, reason },
+        }
+    }
+}
+
+impl ProxyError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NoOriginalDestination => "no_original_destination",
+            ProxyError::NoEndpoint { .. } => "no_endpoint",
+            ProxyError::Connect { .. } => "connect_failed",
+            ProxyError::ConnectTimeout(_) => "connect_timeout",
+            ProxyError::Socket(_) => "socket",
+            ProxyError::Certificate(_) => "certificate",
+            ProxyError::Tls(_) => "tls",
+            ProxyError::Hbone(_) => "hbone",
+            ProxyError::NoSourceAddress => "no_source_address",
+            ProxyError::NotLocal(_) => "not_local",
+            ProxyError::OwnListener(_) => "own_listener",
+            ProxyError::MtlsRequired => "mtls_required",
+            ProxyError::Denied { .. } => "authorization_denied",
+            ProxyError::Http(_) => "http",
+        }
+    }
+
+    /// Envoy's response flag for a connection the proxy could not serve.
+    pub fn response_flags(&self) -> &'static str {
+        match self {
+            ProxyError::NoOriginalDestination
+            | ProxyError::NotLocal(_)
+            | ProxyError::OwnListener(_) => "NR",
+            ProxyError::NoEndpoint { .. } => "UH",
+            ProxyError::Denied { .. } | ProxyError::MtlsRequired => "RBAC",
+            ProxyError::Connect { .. }
+            | ProxyError::ConnectTimeout(_)
+            | ProxyError::Socket(_)
+            | ProxyError::Certificate(_)
+            | ProxyError::Tls(_)
+            | ProxyError::Hbone(_)
+            | ProxyError::NoSourceAddress => "UF",
+            ProxyError::Http(_) => "-",
+        }
+    }
+
+    /// This error as the access log and the other telemetry sinks record it.
+    pub fn refusal(&self) -> Refusal {
+        let policy = match self {
+            ProxyError::Denied { policy, .. } => Some(policy.clone()),
+            ProxyError::MtlsRequired => Some("PeerAuthentication (mTLS STRICT)".into()),
+            _ => None,
+        };
+        Refusal {
+            response_flags: self.response_flags(),
+            policy,
+            error: self.to_string(),
+        }
+    }
+}
