@@ -1,12 +1,13 @@
 //! `mesh-node debug explain`: what the mesh would do with one request from a pod, and why.
 //!
-//! The agent computes it (admin API `/explain`) from its live [`State`] with the functions
-//! its proxy runs: Istio's port protocol rule ([`port_protocol`]), route selection
-//! ([`Routes::match_http`](crate::routing::Routes::match_http), a VirtualService's `tcp`
+//! The agent computes it (admin API `/explain`) from its live [`State`] with the planner
+//! ([`crate::plan`]) whose decisions the proxy carries out: Istio's port protocol rule
+//! ([`port_protocol`]), route selection ([`select_route`], a VirtualService's `tcp`
 //! routes), the DestinationRule subsets and the endpoint set ([`service_endpoints`]), the
-//! source proxy's request rewrite ([`prepare`]), mutual TLS or plaintext, and at each
-//! endpoint the destination proxy's admission ([`check_policy`]) and request
-//! authorization (path normalization, `authorize_request`).
+//! source proxy's request rewrite ([`rewrite_request`]), mutual TLS or plaintext, and at
+//! each endpoint the destination proxy's admission ([`check_policy`]) and request
+//! authorization ([`normalize_path`], [`authorize_request`]). It imports nothing of the
+//! proxy (`tests/architecture.rs` checks it), so it cannot replay anything else.
 //!
 //! What it cannot know, and so does not claim: which endpoint the load balancer picks
 //! (every candidate is judged), endpoints ejected by outlier detection, circuit breaker
@@ -911,8 +912,8 @@ impl Explainer<'_> {
         }
     }
 
-    /// What the hop to `address` looks like and what the destination's proxy decides,
-    /// as `inbound::admit`, `inbound::deliver` and `http::inbound` do.
+    /// What the hop to `address` looks like and what the destination's proxy decides, with
+    /// the planner's admission and protocol rules (`plan::admission`, `plan::protocol`).
     fn endpoint(
         &self,
         key: &ObjectKey,
