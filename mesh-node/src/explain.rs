@@ -31,10 +31,11 @@ use crate::{
             ACCESS_DENIED, Admission, Caller, Refused, admission_for, authorize_request,
             check_policy, refuse_own_listeners, request_host,
         },
-        endpoints::service_endpoints,
+        endpoints::{service_endpoints, tcp_target},
         path::normalize_path,
         protocol::{self, PortProtocol, port_protocol},
         request::{RequestHead, rewrite_request, select_route},
+        tunnel::{tunnel_identities, workload_identity},
     },
     policy::{Action, MtlsMode, Policies, RequestAttributes, Verdict},
     routing::{Destination, HttpAction, HttpRule, RouteMatch, host::resolve_host, total_weight},
@@ -543,7 +544,7 @@ impl Client {
         let identity = agent
             .trust_domain
             .filter(|_| source.enrolled)
-            .and_then(|td| Identity::new(td, &source.key.namespace, &source.service_account).ok());
+            .and_then(|td| workload_identity(td, source).ok());
         Ok(Self {
             captured: source.enrolled,
             identity,
@@ -834,18 +835,16 @@ impl Explainer<'_> {
             .iter()
             .filter(|d| d.weight > 0)
             .map(|d| {
+                let target = tcp_target(self.state, service, port, Some(&d.destination));
                 let share = share(d.weight, total);
-                match self.state.services.get(&d.destination.service) {
-                    Some(target) => {
-                        let subset = d.destination.subset.as_deref().and_then(|name| {
-                            let labels = self.state.routes.subset_labels(&target.key, name)?;
-                            Some((name, labels))
-                        });
-                        let port = d.destination.port.unwrap_or(port);
-                        self.backend(target, subset, port, share, dialed, None)
-                    }
-                    None => self.backend(service, None, port, share, dialed, None),
-                }
+                self.backend(
+                    target.service,
+                    target.subset,
+                    target.port,
+                    share,
+                    dialed,
+                    None,
+                )
             })
             .collect();
         let origin = self
@@ -940,20 +939,17 @@ impl Explainer<'_> {
             check.detail = "not enrolled: no policy applies there".into();
             return check;
         };
-        // HBONE when both ends are in the mesh and the agent has a CA (`Outbound::via`).
-        let identities = match (self.agent.trust_domain, &self.client.identity) {
-            (Some(td), Some(source)) if self.client.captured => {
-                match Identity::new(td, &destination.key.namespace, &destination.service_account) {
-                    Ok(own) => Some(Arc::new((source.clone(), own))),
-                    Err(error) => {
-                        check.outcome = Outcome::Unroutable {
-                            why: format!("no identity for {}: {error}", destination.key),
-                        };
-                        return check;
-                    }
-                }
+        // HBONE when both ends are in the mesh and the agent has a CA, as the source proxy
+        // decides it.
+        let trust_domain = self.agent.trust_domain.filter(|_| self.client.captured);
+        let identities = match tunnel_identities(trust_domain, self.source, destination) {
+            Ok(pair) => pair.map(Arc::new),
+            Err(error) => {
+                check.outcome = Outcome::Unroutable {
+                    why: format!("no identity for {}: {error}", destination.key),
+                };
+                return check;
             }
-            _ => None,
         };
         check.mutual_tls = identities.is_some();
         check.identity = identities.as_ref().map(|pair| pair.1.to_string());

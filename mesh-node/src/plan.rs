@@ -10,6 +10,7 @@ pub mod endpoints;
 pub mod path;
 pub mod protocol;
 pub mod request;
+pub mod tunnel;
 
 #[cfg(test)]
 mod tests;

@@ -57,7 +57,8 @@ pub use http_route::HttpRouteSpec;
 pub use matching::{Pattern, RequestMatch, StringMatch};
 pub use rule::{
     Destination, Fault, FaultAbort, FaultDelay, HeaderOps, HttpAction, HttpRule, Mirror, RetryOn,
-    RetryPolicy, Rewrite, TcpRule, WeightedDestination, pick_weighted, rewrite_uri, total_weight,
+    RetryPolicy, Rewrite, TcpRule, WeightedDestination, pick_at_random, pick_weighted, rewrite_uri,
+    total_weight,
 };
 use serde::Serialize;
 use traffic_policy::PolicySection;

@@ -318,6 +318,9 @@ fn agents_of_another_root_or_trust_domain_are_refused() {
     let other_ca = other_ca.to_str().expect("UTF-8 path");
     scene.cluster.start_agent(0, &[]);
     scene.cluster.start_agent(1, &["--ca-dir", other_ca]);
+    // The client's node too: a connection made before its pod is enrolled leaves
+    // uncaptured, in plaintext, and would pass for the mesh's doing.
+    wait_enrolled(&scene.cluster, 0, 2);
     wait_enrolled(&scene.cluster, 1, 1);
     let untrusted = connect(&scene.cluster, &scene.sleep, &scene.web_addr(), 1);
     assert!(

@@ -1,8 +1,9 @@
 use super::{
     path::normalize_path,
     protocol::{PortProtocol, port_protocol},
+    tunnel::tunnel_identities,
 };
-use crate::inventory::{ServicePort, TargetPort};
+use crate::inventory::{ServicePort, TargetPort, Workload};
 
 fn port(name: Option<&str>, app_protocol: Option<&str>) -> ServicePort {
     ServicePort {
@@ -126,4 +127,30 @@ proptest::proptest! {
             proptest::prop_assert_eq!(normalize_path(&normal), None, "not idempotent: {:?}", path);
         }
     }
+}
+
+#[test]
+fn a_tunnel_needs_a_ca_and_a_destination_in_the_mesh() {
+    let source = Workload::for_test("node0", "shop", "web", &[]);
+    let mut destination = Workload::for_test("node1", "shop", "reviews", &[]);
+    let (from, to) = tunnel_identities(Some("cluster.local"), &source, &destination)
+        .expect("valid identities")
+        .expect("both ends in the mesh, a CA: HBONE");
+    assert_eq!(from.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(to.to_string(), "spiffe://cluster.local/ns/shop/sa/reviews");
+
+    assert_eq!(
+        tunnel_identities(None, &source, &destination).expect("no error"),
+        None,
+        "no CA: plaintext"
+    );
+    destination.enrolled = false;
+    assert_eq!(
+        tunnel_identities(Some("cluster.local"), &source, &destination).expect("no error"),
+        None,
+        "a destination outside the mesh gets plaintext"
+    );
+    destination.enrolled = true;
+    destination.service_account = "Not/Valid".into();
+    assert!(tunnel_identities(Some("cluster.local"), &source, &destination).is_err());
 }

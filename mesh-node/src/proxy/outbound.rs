@@ -6,7 +6,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    PodContext, ProxyContext, ProxyError, Upstream,
+    CertificateError, PodContext, ProxyContext, ProxyError, Upstream,
     http::{self, Prefixed},
     relay_counted,
     socket::{Dial, connect_from_pod},
@@ -14,7 +14,10 @@ use super::{
 use crate::{
     access_log::{ConnectionRecord, Entry, Parties, Started},
     metrics::Reporter,
-    plan::protocol::{PortProtocol, port_protocol},
+    plan::{
+        protocol::{PortProtocol, port_protocol},
+        tunnel::tunnel_identities,
+    },
     state::State,
 };
 
@@ -128,11 +131,11 @@ async fn relay_l4(
     // Enrolled on both ends and a CA at hand: the connection goes through an HBONE tunnel
     // as the source pod's identity. Anything else leaves in plaintext, as without a mesh.
     let tunnel = match (&proxy.mtls, source, destination) {
-        (Some(mtls), Some(source), Some(destination)) if destination.enrolled => Some((
-            mtls,
-            mtls.identity_of(source)?,
-            mtls.identity_of(destination)?,
-        )),
+        (Some(mtls), Some(source), Some(destination)) => {
+            tunnel_identities(Some(&mtls.trust_domain), source, destination)
+                .map_err(CertificateError::from)?
+                .map(|(source, destination)| (mtls, source, destination))
+        }
         _ => None,
     };
     let connection = |mutual_tls| ConnectionRecord {

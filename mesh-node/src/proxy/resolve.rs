@@ -6,8 +6,8 @@ use parking_lot::Mutex;
 use super::ProxyError;
 use crate::{
     inventory::ObjectKey,
-    plan::endpoints::service_endpoints,
-    routing::{pick_weighted, total_weight},
+    plan::endpoints::{TcpTarget, service_endpoints, tcp_target},
+    routing::pick_at_random,
     state::State,
 };
 
@@ -56,29 +56,16 @@ impl Resolver {
     pub fn resolve(&self, state: &State, dst: SocketAddr) -> Result<Upstream, ProxyError> {
         if let Some(service) = state.service_by_ip(dst.ip()) {
             // A VirtualService's `tcp` route may send the connection elsewhere, by weight.
-            let (service, port, subset) = match state.routes.tcp_route(&service.key, dst.port()) {
-                Some(destinations) => {
-                    let total = total_weight(destinations);
-                    let roll = if total > 0 {
-                        rand::random_range(0..total)
-                    } else {
-                        0
-                    };
-                    let destination = pick_weighted(destinations, roll);
-                    match destination.and_then(|d| Some((d, state.services.get(&d.service)?))) {
-                        Some((destination, target)) => (
-                            target,
-                            destination.port.unwrap_or(dst.port()),
-                            destination
-                                .subset
-                                .as_deref()
-                                .and_then(|subset| state.routes.subset_labels(&target.key, subset)),
-                        ),
-                        None => (service, dst.port(), None),
-                    }
-                }
-                None => (service, dst.port(), None),
-            };
+            let routed = state
+                .routes
+                .tcp_route(&service.key, dst.port())
+                .and_then(pick_at_random);
+            let TcpTarget {
+                service,
+                port,
+                subset,
+            } = tcp_target(state, service, dst.port(), routed);
+            let subset = subset.map(|(_, labels)| labels);
             let no_endpoint = || ProxyError::NoEndpoint {
                 service: service.key.to_string(),
                 port,

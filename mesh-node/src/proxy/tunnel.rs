@@ -30,6 +30,7 @@ use crate::{
     inventory::Workload,
     metrics::NodeMetrics,
     netns::Netns,
+    plan::tunnel::workload_identity,
 };
 
 /// How long a TLS handshake may take on either end of a tunnel (the HTTP/2 one after it has
@@ -107,12 +108,8 @@ impl Mtls {
 
     /// The SPIFFE identity of a pod: its namespace and service account.
     pub fn identity_of(&self, workload: &Workload) -> Result<Identity, ProxyError> {
-        Identity::new(
-            &self.trust_domain,
-            &workload.key.namespace,
-            &workload.service_account,
-        )
-        .map_err(|e| CertificateError::from(e).into())
+        workload_identity(&self.trust_domain, workload)
+            .map_err(|e| CertificateError::from(e).into())
     }
 
     async fn certificate(&self, identity: &Identity) -> Result<Arc<WorkloadCert>, ProxyError> {

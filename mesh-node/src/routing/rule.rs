@@ -66,6 +66,14 @@ pub struct Destination {
     pub port: Option<u16>,
 }
 
+/// Picks by weight with a uniform random roll. None when empty/zero total.
+pub fn pick_at_random(destinations: &[WeightedDestination]) -> Option<&Destination> {
+    match total_weight(destinations) {
+        0 => None,
+        total => pick_weighted(destinations, rand::random_range(0..total)),
+    }
+}
+
 /// Picks by weight; `roll` is uniform in 0..total weight. None when empty/zero total.
 pub fn pick_weighted(destinations: &[WeightedDestination], roll: u32) -> Option<&Destination> {
     let total = total_weight(destinations);

@@ -45,8 +45,9 @@ use crate::{
     plan::{
         endpoints::service_endpoints,
         request::{RequestHead, rewrite_request, select_route},
+        tunnel::tunnel_identities,
     },
-    proxy::{PodContext, ProxyContext, ProxyError},
+    proxy::{CertificateError, PodContext, ProxyContext, ProxyError},
     routing::{Destination, HashKey, LoadBalancer, RetryPolicy, RouteMatch, TrafficPolicy},
     state::State,
 };
@@ -204,12 +205,18 @@ impl Outbound {
     fn via(&self, state: &State, endpoint: SocketAddr) -> Result<Via, ProxyError> {
         let source = state.workloads.get(&self.pod.key);
         let destination = state.workload_by_ip(endpoint.ip());
-        Ok(match (&self.proxy.mtls, source, destination) {
-            (Some(mtls), Some(source), Some(destination)) if destination.enrolled => Via::Hbone {
-                source: mtls.identity_of(source)?,
-                destination: mtls.identity_of(destination)?,
+        let (Some(source), Some(destination)) = (source, destination) else {
+            return Ok(Via::Plaintext);
+        };
+        let trust_domain = self.proxy.mtls.as_ref().map(|m| m.trust_domain.as_str());
+        let identities =
+            tunnel_identities(trust_domain, source, destination).map_err(CertificateError::from)?;
+        Ok(match identities {
+            Some((source, destination)) => Via::Hbone {
+                source,
+                destination,
             },
-            _ => Via::Plaintext,
+            None => Via::Plaintext,
         })
     }
 
@@ -272,15 +279,11 @@ impl Outbound {
     }
 
     fn identities(&self, state: &State, destination: &Workload) -> Option<(Identity, Identity)> {
-        let mtls = self.proxy.mtls.as_ref()?;
+        let trust_domain = self.proxy.mtls.as_ref()?.trust_domain.as_str();
         let source = state.workloads.get(&self.pod.key)?;
-        if !destination.enrolled {
-            return None;
-        }
-        Some((
-            mtls.identity_of(source).ok()?,
-            mtls.identity_of(destination).ok()?,
-        ))
+        tunnel_identities(Some(trust_domain), source, destination)
+            .ok()
+            .flatten()
     }
 
     /// Wraps the response so the request's metrics are recorded when its body ends.

@@ -6,7 +6,7 @@ use hyper::body::Incoming;
 use super::super::{ProxyBody, local_response};
 use crate::{
     inventory::ObjectKey,
-    routing::{Destination, HttpAction, HttpRule, pick_weighted, total_weight},
+    routing::{Destination, HttpAction, HttpRule, pick_at_random},
 };
 
 /// The route's decision for one request.
@@ -33,14 +33,7 @@ pub(super) fn action(
     };
     match &rule.action {
         HttpAction::Route(destinations) => {
-            let total = total_weight(destinations);
-            let roll = if total > 0 {
-                rand::random_range(0..total)
-            } else {
-                0
-            };
-            pick_weighted(destinations, roll)
-                .map_or(Action::NoRoute, |d| Action::Forward(d.clone()))
+            pick_at_random(destinations).map_or(Action::NoRoute, |d| Action::Forward(d.clone()))
         }
         HttpAction::DirectResponse { status, body } => {
             let mut response = local_response(
