@@ -1,7 +1,6 @@
 //! What a matched route does with a request: sends it on to a destination (picked by
 //! weight), or answers it at the source (a direct response, a redirect).
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 
 use super::super::{ProxyBody, local_response};
 use crate::{
@@ -19,10 +18,10 @@ pub(super) enum Action {
 }
 
 /// What `rule` (none: the Service itself) does with `request` to `service`.
-pub(super) fn action(
+pub(super) fn action<B>(
     rule: Option<&HttpRule>,
     service: &ObjectKey,
-    request: &Request<Incoming>,
+    request: &Request<B>,
 ) -> Action {
     let Some(rule) = rule else {
         return Action::Forward(Destination {
@@ -62,8 +61,8 @@ pub(super) fn action(
 
 /// A redirect answer: each part of the location that the rule does not set is the
 /// request's own.
-fn redirect(
-    request: &Request<Incoming>,
+fn redirect<B>(
+    request: &Request<B>,
     scheme: Option<&str>,
     authority: Option<&str>,
     port: Option<u16>,
@@ -101,3 +100,6 @@ fn redirect(
     }
     response
 }
+
+#[cfg(test)]
+mod tests;

@@ -61,3 +61,36 @@ fn backoff_doubles_from_25ms_up_to_250ms() {
     assert_eq!(ceilings, vec![25, 50, 100, 200, 250, 250]);
     assert_eq!(backoff_ceiling(u32::MAX), RETRY_BACKOFF_MAX);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_route_timeout_ends_attempts_that_outlast_it_with_envoys_504() {
+    let slow = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        Ok::<_, Local>("answered")
+    };
+    let ended = within_timeout(Some(Duration::from_secs(1)), slow).await;
+    let Err(local) = ended else {
+        panic!("the timeout should end it");
+    };
+    assert_eq!(
+        (local.status, local.flags),
+        (StatusCode::GATEWAY_TIMEOUT, "UT")
+    );
+
+    let quick = async { Ok::<_, Local>("answered") };
+    assert_eq!(
+        within_timeout(Some(Duration::from_secs(1)), quick)
+            .await
+            .ok(),
+        Some("answered")
+    );
+    let unbounded = async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok::<_, Local>("answered late")
+    };
+    assert_eq!(
+        within_timeout(None, unbounded).await.ok(),
+        Some("answered late"),
+        "no timeout: no limit"
+    );
+}
