@@ -115,6 +115,10 @@ pub(crate) fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
             format!("{error}; enforced as STRICT for its selection until fixed")
         }
         Some(Object::AuthorizationPolicy(policy)) => match policy.spec.action {
+            Action::Allow if policy.spec.rules.is_empty() => format!(
+                "{error}; enforced as an ALLOW that matches nothing (its selection gets only \
+                 what other ALLOW policies allow) until fixed"
+            ),
             Action::Allow => format!(
                 "{error}; enforced with its {} valid rule(s) only until fixed",
                 policy.spec.rules.len()

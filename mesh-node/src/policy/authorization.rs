@@ -273,18 +273,22 @@ impl AuthorizationPolicySpec {
     ///
     /// A selector that cannot be read, or targeting by `targetRef` (not supported),
     /// widens the selection to the policy's whole namespace: more is denied, never less.
+    /// Such an ALLOW policy keeps none of its rules: on the workloads it was not meant for,
+    /// its rules would add to what their own ALLOW policies allow.
     pub fn fail_closed(spec: &serde_yaml::Value) -> Option<Self> {
         let field = |name: &str| spec.get(name).cloned();
         let targeted = field("targetRef").is_some() || field("targetRefs").is_some();
         let selector = field("selector")
             .filter(|_| !targeted)
             .and_then(|s| serde_yaml::from_value::<WorkloadSelector>(s).ok());
+        let widened = targeted || (field("selector").is_some() && selector.is_none());
         let action = match field("action") {
             None => Some(Action::Allow),
             Some(action) => serde_yaml::from_value(action).ok(),
         };
         let rules = match action {
             Some(Action::Audit) => return None,
+            Some(Action::Allow) if widened => Vec::new(),
             Some(Action::Allow) => field("rules")
                 .and_then(|rules| serde_yaml::from_value::<Vec<serde_yaml::Value>>(rules).ok())
                 .unwrap_or_default()

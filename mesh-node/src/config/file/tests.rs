@@ -573,6 +573,73 @@ spec:
 }
 
 #[test]
+fn an_allow_policy_whose_selection_cannot_be_read_allows_nothing_anywhere() {
+    // web allows only sleep. The second policy targets a Service by `targetRef` (not
+    // supported) and the third has a selector that does not parse: each is widened to the
+    // whole namespace, and there its rules must not add to what web allows.
+    let (state, rejections) = load_fresh(&format!(
+        "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: web, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  rules:
+  - from:
+    - source: {{principals: [{SLEEP}]}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: cart-by-service, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, group: '', name: cart}}]
+  rules:
+  - from:
+    - source: {{namespaces: [shop]}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: db-typo, namespace: shop}}
+spec:
+  selector: {{matchLabel: {{app: db}}}}
+  rules:
+  - {{}}
+"
+    ));
+    assert_eq!(rejections.len(), 2, "{rejections:?}");
+    let policies = &state.policies;
+    let web = shop_workload("web");
+    assert!(policies.authorize(&web, &caller(Some(SLEEP))).is_allowed());
+    for (who, principal) in [
+        ("namespace shop", Some("cluster.local/ns/shop/sa/cart")),
+        (
+            "anyone (db-typo's empty rule)",
+            Some("cluster.local/ns/other/sa/x"),
+        ),
+        ("plaintext", None),
+    ] {
+        assert!(
+            !policies.authorize(&web, &caller(principal)).is_allowed(),
+            "{who} must not reach web through a widened policy's rules"
+        );
+    }
+    for app in ["cart", "db", "api"] {
+        assert!(
+            !policies
+                .authorize(&shop_workload(app), &caller(Some(SLEEP)))
+                .is_allowed(),
+            "{app}: inside the widened selection, denied"
+        );
+    }
+    assert!(
+        rejections
+            .iter()
+            .all(|r| r.error.contains("matches nothing")),
+        "the rejections say how they are enforced: {rejections:?}"
+    );
+}
+
+#[test]
 fn a_deny_or_custom_policy_that_cannot_be_applied_denies_its_whole_selection() {
     let (state, rejections) = load_fresh(
         "
