@@ -3,7 +3,7 @@ use std::{io, sync::Arc};
 use parking_lot::Mutex;
 
 use super::*;
-use crate::{inventory::ObjectKey, proxy::ProxyError};
+use crate::{inventory::ObjectKey, plan::admission::Refused, proxy::ProxyError};
 
 /// A sink the test reads back.
 #[derive(Clone, Default)]
@@ -182,10 +182,10 @@ fn sampling_keeps_every_failure() {
 
 #[test]
 fn refused_connections_carry_the_flag_the_policy_and_the_error() {
-    let denied = ProxyError::Denied {
+    let denied = ProxyError::Refused(Refused::Denied {
         policy: "default/reviews-viewer".into(),
         reason: "no rule matched",
-    };
+    });
     let entry = Entry::refused_connection(
         &reviews_parties(),
         &Started::now(),
@@ -209,7 +209,10 @@ fn refused_connections_carry_the_flag_the_policy_and_the_error() {
         ProxyError::ConnectTimeout("10.0.0.1:80".parse().unwrap()).response_flags(),
         "UF"
     );
-    assert_eq!(ProxyError::MtlsRequired.response_flags(), "RBAC");
+    assert_eq!(
+        ProxyError::Refused(Refused::MtlsRequired).response_flags(),
+        "RBAC"
+    );
 }
 
 #[test]

@@ -34,18 +34,13 @@ pub enum ProxyError {
     NoSourceAddress,
     #[error("CONNECT to {0}, which is not this pod (no open relay)")]
     NotLocal(SocketAddr),
-    #[error("{0} is the proxy's own listener or loopback: refused, delivering it would loop")]
-    OwnListener(SocketAddr),
-    #[error("plaintext refused: PeerAuthentication requires mutual TLS")]
-    MtlsRequired,
     /// Boxed: hyper's and hyper-util's connection errors differ.
     #[error("HTTP: {0}")]
     Http(#[source] BoxError),
-    #[error("denied by authorization policy {policy}: {reason}")]
-    Denied {
-        policy: String,
-        reason: &'static str,
-    },
+    /// The planner refused it: the proxy's own port, PeerAuthentication or
+    /// AuthorizationPolicy.
+    #[error(transparent)]
+    Refused(#[from] Refused),
 }
 
 /// Why the proxy could not make or read a socket in a pod's network namespace.
@@ -89,16 +84,6 @@ impl From<NetnsError> for ProxyError {
     }
 }
 
-impl From<Refused> for ProxyError {
-    fn from(refused: Refused) -> Self {
-        match refused {
-            Refused::OwnListener(original) => ProxyError::OwnListener(original),
-            Refused::MtlsRequired => ProxyError::MtlsRequired,
-            Refused::Denied { policy, reason } => ProxyError::Denied { policy, reason },
-        }
-    }
-}
-
 impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
@@ -112,9 +97,9 @@ impl ProxyError {
             ProxyError::Hbone(_) => "hbone",
             ProxyError::NoSourceAddress => "no_source_address",
             ProxyError::NotLocal(_) => "not_local",
-            ProxyError::OwnListener(_) => "own_listener",
-            ProxyError::MtlsRequired => "mtls_required",
-            ProxyError::Denied { .. } => "authorization_denied",
+            ProxyError::Refused(Refused::OwnListener(_)) => "own_listener",
+            ProxyError::Refused(Refused::MtlsRequired) => "mtls_required",
+            ProxyError::Refused(Refused::Denied { .. }) => "authorization_denied",
             ProxyError::Http(_) => "http",
         }
     }
@@ -124,9 +109,9 @@ impl ProxyError {
         match self {
             ProxyError::NoOriginalDestination
             | ProxyError::NotLocal(_)
-            | ProxyError::OwnListener(_) => "NR",
+            | ProxyError::Refused(Refused::OwnListener(_)) => "NR",
             ProxyError::NoEndpoint { .. } => "UH",
-            ProxyError::Denied { .. } | ProxyError::MtlsRequired => "RBAC",
+            ProxyError::Refused(Refused::Denied { .. } | Refused::MtlsRequired) => "RBAC",
             ProxyError::Connect { .. }
             | ProxyError::ConnectTimeout(_)
             | ProxyError::Socket(_)
@@ -141,8 +126,10 @@ impl ProxyError {
     /// This error as the access log and the other telemetry sinks record it.
     pub fn refusal(&self) -> Refusal {
         let policy = match self {
-            ProxyError::Denied { policy, .. } => Some(policy.clone()),
-            ProxyError::MtlsRequired => Some("PeerAuthentication (mTLS STRICT)".into()),
+            ProxyError::Refused(Refused::Denied { policy, .. }) => Some(policy.clone()),
+            ProxyError::Refused(Refused::MtlsRequired) => {
+                Some("PeerAuthentication (mTLS STRICT)".into())
+            }
             _ => None,
         };
         Refusal {
