@@ -45,6 +45,16 @@ pub mod maps {
     pub const NODE_CONNECTIONS: &str = "NODE_CONNECTIONS";
     pub const HOST_NETNS: &str = "HOST_NETNS";
     pub const COUNTERS: &str = "COUNTERS";
+    /// Every map: all are pinned, so capture outlives the agent.
+    pub const ALL: [&str; 7] = [
+        ENROLLED_NETNS,
+        ORIG_DST_BY_COOKIE,
+        ORIG_DST_BY_TUPLE,
+        INBOUND_LISTENERS,
+        NODE_CONNECTIONS,
+        HOST_NETNS,
+        COUNTERS,
+    ];
 }
 
 /// Names of the programs in the eBPF object.

@@ -25,7 +25,39 @@ pub enum Command {
     /// runs one CNI call as the container runtime drives it (`CNI_*` environment variables,
     /// network config on stdin).
     Cni(CniArgs),
+    /// Keep the in-pod listening sockets of the node's agents, so they outlive any agent:
+    /// connections made while no agent runs wait in their backlogs for the next one.
+    Holder(HolderArgs),
+    /// Switch the mesh off on this node: un-enroll every pod, detach the capture programs,
+    /// remove the pins, and let the holder close its listeners. Run it with the agent
+    /// stopped; nothing else (not SIGTERM, not a crash) switches capture off.
+    Uninstall(UninstallArgs),
 }
+
+/// `mesh-node holder`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct HolderArgs {
+    /// The unix socket agents deposit their listeners on (`mesh-node run --holder-socket`).
+    #[arg(long, default_value = DEFAULT_HOLDER_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// `mesh-node uninstall`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct UninstallArgs {
+    /// The pinned capture to remove (`mesh-node run --bpffs-path`).
+    #[arg(long, default_value = DEFAULT_BPFFS_PATH)]
+    pub bpffs_path: PathBuf,
+
+    /// The holder whose listeners to close (`mesh-node run --holder-socket`).
+    #[arg(long)]
+    pub holder_socket: Option<PathBuf>,
+}
+
+/// Where capture is pinned unless `--bpffs-path` says otherwise.
+pub const DEFAULT_BPFFS_PATH: &str = "/sys/fs/bpf/nodemesh";
+/// The holder's socket in the DaemonSet.
+pub const DEFAULT_HOLDER_SOCKET: &str = "/var/run/nodemesh/holder.sock";
 
 /// `mesh-node cni`.
 #[derive(Clone, Debug, clap::Args)]
@@ -203,6 +235,26 @@ pub struct RunConfig {
     /// cgroup v2 directory the capture programs attach to (the node's root cgroup).
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_path: PathBuf,
+
+    /// bpffs directory where the capture programs' links and maps are pinned, so capture
+    /// stays in force while no agent runs; the next agent adopts them. A bpffs is mounted
+    /// there when the path is not on one. `mesh-node uninstall` removes them.
+    #[arg(long, default_value = DEFAULT_BPFFS_PATH)]
+    pub bpffs_path: PathBuf,
+
+    /// The listener holder (`mesh-node holder`) to deposit every in-pod listening socket
+    /// with and to take them back from at start: with it, connections made while no agent
+    /// runs wait for the next one instead of being refused.
+    #[arg(long)]
+    pub holder_socket: Option<PathBuf>,
+
+    /// On SIGTERM, how long established connections may take to finish (HTTP/1 closed
+    /// between requests, HTTP/2 and HBONE told GOAWAY, L4 streams left to run) before the
+    /// agent exits, when a successor runs beside it (an overlapping replacement); alone, at
+    /// most 2 s, since nobody accepts while it drains. Keep it below the pod's termination
+    /// grace period.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: std::time::Duration,
 
     /// Prometheus metrics listener (`/metrics`).
     #[arg(long, default_value = "0.0.0.0:15020")]

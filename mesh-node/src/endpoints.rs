@@ -1,6 +1,6 @@
 //! The agent's own HTTP endpoints (`/metrics`, health, the admin API), plain HTTP/1.1 over
 //! hyper. Above the metrics and the admin API, so neither imports the other.
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -24,6 +24,23 @@ pub enum Endpoints {
     Health(Readiness),
     /// The admin API (JSON).
     Admin(Arc<Admin>),
+}
+
+/// Binds `addr` with `SO_REUSEPORT`: an agent replacing another on the same node (a
+/// DaemonSet's surge pod) binds the same ports while the old one still serves; the old one
+/// closes its sockets when it stops. Needs a runtime.
+pub fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Serves `endpoints` on an already bound listener until `shutdown`.

@@ -13,6 +13,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    os::fd::AsFd,
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -27,9 +28,10 @@ use crate::{
         AgentRequest, AgentResponse, PodRef,
         server::{CniCall, CniRequests},
     },
+    holder::{HeldKey, HolderClient},
     inventory::{ENROLLMENT_LABEL, ObjectKey, Workload},
     netns::{self, Netns, NetnsError},
-    proxy::{self, Direction, PodContext, ProxyContext, bind_pod_listeners},
+    proxy::{self, Direction, Inherited, PodContext, ProxyContext, bind_pod_listeners},
     readiness::ReadinessGuard,
     state::{State, StateRx},
 };
@@ -39,6 +41,8 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a CNI ADD for a pod the config does not know yet (watch lag) waits for it,
 /// before the namespace's label alone decides.
 const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(3);
+/// How often the holder is checked for a restart (which lost the listeners it kept).
+const HOLDER_RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -102,6 +106,14 @@ pub struct Enrollment {
     deleted_sandboxes: BTreeSet<ObjectKey>,
     waiting: Vec<WaitingAdd>,
     cni: Option<CniRequests>,
+    /// Keeps the pods' listeners across agents (`--holder-socket`).
+    holder: Option<Arc<HolderClient>>,
+    /// Listeners an earlier agent left with the holder, by netns inode, until the pod they
+    /// belong to is enrolled again (or found gone after the first reconcile).
+    inherited: BTreeMap<u64, Inherited>,
+    /// Whether the pinned enrollment and the holder were reconciled against a published
+    /// config (once: what an earlier agent left that is not wanted is then let go).
+    adopted: bool,
 }
 
 impl Enrollment {
@@ -115,7 +127,34 @@ impl Enrollment {
             deleted_sandboxes: BTreeSet::new(),
             waiting: Vec::new(),
             cni: None,
+            holder: None,
+            inherited: BTreeMap::new(),
+            adopted: false,
         }
+    }
+
+    /// Keeps the pods' listeners with the holder, and takes those an earlier agent left
+    /// there (`mesh-node run --holder-socket`).
+    pub fn with_holder(mut self, holder: Arc<HolderClient>) -> Self {
+        match holder.take_all() {
+            Ok(held) => {
+                info!(
+                    listeners = held.len(),
+                    "took the listeners the holder keeps"
+                );
+                for (key, fd) in held {
+                    self.inherited
+                        .entry(key.netns_inode)
+                        .or_default()
+                        .insert(key.addr, fd);
+                }
+            }
+            Err(error) => {
+                warn!(%error, "the listener holder cannot be reached; pods' listeners are bound anew")
+            }
+        }
+        self.holder = Some(holder);
+        self
     }
 
     /// Takes the CNI plugin's requests (`mesh-node run --cni-socket`).
@@ -124,8 +163,10 @@ impl Enrollment {
         self
     }
 
-    /// Runs until `shutdown`, then un-enrolls every pod. `ready` drops after the first pass;
-    /// the CNI plugin's requests are answered from the first pass over a published state.
+    /// Runs until `shutdown`, then stops serving the pods and leaves them enrolled: capture
+    /// stays pinned, the listeners stay with the holder, for the next agent (un-enrolling
+    /// is `mesh-node uninstall`'s). `ready` drops after the first pass; the CNI plugin's
+    /// requests are answered from the first pass over a published state.
     pub async fn run(
         mut self,
         mut state: StateRx,
@@ -147,7 +188,9 @@ impl Enrollment {
         };
         if config_published {
             answer_cni(&cni);
+            self.let_go_of_the_unwanted();
         }
+        let mut resync = tokio::time::interval(HOLDER_RESYNC_INTERVAL);
         loop {
             let retry = !self.pending.is_empty();
             let next_deadline = self
@@ -168,6 +211,7 @@ impl Enrollment {
                     if !config_published {
                         config_published = true;
                         answer_cni(&cni);
+                        self.let_go_of_the_unwanted();
                     }
                 }
                 () = tokio::time::sleep(RETRY_INTERVAL), if retry => {
@@ -181,17 +225,59 @@ impl Enrollment {
                 Some((request, reply)) = next_call(&mut cni) => {
                     self.handle_cni(request, reply, &snapshot).await;
                 }
+                _ = resync.tick(), if self.holder.is_some() => self.resync_holder(),
             }
             self.answer_resolved_waiting(&snapshot);
         }
         for waiting in self.waiting.drain(..) {
             let _ = waiting.reply.send(AgentResponse::NotReady);
         }
-        let keys: Vec<ObjectKey> = self.pods.keys().cloned().collect();
-        for key in keys {
-            self.unenroll(&key).await;
+        for pod in self.pods.values() {
+            pod.stop.cancel();
         }
-        info!("all pods un-enrolled");
+        info!(
+            pods = self.pods.len(),
+            "stopped accepting; the pods stay enrolled for the next agent"
+        );
+    }
+
+    /// After the first reconcile against a published config: what an earlier agent left
+    /// (pinned enrollment, held listeners) for pods that are not enrolled now is let go.
+    fn let_go_of_the_unwanted(&mut self) {
+        if std::mem::replace(&mut self.adopted, true) {
+            return;
+        }
+        let cookies: Vec<u64> = self.pods.values().map(|pod| pod.netns_cookie).collect();
+        self.proxy.capture.retain(&cookies);
+        let inodes: Vec<u64> = self.pods.values().map(|pod| pod.netns.inode()).collect();
+        if let Some(holder) = &self.holder
+            && let Err(error) = holder.retain_netns(&inodes)
+        {
+            warn!(%error, "the holder could not let go of departed pods' listeners");
+        }
+        let unclaimed: usize = self.inherited.values().map(BTreeMap::len).sum();
+        if unclaimed > 0 {
+            info!(
+                listeners = unclaimed,
+                "closed inherited listeners of pods not enrolled now"
+            );
+        }
+        self.inherited.clear();
+    }
+
+    /// Deposits the listeners again when the holder restarted (it lost them).
+    fn resync_holder(&self) {
+        let Some(holder) = &self.holder else {
+            return;
+        };
+        match holder.resync() {
+            Ok(0) => {}
+            Ok(deposited) => info!(
+                listeners = deposited,
+                "the holder restarted; listeners deposited again"
+            ),
+            Err(error) => debug!(%error, "the listener holder cannot be reached"),
+        }
     }
 
     async fn reconcile(&mut self, state: &State) {
@@ -421,8 +507,32 @@ impl Enrollment {
         AgentResponse::NotEnrolled { reason }
     }
 
+    /// Gives the holder a copy of every listener of the pod.
+    fn deposit(&self, netns: &Netns, listeners: &proxy::ListenerSet) {
+        let Some(holder) = &self.holder else {
+            return;
+        };
+        let all = listeners
+            .outbound
+            .iter()
+            .chain(listeners.inbound.iter().map(|(listener, _)| listener))
+            .chain(&listeners.hbone);
+        for listener in all {
+            let Ok(addr) = listener.local_addr() else {
+                continue;
+            };
+            let key = HeldKey {
+                netns_inode: netns.inode(),
+                addr,
+            };
+            if let Err(error) = holder.deposit(key, listener.as_fd()) {
+                warn!(netns = %netns.path().display(), %addr, %error, "the holder did not take a listener");
+            }
+        }
+    }
+
     async fn enroll(
-        &self,
+        &mut self,
         key: &ObjectKey,
         wanted: &DesiredPod<'_>,
     ) -> Result<EnrolledPod, EnrollError> {
@@ -431,7 +541,13 @@ impl Enrollment {
         let netns = Arc::new(self.find_netns(wanted).await?);
         netns::install_inbound_routing(&netns, home).await?;
         let mtls = self.proxy.mtls.is_some();
-        let listeners = bind_pod_listeners(&netns, home, ips, mtls)?;
+        let inherited = self.inherited.remove(&netns.inode()).unwrap_or_default();
+        let adopted = inherited.len();
+        let listeners = bind_pod_listeners(&netns, home, ips, mtls, inherited)?;
+        if adopted > 0 {
+            info!(pod = %key, listeners = adopted, "took over the listeners of an earlier agent");
+        }
+        self.deposit(&netns, &listeners);
         if let Some(mtls) = &self.proxy.mtls
             && let Some(workload) = wanted.workload
             && let Ok(identity) = mtls.identity_of(workload)
@@ -513,6 +629,11 @@ impl Enrollment {
         };
         // Stop capture first, so nothing new is steered to listeners about to close.
         self.proxy.capture.unenroll(pod.netns_cookie, &pod.ips);
+        if let Some(holder) = &self.holder
+            && let Err(error) = holder.release_netns(pod.netns.inode())
+        {
+            warn!(pod = %key, %error, "the holder could not let go of the pod's listeners");
+        }
         pod.stop.cancel();
         netns::remove_inbound_routing(&pod.netns, &self.proxy.home).await;
         self.proxy.metrics.node.set_enrolled_pods(self.pods.len());

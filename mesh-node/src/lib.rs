@@ -1,7 +1,8 @@
 //! Nodemesh node agent: eBPF capture of enrolled pods and the node-local proxy.
 //!
-//! Unsafe code is confined to the one socket option std and nix do not wrap (`netns`) and
-//! the allocator's trim (`memory`); raw aya handles stay inside `ebpf`.
+//! Unsafe code is confined to the one socket option std and nix do not wrap (`netns`), the
+//! allocator's trim (`memory`) and taking ownership of the descriptors nix hands over as raw
+//! numbers (`holder`); raw aya handles stay inside `ebpf`.
 #![deny(unsafe_code)]
 pub mod accept;
 pub mod access_log;
@@ -17,6 +18,7 @@ pub mod ebpf;
 pub mod endpoints;
 pub mod enroll;
 pub mod explain;
+pub mod holder;
 pub mod identity;
 pub mod inventory;
 pub mod memory;

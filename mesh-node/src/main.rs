@@ -29,6 +29,14 @@ fn main() -> anyhow::Result<ExitCode> {
             let _ = init_logging(config.log_format);
             runtime()?.block_on(app::run_ca(config))?;
         }
+        Command::Holder(args) => {
+            let _ = init_logging(LogFormat::Text);
+            mesh_node::holder::run_holder(&args.socket)?;
+        }
+        Command::Uninstall(args) => {
+            let _ = init_logging(LogFormat::Text);
+            runtime()?.block_on(app::uninstall::run(&args))?;
+        }
         Command::Cni(CniArgs { action: None }) => return Ok(run_cni_plugin()),
         Command::Cni(CniArgs {
             action:

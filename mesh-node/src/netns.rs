@@ -138,6 +138,31 @@ fn candidate_paths() -> Vec<PathBuf> {
     paths
 }
 
+/// The network namespaces on the machine whose netns cookie is one of `cookies` (the pods
+/// a pinned enrollment names), each once.
+pub fn find_by_cookies(cookies: &[u64], home: &Netns) -> Vec<Netns> {
+    let mut seen = HashSet::new();
+    let mut found = Vec::new();
+    for path in candidate_paths() {
+        let Ok(netns) = Netns::open(&path) else {
+            continue;
+        };
+        if !seen.insert(netns.inode()) {
+            continue;
+        }
+        let cookie = netns.run(home, || {
+            let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+            netns_cookie(&probe)
+        });
+        if let Ok(Ok(cookie)) = cookie
+            && cookies.contains(&cookie)
+        {
+            found.push(netns);
+        }
+    }
+    found
+}
+
 /// Finds the netns that holds one of `ips` on an interface whose veth peer lives in the
 /// agent's own netns (`home`). The peer check is what keeps an agent to its own node's pods
 /// when several nodes share one machine (tests), and is harmless on a real node.

@@ -23,7 +23,7 @@ use std::{
 
 pub use error::{CertificateError, HandshakeError, ProxyError, SocketError};
 pub use resolve::{Resolver, Upstream};
-pub use socket::{ListenerSet, bind_pod_listeners};
+pub use socket::{Inherited, ListenerSet, bind_pod_listeners};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpListener,
@@ -67,6 +67,9 @@ pub struct ProxyContext {
     /// The node's own addresses: plaintext from them that a node socket opened is kubelet
     /// probing its pods.
     pub node_addresses: Arc<node_probes::NodeAddresses>,
+    /// Cancelled when the agent drains (SIGTERM): connections it serves finish what is in
+    /// flight and close (HTTP/1 between requests, HTTP/2 and HBONE with GOAWAY).
+    pub drain: CancellationToken,
 }
 
 impl ProxyContext {

@@ -32,6 +32,20 @@ pub fn cleanup_stale() {
             }
         }
     }
+    for mount in bpffs_mounts() {
+        // <target>/nodemesh-tests/<unique>/bpffs/node<i>
+        let owner = mount
+            .iter()
+            .skip_while(|part| part.to_str() != Some("nodemesh-tests"))
+            .nth(1)
+            .and_then(|unique| unique_owner(&unique.to_str()?.split('-').collect::<Vec<_>>()));
+        if let Some(pid) = owner
+            && is_dead(pid)
+        {
+            eprintln!("mesh-tests: unmounting stale bpffs {}", mount.display());
+            unmount(&mount);
+        }
+    }
     let Ok(root) = cgroup::try_cgroup2_root() else {
         return;
     };
@@ -49,6 +63,45 @@ pub fn cleanup_stale() {
                 remove_cgroup_tree(&entry.path());
             }
         }
+    }
+}
+
+/// Unmounts every bpffs mounted below `dir` (the agents' `--bpffs-path`): the capture
+/// they pinned detaches.
+pub(crate) fn unmount_bpffs_under(dir: &Path) {
+    for mount in bpffs_mounts() {
+        if mount.starts_with(dir) {
+            unmount(&mount);
+        }
+    }
+}
+
+/// Mount points of bpffs mounts below a `nodemesh-tests` work directory.
+fn bpffs_mounts() -> Vec<std::path::PathBuf> {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
+        return Vec::new();
+    };
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
+            (kind == "bpf" && point.contains("/nodemesh-tests/")).then(|| point.into())
+        })
+        .collect()
+}
+
+fn unmount(point: &Path) {
+    let Ok(path) = std::ffi::CString::new(point.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: a valid NUL-terminated path; MNT_DETACH never blocks on users of the mount.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        eprintln!(
+            "mesh-tests: unmounting {}: {}",
+            point.display(),
+            std::io::Error::last_os_error()
+        );
     }
 }
 

@@ -27,6 +27,8 @@ pub const AGENT_HEALTH_PORT: u16 = 15021;
 
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const AGENT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// The agents' `--drain-timeout` unless a test gives its own: well inside the stop grace.
+const AGENT_DRAIN_TIMEOUT: &str = "3s";
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most pods one node can hold: pod j gets `10.244.<node>.<10+j>`.
@@ -62,6 +64,10 @@ pub struct Cluster {
     pods: Vec<Pod>,
     next_pod_index: Vec<u32>,
     agents: Vec<Option<Child>>,
+    /// Each node's listener holder (`mesh-node holder`), started with its first agent.
+    holders: Vec<Option<Child>>,
+    /// Whether agents get a holder (as the DaemonSet install does); see [`Cluster::without_holder`].
+    use_holder: bool,
     /// The agents' `RUST_LOG` when the environment sets none.
     agent_log_filter: String,
 }
@@ -124,6 +130,8 @@ impl Cluster {
             pods: Vec::new(),
             next_pod_index: vec![0; nodes],
             agents: (0..nodes).map(|_| None).collect(),
+            holders: (0..nodes).map(|_| None).collect(),
+            use_holder: true,
             agent_log_filter: DEFAULT_AGENT_LOG_FILTER.to_string(),
             unique,
             nodes,
@@ -544,6 +552,58 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// Agents started from now on run without a listener holder: while none runs, new
+    /// connections to enrolled pods are refused instead of waiting.
+    pub fn without_holder(&mut self) {
+        self.use_holder = false;
+    }
+
+    /// Where node `i`'s agent pins its capture (`--bpffs-path`; the agent mounts a bpffs
+    /// there, which the cluster unmounts when dropped).
+    pub fn bpffs_path(&self, i: usize) -> PathBuf {
+        self.work_dir.join("bpffs").join(format!("node{i}"))
+    }
+
+    /// Node `i`'s listener holder socket (`--holder-socket`).
+    pub fn holder_socket(&self, i: usize) -> PathBuf {
+        self.work_dir.join(format!("holder-node{i}.sock"))
+    }
+
+    /// Starts node `i`'s listener holder unless it runs, and waits for its socket.
+    fn ensure_holder(&mut self, i: usize) {
+        if let Some(child) = &mut self.holders[i]
+            && child.try_wait().ok().flatten().is_none()
+        {
+            return;
+        }
+        let socket = self.holder_socket(i);
+        let _ = fs::remove_file(&socket);
+        let log_path = self.logs_dir().join(format!("holder-node{i}.log"));
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", log_path.display()));
+        let child = self
+            .node_command(i, process::bin_path("mesh-node"))
+            .args(["holder", "--socket", socket.to_str().expect("UTF-8 path")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting the listener holder");
+        self.holders[i] = Some(child);
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the holder of node{i} did not create {}",
+                socket.display()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the agent of every node and waits until all are ready.
     pub fn start_agents(&mut self) {
         // Started together, waited for together: they initialize in parallel.
@@ -579,8 +639,13 @@ impl Cluster {
                 child.id()
             );
         }
+        if self.use_holder {
+            self.ensure_holder(i);
+        }
         let binary = process::bin_path("mesh-node");
         let config_dir = self.config_dir();
+        let bpffs = self.bpffs_path(i);
+        let holder_socket = self.holder_socket(i);
         let cgroup = self.node_cgroup(i);
         let metrics_addr = format!("0.0.0.0:{AGENT_METRICS_PORT}");
         let health_addr = format!("0.0.0.0:{AGENT_HEALTH_PORT}");
@@ -606,6 +671,19 @@ impl Cluster {
             .any(|a| *a == "--ca-dir" || *a == "--ca-addr")
         {
             args.extend(["--ca-dir", ca_dir.to_str().expect("UTF-8 path")]);
+        }
+        let has = |flag: &str| extra_args.iter().any(|a| a.starts_with(flag));
+        if !has("--bpffs-path") {
+            args.extend(["--bpffs-path", bpffs.to_str().expect("UTF-8 path")]);
+        }
+        if self.use_holder && !has("--holder-socket") {
+            args.extend([
+                "--holder-socket",
+                holder_socket.to_str().expect("UTF-8 path"),
+            ]);
+        }
+        if !has("--drain-timeout") {
+            args.extend(["--drain-timeout", AGENT_DRAIN_TIMEOUT]);
         }
         args.extend_from_slice(extra_args);
 
@@ -687,6 +765,46 @@ impl Cluster {
             .take()
             .unwrap_or_else(|| panic!("the agent of node{i} is not running"));
         process::terminate(&mut child, AGENT_STOP_GRACE).expect("waiting for the agent")
+    }
+
+    /// Kills node `i`'s agent with SIGKILL (a crash: nothing of its own clean-up runs).
+    ///
+    /// # Panics
+    /// When it is not running.
+    pub fn kill_agent(&mut self, i: usize) {
+        self.check_node(i);
+        let mut child = self.agents[i]
+            .take()
+            .unwrap_or_else(|| panic!("the agent of node{i} is not running"));
+        child.kill().expect("SIGKILL to the agent");
+        child.wait().expect("reaping the agent");
+    }
+
+    /// Starts node `i`'s agent and returns at once, without waiting for it to be ready.
+    pub fn spawn_agent_unwaited(&mut self, i: usize, extra_args: &[&str]) {
+        self.spawn_agent(i, extra_args);
+    }
+
+    /// Starts a second agent on node `i` beside the running one (a DaemonSet's surge pod:
+    /// same ports, pins, holder and CNI socket) and returns the old one, which the caller
+    /// stops ([`Cluster::stop_process`]) once the new one took over. The new one is not
+    /// waited for: its health port is shared with the old one.
+    ///
+    /// # Panics
+    /// When no agent runs on node `i`.
+    pub fn spawn_overlapping_agent(&mut self, i: usize, extra_args: &[&str]) -> Child {
+        self.check_node(i);
+        let old = self.agents[i]
+            .take()
+            .unwrap_or_else(|| panic!("the agent of node{i} is not running"));
+        self.spawn_agent(i, extra_args);
+        old
+    }
+
+    /// Stops a process this cluster started (an agent [`Cluster::spawn_overlapping_agent`]
+    /// handed back): SIGTERM, SIGKILL after the agents' grace period.
+    pub fn stop_process(&mut self, mut child: Child) -> ExitStatus {
+        process::terminate(&mut child, AGENT_STOP_GRACE).expect("waiting for the process")
     }
 
     /// A command that runs `program` as a process of node `i` itself: in the node's netns
@@ -777,6 +895,12 @@ impl Drop for Cluster {
                 }
             }
         }
+        for holder in self.holders.iter_mut().filter_map(Option::take) {
+            let mut holder = holder;
+            let _ = process::terminate(&mut holder, AGENT_STOP_GRACE);
+        }
+        // The pinned capture goes with its bpffs mounts (what only the pins held detaches).
+        cleanup::unmount_bpffs_under(&self.work_dir);
         // Agents first (they live in the node cgroups too, and deserve a graceful stop).
         for cgroup in self.owned_cgroups.iter().rev() {
             if !cgroup::kill_all(cgroup, DRAIN_TIMEOUT) {

@@ -357,7 +357,10 @@ fn a_dual_stack_socket_to_an_ipv4_address_is_captured_in_an_ipv4_only_pod() {
 
 #[test]
 fn unenrolling_a_pod_keeps_the_listener_of_a_new_pod_that_took_its_address() {
-    use mesh_node::{ebpf::Capture, netns::Netns};
+    use mesh_node::{
+        ebpf::{Capture, Pins},
+        netns::Netns,
+    };
     if skip() {
         return;
     }
@@ -367,7 +370,8 @@ fn unenrolling_a_pod_keeps_the_listener_of_a_new_pod_that_took_its_address() {
         cluster.add_pod(PodSpec::new("new", 0)),
     );
     // The test drives the agent's capture itself, on the node's cgroup (never the root's).
-    let capture = Capture::attach(&cluster.node_cgroup(0)).expect("eBPF capture");
+    let pins = Pins::open(&cluster.bpffs_path(0)).expect("a bpffs in the work dir");
+    let capture = Capture::attach(&cluster.node_cgroup(0), pins).expect("eBPF capture");
     let listener = |pod: &Pod| {
         Cluster::run_in_netns(&pod.netns, || std::net::TcpListener::bind("127.0.0.1:0"))
             .expect("a listener in the pod")
@@ -545,49 +549,4 @@ fn metrics_count_exactly_the_connections_made() {
             down as f64,
         );
     }
-}
-
-#[test]
-fn sigterm_detaches_everything_and_restores_the_pods() {
-    if skip() {
-        return;
-    }
-    let mut shop = Shop::new("sigterm", 1, PodSpec::new("client", 0), &[0], true);
-    let rules_before = ip_rules(&shop.webs[0]);
-    shop.start(&[2]);
-    let Shop {
-        cluster,
-        client,
-        webs,
-        ..
-    } = &mut shop;
-    assert_ne!(
-        ip_rules(&webs[0]),
-        rules_before,
-        "enrolling installs inbound routing"
-    );
-    let service = format!("{SERVICE_IP}:80");
-    replies(&connect(cluster, client, &service, 1));
-
-    let status = cluster.stop_agent(0);
-    assert!(status.success(), "clean exit on SIGTERM: {status}");
-    assert_unreachable(cluster, client, &service, "capture detached");
-    assert_eq!(ip_rules(&webs[0]), rules_before, "pod routing restored");
-    let direct = replies(&connect(
-        cluster,
-        client,
-        &format!("{}:8080", webs[0].ip),
-        1,
-    ));
-    assert_eq!(direct[0]["server"], "web-1", "pods work without the mesh");
-    let log = std::fs::read_to_string(cluster.agent_log(0)).expect("agent log");
-    assert!(log.contains("all pods un-enrolled"), "drain logged");
-}
-
-fn ip_rules(pod: &Pod) -> String {
-    let output = std::process::Command::new("ip")
-        .args(["-n", &pod.netns, "rule", "show"])
-        .output()
-        .expect("ip rule");
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }

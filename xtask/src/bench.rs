@@ -23,6 +23,7 @@ mod agent;
 mod http;
 mod oha;
 mod report;
+mod restart;
 pub mod table;
 mod tools;
 
@@ -443,6 +444,16 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         }
     }
     let verified = bench.path.verify()?;
+    let mesh = sides
+        .iter()
+        .find(|side| side.mode == Mode::MeshMtls)
+        .expect("a mesh mode");
+    let restarts = restart::measure(
+        &mut cluster,
+        &mesh.client,
+        mesh.server(Shape::CrossNode),
+        &interrupt,
+    )?;
 
     let report = Report {
         quick: options.quick,
@@ -464,6 +475,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         mesh_seconds,
     };
     print!("\n{}", report.render());
+    print!("{}", restart::render(&restarts));
     println!("{verified}");
     println!("bench: cleaning up…");
     drop(sides);

@@ -30,6 +30,7 @@ pub struct Values {
     pub image: Image,
     pub log_level: String,
     pub agent: AgentValues,
+    pub holder: HolderValues,
     pub ca: CaValues,
     /// Only the chart's templates read it; declared so values.yaml is checked whole.
     #[serde(rename = "podMonitor")]
@@ -54,6 +55,8 @@ impl Image {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentValues {
     pub metrics_port: i32,
+    /// `--drain-timeout` in seconds; the pod's grace period adds a margin to it.
+    pub drain_timeout_seconds: i32,
     pub resources: ResourceRequirements,
     pub tolerations: Vec<Toleration>,
     pub cni: CniValues,
@@ -65,6 +68,16 @@ pub struct AgentValues {
 pub struct CniValues {
     pub bin_dir: String,
     pub conf_dir: String,
+}
+
+/// The listener holder (`mesh-node holder`), which keeps the agents' listening sockets.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HolderValues {
+    /// Only the chart's templates read it: the plain install always has the holder.
+    #[serde(rename = "enabled")]
+    pub _enabled: bool,
+    pub resources: ResourceRequirements,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -117,7 +130,7 @@ pub fn generated_files(deploy_dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, St
     let mut files = BTreeMap::new();
 
     let manifests = objects::manifests(&values);
-    let pod_monitor = objects::pod_monitor_manifest();
+    let pod_monitor = objects::pod_monitor_manifest(&values);
     for manifest in manifests.iter().chain([&pod_monitor]) {
         files.insert(
             Path::new("manifests").join(manifest.file),
@@ -200,10 +213,11 @@ fn render(manifest: &Manifest, objects: &[Value]) -> anyhow::Result<String> {
 }
 
 /// Appends `# comment` to the one line of `text` that reads `line` (trimmed, with or
-/// without the `- ` of a list item).
+/// without the `- ` of a list item; in a chart template, with its values as they are in the
+/// plain manifest).
 fn comment_line(text: &str, line: &str, comment: &str) -> anyhow::Result<String> {
     let is_the_line = |l: &str| {
-        let l = l.trim();
+        let l = chart::plain_line(l);
         l == line || l.strip_prefix("- ") == Some(line)
     };
     let matches = text.lines().filter(|l| is_the_line(l)).count();

@@ -1,9 +1,14 @@
 //! `mesh-node run`, wired: the agent. Servers bind first and spawn later, so callers (and
 //! tests) can bind port 0 and read the addresses back from [`Bound`].
-use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio::{sync::watch, task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -15,9 +20,10 @@ use crate::{
     cli::RunConfig,
     cni::{self, install::Installation, owner::CniOwner, server::CniServer},
     distributed_tracing::{TraceConfig, Tracing},
-    ebpf::Capture,
+    ebpf::{Capture, Pins},
     endpoints::{self, Endpoints},
     enroll::Enrollment,
+    holder::HolderClient,
     identity::{
         self, CertState, CertificateAuthority, CertificateManager, CertificateSigner, ManagerConfig,
     },
@@ -25,7 +31,7 @@ use crate::{
     metrics::{Metrics, NodeMetrics},
     netns::Netns,
     proxy::{Mtls, ProxyContext, Resolver, connections::Connections},
-    readiness::Readiness,
+    readiness::{Readiness, ReadinessGuard},
     signal,
     signer::{self, CaAddress, NodeSigner, RemoteSigner},
     state::{State, StateRx},
@@ -37,11 +43,30 @@ const NODE_METRICS_INTERVAL: Duration = Duration::from_secs(1);
 /// system calls for the largest map.
 const MAP_FILL_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often a draining agent looks whether its connections have finished.
+const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// The drain of an agent no successor runs beside (a restart in place): while it drains
+/// nobody accepts, so new connections wait for its end and the next agent's start. The
+/// connections still open then are cut rather than hold every new one off.
+const ALONE_DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
 /// The running agent.
 pub struct Bound {
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub health_addr: SocketAddr,
+    /// Stops the pods' accept loops and the enrollment: the first step of a drain.
+    accepting: CancellationToken,
+    /// Tells the connections being served to finish (GOAWAY, close between requests).
+    drain: CancellationToken,
+    drain_timeout: Duration,
+    connections: Arc<Connections>,
+    readiness: Readiness,
+    /// Where capture is pinned and the holder, for the uninstall when the DaemonSet goes.
+    bpffs_path: PathBuf,
+    holder_socket: Option<PathBuf>,
+    /// Tells whether a successor runs beside this agent when it drains.
+    holder: Option<Arc<HolderClient>>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     /// Flushed last, so spans of connections that drained still leave.
@@ -58,14 +83,12 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     let metrics = Metrics::new().context("registering metrics")?;
     let shutdown = CancellationToken::new();
 
-    let metrics_listener = TcpListener::bind(config.metrics_addr)
-        .await
+    // Shared ports (SO_REUSEPORT): a new agent starts beside the old one it replaces.
+    let metrics_listener = endpoints::bind_shared(config.metrics_addr)
         .with_context(|| format!("binding metrics on {}", config.metrics_addr))?;
-    let health_listener = TcpListener::bind(config.health_addr)
-        .await
+    let health_listener = endpoints::bind_shared(config.health_addr)
         .with_context(|| format!("binding health on {}", config.health_addr))?;
-    let admin_listener = TcpListener::bind(config.admin_addr)
-        .await
+    let admin_listener = endpoints::bind_shared(config.admin_addr)
         .with_context(|| format!("binding admin on {}", config.admin_addr))?;
     let bound_admin = admin_listener.local_addr()?;
     let bound_metrics = metrics_listener.local_addr()?;
@@ -80,8 +103,10 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     ));
 
     let home = Arc::new(Netns::current().context("opening the agent's own netns")?);
+    let pins =
+        Pins::open(&config.bpffs_path).context("opening the pin directory (--bpffs-path)")?;
     let capture = Arc::new(
-        Capture::attach(&config.cgroup_path).context("loading and attaching eBPF capture")?,
+        Capture::attach(&config.cgroup_path, pins).context("loading and attaching eBPF capture")?,
     );
 
     let (state_tx, state_rx) = watch::channel(Arc::new(State::default()));
@@ -122,6 +147,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         .context("setting up tracing")?,
     );
     let connections = Arc::new(Connections::default());
+    let drain = CancellationToken::new();
     let proxy = ProxyContext {
         state: state_rx.clone(),
         capture: capture.clone(),
@@ -138,6 +164,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         tracing: tracing.clone(),
         connections: connections.clone(),
         node_addresses: Arc::default(),
+        drain: drain.clone(),
     };
 
     let admin_state = state_rx.clone();
@@ -154,6 +181,13 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         shutdown.clone(),
     ));
     let mut enrollment = Enrollment::new(config.node_name.clone(), proxy);
+    let holder = config
+        .holder_socket
+        .as_ref()
+        .map(|socket| Arc::new(HolderClient::new(socket.clone())));
+    if let Some(holder) = &holder {
+        enrollment = enrollment.with_holder(holder.clone());
+    }
     if let Some(socket) = &config.cni.socket {
         let server = CniServer::bind(socket).context("binding the CNI socket")?;
         let (handle, requests) = cni::server::channel();
@@ -165,7 +199,8 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         tasks.spawn(cni::install::keep_installed(installation, shutdown.clone()));
     }
     let cni_owner = config.cni.uninstall_with.clone().zip(installation);
-    tasks.spawn(enrollment.run(state_rx, pods_ready, shutdown.clone()));
+    let accepting = CancellationToken::new();
+    tasks.spawn(enrollment.run(state_rx, pods_ready, accepting.clone()));
     tasks.spawn(endpoints::serve(
         metrics_listener,
         Endpoints::Metrics(metrics.clone()),
@@ -175,9 +210,9 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         node: config.node_name.clone(),
         state: admin_state,
         mtls: proxy_mtls.clone(),
-        readiness,
+        readiness: readiness.clone(),
         log,
-        connections,
+        connections: connections.clone(),
     };
     tasks.spawn(endpoints::serve(
         admin_listener,
@@ -206,6 +241,14 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         admin_addr: bound_admin,
         metrics_addr: bound_metrics,
         health_addr: bound_health,
+        accepting,
+        drain,
+        drain_timeout: config.drain_timeout,
+        connections,
+        readiness,
+        bpffs_path: config.bpffs_path.clone(),
+        holder_socket: config.holder_socket.clone(),
+        holder,
         shutdown,
         tasks,
         tracing,
@@ -286,8 +329,7 @@ fn mtls(
 }
 
 impl Bound {
-    /// Runs until SIGTERM/SIGINT, then drains: pods are un-enrolled and the eBPF programs
-    /// detached (the `Capture` drops with the last task that holds it).
+    /// Runs until SIGTERM/SIGINT, then drains ([`stop`](Self::stop)).
     pub async fn wait(self) -> anyhow::Result<()> {
         signal::shutdown_requested().await;
         self.stop().await;
@@ -295,8 +337,32 @@ impl Bound {
         Ok(())
     }
 
-    /// Stops the agent without a signal (embedding, tests).
+    /// Stops the agent and leaves the mesh on: unready, it stops accepting (the listeners
+    /// stay open in the holder and pinned capture keeps steering to them, so new
+    /// connections go to the successor beside it, or wait for the next agent), lets its
+    /// connections finish up to `--drain-timeout` (with a successor) or
+    /// [`ALONE_DRAIN_LIMIT`] (without), then ends. Only when its DaemonSet is deleted does
+    /// it switch capture off. Also for embedding and tests, without a signal.
     pub async fn stop(mut self) {
+        let _draining: ReadinessGuard = self.readiness.register("draining");
+        self.accepting.cancel();
+        self.drain.cancel();
+        let timeout = if self.successor().await {
+            self.drain_timeout
+        } else {
+            self.drain_timeout.min(ALONE_DRAIN_LIMIT)
+        };
+        info!(?timeout, "draining");
+        let open = self.drained_within(timeout).await;
+        if open == 0 {
+            info!("drained: every connection finished");
+        } else {
+            warn!(
+                open,
+                ?timeout,
+                "drain deadline passed; closing the connections left"
+            );
+        }
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
         // The flush waits for posts that run on this runtime: not on one of its workers.
@@ -311,10 +377,47 @@ impl Bound {
                         daemon_set: daemon_set.name,
                         installation,
                     };
-                    owner.uninstall_if_removed().await;
+                    if owner.uninstall_if_removed().await
+                        && let Err(error) = super::uninstall::uninstall(
+                            &self.bpffs_path,
+                            self.holder_socket.as_deref(),
+                        )
+                        .await
+                    {
+                        warn!(%error, "DaemonSet deleted, but capture could not be removed; run `mesh-node uninstall`");
+                    }
                 }
-                Err(error) => warn!(%error, "no Kubernetes client: the CNI plugin stays"),
+                Err(error) => {
+                    warn!(%error, "no Kubernetes client: the CNI plugin and capture stay")
+                }
             }
+        }
+    }
+
+    /// Whether another agent uses the holder: a successor that took over the listeners.
+    async fn successor(&self) -> bool {
+        let Some(holder) = self.holder.clone() else {
+            return false;
+        };
+        match tokio::task::spawn_blocking(move || holder.agents()).await {
+            Ok(Ok(agents)) => agents > 1,
+            Ok(Err(error)) => {
+                warn!(%error, "the holder cannot say whether a successor runs; draining as if alone");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits until no connection is open or `timeout` passed; how many are still open.
+    async fn drained_within(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let open = self.connections.len();
+            if open == 0 || Instant::now() >= deadline {
+                return open;
+            }
+            tokio::time::sleep(DRAIN_POLL_INTERVAL).await;
         }
     }
 }

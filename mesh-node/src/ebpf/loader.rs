@@ -8,11 +8,12 @@ use std::{
 };
 
 use aya::{
-    Ebpf, Pod,
+    Ebpf, EbpfLoader, Pod,
     maps::{Array, HashMap, IterableMap, Map, MapData, MapError, MapKeys, PerCpuArray, SockHash},
+    pin::PinError,
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
-        sk_lookup::SkLookupLinkId,
+        links::{FdLink, LinkError},
     },
 };
 use mesh_common::{
@@ -21,7 +22,10 @@ use mesh_common::{
 use parking_lot::Mutex;
 use tracing::{debug, info};
 
-use super::addr::{from_sock_addr, to_listener_key, to_sock_addr};
+use super::{
+    addr::{from_sock_addr, to_listener_key, to_sock_addr},
+    pins::{self, Pins, ProgramPrint},
+};
 
 /// The object built by `build.rs` from the mesh-ebpf crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -48,6 +52,16 @@ pub enum CaptureError {
     },
     #[error("reading the agent's own netns cookie: {0}")]
     OwnNetns(#[source] std::io::Error),
+    #[error("{action} {path}: {source}")]
+    Pins {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pinning {0}: {1}")]
+    Pin(PathBuf, #[source] PinError),
+    #[error("eBPF link: {0}")]
+    Link(#[from] LinkError),
 }
 
 /// Snapshot of the kernel-side event counters.
@@ -70,8 +84,8 @@ pub struct MapFill {
     pub capacity: u32,
 }
 
-/// The loaded, attached capture programs. Dropping it detaches everything (nothing is
-/// pinned), which is what a clean shutdown wants.
+/// The loaded, attached capture programs. Links and maps are pinned ([`Pins`]): dropping
+/// it (the agent stopping) leaves capture in force for the next agent, which adopts it.
 pub struct Capture {
     control: Mutex<Control>,
     /// Separate lock: read on every accepted connection.
@@ -99,13 +113,25 @@ struct Control {
     /// un-enrollment must then leave the new pod's entry alone (the kernel cannot say whose
     /// socket an entry holds).
     listener_owners: StdHashMap<ListenerKey, u64>,
-    sk_lookup_links: StdHashMap<u64, SkLookupLinkId>,
+    pins: Pins,
+    /// This agent's `sk_lookup` program: a pod's pinned link running it is adopted as it is.
+    sk_lookup_print: ProgramPrint,
 }
 
 impl Capture {
-    /// Loads the programs and attaches the cgroup ones to `cgroup_path`.
-    pub fn attach(cgroup_path: &Path) -> Result<Self, CaptureError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+    /// Loads the programs and attaches the cgroup ones to `cgroup_path`, adopting the
+    /// links and maps an earlier agent pinned under `pins` (replacing a link that runs
+    /// another version of its program, make before break).
+    pub fn attach(cgroup_path: &Path, pins: Pins) -> Result<Self, CaptureError> {
+        let mut loader = EbpfLoader::new();
+        let map_pins: Vec<(&str, PathBuf)> = maps::ALL
+            .iter()
+            .map(|name| (*name, pins.map(name)))
+            .collect();
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         let cgroup = File::open(cgroup_path).map_err(|source| CaptureError::Cgroup {
             path: cgroup_path.to_path_buf(),
             source,
@@ -116,21 +142,33 @@ impl Capture {
                 .ok_or(CaptureError::Missing(name))?
                 .try_into()?;
             program.load()?;
+            let pin = pins.cgroup_link(name);
+            if pins::pinned_link_runs(&pin, &ProgramPrint::of(program.info())?) {
+                debug!(program = name, "adopted the pinned link");
+                continue;
+            }
             // aya attaches through a bpf_link (5.7+), which always coexists with other
-            // programs on the cgroup (other CNIs, meshes); the kernel refuses link flags.
-            program.attach(&cgroup, CgroupAttachMode::Single)?;
+            // programs on the cgroup (other CNIs, meshes, the link it replaces); the kernel
+            // refuses link flags.
+            let link = program.attach(&cgroup, CgroupAttachMode::Single)?;
+            pins::pin_replacing(FdLink::try_from(program.take_link(link)?)?, &pin)?;
         }
         let sockops: &mut SockOps = ebpf
             .program_mut(programs::SOCKOPS)
             .ok_or(CaptureError::Missing(programs::SOCKOPS))?
             .try_into()?;
         sockops.load()?;
-        sockops.attach(&cgroup, CgroupAttachMode::Single)?;
+        let pin = pins.cgroup_link(programs::SOCKOPS);
+        if !pins::pinned_link_runs(&pin, &ProgramPrint::of(sockops.info())?) {
+            let link = sockops.attach(&cgroup, CgroupAttachMode::Single)?;
+            pins::pin_replacing(FdLink::try_from(sockops.take_link(link)?)?, &pin)?;
+        }
         let sk_lookup: &mut SkLookup = ebpf
             .program_mut(programs::SK_LOOKUP)
             .ok_or(CaptureError::Missing(programs::SK_LOOKUP))?
             .try_into()?;
         sk_lookup.load()?;
+        let sk_lookup_print = ProgramPrint::of(sk_lookup.info())?;
 
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(CaptureError::Missing(name));
         let enrolled: HashMap<_, u64, EnrolledNetns> =
@@ -163,14 +201,20 @@ impl Capture {
                 &listeners,
             )?,
         ];
-        info!(cgroup = %cgroup_path.display(), "eBPF capture attached");
+        info!(
+            cgroup = %cgroup_path.display(),
+            pins = %pins.root().display(),
+            enrolled = pins.pinned_netns().len(),
+            "eBPF capture attached"
+        );
         Ok(Self {
             control: Mutex::new(Control {
                 ebpf,
                 enrolled,
                 listeners,
                 listener_owners: StdHashMap::new(),
-                sk_lookup_links: StdHashMap::new(),
+                pins,
+                sk_lookup_print,
             }),
             orig_dst: Mutex::new(orig_dst),
             node_connections: Mutex::new(node_connections),
@@ -193,14 +237,15 @@ impl Capture {
             control.listeners.insert(key, listener.as_raw_fd(), 0)?;
             control.listener_owners.insert(key, netns_cookie);
         }
-        if !control.sk_lookup_links.contains_key(&netns_cookie) {
+        let pin = control.pins.netns_link(netns_cookie);
+        if !pins::pinned_link_runs(&pin, &control.sk_lookup_print) {
             let program: &mut SkLookup = control
                 .ebpf
                 .program_mut(programs::SK_LOOKUP)
                 .ok_or(CaptureError::Missing(programs::SK_LOOKUP))?
                 .try_into()?;
             let link = program.attach(netns)?;
-            control.sk_lookup_links.insert(netns_cookie, link);
+            pins::pin_replacing(FdLink::from(program.take_link(link)?), &pin)?;
         }
         control
             .enrolled
@@ -224,14 +269,55 @@ impl Capture {
                 debug!(netns_cookie, %ip, "address now belongs to another pod; its listener stays");
             }
         }
-        if let Some(link) = control.sk_lookup_links.remove(&netns_cookie)
-            && let Some(program) = control.ebpf.program_mut(programs::SK_LOOKUP)
-            && let Ok(program) = <&mut SkLookup>::try_from(program)
-            && let Err(error) = program.detach(link)
-        {
-            debug!(netns_cookie, %error, "sk_lookup detach failed");
-        }
+        pins::unpin(&control.pins.netns_link(netns_cookie));
         debug!(netns_cookie, "netns removed from eBPF maps");
+    }
+
+    /// Forgets every pod an earlier agent enrolled that is not in `enrolled` (the pods
+    /// this agent enrolled or adopted): pods that left the node while no agent ran. Call it
+    /// once the first reconcile against a published config is done.
+    pub fn retain(&self, enrolled: &[u64]) {
+        let mut control = self.control.lock();
+        let stale: Vec<u64> = control
+            .enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|cookie| !enrolled.contains(cookie))
+            .collect();
+        for cookie in &stale {
+            let _ = control.enrolled.remove(cookie);
+        }
+        for cookie in control.pins.pinned_netns() {
+            if !enrolled.contains(&cookie) {
+                pins::unpin(&control.pins.netns_link(cookie));
+            }
+        }
+        let orphaned: Vec<ListenerKey> = control
+            .listeners
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !control.listener_owners.contains_key(key))
+            .collect();
+        for key in &orphaned {
+            let _ = control.listeners.remove(key);
+        }
+        info!(
+            forgotten = stale.len(),
+            orphaned_listeners = orphaned.len(),
+            "pinned enrollment reconciled"
+        );
+    }
+
+    /// The pods (netns cookies) a pinned capture has enrolled, read without loading
+    /// anything: what `mesh-node uninstall` restores.
+    pub fn pinned_enrollment(pins: &Pins) -> Result<Vec<u64>, CaptureError> {
+        let path = pins.map(maps::ENROLLED_NETNS);
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let map = Map::HashMap(MapData::from_pin(&path)?);
+        let enrolled: HashMap<MapData, u64, EnrolledNetns> = HashMap::try_from(map)?;
+        Ok(enrolled.keys().filter_map(Result::ok).collect())
     }
 
     /// The destination a captured connection asked for, given the in-pod listener's view

@@ -66,6 +66,15 @@ impl Connections {
         }
     }
 
+    /// How many connections are live.
+    pub fn len(&self) -> usize {
+        self.live.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.lock().is_empty()
+    }
+
     /// The live connections, oldest first.
     pub fn snapshot(&self) -> Vec<Connection> {
         self.live.lock().values().cloned().collect()

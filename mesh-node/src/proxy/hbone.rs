@@ -10,6 +10,7 @@ use h2::{client::SendRequest, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
 pub use stream::{H2Stream, StreamSlot};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 /// ALPN protocol HBONE negotiates.
@@ -139,8 +140,14 @@ impl IncomingConnect {
 }
 
 /// Serves the HTTP/2 server side of a tunnel: `on_connect` is spawned for every CONNECT;
-/// anything else is answered 405 without disturbing other streams.
-pub async fn serve<IO, F, Fut>(io: IO, on_connect: F) -> Result<(), HboneError>
+/// anything else is answered 405 without disturbing other streams. Once `drain` is
+/// cancelled the peer is told GOAWAY: its open streams run to their end, new ones go to a
+/// new tunnel.
+pub async fn serve<IO, F, Fut>(
+    io: IO,
+    drain: CancellationToken,
+    on_connect: F,
+) -> Result<(), HboneError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: Fn(IncomingConnect) -> Fut,
@@ -156,7 +163,17 @@ where
     let mut connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| HboneError::Timeout("HTTP/2 handshake"))??;
-    while let Some(accepted) = connection.accept().await {
+    let mut draining = false;
+    loop {
+        let accepted = tokio::select! {
+            accepted = connection.accept() => accepted,
+            () = drain.cancelled(), if !draining => {
+                draining = true;
+                connection.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(accepted) = accepted else { break };
         let (request, mut respond) = accepted?;
         let target = connect_target(request.method(), request.uri());
         match target {

@@ -27,6 +27,7 @@ use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 pub use upstream::UpstreamPool;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -132,8 +133,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 }
 
 /// Serves HTTP/1.1 or HTTP/2 (whichever the client speaks) on `io`, one `handler` call
-/// per request, upgrades allowed.
-pub async fn serve_connection<S, H, F>(io: S, handler: H) -> Result<(), BoxError>
+/// per request, upgrades allowed. Once `drain` is cancelled the connection finishes the
+/// request in flight and closes (HTTP/2: GOAWAY), so the client's next request goes on a
+/// new connection, to the agent that took over.
+pub async fn serve_connection<S, H, F>(
+    io: S,
+    drain: &CancellationToken,
+    handler: H,
+) -> Result<(), BoxError>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -158,9 +165,14 @@ where
         .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
         .max_header_list_size(MAX_HEADER_LIST_SIZE);
-    builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        served = connection.as_mut() => return served,
+        () = drain.cancelled() => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    connection.await
 }
 
 /// HTTP/2 pings on connections the proxy serves, and how long an answer may take.

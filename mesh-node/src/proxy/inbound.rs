@@ -85,9 +85,10 @@ pub(super) async fn handle_hbone(
     let _ = stream.set_nodelay(true);
     let (tls, peer_identity) = mtls.accept(&own, stream).await?;
     debug!(peer = %peer_identity, "HBONE tunnel accepted");
+    let drain = proxy.drain.clone();
     let (pod, proxy) = (pod.clone(), proxy.clone());
     let identities = Arc::new((peer_identity, own));
-    hbone::serve(tls, move |incoming: IncomingConnect| {
+    hbone::serve(tls, drain, move |incoming: IncomingConnect| {
         let (pod, proxy, identities) = (pod.clone(), proxy.clone(), identities.clone());
         async move {
             let target = incoming.target;
@@ -249,9 +250,11 @@ where
             caller: caller.clone(),
             original,
         });
-        http::serve_connection(client, move |request| inbound.clone().handle(request))
-            .await
-            .map_err(ProxyError::Http)?;
+        http::serve_connection(client, &proxy.drain, move |request| {
+            inbound.clone().handle(request)
+        })
+        .await
+        .map_err(ProxyError::Http)?;
         return Ok(());
     }
     if admission == Admission::MtlsOnly {

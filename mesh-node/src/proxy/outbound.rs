@@ -98,9 +98,11 @@ async fn proxy_to(
                 port: original.port(),
                 dialed: original.ip(),
             });
-            return http::serve_connection(client, move |request| outbound.clone().handle(request))
-                .await
-                .map_err(ProxyError::Http);
+            return http::serve_connection(client, &proxy.drain, move |request| {
+                outbound.clone().handle(request)
+            })
+            .await
+            .map_err(ProxyError::Http);
         }
         client
     } else {

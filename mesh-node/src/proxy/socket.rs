@@ -1,6 +1,8 @@
 //! Sockets opened inside pods' network namespaces.
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::OwnedFd,
     time::Duration,
 };
 
@@ -11,7 +13,15 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use super::{CONNECT_TIMEOUT, PodContext, ProxyError};
 use crate::netns::{Netns, NetnsError};
 
-const BACKLOG: i32 = 1024;
+/// Connections made while no agent runs wait here for the next one (the holder keeps the
+/// sockets open): at 1,000 new connections a second that is four seconds of gap. The
+/// kernel caps it at the pod's `net.core.somaxconn` (4096 by default).
+const BACKLOG: i32 = 4096;
+
+/// Listening sockets an earlier agent opened in one pod (kept by the holder), by address:
+/// the pod's listeners are taken from here rather than bound again, so connections waiting
+/// in their backlogs are served.
+pub type Inherited = BTreeMap<SocketAddr, OwnedFd>;
 
 /// The listeners of one enrolled pod, opened inside its netns.
 pub struct ListenerSet {
@@ -26,15 +36,19 @@ pub struct ListenerSet {
     pub netns_cookie: u64,
 }
 
-/// Opens the pod's listeners (HBONE's too when `hbone`). Must run inside a tokio runtime.
+/// Opens the pod's listeners (HBONE's too when `hbone`), taking those it finds in
+/// `inherited`. Must run inside a tokio runtime.
 pub fn bind_pod_listeners(
     netns: &Netns,
     home: &Netns,
     pod_ips: &[IpAddr],
     hbone: bool,
+    inherited: Inherited,
 ) -> Result<ListenerSet, NetnsError> {
     let has_v6 = pod_ips.iter().any(IpAddr::is_ipv6);
-    let bound = netns.run(home, || bind_sockets(has_v6, hbone))?;
+    let mut inherited = inherited;
+    let mut listen = |addr| listen_or_adopt(addr, &mut inherited);
+    let bound = netns.run(home, || bind_sockets(has_v6, hbone, &mut listen))?;
     let bound = bound.map_err(|source| NetnsError::Io {
         action: "binding listeners in",
         path: netns.path().to_path_buf(),
@@ -90,23 +104,27 @@ struct BoundSockets {
     netns_cookie: u64,
 }
 
-/// Binds the pod's listeners in the current netns: IPv6 ones too when `has_v6`, HBONE's
-/// when `hbone`.
-fn bind_sockets(has_v6: bool, hbone: bool) -> std::io::Result<BoundSockets> {
-    let mut outbound = vec![listen(SocketAddr::from((
+/// Binds the pod's listeners in the current netns with `open`: IPv6 ones too when
+/// `has_v6`, HBONE's when `hbone`.
+fn bind_sockets(
+    has_v6: bool,
+    hbone: bool,
+    open: &mut dyn FnMut(SocketAddr) -> std::io::Result<Socket>,
+) -> std::io::Result<BoundSockets> {
+    let mut outbound = vec![open(SocketAddr::from((
         Ipv4Addr::LOCALHOST,
         ports::OUTBOUND,
     )))?];
-    let mut inbound = vec![listen(SocketAddr::from((
+    let mut inbound = vec![open(SocketAddr::from((
         Ipv4Addr::UNSPECIFIED,
         ports::INBOUND_PLAINTEXT,
     )))?];
     if has_v6 {
-        outbound.push(listen(SocketAddr::from((
+        outbound.push(open(SocketAddr::from((
             Ipv6Addr::LOCALHOST,
             ports::OUTBOUND,
         )))?);
-        inbound.push(listen(SocketAddr::from((
+        inbound.push(open(SocketAddr::from((
             Ipv6Addr::UNSPECIFIED,
             ports::INBOUND_PLAINTEXT,
         )))?);
@@ -122,7 +140,7 @@ fn bind_sockets(has_v6: bool, hbone: bool) -> std::io::Result<BoundSockets> {
     let hbone = if hbone {
         unspecified
             .iter()
-            .map(|ip| listen(SocketAddr::new(*ip, ports::HBONE)))
+            .map(|ip| open(SocketAddr::new(*ip, ports::HBONE)))
             .collect::<std::io::Result<Vec<_>>>()?
     } else {
         Vec::new()
@@ -134,6 +152,18 @@ fn bind_sockets(has_v6: bool, hbone: bool) -> std::io::Result<BoundSockets> {
         hbone,
         netns_cookie,
     })
+}
+
+/// The inherited listener on `addr`, else a new one.
+fn listen_or_adopt(addr: SocketAddr, inherited: &mut Inherited) -> std::io::Result<Socket> {
+    match inherited.remove(&addr) {
+        Some(fd) => {
+            let socket = Socket::from(fd);
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        }
+        None => listen(addr),
+    }
 }
 
 fn listen(addr: SocketAddr) -> std::io::Result<Socket> {

@@ -16,6 +16,8 @@ mod grpc;
 mod http_client;
 #[path = "testapp/http_server.rs"]
 mod http_server;
+#[path = "testapp/load.rs"]
+mod load;
 #[path = "testapp/message.rs"]
 mod message;
 #[path = "testapp/upgrade.rs"]
@@ -84,6 +86,9 @@ enum Command {
     Http(http_client::Args),
     /// Make one gRPC call over h2c; prints each reply message, then {"grpc_status":..}.
     Grpc(grpc::Args),
+    /// Open new connections at a steady rate (one line and its reply each) and print one
+    /// JSON summary counting every one: {"sent":..,"ok":..,"failed":..,"errors":{..}}.
+    Load(load::Args),
     /// Upgrade an HTTP/1.1 connection to nodemesh-echo, send a message and print
     /// {"status":101,"echo":..}.
     Upgrade(upgrade::Args),
@@ -113,6 +118,7 @@ fn main() -> ExitCode {
         Command::HttpServe(args) => run_async(Some(2), http_server::serve(args)),
         Command::Http(args) => run_async(None, http_client::run(args)),
         Command::Grpc(args) => run_async(None, grpc::run(args)),
+        Command::Load(args) => run_async(None, load::run(args)),
         Command::Upgrade(args) => run_async(None, upgrade::run(args)),
     }
 }

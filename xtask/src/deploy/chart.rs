@@ -1,17 +1,25 @@
 //! The Helm chart's templates: the plain manifests with each value from `values.yaml` put
 //! back as the Helm expression that reads it. A substitution that finds nothing is an error,
 //! so a knob cannot silently stop reaching the chart.
+//!
+//! A substituted scalar is first a marker that carries both texts,
+//! `__HELM_RAW__<helm>__HELM_DEFAULT__<default>__HELM_END__`, so the manifest's comments
+//! still find their lines (`plain_line`) before the markers become Helm text
+//! (`expand_markers`).
 use anyhow::bail;
 use serde_json::{Value, json};
 
 use super::{
     Values,
-    objects::{Manifest, NAMESPACE},
+    objects::{self, Manifest, NAMESPACE},
     render,
 };
 
 const RAW: &str = "__HELM_RAW__";
 const BLOCK: &str = "__HELM_BLOCK__";
+const IF: &str = "__HELM_IF__";
+/// Between a scalar marker's Helm text and the default value it stands for.
+const DEFAULT: &str = "__HELM_DEFAULT__";
 const END: &str = "__HELM_END__";
 
 /// Where a default value stands in the manifests, and the Helm expression that replaces it.
@@ -29,10 +37,14 @@ enum Helm {
     Scalar(&'static str),
     /// A YAML block rendered from a value, e.g. `toYaml .Values.agent.resources`.
     Block(&'static str),
+    /// The value stays; its line (a list item, written unquoted) is kept only when the
+    /// condition holds, e.g. `.Values.holder.enabled`.
+    LineIf(&'static str),
 }
 
 fn substitutions(values: &Values) -> anyhow::Result<Vec<Substitution>> {
     let metrics_port = values.agent.metrics_port;
+    let drain_timeout = values.agent.drain_timeout_seconds;
     let any = |key: Option<&'static str>, value: Value, helm| Substitution {
         file: None,
         key,
@@ -66,9 +78,9 @@ fn substitutions(values: &Values) -> anyhow::Result<Vec<Substitution>> {
             Helm::Scalar("0.0.0.0:{{ .Values.agent.metricsPort }}"),
         ),
         any(
-            Some("containerPort"),
-            json!(metrics_port),
-            Helm::Scalar("{{ .Values.agent.metricsPort }}"),
+            Some("replacement"),
+            json!(format!("${{1}}:{metrics_port}")),
+            Helm::Scalar("${1}:{{ .Values.agent.metricsPort }}"),
         ),
         any(
             Some("prometheus.io/port"),
@@ -106,6 +118,41 @@ fn substitutions(values: &Values) -> anyhow::Result<Vec<Substitution>> {
                 Some("resources"),
                 serde_json::to_value(&values.agent.resources)?,
                 Helm::Block("toYaml .Values.agent.resources"),
+            )
+        },
+        Substitution {
+            file: Some("daemonset.yaml"),
+            ..any(
+                None,
+                json!(format!("--drain-timeout={drain_timeout}s")),
+                Helm::Scalar("--drain-timeout={{ .Values.agent.drainTimeoutSeconds }}s"),
+            )
+        },
+        Substitution {
+            file: Some("daemonset.yaml"),
+            ..any(
+                Some("terminationGracePeriodSeconds"),
+                json!(drain_timeout + objects::DRAIN_MARGIN_SECONDS),
+                // objects::DRAIN_MARGIN_SECONDS: the defaults test fails if they differ.
+                Helm::Scalar("{{ add .Values.agent.drainTimeoutSeconds 5 }}"),
+            )
+        },
+        Substitution {
+            // Without a holder the agent runs on its own: a restart refuses new connections
+            // until the next agent listens, rather than dialling a socket nobody serves.
+            file: Some("daemonset.yaml"),
+            ..any(
+                None,
+                json!("--holder-socket=/var/run/nodemesh/holder.sock"),
+                Helm::LineIf(".Values.holder.enabled"),
+            )
+        },
+        Substitution {
+            file: Some("holder.yaml"),
+            ..any(
+                Some("resources"),
+                serde_json::to_value(&values.holder.resources)?,
+                Helm::Block("toYaml .Values.holder.resources"),
             )
         },
         Substitution {
@@ -147,6 +194,9 @@ pub fn templates(
         if std::ptr::eq(manifest, pod_monitor) {
             template = wrap_in_condition(&template, ".Values.podMonitor.enabled");
         }
+        if manifest.file == "holder.yaml" {
+            template = wrap_in_condition(&template, ".Values.holder.enabled");
+        }
         templates.push((manifest.file.to_string(), template));
     }
     if let Some(unused) = used.iter().position(|&count| count == 0) {
@@ -175,9 +225,14 @@ fn substitute(
     });
     if let Some(index) = found {
         used[index] += 1;
+        let default = match &*value {
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
         *value = match substitutions[index].helm {
-            Helm::Scalar(text) => json!(format!("{RAW}{text}{END}")),
+            Helm::Scalar(text) => json!(format!("{RAW}{text}{DEFAULT}{default}{END}")),
             Helm::Block(expression) => json!(format!("{BLOCK}{expression}{END}")),
+            Helm::LineIf(condition) => json!(format!("{IF}{condition}{DEFAULT}{default}{END}")),
         };
         return;
     }
@@ -196,6 +251,37 @@ fn substitute(
     }
 }
 
+/// `line`, trimmed, with each scalar marker read as the default it stands for: the line of
+/// the plain manifest, which is how comments name it.
+pub(super) fn plain_line(line: &str) -> String {
+    replace_scalar_markers(line, |_, _, default| default.to_string())
+        .trim()
+        .to_string()
+}
+
+/// `line` with each scalar marker (`RAW` or `IF`), and the quotes serde_yaml may have put
+/// around it, replaced by `pick(kind, helm, default)`.
+fn replace_scalar_markers(line: &str, mut pick: impl FnMut(&str, &str, &str) -> String) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some((start, kind)) = [RAW, IF]
+        .into_iter()
+        .filter_map(|kind| rest.find(kind).map(|start| (start, kind)))
+        .min()
+    {
+        out.push_str(rest[..start].trim_end_matches(['\'', '"']));
+        let after = &rest[start + kind.len()..];
+        let (helm, default) = between(after)
+            .split_once(DEFAULT)
+            .expect("a scalar marker carries its default");
+        out.push_str(&pick(kind, helm, default));
+        let end = after.find(END).expect("every marker is closed") + END.len();
+        rest = after[end..].trim_start_matches(['\'', '"']);
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Turns the markers serde_yaml wrote (quoted or not) into Helm template text.
 fn expand_markers(yaml: &str) -> String {
     let mut out = String::with_capacity(yaml.len());
@@ -212,17 +298,25 @@ fn expand_markers(yaml: &str) -> String {
             ));
             continue;
         }
-        let mut rest = line;
-        while let Some(start) = rest.find(RAW) {
-            let before = rest[..start].trim_end_matches(['\'', '"']);
-            let after = &rest[start + RAW.len()..];
-            out.push_str(before);
-            out.push_str(between(after));
-            let end = after.find(END).expect("every marker is closed") + END.len();
-            rest = after[end..].trim_start_matches(['\'', '"']);
+        let mut condition = None;
+        let expanded = replace_scalar_markers(line, |kind, helm, default| {
+            if kind == IF {
+                condition = Some(helm.to_string());
+                default.to_string()
+            } else {
+                helm.to_string()
+            }
+        });
+        match condition {
+            // `{{-` eats the newline before it, so the line is there or not, nothing else.
+            Some(condition) => out.push_str(&format!(
+                "{{{{- if {condition} }}}}\n{expanded}\n{{{{- end }}}}\n"
+            )),
+            None => {
+                out.push_str(&expanded);
+                out.push('\n');
+            }
         }
-        out.push_str(rest);
-        out.push('\n');
     }
     out
 }
@@ -255,13 +349,27 @@ mod tests {
     #[test]
     fn markers_become_helm_text_quoted_or_not() {
         let yaml = format!(
-            "image: '{RAW}\"{{{{ .Values.image }}}}\"{END}'\n- --addr\n- 0.0.0.0:{RAW}{{{{ \
-             .Values.port }}}}{END}\n  - resources: {BLOCK}toYaml .Values.r{END}\n"
+            "image: '{RAW}\"{{{{ .Values.image }}}}\"{DEFAULT}i:1{END}'\n- --addr\n- \
+             0.0.0.0:{RAW}{{{{ .Values.port }}}}{DEFAULT}80{END}\n  - resources: \
+             {BLOCK}toYaml .Values.r{END}\n  - {IF}.Values.on{DEFAULT}--flag{END}  # why\n"
         );
         assert_eq!(
             expand_markers(&yaml),
             "image: \"{{ .Values.image }}\"\n- --addr\n- 0.0.0.0:{{ .Values.port }}\n  - \
-             resources:\n{{- toYaml .Values.r | nindent 6 }}\n"
+             resources:\n{{- toYaml .Values.r | nindent 6 }}\n{{- if .Values.on }}\n  - \
+             --flag  # why\n{{- end }}\n"
+        );
+    }
+
+    #[test]
+    fn a_comment_finds_its_line_by_the_default_value() {
+        let line = format!("  - 0.0.0.0:{RAW}{{{{ .Values.port }}}}{DEFAULT}80{END}");
+        assert_eq!(plain_line(&line), "- 0.0.0.0:80");
+        assert_eq!(plain_line("  a: 1 "), "a: 1");
+        let text = format!("{line}\nb: 2\n");
+        assert_eq!(
+            super::super::comment_line(&text, "0.0.0.0:80", "why").unwrap(),
+            format!("{line}  # why\nb: 2\n")
         );
     }
 
@@ -303,6 +411,9 @@ mod tests {
                 [".Release.Namespace"] => out.push_str(objects::NAMESPACE),
                 [path] => out.push_str(&scalar(lookup(path))),
                 [path, "|", "quote"] => out.push_str(&format!("{:?}", scalar(lookup(path)))),
+                ["add", path, number] => out.push_str(
+                    &(lookup(path).as_i64().unwrap() + number.parse::<i64>().unwrap()).to_string(),
+                ),
                 ["toYaml", path, "|", "nindent", indent] => {
                     let indent = " ".repeat(indent.parse().unwrap());
                     for line in serde_yaml::to_string(&lookup(path)).unwrap().lines() {
@@ -344,10 +455,26 @@ mod tests {
             );
             compared += 1;
         }
-        // rbac, ca, daemonset, podmonitor: every file but the namespace's (Helm's to create).
+        // rbac, ca, daemonset, holder, podmonitor: every file but the namespace's (Helm's to
+        // create).
         assert_eq!(
-            compared, 4,
+            compared, 5,
             "every template but the namespace's is compared"
+        );
+    }
+
+    #[test]
+    fn without_the_holder_the_agent_gets_no_holder_socket() {
+        let files = super::super::generated_files(&super::super::deploy_dir()).unwrap();
+        let agent = &files[std::path::Path::new("helm/nodemesh/templates/daemonset.yaml")];
+        let holder = &files[std::path::Path::new("helm/nodemesh/templates/holder.yaml")];
+        assert!(
+            agent.contains("{{- if .Values.holder.enabled }}\n        - --holder-socket="),
+            "the agent's --holder-socket should be conditional on holder.enabled:\n{agent}"
+        );
+        assert!(
+            holder.contains("{{ if .Values.holder.enabled -}}"),
+            "the holder's DaemonSet should be conditional on holder.enabled:\n{holder}"
         );
     }
 
@@ -355,7 +482,7 @@ mod tests {
     fn a_knob_that_reaches_nothing_is_an_error() {
         let mut values = super::super::Values::load(&super::super::deploy_dir()).unwrap();
         let manifests = super::super::objects::manifests(&values);
-        let pod_monitor = super::super::objects::pod_monitor_manifest();
+        let pod_monitor = super::super::objects::pod_monitor_manifest(&values);
         // The manifests were built with the old port: the chart's knob would reach nothing.
         values.agent.metrics_port += 100;
         let error = templates(&values, &manifests, &pod_monitor)

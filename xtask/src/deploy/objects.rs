@@ -40,6 +40,8 @@ use super::Values;
 pub const NAMESPACE: &str = "nodemesh-system";
 pub const AGENT: &str = "nodemesh-node";
 pub const CA: &str = "nodemesh-ca";
+/// The listener holder's DaemonSet.
+pub const HOLDER: &str = "nodemesh-holder";
 /// Istio's name for a user-provided CA (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`,
 /// `cert-chain.pem`).
 const CACERTS: &str = "cacerts";
@@ -51,6 +53,14 @@ const TRUST_BUNDLE: &str = "nodemesh-ca-root-cert";
 const CA_TOKEN_AUDIENCE: &str = "nodemesh-ca";
 const CA_PORT: i32 = 15012;
 const HEALTH_PORT: i32 = 15021;
+/// The node's directory of sockets, at the same path in the agent, the holder and on the
+/// host (where the runtime runs the CNI plugin, which dials the agent there).
+const SOCKET_DIR: &str = "/var/run/nodemesh";
+/// The agent's pins: programs, links and maps that stay in force between two agents.
+const BPFFS_PATH: &str = "/sys/fs/bpf/nodemesh";
+/// The agent's grace period beyond `--drain-timeout`: time to exit once the drain ends.
+/// The chart's `add … 5` says the same (`chart::substitutions`; a test compares them).
+pub const DRAIN_MARGIN_SECONDS: i32 = 5;
 
 /// One file of the install: its objects, in apply order, and comments for lines that need
 /// a reason next to them (`(line, comment)`: the line, trimmed, must occur exactly once).
@@ -90,15 +100,24 @@ pub fn manifests(values: &Values) -> Vec<Manifest> {
             objects: vec![to_value(agent_daemon_set(values))],
             comments: AGENT_REASONS.to_vec(),
         },
+        Manifest {
+            file: "holder.yaml",
+            objects: vec![to_value(holder_daemon_set(values))],
+            comments: HOLDER_REASONS.to_vec(),
+        },
     ]
 }
 
 /// Not in the kustomization: it needs the Prometheus Operator's CRDs.
-pub fn pod_monitor_manifest() -> Manifest {
+pub fn pod_monitor_manifest(values: &Values) -> Manifest {
     Manifest {
         file: "podmonitor.yaml",
-        objects: vec![pod_monitor()],
-        comments: vec![],
+        objects: vec![pod_monitor(values)],
+        comments: vec![(
+            "- __meta_kubernetes_pod_ip",
+            "the agent declares no container port (see daemonset.yaml): scrape the pod's \
+             address at the metrics port",
+        )],
     }
 }
 
@@ -341,7 +360,8 @@ const AGENT_REASONS: &[(&str, &str)] = &[
     ),
     (
         "mountPath: /sys/fs/bpf",
-        "bpffs: nothing is pinned yet; there so pinned maps can outlive an agent restart",
+        "the node's bpffs (systemd mounts it; required): the pins under it keep capture in force \
+         between agents; HostToContainer shows one mounted after the agent started",
     ),
     (
         "mountPath: /host/sys/fs/cgroup",
@@ -365,7 +385,8 @@ const AGENT_REASONS: &[(&str, &str)] = &[
     ),
     (
         "mountPath: /var/run/nodemesh",
-        "the agent's CNI socket, at the path the plugin (run by the runtime on the host) dials",
+        "the CNI socket, at the path the plugin (run by the runtime on the host) dials, and the \
+         holder's socket",
     ),
     (
         "--cni-plugin-binary=/usr/local/lib/nodemesh/nodemesh-cni",
@@ -373,7 +394,67 @@ const AGENT_REASONS: &[(&str, &str)] = &[
     ),
     (
         "--cni-uninstall-with=$(POD_NAMESPACE)/nodemesh-node",
-        "the plugin leaves the node when this DaemonSet is deleted, not on a rolling update",
+        "when this DaemonSet is deleted the agent uninstalls the mesh from the node (plugin, \
+         pods, programs, pins, held sockets); a rolling update keeps everything",
+    ),
+    (
+        "--bpffs-path=/sys/fs/bpf/nodemesh",
+        "capture programs, links and maps are pinned here: they outlive the agent, and the next \
+         one adopts them",
+    ),
+    (
+        "--holder-socket=/var/run/nodemesh/holder.sock",
+        "the listening sockets are kept by nodemesh-holder: connections made while no agent \
+         runs wait in their backlog",
+    ),
+    (
+        "--drain-timeout=30s",
+        "on SIGTERM: established connections get this long to finish (the grace period adds 5 s)",
+    ),
+    (
+        "terminationGracePeriodSeconds: 35",
+        "--drain-timeout + 5 s. No preStop hook: SIGTERM itself starts the drain, no Service \
+         routes to the agent, and a sleep would only delay the hand-over",
+    ),
+    (
+        "maxSurge: 1",
+        "the new agent starts beside the old one, takes its listeners, turns ready; then the old \
+         one drains. So no container ports: with hostNetwork each is a hostPort, which would \
+         keep the new pod off the node",
+    ),
+    (
+        "maxUnavailable: 0",
+        "a node is never left without an agent by an update",
+    ),
+];
+
+/// Why the holder is built the way it is; the generated YAML carries these next to the lines.
+const HOLDER_REASONS: &[(&str, &str)] = &[
+    (
+        "holder",
+        "keeps the agents' listening sockets (SCM_RIGHTS) beyond any agent pod. No liveness \
+         probe: the kubelet restarts it if it exits; a probe-driven restart would close every \
+         held socket",
+    ),
+    (
+        "automountServiceAccountToken: false",
+        "it never talks to the API server",
+    ),
+    ("- ALL", "it only receives and keeps descriptors"),
+    (
+        "runAsUser: 0",
+        "the socket directory is root's, and without capabilities only its owner may create \
+         the socket there",
+    ),
+    (
+        "type: OnDelete",
+        "it must outlive agent updates, so a chart upgrade does not restart it. A new version \
+         takes over when its pod is deleted, starting empty: an agent restart on that node \
+         before the agent has deposited its listeners again (within 5 s) is not hitless",
+    ),
+    (
+        "mountPath: /var/run/nodemesh",
+        "where it listens for the agents (the host's directory, shared with the agent)",
     ),
 ];
 
@@ -467,11 +548,14 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             &values.ca.address,
             "--ca-root-file=/etc/nodemesh/ca-root/root-cert.pem",
             "--ca-token-file=/var/run/secrets/nodemesh/ca-token/token",
-            "--cni-socket=/var/run/nodemesh/cni.sock",
+            &format!("--cni-socket={SOCKET_DIR}/cni.sock"),
             "--cni-bin-dir=/host/opt/cni/bin",
             "--cni-conf-dir=/host/etc/cni/net.d",
             "--cni-plugin-binary=/usr/local/lib/nodemesh/nodemesh-cni",
             &format!("--cni-uninstall-with=$(POD_NAMESPACE)/{AGENT}"),
+            &format!("--bpffs-path={BPFFS_PATH}"),
+            &format!("--holder-socket={}", holder_socket()),
+            &format!("--drain-timeout={}s", values.agent.drain_timeout_seconds),
         ]),
         env: Some(vec![
             field_env("NODE_NAME", "spec.nodeName"),
@@ -479,10 +563,8 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             field_env("POD_NAMESPACE", "metadata.namespace"),
             env("RUST_LOG", &values.log_level),
         ]),
-        ports: Some(vec![
-            port("metrics", values.agent.metrics_port),
-            port("health", HEALTH_PORT),
-        ]),
+        // No `ports`: see the update strategy below. Probes and the Prometheus annotations
+        // name the ports by number.
         readiness_probe: Some(http_probe("/healthz/ready", 5)),
         liveness_probe: Some(Probe {
             initial_delay_seconds: Some(10),
@@ -506,7 +588,10 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
         volume_mounts: Some(vec![
             mount("ca-root", "/etc/nodemesh/ca-root", true),
             mount("ca-token", "/var/run/secrets/nodemesh/ca-token", true),
-            mount("bpffs", "/sys/fs/bpf", false),
+            VolumeMount {
+                mount_propagation: Some("HostToContainer".into()),
+                ..mount("bpffs", "/sys/fs/bpf", false)
+            },
             mount("cgroup", "/host/sys/fs/cgroup", false),
             mount("proc", "/host/proc", true),
             VolumeMount {
@@ -515,7 +600,7 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             },
             mount("cni-bin", "/host/opt/cni/bin", false),
             mount("cni-conf", "/host/etc/cni/net.d", false),
-            mount("cni-socket", "/var/run/nodemesh", false),
+            mount("sockets", SOCKET_DIR, false),
         ]),
         ..Container::default()
     };
@@ -527,8 +612,10 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
         dns_policy: Some("ClusterFirstWithHostNet".into()),
         priority_class_name: Some("system-node-critical".into()),
         tolerations: Some(values.agent.tolerations.clone()),
-        // SIGTERM un-enrolls every pod and detaches the programs before the agent exits.
-        termination_grace_period_seconds: Some(30),
+        // SIGTERM drains; capture and enrollment stay as they are for the next agent.
+        termination_grace_period_seconds: Some(i64::from(
+            values.agent.drain_timeout_seconds + DRAIN_MARGIN_SECONDS,
+        )),
         containers: vec![container],
         volumes: Some(vec![
             Volume {
@@ -568,7 +655,7 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             host_path("netns", "/var/run/netns", "DirectoryOrCreate"),
             host_path("cni-bin", &values.agent.cni.bin_dir, "DirectoryOrCreate"),
             host_path("cni-conf", &values.agent.cni.conf_dir, "DirectoryOrCreate"),
-            host_path("cni-socket", "/var/run/nodemesh", "DirectoryOrCreate"),
+            host_path("sockets", SOCKET_DIR, "DirectoryOrCreate"),
         ]),
         ..PodSpec::default()
     };
@@ -582,8 +669,8 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             update_strategy: Some(DaemonSetUpdateStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDaemonSet {
-                    max_unavailable: Some(IntOrString::Int(1)),
-                    ..RollingUpdateDaemonSet::default()
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
                 }),
             }),
             template: PodTemplateSpec {
@@ -607,16 +694,90 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
     }
 }
 
-fn pod_monitor() -> Value {
+fn pod_monitor(values: &Values) -> Value {
     json!({
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
         "metadata": meta(AGENT, "agent"),
         "spec": {
             "selector": {"matchLabels": selector_labels(AGENT)},
-            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
+            "podMetricsEndpoints": [{
+                "path": "/metrics",
+                "interval": "15s",
+                "relabelings": [{
+                    "sourceLabels": ["__meta_kubernetes_pod_ip"],
+                    "targetLabel": "__address__",
+                    "replacement": format!("${{1}}:{}", values.agent.metrics_port),
+                }],
+            }],
         },
     })
+}
+
+// === the listener holder ===
+
+fn holder_socket() -> String {
+    format!("{SOCKET_DIR}/holder.sock")
+}
+
+fn holder_daemon_set(values: &Values) -> DaemonSet {
+    let container = Container {
+        name: "holder".into(),
+        image: Some(values.image.reference()),
+        image_pull_policy: Some(values.image.pull_policy.clone()),
+        args: args(&["holder", &format!("--socket={}", holder_socket())]),
+        env: Some(vec![env("RUST_LOG", &values.log_level)]),
+        resources: Some(values.holder.resources.clone()),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: args(&["ALL"]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![mount("sockets", SOCKET_DIR, false)]),
+        ..Container::default()
+    };
+    let pod = PodSpec {
+        automount_service_account_token: Some(false),
+        priority_class_name: Some("system-node-critical".into()),
+        tolerations: Some(values.agent.tolerations.clone()),
+        security_context: Some(PodSecurityContext {
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        containers: vec![container],
+        volumes: Some(vec![host_path("sockets", SOCKET_DIR, "DirectoryOrCreate")]),
+        ..PodSpec::default()
+    };
+    DaemonSet {
+        metadata: meta(HOLDER, "holder"),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(HOLDER)),
+                ..LabelSelector::default()
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("OnDelete".into()),
+                rolling_update: None,
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels("holder", HOLDER)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DaemonSetSpec::default()
+        }),
+        ..DaemonSet::default()
+    }
 }
 
 // === the CA ===

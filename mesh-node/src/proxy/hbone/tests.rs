@@ -7,22 +7,70 @@ use super::*;
 /// A tunnel over an in-memory pipe: the server echoes every stream it accepts, except to
 /// port 1, which it refuses.
 async fn tunnel() -> SendRequest<Bytes> {
+    tunnel_draining_on(CancellationToken::new()).await.0
+}
+
+/// [`tunnel`], whose server drains once `drain` is cancelled; also the server's task.
+async fn tunnel_draining_on(
+    drain: CancellationToken,
+) -> (
+    SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), HboneError>>,
+) {
     let (client_io, server_io) = duplex(1 << 20);
-    tokio::spawn(serve(server_io, |incoming: IncomingConnect| async move {
-        if incoming.target.port() == 1 {
-            incoming.refuse(StatusCode::FORBIDDEN);
-            return;
-        }
-        let mut stream = incoming.accept().expect("accept");
-        let mut buf = Vec::new();
-        stream
-            .read_to_end(&mut buf)
-            .await
-            .expect("read until half-close");
-        stream.write_all(&buf).await.expect("echo");
-        stream.shutdown().await.expect("half-close back");
-    }));
-    client_handshake(client_io).await.expect("handshake")
+    let server = tokio::spawn(serve(
+        server_io,
+        drain,
+        |incoming: IncomingConnect| async move {
+            if incoming.target.port() == 1 {
+                incoming.refuse(StatusCode::FORBIDDEN);
+                return;
+            }
+            let mut stream = incoming.accept().expect("accept");
+            let mut buf = Vec::new();
+            stream
+                .read_to_end(&mut buf)
+                .await
+                .expect("read until half-close");
+            stream.write_all(&buf).await.expect("echo");
+            stream.shutdown().await.expect("half-close back");
+        },
+    ));
+    let sender = client_handshake(client_io).await.expect("handshake");
+    (sender, server)
+}
+
+/// A draining agent tells the tunnel's peer GOAWAY: the stream open on it runs to its end,
+/// a new stream is refused (the client opens a new tunnel, to the agent that took over),
+/// and the tunnel closes once the last stream is done.
+#[tokio::test]
+async fn a_draining_server_finishes_open_streams_and_refuses_new_ones() {
+    let drain = CancellationToken::new();
+    let (sender, server) = tunnel_draining_on(drain.clone()).await;
+    let mut open = connect(sender.clone(), "10.0.0.1:8080".parse().unwrap())
+        .await
+        .unwrap();
+    open.write_all(b"before").await.unwrap();
+
+    drain.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = connect(sender, "10.0.0.1:8081".parse().unwrap()).await;
+    assert!(refused.is_err(), "a new stream after GOAWAY must fail");
+    assert!(!server.is_finished(), "the open stream keeps the tunnel up");
+
+    open.write_all(b" and after").await.unwrap();
+    open.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    open.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(
+        echoed, b"before and after",
+        "the open stream ran to its end"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), server).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the tunnel closed cleanly once drained: {ended:?}"
+    );
 }
 
 #[tokio::test]
@@ -164,7 +212,7 @@ proptest::proptest! {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async move {
             let (mut client, server_io) = duplex(1 << 16);
-            let served = tokio::spawn(serve(server_io, |_incoming: IncomingConnect| async move {}));
+            let served = tokio::spawn(serve(server_io, CancellationToken::new(), |_incoming: IncomingConnect| async move {}));
             client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
             let _ = client.write_all(&frames).await;
             drop(client);

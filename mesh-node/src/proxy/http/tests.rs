@@ -57,3 +57,49 @@ fn hop_by_hop_headers_are_dropped_and_te_trailers_kept() {
     names.sort();
     assert_eq!(names, vec!["te", "x-kept"]);
 }
+
+/// A draining agent closes an HTTP/1.1 keep-alive connection between requests: the request
+/// in flight gets its whole response, and the connection ends instead of waiting for the
+/// client's next request (which goes on a new connection, to the agent that took over).
+#[tokio::test]
+async fn a_draining_http1_connection_answers_the_request_in_flight_then_closes() {
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    let drain = CancellationToken::new();
+    let (answered_tx, answered_rx) = tokio::sync::oneshot::channel::<()>();
+    let answered_rx = std::sync::Arc::new(parking_lot::Mutex::new(Some(answered_rx)));
+    let served = tokio::spawn({
+        let drain = drain.clone();
+        async move {
+            serve_connection(server, &drain, move |_request| {
+                let answered_rx = answered_rx.clone();
+                async move {
+                    // The response waits until the test has started the drain.
+                    let waiting = answered_rx.lock().take();
+                    if let Some(waiting) = waiting {
+                        let _ = waiting.await;
+                    }
+                    Response::new(full("done"))
+                }
+            })
+            .await
+        }
+    });
+    client
+        .write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drain.cancel();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = answered_tx.send(());
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut response))
+        .await
+        .expect("the connection closes after the response")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("done"), "the whole response: {response}");
+    let ended = tokio::time::timeout(Duration::from_secs(5), served).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "served cleanly: {ended:?}");
+}

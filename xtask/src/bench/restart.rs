@@ -1,0 +1,255 @@
+//! The restart row: new connections at a steady rate through the mesh while node 0's
+//! agent is restarted in place (old ends, then new starts) and then replaced with overlap
+//! (new starts beside old, old drains), every connection counted.
+use std::{
+    fmt::Write as _,
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use mesh_tests::{Cluster, Pod, PodProcess};
+
+use super::{
+    Interrupt,
+    table::{Align, Table},
+    tools::TESTAPP_PORT,
+};
+
+/// New connections per second across the restart: the issue's figure.
+const RATE: u32 = 1_000;
+/// How long the load runs; the restart starts [`RESTART_AFTER`] into it.
+const LOAD: Duration = Duration::from_secs(6);
+const RESTART_AFTER: Duration = Duration::from_secs(2);
+/// The clients' patience (connect, then reply).
+const CLIENT_TIMEOUT_MS: &str = "5000";
+/// Logged by an agent when it stops accepting, and when it took a pod's held listeners.
+const STOPPED_ACCEPTING: &str = "stopped accepting";
+const TOOK_OVER: &str = "took over the listeners of an earlier agent";
+
+/// How an agent is replaced.
+#[derive(Clone, Copy, Debug)]
+pub enum Replacement {
+    /// SIGTERM, then a new agent (a DaemonSet with `maxUnavailable`).
+    InPlace,
+    /// A new agent beside the old one, then SIGTERM to the old (`maxSurge`).
+    Overlap,
+}
+
+impl Replacement {
+    pub const ALL: [Replacement; 2] = [Replacement::InPlace, Replacement::Overlap];
+
+    fn label(self) -> &'static str {
+        match self {
+            Replacement::InPlace => "in place",
+            Replacement::Overlap => "with overlap",
+        }
+    }
+}
+
+/// What one replacement under load measured.
+pub struct RestartFigure {
+    pub replacement: Replacement,
+    pub sent: u64,
+    pub failed: u64,
+    /// From the old agent's last accept to the new one's first: 0 when they overlapped.
+    pub gap_ms: f64,
+    /// The slowest connection's connect-to-reply time.
+    pub slowest_ms: u64,
+}
+
+/// Replaces node 0's agent under load, once per [`Replacement`]; `client` (on node 0)
+/// opens the connections to `server`'s `mesh-testapp serve`.
+pub fn measure(
+    cluster: &mut Cluster,
+    client: &Pod,
+    server: &Pod,
+    interrupt: &Interrupt,
+) -> anyhow::Result<Vec<RestartFigure>> {
+    let target = SocketAddrV4::new(server.ip, TESTAPP_PORT).to_string();
+    let mut figures = Vec::new();
+    for replacement in Replacement::ALL {
+        interrupt.check()?;
+        println!(
+            "bench: restart {}: {RATE} new connections/s to {target} for {} s…",
+            replacement.label(),
+            LOAD.as_secs()
+        );
+        let log_before = agent_log(cluster)?.len();
+        let load = start_load(cluster, client, &target)?;
+        std::thread::sleep(RESTART_AFTER);
+        replace(cluster, replacement)?;
+        let summary = finish(load)?;
+        let log = agent_log(cluster)?;
+        let gap_ms = accept_gap_ms(&log[log_before..])
+            .context("the agents' log does not show the hand-over")?;
+        let count = |field: &str| summary[field].as_u64().unwrap_or(0);
+        figures.push(RestartFigure {
+            replacement,
+            sent: count("sent"),
+            failed: count("failed"),
+            gap_ms,
+            slowest_ms: count("slowest_ms"),
+        });
+        if count("failed") > 0 {
+            println!("bench: note: failed connections: {}", summary["errors"]);
+        }
+    }
+    Ok(figures)
+}
+
+fn start_load(cluster: &Cluster, client: &Pod, target: &str) -> anyhow::Result<PodProcess> {
+    let rate = RATE.to_string();
+    let duration = LOAD.as_millis().to_string();
+    let mut load = client.spawn(
+        cluster,
+        &[
+            "load",
+            "--to",
+            target,
+            "--rate",
+            &rate,
+            "--duration-ms",
+            &duration,
+            "--timeout-ms",
+            CLIENT_TIMEOUT_MS,
+        ],
+    );
+    load.wait_for_output("started", Duration::from_secs(10));
+    Ok(load)
+}
+
+fn replace(cluster: &mut Cluster, replacement: Replacement) -> anyhow::Result<()> {
+    match replacement {
+        Replacement::InPlace => {
+            let status = cluster.stop_agent(0);
+            if !status.success() {
+                bail!("the old agent exited with {status}");
+            }
+            cluster.start_agent(0, &[]);
+        }
+        Replacement::Overlap => {
+            let took_over_before = agent_log(cluster)?.matches(TOOK_OVER).count();
+            let old = cluster.spawn_overlapping_agent(0, &[]);
+            let took_over = wait_for_take_over(cluster, took_over_before);
+            // Stopped whatever happened, so no agent is left behind.
+            let status = cluster.stop_process(old);
+            took_over?;
+            if !status.success() {
+                bail!("the old agent exited with {status}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the log shows one more "took over" than `before`.
+fn wait_for_take_over(cluster: &Cluster, before: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent_log(cluster)?.matches(TOOK_OVER).count() == before {
+        if Instant::now() > deadline {
+            bail!("the new agent did not take over within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Waits for the load to end; its JSON summary.
+fn finish(mut load: PodProcess) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + LOAD + Duration::from_secs(30);
+    while load.try_wait().is_none() {
+        if Instant::now() > deadline {
+            bail!("the load did not end");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stdout = load.stdout();
+    stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .with_context(|| format!("no summary from the load: {stdout}"))
+}
+
+fn agent_log(cluster: &Cluster) -> anyhow::Result<String> {
+    let path = cluster.agent_log(0);
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Milliseconds from the old agent's "stopped accepting" to the new agent's first
+/// "took over", in the log written during one replacement; 0 when the new one took over
+/// first (they overlapped).
+fn accept_gap_ms(log: &str) -> Option<f64> {
+    let stamp = |needle: &str| {
+        log.lines()
+            .find(|line| line.contains(needle))
+            .and_then(timestamp)
+    };
+    let stopped = stamp(STOPPED_ACCEPTING)?;
+    let took_over = stamp(TOOK_OVER)?;
+    // An error: the new agent took over before the old one stopped.
+    let gap = took_over.duration_since(stopped).unwrap_or_default();
+    Some(gap.as_secs_f64() * 1000.0)
+}
+
+/// The RFC 3339 time a log line starts with (after the colour codes of a terminal log).
+fn timestamp(line: &str) -> Option<std::time::SystemTime> {
+    let mut plain = String::with_capacity(line.len());
+    let mut in_escape = false;
+    for c in line.chars() {
+        match (in_escape, c) {
+            (false, '\u{1b}') => in_escape = true,
+            (false, c) => plain.push(c),
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+        }
+    }
+    humantime::parse_rfc3339(plain.split_whitespace().next()?).ok()
+}
+
+/// The restart section of the report.
+pub fn render(figures: &[RestartFigure]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nAgent replaced under load ({RATE} new connections/s, mutual TLS cross-node, node 0's \
+         agent; the targets: 0 failed)"
+    );
+    let mut table = Table::new(&[
+        ("replacement", Align::Left),
+        ("sent", Align::Right),
+        ("failed", Align::Right),
+        ("no agent accepting", Align::Right),
+        ("slowest connection", Align::Right),
+    ]);
+    for figure in figures {
+        table.row(vec![
+            figure.replacement.label().to_owned(),
+            figure.sent.to_string(),
+            figure.failed.to_string(),
+            format!("{:.0} ms", figure.gap_ms),
+            format!("{} ms", figure.slowest_ms),
+        ]);
+    }
+    out.push_str(&table.render(2));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gap_runs_from_the_old_agents_last_accept_to_the_new_ones_first() {
+        let in_place = "\u{1b}[2m2026-12-06T23:09:43.401187Z\u{1b}[0m INFO stopped accepting; the pods stay\n\
+             2026-12-06T23:09:43.606204Z INFO took over the listeners of an earlier agent pod=a\n\
+             2026-12-06T23:09:43.706204Z INFO took over the listeners of an earlier agent pod=b\n";
+        let gap = accept_gap_ms(in_place).expect("a gap");
+        assert!((gap - 205.017).abs() < 0.01, "{gap}");
+        let overlap = "2026-12-06T23:09:43.606204Z INFO took over the listeners of an earlier agent\n\
+             2026-12-06T23:09:44.401187Z INFO stopped accepting; the pods stay\n";
+        assert_eq!(accept_gap_ms(overlap), Some(0.0));
+        assert_eq!(accept_gap_ms("nothing here"), None);
+    }
+}
