@@ -70,6 +70,8 @@ pub struct Cluster {
     use_holder: bool,
     /// The agents' `RUST_LOG` when the environment sets none.
     agent_log_filter: String,
+    /// More environment for agents started from now on.
+    agent_env: Vec<(String, String)>,
 }
 
 /// Tests want every connection in the agent logs.
@@ -133,6 +135,7 @@ impl Cluster {
             holders: (0..nodes).map(|_| None).collect(),
             use_holder: true,
             agent_log_filter: DEFAULT_AGENT_LOG_FILTER.to_string(),
+            agent_env: Vec::new(),
             unique,
             nodes,
         };
@@ -549,6 +552,11 @@ impl Cluster {
     pub fn set_agent_log_filter(&mut self, filter: &str) {
         self.agent_log_filter = filter.to_string();
     }
+
+    /// Sets `key` in the environment of the agents started from now on (`KUBECONFIG`).
+    pub fn set_agent_env(&mut self, key: &str, value: &str) {
+        self.agent_env.push((key.to_owned(), value.to_owned()));
+    }
 }
 
 impl Cluster {
@@ -713,6 +721,7 @@ impl Cluster {
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", &self.agent_log_filter);
         }
+        command.envs(self.agent_env.iter().map(|(k, v)| (k, v)));
         // Inside the node cgroup, as on a real node (where the capture programs sit on the
         // root cgroup above the agent's own): the agent's own sockets then pass through
         // the hooks, which is what proves they are never captured.

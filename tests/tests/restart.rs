@@ -193,6 +193,11 @@ fn an_in_place_restart_of_the_client_side_agent_fails_no_connection() {
         log.contains("took over the listeners of an earlier agent"),
         "the new agent adopted the held listeners"
     );
+    assert_eq!(
+        log.matches("adopted the pinned link").count(),
+        2,
+        "the new agent adopted the pinned connect4 and connect6 links as they were"
+    );
     assert!(
         !log.contains("all pods un-enrolled"),
         "SIGTERM un-enrolls nothing"
@@ -467,6 +472,151 @@ fn uninstall_restores_the_pods_exactly_as_before() {
         !cluster.bpffs_path(0).join("links").exists(),
         "the pins are gone"
     );
+}
+
+#[test]
+fn a_pinned_link_running_another_program_is_replaced_and_the_others_adopted() {
+    if skip() {
+        return;
+    }
+    let mut cluster = Cluster::new("upgrade", 1);
+    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
+    let web = cluster.add_pod(
+        PodSpec::new("web-1", 0)
+            .namespace("shop")
+            .label("app", "web"),
+    );
+    write_shop(&cluster, true);
+    let listen = format!("{}:8080", web.ip);
+    let mut server = web.spawn(&cluster, &["serve", "--listen", &listen, "--name", "web-1"]);
+    server.wait_for_output("ready", READY_TIMEOUT);
+    cluster.start_agents();
+    wait_enrolled(&cluster, 0, 2);
+    replies(&connect(&cluster, &client, SERVICE, 1));
+    let status = cluster.stop_agent(0);
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+
+    // What an older agent would leave: the connect4 pin holding a link of another program
+    // (here the sockops link, moved over it; the connect4 link it held detaches).
+    let links = cluster.bpffs_path(0).join("links");
+    std::fs::rename(links.join("mesh_sockops"), links.join("mesh_connect4")).expect("moving a pin");
+    assert!(
+        !connect(&cluster, &client, SERVICE, 1).status.success(),
+        "without the connect4 link nothing is captured (the Service IP leads nowhere)"
+    );
+    let adopted_before = logged(&cluster, 0, "adopted the pinned link");
+    cluster.start_agent(0, &[]);
+    wait_enrolled(&cluster, 0, 2);
+    assert_eq!(
+        replies(&connect(&cluster, &client, SERVICE, 1))[0]["server"],
+        "web-1",
+        "the link of another program was replaced by this agent's connect4"
+    );
+    assert_eq!(
+        logged(&cluster, 0, "adopted the pinned link") - adopted_before,
+        1,
+        "connect6, untouched, was adopted; connect4 was not"
+    );
+    assert!(links.join("mesh_sockops").exists(), "sockops pinned again");
+}
+
+#[test]
+fn deleting_the_daemon_set_switches_the_mesh_off_on_the_node() {
+    if skip() {
+        return;
+    }
+    let mut cluster = Cluster::new("dsdelete", 1);
+    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
+    let web = cluster.add_pod(
+        PodSpec::new("web-1", 0)
+            .namespace("shop")
+            .label("app", "web"),
+    );
+    write_shop(&cluster, true);
+    let listen = format!("{}:8080", web.ip);
+    let mut server = web.spawn(&cluster, &["serve", "--listen", &listen, "--name", "web-1"]);
+    server.wait_for_output("ready", READY_TIMEOUT);
+    let rules_before = ip_rules(&web);
+    // The API server, as the agent sees it when its DaemonSet is gone: every GET is 404.
+    let api = cluster.run_in_node(0, || std::net::TcpListener::bind("127.0.0.1:0"));
+    let api = api.expect("a port for the API server");
+    let api_addr = api.local_addr().expect("its address");
+    std::thread::spawn(move || answer_not_found(&api));
+    let kubeconfig = cluster.work_dir().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"http://{api_addr}\"}}\n\
+             users:\n- name: u\n  user: {{}}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\n\
+             current-context: x\n"
+        ),
+    )
+    .expect("writing the kubeconfig");
+    cluster.set_agent_env("KUBECONFIG", kubeconfig.to_str().expect("UTF-8 path"));
+    let bin_dir = cluster.work_dir().join("cni-bin");
+    let conf_dir = cluster.work_dir().join("net.d");
+    std::fs::create_dir_all(&conf_dir).expect("conf dir");
+    let conflist = conf_dir.join("10-calico.conflist");
+    std::fs::write(
+        &conflist,
+        r#"{"name":"k8s-pod-network","cniVersion":"1.0.0","plugins":[{"type":"calico"}]}"#,
+    )
+    .expect("a chain");
+    let socket = cluster.work_dir().join("cni.sock");
+    cluster.start_agent(
+        0,
+        &[
+            "--cni-socket",
+            socket.to_str().expect("UTF-8 path"),
+            "--cni-bin-dir",
+            bin_dir.to_str().expect("UTF-8 path"),
+            "--cni-conf-dir",
+            conf_dir.to_str().expect("UTF-8 path"),
+            "--cni-uninstall-with",
+            "nodemesh-system/nodemesh-node",
+        ],
+    );
+    wait_enrolled(&cluster, 0, 2);
+    replies(&connect(&cluster, &client, SERVICE, 1));
+    wait_until(READY_TIMEOUT, "the plugin installed", || {
+        bin_dir.join("nodemesh-cni").exists().then_some(())
+    });
+
+    let status = cluster.stop_agent(0);
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    assert!(
+        !bin_dir.join("nodemesh-cni").exists(),
+        "the plugin left the node"
+    );
+    assert_eq!(ip_rules(&web), rules_before, "pod routing restored");
+    assert!(
+        !cluster.bpffs_path(0).join("links").exists(),
+        "the pins are gone"
+    );
+    let direct = replies(&connect(&cluster, &client, &listen, 1));
+    assert_eq!(direct[0]["server"], "web-1", "pods work without the mesh");
+    assert!(
+        !connect(&cluster, &client, SERVICE, 1).status.success(),
+        "capture is off"
+    );
+}
+
+/// Answers every request on `listener` 404 (a Kubernetes `Status`), one per connection.
+fn answer_not_found(listener: &std::net::TcpListener) {
+    use std::io::{BufRead, BufReader, Write};
+    for stream in listener.incoming().flatten() {
+        let mut reader = BufReader::new(&stream);
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+            line.clear();
+        }
+        let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
+        let _ = write!(
+            &stream,
+            "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
 }
 
 /// Waits for a spawned `mesh-testapp` to exit and returns its output.

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::deploy::{
     deploy_dir,
-    objects::{AGENT, CA, NAMESPACE},
+    objects::{AGENT, CA, HOLDER, NAMESPACE},
 };
 
 /// The namespace the suite enrolls; deleted at the end.
@@ -61,21 +61,34 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 fn install(image: &str) -> anyhow::Result<()> {
     println!("installing deploy/ with image {image}");
     kubectl(&["apply", "-k", &deploy_dir().display().to_string()])?;
+    for (object, container) in [
+        (format!("daemonset/{AGENT}"), "agent"),
+        (format!("daemonset/{HOLDER}"), "holder"),
+        (format!("deployment/{CA}"), "ca"),
+    ] {
+        kubectl(&[
+            "-n",
+            NAMESPACE,
+            "set",
+            "image",
+            &object,
+            &format!("{container}={image}"),
+        ])?;
+    }
+    // The holder updates only when its pods are deleted (OnDelete: it outlives agent
+    // updates), so its pods are replaced by hand to run the image under test.
+    let holder_pods = format!("app.kubernetes.io/name={HOLDER}");
+    kubectl(&["-n", NAMESPACE, "delete", "pod", "-l", &holder_pods])?;
     kubectl(&[
         "-n",
         NAMESPACE,
-        "set",
-        "image",
-        &format!("daemonset/{AGENT}"),
-        &format!("agent={image}"),
-    ])?;
-    kubectl(&[
-        "-n",
-        NAMESPACE,
-        "set",
-        "image",
-        &format!("deployment/{CA}"),
-        &format!("ca={image}"),
+        "wait",
+        "--for=condition=Ready",
+        "pod",
+        "-l",
+        &holder_pods,
+        "--timeout",
+        ROLLOUT_TIMEOUT,
     ])?;
     for object in [format!("deployment/{CA}"), format!("daemonset/{AGENT}")] {
         kubectl(&[
