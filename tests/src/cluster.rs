@@ -68,6 +68,8 @@ pub struct Cluster {
     holders: Vec<Option<Child>>,
     /// Whether agents get a holder (as the DaemonSet install does); see [`Cluster::without_holder`].
     use_holder: bool,
+    /// Whether agents get the cluster's CA (mutual TLS); see [`Cluster::without_mtls`].
+    use_mtls: bool,
     /// The agents' `RUST_LOG` when the environment sets none.
     agent_log_filter: String,
     /// More environment for agents started from now on.
@@ -134,6 +136,7 @@ impl Cluster {
             agents: (0..nodes).map(|_| None).collect(),
             holders: (0..nodes).map(|_| None).collect(),
             use_holder: true,
+            use_mtls: true,
             agent_log_filter: DEFAULT_AGENT_LOG_FILTER.to_string(),
             agent_env: Vec::new(),
             unique,
@@ -566,6 +569,12 @@ impl Cluster {
         self.use_holder = false;
     }
 
+    /// Agents started from now on get no CA (unless a test passes its own): enrolled pods
+    /// talk plaintext through the mesh.
+    pub fn without_mtls(&mut self) {
+        self.use_mtls = false;
+    }
+
     /// Where node `i`'s agent pins its capture (`--bpffs-path`; the agent mounts a bpffs
     /// there, which the cluster unmounts when dropped).
     pub fn bpffs_path(&self, i: usize) -> PathBuf {
@@ -674,9 +683,10 @@ impl Cluster {
             "--health-addr",
             &health_addr,
         ];
-        if !extra_args
-            .iter()
-            .any(|a| *a == "--ca-dir" || *a == "--ca-addr")
+        if self.use_mtls
+            && !extra_args
+                .iter()
+                .any(|a| *a == "--ca-dir" || *a == "--ca-addr")
         {
             args.extend(["--ca-dir", ca_dir.to_str().expect("UTF-8 path")]);
         }

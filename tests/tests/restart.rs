@@ -52,7 +52,19 @@ struct Scene {
 
 impl Scene {
     fn new(test: &str, agent_args: &[&str]) -> Self {
+        Self::build(test, agent_args, true)
+    }
+
+    /// Agents without a CA: the mesh carries plaintext (and no STRICT policy applies).
+    fn without_mtls(test: &str) -> Self {
+        Self::build(test, &[], false)
+    }
+
+    fn build(test: &str, agent_args: &[&str], mtls: bool) -> Self {
         let mut cluster = Cluster::new(test, 2);
+        if !mtls {
+            cluster.without_mtls();
+        }
         let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
         let web = cluster.add_pod(
             PodSpec::new("web-1", 1)
@@ -63,11 +75,13 @@ impl Scene {
         write_shop(&cluster, true);
         assert_eq!(SERVICE, format!("{SHOP_SERVICE_IP}:80"));
         cluster.write_config("ns-legacy.yaml", &namespace_yaml("legacy", &[]));
-        cluster.write_config(
-            "strict.yaml",
-            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  \
+        if mtls {
+            cluster.write_config(
+                "strict.yaml",
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  \
              name: strict\n  namespace: shop\nspec:\n  mtls: {mode: STRICT}\n",
-        );
+            );
+        }
         let listen = format!("{}:8080", web.ip);
         let mut server = web.spawn(&cluster, &["serve", "--listen", &listen, "--name", "web-1"]);
         server.wait_for_output("ready", READY_TIMEOUT);
@@ -228,6 +242,34 @@ fn an_in_place_restart_of_the_server_side_agent_fails_no_connection() {
 }
 
 #[test]
+fn an_in_place_restart_without_mutual_tls_fails_no_connection() {
+    if skip() {
+        return;
+    }
+    let _slot = load_slot();
+    let mut scene = Scene::without_mtls("inplace_plain");
+    let load = scene.start_load();
+    std::thread::sleep(RESTART_AFTER);
+    // The server side: plaintext arrives on the pod's held inbound (15006) listener.
+    let status = scene.cluster.stop_agent(1);
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    scene.cluster.start_agent(1, &[]);
+    let sent = every_connection_answered(load);
+    wait_for_metric(
+        &scene.cluster,
+        0,
+        "istio_tcp_connections_opened_total",
+        &[("reporter", "source"), ("source_workload", "client")],
+        sent as f64,
+    );
+    let log = std::fs::read_to_string(scene.cluster.agent_log(1)).expect("agent log");
+    assert!(
+        log.contains("took over the listeners of an earlier agent"),
+        "the new agent adopted the held inbound listener"
+    );
+}
+
+#[test]
 fn an_overlapping_replacement_fails_no_connection_and_a_long_stream_survives() {
     if skip() {
         return;
@@ -235,7 +277,11 @@ fn an_overlapping_replacement_fails_no_connection_and_a_long_stream_survives() {
     let _slot = load_slot();
     // Long enough for the stream to end on its own while the old agent drains, and within
     // the harness's 10 s stop grace.
-    let mut scene = Scene::new("overlap", &["--drain-timeout", "8s"]);
+    let cni_socket =
+        std::env::temp_dir().join(format!("nodemesh-overlap-{}.sock", std::process::id()));
+    let cni_socket = cni_socket.to_str().expect("UTF-8 path").to_owned();
+    let agent_args = ["--drain-timeout", "8s", "--cni-socket", &cni_socket];
+    let mut scene = Scene::new("overlap", &agent_args);
     let load = scene.start_load();
     // One long-lived connection through the agent about to be replaced: 40 lines, 100 ms
     // apart, all answered on the same connection.
@@ -257,9 +303,7 @@ fn an_overlapping_replacement_fails_no_connection_and_a_long_stream_survives() {
     // ports, same CNI socket, same pins), takes the listeners, becomes ready; then the old
     // one is told to stop and drains.
     let adopted_before = logged(&scene.cluster, 0, ADOPTED);
-    let old = scene
-        .cluster
-        .spawn_overlapping_agent(0, &["--drain-timeout", "8s"]);
+    let old = scene.cluster.spawn_overlapping_agent(0, &agent_args);
     wait_until(READY_TIMEOUT, "the new agent to take over", || {
         (logged(&scene.cluster, 0, ADOPTED) > adopted_before).then_some(())
     });
@@ -268,6 +312,9 @@ fn an_overlapping_replacement_fails_no_connection_and_a_long_stream_survives() {
         status.success(),
         "the old agent drained and exited: {status}"
     );
+    // The CNI socket is the new agent's: the old one, stopping, left it in place.
+    std::os::unix::net::UnixStream::connect(&cni_socket)
+        .expect("the CNI socket answers after the old agent left");
     let sent = every_connection_answered(load);
     wait_for_metric(
         &scene.cluster,
