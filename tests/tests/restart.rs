@@ -144,6 +144,24 @@ fn mutual_tls_labels(reporter: &str) -> [(&'static str, &str); 4] {
     ]
 }
 
+impl Scene {
+    /// Restarts node `i`'s agent in place (as a DaemonSet with `maxUnavailable` does: the
+    /// old one ends, then the new one starts) under the load; asserts every connection was
+    /// answered and returns how many were made.
+    fn restart_in_place_under_load(&mut self, i: usize) -> u64 {
+        let load = self.start_load();
+        std::thread::sleep(RESTART_AFTER);
+        let status = self.cluster.stop_agent(i);
+        assert!(status.success(), "clean exit on SIGTERM: {status}");
+        self.cluster.start_agent(i, &[]);
+        every_connection_answered(load)
+    }
+
+    fn agent_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.cluster.agent_log(i)).expect("agent log")
+    }
+}
+
 /// Waits for the load to end and returns its summary, asserting every connection was
 /// answered.
 fn every_connection_answered(mut load: PodProcess) -> u64 {
@@ -185,14 +203,8 @@ fn an_in_place_restart_of_the_client_side_agent_fails_no_connection() {
     }
     let _slot = load_slot();
     let mut scene = Scene::new("inplace_src", &[]);
-    let load = scene.start_load();
-    std::thread::sleep(RESTART_AFTER);
-    // In place, as a DaemonSet with maxUnavailable does it: the old one ends, then the new
-    // one starts. Connections made between wait in the held listeners' backlogs.
-    let status = scene.cluster.stop_agent(0);
-    assert!(status.success(), "clean exit on SIGTERM: {status}");
-    scene.cluster.start_agent(0, &[]);
-    let sent = every_connection_answered(load);
+    // Connections made between the two agents wait in the held listeners' backlogs.
+    let sent = scene.restart_in_place_under_load(0);
     // Node 1's agent, which stayed, saw every one as mutual TLS from the client: none was
     // made while capture was off.
     wait_for_metric(
@@ -202,7 +214,7 @@ fn an_in_place_restart_of_the_client_side_agent_fails_no_connection() {
         &mutual_tls_labels("destination"),
         sent as f64,
     );
-    let log = std::fs::read_to_string(scene.cluster.agent_log(0)).expect("agent log");
+    let log = scene.agent_log(0);
     assert!(
         log.contains("took over the listeners of an earlier agent"),
         "the new agent adopted the held listeners"
@@ -225,12 +237,7 @@ fn an_in_place_restart_of_the_server_side_agent_fails_no_connection() {
     }
     let _slot = load_slot();
     let mut scene = Scene::new("inplace_dst", &[]);
-    let load = scene.start_load();
-    std::thread::sleep(RESTART_AFTER);
-    let status = scene.cluster.stop_agent(1);
-    assert!(status.success(), "clean exit on SIGTERM: {status}");
-    scene.cluster.start_agent(1, &[]);
-    let sent = every_connection_answered(load);
+    let sent = scene.restart_in_place_under_load(1);
     // The client's agent, which stayed, opened every one as mutual TLS to the backend.
     wait_for_metric(
         &scene.cluster,
@@ -248,13 +255,8 @@ fn an_in_place_restart_without_mutual_tls_fails_no_connection() {
     }
     let _slot = load_slot();
     let mut scene = Scene::without_mtls("inplace_plain");
-    let load = scene.start_load();
-    std::thread::sleep(RESTART_AFTER);
     // The server side: plaintext arrives on the pod's held inbound (15006) listener.
-    let status = scene.cluster.stop_agent(1);
-    assert!(status.success(), "clean exit on SIGTERM: {status}");
-    scene.cluster.start_agent(1, &[]);
-    let sent = every_connection_answered(load);
+    let sent = scene.restart_in_place_under_load(1);
     wait_for_metric(
         &scene.cluster,
         0,
@@ -262,9 +264,10 @@ fn an_in_place_restart_without_mutual_tls_fails_no_connection() {
         &[("reporter", "source"), ("source_workload", "client")],
         sent as f64,
     );
-    let log = std::fs::read_to_string(scene.cluster.agent_log(1)).expect("agent log");
     assert!(
-        log.contains("took over the listeners of an earlier agent"),
+        scene
+            .agent_log(1)
+            .contains("took over the listeners of an earlier agent"),
         "the new agent adopted the held inbound listener"
     );
 }
@@ -417,26 +420,20 @@ fn without_a_holder_connections_in_the_gap_are_refused_never_passed_through() {
     if skip() {
         return;
     }
-    let mut cluster = Cluster::new("noholder", 1);
-    cluster.without_holder();
-    let web = cluster.add_pod(
-        PodSpec::new("web-1", 0)
-            .namespace("shop")
-            .label("app", "web"),
-    );
-    let legacy = cluster.add_pod(PodSpec::new("legacy", 0).namespace("legacy"));
-    write_shop(&cluster, true);
-    cluster.write_config("ns-legacy.yaml", &namespace_yaml("legacy", &[]));
-    let listen = format!("{}:8080", web.ip);
-    let mut server = web.spawn(&cluster, &["serve", "--listen", &listen, "--name", "web-1"]);
-    server.wait_for_output("ready", READY_TIMEOUT);
-    cluster.start_agents();
-    wait_enrolled(&cluster, 0, 1);
+    let mut node = OneNode::new("noholder");
+    node.cluster.without_holder();
+    node.start(&[]);
+    let OneNode {
+        cluster,
+        legacy,
+        listen,
+        ..
+    } = &mut node;
     // Permissive: plaintext from outside the mesh is served, through the proxy.
-    replies(&connect(&cluster, &legacy, &listen, 1));
+    replies(&connect(cluster, legacy, listen, 1));
 
     cluster.kill_agent(0);
-    let refused = connect(&cluster, &legacy, &listen, 1);
+    let refused = connect(cluster, legacy, listen, 1);
     assert!(
         !refused.status.success() && refused.stdout.is_empty(),
         "delivered past the mesh while no agent ran: {}",
@@ -447,7 +444,6 @@ fn without_a_holder_connections_in_the_gap_are_refused_never_passed_through() {
         "refused at once rather than left hanging: {}",
         String::from_utf8_lossy(&refused.stderr)
     );
-    drop(server);
 }
 
 #[test]
@@ -455,31 +451,26 @@ fn uninstall_restores_the_pods_exactly_as_before() {
     if skip() {
         return;
     }
-    let mut cluster = Cluster::new("uninstall", 1);
-    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
-    let web = cluster.add_pod(
-        PodSpec::new("web-1", 0)
-            .namespace("shop")
-            .label("app", "web"),
-    );
-    write_shop(&cluster, true);
-    let listen = format!("{}:8080", web.ip);
-    let mut server = web.spawn(&cluster, &["serve", "--listen", &listen, "--name", "web-1"]);
-    server.wait_for_output("ready", READY_TIMEOUT);
-    let rules_before = ip_rules(&web);
-    cluster.start_agents();
-    wait_enrolled(&cluster, 0, 2);
+    let mut node = OneNode::new("uninstall");
+    let rules_before = ip_rules(&node.web);
+    node.start(&[]);
+    let OneNode {
+        cluster,
+        client,
+        web,
+        ..
+    } = &mut node;
     assert_ne!(
-        ip_rules(&web),
+        ip_rules(web),
         rules_before,
         "enrolling installs inbound routing"
     );
-    replies(&connect(&cluster, &client, SERVICE, 1));
+    replies(&connect(cluster, client, SERVICE, 1));
 
     let status = cluster.stop_agent(0);
     assert!(status.success(), "clean exit on SIGTERM: {status}");
     assert_ne!(
-        ip_rules(&web),
+        ip_rules(web),
         rules_before,
         "SIGTERM leaves the pods enrolled"
     );
@@ -507,18 +498,7 @@ fn uninstall_restores_the_pods_exactly_as_before() {
         "uninstall: {}",
         String::from_utf8_lossy(&uninstall.stderr)
     );
-    assert_eq!(ip_rules(&web), rules_before, "pod routing restored");
-    let direct = replies(&connect(&cluster, &client, &listen, 1));
-    assert_eq!(direct[0]["server"], "web-1", "pods work without the mesh");
-    let service = connect(&cluster, &client, SERVICE, 1);
-    assert!(
-        !service.status.success(),
-        "capture is off: the Service IP means nothing without the mesh"
-    );
-    assert!(
-        !cluster.bpffs_path(0).join("links").exists(),
-        "the pins are gone"
-    );
+    node.assert_mesh_off(&rules_before);
 }
 
 #[test]
@@ -526,20 +506,12 @@ fn a_pinned_link_running_another_program_is_replaced_and_the_others_adopted() {
     if skip() {
         return;
     }
-    let mut cluster = Cluster::new("upgrade", 1);
-    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
-    let web = cluster.add_pod(
-        PodSpec::new("web-1", 0)
-            .namespace("shop")
-            .label("app", "web"),
-    );
-    write_shop(&cluster, true);
-    let listen = format!("{}:8080", web.ip);
-    let mut server = web.spawn(&cluster, &["serve", "--listen", &listen, "--name", "web-1"]);
-    server.wait_for_output("ready", READY_TIMEOUT);
-    cluster.start_agents();
-    wait_enrolled(&cluster, 0, 2);
-    replies(&connect(&cluster, &client, SERVICE, 1));
+    let mut node = OneNode::new("upgrade");
+    node.start(&[]);
+    let OneNode {
+        cluster, client, ..
+    } = &mut node;
+    replies(&connect(cluster, client, SERVICE, 1));
     let status = cluster.stop_agent(0);
     assert!(status.success(), "clean exit on SIGTERM: {status}");
 
@@ -548,19 +520,19 @@ fn a_pinned_link_running_another_program_is_replaced_and_the_others_adopted() {
     let links = cluster.bpffs_path(0).join("links");
     std::fs::rename(links.join("mesh_sockops"), links.join("mesh_connect4")).expect("moving a pin");
     assert!(
-        !connect(&cluster, &client, SERVICE, 1).status.success(),
+        !connect(cluster, client, SERVICE, 1).status.success(),
         "without the connect4 link nothing is captured (the Service IP leads nowhere)"
     );
-    let adopted_before = logged(&cluster, 0, "adopted the pinned link");
+    let adopted_before = logged(cluster, 0, "adopted the pinned link");
     cluster.start_agent(0, &[]);
-    wait_enrolled(&cluster, 0, 2);
+    wait_enrolled(cluster, 0, 2);
     assert_eq!(
-        replies(&connect(&cluster, &client, SERVICE, 1))[0]["server"],
+        replies(&connect(cluster, client, SERVICE, 1))[0]["server"],
         "web-1",
         "the link of another program was replaced by this agent's connect4"
     );
     assert_eq!(
-        logged(&cluster, 0, "adopted the pinned link") - adopted_before,
+        logged(cluster, 0, "adopted the pinned link") - adopted_before,
         1,
         "connect6, untouched, was adopted; connect4 was not"
     );
@@ -572,18 +544,9 @@ fn deleting_the_daemon_set_switches_the_mesh_off_on_the_node() {
     if skip() {
         return;
     }
-    let mut cluster = Cluster::new("dsdelete", 1);
-    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
-    let web = cluster.add_pod(
-        PodSpec::new("web-1", 0)
-            .namespace("shop")
-            .label("app", "web"),
-    );
-    write_shop(&cluster, true);
-    let listen = format!("{}:8080", web.ip);
-    let mut server = web.spawn(&cluster, &["serve", "--listen", &listen, "--name", "web-1"]);
-    server.wait_for_output("ready", READY_TIMEOUT);
-    let rules_before = ip_rules(&web);
+    let mut node = OneNode::new("dsdelete");
+    let rules_before = ip_rules(&node.web);
+    let cluster = &mut node.cluster;
     // The API server, as the agent sees it when its DaemonSet is gone: every GET is 404.
     let api = cluster.run_in_node(0, || std::net::TcpListener::bind("127.0.0.1:0"));
     let api = api.expect("a port for the API server");
@@ -610,42 +573,28 @@ fn deleting_the_daemon_set_switches_the_mesh_off_on_the_node() {
     )
     .expect("a chain");
     let socket = cluster.work_dir().join("cni.sock");
-    cluster.start_agent(
-        0,
-        &[
-            "--cni-socket",
-            socket.to_str().expect("UTF-8 path"),
-            "--cni-bin-dir",
-            bin_dir.to_str().expect("UTF-8 path"),
-            "--cni-conf-dir",
-            conf_dir.to_str().expect("UTF-8 path"),
-            "--cni-uninstall-with",
-            "nodemesh-system/nodemesh-node",
-        ],
-    );
-    wait_enrolled(&cluster, 0, 2);
-    replies(&connect(&cluster, &client, SERVICE, 1));
+    node.start(&[
+        "--cni-socket",
+        socket.to_str().expect("UTF-8 path"),
+        "--cni-bin-dir",
+        bin_dir.to_str().expect("UTF-8 path"),
+        "--cni-conf-dir",
+        conf_dir.to_str().expect("UTF-8 path"),
+        "--cni-uninstall-with",
+        "nodemesh-system/nodemesh-node",
+    ]);
+    replies(&connect(&node.cluster, &node.client, SERVICE, 1));
     wait_until(READY_TIMEOUT, "the plugin installed", || {
         bin_dir.join("nodemesh-cni").exists().then_some(())
     });
 
-    let status = cluster.stop_agent(0);
+    let status = node.cluster.stop_agent(0);
     assert!(status.success(), "clean exit on SIGTERM: {status}");
     assert!(
         !bin_dir.join("nodemesh-cni").exists(),
         "the plugin left the node"
     );
-    assert_eq!(ip_rules(&web), rules_before, "pod routing restored");
-    assert!(
-        !cluster.bpffs_path(0).join("links").exists(),
-        "the pins are gone"
-    );
-    let direct = replies(&connect(&cluster, &client, &listen, 1));
-    assert_eq!(direct[0]["server"], "web-1", "pods work without the mesh");
-    assert!(
-        !connect(&cluster, &client, SERVICE, 1).status.success(),
-        "capture is off"
-    );
+    node.assert_mesh_off(&rules_before);
 }
 
 /// Answers every request on `listener` 404 (a Kubernetes `Status`), one per connection.
@@ -662,6 +611,68 @@ fn answer_not_found(listener: &std::net::TcpListener) {
             &stream,
             "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
+        );
+    }
+}
+
+/// One node: `client` and `web-1` (serving on `listen`) in enrolled namespace `shop`, and
+/// `legacy` outside the mesh; the agent not started yet.
+struct OneNode {
+    cluster: Cluster,
+    client: Pod,
+    web: Pod,
+    legacy: Pod,
+    /// `web-1`'s own address and port.
+    listen: String,
+    _server: PodProcess,
+}
+
+impl OneNode {
+    fn new(test: &str) -> Self {
+        let mut cluster = Cluster::new(test, 1);
+        let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
+        let web = cluster.add_pod(
+            PodSpec::new("web-1", 0)
+                .namespace("shop")
+                .label("app", "web"),
+        );
+        let legacy = cluster.add_pod(PodSpec::new("legacy", 0).namespace("legacy"));
+        write_shop(&cluster, true);
+        cluster.write_config("ns-legacy.yaml", &namespace_yaml("legacy", &[]));
+        let listen = format!("{}:8080", web.ip);
+        let mut server = web.spawn(&cluster, &["serve", "--listen", &listen, "--name", "web-1"]);
+        server.wait_for_output("ready", READY_TIMEOUT);
+        Self {
+            cluster,
+            client,
+            web,
+            legacy,
+            listen,
+            _server: server,
+        }
+    }
+
+    /// Starts the agent (with `extra_args`) and waits until both shop pods are enrolled.
+    fn start(&mut self, extra_args: &[&str]) {
+        self.cluster.start_agent(0, extra_args);
+        wait_enrolled(&self.cluster, 0, 2);
+    }
+
+    /// Asserts the node is as before the mesh: `rules_before` in the web pod, the pods
+    /// reach each other directly, the Service IP leads nowhere, nothing pinned.
+    fn assert_mesh_off(&self, rules_before: &str) {
+        assert_eq!(ip_rules(&self.web), rules_before, "pod routing restored");
+        let direct = replies(&connect(&self.cluster, &self.client, &self.listen, 1));
+        assert_eq!(direct[0]["server"], "web-1", "pods work without the mesh");
+        assert!(
+            !connect(&self.cluster, &self.client, SERVICE, 1)
+                .status
+                .success(),
+            "capture is off: the Service IP means nothing without the mesh"
+        );
+        assert!(
+            !self.cluster.bpffs_path(0).join("links").exists(),
+            "the pins are gone"
         );
     }
 }
