@@ -31,16 +31,16 @@
 //! without a holder).
 //!
 //! Wire protocol, one JSON message per packet, at most one descriptor per packet:
-//! * `{"op":"hello"}` → `{"reply":"hello","instance":u64,"held":n,"agents":n}` (`agents`:
-//!   connections that deposited or listed listeners and are still open: more than one
-//!   means a successor runs beside the asking agent)
+//! * `{"op":"hello"}` → `{"reply":"hello","instance":u64,"held":n,"successors":n}`
+//!   (`successors`: agents, connections that deposited or listed listeners, that did so
+//!   after the asking one and are still connected: a successor runs beside it)
 //! * `{"op":"deposit","key":{..}}` + a listening TCP socket → `ok` | `error`
 //! * `{"op":"release","netns_inode":u64}`, `{"op":"retain","keep":[u64,..]}` → `ok` | `error`
 //! * `{"op":"list"}` → one `{"reply":"entry","key":{..}}` + descriptor per listener, then
 //!   `{"reply":"end"}`
 //! * anything malformed → `{"reply":"error","message":".."}`; the connection stays usable.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     fmt, fs,
     io::{self, IoSlice, IoSliceMut},
     net::SocketAddr,
@@ -51,7 +51,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Weak,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     thread,
     time::Duration,
@@ -233,7 +233,7 @@ enum Reply {
         held: usize,
         /// Absent from holders older than the field: none counted.
         #[serde(default)]
-        agents: usize,
+        successors: usize,
     },
     Entry {
         key: HeldKey,
@@ -391,28 +391,42 @@ struct Held {
     /// lost its listeners.
     instance: u64,
     listeners: Mutex<BTreeMap<HeldKey, OwnedFd>>,
-    /// Open connections that deposited or listed listeners: the agents using this holder.
-    agents: AtomicUsize,
+    /// The agents using this holder (open connections that deposited or listed
+    /// listeners), by the order in which they first did.
+    agents: Mutex<BTreeSet<u64>>,
+    next_agent: AtomicU64,
 }
 
 /// Counts a connection among the agents from its first deposit or list until it ends.
 struct AgentMark<'a> {
-    agents: &'a AtomicUsize,
-    counted: bool,
+    held: &'a Held,
+    /// Its place in the order of agents, once it is one.
+    order: Option<u64>,
 }
 
 impl AgentMark<'_> {
     fn mark(&mut self) {
-        if !std::mem::replace(&mut self.counted, true) {
-            self.agents.fetch_add(1, Ordering::SeqCst);
+        if self.order.is_none() {
+            let order = self.held.next_agent.fetch_add(1, Ordering::SeqCst);
+            self.held.agents.lock().insert(order);
+            self.order = Some(order);
+        }
+    }
+
+    /// The agents that came after this connection (all of them, for one that is none).
+    fn successors(&self) -> usize {
+        let agents = self.held.agents.lock();
+        match self.order {
+            Some(order) => agents.range(order + 1..).count(),
+            None => agents.len(),
         }
     }
 }
 
 impl Drop for AgentMark<'_> {
     fn drop(&mut self) {
-        if self.counted {
-            self.agents.fetch_sub(1, Ordering::SeqCst);
+        if let Some(order) = self.order {
+            self.held.agents.lock().remove(&order);
         }
     }
 }
@@ -479,7 +493,8 @@ impl HolderServer {
             shared: Arc::new(Held {
                 instance: rand::random(),
                 listeners: Mutex::new(BTreeMap::new()),
-                agents: AtomicUsize::new(0),
+                agents: Mutex::default(),
+                next_agent: AtomicU64::new(0),
             }),
         })
     }
@@ -605,8 +620,8 @@ impl Held {
         debug!("client connected");
         let mut buffer = vec![0_u8; MAX_MESSAGE];
         let mut agent = AgentMark {
-            agents: &self.agents,
-            counted: false,
+            held: self,
+            order: None,
         };
         loop {
             let packet = match recv_packet(connection.as_fd(), &mut buffer) {
@@ -676,13 +691,13 @@ impl Held {
         match request {
             Request::Hello => {
                 let held = self.listeners.lock().len();
-                let agents = self.agents.load(Ordering::SeqCst);
-                debug!(held, agents, "hello");
+                let successors = agent.successors();
+                debug!(held, successors, "hello");
                 vec![(
                     Reply::Hello {
                         instance: self.instance,
                         held,
-                        agents,
+                        successors,
                     },
                     None,
                 )]
@@ -939,13 +954,13 @@ impl HolderClient {
         Ok(redeposited)
     }
 
-    /// How many agents use the holder now, this one included once it deposited or took
-    /// listeners: more than one means a successor runs beside it (an overlapping
-    /// replacement), which will serve what this one stops accepting.
-    pub fn agents(&self) -> Result<usize, HolderError> {
+    /// How many agents started using the holder after this one (which deposited or took
+    /// listeners) and still do: a successor beside it (an overlapping replacement), which
+    /// serves what this one stops accepting.
+    pub fn successors(&self) -> Result<usize, HolderError> {
         let mut guard = self.state.lock();
-        let (_, _, agents) = self.exchange(&mut guard.connection, Connection::hello)?;
-        Ok(agents)
+        let (_, _, successors) = self.exchange(&mut guard.connection, Connection::hello)?;
+        Ok(successors)
     }
 
     /// Runs `exchange` on the connection; when an existing connection turns out broken,
@@ -1000,14 +1015,15 @@ impl Connection {
         Ok(connection)
     }
 
-    /// The holder's instance id, how many listeners it holds and how many agents use it.
+    /// The holder's instance id, how many listeners it holds and how many agents came after
+    /// this connection's.
     fn hello(&mut self) -> Result<(u64, usize, usize), HolderError> {
         match self.call(&Request::Hello, None)? {
             Reply::Hello {
                 instance,
                 held,
-                agents,
-            } => Ok((instance, held, agents)),
+                successors,
+            } => Ok((instance, held, successors)),
             other => Err(self.unexpected("hello", &other)),
         }
     }

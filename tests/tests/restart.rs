@@ -310,6 +310,10 @@ fn an_overlapping_replacement_fails_no_connection_and_a_long_stream_survives() {
     wait_until(READY_TIMEOUT, "the new agent to take over", || {
         (logged(&scene.cluster, 0, ADOPTED) > adopted_before).then_some(())
     });
+    // The old agent no longer vouches for readiness on the shared health port.
+    wait_until(READY_TIMEOUT, "the old agent to answer not ready", || {
+        (logged(&scene.cluster, 0, "answering not ready") > 0).then_some(())
+    });
     let status = scene.cluster.stop_process(old);
     assert!(
         status.success(),

@@ -45,6 +45,8 @@ const MAP_FILL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How often a draining agent looks whether its connections have finished.
 const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often an agent asks the holder whether a successor runs beside it.
+const SUCCESSOR_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// The drain of an agent no successor runs beside (a restart in place): while it drains
 /// nobody accepts, so new connections wait for its end and the next agent's start. The
 /// connections still open then are cut rather than hold every new one off.
@@ -219,6 +221,13 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         Endpoints::Admin(Arc::new(admin)),
         shutdown.clone(),
     ));
+    if let Some(holder) = &holder {
+        tasks.spawn(unready_once_replaced(
+            holder.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(export_map_fill(
         capture.clone(),
         metrics.node.clone(),
@@ -394,13 +403,13 @@ impl Bound {
         }
     }
 
-    /// Whether another agent uses the holder: a successor that took over the listeners.
+    /// Whether a successor took over the listeners beside this agent.
     async fn successor(&self) -> bool {
         let Some(holder) = self.holder.clone() else {
             return false;
         };
-        match tokio::task::spawn_blocking(move || holder.agents()).await {
-            Ok(Ok(agents)) => agents > 1,
+        match tokio::task::spawn_blocking(move || holder.successors()).await {
+            Ok(Ok(successors)) => successors > 0,
             Ok(Err(error)) => {
                 warn!(%error, "the holder cannot say whether a successor runs; draining as if alone");
                 false
@@ -473,6 +482,37 @@ async fn prune_departed(
         }
         proxy.prune(&node);
         crate::memory::release_free_memory();
+    }
+}
+
+/// Answers "not ready" while a successor runs beside this agent (an overlapping
+/// replacement). The two share the node's health port (`SO_REUSEPORT`), so a probe of the
+/// new pod may reach the old agent: it must not vouch for the new one, which is ready only
+/// when it says so itself.
+async fn unready_once_replaced(
+    holder: Arc<HolderClient>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    let mut replaced: Option<ReadinessGuard> = None;
+    loop {
+        let asking = holder.clone();
+        let successors = tokio::task::spawn_blocking(move || asking.successors()).await;
+        match (successors, replaced.is_some()) {
+            (Ok(Ok(0)), true) => {
+                info!("the successor left; ready again");
+                replaced = None;
+            }
+            (Ok(Ok(n)), false) if n > 0 => {
+                info!("a successor took over the listeners; answering not ready");
+                replaced = Some(readiness.register("replaced"));
+            }
+            _ => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(SUCCESSOR_CHECK_INTERVAL) => {}
+        }
     }
 }
 

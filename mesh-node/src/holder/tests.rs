@@ -508,9 +508,10 @@ fn run_holder_stops_on_sigterm_and_removes_its_socket() {
 }
 
 /// An agent asks whether a successor runs beside it: a client counts once it deposited or
-/// listed, a mere hello (a tool) does not, and a client that leaves stops counting.
+/// listed, a mere hello (a tool) does not, only those that came after the asking one are
+/// its successors, and a client that leaves stops counting.
 #[test]
-fn agents_count_the_clients_that_deposited_or_listed_while_connected() {
+fn successors_are_the_agents_that_came_later_and_are_still_connected() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = holder_path(&dir);
     let _holder = RunningHolder::start(&path);
@@ -519,25 +520,35 @@ fn agents_count_the_clients_that_deposited_or_listed_while_connected() {
     old_agent
         .deposit(key, listener.as_fd())
         .expect("depositing");
-    assert_eq!(old_agent.agents().expect("hello"), 1, "alone");
+    assert_eq!(old_agent.successors().expect("hello"), 0, "alone");
 
     let tool = HolderClient::new(path.clone());
     assert_eq!(
-        tool.agents().expect("hello"),
+        old_agent.successors().expect("hello"),
+        0,
+        "a client that only says hello is no agent"
+    );
+    assert_eq!(
+        tool.successors().expect("hello"),
         1,
-        "a hello alone is not an agent"
+        "the tool sees the agent"
     );
     let new_agent = HolderClient::new(path.clone());
     assert_eq!(new_agent.take_all().expect("listing").len(), 1);
     assert_eq!(
-        old_agent.agents().expect("hello"),
-        2,
+        old_agent.successors().expect("hello"),
+        1,
         "a successor took the listeners"
+    );
+    assert_eq!(
+        new_agent.successors().expect("hello"),
+        0,
+        "the old agent is no successor of the new one"
     );
 
     drop(new_agent);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while old_agent.agents().expect("hello") != 1 {
+    while old_agent.successors().expect("hello") != 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "a client that left stops counting"
