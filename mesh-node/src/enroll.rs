@@ -41,6 +41,10 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a CNI ADD for a pod the config does not know yet (watch lag) waits for it,
 /// before the namespace's label alone decides.
 const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(3);
+/// How long after the first published config the pinned enrollment of pods that cannot be
+/// found yet is kept: an earlier agent's capture of a pod must not be dropped (letting its
+/// connections past the mesh) only because this agent has not found the pod's netns yet.
+const ADOPTION_GRACE: Duration = Duration::from_secs(60);
 /// How often the holder is checked for a restart (which lost the listeners it kept).
 const HOLDER_RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -114,6 +118,8 @@ pub struct Enrollment {
     /// Whether the pinned enrollment and the holder were reconciled against a published
     /// config (once: what an earlier agent left that is not wanted is then let go).
     adopted: bool,
+    /// When the first published config was reconciled.
+    published_at: Option<Instant>,
 }
 
 impl Enrollment {
@@ -130,6 +136,7 @@ impl Enrollment {
             holder: None,
             inherited: BTreeMap::new(),
             adopted: false,
+            published_at: None,
         }
     }
 
@@ -188,6 +195,7 @@ impl Enrollment {
         };
         if config_published {
             answer_cni(&cni);
+            self.published_at = Some(Instant::now());
             self.let_go_of_the_unwanted();
         }
         let mut resync = tokio::time::interval(HOLDER_RESYNC_INTERVAL);
@@ -211,7 +219,7 @@ impl Enrollment {
                     if !config_published {
                         config_published = true;
                         answer_cni(&cni);
-                        self.let_go_of_the_unwanted();
+                        self.published_at = Some(Instant::now());
                     }
                 }
                 () = tokio::time::sleep(RETRY_INTERVAL), if retry => {
@@ -228,6 +236,7 @@ impl Enrollment {
                 _ = resync.tick(), if self.holder.is_some() => self.resync_holder(),
             }
             self.answer_resolved_waiting(&snapshot);
+            self.let_go_of_the_unwanted();
         }
         for waiting in self.waiting.drain(..) {
             let _ = waiting.reply.send(AgentResponse::NotReady);
@@ -241,12 +250,18 @@ impl Enrollment {
         );
     }
 
-    /// After the first reconcile against a published config: what an earlier agent left
-    /// (pinned enrollment, held listeners) for pods that are not enrolled now is let go.
+    /// Once a published config was reconciled and every pod it wants is enrolled (or
+    /// [`ADOPTION_GRACE`] passed): what an earlier agent left (pinned enrollment, held
+    /// listeners) for pods that are not enrolled now is let go. Once.
     fn let_go_of_the_unwanted(&mut self) {
-        if std::mem::replace(&mut self.adopted, true) {
+        let Some(published_at) = self.published_at else {
+            return;
+        };
+        let settled = self.pending.is_empty() || published_at.elapsed() >= ADOPTION_GRACE;
+        if self.adopted || !settled {
             return;
         }
+        self.adopted = true;
         let cookies: Vec<u64> = self.pods.values().map(|pod| pod.netns_cookie).collect();
         self.proxy.capture.retain(&cookies);
         let inodes: Vec<u64> = self.pods.values().map(|pod| pod.netns.inode()).collect();

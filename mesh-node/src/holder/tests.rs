@@ -1,14 +1,25 @@
 use std::{
+    fs,
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
-    os::unix::net::{UnixListener, UnixStream},
+    os::{
+        fd::{AsFd, BorrowedFd, OwnedFd},
+        unix::{
+            fs::PermissionsExt,
+            net::{UnixListener, UnixStream},
+        },
+    },
     sync::mpsc,
-    time::Instant,
+    thread,
+    time::{Duration, Instant},
 };
 
 use nix::{
     fcntl::{FcntlArg, FdFlag, fcntl},
-    sys::pthread::{pthread_kill, pthread_self},
+    sys::{
+        pthread::{pthread_kill, pthread_self},
+        signal::Signal,
+    },
 };
 
 use super::*;

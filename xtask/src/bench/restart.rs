@@ -23,9 +23,11 @@ const LOAD: Duration = Duration::from_secs(6);
 const RESTART_AFTER: Duration = Duration::from_secs(2);
 /// The clients' patience (connect, then reply).
 const CLIENT_TIMEOUT_MS: &str = "5000";
-/// Logged by an agent when it stops accepting, and when it took a pod's held listeners.
+/// Logged by an agent when it stops accepting, when it took a pod's held listeners, and
+/// once it serves every pod of the node (its first reconcile against the config is done).
 const STOPPED_ACCEPTING: &str = "stopped accepting";
 const TOOK_OVER: &str = "took over the listeners of an earlier agent";
+const SERVES_EVERY_POD: &str = "pinned enrollment reconciled";
 
 /// How an agent is replaced.
 #[derive(Clone, Copy, Debug)]
@@ -129,9 +131,9 @@ fn replace(cluster: &mut Cluster, replacement: Replacement) -> anyhow::Result<()
             cluster.start_agent(0, &[]);
         }
         Replacement::Overlap => {
-            let took_over_before = agent_log(cluster)?.matches(TOOK_OVER).count();
+            let serving_before = agent_log(cluster)?.matches(SERVES_EVERY_POD).count();
             let old = cluster.spawn_overlapping_agent(0, &[]);
-            let took_over = wait_for_take_over(cluster, took_over_before);
+            let took_over = wait_for_take_over(cluster, serving_before);
             // Stopped whatever happened, so no agent is left behind.
             let status = cluster.stop_process(old);
             took_over?;
@@ -143,10 +145,11 @@ fn replace(cluster: &mut Cluster, replacement: Replacement) -> anyhow::Result<()
     Ok(())
 }
 
-/// Waits until the log shows one more "took over" than `before`.
+/// Waits until the new agent serves every pod (the log shows one more
+/// [`SERVES_EVERY_POD`] than `before`), as the DaemonSet waits for its readiness.
 fn wait_for_take_over(cluster: &Cluster, before: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while agent_log(cluster)?.matches(TOOK_OVER).count() == before {
+    while agent_log(cluster)?.matches(SERVES_EVERY_POD).count() == before {
         if Instant::now() > deadline {
             bail!("the new agent did not take over within 10 s");
         }

@@ -659,31 +659,44 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
         ]),
         ..PodSpec::default()
     };
+    let update = DaemonSetUpdateStrategy {
+        type_: Some("RollingUpdate".into()),
+        rolling_update: Some(RollingUpdateDaemonSet {
+            max_surge: Some(IntOrString::Int(1)),
+            max_unavailable: Some(IntOrString::Int(0)),
+        }),
+    };
+    let annotations = BTreeMap::from([
+        ("prometheus.io/scrape".into(), "true".into()),
+        (
+            "prometheus.io/port".into(),
+            values.agent.metrics_port.to_string(),
+        ),
+        ("prometheus.io/path".into(), "/metrics".into()),
+    ]);
+    daemon_set(AGENT, "agent", update, Some(annotations), pod)
+}
+
+/// A DaemonSet of the pods `pod` describes, named `name`, of component `component`.
+fn daemon_set(
+    name: &str,
+    component: &str,
+    update_strategy: DaemonSetUpdateStrategy,
+    annotations: Option<BTreeMap<String, String>>,
+    pod: PodSpec,
+) -> DaemonSet {
     DaemonSet {
-        metadata: meta(AGENT, "agent"),
+        metadata: meta(name, component),
         spec: Some(DaemonSetSpec {
             selector: LabelSelector {
-                match_labels: Some(selector_labels(AGENT)),
+                match_labels: Some(selector_labels(name)),
                 ..LabelSelector::default()
             },
-            update_strategy: Some(DaemonSetUpdateStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDaemonSet {
-                    max_surge: Some(IntOrString::Int(1)),
-                    max_unavailable: Some(IntOrString::Int(0)),
-                }),
-            }),
+            update_strategy: Some(update_strategy),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels("agent", AGENT)),
-                    annotations: Some(BTreeMap::from([
-                        ("prometheus.io/scrape".into(), "true".into()),
-                        (
-                            "prometheus.io/port".into(),
-                            values.agent.metrics_port.to_string(),
-                        ),
-                        ("prometheus.io/path".into(), "/metrics".into()),
-                    ])),
+                    labels: Some(labels(component, name)),
+                    annotations,
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod),
@@ -756,28 +769,11 @@ fn holder_daemon_set(values: &Values) -> DaemonSet {
         volumes: Some(vec![host_path("sockets", SOCKET_DIR, "DirectoryOrCreate")]),
         ..PodSpec::default()
     };
-    DaemonSet {
-        metadata: meta(HOLDER, "holder"),
-        spec: Some(DaemonSetSpec {
-            selector: LabelSelector {
-                match_labels: Some(selector_labels(HOLDER)),
-                ..LabelSelector::default()
-            },
-            update_strategy: Some(DaemonSetUpdateStrategy {
-                type_: Some("OnDelete".into()),
-                rolling_update: None,
-            }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels("holder", HOLDER)),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(pod),
-            },
-            ..DaemonSetSpec::default()
-        }),
-        ..DaemonSet::default()
-    }
+    let update = DaemonSetUpdateStrategy {
+        type_: Some("OnDelete".into()),
+        rolling_update: None,
+    };
+    daemon_set(HOLDER, "holder", update, None, pod)
 }
 
 // === the CA ===
