@@ -20,8 +20,11 @@ use mesh_tests::{
     },
 };
 
-/// New connections per second during a restart: the figure.
-const LOAD_RATE: &str = "1000";
+/// New connections per second during a restart. The figure, 1,000/s, is what
+/// `cargo xtask bench` replaces agents under (release builds, 0 failed); on debug builds it
+/// leaves the two cores no headroom, and anything else running (a build) turns the test's
+/// queues into timeouts that say nothing about restarts.
+const LOAD_RATE: &str = "500";
 /// The load runs this long; the restart happens in its middle.
 const LOAD_MS: u64 = 6_000;
 /// When into the load the agent goes away.
@@ -178,7 +181,7 @@ fn every_connection_answered(mut load: PodProcess) -> u64 {
         .unwrap_or_else(|| panic!("no summary from the load: {stdout}"));
     let sent = summary["sent"].as_u64().expect("sent");
     eprintln!("load summary: {summary}");
-    assert!(sent > 1_000, "the load ran: {summary}");
+    assert!(sent > 2_000, "the load ran: {summary}");
     assert_eq!(summary["failed"], 0, "every connection answered: {summary}");
     assert_eq!(summary["ok"], sent, "{summary}");
     sent
@@ -213,6 +216,18 @@ fn an_in_place_restart_of_the_client_side_agent_fails_no_connection() {
         "istio_tcp_connections_opened_total",
         &mutual_tls_labels("destination"),
         sent as f64,
+    );
+    // The connections that queued in the gap found no tunnel in the new agent: they waited
+    // for the first one's instead of each opening its own (1,000 streams per tunnel).
+    let tunnels = metric(
+        &scene.cluster,
+        0,
+        "nodemesh_hbone_tunnels_opened_total",
+        &[],
+    );
+    assert!(
+        (1.0..=8.0).contains(&tunnels),
+        "the new agent opened {tunnels} tunnels for at most {sent} connections"
     );
     let log = scene.agent_log(0);
     assert!(
