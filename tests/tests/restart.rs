@@ -217,18 +217,6 @@ fn an_in_place_restart_of_the_client_side_agent_fails_no_connection() {
         &mutual_tls_labels("destination"),
         sent as f64,
     );
-    // The connections that queued in the gap found no tunnel in the new agent: they waited
-    // for the first one's instead of each opening its own (1,000 streams per tunnel).
-    let tunnels = metric(
-        &scene.cluster,
-        0,
-        "nodemesh_hbone_tunnels_opened_total",
-        &[],
-    );
-    assert!(
-        (1.0..=8.0).contains(&tunnels),
-        "the new agent opened {tunnels} tunnels for at most {sent} connections"
-    );
     let log = scene.agent_log(0);
     assert!(
         log.contains("took over the listeners of an earlier agent"),

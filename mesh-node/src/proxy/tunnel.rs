@@ -81,10 +81,6 @@ pub struct Mtls {
     max_streams_per_tunnel: usize,
     metrics: NodeMetrics,
     pool: Mutex<HashMap<PoolKey, Pooled>>,
-    /// One dial at a time per pool key: connections that find no pooled tunnel wait for the
-    /// one being opened instead of each opening their own (right after an agent restart a
-    /// thousand concurrent connections would otherwise make a thousand TLS handshakes).
-    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     server_configs: Mutex<HashMap<Identity, ServerConfigFor>>,
 }
 
@@ -106,7 +102,6 @@ impl Mtls {
             max_streams_per_tunnel: max_streams_per_tunnel.max(1),
             metrics,
             pool: Mutex::default(),
-            dialing: Mutex::default(),
             server_configs: Mutex::default(),
         }
     }
@@ -143,24 +138,26 @@ impl Mtls {
             destination: destination.clone(),
             hbone: SocketAddr::new(target.ip(), ports::HBONE),
         };
-        let gate = self.dialing.lock().entry(key.clone()).or_default().clone();
-        // A connection without a usable pooled tunnel dials one if no other does; otherwise
-        // it waits for that tunnel and takes a stream on it (or, when it is full, dials the
-        // next one). Only when the tunnel it waited for failed does it dial without waiting
-        // again: a destination that does not answer costs each connection one attempt, not
-        // one attempt after another.
-        let dialing = loop {
-            if let Some(stream) = self.pooled_stream(&key, &cert, target).await? {
-                return Ok(stream);
-            }
-            if let Ok(guard) = gate.clone().try_lock_owned() {
-                break Some(guard);
-            }
-            drop(gate.lock().await);
-            if !self.pool.lock().contains_key(&key) {
-                break None;
-            }
+        let pooled = {
+            let mut pool = self.pool.lock();
+            pool.get_mut(&key)
+                .filter(|p| Arc::ptr_eq(&p.cert, &cert) && p.has_room(self.max_streams_per_tunnel))
+                .map(|p| {
+                    p.streams += 1;
+                    (p.sender.clone(), StreamSlot::take(&p.open))
+                })
         };
+        if let Some((sender, slot)) = pooled {
+            match hbone::connect(sender, target).await {
+                Ok(stream) => return Ok(stream.with_slot(slot)),
+                // A refusal is the peer's answer, not a dead tunnel.
+                Err(error @ HboneError::Refused(_)) => return Err(error.into()),
+                Err(error) => {
+                    debug!(%error, hbone = %key.hbone, "pooled tunnel is dead; reconnecting");
+                    self.pool.lock().remove(&key);
+                }
+            }
+        }
         let sender = self.dial(pod, home, &cert, destination, key.hbone).await?;
         let open = Arc::new(AtomicUsize::new(0));
         let slot = StreamSlot::take(&open);
@@ -173,41 +170,7 @@ impl Mtls {
                 open,
             },
         );
-        // The waiting connections find the tunnel in the pool now.
-        drop(dialing);
         Ok(hbone::connect(sender, target).await?.with_slot(slot))
-    }
-
-    /// A stream on the pooled tunnel for `key`, if one is alive with room; a pooled tunnel
-    /// found dead leaves the pool.
-    async fn pooled_stream(
-        &self,
-        key: &PoolKey,
-        cert: &Arc<WorkloadCert>,
-        target: SocketAddr,
-    ) -> Result<Option<H2Stream>, ProxyError> {
-        let pooled = {
-            let mut pool = self.pool.lock();
-            pool.get_mut(key)
-                .filter(|p| Arc::ptr_eq(&p.cert, cert) && p.has_room(self.max_streams_per_tunnel))
-                .map(|p| {
-                    p.streams += 1;
-                    (p.sender.clone(), StreamSlot::take(&p.open))
-                })
-        };
-        let Some((sender, slot)) = pooled else {
-            return Ok(None);
-        };
-        match hbone::connect(sender, target).await {
-            Ok(stream) => Ok(Some(stream.with_slot(slot))),
-            // A refusal is the peer's answer, not a dead tunnel.
-            Err(error @ HboneError::Refused(_)) => Err(error.into()),
-            Err(error) => {
-                debug!(%error, hbone = %key.hbone, "pooled tunnel is dead; reconnecting");
-                self.pool.lock().remove(key);
-                Ok(None)
-            }
-        }
     }
 
     /// A new tunnel: TCP from inside the source pod, TLS 1.3 as the source identity
@@ -251,10 +214,6 @@ impl Mtls {
             let alive = !matches!(pooled.sender.clone().ready().now_or_never(), Some(Err(_)));
             alive && needed.contains(&key.source) && is_pod(key.source_ip) && is_pod(key.hbone.ip())
         });
-        // Gates nobody holds or waits on.
-        self.dialing
-            .lock()
-            .retain(|_, gate| Arc::strong_count(gate) > 1);
     }
 
     /// Tunnels in the pool (some may be draining towards their replacement).
