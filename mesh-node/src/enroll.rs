@@ -41,10 +41,6 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a CNI ADD for a pod the config does not know yet (watch lag) waits for it,
 /// before the namespace's label alone decides.
 const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(3);
-/// How long after the first published config the pinned enrollment of pods that cannot be
-/// found yet is kept: an earlier agent's capture of a pod must not be dropped (letting its
-/// connections past the mesh) only because this agent has not found the pod's netns yet.
-const ADOPTION_GRACE: Duration = Duration::from_secs(60);
 /// How often the holder is checked for a restart (which lost the listeners it kept).
 const HOLDER_RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -118,8 +114,6 @@ pub struct Enrollment {
     /// Whether the pinned enrollment and the holder were reconciled against a published
     /// config (once: what an earlier agent left that is not wanted is then let go).
     adopted: bool,
-    /// When the first published config was reconciled.
-    published_at: Option<Instant>,
 }
 
 impl Enrollment {
@@ -136,7 +130,6 @@ impl Enrollment {
             holder: None,
             inherited: BTreeMap::new(),
             adopted: false,
-            published_at: None,
         }
     }
 
@@ -195,9 +188,8 @@ impl Enrollment {
         };
         if config_published {
             answer_cni(&cni);
-            self.published_at = Some(Instant::now());
-            self.let_go_of_the_unwanted();
         }
+        self.let_go_of_the_unwanted(config_published);
         let mut resync = tokio::time::interval(HOLDER_RESYNC_INTERVAL);
         loop {
             let retry = !self.pending.is_empty();
@@ -219,7 +211,6 @@ impl Enrollment {
                     if !config_published {
                         config_published = true;
                         answer_cni(&cni);
-                        self.published_at = Some(Instant::now());
                     }
                 }
                 () = tokio::time::sleep(RETRY_INTERVAL), if retry => {
@@ -236,7 +227,7 @@ impl Enrollment {
                 _ = resync.tick(), if self.holder.is_some() => self.resync_holder(),
             }
             self.answer_resolved_waiting(&snapshot);
-            self.let_go_of_the_unwanted();
+            self.let_go_of_the_unwanted(config_published);
         }
         for waiting in self.waiting.drain(..) {
             let _ = waiting.reply.send(AgentResponse::NotReady);
@@ -250,15 +241,13 @@ impl Enrollment {
         );
     }
 
-    /// Once a published config was reconciled and every pod it wants is enrolled (or
-    /// [`ADOPTION_GRACE`] passed): what an earlier agent left (pinned enrollment, held
-    /// listeners) for pods that are not enrolled now is let go. Once.
-    fn let_go_of_the_unwanted(&mut self) {
-        let Some(published_at) = self.published_at else {
-            return;
-        };
-        let settled = self.pending.is_empty() || published_at.elapsed() >= ADOPTION_GRACE;
-        if self.adopted || !settled {
+    /// Once a published config was reconciled and every pod it wants is enrolled: what an
+    /// earlier agent left (pinned enrollment, held listeners) for pods that are not enrolled
+    /// now is let go. Once. Not before: a pod whose netns this agent has not found yet keeps
+    /// the capture an earlier agent gave it (its connections wait, never pass), however long
+    /// it stays pending.
+    fn let_go_of_the_unwanted(&mut self, config_published: bool) {
+        if self.adopted || !config_published || !self.pending.is_empty() {
             return;
         }
         self.adopted = true;

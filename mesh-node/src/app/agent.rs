@@ -64,10 +64,10 @@ pub struct Bound {
     drain_timeout: Duration,
     connections: Arc<Connections>,
     readiness: Readiness,
-    /// Where capture is pinned and the holder, for the uninstall when the DaemonSet goes.
+    /// Where capture is pinned, for the uninstall when the DaemonSet goes.
     bpffs_path: PathBuf,
-    holder_socket: Option<PathBuf>,
-    /// Tells whether a successor runs beside this agent when it drains.
+    /// Tells whether a successor runs beside this agent when it drains; closes the held
+    /// listeners at the uninstall.
     holder: Option<Arc<HolderClient>>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
@@ -256,7 +256,6 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         connections,
         readiness,
         bpffs_path: config.bpffs_path.clone(),
-        holder_socket: config.holder_socket.clone(),
         holder,
         shutdown,
         tasks,
@@ -387,11 +386,9 @@ impl Bound {
                         installation,
                     };
                     if owner.uninstall_if_removed().await
-                        && let Err(error) = super::uninstall::uninstall(
-                            &self.bpffs_path,
-                            self.holder_socket.as_deref(),
-                        )
-                        .await
+                        && let Err(error) =
+                            super::uninstall::uninstall(&self.bpffs_path, self.holder.as_deref())
+                                .await
                     {
                         warn!(%error, "DaemonSet deleted, but capture could not be removed; run `mesh-node uninstall`");
                     }

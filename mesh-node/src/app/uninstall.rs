@@ -18,16 +18,17 @@ use crate::{
 
 /// `mesh-node uninstall`.
 pub async fn run(args: &UninstallArgs) -> anyhow::Result<()> {
-    uninstall(&args.bpffs_path, args.holder_socket.as_deref()).await
+    let holder = args.holder_socket.clone().map(HolderClient::new);
+    uninstall(&args.bpffs_path, holder.as_ref()).await
 }
 
 /// Un-enrolls every pod the capture pinned at `bpffs` enrolled, removes the pins, and tells
-/// the holder at `holder` (if any) to close every listener it keeps.
-pub async fn uninstall(bpffs: &Path, holder: Option<&Path>) -> anyhow::Result<()> {
+/// `holder` (if any) to close every listener it keeps.
+pub async fn uninstall(bpffs: &Path, holder: Option<&HolderClient>) -> anyhow::Result<()> {
     if let Some(holder) = holder
-        && let Err(error) = HolderClient::new(holder.to_path_buf()).retain_netns(&[])
+        && let Err(error) = holder.retain_netns(&[])
     {
-        warn!(%error, holder = %holder.display(), "the holder could not be told to close its listeners");
+        warn!(%error, "the holder could not be told to close its listeners");
     }
     if !bpffs.exists() {
         info!(path = %bpffs.display(), "nothing pinned: capture is not installed");

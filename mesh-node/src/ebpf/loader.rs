@@ -116,6 +116,8 @@ struct Control {
     pins: Pins,
     /// This agent's `sk_lookup` program: a pod's pinned link running it is adopted as it is.
     sk_lookup_print: ProgramPrint,
+    /// Whether the programs of pods' pinned links (by id) are like this agent's.
+    sk_lookup_judged: StdHashMap<u32, bool>,
 }
 
 impl Capture {
@@ -143,7 +145,11 @@ impl Capture {
                 .try_into()?;
             program.load()?;
             let pin = pins.cgroup_link(name);
-            if pins::pinned_link_runs(&pin, &ProgramPrint::of(program.info())?) {
+            if pins::pinned_link_runs(
+                &pin,
+                &ProgramPrint::of(program.info())?,
+                &mut StdHashMap::new(),
+            ) {
                 debug!(program = name, "adopted the pinned link");
                 continue;
             }
@@ -159,7 +165,11 @@ impl Capture {
             .try_into()?;
         sockops.load()?;
         let pin = pins.cgroup_link(programs::SOCKOPS);
-        if !pins::pinned_link_runs(&pin, &ProgramPrint::of(sockops.info())?) {
+        if !pins::pinned_link_runs(
+            &pin,
+            &ProgramPrint::of(sockops.info())?,
+            &mut StdHashMap::new(),
+        ) {
             let link = sockops.attach(&cgroup, CgroupAttachMode::Single)?;
             pins::pin_replacing(FdLink::try_from(sockops.take_link(link)?)?, &pin)?;
         }
@@ -215,6 +225,7 @@ impl Capture {
                 listener_owners: StdHashMap::new(),
                 pins,
                 sk_lookup_print,
+                sk_lookup_judged: StdHashMap::new(),
             }),
             orig_dst: Mutex::new(orig_dst),
             node_connections: Mutex::new(node_connections),
@@ -238,7 +249,12 @@ impl Capture {
             control.listener_owners.insert(key, netns_cookie);
         }
         let pin = control.pins.netns_link(netns_cookie);
-        if !pins::pinned_link_runs(&pin, &control.sk_lookup_print) {
+        let Control {
+            sk_lookup_print,
+            sk_lookup_judged,
+            ..
+        } = &mut *control;
+        if !pins::pinned_link_runs(&pin, sk_lookup_print, sk_lookup_judged) {
             let program: &mut SkLookup = control
                 .ebpf
                 .program_mut(programs::SK_LOOKUP)

@@ -10,6 +10,7 @@
 //! never reads a map written with another layout), `links/<program>` (the cgroup links),
 //! `netns/<cookie>` (each enrolled pod's `sk_lookup` link, by netns cookie).
 use std::{
+    collections::HashMap,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -166,8 +167,14 @@ impl ProgramPrint {
 
 /// Whether the pinned link at `path` runs a program like `print` (same instructions, same
 /// maps): then the capture in force is this agent's own and is adopted as it is. A program
-/// of another version, or one on maps of another layout, is replaced.
-pub fn pinned_link_runs(path: &Path, print: &ProgramPrint) -> bool {
+/// of another version, or one on maps of another layout, is replaced. `judged` remembers the
+/// answer by program id: the links of every pod an earlier agent enrolled run one program,
+/// looked up once rather than once per pod (a walk over every program of the machine).
+pub fn pinned_link_runs(
+    path: &Path,
+    print: &ProgramPrint,
+    judged: &mut HashMap<u32, bool>,
+) -> bool {
     let Ok(link) = PinnedLink::from_pin(path) else {
         return false;
     };
@@ -175,11 +182,13 @@ pub fn pinned_link_runs(path: &Path, print: &ProgramPrint) -> bool {
         return false;
     };
     let id = info.program_id();
-    loaded_programs()
-        .filter_map(Result::ok)
-        .find(|program| program.id() == id)
-        .and_then(|program| ProgramPrint::of(Ok(program)).ok())
-        .is_some_and(|pinned| pinned == *print)
+    *judged.entry(id).or_insert_with(|| {
+        loaded_programs()
+            .filter_map(Result::ok)
+            .find(|program| program.id() == id)
+            .and_then(|program| ProgramPrint::of(Ok(program)).ok())
+            .is_some_and(|pinned| pinned == *print)
+    })
 }
 
 /// Pins `link` at `path`, replacing what was pinned there in one step: the new link is

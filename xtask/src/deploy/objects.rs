@@ -743,13 +743,7 @@ fn holder_daemon_set(values: &Values) -> DaemonSet {
         resources: Some(values.holder.resources.clone()),
         security_context: Some(SecurityContext {
             run_as_user: Some(0),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: args(&["ALL"]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
+            ..no_privileges()
         }),
         volume_mounts: Some(vec![mount("sockets", SOCKET_DIR, false)]),
         ..Container::default()
@@ -774,6 +768,20 @@ fn holder_daemon_set(values: &Values) -> DaemonSet {
         rolling_update: None,
     };
     daemon_set(HOLDER, "holder", update, None, pod)
+}
+
+/// No capability, no escalation, a read-only root: for the pods that need none of the
+/// agent's powers (the holder, the CA).
+fn no_privileges() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: args(&["ALL"]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
 }
 
 // === the CA ===
@@ -837,15 +845,7 @@ fn ca_deployment(values: &Values) -> Deployment {
         readiness_probe: Some(tcp_probe(5)),
         liveness_probe: Some(tcp_probe(10)),
         resources: Some(values.ca.resources.clone()),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: args(&["ALL"]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(no_privileges()),
         volume_mounts: Some(vec![mount("tmp", "/tmp", false)]),
         ..Container::default()
     };
