@@ -4,6 +4,7 @@
 //! [`document`], keeps the last good version of what it had to refuse with [`LastGood`], and
 //! publishes through [`publish`]: so a YAML file and the API server give the same state for
 //! the same objects, and refuse the same bad ones.
+mod core;
 mod document;
 mod last_good;
 mod translate;
@@ -11,7 +12,7 @@ mod translate;
 pub mod file;
 pub mod kube;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 pub use last_good::LastGood;
 use tracing::{info, warn};
@@ -23,9 +24,21 @@ use crate::{
     state::{State, StateTx},
 };
 
+/// Runs a load, which takes a while on a big cluster, without holding up the tasks that
+/// share its runtime worker (health and metrics endpoints, the proxy): on a multi-threaded
+/// runtime the worker hands its other tasks to another thread meanwhile.
+pub fn without_blocking_the_runtime<T>(load: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(load),
+        _ => load(),
+    }
+}
+
 /// Translates `objects` and publishes the state; logs what was refused. `origins` says where
-/// each object came from (`Kind namespace/name` → file path), for the admin API.
+/// each object came from (`Kind namespace/name` → file path), for the admin API. `started`
+/// is when the source began this load, for the load-time metric.
 pub fn publish(
+    started: Instant,
     objects: &[Object],
     rejections: Vec<Rejection>,
     origins: BTreeMap<String, String>,
@@ -58,15 +71,20 @@ pub fn publish(
             "routing resource not applied to a host"
         );
     }
+    let took = started.elapsed();
     info!(
         namespaces = state.namespaces.len(),
         workloads = state.workloads.len(),
         services = state.services.len(),
         routed_hosts = state.routes.summary().len(),
         rejected = state.rejections.len(),
+        took_ms = took.as_millis(),
         "config loaded"
     );
-    tx.send_replace(state.clone());
-    metrics.config_loaded(state.rejections.len());
+    // The previous state is dropped here unless a reader still holds it.
+    drop(tx.send_replace(state.clone()));
+    // A load on a big cluster frees hundreds of MiB of parsed documents and old state.
+    crate::memory::release_free_memory();
+    metrics.config_loaded(state.rejections.len(), took);
     state
 }

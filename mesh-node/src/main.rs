@@ -12,6 +12,10 @@ use mesh_node::{
 };
 use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
+/// mimalloc rather than the C library's malloc: see `mesh_node::memory`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<ExitCode> {
     // The runtime executes the plugin by its file name, with no arguments.
     let invoked_as = std::env::args_os().next().map(PathBuf::from);

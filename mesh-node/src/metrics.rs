@@ -28,7 +28,7 @@ pub mod process;
 use std::time::Duration;
 
 pub use http::{HttpMetrics, RequestOutcome};
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::{
     ebpf::{Counters, MapFill},
@@ -213,6 +213,7 @@ pub struct NodeMetrics {
     enrolled_pods: IntGauge,
     config_rejections: IntGauge,
     config_loads: IntCounter,
+    config_last_load: Gauge,
     captured_connections: IntCounterVec,
     capture_refusals: IntCounterVec,
     proxy_errors: IntCounterVec,
@@ -256,6 +257,14 @@ impl NodeMetrics {
             config_loads: counter(
                 "nodemesh_config_loads_total",
                 "Config snapshots published (one per change of the config)",
+            )?,
+            config_last_load: registered(
+                registry,
+                Gauge::new(
+                    "nodemesh_config_last_load_seconds",
+                    "Seconds the last config load took: reading what changed, translating it \
+                     and publishing the snapshot",
+                )?,
             )?,
             captured_connections: counters(
                 "nodemesh_captured_connections_total",
@@ -323,8 +332,9 @@ impl NodeMetrics {
     }
 
     /// Records one published config snapshot and how many resources it refused.
-    pub fn config_loaded(&self, rejections: usize) {
+    pub fn config_loaded(&self, rejections: usize, took: Duration) {
         self.config_rejections.set(rejections as i64);
+        self.config_last_load.set(took.as_secs_f64());
         self.config_loads.inc();
     }
 

@@ -24,6 +24,7 @@ mod http;
 mod oha;
 mod report;
 mod restart;
+mod scale;
 pub mod table;
 mod tools;
 
@@ -77,8 +78,16 @@ const WARM_UP_CONNECTIONS: u32 = 10;
 /// What `cargo xtask bench` was asked for.
 pub struct Options {
     pub quick: bool,
+    pub only: Vec<Only>,
     pub rounds: Option<u32>,
     pub seconds: Option<u32>,
+}
+
+/// Rows `--only` can pick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// The config at the size of a big cluster.
+    Scale,
 }
 
 /// With or without the mesh.
@@ -306,6 +315,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     }
     let interrupt = Interrupt::install()?;
     let started = Instant::now();
+    if options.only.contains(&Only::Scale) {
+        let measured = scale::measure(&interrupt)?;
+        print!("{}", scale::render(&measured));
+        println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
+        return Ok(());
+    }
 
     println!(
         "bench: {rounds} round(s) × {seconds} s per figure, {connections} connections per \
@@ -480,6 +495,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     println!("bench: cleaning up…");
     drop(sides);
     drop(cluster);
+    let scale = scale::measure(&interrupt)?;
+    print!("{}", scale::render(&scale));
     println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }

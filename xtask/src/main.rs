@@ -61,6 +61,10 @@ enum Task {
         /// Seconds per measurement [default: 5, --quick: 1].
         #[arg(long, value_name = "S")]
         seconds: Option<u32>,
+        /// Run only these rows (repeatable): `scale` (the config at the size of a big
+        /// cluster).
+        #[arg(long, value_name = "ROWS")]
+        only: Vec<bench::Only>,
     },
     /// Write the cluster install in deploy/ (manifests, CRDs, kustomizations, Helm
     /// templates) from its typed objects and deploy/helm/nodemesh/values.yaml.
@@ -103,10 +107,12 @@ fn main() -> anyhow::Result<()> {
             quick,
             rounds,
             seconds,
+            only,
         } => bench::run(bench::Options {
             quick,
             rounds,
             seconds,
+            only,
         }),
         Task::Manifests => deploy::write_manifests(),
         Task::DeployCheck => deploy::check(),

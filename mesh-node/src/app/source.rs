@@ -7,7 +7,7 @@ use tracing::info;
 
 use crate::{
     cli::{ConfigSourceKind, resolve_config_source},
-    config::{file::FileSource, kube::KubeSource},
+    config::{file::FileSource, kube::KubeSource, without_blocking_the_runtime},
     metrics::NodeMetrics,
     readiness::ReadinessGuard,
     state::StateTx,
@@ -33,8 +33,7 @@ impl ConfigSource {
             ConfigSourceKind::File => {
                 let dir = dir.context("--config-dir is required")?;
                 let mut source = FileSource::new(dir, root_namespace);
-                source
-                    .publish(tx, metrics)
+                without_blocking_the_runtime(|| source.publish(tx, metrics))
                     .with_context(|| format!("reading config dir {}", dir.display()))?;
                 info!(dir = %dir.display(), "config source: files");
                 Ok(Self::File(source))

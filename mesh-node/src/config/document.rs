@@ -1,6 +1,8 @@
 //! One Kubernetes object (YAML or the API server's JSON) → an [`Object`] or the reason it
 //! cannot be one. The file source and the kube source both classify through here, so a
 //! resource is accepted or refused alike whichever way it arrives.
+use std::sync::Arc;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, de::DeserializeOwned};
 
@@ -11,6 +13,7 @@ use crate::{
 };
 
 /// One YAML document, classified.
+#[derive(Clone)]
 pub(crate) enum Document {
     Object(Object),
     /// Refused. A security resource is still enforced, as `fail_closed`: the form that
@@ -47,13 +50,13 @@ pub(crate) struct MetaNames {
 }
 
 /// Reads a document as one kind of [`Object`].
-type Parse = fn(serde_yaml::Value) -> Result<Object, serde_yaml::Error>;
+type Parse = fn(&serde_yaml::Value) -> Result<Object, serde_yaml::Error>;
 
 fn parse_as<T: DeserializeOwned>(
-    value: serde_yaml::Value,
-    wrap: fn(Box<T>) -> Object,
+    value: &serde_yaml::Value,
+    wrap: fn(Arc<T>) -> Object,
 ) -> Result<Object, serde_yaml::Error> {
-    serde_yaml::from_value(value).map(|o| wrap(Box::new(o)))
+    T::deserialize(value).map(|o| wrap(Arc::new(o)))
 }
 
 pub(crate) fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
@@ -100,8 +103,7 @@ pub(crate) fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
         },
         name: meta.metadata.name,
     };
-    let spec = value.get("spec").cloned().unwrap_or_default();
-    let error = match parse(value).map_err(|e| e.to_string()).and_then(|object| {
+    let error = match parse(&value).map_err(|e| e.to_string()).and_then(|object| {
         validate(&object)
             .map(|()| object)
             .map_err(|e| e.to_string())
@@ -109,7 +111,10 @@ pub(crate) fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
         Ok(object) => return Document::Object(object),
         Err(error) => error,
     };
-    let fail_closed = fail_closed(&resource, &spec);
+    let fail_closed = fail_closed(
+        &resource,
+        value.get("spec").unwrap_or(&serde_yaml::Value::Null),
+    );
     let error = match &fail_closed {
         Some(Object::PeerAuthentication(_)) => {
             format!("{error}; enforced as STRICT for its selection until fixed")
@@ -144,12 +149,12 @@ fn fail_closed(resource: &ObjectId, spec: &serde_yaml::Value) -> Option<Object> 
         ..ObjectMeta::default()
     };
     match resource.kind {
-        "PeerAuthentication" => Some(Object::PeerAuthentication(Box::new(IstioObject {
+        "PeerAuthentication" => Some(Object::PeerAuthentication(Arc::new(IstioObject {
             metadata,
             spec: PeerAuthenticationSpec::fail_closed(spec),
         }))),
         "AuthorizationPolicy" => AuthorizationPolicySpec::fail_closed(spec)
-            .map(|spec| Object::AuthorizationPolicy(Box::new(IstioObject { metadata, spec }))),
+            .map(|spec| Object::AuthorizationPolicy(Arc::new(IstioObject { metadata, spec }))),
         _ => None,
     }
 }
@@ -314,7 +319,7 @@ mod tests {
         fn fuzz_object_classification(documents in proptest::collection::vec(document(), 1..6)) {
             let mut objects = Vec::new();
             for value in documents {
-                let meta: TypeMeta = serde_yaml::from_value(value.clone()).expect("the header");
+                let meta = TypeMeta::deserialize(&value).expect("the header");
                 match classify(meta, value) {
                     Document::Object(object) => objects.push(object),
                     Document::Invalid { resource, fail_closed, .. } => {

@@ -10,7 +10,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::Deserialize;
@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 use super::{
     LastGood, Object,
     document::{Document, TypeMeta, classify},
-    publish,
+    publish, without_blocking_the_runtime,
 };
 use crate::{
     inventory::{ObjectId, Rejection},
@@ -42,6 +42,14 @@ pub struct FileSource {
     last_good: LastGood,
     /// The file each object of the last load came from, for the admin API's config dump.
     origins: BTreeMap<String, String>,
+    /// Each file's documents as last parsed, with the modification time and length they
+    /// were parsed at: a reload parses only the files that changed.
+    parsed: HashMap<PathBuf, Parsed>,
+}
+
+struct Parsed {
+    stamp: (SystemTime, u64),
+    documents: Result<Vec<Document>, String>,
 }
 
 /// The result of one load: objects to translate and what was refused.
@@ -60,6 +68,7 @@ impl FileSource {
             last_good_by_file: HashMap::new(),
             last_good: LastGood::default(),
             origins: BTreeMap::new(),
+            parsed: HashMap::new(),
         }
     }
 
@@ -69,15 +78,16 @@ impl FileSource {
         let mut origins: HashMap<ObjectId, PathBuf> = HashMap::new();
         let mut rejections = Vec::new();
         let mut files_seen = HashMap::new();
+        let mut parsed = HashMap::new();
         for path in self.yaml_files()? {
-            let text = match std::fs::read_to_string(&path) {
-                Ok(text) => text,
+            let documents = match self.parse(&path) {
+                Ok(file) => parsed.entry(path.clone()).insert_entry(file).into_mut(),
                 Err(error) => {
                     rejections.push(reject(&path, "(file)", error.to_string()));
                     continue;
                 }
             };
-            let file_objects = match parse_documents(&text) {
+            let file_objects = match documents.documents.clone() {
                 Ok(documents) => {
                     let mut accepted = Vec::new();
                     for document in documents {
@@ -133,6 +143,7 @@ impl FileSource {
         self.last_good
             .enforce_references(&mut objects, origin_of, &mut rejections);
         self.last_good_by_file = files_seen;
+        self.parsed = parsed;
         self.last_good.remember(&objects);
         self.origins = objects
             .iter()
@@ -145,6 +156,23 @@ impl FileSource {
         Ok(Load {
             objects,
             rejections,
+        })
+    }
+
+    /// The documents of the file at `path`: those parsed last time when it has not
+    /// changed since, else read and parsed now.
+    fn parse(&mut self, path: &Path) -> std::io::Result<Parsed> {
+        let meta = std::fs::metadata(path)?;
+        let stamp = (meta.modified()?, meta.len());
+        if let Some(previous) = self.parsed.remove(path)
+            && previous.stamp == stamp
+        {
+            return Ok(previous);
+        }
+        let text = std::fs::read_to_string(path)?;
+        Ok(Parsed {
+            stamp,
+            documents: parse_documents(&text),
         })
     }
 
@@ -176,11 +204,13 @@ impl FileSource {
 
     /// Loads, translates and publishes the state now; returns the new state.
     pub fn publish(&mut self, tx: &StateTx, metrics: &NodeMetrics) -> std::io::Result<Arc<State>> {
+        let started = Instant::now();
         let Load {
             objects,
             rejections,
         } = self.load()?;
         Ok(publish(
+            started,
             &objects,
             rejections,
             self.origins.clone(),
@@ -209,7 +239,7 @@ impl FileSource {
                 continue;
             }
             last = current;
-            if let Err(error) = self.publish(&tx, &metrics) {
+            if let Err(error) = without_blocking_the_runtime(|| self.publish(&tx, &metrics)) {
                 warn!(dir = %self.dir.display(), %error, "config reload failed; keeping the last state");
             }
         }
@@ -236,7 +266,7 @@ fn parse_documents(text: &str) -> Result<Vec<Document>, String> {
         if value.is_null() {
             continue;
         }
-        let meta: TypeMeta = match serde_yaml::from_value(value.clone()) {
+        let meta = match TypeMeta::deserialize(&value) {
             Ok(meta) => meta,
             Err(error) => {
                 documents.push(Document::Invalid {

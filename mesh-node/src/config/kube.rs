@@ -11,12 +11,12 @@
 //!
 //! Pods are watched on every node, not just this one: a pod's service account (the identity
 //! its peers must present) and labels (DestinationRule subsets, metrics) are needed wherever
-//! its callers run, and no EndpointSlice carries them. The pods kept in memory are trimmed to
-//! the fields the mesh reads.
+//! its callers run, and no EndpointSlice carries them. The pods kept in memory hold only the
+//! fields the mesh reads (`config::core`).
 use std::{
     collections::{BTreeMap, HashSet},
     pin::Pin,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{Stream, StreamExt};
@@ -25,6 +25,7 @@ use kube::{
     api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{WatchStreamExt, watcher},
 };
+use serde::Deserialize as _;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -32,7 +33,7 @@ use tracing::{debug, info, warn};
 use super::{
     LastGood, Object,
     document::{Document, TypeMeta, classify},
-    publish,
+    publish, without_blocking_the_runtime,
 };
 use crate::{
     inventory::{ObjectId, Rejection},
@@ -163,13 +164,11 @@ fn object_key(object: &DynamicObject) -> (String, String) {
 /// Classifies an object from the API server the way the file source classifies a document.
 fn classify_object(kind: &WatchedKind, mut object: DynamicObject) -> ((String, String), Document) {
     let key = object_key(&object);
+    // Dropped before the conversion below: `managedFields` and annotations (one
+    // `last-applied-configuration` can be larger than the rest of the object) are never
+    // read, and the core kinds' types ignore every other field the mesh does not read.
     object.metadata.managed_fields = None;
-    if kind.kind == "Pod" {
-        // The translation reads no pod annotations; `last-applied-configuration` alone can
-        // be larger than the rest of the pod.
-        object.metadata.annotations = None;
-        trim_pod(&mut object.data);
-    }
+    object.metadata.annotations = None;
     let mut value = Map::new();
     value.insert("apiVersion".into(), kind.api_version.into());
     value.insert("kind".into(), kind.kind.into());
@@ -183,8 +182,7 @@ fn classify_object(kind: &WatchedKind, mut object: DynamicObject) -> ((String, S
     let document = serde_yaml::to_value(Value::Object(value))
         .map_err(|e| e.to_string())
         .and_then(|value| {
-            let meta: TypeMeta =
-                serde_yaml::from_value(value.clone()).map_err(|e| e.to_string())?;
+            let meta = TypeMeta::deserialize(&value).map_err(|e| e.to_string())?;
             Ok(classify(meta, value))
         })
         .unwrap_or_else(|error| Document::Invalid {
@@ -197,33 +195,6 @@ fn classify_object(kind: &WatchedKind, mut object: DynamicObject) -> ((String, S
             fail_closed: None,
         });
     (key, document)
-}
-
-/// Keeps only what the translation reads of a pod: the rest (container images, env,
-/// volumes, statuses) would be held in memory for every pod of the cluster.
-fn trim_pod(data: &mut Value) {
-    fn keep(value: &mut Value, fields: &[&str]) {
-        if let Value::Object(map) = value {
-            map.retain(|k, _| fields.contains(&k.as_str()));
-        }
-    }
-    if let Some(spec) = data.get_mut("spec") {
-        keep(spec, &["nodeName", "serviceAccountName", "containers"]);
-        if let Some(Value::Array(containers)) = spec.get_mut("containers") {
-            for container in containers {
-                keep(container, &["name", "ports"]);
-            }
-        }
-    }
-    if let Some(status) = data.get_mut("status") {
-        keep(
-            status,
-            &["phase", "podIP", "podIPs", "conditions", "hostIP"],
-        );
-    }
-    if let Value::Object(map) = data {
-        map.retain(|k, _| k == "spec" || k == "status");
-    }
 }
 
 type EventStream = Pin<
@@ -299,7 +270,7 @@ impl KubeSource {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(PUBLISH_DELAY), if dirty && all_synced => {
                     dirty = false;
-                    self.publish(&tx, &metrics);
+                    without_blocking_the_runtime(|| self.publish(&tx, &metrics));
                     if ready.take().is_some() {
                         info!("kube source synced: every kind listed");
                     }
@@ -359,6 +330,7 @@ impl KubeSource {
     }
 
     fn publish(&mut self, tx: &StateTx, metrics: &NodeMetrics) {
+        let started = Instant::now();
         let (objects, rejections) = self.accepted();
         // The config dump says where each object came from, as for files.
         let origins = objects
@@ -366,6 +338,7 @@ impl KubeSource {
             .map(|o| (o.id().to_string(), ORIGIN.to_string()))
             .collect();
         publish(
+            started,
             &objects,
             rejections,
             origins,

@@ -1,18 +1,14 @@
 //! Kubernetes objects → normalized [`State`].
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
+    sync::Arc,
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Namespace, Pod, Service as K8sService},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
-};
+use k8s_openapi::apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString};
 use serde::Deserialize;
 
+use super::core::{EndpointSlice, Namespace, Pod, Service as K8sService};
 use crate::{
     inventory::{
         ENROLLMENT_LABEL, ObjectId, ObjectKey, Rejection, Service, ServicePort, TargetPort,
@@ -34,20 +30,21 @@ pub struct IstioObject<S> {
     pub spec: S,
 }
 
-/// A Kubernetes object the mesh understands.
+/// A Kubernetes object the mesh understands. Shared (`Arc`): a source, its last good
+/// versions and each load's list hold the same object, not copies of it.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
-    Service(Box<K8sService>),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    Service(Arc<K8sService>),
     /// A Service's endpoints as the API server lists them (`discovery.k8s.io/v1`).
-    EndpointSlice(Box<EndpointSlice>),
-    PeerAuthentication(Box<IstioObject<PeerAuthenticationSpec>>),
-    AuthorizationPolicy(Box<IstioObject<AuthorizationPolicySpec>>),
-    VirtualService(Box<IstioObject<VirtualServiceSpec>>),
-    DestinationRule(Box<IstioObject<DestinationRuleSpec>>),
+    EndpointSlice(Arc<EndpointSlice>),
+    PeerAuthentication(Arc<IstioObject<PeerAuthenticationSpec>>),
+    AuthorizationPolicy(Arc<IstioObject<AuthorizationPolicySpec>>),
+    VirtualService(Arc<IstioObject<VirtualServiceSpec>>),
+    DestinationRule(Arc<IstioObject<DestinationRuleSpec>>),
     /// Gateway API `HTTPRoute`; the mesh uses those bound to Services (GAMMA).
-    HttpRoute(Box<IstioObject<HttpRouteSpec>>),
+    HttpRoute(Arc<IstioObject<HttpRouteSpec>>),
 }
 
 /// Why an object cannot be used.
@@ -67,25 +64,27 @@ pub enum TranslateError {
 
 impl Object {
     pub fn id(&self) -> ObjectId {
-        let (kind, meta) = match self {
-            Object::Namespace(o) => ("Namespace", &o.metadata),
-            Object::Pod(o) => ("Pod", &o.metadata),
-            Object::Service(o) => ("Service", &o.metadata),
-            Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
-            Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),
-            Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
-            Object::VirtualService(o) => ("VirtualService", &o.metadata),
-            Object::DestinationRule(o) => ("DestinationRule", &o.metadata),
-            Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),
+        let full = |meta: &ObjectMeta| (meta.name.clone(), meta.namespace.clone());
+        let core = |meta: &super::core::Meta| (meta.name.clone(), meta.namespace.clone());
+        let (kind, (name, namespace)) = match self {
+            Object::Namespace(o) => ("Namespace", core(&o.metadata)),
+            Object::Pod(o) => ("Pod", core(&o.metadata)),
+            Object::Service(o) => ("Service", core(&o.metadata)),
+            Object::EndpointSlice(o) => ("EndpointSlice", core(&o.metadata)),
+            Object::PeerAuthentication(o) => ("PeerAuthentication", full(&o.metadata)),
+            Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", full(&o.metadata)),
+            Object::VirtualService(o) => ("VirtualService", full(&o.metadata)),
+            Object::DestinationRule(o) => ("DestinationRule", full(&o.metadata)),
+            Object::HttpRoute(o) => ("HTTPRoute", full(&o.metadata)),
         };
         let namespace = match self {
             Object::Namespace(_) => String::new(),
-            _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            _ => namespace.unwrap_or_else(|| "default".into()),
         };
         ObjectId {
             kind,
             namespace,
-            name: meta.name.clone().unwrap_or_default(),
+            name: name.unwrap_or_default(),
         }
     }
 }
@@ -159,10 +158,11 @@ pub fn translate(
         }
     }
     let slices = endpoint_slices_by_service(objects);
+    let selectable = SelectorIndex::new(&workloads);
     let mut services = BTreeMap::new();
     for object in objects {
         if let Object::Service(svc) = object
-            && let Ok(service) = service(object.id(), svc, &workloads, &slices)
+            && let Ok(service) = service(object.id(), svc, &workloads, &slices, &selectable)
         {
             services.insert(service.key.clone(), service);
         }
@@ -375,7 +375,7 @@ fn endpoints_from_slices(
 ) -> Vec<ObjectKey> {
     let mut endpoints: Vec<ObjectKey> = slices
         .iter()
-        .flat_map(|slice| slice.endpoints.iter())
+        .flat_map(|slice| slice.endpoints.iter().flatten())
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
         .filter_map(|e| e.target_ref.as_ref())
         .filter(|target| target.kind.as_deref() == Some("Pod"))
@@ -393,11 +393,59 @@ fn endpoints_from_slices(
     endpoints
 }
 
+/// The pods a selector can pick (ready, with an address) by `(namespace, label, value)`: a
+/// Service's selector looks up its rarest pair and checks the others on those few pods,
+/// rather than every pod of the cluster for every Service.
+struct SelectorIndex<'a> {
+    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<&'a Workload>>,
+}
+
+impl<'a> SelectorIndex<'a> {
+    fn new(workloads: &'a BTreeMap<ObjectKey, Workload>) -> Self {
+        let mut by_label: HashMap<_, Vec<&Workload>> = HashMap::new();
+        for workload in workloads.values() {
+            if !workload.ready || workload.ips.is_empty() {
+                continue;
+            }
+            for (label, value) in &workload.labels {
+                by_label
+                    .entry((
+                        workload.key.namespace.as_str(),
+                        label.as_str(),
+                        value.as_str(),
+                    ))
+                    .or_default()
+                    .push(workload);
+            }
+        }
+        Self { by_label }
+    }
+
+    /// The pods of `namespace` that `selector` (not empty) matches, in key order.
+    fn select(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<ObjectKey> {
+        let candidates = selector
+            .iter()
+            .map(|(label, value)| {
+                self.by_label
+                    .get(&(namespace, label.as_str(), value.as_str()))
+                    .map_or(&[][..], Vec::as_slice)
+            })
+            .min_by_key(|pods| pods.len())
+            .unwrap_or_default();
+        candidates
+            .iter()
+            .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .map(|w| w.key.clone())
+            .collect()
+    }
+}
+
 fn service(
     id: ObjectId,
     svc: &K8sService,
     workloads: &BTreeMap<ObjectKey, Workload>,
     slices: &BTreeMap<ObjectKey, Vec<&EndpointSlice>>,
+    selectable: &SelectorIndex<'_>,
 ) -> Result<Service, TranslateError> {
     let selector = svc
         .spec
@@ -413,12 +461,7 @@ fn service(
     } else if selector.is_empty() {
         Vec::new()
     } else {
-        workloads
-            .values()
-            .filter(|w| w.key.namespace == id.namespace && w.ready && !w.ips.is_empty())
-            .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-            .map(|w| w.key.clone())
-            .collect()
+        selectable.select(&id.namespace, &selector)
     };
     Ok(Service {
         key,

@@ -77,21 +77,25 @@ fn state(yaml: &str) -> State {
         .map(|document| {
             let value = serde_yaml::Value::deserialize(document).unwrap();
             let object = match value["kind"].as_str().expect("a kind") {
-                "Namespace" => Object::Namespace(Box::new(serde_yaml::from_value(value).unwrap())),
-                "Pod" => Object::Pod(Box::new(serde_yaml::from_value(value).unwrap())),
-                "Service" => Object::Service(Box::new(serde_yaml::from_value(value).unwrap())),
-                "PeerAuthentication" => {
-                    Object::PeerAuthentication(Box::new(serde_yaml::from_value(value).unwrap()))
+                "Namespace" => {
+                    Object::Namespace(std::sync::Arc::new(serde_yaml::from_value(value).unwrap()))
                 }
-                "AuthorizationPolicy" => {
-                    Object::AuthorizationPolicy(Box::new(serde_yaml::from_value(value).unwrap()))
+                "Pod" => Object::Pod(std::sync::Arc::new(serde_yaml::from_value(value).unwrap())),
+                "Service" => {
+                    Object::Service(std::sync::Arc::new(serde_yaml::from_value(value).unwrap()))
                 }
-                "VirtualService" => {
-                    Object::VirtualService(Box::new(serde_yaml::from_value(value).unwrap()))
-                }
-                "DestinationRule" => {
-                    Object::DestinationRule(Box::new(serde_yaml::from_value(value).unwrap()))
-                }
+                "PeerAuthentication" => Object::PeerAuthentication(std::sync::Arc::new(
+                    serde_yaml::from_value(value).unwrap(),
+                )),
+                "AuthorizationPolicy" => Object::AuthorizationPolicy(std::sync::Arc::new(
+                    serde_yaml::from_value(value).unwrap(),
+                )),
+                "VirtualService" => Object::VirtualService(std::sync::Arc::new(
+                    serde_yaml::from_value(value).unwrap(),
+                )),
+                "DestinationRule" => Object::DestinationRule(std::sync::Arc::new(
+                    serde_yaml::from_value(value).unwrap(),
+                )),
                 kind => panic!("unexpected kind {kind}"),
             };
             if let Err(error) = validate(&object) {

@@ -17,13 +17,15 @@ fn objects(yaml: &str) -> Vec<Object> {
         .map(|document| {
             let value = serde_yaml::Value::deserialize(document).unwrap();
             match value["kind"].as_str().expect("a kind") {
-                "VirtualService" => {
-                    Object::VirtualService(Box::new(serde_yaml::from_value(value).unwrap()))
+                "VirtualService" => Object::VirtualService(std::sync::Arc::new(
+                    serde_yaml::from_value(value).unwrap(),
+                )),
+                "DestinationRule" => Object::DestinationRule(std::sync::Arc::new(
+                    serde_yaml::from_value(value).unwrap(),
+                )),
+                "HTTPRoute" => {
+                    Object::HttpRoute(std::sync::Arc::new(serde_yaml::from_value(value).unwrap()))
                 }
-                "DestinationRule" => {
-                    Object::DestinationRule(Box::new(serde_yaml::from_value(value).unwrap()))
-                }
-                "HTTPRoute" => Object::HttpRoute(Box::new(serde_yaml::from_value(value).unwrap())),
                 kind => panic!("unexpected kind {kind}"),
             }
         })

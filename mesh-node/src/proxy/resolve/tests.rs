@@ -8,11 +8,13 @@ fn state(yaml: &str) -> State {
         .map(|doc| {
             let value = serde_yaml::Value::deserialize(doc).unwrap();
             match value["kind"].as_str().unwrap() {
-                "Pod" => Object::Pod(Box::new(serde_yaml::from_value(value).unwrap())),
-                "Service" => Object::Service(Box::new(serde_yaml::from_value(value).unwrap())),
-                "VirtualService" => {
-                    Object::VirtualService(Box::new(serde_yaml::from_value(value).unwrap()))
+                "Pod" => Object::Pod(std::sync::Arc::new(serde_yaml::from_value(value).unwrap())),
+                "Service" => {
+                    Object::Service(std::sync::Arc::new(serde_yaml::from_value(value).unwrap()))
                 }
+                "VirtualService" => Object::VirtualService(std::sync::Arc::new(
+                    serde_yaml::from_value(value).unwrap(),
+                )),
                 kind => panic!("unexpected kind {kind}"),
             }
         })
