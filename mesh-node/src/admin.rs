@@ -116,9 +116,9 @@ impl Admin {
             .into_iter()
             .map(|(service, resources, _)| {
                 // `VirtualService ns/a` or, merged, `HTTPRoute ns/a, HTTPRoute ns/b`.
-                let files: Vec<Option<&String>> = resources
+                let files: Vec<Option<&str>> = resources
                     .split(", ")
-                    .map(|resource| state.origins.get(resource))
+                    .map(|resource| state.origins.get(resource).map(|o| &**o))
                     .collect();
                 json!({ "service": service, "resources": resources, "origins": files })
             })
@@ -264,10 +264,10 @@ mod tests {
 
     fn state_with_origins() -> State {
         let mut state = State::with_workloads([Workload::for_test("node0", "shop", "web", &[])]);
-        state.origins = BTreeMap::from([(
+        state.origins = Arc::new(BTreeMap::from([(
             "Pod shop/web-0".to_string(),
-            "/etc/mesh/pods.yaml".to_string(),
-        )]);
+            "/etc/mesh/pods.yaml".into(),
+        )]));
         state
     }
 

@@ -41,7 +41,7 @@ pub fn publish(
     started: Instant,
     objects: &[Object],
     rejections: Vec<Rejection>,
-    origins: BTreeMap<String, String>,
+    origins: Arc<BTreeMap<String, Arc<str>>>,
     root_namespace: &str,
     tx: &StateTx,
     metrics: &NodeMetrics,

@@ -65,9 +65,9 @@ use traffic_policy::PolicySection;
 pub use traffic_policy::{ConnectionPool, HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
 pub use virtual_service::VirtualServiceSpec;
 
-use crate::inventory::ObjectKey;
 #[cfg(doc)]
 use crate::inventory::Rejection;
+use crate::inventory::{Labels, ObjectKey};
 
 /// One routing resource's typed spec, as a config source hands it to [`Routes::build`]
 /// beside its [`ObjectId`](crate::inventory::ObjectId).
@@ -149,7 +149,7 @@ pub struct RequestInfo<'a> {
     pub headers: &'a http::HeaderMap,
     /// The Service port the client dialed.
     pub port: u16,
-    pub source_labels: &'a BTreeMap<String, String>,
+    pub source_labels: &'a Labels,
 }
 
 /// The outcome of [`Routes::match_http`].

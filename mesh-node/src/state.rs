@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::{
-    inventory::{ObjectKey, Rejection, Service, TargetPort, Workload},
+    inventory::{Labels, ObjectKey, Rejection, Service, TargetPort, Workload},
     policy::Policies,
     routing::Routes,
 };
@@ -20,7 +20,7 @@ use crate::{
 /// One immutable snapshot of everything the mesh knows.
 #[derive(Clone, Debug, Default)]
 pub struct State {
-    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pub namespaces: BTreeMap<String, Labels>,
     pub workloads: BTreeMap<ObjectKey, Workload>,
     pub services: BTreeMap<ObjectKey, Service>,
     pub policies: Policies,
@@ -29,7 +29,8 @@ pub struct State {
     pub rejections: Vec<Rejection>,
     /// Where each object came from (a file path for the file source), by `Kind
     /// namespace/name` (`Kind name` for namespaces); empty when the source does not say.
-    pub origins: BTreeMap<String, String>,
+    /// Shared with the source that built it, and each file's path is one string.
+    pub origins: Arc<BTreeMap<String, Arc<str>>>,
     workload_by_ip: HashMap<IpAddr, ObjectKey>,
     service_by_ip: HashMap<IpAddr, ObjectKey>,
 }
@@ -37,7 +38,7 @@ pub struct State {
 impl State {
     /// Builds the snapshot and its indexes from translated parts.
     pub fn new(
-        namespaces: BTreeMap<String, BTreeMap<String, String>>,
+        namespaces: BTreeMap<String, Labels>,
         workloads: BTreeMap<ObjectKey, Workload>,
         services: BTreeMap<ObjectKey, Service>,
         policies: Policies,
@@ -59,7 +60,7 @@ impl State {
             policies,
             routes,
             rejections,
-            origins: BTreeMap::new(),
+            origins: Arc::default(),
             workload_by_ip,
             service_by_ip,
         }
@@ -77,9 +78,9 @@ impl State {
                     workload_name: key.name.clone(),
                     node: String::new(),
                     service_account: String::new(),
-                    labels: BTreeMap::new(),
+                    labels: Labels::new(),
                     ips: Vec::new(),
-                    named_ports: BTreeMap::new(),
+                    named_ports: litemap::LiteMap::new(),
                     ready: false,
                     enrolled: true,
                 })
@@ -92,7 +93,7 @@ impl State {
     pub fn origin_of(&self, kind: &str, key: &ObjectKey) -> Option<&str> {
         self.origins
             .get(&format!("{kind} {key}"))
-            .map(String::as_str)
+            .map(|origin| &**origin)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {

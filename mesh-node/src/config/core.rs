@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 
+use crate::inventory::Labels;
+
 /// The metadata the mesh reads of a core object.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -17,7 +19,7 @@ pub struct Meta {
     pub name: Option<String>,
     pub namespace: Option<String>,
     pub uid: Option<String>,
-    pub labels: Option<BTreeMap<String, String>>,
+    pub labels: Option<Labels>,
     pub owner_references: Option<Vec<OwnerReference>>,
 }
 

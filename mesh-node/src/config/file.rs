@@ -41,7 +41,7 @@ pub struct FileSource {
     /// The last accepted version of each object, whatever file it came from.
     last_good: LastGood,
     /// The file each object of the last load came from, for the admin API's config dump.
-    origins: BTreeMap<String, String>,
+    origins: Arc<BTreeMap<String, Arc<str>>>,
     /// Each file's documents as last parsed, with the modification time and length they
     /// were parsed at: a reload parses only the files that changed.
     parsed: HashMap<PathBuf, Parsed>,
@@ -67,7 +67,7 @@ impl FileSource {
             root_namespace: root_namespace.into(),
             last_good_by_file: HashMap::new(),
             last_good: LastGood::default(),
-            origins: BTreeMap::new(),
+            origins: Arc::default(),
             parsed: HashMap::new(),
         }
     }
@@ -145,14 +145,19 @@ impl FileSource {
         self.last_good_by_file = files_seen;
         self.parsed = parsed;
         self.last_good.remember(&objects);
-        self.origins = objects
+        let mut paths: HashMap<&Path, Arc<str>> = HashMap::new();
+        let by_object = objects
             .iter()
             .filter_map(|o| {
                 let id = o.id();
                 let path = origins.get(&id)?;
-                Some((id.to_string(), path.display().to_string()))
+                let path = paths
+                    .entry(path)
+                    .or_insert_with(|| path.display().to_string().into());
+                Some((id.to_string(), path.clone()))
             })
             .collect();
+        self.origins = Arc::new(by_object);
         Ok(Load {
             objects,
             rejections,

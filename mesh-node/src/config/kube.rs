@@ -16,6 +16,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     pin::Pin,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -333,15 +334,16 @@ impl KubeSource {
         let started = Instant::now();
         let (objects, rejections) = self.accepted();
         // The config dump says where each object came from, as for files.
+        let origin: Arc<str> = ORIGIN.into();
         let origins = objects
             .iter()
-            .map(|o| (o.id().to_string(), ORIGIN.to_string()))
+            .map(|o| (o.id().to_string(), origin.clone()))
             .collect();
         publish(
             started,
             &objects,
             rejections,
-            origins,
+            Arc::new(origins),
             &self.root_namespace,
             tx,
             metrics,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::core::{EndpointSlice, Namespace, Pod, Service as K8sService};
 use crate::{
     inventory::{
-        ENROLLMENT_LABEL, ObjectId, ObjectKey, Rejection, Service, ServicePort, TargetPort,
+        ENROLLMENT_LABEL, Labels, ObjectId, ObjectKey, Rejection, Service, ServicePort, TargetPort,
         Workload,
     },
     policy::{AuthorizationPolicySpec, PeerAuthenticationSpec, Policies, Policy, PolicyError},
@@ -223,9 +223,9 @@ fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, TranslateError> {
 fn workload(
     id: ObjectId,
     pod: &Pod,
-    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    namespaces: &BTreeMap<String, Labels>,
 ) -> Result<Workload, TranslateError> {
-    let labels: BTreeMap<String, String> = pod.metadata.labels.clone().unwrap_or_default();
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
     let namespace_enrolled = namespaces
         .get(&id.namespace)
         .and_then(|l| l.get(ENROLLMENT_LABEL))

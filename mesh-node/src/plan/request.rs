@@ -1,11 +1,10 @@
 //! Which route a request takes at the source node, and what the route does to it before it
 //! leaves.
-use std::collections::BTreeMap;
 
 use http::{HeaderMap, HeaderValue, Method, Request, Uri, header, request::Parts};
 
 use crate::{
-    inventory::{ObjectKey, Workload},
+    inventory::{Labels, ObjectKey, Workload},
     routing::{HttpRule, RequestInfo, RouteMatch, rewrite_uri},
     state::State,
 };
@@ -45,7 +44,7 @@ pub fn select_route<'s>(
     source: Option<&Workload>,
     request: RequestHead<'_>,
 ) -> RouteMatch<'s> {
-    let no_labels = BTreeMap::new();
+    let no_labels = Labels::new();
     state.routes.match_http(
         service,
         &RequestInfo {

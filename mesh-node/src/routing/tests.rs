@@ -81,7 +81,7 @@ struct Request {
     uri: Uri,
     headers: HeaderMap,
     port: u16,
-    labels: BTreeMap<String, String>,
+    labels: crate::inventory::Labels,
 }
 
 impl Request {
@@ -91,7 +91,7 @@ impl Request {
             uri: uri.parse().unwrap(),
             headers: HeaderMap::new(),
             port: 9080,
-            labels: BTreeMap::new(),
+            labels: crate::inventory::Labels::new(),
         }
     }
 

@@ -303,7 +303,7 @@ fn reviews_route(state: &State) -> String {
         http::Method::GET,
         http::Uri::from_static("/"),
         http::HeaderMap::new(),
-        BTreeMap::new(),
+        crate::inventory::Labels::new(),
     );
     let request = RequestInfo {
         method: &method,
@@ -446,8 +446,8 @@ fn the_published_state_says_which_file_each_object_came_from() {
         Some(file("pods.yaml").as_str())
     );
     assert_eq!(
-        state.origins.get("Namespace shop"),
-        Some(&file("ns.yaml")),
+        state.origins.get("Namespace shop").map(|o| o.to_string()),
+        Some(file("ns.yaml")),
         "{:?}",
         state.origins
     );
