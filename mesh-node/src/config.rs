@@ -24,6 +24,19 @@ use crate::{
     state::{State, StateTx},
 };
 
+/// Reads one YAML document as the sources do (for tests that build states from YAML):
+/// the object, or why it is refused.
+#[cfg(test)]
+pub(crate) fn object_from_yaml(value: serde_yaml::Value) -> Result<Object, String> {
+    use serde::Deserialize as _;
+    let meta = document::TypeMeta::deserialize(&value).map_err(|e| e.to_string())?;
+    match document::classify(meta, value) {
+        document::Document::Object(object) => Ok(object),
+        document::Document::Invalid { error, .. } => Err(error),
+        document::Document::Ignored { kind } => Err(format!("{kind} is not a kind the mesh reads")),
+    }
+}
+
 /// Runs a load, which takes a while on a big cluster, without holding up the tasks that
 /// share its runtime worker (health and metrics endpoints, the proxy): on a multi-threaded
 /// runtime the worker hands its other tasks to another thread meanwhile.

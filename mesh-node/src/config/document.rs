@@ -50,13 +50,22 @@ pub(crate) struct MetaNames {
 }
 
 /// Reads a document as one kind of [`Object`].
-type Parse = fn(&serde_yaml::Value) -> Result<Object, serde_yaml::Error>;
+type Parse = fn(&serde_yaml::Value) -> Result<Object, String>;
 
 fn parse_as<T: DeserializeOwned>(
     value: &serde_yaml::Value,
     wrap: fn(Arc<T>) -> Object,
-) -> Result<Object, serde_yaml::Error> {
-    T::deserialize(value).map(|o| wrap(Arc::new(o)))
+) -> Result<Object, String> {
+    T::deserialize(value)
+        .map(|o| wrap(Arc::new(o)))
+        .map_err(|e| e.to_string())
+}
+
+/// A pod is read into what the mesh knows of it at once: the pod itself is not kept.
+fn parse_pod(value: &serde_yaml::Value) -> Result<Object, String> {
+    let pod = super::core::Pod::deserialize(value).map_err(|e| e.to_string())?;
+    let workload = super::translate::pod(&pod).map_err(|e| e.to_string())?;
+    Ok(Object::Pod(Arc::new(workload)))
 }
 
 pub(crate) fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
@@ -74,7 +83,7 @@ pub(crate) fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
     let api = meta.api_version.as_str();
     let (kind, parse): (&'static str, Parse) = match meta.kind.as_str() {
         "Namespace" if api == "v1" => ("Namespace", |v| parse_as(v, Object::Namespace)),
-        "Pod" if api == "v1" => ("Pod", |v| parse_as(v, Object::Pod)),
+        "Pod" if api == "v1" => ("Pod", parse_pod),
         "Service" if api == "v1" => ("Service", |v| parse_as(v, Object::Service)),
         "EndpointSlice" if api == "discovery.k8s.io/v1" => {
             ("EndpointSlice", |v| parse_as(v, Object::EndpointSlice))
@@ -103,7 +112,7 @@ pub(crate) fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
         },
         name: meta.metadata.name,
     };
-    let error = match parse(&value).map_err(|e| e.to_string()).and_then(|object| {
+    let error = match parse(&value).and_then(|object| {
         validate(&object)
             .map(|()| object)
             .map_err(|e| e.to_string())

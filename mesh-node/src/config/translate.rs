@@ -35,7 +35,9 @@ pub struct IstioObject<S> {
 #[derive(Clone, Debug)]
 pub enum Object {
     Namespace(Arc<Namespace>),
-    Pod(Arc<Pod>),
+    /// A pod, read into what the mesh knows of it as it arrives (the pod itself is not
+    /// kept): `enrolled` is decided by [`translate`], from its namespace.
+    Pod(Arc<Workload>),
     Service(Arc<K8sService>),
     /// A Service's endpoints as the API server lists them (`discovery.k8s.io/v1`).
     EndpointSlice(Arc<EndpointSlice>),
@@ -68,7 +70,10 @@ impl Object {
         let core = |meta: &super::core::Meta| (meta.name.clone(), meta.namespace.clone());
         let (kind, (name, namespace)) = match self {
             Object::Namespace(o) => ("Namespace", core(&o.metadata)),
-            Object::Pod(o) => ("Pod", core(&o.metadata)),
+            Object::Pod(o) => (
+                "Pod",
+                (Some(o.key.name.clone()), Some(o.key.namespace.clone())),
+            ),
             Object::Service(o) => ("Service", core(&o.metadata)),
             Object::EndpointSlice(o) => ("EndpointSlice", core(&o.metadata)),
             Object::PeerAuthentication(o) => ("PeerAuthentication", full(&o.metadata)),
@@ -124,7 +129,8 @@ pub fn validate(object: &Object) -> Result<(), TranslateError> {
         Object::VirtualService(vs) => Ok(vs.spec.validate(&id.namespace)?),
         Object::DestinationRule(rule) => Ok(rule.spec.validate(&id.namespace)?),
         Object::HttpRoute(route) => Ok(route.spec.validate(&id.namespace)?),
-        Object::Pod(pod) => pod_ips(pod).map(|_| ()),
+        // Checked when it was read (`pod`).
+        Object::Pod(_) => Ok(()),
         Object::Service(service) => {
             service_cluster_ips(service)?;
             service_ports(service).map(|_| ())
@@ -151,9 +157,11 @@ pub fn translate(
     }
     let mut workloads = BTreeMap::new();
     for object in objects {
-        if let Object::Pod(pod) = object
-            && let Ok(workload) = workload(object.id(), pod, &namespaces)
-        {
+        if let Object::Pod(pod) = object {
+            let workload = Workload {
+                enrolled: enrolled(pod, &namespaces),
+                ..Workload::clone(pod)
+            };
             workloads.insert(workload.key.clone(), workload);
         }
     }
@@ -220,17 +228,33 @@ fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, TranslateError> {
     Ok(ips)
 }
 
-fn workload(
-    id: ObjectId,
-    pod: &Pod,
-    namespaces: &BTreeMap<String, Labels>,
-) -> Result<Workload, TranslateError> {
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
+/// Whether the mesh captures `pod`: its namespace enrolled and the pod not opted out.
+fn enrolled(pod: &Workload, namespaces: &BTreeMap<String, Labels>) -> bool {
     let namespace_enrolled = namespaces
-        .get(&id.namespace)
+        .get(&pod.key.namespace)
         .and_then(|l| l.get(ENROLLMENT_LABEL))
         .is_some_and(|v| v == "true");
-    let opted_out = labels.get(ENROLLMENT_LABEL).is_some_and(|v| v == "false");
+    let opted_out = pod
+        .labels
+        .get(ENROLLMENT_LABEL)
+        .is_some_and(|v| v == "false");
+    namespace_enrolled && !opted_out
+}
+
+/// What the mesh knows of a pod (not yet whether it is enrolled: that depends on its
+/// namespace, see [`translate`]).
+pub(super) fn pod(pod: &Pod) -> Result<Workload, TranslateError> {
+    let name = pod
+        .metadata
+        .name
+        .clone()
+        .ok_or(TranslateError::MissingName)?;
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
@@ -253,8 +277,8 @@ fn workload(
         })
         .collect();
     Ok(Workload {
-        workload_name: workload_name(pod, &id.name),
-        key: ObjectKey::new(id.namespace, id.name),
+        workload_name: workload_name(pod, &name),
+        key: ObjectKey::new(namespace, name),
         uid: pod.metadata.uid.clone().unwrap_or_default(),
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         service_account: spec
@@ -264,7 +288,7 @@ fn workload(
         ips: pod_ips(pod)?,
         named_ports,
         ready,
-        enrolled: namespace_enrolled && !opted_out,
+        enrolled: false,
     })
 }
 

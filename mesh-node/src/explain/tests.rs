@@ -1,7 +1,7 @@
 use serde::Deserialize;
 
 use super::*;
-use crate::config::{Object, translate, validate};
+use crate::config::{Object, object_from_yaml, translate, validate};
 
 // === helpers ===
 
@@ -76,28 +76,7 @@ fn state(yaml: &str) -> State {
     let objects: Vec<Object> = serde_yaml::Deserializer::from_str(yaml)
         .map(|document| {
             let value = serde_yaml::Value::deserialize(document).unwrap();
-            let object = match value["kind"].as_str().expect("a kind") {
-                "Namespace" => {
-                    Object::Namespace(std::sync::Arc::new(serde_yaml::from_value(value).unwrap()))
-                }
-                "Pod" => Object::Pod(std::sync::Arc::new(serde_yaml::from_value(value).unwrap())),
-                "Service" => {
-                    Object::Service(std::sync::Arc::new(serde_yaml::from_value(value).unwrap()))
-                }
-                "PeerAuthentication" => Object::PeerAuthentication(std::sync::Arc::new(
-                    serde_yaml::from_value(value).unwrap(),
-                )),
-                "AuthorizationPolicy" => Object::AuthorizationPolicy(std::sync::Arc::new(
-                    serde_yaml::from_value(value).unwrap(),
-                )),
-                "VirtualService" => Object::VirtualService(std::sync::Arc::new(
-                    serde_yaml::from_value(value).unwrap(),
-                )),
-                "DestinationRule" => Object::DestinationRule(std::sync::Arc::new(
-                    serde_yaml::from_value(value).unwrap(),
-                )),
-                kind => panic!("unexpected kind {kind}"),
-            };
+            let object = object_from_yaml(value).unwrap_or_else(|error| panic!("{error}"));
             if let Err(error) = validate(&object) {
                 panic!("{} should be valid: {error}", object.id());
             }

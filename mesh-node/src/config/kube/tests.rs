@@ -606,16 +606,19 @@ async fn a_source_for_pods_only_asks_for_nothing_else() {
 }
 
 #[test]
-fn pods_are_trimmed_to_what_the_mesh_reads() {
+fn pods_are_kept_as_what_the_mesh_reads_of_them() {
     let object: DynamicObject =
         serde_json::from_value(pod("shop", "web-1", "10.0.0.1", "n")).unwrap();
     let (_, document) = classify_object(&WATCHED_KINDS[1], object);
     let Document::Object(Object::Pod(pod)) = document else {
         panic!("a pod");
     };
-    let container = &pod.spec.as_ref().unwrap().containers[0];
-    assert_eq!(container.ports.as_ref().unwrap()[0].container_port, 8080);
-    assert_eq!(pod.metadata.name.as_deref(), Some("web-1"));
+    assert_eq!(pod.key, ObjectKey::new("shop", "web-1"));
+    assert_eq!(pod.named_ports.get("http"), Some(&8080));
+    assert_eq!(
+        (pod.node.as_str(), pod.ips.len(), pod.ready),
+        ("n", 1, true)
+    );
 }
 
 /// Every YAML document in the shared fixture set, as the API server would hold it.

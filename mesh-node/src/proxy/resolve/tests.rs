@@ -1,22 +1,13 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::config::{Object, translate};
+use crate::config::{Object, object_from_yaml, translate};
 
 fn state(yaml: &str) -> State {
     let objects: Vec<Object> = serde_yaml::Deserializer::from_str(yaml)
         .map(|doc| {
             let value = serde_yaml::Value::deserialize(doc).unwrap();
-            match value["kind"].as_str().unwrap() {
-                "Pod" => Object::Pod(std::sync::Arc::new(serde_yaml::from_value(value).unwrap())),
-                "Service" => {
-                    Object::Service(std::sync::Arc::new(serde_yaml::from_value(value).unwrap()))
-                }
-                "VirtualService" => Object::VirtualService(std::sync::Arc::new(
-                    serde_yaml::from_value(value).unwrap(),
-                )),
-                kind => panic!("unexpected kind {kind}"),
-            }
+            object_from_yaml(value).unwrap_or_else(|error| panic!("{error}"))
         })
         .collect();
     translate(&objects, Vec::new(), "nodemesh-system")
