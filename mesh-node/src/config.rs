@@ -30,7 +30,7 @@ use crate::{
 pub(crate) fn object_from_yaml(value: serde_yaml::Value) -> Result<Object, String> {
     use serde::Deserialize as _;
     let meta = document::TypeMeta::deserialize(&value).map_err(|e| e.to_string())?;
-    match document::classify(meta, value) {
+    match document::classify(meta, &value) {
         document::Document::Object(object) => Ok(object),
         document::Document::Invalid { error, .. } => Err(error),
         document::Document::Ignored { kind } => Err(format!("{kind} is not a kind the mesh reads")),

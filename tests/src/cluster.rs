@@ -70,6 +70,9 @@ pub struct Cluster {
     use_holder: bool,
     /// Whether agents get the cluster's CA (mutual TLS); see [`Cluster::without_mtls`].
     use_mtls: bool,
+    /// The API server agents read their config from (`--config-source kube` with this
+    /// kubeconfig) instead of the config directory.
+    kubeconfig: Option<PathBuf>,
     /// The agents' `RUST_LOG` when the environment sets none.
     agent_log_filter: String,
     /// More environment for agents started from now on.
@@ -137,6 +140,7 @@ impl Cluster {
             holders: (0..nodes).map(|_| None).collect(),
             use_holder: true,
             use_mtls: true,
+            kubeconfig: None,
             agent_log_filter: DEFAULT_AGENT_LOG_FILTER.to_string(),
             agent_env: Vec::new(),
             unique,
@@ -569,6 +573,12 @@ impl Cluster {
         self.use_holder = false;
     }
 
+    /// Agents started from now on read their config from the API server `kubeconfig` names
+    /// (`--config-source kube`), not from the config directory.
+    pub fn use_kube_source(&mut self, kubeconfig: &Path) {
+        self.kubeconfig = Some(kubeconfig.to_owned());
+    }
+
     /// Agents started from now on get no CA (unless a test passes its own): enrolled pods
     /// talk plaintext through the mesh.
     pub fn without_mtls(&mut self) {
@@ -670,19 +680,20 @@ impl Cluster {
         // One CA directory per cluster (unless the test passes its own CA options): the
         // agents share its root, so they trust each other and enrolled pods talk mutual TLS.
         let ca_dir = self.work_dir.join("ca");
-        let mut args: Vec<&str> = vec![
-            "run",
-            "--node-name",
-            &node_name,
-            "--config-dir",
-            config_dir.to_str().expect("UTF-8 path"),
+        let mut args: Vec<&str> = vec!["run", "--node-name", &node_name];
+        if self.kubeconfig.is_some() {
+            args.extend(["--config-source", "kube"]);
+        } else {
+            args.extend(["--config-dir", config_dir.to_str().expect("UTF-8 path")]);
+        }
+        args.extend([
             "--cgroup-path",
             cgroup.to_str().expect("UTF-8 path"),
             "--metrics-addr",
             &metrics_addr,
             "--health-addr",
             &health_addr,
-        ];
+        ]);
         if self.use_mtls
             && !extra_args
                 .iter()
@@ -732,6 +743,9 @@ impl Cluster {
             command.env("RUST_LOG", &self.agent_log_filter);
         }
         command.envs(self.agent_env.iter().map(|(k, v)| (k, v)));
+        if let Some(kubeconfig) = &self.kubeconfig {
+            command.env("KUBECONFIG", kubeconfig);
+        }
         // Inside the node cgroup, as on a real node (where the capture programs sit on the
         // root cgroup above the agent's own): the agent's own sockets then pass through
         // the hooks, which is what proves they are never captured.

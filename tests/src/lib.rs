@@ -26,6 +26,7 @@
 //! assert!(out.status.success());
 //! ```
 
+mod api_server;
 pub mod bookinfo;
 mod cgroup;
 mod cleanup;
@@ -39,6 +40,7 @@ mod prometheus;
 pub mod scenario;
 mod yaml;
 
+pub use api_server::ScriptedApiServer;
 pub use cgroup::cgroup2_root;
 pub use cleanup::cleanup_stale;
 pub use cluster::{AGENT_HEALTH_PORT, AGENT_METRICS_PORT, Cluster};

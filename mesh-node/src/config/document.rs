@@ -49,26 +49,40 @@ pub(crate) struct MetaNames {
     namespace: Option<String>,
 }
 
-/// Reads a document as one kind of [`Object`].
-type Parse = fn(&serde_yaml::Value) -> Result<Object, String>;
+/// A document the typed objects are read from: YAML from a file, or the API server's JSON
+/// text (`kube::JsonDocument`; converting it to YAML first cost the kube source a second
+/// copy of every object).
+pub(crate) trait Tree {
+    fn read<T: DeserializeOwned>(&self) -> Result<T, String>;
+    /// The document's `spec` as YAML, which the fail-closed forms read.
+    fn spec(&self) -> serde_yaml::Value;
+}
 
-fn parse_as<T: DeserializeOwned>(
-    value: &serde_yaml::Value,
+impl Tree for serde_yaml::Value {
+    fn read<T: DeserializeOwned>(&self) -> Result<T, String> {
+        T::deserialize(self).map_err(|e| e.to_string())
+    }
+
+    fn spec(&self) -> serde_yaml::Value {
+        self.get("spec").cloned().unwrap_or_default()
+    }
+}
+
+fn parse_as<V: Tree, T: DeserializeOwned>(
+    value: &V,
     wrap: fn(Arc<T>) -> Object,
 ) -> Result<Object, String> {
-    T::deserialize(value)
-        .map(|o| wrap(Arc::new(o)))
-        .map_err(|e| e.to_string())
+    value.read().map(|o| wrap(Arc::new(o)))
 }
 
 /// A pod is read into what the mesh knows of it at once: the pod itself is not kept.
-fn parse_pod(value: &serde_yaml::Value) -> Result<Object, String> {
-    let pod = super::core::Pod::deserialize(value).map_err(|e| e.to_string())?;
+fn parse_pod<V: Tree>(value: &V) -> Result<Object, String> {
+    let pod: super::core::Pod = value.read()?;
     let workload = super::translate::pod(&pod).map_err(|e| e.to_string())?;
     Ok(Object::Pod(Arc::new(workload)))
 }
 
-pub(crate) fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
+pub(crate) fn classify<V: Tree>(meta: TypeMeta, value: &V) -> Document {
     const SECURITY: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
     // The three versions Istio serves share one schema.
     const NETWORKING: [&str; 3] = [
@@ -81,7 +95,9 @@ pub(crate) fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
         "gateway.networking.k8s.io/v1beta1",
     ];
     let api = meta.api_version.as_str();
-    let (kind, parse): (&'static str, Parse) = match meta.kind.as_str() {
+    // Reads a document as one kind of [`Object`].
+    type Parse<V> = fn(&V) -> Result<Object, String>;
+    let (kind, parse): (&'static str, Parse<V>) = match meta.kind.as_str() {
         "Namespace" if api == "v1" => ("Namespace", |v| parse_as(v, Object::Namespace)),
         "Pod" if api == "v1" => ("Pod", parse_pod),
         "Service" if api == "v1" => ("Service", |v| parse_as(v, Object::Service)),
@@ -112,7 +128,7 @@ pub(crate) fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
         },
         name: meta.metadata.name,
     };
-    let error = match parse(&value).and_then(|object| {
+    let error = match parse(value).and_then(|object| {
         validate(&object)
             .map(|()| object)
             .map_err(|e| e.to_string())
@@ -120,10 +136,7 @@ pub(crate) fn classify(meta: TypeMeta, value: serde_yaml::Value) -> Document {
         Ok(object) => return Document::Object(object),
         Err(error) => error,
     };
-    let fail_closed = fail_closed(
-        &resource,
-        value.get("spec").unwrap_or(&serde_yaml::Value::Null),
-    );
+    let fail_closed = fail_closed(&resource, &value.spec());
     let error = match &fail_closed {
         Some(Object::PeerAuthentication(_)) => {
             format!("{error}; enforced as STRICT for its selection until fixed")
@@ -329,7 +342,7 @@ mod tests {
             let mut objects = Vec::new();
             for value in documents {
                 let meta = TypeMeta::deserialize(&value).expect("the header");
-                match classify(meta, value) {
+                match classify(meta, &value) {
                     Document::Object(object) => objects.push(object),
                     Document::Invalid { resource, fail_closed, .. } => {
                         if resource.kind == "PeerAuthentication" {

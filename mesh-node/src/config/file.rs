@@ -290,7 +290,7 @@ fn parse_documents(text: &str) -> Result<Vec<Document>, String> {
             values.extend(meta.items.into_iter().rev());
             continue;
         }
-        documents.push(classify(meta, value));
+        documents.push(classify(meta, &value));
     }
     documents.reverse();
     Ok(documents)

@@ -14,6 +14,7 @@
 //! its callers run, and no EndpointSlice carries them. The pods kept in memory hold only the
 //! fields the mesh reads (`config::core`).
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashSet},
     pin::Pin,
     sync::Arc,
@@ -22,18 +23,19 @@ use std::{
 
 use futures::{Stream, StreamExt};
 use kube::{
-    Api, Client,
-    api::{ApiResource, DynamicObject, GroupVersionKind},
+    Api, Client, Resource,
+    api::{ApiResource, GroupVersionKind, ObjectMeta},
+    core::DynamicResourceScope,
     runtime::{WatchStreamExt, watcher},
 };
-use serde::Deserialize as _;
-use serde_json::{Map, Value};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::{Value, value::RawValue};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
     LastGood, Object,
-    document::{Document, TypeMeta, classify},
+    document::{Document, Tree, TypeMeta, classify},
     publish, without_blocking_the_runtime,
 };
 use crate::{
@@ -114,6 +116,53 @@ impl WatchedKind {
     }
 }
 
+/// An object as a list or watch delivers it: its metadata, and the other top-level fields
+/// the mesh reads (`spec`, `status`, an EndpointSlice's `endpoints`) as the JSON text they
+/// came as. kube-rs' `DynamicObject` builds a JSON tree of every field of every object (and
+/// through `#[serde(flatten)]`, twice); listing a big cluster spent most of its CPU there.
+/// The typed objects are read from the text directly ([`JsonDocument`]).
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct WatchedObject {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    spec: Option<Box<RawValue>>,
+    status: Option<Box<RawValue>>,
+    endpoints: Option<Box<RawValue>>,
+}
+
+impl Resource for WatchedObject {
+    type DynamicType = ApiResource;
+    type Scope = DynamicResourceScope;
+
+    fn group(resource: &ApiResource) -> Cow<'_, str> {
+        resource.group.as_str().into()
+    }
+
+    fn version(resource: &ApiResource) -> Cow<'_, str> {
+        resource.version.as_str().into()
+    }
+
+    fn kind(resource: &ApiResource) -> Cow<'_, str> {
+        resource.kind.as_str().into()
+    }
+
+    fn api_version(resource: &ApiResource) -> Cow<'_, str> {
+        resource.api_version.as_str().into()
+    }
+
+    fn plural(resource: &ApiResource) -> Cow<'_, str> {
+        resource.plural.as_str().into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// The objects of one kind, as last listed and watched.
 #[derive(Default)]
 struct KindCache {
@@ -126,7 +175,7 @@ struct KindCache {
 
 impl KindCache {
     /// Applies one watch event; says whether the visible objects changed.
-    fn apply(&mut self, kind: &WatchedKind, event: watcher::Event<DynamicObject>) -> bool {
+    fn apply(&mut self, kind: &WatchedKind, event: watcher::Event<WatchedObject>) -> bool {
         match event {
             watcher::Event::Init => {
                 self.relist = Some(BTreeMap::new());
@@ -155,7 +204,56 @@ impl KindCache {
     }
 }
 
-fn object_key(object: &DynamicObject) -> (String, String) {
+/// One object of the API server as JSON text, which the typed objects are read from.
+pub(crate) struct JsonDocument(String);
+
+impl JsonDocument {
+    fn of(kind: &WatchedKind, object: &WatchedObject) -> Self {
+        let metadata = serde_json::to_string(&object.metadata).unwrap_or_else(|_| "{}".into());
+        let mut text = format!(
+            r#"{{"apiVersion":{},"kind":{},"metadata":{metadata}"#,
+            Value::from(kind.api_version),
+            Value::from(kind.kind),
+        );
+        for (field, raw) in [
+            ("spec", &object.spec),
+            ("status", &object.status),
+            ("endpoints", &object.endpoints),
+        ] {
+            if let Some(raw) = raw {
+                text.push_str(&format!(r#","{field}":{}"#, raw.get()));
+            }
+        }
+        text.push('}');
+        Self(text)
+    }
+}
+
+impl Tree for JsonDocument {
+    fn read<T: DeserializeOwned>(&self) -> Result<T, String> {
+        serde_json::from_str(&self.0).map_err(|error| {
+            // As a file's would read: where in this one-line text is no help to anyone.
+            let text = error.to_string();
+            match text.rsplit_once(" at line ") {
+                Some((message, _)) if error.line() > 0 => message.to_owned(),
+                _ => text,
+            }
+        })
+    }
+
+    fn spec(&self) -> serde_yaml::Value {
+        serde_json::from_str::<Value>(&self.0)
+            .ok()
+            .and_then(|document| {
+                document
+                    .get("spec")
+                    .and_then(|s| serde_yaml::to_value(s).ok())
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn object_key(object: &WatchedObject) -> (String, String) {
     (
         object.metadata.namespace.clone().unwrap_or_default(),
         object.metadata.name.clone().unwrap_or_default(),
@@ -163,29 +261,17 @@ fn object_key(object: &DynamicObject) -> (String, String) {
 }
 
 /// Classifies an object from the API server the way the file source classifies a document.
-fn classify_object(kind: &WatchedKind, mut object: DynamicObject) -> ((String, String), Document) {
+fn classify_object(kind: &WatchedKind, mut object: WatchedObject) -> ((String, String), Document) {
     let key = object_key(&object);
-    // Dropped before the conversion below: `managedFields` and annotations (one
+    // Dropped before the object is read: `managedFields` and annotations (one
     // `last-applied-configuration` can be larger than the rest of the object) are never
     // read, and the core kinds' types ignore every other field the mesh does not read.
     object.metadata.managed_fields = None;
     object.metadata.annotations = None;
-    let mut value = Map::new();
-    value.insert("apiVersion".into(), kind.api_version.into());
-    value.insert("kind".into(), kind.kind.into());
-    value.insert(
-        "metadata".into(),
-        serde_json::to_value(&object.metadata).unwrap_or_default(),
-    );
-    if let Value::Object(data) = object.data {
-        value.extend(data);
-    }
-    let document = serde_yaml::to_value(Value::Object(value))
+    let document = JsonDocument::of(kind, &object);
+    let document = serde_json::from_str::<TypeMeta>(&document.0)
+        .map(|meta| classify(meta, &document))
         .map_err(|e| e.to_string())
-        .and_then(|value| {
-            let meta = TypeMeta::deserialize(&value).map_err(|e| e.to_string())?;
-            Ok(classify(meta, value))
-        })
         .unwrap_or_else(|error| Document::Invalid {
             resource: ObjectId {
                 kind: kind.kind,
@@ -199,7 +285,7 @@ fn classify_object(kind: &WatchedKind, mut object: DynamicObject) -> ((String, S
 }
 
 type EventStream = Pin<
-    Box<dyn Stream<Item = (usize, Result<watcher::Event<DynamicObject>, watcher::Error>)> + Send>,
+    Box<dyn Stream<Item = (usize, Result<watcher::Event<WatchedObject>, watcher::Error>)> + Send>,
 >;
 
 /// Watches the API server and publishes states until `shutdown`.
@@ -239,7 +325,7 @@ impl KubeSource {
             .iter()
             .map(|&index| {
                 let kind = &WATCHED_KINDS[index];
-                let api: Api<DynamicObject> =
+                let api: Api<WatchedObject> =
                     Api::all_with(self.client.clone(), &kind.api_resource());
                 // `any_semantic`: lists may be served from the API server's watch cache, as
                 // for every informer; the watch that follows brings anything newer.

@@ -16,7 +16,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use mesh_tests::{AGENT_HEALTH_PORT, AGENT_METRICS_PORT, Cluster};
+use mesh_tests::{AGENT_HEALTH_PORT, AGENT_METRICS_PORT, Cluster, ScriptedApiServer};
+use serde::Deserialize as _;
 
 use super::{
     Interrupt, agent,
@@ -36,28 +37,46 @@ const SETTLE: Duration = Duration::from_secs(3);
 /// How long a one-object update may take to be published before the row fails.
 const UPDATE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Where the agent reads the generated cluster from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A config directory, one file per namespace.
+    Files,
+    /// A scripted API server (`--config-source kube`), as in a cluster.
+    Kube,
+}
+
 /// One generated cluster.
 #[derive(Clone, Copy)]
 pub struct Shape {
     pub services: u32,
     pub slices: bool,
+    pub source: Source,
 }
 
 impl Shape {
     /// The shapes PERF.md names: the big cluster with and without EndpointSlices, and a
-    /// small one without.
-    pub const ALL: [Shape; 3] = [
+    /// small one without, from files; and the big one from the API server.
+    pub const ALL: [Shape; 4] = [
         Shape {
             services: 10_000,
             slices: true,
+            source: Source::Files,
         },
         Shape {
             services: 10_000,
             slices: false,
+            source: Source::Files,
         },
         Shape {
             services: 1_000,
             slices: false,
+            source: Source::Files,
+        },
+        Shape {
+            services: 10_000,
+            slices: true,
+            source: Source::Kube,
         },
     ];
 
@@ -71,13 +90,17 @@ impl Shape {
 
     fn describe(self) -> String {
         format!(
-            "{} Services + {} pods, {}",
+            "{} Services + {} pods, {}, {}",
             thousands(self.services),
             thousands(self.pods()),
             if self.slices {
                 "with EndpointSlices"
             } else {
                 "no EndpointSlices"
+            },
+            match self.source {
+                Source::Files => "files",
+                Source::Kube => "API server",
             }
         )
     }
@@ -105,7 +128,7 @@ pub fn measure(interrupt: &Interrupt) -> anyhow::Result<Vec<Measured>> {
     for shape in Shape::ALL {
         interrupt.check()?;
         println!("bench: config scale: {}…", shape.describe());
-        let one = measure_shape(shape)?;
+        let one = measure_shape(shape, interrupt)?;
         println!(
             "bench:   ready after {:.2} s (load {:.2} s), {:.2} CPU-s, {:.0} MiB; one pod \
              changed: {:.0} ms, {:.2} CPU-s; {:.0} MiB settled",
@@ -122,15 +145,33 @@ pub fn measure(interrupt: &Interrupt) -> anyhow::Result<Vec<Measured>> {
     Ok(measured)
 }
 
-fn measure_shape(shape: Shape) -> anyhow::Result<Measured> {
+fn measure_shape(shape: Shape, interrupt: &Interrupt) -> anyhow::Result<Measured> {
     let mut cluster = Cluster::new("bench-scale", 1);
     cluster.set_agent_log_filter("info");
-    for namespace in 0..shape.namespaces() {
-        cluster.write_config(
-            &format!("scale-{namespace:03}.yaml"),
-            &namespace_yaml(shape, namespace),
-        );
-    }
+    let api = match shape.source {
+        Source::Files => {
+            for namespace in 0..shape.namespaces() {
+                cluster.write_config(
+                    &format!("scale-{namespace:03}.yaml"),
+                    &namespace_yaml(shape, namespace),
+                );
+            }
+            None
+        }
+        Source::Kube => {
+            let api = ScriptedApiServer::start(&cluster, 0);
+            for namespace in 0..shape.namespaces() {
+                interrupt.check()?;
+                for object in json_objects(&namespace_yaml(shape, namespace))? {
+                    api.apply(object);
+                }
+            }
+            let kubeconfig = cluster.work_dir().join("kubeconfig");
+            api.write_kubeconfig(&kubeconfig);
+            cluster.use_kube_source(&kubeconfig);
+            Some(api)
+        }
+    };
     let started = Instant::now();
     cluster.spawn_agent_unwaited(0, &[]);
     let pid = cluster.agent_pid(0).context("the agent's pid")?;
@@ -148,7 +189,14 @@ fn measure_shape(shape: Shape) -> anyhow::Result<Measured> {
     // One pod changes: its file is rewritten with a new label value.
     let loads = config_loads(&cluster)?;
     let cpu_before = agent::cpu_seconds(pid)?;
-    cluster.write_config("scale-update.yaml", &update_yaml());
+    match &api {
+        None => cluster.write_config("scale-update.yaml", &update_yaml()),
+        Some(api) => {
+            for object in json_objects(&update_yaml())? {
+                api.apply(object);
+            }
+        }
+    }
     wait_until(UPDATE_TIMEOUT, "the update to be published", || {
         Ok(config_loads(&cluster)? > loads)
     })?;
@@ -167,6 +215,13 @@ fn measure_shape(shape: Shape) -> anyhow::Result<Measured> {
         update_cpu_seconds,
         settled_rss_mib,
     })
+}
+
+/// The documents of `yaml` as the API server's JSON.
+fn json_objects(yaml: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|document| serde_json::Value::deserialize(document).context("generated YAML"))
+        .collect()
 }
 
 fn wait_until(
@@ -211,10 +266,7 @@ fn last_load(cluster: &Cluster) -> anyhow::Result<Duration> {
 /// The rows of the report.
 pub fn render(measured: &[Measured]) -> String {
     let mut table = Table::new(&[
-        (
-            "config (one agent, file source, every pod on other nodes)",
-            Align::Left,
-        ),
+        ("config (one agent, every pod on other nodes)", Align::Left),
         ("ready after", Align::Right),
         ("first load", Align::Right),
         ("CPU", Align::Right),
@@ -394,6 +446,7 @@ mod tests {
         let shape = Shape {
             services: 150,
             slices: true,
+            source: Source::Files,
         };
         assert_eq!(shape.namespaces(), 2);
         let text = namespace_yaml(shape, 1);

@@ -607,7 +607,7 @@ async fn a_source_for_pods_only_asks_for_nothing_else() {
 
 #[test]
 fn pods_are_kept_as_what_the_mesh_reads_of_them() {
-    let object: DynamicObject =
+    let object: WatchedObject =
         serde_json::from_value(pod("shop", "web-1", "10.0.0.1", "n")).unwrap();
     let (_, document) = classify_object(&WATCHED_KINDS[1], object);
     let Document::Object(Object::Pod(pod)) = document else {
