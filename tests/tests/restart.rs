@@ -13,7 +13,7 @@ use std::{
 };
 
 use mesh_tests::{
-    Cluster, Pod, PodProcess, PodSpec, bin_path, namespace_yaml,
+    Cluster, Pod, PodProcess, PodSpec, ScriptedApiServer, bin_path, namespace_yaml,
     scenario::{
         CONNECT_TIMEOUT, SHOP_SERVICE_IP, connect, metric, replies, skip, wait_enrolled,
         wait_for_metric, wait_until, write_shop,
@@ -554,21 +554,11 @@ fn deleting_the_daemon_set_switches_the_mesh_off_on_the_node() {
     let mut node = OneNode::new("dsdelete");
     let rules_before = ip_rules(&node.web);
     let cluster = &mut node.cluster;
-    // The API server, as the agent sees it when its DaemonSet is gone: every GET is 404.
-    let api = cluster.run_in_node(0, || std::net::TcpListener::bind("127.0.0.1:0"));
-    let api = api.expect("a port for the API server");
-    let api_addr = api.local_addr().expect("its address");
-    std::thread::spawn(move || answer_not_found(&api));
+    // The API server, as the agent sees it when its DaemonSet is gone: the DaemonSet is 404
+    // (the scripted server serves no apps/v1 objects).
+    let api = ScriptedApiServer::start(cluster, 0);
     let kubeconfig = cluster.work_dir().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"http://{api_addr}\"}}\n\
-             users:\n- name: u\n  user: {{}}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\n\
-             current-context: x\n"
-        ),
-    )
-    .expect("writing the kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
     cluster.set_agent_env("KUBECONFIG", kubeconfig.to_str().expect("UTF-8 path"));
     let bin_dir = cluster.work_dir().join("cni-bin");
     let conf_dir = cluster.work_dir().join("net.d");
@@ -602,24 +592,6 @@ fn deleting_the_daemon_set_switches_the_mesh_off_on_the_node() {
         "the plugin left the node"
     );
     node.assert_mesh_off(&rules_before);
-}
-
-/// Answers every request on `listener` 404 (a Kubernetes `Status`), one per connection.
-fn answer_not_found(listener: &std::net::TcpListener) {
-    use std::io::{BufRead, BufReader, Write};
-    for stream in listener.incoming().flatten() {
-        let mut reader = BufReader::new(&stream);
-        let mut line = String::new();
-        while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
-            line.clear();
-        }
-        let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
-        let _ = write!(
-            &stream,
-            "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-    }
 }
 
 /// One node: `client` and `web-1` (serving on `listen`) in enrolled namespace `shop`, and
