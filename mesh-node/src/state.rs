@@ -109,15 +109,30 @@ impl State {
     }
 
     /// A Service that sends its traffic for `port` to `workload`. The destination side only
-    /// sees the pod address, yet Istio's metrics name the service there too.
+    /// sees the pod address, yet Istio's metrics name the service there too. A Service only
+    /// selects pods of its own namespace, so only that namespace's Services are looked at
+    /// (every inbound connection asks; a big cluster has thousands of Services).
     pub fn service_for(&self, workload: &Workload, port: u16) -> Option<&Service> {
-        self.services.values().find(|service| {
+        self.services_in(&workload.key.namespace).find(|service| {
             service.endpoints.contains(&workload.key)
                 && service.ports.iter().any(|p| match &p.target_port {
                     TargetPort::Number(n) => *n == port,
                     TargetPort::Name(name) => workload.named_ports.get(name) == Some(&port),
                 })
         })
+    }
+
+    /// The Services of `namespace`: a range of the map, which is ordered by namespace first.
+    fn services_in<'s>(&'s self, namespace: &str) -> impl Iterator<Item = &'s Service> + use<'s> {
+        let first = ObjectKey {
+            namespace: namespace.to_owned(),
+            name: String::new(),
+        };
+        let service_namespace = first.namespace.clone();
+        self.services
+            .range(first..)
+            .map(|(_, service)| service)
+            .take_while(move |service| service.key.namespace == service_namespace)
     }
 
     /// Every pod as (node, namespace, service account): what node authorization checks.
@@ -156,3 +171,59 @@ impl State {
 /// The shared, swappable snapshot.
 pub type StateRx = tokio::sync::watch::Receiver<Arc<State>>;
 pub type StateTx = tokio::sync::watch::Sender<Arc<State>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::ServicePort;
+
+    fn service(
+        namespace: &str,
+        name: &str,
+        target_port: TargetPort,
+        endpoints: &[&ObjectKey],
+    ) -> Service {
+        Service {
+            key: ObjectKey::new(namespace, name),
+            cluster_ips: Vec::new(),
+            ports: vec![ServicePort {
+                name: None,
+                port: 80,
+                target_port,
+                app_protocol: None,
+            }],
+            endpoints: endpoints.iter().map(|key| (*key).clone()).collect(),
+        }
+    }
+
+    #[test]
+    fn service_for_finds_the_pods_service_among_its_namespaces_neighbours() {
+        let mut pod = Workload::for_test("node0", "shop", "reviews", &[]);
+        pod.named_ports.insert("http".into(), 9080);
+        let services = [
+            service("default", "reviews", TargetPort::Number(9080), &[&pod.key]),
+            service("shop", "other", TargetPort::Number(9080), &[]),
+            service(
+                "shop",
+                "reviews",
+                TargetPort::Name("http".into()),
+                &[&pod.key],
+            ),
+            service("shop-two", "reviews", TargetPort::Number(9080), &[&pod.key]),
+        ];
+        let state = State::new(
+            BTreeMap::new(),
+            BTreeMap::new(),
+            services.into_iter().map(|s| (s.key.clone(), s)).collect(),
+            Policies::default(),
+            Routes::default(),
+            Vec::new(),
+        );
+        let found = state.service_for(&pod, 9080).expect("the pod's Service");
+        assert_eq!(found.key, ObjectKey::new("shop", "reviews"));
+        assert!(
+            state.service_for(&pod, 8080).is_none(),
+            "no Service targets 8080"
+        );
+    }
+}

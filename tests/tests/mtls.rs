@@ -668,6 +668,51 @@ fn tunnels_are_pooled_and_the_pool_limit_forces_new_handshakes() {
     );
 }
 
+#[test]
+fn a_burst_of_new_connections_waits_for_one_tunnel_dial() {
+    if skip() {
+        return;
+    }
+    let mut scene = scene("mtls_burst");
+    scene.start();
+    // ~50 connections opened within 5 ms, all before the first handshake is done: without
+    // single-flight dials each would dial (and pool) a tunnel of its own.
+    let output = scene.sleep.run(
+        &scene.cluster,
+        &[
+            "load",
+            "--to",
+            &scene.web_addr(),
+            "--rate",
+            "10000",
+            "--duration-ms",
+            "5",
+        ],
+        Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let summary: serde_json::Value = stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| panic!("a load summary: {stdout}"));
+    assert!(summary["sent"].as_u64() > Some(10), "a burst: {summary}");
+    assert_eq!(
+        summary["ok"], summary["sent"],
+        "every connection answered: {summary}"
+    );
+    assert_eq!(
+        metric(
+            &scene.cluster,
+            0,
+            "nodemesh_hbone_tunnels_opened_total",
+            &[]
+        ),
+        1.0,
+        "the burst shares one dial: {summary}"
+    );
+}
+
 /// The identities node `i`'s agent holds certificates for.
 fn held_identities(cluster: &Cluster, i: usize) -> Vec<String> {
     let (status, body) = cluster.http_get(i, 15000, "/certs");

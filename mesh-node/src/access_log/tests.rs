@@ -213,6 +213,15 @@ fn refused_connections_carry_the_flag_the_policy_and_the_error() {
         ProxyError::Refused(Refused::MtlsRequired).response_flags(),
         "RBAC"
     );
+    // Connections that waited for a failed tunnel dial report it as the dialler does.
+    let timed_out = ProxyError::ConnectTimeout("10.0.0.1:15008".parse().unwrap());
+    let shared = ProxyError::SharedDial(std::sync::Arc::new(timed_out));
+    assert_eq!(shared.response_flags(), "UF");
+    assert_eq!(shared.reason(), "connect_timeout");
+    assert_eq!(
+        shared.refusal().error,
+        "connecting to 10.0.0.1:15008: timed out"
+    );
 }
 
 #[test]

@@ -41,6 +41,10 @@ pub enum ProxyError {
     /// AuthorizationPolicy.
     #[error(transparent)]
     Refused(#[from] Refused),
+    /// The dial of the tunnel this connection waited for failed (shared by every connection
+    /// that waited for it; it speaks as that error).
+    #[error(transparent)]
+    SharedDial(std::sync::Arc<ProxyError>),
 }
 
 /// Why the proxy could not make or read a socket in a pod's network namespace.
@@ -101,6 +105,7 @@ impl ProxyError {
             ProxyError::Refused(Refused::MtlsRequired) => "mtls_required",
             ProxyError::Refused(Refused::Denied { .. }) => "authorization_denied",
             ProxyError::Http(_) => "http",
+            ProxyError::SharedDial(error) => error.reason(),
         }
     }
 
@@ -120,11 +125,15 @@ impl ProxyError {
             | ProxyError::Hbone(_)
             | ProxyError::NoSourceAddress => "UF",
             ProxyError::Http(_) => "-",
+            ProxyError::SharedDial(error) => error.response_flags(),
         }
     }
 
     /// This error as the access log and the other telemetry sinks record it.
     pub fn refusal(&self) -> Refusal {
+        if let ProxyError::SharedDial(error) = self {
+            return error.refusal();
+        }
         let policy = match self {
             ProxyError::Refused(Refused::Denied { policy, .. }) => Some(policy.clone()),
             ProxyError::Refused(Refused::MtlsRequired) => {

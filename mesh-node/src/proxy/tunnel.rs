@@ -17,6 +17,7 @@ use mesh_common::ports;
 use parking_lot::Mutex;
 use rustls::{ServerConfig, pki_types::ServerName};
 use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
 use tokio_rustls::{TlsAcceptor, TlsConnector, server::TlsStream};
 use tracing::debug;
 
@@ -72,6 +73,27 @@ impl Pooled {
     }
 }
 
+/// The pool: tunnels up, and tunnels being dialled (which connections wait for).
+#[derive(Default)]
+struct Tunnels {
+    ready: HashMap<PoolKey, Pooled>,
+    dialing: HashMap<PoolKey, watch::Receiver<DialOutcome>>,
+}
+
+/// How a dial went, once it has: `Ok` puts the tunnel in the pool; the error is shared by
+/// every connection that waited for it.
+type DialOutcome = Option<Result<(), Arc<ProxyError>>>;
+
+/// What a connection does for its tunnel (`Mtls::next_step`).
+enum NextStep {
+    /// Open a stream on this pooled tunnel (the stream's slot already taken).
+    Use(SendRequest<Bytes>, StreamSlot),
+    /// Wait for another connection's dial.
+    Wait(watch::Receiver<DialOutcome>),
+    /// Dial; with a channel when other connections may wait for it.
+    Dial(Option<watch::Sender<DialOutcome>>),
+}
+
 /// Certificates, trust and tunnels: present when the agent has a CA.
 pub struct Mtls {
     pub manager: Arc<CertificateManager>,
@@ -80,7 +102,7 @@ pub struct Mtls {
     /// Streams one tunnel carries before a new one is opened (1: a handshake per connection).
     max_streams_per_tunnel: usize,
     metrics: NodeMetrics,
-    pool: Mutex<HashMap<PoolKey, Pooled>>,
+    tunnels: Mutex<Tunnels>,
     server_configs: Mutex<HashMap<Identity, ServerConfigFor>>,
 }
 
@@ -101,7 +123,7 @@ impl Mtls {
             trust_domain,
             max_streams_per_tunnel: max_streams_per_tunnel.max(1),
             metrics,
-            pool: Mutex::default(),
+            tunnels: Mutex::default(),
             server_configs: Mutex::default(),
         }
     }
@@ -120,7 +142,9 @@ impl Mtls {
     }
 
     /// Opens an HBONE stream to `target` (a pod address and port) as `source`, reusing a
-    /// pooled tunnel to the destination pod when one is alive.
+    /// pooled tunnel to the destination pod when one is alive. Connections that find no
+    /// tunnel while one is being dialled for them wait for it rather than each dialling
+    /// their own: a burst of new connections to a pod costs one handshake, not one each.
     pub async fn open_stream(
         &self,
         pod: &PodContext,
@@ -138,39 +162,118 @@ impl Mtls {
             destination: destination.clone(),
             hbone: SocketAddr::new(target.ip(), ports::HBONE),
         };
-        let pooled = {
-            let mut pool = self.pool.lock();
-            pool.get_mut(&key)
-                .filter(|p| Arc::ptr_eq(&p.cert, &cert) && p.has_room(self.max_streams_per_tunnel))
-                .map(|p| {
-                    p.streams += 1;
-                    (p.sender.clone(), StreamSlot::take(&p.open))
-                })
-        };
-        if let Some((sender, slot)) = pooled {
-            match hbone::connect(sender, target).await {
-                Ok(stream) => return Ok(stream.with_slot(slot)),
-                // A refusal is the peer's answer, not a dead tunnel.
-                Err(error @ HboneError::Refused(_)) => return Err(error.into()),
-                Err(error) => {
-                    debug!(%error, hbone = %key.hbone, "pooled tunnel is dead; reconnecting");
-                    self.pool.lock().remove(&key);
+        loop {
+            match self.next_step(&key, &cert) {
+                NextStep::Use(sender, slot) => match hbone::connect(sender, target).await {
+                    Ok(stream) => return Ok(stream.with_slot(slot)),
+                    // A refusal is the peer's answer, not a dead tunnel.
+                    Err(error @ HboneError::Refused(_)) => return Err(error.into()),
+                    Err(error) => {
+                        debug!(%error, hbone = %key.hbone, "pooled tunnel is dead; reconnecting");
+                        self.tunnels.lock().ready.remove(&key);
+                    }
+                },
+                NextStep::Wait(mut dial) => {
+                    // On success the tunnel is in the pool: the next step takes a stream on
+                    // it (or dials again if it is already full). A dial abandoned by its
+                    // connection closes the channel: this one dials instead.
+                    if let Ok(outcome) = dial.wait_for(Option::is_some).await
+                        && let Some(Err(error)) = &*outcome
+                    {
+                        return Err(ProxyError::SharedDial(error.clone()));
+                    }
+                }
+                NextStep::Dial(flight) => {
+                    return self
+                        .dial_for_pool(pod, home, cert, destination, key, target, flight)
+                        .await;
                 }
             }
         }
-        let sender = self.dial(pod, home, &cert, destination, key.hbone).await?;
-        let open = Arc::new(AtomicUsize::new(0));
-        let slot = StreamSlot::take(&open);
-        self.pool.lock().insert(
-            key,
-            Pooled {
-                cert,
-                sender: sender.clone(),
-                streams: 1,
-                open,
+    }
+
+    /// Under the pool's lock: a stream on a pooled tunnel with room, else the dial in flight
+    /// to wait for, else a dial of this connection's own (registered, when tunnels are
+    /// shared, so the next connections wait for it).
+    fn next_step(&self, key: &PoolKey, cert: &Arc<WorkloadCert>) -> NextStep {
+        let mut tunnels = self.tunnels.lock();
+        if let Some(pooled) = tunnels
+            .ready
+            .get_mut(key)
+            .filter(|p| Arc::ptr_eq(&p.cert, cert) && p.has_room(self.max_streams_per_tunnel))
+        {
+            pooled.streams += 1;
+            return NextStep::Use(pooled.sender.clone(), StreamSlot::take(&pooled.open));
+        }
+        if self.max_streams_per_tunnel == 1 {
+            return NextStep::Dial(None);
+        }
+        if let Some(dial) = tunnels.dialing.get(key)
+            && dial.has_changed().is_ok()
+        {
+            return NextStep::Wait(dial.clone());
+        }
+        let (flight, dial) = watch::channel(None);
+        tunnels.dialing.insert(key.clone(), dial);
+        NextStep::Dial(Some(flight))
+    }
+
+    /// Dials a tunnel, pools it, opens this connection's stream on it and tells the
+    /// connections waiting on `flight` how it went.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the parts of one open_stream call"
+    )]
+    async fn dial_for_pool(
+        &self,
+        pod: &PodContext,
+        home: &Netns,
+        cert: Arc<WorkloadCert>,
+        destination: &Identity,
+        key: PoolKey,
+        target: SocketAddr,
+        flight: Option<watch::Sender<DialOutcome>>,
+    ) -> Result<H2Stream, ProxyError> {
+        let dialed = self
+            .dial(pod, home, &cert, destination, key.hbone)
+            .await
+            .map(|sender| {
+                let open = Arc::new(AtomicUsize::new(0));
+                let slot = StreamSlot::take(&open);
+                (sender, open, slot)
+            });
+        {
+            // One lock for both: a connection arriving now finds the tunnel or the dial.
+            let mut tunnels = self.tunnels.lock();
+            if flight.is_some() {
+                tunnels.dialing.remove(&key);
+            }
+            if let Ok((sender, open, _)) = &dialed {
+                let pooled = Pooled {
+                    cert,
+                    sender: sender.clone(),
+                    streams: 1,
+                    open: open.clone(),
+                };
+                tunnels.ready.insert(key, pooled);
+            }
+        }
+        match dialed {
+            Ok((sender, _, slot)) => {
+                if let Some(flight) = flight {
+                    flight.send_replace(Some(Ok(())));
+                }
+                Ok(hbone::connect(sender, target).await?.with_slot(slot))
+            }
+            Err(error) => match flight.filter(|flight| flight.receiver_count() > 0) {
+                Some(flight) => {
+                    let error = Arc::new(error);
+                    flight.send_replace(Some(Err(error.clone())));
+                    Err(ProxyError::SharedDial(error))
+                }
+                None => Err(error),
             },
-        );
-        Ok(hbone::connect(sender, target).await?.with_slot(slot))
+        }
     }
 
     /// A new tunnel: TCP from inside the source pod, TLS 1.3 as the source identity
@@ -210,15 +313,18 @@ impl Mtls {
         self.server_configs
             .lock()
             .retain(|identity, _| needed.contains(identity));
-        self.pool.lock().retain(|key, pooled| {
+        let mut tunnels = self.tunnels.lock();
+        tunnels.ready.retain(|key, pooled| {
             let alive = !matches!(pooled.sender.clone().ready().now_or_never(), Some(Err(_)));
             alive && needed.contains(&key.source) && is_pod(key.source_ip) && is_pod(key.hbone.ip())
         });
+        // Dials whose connection gave up on them (the channel closed).
+        tunnels.dialing.retain(|_, dial| dial.has_changed().is_ok());
     }
 
     /// Tunnels in the pool (some may be draining towards their replacement).
     pub fn pooled_tunnels(&self) -> usize {
-        self.pool.lock().len()
+        self.tunnels.lock().ready.len()
     }
 
     /// Accepts the TLS side of an inbound tunnel as `identity`; returns the stream and the
