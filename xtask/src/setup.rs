@@ -40,12 +40,19 @@ fn cargo_home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
 }
 
-/// PATH with `$CARGO_HOME/bin` in front, where `cargo install` puts bpf-linker.
+/// PATH with `$CARGO_HOME/bin` on it (in front, when added), where `cargo install` puts
+/// bpf-linker.
+///
+/// A PATH that has it already is returned unchanged: build scripts that watch PATH would
+/// otherwise see a different one under `cargo xtask` than under a plain `cargo build`, and
+/// each switch between the two rebuilt a good part of the dependencies.
 pub fn path_with_cargo_bin() -> OsString {
-    let mut paths = vec![cargo_home().join("bin")];
-    if let Some(path) = env::var_os("PATH") {
-        paths.extend(env::split_paths(&path));
+    let cargo_bin = cargo_home().join("bin");
+    let path = env::var_os("PATH").unwrap_or_default();
+    if env::split_paths(&path).any(|dir| dir == cargo_bin) {
+        return path;
     }
+    let paths = std::iter::once(cargo_bin).chain(env::split_paths(&path));
     env::join_paths(paths).expect("PATH entries contain no separator")
 }
 
