@@ -19,7 +19,8 @@ use crate::{admin::Admin, metrics::Metrics, readiness::Readiness};
 #[derive(Clone)]
 pub enum Endpoints {
     /// `GET /metrics`.
-    Metrics(Metrics),
+    /// Boxed: the metric handles are large beside the other variants.
+    Metrics(Box<Metrics>),
     /// `GET /healthz/ready` (200 once every readiness guard dropped) and `/healthz/live`.
     Health(Readiness),
     /// The admin API (JSON).

@@ -30,7 +30,7 @@ use crate::{
     },
     holder::{HeldKey, HolderClient},
     inventory::{ENROLLMENT_LABEL, ObjectKey, Workload},
-    netns::{self, Netns, NetnsError},
+    netns::{self, Netns, NetnsError, NetnsSurvey},
     proxy::{self, Direction, Inherited, PodContext, ProxyContext, bind_pod_listeners},
     readiness::ReadinessGuard,
     state::{State, StateRx},
@@ -307,12 +307,17 @@ impl Enrollment {
         }
         let mut pending = BTreeMap::new();
         let mut enrolled = Vec::new();
+        // Enrolled pods' namespaces cannot be a new pod's: a node filling up looks only at
+        // the others.
+        let mut survey = NetnsSurvey::skipping(self.pods.values().map(|pod| pod.netns.inode()));
         for (key, wanted) in desired {
             if self.pods.contains_key(&key) {
                 continue;
             }
-            match self.enroll(&key, &wanted).await {
+            let started = Instant::now();
+            match self.enroll(&key, &wanted, &mut survey).await {
                 Ok(pod) => {
+                    self.proxy.metrics.node.pod_enrolled(started.elapsed());
                     info!(
                         pod = %key,
                         netns = %pod.netns.path().display(),
@@ -539,10 +544,11 @@ impl Enrollment {
         &mut self,
         key: &ObjectKey,
         wanted: &DesiredPod<'_>,
+        survey: &mut NetnsSurvey,
     ) -> Result<EnrolledPod, EnrollError> {
         let home = &self.proxy.home;
         let ips = &wanted.ips;
-        let netns = Arc::new(self.find_netns(wanted).await?);
+        let netns = Arc::new(self.find_netns(wanted, survey).await?);
         netns::install_inbound_routing(&netns, home).await?;
         let mtls = self.proxy.mtls.is_some();
         let inherited = self.inherited.remove(&netns.inode()).unwrap_or_default();
@@ -609,8 +615,12 @@ impl Enrollment {
     }
 
     /// The pod's netns: the one the CNI plugin named, else found by the pod's UID (its
-    /// cgroup), else by its IPs.
-    async fn find_netns(&self, wanted: &DesiredPod<'_>) -> Result<Netns, EnrollError> {
+    /// cgroup), else by its IPs, in `survey` (one per round of enrollments).
+    async fn find_netns(
+        &self,
+        wanted: &DesiredPod<'_>,
+        survey: &mut NetnsSurvey,
+    ) -> Result<Netns, EnrollError> {
         let home = &self.proxy.home;
         if let Some(path) = &wanted.netns {
             return Ok(Netns::open(path)?);
@@ -618,11 +628,12 @@ impl Enrollment {
         if let Some(netns) = wanted
             .uid
             .as_deref()
-            .and_then(|uid| netns::find_pod_netns_by_uid(uid, home))
+            .and_then(|uid| survey.find_by_uid(uid, home))
         {
             return Ok(netns);
         }
-        netns::find_pod_netns(&wanted.ips, home)
+        survey
+            .find_by_ips(&wanted.ips, home)
             .await?
             .ok_or_else(|| EnrollError::NetnsNotFound(wanted.ips.clone()))
     }

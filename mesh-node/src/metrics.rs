@@ -28,7 +28,10 @@ pub mod process;
 use std::time::Duration;
 
 pub use http::{HttpMetrics, RequestOutcome};
-use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 use crate::{
     ebpf::{Counters, MapFill},
@@ -61,6 +64,12 @@ const TCP_LABELS: &[&str] = &[
 ];
 
 const UNKNOWN: &str = "unknown";
+
+/// Buckets of `nodemesh_pod_enrollment_duration_seconds`: around the 5 ms a pod's start may
+/// wait for its enrollment, up to the seconds a search for its netns can take.
+const ENROLLMENT_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
 /// What Istio reports as the cluster name when none is configured.
 const CLUSTER: &str = "Kubernetes";
 
@@ -211,6 +220,7 @@ impl TcpMetrics {
 #[derive(Clone)]
 pub struct NodeMetrics {
     enrolled_pods: IntGauge,
+    enrollment_duration: Histogram,
     config_rejections: IntGauge,
     config_loads: IntCounter,
     config_last_load: Gauge,
@@ -249,6 +259,17 @@ impl NodeMetrics {
             enrolled_pods: gauge(
                 "nodemesh_enrolled_pods",
                 "Pods on this node whose traffic the mesh captures",
+            )?,
+            enrollment_duration: registered(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "nodemesh_pod_enrollment_duration_seconds",
+                        "Time to enroll one pod: finding its netns, its inbound routing, its \
+                         in-pod listeners and its capture entries (a CNI ADD waits for it)",
+                    )
+                    .buckets(ENROLLMENT_BUCKETS.to_vec()),
+                )?,
             )?,
             config_rejections: gauge(
                 "nodemesh_config_rejected_resources",
@@ -325,6 +346,10 @@ impl NodeMetrics {
                 "Access log lines dropped because the output (stdout) could not keep up",
             )?,
         })
+    }
+
+    pub fn pod_enrolled(&self, took: Duration) {
+        self.enrollment_duration.observe(took.as_secs_f64());
     }
 
     pub fn set_enrolled_pods(&self, count: usize) {

@@ -5,7 +5,7 @@
 //! for the duration of a `socket()` call ([`Netns::run`]); a socket keeps the netns it was
 //! created in, whatever thread uses it afterwards.
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs::File,
     io,
     net::IpAddr,
@@ -163,11 +163,128 @@ pub fn find_by_cookies(cookies: &[u64], home: &Netns) -> Vec<Netns> {
     found
 }
 
-/// Finds the netns that holds one of `ips` on an interface whose veth peer lives in the
-/// agent's own netns (`home`). The peer check is what keeps an agent to its own node's pods
-/// when several nodes share one machine (tests), and is harmless on a real node.
-pub async fn find_pod_netns(ips: &[IpAddr], home: &Netns) -> Result<Option<Netns>, NetnsError> {
-    let mut seen = HashSet::from([home.inode()]);
+/// The machine's network namespaces as one look saw them, for finding pods' netns: which
+/// pod (by UID) each process's cgroup names, and which addresses each netns holds. Each part
+/// is read the first time it is asked for, so a round of enrollments (an agent starting on
+/// a full node, a node filling up) reads `/proc` and enters every netns once, not once per
+/// pod: with 250 pods that was 250 scans of 250 namespaces.
+///
+/// Processes and namespaces come and go: what it found is checked again when opened (the
+/// same inode, still a veth of this node), and a pod it does not find is looked for in a
+/// fresh survey on the next round.
+#[derive(Default)]
+pub struct NetnsSurvey {
+    /// Namespaces not to look into (by inode): those of pods enrolled already.
+    skip: HashSet<u64>,
+    /// Pod UID → `/proc/<pid>/ns/net` of a process in that pod's cgroup.
+    pods: Option<HashMap<String, PathBuf>>,
+    /// Address → the namespaces (other than the agent's) holding it, and on which interface.
+    addresses: Option<HashMap<IpAddr, Vec<AddressHolder>>>,
+}
+
+/// A netns holding an address.
+struct AddressHolder {
+    path: PathBuf,
+    inode: u64,
+    ifindex: u32,
+}
+
+impl NetnsSurvey {
+    /// A survey that does not look into the namespaces `inodes`.
+    pub fn skipping(inodes: impl IntoIterator<Item = u64>) -> Self {
+        Self {
+            skip: inodes.into_iter().collect(),
+            ..Self::default()
+        }
+    }
+
+    /// The netns of the pod with UID `uid`, found through its processes' cgroups: kubelet
+    /// puts every container of a pod (the sandbox's pause process included) under a cgroup
+    /// named after the pod's UID, whatever the runtime. Unlike the address search this works
+    /// before the API server reports the pod's IP, and cannot be fooled by another netns
+    /// holding the same IP.
+    ///
+    /// Processes of the agent's own netns (`home`) are skipped: a host-network pod has no
+    /// netns of its own to enroll.
+    pub fn find_by_uid(&mut self, uid: &str, home: &Netns) -> Option<Netns> {
+        if uid.is_empty() {
+            return None;
+        }
+        let skip = &self.skip;
+        let pods = self.pods.get_or_insert_with(|| pods_by_cgroup(home, skip));
+        let netns = Netns::open(pods.get(uid)?).ok()?;
+        debug!(netns = %netns.path().display(), uid, "found pod netns by UID");
+        Some(netns)
+    }
+
+    /// The netns that holds one of `ips` on an interface whose veth peer lives in the
+    /// agent's own netns (`home`). The peer check is what keeps an agent to its own node's
+    /// pods when several nodes share one machine (tests), and is harmless on a real node.
+    pub async fn find_by_ips(
+        &mut self,
+        ips: &[IpAddr],
+        home: &Netns,
+    ) -> Result<Option<Netns>, NetnsError> {
+        let skip = &self.skip;
+        let addresses = self
+            .addresses
+            .get_or_insert_with(|| addresses_by_netns(home, skip));
+        // Plain loops: an iterator adapter's closure held across the await makes the
+        // enrollment task's future not `Send`.
+        for ip in ips {
+            let Some(holders) = addresses.get(ip) else {
+                continue;
+            };
+            for holder in holders {
+                let Ok(netns) = Netns::open(&holder.path) else {
+                    continue; // the process exited meanwhile
+                };
+                if netns.inode() == holder.inode
+                    && peer_lives_in(&netns, holder.ifindex, home).await?
+                {
+                    debug!(netns = %holder.path.display(), holder.ifindex, "found pod netns");
+                    return Ok(Some(netns));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Pod UID → the netns path of one of its processes (outside `home` and `skip`), from every
+/// process's cgroup.
+fn pods_by_cgroup(home: &Netns, skip: &HashSet<u64>) -> HashMap<String, PathBuf> {
+    let mut pods = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pods;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let pid = entry.path();
+        let Ok(cgroups) = std::fs::read_to_string(pid.join("cgroup")) else {
+            continue; // a kernel thread, or the process exited meanwhile
+        };
+        let uids: Vec<String> = cgroups.lines().flat_map(pod_uids_of_cgroup_line).collect();
+        if uids.is_empty() {
+            continue;
+        }
+        let path = pid.join("ns/net");
+        match Netns::open(&path) {
+            Ok(netns) if netns.inode() != home.inode() && !skip.contains(&netns.inode()) => {
+                for uid in uids {
+                    pods.entry(uid).or_insert_with(|| path.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    pods
+}
+
+/// Every address of every netns on the machine but `home` and `skip`, with who holds it.
+fn addresses_by_netns(home: &Netns, skip: &HashSet<u64>) -> HashMap<IpAddr, Vec<AddressHolder>> {
+    let mut seen = skip.clone();
+    seen.insert(home.inode());
+    let mut addresses: HashMap<IpAddr, Vec<AddressHolder>> = HashMap::new();
     for path in candidate_paths() {
         let Ok(netns) = Netns::open(&path) else {
             continue; // the process exited meanwhile
@@ -175,71 +292,46 @@ pub async fn find_pod_netns(ips: &[IpAddr], home: &Netns) -> Result<Option<Netns
         if !seen.insert(netns.inode()) {
             continue;
         }
-        let Some(ifindex) = netns.run(home, || interface_with(ips))? else {
+        let Ok(held) = netns.run(home, || {
+            local_addresses()
+                .into_iter()
+                .filter_map(|(interface, ip)| {
+                    let ifindex = nix::net::if_::if_nametoindex(interface.as_str()).ok()?;
+                    Some((ip, ifindex))
+                })
+                .collect::<Vec<_>>()
+        }) else {
             continue;
         };
-        if peer_lives_in(&netns, ifindex, home).await? {
-            debug!(netns = %path.display(), ifindex, "found pod netns");
-            return Ok(Some(netns));
+        for (ip, ifindex) in held {
+            addresses.entry(ip).or_default().push(AddressHolder {
+                path: path.clone(),
+                inode: netns.inode(),
+                ifindex,
+            });
         }
     }
-    Ok(None)
+    addresses
 }
 
-/// Finds the netns of the pod with UID `uid` through its processes' cgroups: kubelet puts
-/// every container of a pod (the sandbox's pause process included) under a cgroup named
-/// after the pod's UID, whatever the runtime. Unlike the IP scan this works before the API
-/// server reports the pod's IP, and cannot be fooled by another netns holding the same IP.
-///
-/// Processes of the agent's own netns (`home`) are skipped: a host-network pod has no
-/// netns of its own to enroll.
-pub fn find_pod_netns_by_uid(uid: &str, home: &Netns) -> Option<Netns> {
-    if uid.is_empty() {
-        return None;
-    }
-    let entries = std::fs::read_dir("/proc").ok()?;
-    for entry in entries.filter_map(Result::ok) {
-        let pid = entry.path();
-        let Ok(cgroups) = std::fs::read_to_string(pid.join("cgroup")) else {
-            continue; // a kernel thread, or the process exited meanwhile
-        };
-        if !cgroups.lines().any(|line| cgroup_line_holds_pod(line, uid)) {
-            continue;
-        }
-        let Ok(netns) = Netns::open(&pid.join("ns/net")) else {
-            continue;
-        };
-        if netns.inode() != home.inode() {
-            debug!(netns = %netns.path().display(), uid, "found pod netns by UID");
-            return Some(netns);
-        }
-    }
-    None
-}
-
-/// Whether a `/proc/<pid>/cgroup` line (`<id>:<controllers>:<path>`) puts the process
-/// under pod `uid`'s cgroup, as kubelet names it with either cgroup driver:
+/// The pod UIDs a `/proc/<pid>/cgroup` line (`<id>:<controllers>:<path>`) may put the
+/// process under, as kubelet names pod cgroups with either driver:
 /// * cgroupfs: `/kubepods/burstable/pod<uid>/<container>`;
 /// * systemd: `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid with
 ///   '-' replaced by '_'>.slice/cri-containerd-<container>.scope`.
 ///
-/// Whole path segments are compared, so one UID never matches inside another.
-fn cgroup_line_holds_pod(line: &str, uid: &str) -> bool {
-    let Some(path) = line.splitn(3, ':').nth(2) else {
-        return false;
-    };
-    let cgroupfs = format!("pod{uid}");
-    let systemd = format!("-pod{}.slice", uid.replace('-', "_"));
-    path.split('/')
-        .any(|segment| segment == cgroupfs || segment.ends_with(&systemd))
-}
-
-/// Index of the interface holding one of `ips` in the calling thread's netns.
-fn interface_with(ips: &[IpAddr]) -> Option<u32> {
-    let (interface, _) = local_addresses()
-        .into_iter()
-        .find(|(_, ip)| ips.contains(ip))?;
-    nix::net::if_::if_nametoindex(interface.as_str()).ok()
+/// Whole path segments are read, so one UID never matches inside another; a segment that
+/// merely looks like a pod's yields a UID no pod has.
+fn pod_uids_of_cgroup_line(line: &str) -> impl Iterator<Item = String> + '_ {
+    let path = line.splitn(3, ':').nth(2).unwrap_or_default();
+    path.split('/').filter_map(|segment| {
+        if let Some(uid) = segment.strip_prefix("pod") {
+            return Some(uid.to_owned());
+        }
+        let slice = segment.strip_suffix(".slice")?;
+        let (_, uid) = slice.rsplit_once("-pod")?;
+        Some(uid.replace('_', "-"))
+    })
 }
 
 /// Every IP address of the calling thread's netns, with the interface that holds it; empty
@@ -513,7 +605,10 @@ mod tests {
             // Seen from an agent in its own cgroup namespace.
             "0::/../../kubepods/burstable/pod0b6f1f6e-3a7c-4d2e-9f1a-2c3d4e5f6a7b/4f3c2b1a",
         ] {
-            assert!(cgroup_line_holds_pod(line, UID), "{line}");
+            assert!(
+                pod_uids_of_cgroup_line(line).any(|uid| uid == UID),
+                "{line}"
+            );
         }
     }
 
@@ -527,7 +622,10 @@ mod tests {
             "0::/system.slice/containerd.service",
             "garbage",
         ] {
-            assert!(!cgroup_line_holds_pod(line, UID), "{line}");
+            assert!(
+                !pod_uids_of_cgroup_line(line).any(|uid| uid == UID),
+                "{line}"
+            );
         }
     }
 }

@@ -31,8 +31,11 @@ const AGENT_STOP_GRACE: Duration = Duration::from_secs(10);
 const AGENT_DRAIN_TIMEOUT: &str = "3s";
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most pods one node can hold: pod j gets `10.244.<node>.<10+j>`.
-const MAX_PODS_PER_NODE: u32 = 240;
+/// Pods of one node in its first pod range: pod j gets `10.244.<node>.<10+j>`, then
+/// `10.245.<node>.<10+j-240>`.
+const PODS_PER_RANGE: u32 = 240;
+/// Most pods one node can hold (two ranges).
+const MAX_PODS_PER_NODE: u32 = 2 * PODS_PER_RANGE;
 
 /// A multi-node cluster made of network namespaces; everything it created is removed
 /// when it is dropped, also while a test panics.
@@ -40,10 +43,11 @@ const MAX_PODS_PER_NODE: u32 = 240;
 /// Layout (node i, its pod j):
 /// * fabric netns `nm-<unique>-fab` with bridge `br0`; node i's veth `n<i>` is a port;
 /// * node netns `nm-<unique>-n<i>`: `eth0` = `10.99.0.<10+i>/24`, `fd00:99::<10+i>/64`,
-///   forwarding on, routes to the other nodes' pod CIDRs `10.244.<k>.0/24` and
-///   `fd00:244:<k>::/64`, and no default route (Service IPs are unroutable without the
+///   forwarding on, routes to the other nodes' pod CIDRs `10.244.<k>.0/24`,
+///   `10.245.<k>.0/24` and `fd00:244:<k>::/64`, and no default route (Service IPs are unroutable without the
 ///   mesh);
-/// * pod netns `nm-<unique>-n<i>p<j>`: `eth0` = `10.244.<i>.<10+j>/32` (+
+/// * pod netns `nm-<unique>-n<i>p<j>`: `eth0` = `10.244.<i>.<10+j>/32` (from the 241st
+///   pod of a node `10.245.<i>.<10+j-240>`) (+
 ///   `fd00:244:<i>::<10+j>/128`), default route via `10.244.<i>.1` (`fd00:244:<i>::1`),
 ///   which the node-side veth `vp<j>` holds;
 /// * cgroup `<cgroup2 root>/nodemesh-<unique>/node<i>` holding node i's pod processes;
@@ -228,6 +232,7 @@ impl Cluster {
         ];
         for k in (0..self.nodes).filter(|k| *k != i) {
             lines.push(format!("route add 10.244.{k}.0/24 via {}", self.node_ip(k)));
+            lines.push(format!("route add 10.245.{k}.0/24 via {}", self.node_ip(k)));
             lines.push(format!(
                 "route add fd00:244:{k}::/64 via {}",
                 self.node_ip6(k)
@@ -386,9 +391,13 @@ impl Cluster {
 
         let pod_netns = format!("{NETNS_PREFIX}{}-n{i}p{j}", self.unique);
         let host_veth = format!("vp{j}");
-        let ip: Ipv4Addr = format!("10.244.{i}.{}", 10 + j)
-            .parse()
-            .expect("valid IPv4");
+        let ip: Ipv4Addr = format!(
+            "10.{}.{i}.{}",
+            244 + j / PODS_PER_RANGE,
+            10 + j % PODS_PER_RANGE
+        )
+        .parse()
+        .expect("valid IPv4");
         let ip6: Option<Ipv6Addr> = spec.ipv6.then(|| {
             format!("fd00:244:{i}::{}", 10 + j)
                 .parse()

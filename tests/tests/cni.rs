@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_node::netns::{Netns, find_pod_netns_by_uid};
+use mesh_node::netns::{Netns, NetnsSurvey};
 use mesh_tests::{
     Cluster, Pod, PodProcess, PodSpec, bin_path,
     scenario::{
@@ -312,7 +312,9 @@ fn a_pod_netns_is_found_by_its_uid_in_a_kubelet_like_cgroup() {
     let pod = cluster.add_pod(PodSpec::new("client", 0).pending());
     let home = Netns::current().expect("own netns");
     assert!(
-        find_pod_netns_by_uid(&pod.uid, &home).is_none(),
+        NetnsSurvey::default()
+            .find_by_uid(&pod.uid, &home)
+            .is_none(),
         "no process of the pod yet"
     );
     // Kubelet's cgroupfs layout: .../kubepods/burstable/pod<uid>/<container>.
@@ -323,11 +325,15 @@ fn a_pod_netns_is_found_by_its_uid_in_a_kubelet_like_cgroup() {
         .spawn()
         .expect("starting a process in the pod");
     let found = wait_until(READY_TIMEOUT, "the pod's netns by UID", || {
-        find_pod_netns_by_uid(&pod.uid, &home)
+        NetnsSurvey::default().find_by_uid(&pod.uid, &home)
     });
     let expected = std::fs::metadata(pod.netns_path()).unwrap().ino();
     assert_eq!(found.inode(), expected, "found {}", found.path().display());
-    assert!(find_pod_netns_by_uid("not-a-pod", &home).is_none());
+    assert!(
+        NetnsSurvey::default()
+            .find_by_uid("not-a-pod", &home)
+            .is_none()
+    );
     let _ = pause.kill();
     let _ = pause.wait();
 }

@@ -20,6 +20,7 @@
 //! must each count, over mutual TLS, as many requests as oha got answers to.
 
 mod agent;
+mod enrollment;
 mod http;
 mod oha;
 mod report;
@@ -88,6 +89,8 @@ pub struct Options {
 pub enum Only {
     /// The config at the size of a big cluster.
     Scale,
+    /// 250 pods enrolled on one node.
+    Enrollment,
 }
 
 /// With or without the mesh.
@@ -315,9 +318,15 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     }
     let interrupt = Interrupt::install()?;
     let started = Instant::now();
-    if options.only.contains(&Only::Scale) {
-        let measured = scale::measure(&interrupt)?;
-        print!("{}", scale::render(&measured));
+    if !options.only.is_empty() {
+        if options.only.contains(&Only::Scale) {
+            let measured = scale::measure(&interrupt)?;
+            print!("{}", scale::render(&measured));
+        }
+        if options.only.contains(&Only::Enrollment) {
+            let measured = enrollment::measure(&interrupt)?;
+            print!("{}", enrollment::render(&measured));
+        }
         println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
         return Ok(());
     }
@@ -497,6 +506,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     drop(cluster);
     let scale = scale::measure(&interrupt)?;
     print!("{}", scale::render(&scale));
+    let enrollment = enrollment::measure(&interrupt)?;
+    print!("{}", enrollment::render(&enrollment));
     println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -62,7 +62,7 @@ enum Task {
         #[arg(long, value_name = "S")]
         seconds: Option<u32>,
         /// Run only these rows (repeatable): `scale` (the config at the size of a big
-        /// cluster).
+        /// cluster), `enrollment` (250 pods enrolled on one node).
         #[arg(long, value_name = "ROWS")]
         only: Vec<bench::Only>,
     },

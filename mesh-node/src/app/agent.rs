@@ -205,7 +205,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     tasks.spawn(enrollment.run(state_rx, pods_ready, accepting.clone()));
     tasks.spawn(endpoints::serve(
         metrics_listener,
-        Endpoints::Metrics(metrics.clone()),
+        Endpoints::Metrics(Box::new(metrics.clone())),
         shutdown.clone(),
     ));
     let admin = Admin {

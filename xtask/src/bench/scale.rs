@@ -224,7 +224,7 @@ fn json_objects(yaml: &str) -> anyhow::Result<Vec<serde_json::Value>> {
         .collect()
 }
 
-fn wait_until(
+pub(super) fn wait_until(
     timeout: Duration,
     what: &str,
     mut done: impl FnMut() -> anyhow::Result<bool>,
@@ -239,9 +239,13 @@ fn wait_until(
     Ok(())
 }
 
-/// The agent's metric `name`; a busy agent's metrics endpoint is asked again until it
-/// answers (for at most [`UPDATE_TIMEOUT`]).
-fn metric(cluster: &Cluster, name: &str) -> anyhow::Result<f64> {
+/// Node 0's agent's metric `name` with `labels` (summed over the others); a busy agent's
+/// metrics endpoint is asked again until it answers (for at most [`UPDATE_TIMEOUT`]).
+pub(super) fn metric(
+    cluster: &Cluster,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> anyhow::Result<f64> {
     let mut text = None;
     wait_until(UPDATE_TIMEOUT, "the agent's metrics", || {
         text = match cluster.try_http_get(0, AGENT_METRICS_PORT, "/metrics") {
@@ -250,16 +254,16 @@ fn metric(cluster: &Cluster, name: &str) -> anyhow::Result<f64> {
         };
         Ok(text.is_some())
     })?;
-    mesh_tests::metric_value(&text.unwrap_or_default(), name, &[])
+    mesh_tests::metric_value(&text.unwrap_or_default(), name, labels)
         .with_context(|| format!("no {name} in the metrics"))
 }
 
 fn config_loads(cluster: &Cluster) -> anyhow::Result<f64> {
-    metric(cluster, "nodemesh_config_loads_total")
+    metric(cluster, "nodemesh_config_loads_total", &[])
 }
 
 fn last_load(cluster: &Cluster) -> anyhow::Result<Duration> {
-    let seconds = metric(cluster, "nodemesh_config_last_load_seconds")?;
+    let seconds = metric(cluster, "nodemesh_config_last_load_seconds", &[])?;
     Ok(Duration::from_secs_f64(seconds))
 }
 
