@@ -9,6 +9,7 @@ pub mod node_probes;
 mod outbound;
 mod resolve;
 mod socket;
+mod splice;
 mod tunnel;
 
 use std::{
@@ -25,8 +26,8 @@ pub use error::{CertificateError, HandshakeError, ProxyError, SocketError};
 pub use resolve::{Resolver, Upstream};
 pub use socket::{Inherited, ListenerSet, bind_pod_listeners};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpListener,
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf},
+    net::{TcpListener, TcpStream},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
@@ -146,6 +147,43 @@ where
         Counted::new(upstream, &from_upstream),
     );
     let copy = copy::copy_bidirectional(&mut client, &mut upstream);
+    let error = until_idle(copy, &from_client, &from_upstream, idle_timeout).await;
+    (
+        from_client.load(Ordering::Relaxed),
+        from_upstream.load(Ordering::Relaxed),
+        error,
+    )
+}
+
+/// [`relay`] between two plain TCP sockets, in the kernel (`splice`): what the client sent
+/// before (the bytes read to tell HTTP from TCP) is written first.
+pub async fn relay_plain(
+    client: &mut http::Prefixed<TcpStream>,
+    upstream: &mut TcpStream,
+    idle_timeout: Duration,
+) -> (u64, u64, Option<std::io::Error>) {
+    let (sniffed, client) = client.take_prefix();
+    let (from_client, from_upstream) = (AtomicU64::new(sniffed.len() as u64), AtomicU64::new(0));
+    let moved = async {
+        upstream.write_all(&sniffed).await?;
+        splice::splice_bidirectional(client, upstream, &from_client, &from_upstream).await
+    };
+    let error = until_idle(moved, &from_client, &from_upstream, idle_timeout).await;
+    (
+        from_client.load(Ordering::Relaxed),
+        from_upstream.load(Ordering::Relaxed),
+        error,
+    )
+}
+
+/// Runs `relay` until it ends (its error, if any) or until neither count moved for
+/// `idle_timeout` (a timed-out error).
+async fn until_idle(
+    relay: impl Future<Output = std::io::Result<impl Sized>>,
+    from_client: &AtomicU64,
+    from_upstream: &AtomicU64,
+    idle_timeout: Duration,
+) -> Option<std::io::Error> {
     let crossed = || from_client.load(Ordering::Relaxed) + from_upstream.load(Ordering::Relaxed);
     let idle = async {
         let mut seen = crossed();
@@ -158,18 +196,13 @@ where
             seen = now;
         }
     };
-    let error = tokio::select! {
-        result = copy => result.err(),
+    tokio::select! {
+        result = relay => result.err(),
         () = idle => Some(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("nothing crossed for {idle_timeout:?}"),
         )),
-    };
-    (
-        from_client.load(Ordering::Relaxed),
-        from_upstream.load(Ordering::Relaxed),
-        error,
-    )
+    }
 }
 
 /// [`relay`] between the client side and the upstream side of a connection, recording it in
@@ -184,9 +217,34 @@ async fn relay_counted<C, U>(
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    recorded(relay(client, upstream, TCP_IDLE_TIMEOUT), connection, proxy).await;
+}
+
+/// [`relay_counted`] for two plain TCP sockets ([`relay_plain`]).
+async fn relay_plain_counted(
+    client: &mut http::Prefixed<TcpStream>,
+    upstream: &mut TcpStream,
+    connection: &access_log::ConnectionRecord,
+    proxy: &ProxyContext,
+) {
+    recorded(
+        relay_plain(client, upstream, TCP_IDLE_TIMEOUT),
+        connection,
+        proxy,
+    )
+    .await;
+}
+
+/// Records `relay` in Istio's TCP metrics (opened now, closed with its bytes at the end)
+/// and, when it closes, in the access log.
+async fn recorded(
+    relay: impl Future<Output = (u64, u64, Option<std::io::Error>)>,
+    connection: &access_log::ConnectionRecord,
+    proxy: &ProxyContext,
+) {
     let labels = &connection.parties.labels;
     proxy.metrics.tcp.opened(labels);
-    let (from_client, to_client, error) = relay(client, upstream, TCP_IDLE_TIMEOUT).await;
+    let (from_client, to_client, error) = relay.await;
     proxy.metrics.tcp.closed(labels, from_client, to_client);
     tracing::debug!(from_client, to_client, error = ?error, "connection closed");
     if proxy.access_log.is_on() {
@@ -334,6 +392,31 @@ mod tests {
             lasted >= Duration::from_secs(200) && lasted <= Duration::from_secs(200) + 2 * idle,
             "{lasted:?}"
         );
+        assert_eq!(error.map(|e| e.kind()), Some(std::io::ErrorKind::TimedOut));
+    }
+
+    #[tokio::test]
+    async fn a_plain_relay_sends_the_sniffed_bytes_first_and_ends_when_idle() {
+        let pair = || async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let connecting = TcpStream::connect(listener.local_addr().unwrap());
+            let (connected, accepted) = tokio::join!(connecting, listener.accept());
+            (connected.unwrap(), accepted.unwrap().0)
+        };
+        let (mut client, proxy_client) = pair().await;
+        let (mut upstream, mut server) = pair().await;
+        // The proxy read "GET " to tell HTTP from TCP; the client sends the rest.
+        let mut sniffed = http::Prefixed::new(bytes::Bytes::from_static(b"GET "), proxy_client);
+        client.write_all(b"/ HTTP/1.0").await.unwrap();
+        let relay = relay_plain(&mut sniffed, &mut upstream, Duration::from_millis(300));
+        let read = async {
+            let mut received = [0; 14];
+            server.read_exact(&mut received).await.unwrap();
+            received
+        };
+        let ((sent, received_back, error), received) = tokio::join!(relay, read);
+        assert_eq!(&received, b"GET / HTTP/1.0");
+        assert_eq!((sent, received_back), (14, 0));
         assert_eq!(error.map(|e| e.kind()), Some(std::io::ErrorKind::TimedOut));
     }
 }

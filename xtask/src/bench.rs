@@ -23,6 +23,7 @@ mod agent;
 mod enrollment;
 mod http;
 mod oha;
+mod relay;
 mod report;
 mod restart;
 mod scale;
@@ -91,6 +92,8 @@ pub enum Only {
     Scale,
     /// 250 pods enrolled on one node.
     Enrollment,
+    /// An enrolled pod's bulk stream to a pod outside the mesh (plaintext relay).
+    Relay,
 }
 
 /// With or without the mesh.
@@ -306,13 +309,24 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     };
     println!("bench: checking prerequisites (cargo xtask setup)…");
     crate::setup::run()?;
-    println!("bench: building release binaries…");
-    crate::build(true)?;
-    let bin_dir = release_dir()?;
-    // SAFETY: nothing else runs yet (no thread has been started: the Ctrl-C handler and
-    // the cluster come below), so nothing can read the environment concurrently. The
-    // harness reads this variable to find mesh-node and mesh-testapp.
-    unsafe { std::env::set_var("NODEMESH_BIN_DIR", &bin_dir) };
+    // Binaries set aside (NODEMESH_BIN_DIR) are measured as they are: two builds compared
+    // on one machine, without rebuilding either.
+    let bin_dir = match std::env::var_os("NODEMESH_BIN_DIR") {
+        Some(dir) => {
+            println!("bench: binaries from NODEMESH_BIN_DIR (not rebuilt)…");
+            std::path::PathBuf::from(dir)
+        }
+        None => {
+            println!("bench: building release binaries…");
+            crate::build(true)?;
+            let bin_dir = release_dir()?;
+            // SAFETY: nothing else runs yet (no thread has been started: the Ctrl-C handler
+            // and the cluster come below), so nothing can read the environment concurrently.
+            // The harness reads this variable to find mesh-node and mesh-testapp.
+            unsafe { std::env::set_var("NODEMESH_BIN_DIR", &bin_dir) };
+            bin_dir
+        }
+    };
     if let Some(reason) = mesh_tests::skip_reason() {
         bail!("cannot build a test cluster on this machine: {reason}");
     }
@@ -326,6 +340,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         if options.only.contains(&Only::Enrollment) {
             let measured = enrollment::measure(&interrupt)?;
             print!("{}", enrollment::render(&measured));
+        }
+        if options.only.contains(&Only::Relay) {
+            let measured = relay::measure(&interrupt, rounds, seconds)?;
+            print!("{}", relay::render(&measured));
         }
         println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
         return Ok(());
@@ -508,6 +526,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     print!("{}", scale::render(&scale));
     let enrollment = enrollment::measure(&interrupt)?;
     print!("{}", enrollment::render(&enrollment));
+    let relayed = relay::measure(&interrupt, rounds, seconds)?;
+    print!("{}", relay::render(&relayed));
     println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }

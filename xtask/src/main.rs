@@ -62,7 +62,8 @@ enum Task {
         #[arg(long, value_name = "S")]
         seconds: Option<u32>,
         /// Run only these rows (repeatable): `scale` (the config at the size of a big
-        /// cluster), `enrollment` (250 pods enrolled on one node).
+        /// cluster), `enrollment` (250 pods enrolled on one node), `relay` (an enrolled pod's
+        /// bulk stream to a pod outside the mesh).
         #[arg(long, value_name = "ROWS")]
         only: Vec<bench::Only>,
     },

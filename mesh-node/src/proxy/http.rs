@@ -96,6 +96,12 @@ impl<S> Prefixed<S> {
     pub fn new(prefix: Bytes, inner: S) -> Self {
         Self { prefix, inner }
     }
+
+    /// The bytes not read yet (which the stream then no longer has), and the stream they
+    /// came from.
+    pub fn take_prefix(&mut self) -> (Bytes, &mut S) {
+        (std::mem::take(&mut self.prefix), &mut self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

@@ -1,6 +1,6 @@
 //! The inbound leg: the in-pod 15006 listener (plaintext, fed by `sk_lookup`) and the
 //! in-pod 15008 listener (HBONE tunnels from other node proxies).
-use std::{net::SocketAddr, sync::Arc};
+use std::{any::Any, net::SocketAddr, sync::Arc};
 
 use ::http::StatusCode;
 use bytes::Bytes;
@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 use super::{
     CertificateError, PodContext, ProxyContext, ProxyError,
     hbone::{self, IncomingConnect},
-    http, relay_counted,
+    http, relay_counted, relay_plain_counted,
     socket::{Dial, connect_from_pod},
 };
 use crate::{
@@ -274,6 +274,11 @@ where
     )
     .await?;
     debug!(%original, "inbound connected to app");
-    relay_counted(&mut client, &mut app, &connection, proxy).await;
+    // A caller outside the mesh came in on a plain socket: the bytes can move in the
+    // kernel. (Through HBONE they come out of a TLS stream and must be copied.)
+    match (&mut client as &mut dyn Any).downcast_mut::<http::Prefixed<TcpStream>>() {
+        Some(plain) => relay_plain_counted(plain, &mut app, &connection, proxy).await,
+        None => relay_counted(&mut client, &mut app, &connection, proxy).await,
+    }
     Ok(())
 }

@@ -8,7 +8,7 @@ use tracing::debug;
 use super::{
     CertificateError, PodContext, ProxyContext, ProxyError, Upstream,
     http::{self, Prefixed},
-    relay_counted,
+    relay_counted, relay_plain_counted,
     socket::{Dial, connect_from_pod},
 };
 use crate::{
@@ -172,7 +172,7 @@ async fn relay_l4(
             let mut stream =
                 connect_from_pod(pod, &proxy.home, upstream.addr(), Dial::Outbound).await?;
             debug!(%original, upstream = %upstream.addr(), "outbound connected");
-            relay_counted(&mut client, &mut stream, &connection, proxy).await;
+            relay_plain_counted(&mut client, &mut stream, &connection, proxy).await;
         }
     }
     Ok(())

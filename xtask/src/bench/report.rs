@@ -506,7 +506,7 @@ fn ratio(value: f64, base: f64) -> String {
 }
 
 /// The median (mean of the middle two for an even count); NaN for no value.
-fn median(values: &[f64]) -> f64 {
+pub(super) fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     match sorted.len() {
