@@ -4,8 +4,9 @@
 //! port with mTLS off) is the one case where the proxy neither reads nor changes the bytes,
 //! so it need not see them: no user-space buffer, no two copies per byte.
 //!
-//! A direction holds its pipe (two file descriptors, and kernel pages only while bytes are
-//! in it) for the connection's life.
+//! A direction opens its pipe when its first bytes arrive and keeps it (two file
+//! descriptors, and kernel pages only while bytes are in it) for the connection's life: a
+//! connection on which nothing was sent holds none.
 use std::{
     io,
     net::Shutdown,
@@ -32,7 +33,7 @@ pub async fn splice_bidirectional(
     a_to_b: &AtomicU64,
     b_to_a: &AtomicU64,
 ) -> io::Result<()> {
-    let (mut forward, mut backward) = (Direction::new()?, Direction::new()?);
+    let (mut forward, mut backward) = (Direction::default(), Direction::default());
     std::future::poll_fn(|cx| {
         let forward = forward.poll(cx, a, b, a_to_b)?;
         let backward = backward.poll(cx, b, a, b_to_a)?;
@@ -45,9 +46,10 @@ pub async fn splice_bidirectional(
 }
 
 /// One direction: its pipe, and what the pipe holds.
+#[derive(Default)]
 struct Direction {
-    pipe_out: OwnedFd,
-    pipe_in: OwnedFd,
+    /// Opened when the first bytes arrive.
+    pipe: Option<Pipe>,
     /// Bytes in the pipe, not yet written to the destination.
     held: usize,
     /// The source reached end of stream.
@@ -56,18 +58,20 @@ struct Direction {
     done: bool,
 }
 
-impl Direction {
-    fn new() -> io::Result<Self> {
-        let (pipe_out, pipe_in) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-        Ok(Self {
-            pipe_out,
-            pipe_in,
-            held: 0,
-            ended: false,
-            done: false,
-        })
-    }
+/// The two ends of a pipe.
+struct Pipe {
+    out: OwnedFd,
+    into: OwnedFd,
+}
 
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let (out, into) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        Ok(Self { out, into })
+    }
+}
+
+impl Direction {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -77,19 +81,12 @@ impl Direction {
     ) -> Poll<io::Result<()>> {
         let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
         while !self.done {
-            if self.held > 0 {
+            if let Some(pipe) = self.pipe.as_ref().filter(|_| self.held > 0) {
                 ready!(to.poll_write_ready(cx))?;
                 // WouldBlock (the socket's send buffer is full) clears the readiness: the
                 // next poll waits for it.
                 match to.try_io(Interest::WRITABLE, || {
-                    Ok(splice(
-                        &self.pipe_out,
-                        None,
-                        to.as_fd(),
-                        None,
-                        self.held,
-                        flags,
-                    )?)
+                    Ok(splice(&pipe.out, None, to.as_fd(), None, self.held, flags)?)
                 }) {
                     Ok(written) => self.held -= written,
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
@@ -101,12 +98,16 @@ impl Direction {
                 self.done = true;
             } else {
                 ready!(from.poll_read_ready(cx))?;
+                let pipe = match &mut self.pipe {
+                    Some(pipe) => pipe,
+                    none => none.insert(Pipe::new()?),
+                };
                 // The pipe is empty here, so WouldBlock means the socket has nothing to read.
                 match from.try_io(Interest::READABLE, || {
                     Ok(splice(
                         from.as_fd(),
                         None,
-                        &self.pipe_in,
+                        &pipe.into,
                         None,
                         PIPE_CAPACITY,
                         flags,
