@@ -176,8 +176,8 @@ pub fn find_by_cookies(cookies: &[u64], home: &Netns) -> Vec<Netns> {
 pub struct NetnsSurvey {
     /// Namespaces not to look into (by inode): those of pods enrolled already.
     skip: HashSet<u64>,
-    /// Pod UID → `/proc/<pid>/ns/net` of a process in that pod's cgroup.
-    pods: Option<HashMap<String, PathBuf>>,
+    /// Pod UID → `/proc/<pid>/ns/net` of a process in that pod's cgroup, and its inode.
+    pods: Option<HashMap<String, (PathBuf, u64)>>,
     /// Address → the namespaces (other than the agent's) holding it, and on which interface.
     addresses: Option<HashMap<IpAddr, Vec<AddressHolder>>>,
 }
@@ -212,7 +212,11 @@ impl NetnsSurvey {
         }
         let skip = &self.skip;
         let pods = self.pods.get_or_insert_with(|| pods_by_cgroup(home, skip));
-        let netns = Netns::open(pods.get(uid)?).ok()?;
+        let (path, inode) = pods.get(uid)?;
+        // The process may have exited, and its PID gone to another, since the survey.
+        let netns = Netns::open(path)
+            .ok()
+            .filter(|netns| netns.inode() == *inode)?;
         debug!(netns = %netns.path().display(), uid, "found pod netns by UID");
         Some(netns)
     }
@@ -253,28 +257,27 @@ impl NetnsSurvey {
 
 /// Pod UID → the netns path of one of its processes (outside `home` and `skip`), from every
 /// process's cgroup.
-fn pods_by_cgroup(home: &Netns, skip: &HashSet<u64>) -> HashMap<String, PathBuf> {
+fn pods_by_cgroup(home: &Netns, skip: &HashSet<u64>) -> HashMap<String, (PathBuf, u64)> {
     let mut pods = HashMap::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return pods;
     };
     for entry in entries.filter_map(Result::ok) {
         let pid = entry.path();
-        let Ok(cgroups) = std::fs::read_to_string(pid.join("cgroup")) else {
-            continue; // a kernel thread, or the process exited meanwhile
+        let path = pid.join("ns/net");
+        // The netns first (a stat): most processes of a full node are the agent's own
+        // netns's or enrolled pods', whose cgroups need not be read.
+        let Ok(inode) = std::fs::metadata(&path).map(|netns| netns.ino()) else {
+            continue; // not a process, or it exited meanwhile
         };
-        let uids: Vec<String> = cgroups.lines().flat_map(pod_uids_of_cgroup_line).collect();
-        if uids.is_empty() {
+        if inode == home.inode() || skip.contains(&inode) {
             continue;
         }
-        let path = pid.join("ns/net");
-        match Netns::open(&path) {
-            Ok(netns) if netns.inode() != home.inode() && !skip.contains(&netns.inode()) => {
-                for uid in uids {
-                    pods.entry(uid).or_insert_with(|| path.clone());
-                }
-            }
-            _ => {}
+        let Ok(cgroups) = std::fs::read_to_string(pid.join("cgroup")) else {
+            continue;
+        };
+        for uid in cgroups.lines().flat_map(pod_uids_of_cgroup_line) {
+            pods.entry(uid).or_insert_with(|| (path.clone(), inode));
         }
     }
     pods
@@ -286,12 +289,16 @@ fn addresses_by_netns(home: &Netns, skip: &HashSet<u64>) -> HashMap<IpAddr, Vec<
     seen.insert(home.inode());
     let mut addresses: HashMap<IpAddr, Vec<AddressHolder>> = HashMap::new();
     for path in candidate_paths() {
-        let Ok(netns) = Netns::open(&path) else {
+        // A stat first: most paths are namespaces seen already or skipped.
+        let Ok(inode) = std::fs::metadata(&path).map(|netns| netns.ino()) else {
             continue; // the process exited meanwhile
         };
-        if !seen.insert(netns.inode()) {
+        if !seen.insert(inode) {
             continue;
         }
+        let Ok(netns) = Netns::open(&path) else {
+            continue;
+        };
         let Ok(held) = netns.run(home, || {
             local_addresses()
                 .into_iter()
