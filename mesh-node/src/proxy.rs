@@ -397,12 +397,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_plain_relay_sends_the_sniffed_bytes_first_and_ends_when_idle() {
-        let pair = || async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let connecting = TcpStream::connect(listener.local_addr().unwrap());
-            let (connected, accepted) = tokio::join!(connecting, listener.accept());
-            (connected.unwrap(), accepted.unwrap().0)
-        };
+        let pair = splice::tests::pair;
         let (mut client, proxy_client) = pair().await;
         let (mut upstream, mut server) = pair().await;
         // The proxy read "GET " to tell HTTP from TCP; the client sends the rest.

@@ -675,7 +675,7 @@ fn a_burst_of_new_connections_waits_for_one_tunnel_dial() {
     }
     let mut scene = scene("mtls_burst");
     scene.start();
-    // ~50 connections opened within 5 ms, all before the first handshake is done: without
+    // Dozens of connections opened within 5 ms, before the first handshake is done: without
     // single-flight dials each would dial (and pool) a tunnel of its own.
     let output = scene.sleep.run(
         &scene.cluster,

@@ -128,7 +128,7 @@ impl Direction {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use tokio::{
         io::{AsyncReadExt as _, AsyncWriteExt as _},
         net::TcpListener,
@@ -137,7 +137,7 @@ mod tests {
     use super::*;
 
     /// A connected pair of loopback sockets.
-    async fn pair() -> (TcpStream, TcpStream) {
+    pub(in crate::proxy) async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let connecting = TcpStream::connect(listener.local_addr().unwrap());
         let (connected, accepted) = tokio::join!(connecting, listener.accept());
