@@ -45,8 +45,11 @@ pub mod maps {
     pub const NODE_CONNECTIONS: &str = "NODE_CONNECTIONS";
     pub const HOST_NETNS: &str = "HOST_NETNS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const LOOPBACK_SOCKETS: &str = "LOOPBACK_SOCKETS";
+    pub const LOOPBACK_FELL_BACK: &str = "LOOPBACK_FELL_BACK";
     /// Every map: all are pinned, so capture outlives the agent.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 10] = [
         ENROLLED_NETNS,
         ORIG_DST_BY_COOKIE,
         ORIG_DST_BY_TUPLE,
@@ -54,6 +57,9 @@ pub mod maps {
         NODE_CONNECTIONS,
         HOST_NETNS,
         COUNTERS,
+        SETTINGS,
+        LOOPBACK_SOCKETS,
+        LOOPBACK_FELL_BACK,
     ];
 }
 
@@ -63,6 +69,15 @@ pub mod programs {
     pub const CONNECT6: &str = "mesh_connect6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    pub const SK_MSG: &str = "mesh_sk_msg";
+}
+
+/// The agent's settings the programs read, as indices of the `SETTINGS` array.
+pub mod settings {
+    /// Non-zero: captured app ↔ in-pod listener connections enter the loopback sockhash,
+    /// and `sk_msg` moves their data socket to socket (`--sockmap`).
+    pub const SOCKMAP: u32 = 0;
+    pub const LEN: u32 = 4;
 }
 
 /// Capacities of the maps; also reported as node metrics.
@@ -71,6 +86,11 @@ pub mod capacity {
     pub const ORIG_DST: u32 = 65536;
     pub const INBOUND_LISTENERS: u32 = 8192;
     pub const NODE_CONNECTIONS: u32 = 16384;
+    /// Two entries per accelerated connection (both ends).
+    pub const LOOPBACK_SOCKETS: u32 = 65536;
+    /// Connections whose first bytes went through TCP (their peer end was not in the
+    /// sockhash yet); rare, and an entry that ages out costs only that connection's speed-up.
+    pub const LOOPBACK_FELL_BACK: u32 = 4096;
 }
 
 /// `AF_INET` and `AF_INET6` as the kernel numbers them.
@@ -99,6 +119,16 @@ pub struct OrigDstKey {
     pub client: SockAddr,
 }
 
+/// Key of the loopback sockhash: one end of a captured app ↔ in-pod outbound listener
+/// connection, as that end sees it; its peer's key swaps `local` and `remote`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LoopbackKey {
+    pub netns_cookie: u64,
+    pub local: SockAddr,
+    pub remote: SockAddr,
+}
+
 /// Value of the enrolled-netns table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -125,6 +155,13 @@ pub mod counters {
     pub const INBOUND_STEERED: u32 = 2;
     pub const INBOUND_NO_LISTENER: u32 = 3;
     pub const ORIG_DST_TABLE_FULL: u32 = 4;
+    /// Connection ends entered into the loopback sockhash.
+    pub const SOCKMAP_ENTERED: u32 = 5;
+    /// Messages `sk_msg` moved straight into the peer socket.
+    pub const SOCKMAP_REDIRECTED: u32 = 6;
+    /// Connection ends that sent through TCP because their peer was not in the sockhash
+    /// (or it was full), and keep doing so.
+    pub const SOCKMAP_FELL_BACK: u32 = 7;
     pub const LEN: u32 = 8;
 }
 
@@ -135,4 +172,5 @@ mod user {
     unsafe impl aya::Pod for super::OrigDstKey {}
     unsafe impl aya::Pod for super::EnrolledNetns {}
     unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::LoopbackKey {}
 }

@@ -4,7 +4,7 @@ use core::{ffi::c_void, ptr::read_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock_addr,
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -17,7 +17,7 @@ use mesh_common::{
     ports,
 };
 
-use crate::counters::bump;
+use crate::{counters::bump, loopback};
 
 /// Verdict of cgroup sock_addr programs that lets the `connect()` proceed.
 const ALLOW: i32 = 1;
@@ -29,7 +29,7 @@ const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Enrolled pods' network namespaces, by netns cookie. Written by the agent.
 #[map(name = "ENROLLED_NETNS")]
-static ENROLLED_NETNS: HashMap<u64, EnrolledNetns> =
+pub(crate) static ENROLLED_NETNS: HashMap<u64, EnrolledNetns> =
     HashMap::with_max_entries(capacity::ENROLLED_NETNS, 0);
 
 /// Original destination of a captured socket, by socket cookie, until it is established.
@@ -53,7 +53,7 @@ static NODE_CONNECTIONS: LruHashMap<SockAddr, u32> =
 
 /// The node's own netns cookie (the agent's), written by the agent at start.
 #[map(name = "HOST_NETNS")]
-static HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+pub(crate) static HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Each enrolled pod's in-pod inbound (15006) listener, by pod address.
 #[map(name = "INBOUND_LISTENERS")]
@@ -224,10 +224,17 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 /// When a socket is established: a captured one's original destination is re-keyed by the
 /// client address the in-pod listener will see as its peer, and one of the node's own is
 /// recorded as the node's. This runs while the SYN-ACK is being processed, before the
-/// final ACK leaves, so the record exists before `accept()` returns.
+/// final ACK leaves, so the record exists before `accept()` returns. Both ends of a
+/// captured connection also enter the loopback sockhash (`loopback`): the app's here, the
+/// listener's when the final ACK reaches it.
 #[inline(always)]
 fn try_sockops(ctx: &SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        loopback::listener_end_established(ctx);
+        return 1;
+    }
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 1;
     }
     let ops_ptr: *mut c_void = ctx.as_ptr();
@@ -249,46 +256,77 @@ fn try_sockops(ctx: &SockOpsContext) -> u32 {
         return 1;
     };
     let _ = ORIG_DST_BY_COOKIE.remove(&socket_cookie);
+    let client = local_addr(ctx);
     let key = OrigDstKey {
         netns_cookie,
-        client: local_addr(ctx),
+        client,
     };
     if ORIG_DST_BY_TUPLE.insert(&key, &original, 0).is_err() {
         bump(counters::ORIG_DST_TABLE_FULL);
     }
+    loopback::app_end_established(ctx, netns_cookie, client, remote_addr(ctx));
     1
 }
 
 /// The socket's own end (address and port), as its peer sees it: a dual-stack socket's
 /// IPv4 connection as IPv4.
 #[inline(always)]
-fn local_addr(ctx: &SockOpsContext) -> SockAddr {
+pub(crate) fn local_addr(ctx: &SockOpsContext) -> SockAddr {
     let ops = ctx.ops;
-    let family = ctx.family();
-    // SAFETY: `ops` is the valid context. Each field is read with its own load at a constant
-    // offset from the context: the verifier refuses a context pointer the compiler offset.
-    let addr = unsafe {
-        if family == AF_INET {
-            [read_volatile(&raw const (*ops).local_ip4), 0, 0, 0]
-        } else {
-            [
-                read_volatile(&raw const (*ops).local_ip6[0]),
-                read_volatile(&raw const (*ops).local_ip6[1]),
-                read_volatile(&raw const (*ops).local_ip6[2]),
-                read_volatile(&raw const (*ops).local_ip6[3]),
-            ]
-        }
-    };
-    let (family, addr) = if family == AF_INET6 && is_v4_mapped(&addr) {
-        (AF_INET, [addr[3], 0, 0, 0])
-    } else {
-        (family, addr)
-    };
-    SockAddr {
-        family,
-        port: ctx.local_port(),
-        addr,
+    // SAFETY: `ops` is the valid context.
+    let ip = unsafe { ip_words(&raw const (*ops).local_ip4, &raw const (*ops).local_ip6) };
+    unmapped(ctx.family(), ip, ctx.local_port())
+}
+
+/// The socket's peer end, as `local_addr` reads its own.
+#[inline(always)]
+pub(crate) fn remote_addr(ctx: &SockOpsContext) -> SockAddr {
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the valid context.
+    let ip = unsafe { ip_words(&raw const (*ops).remote_ip4, &raw const (*ops).remote_ip6) };
+    unmapped(ctx.family(), ip, port_from_network(ctx.remote_port()))
+}
+
+/// A context's IPv4 address field, then its four IPv6 words, each read with its own load
+/// at a constant offset from the context: the verifier refuses a context pointer the
+/// compiler offset.
+///
+/// # Safety
+/// Both point into the program's valid context.
+#[inline(always)]
+pub(crate) unsafe fn ip_words(ip4: *const u32, ip6: *const [u32; 4]) -> [u32; 5] {
+    // SAFETY: the caller's.
+    unsafe {
+        [
+            read_volatile(ip4),
+            read_volatile(&raw const (*ip6)[0]),
+            read_volatile(&raw const (*ip6)[1]),
+            read_volatile(&raw const (*ip6)[2]),
+            read_volatile(&raw const (*ip6)[3]),
+        ]
     }
+}
+
+/// A context's `remote_port`: the port in network order in the upper half of the word on
+/// little-endian machines, as the kernel presents it to sock_ops and sk_msg programs.
+#[inline(always)]
+pub(crate) fn port_from_network(remote_port: u32) -> u32 {
+    u32::from(u16::from_be((remote_port >> 16) as u16))
+}
+
+/// A socket address from a context's fields (`ip` is the IPv4 word, then the IPv6 words):
+/// a dual-stack socket's IPv4 connection (`::ffff:a.b.c.d`) as IPv4, as its peer sees it.
+#[inline(always)]
+pub(crate) fn unmapped(family: u32, ip: [u32; 5], port: u32) -> SockAddr {
+    let v6 = [ip[1], ip[2], ip[3], ip[4]];
+    let (family, addr) = if family == AF_INET {
+        (AF_INET, [ip[0], 0, 0, 0])
+    } else if is_v4_mapped(&v6) {
+        (AF_INET, [v6[3], 0, 0, 0])
+    } else {
+        (family, v6)
+    };
+    SockAddr { family, port, addr }
 }
 
 // === inbound: sk_lookup ===

@@ -7,11 +7,14 @@
 //!   (netns cookie, client address).
 //! * `sk_lookup` (per pod netns) steers new inbound connections to the pod's own addresses
 //!   to the in-pod inbound listener.
+//! * `sk_msg` (on the loopback sockhash) moves data between an app and its in-pod outbound
+//!   listener socket to socket (`--sockmap`).
 #![no_std]
 #![no_main]
 
 mod capture;
 mod counters;
+mod loopback;
 
 #[cfg(not(test))]
 #[panic_handler]

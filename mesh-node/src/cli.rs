@@ -236,6 +236,24 @@ pub struct RunConfig {
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_path: PathBuf,
 
+    /// Accelerate the loopback leg between an app and its in-pod outbound listener with
+    /// sockmap (`sockops` + `sk_msg`): data moves socket to socket, past the TCP/IP stack,
+    /// which takes a few µs off each round trip. Off by default, because on current kernels
+    /// (6.18 measured) data moved this way has no backpressure: a sender faster than the
+    /// proxy queues without bound, up to the node's TCP memory limit, and then its writes
+    /// fail with ENOMEM; and `splice()` cannot read it (Go 1.22+ `io.Copy` between TCP
+    /// connections, HAProxy's splice), so such an app would wait forever. Turn it on only
+    /// for nodes whose pods exchange small requests and replies. Applies to connections
+    /// made after start.
+    #[arg(
+        long,
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub sockmap: bool,
+
     /// bpffs directory where the capture programs' links and maps are pinned, so capture
     /// stays in force while no agent runs; the next agent adopts them. A bpffs is mounted
     /// there when the path is not on one. `mesh-node uninstall` removes them.
@@ -311,6 +329,12 @@ pub struct RunConfig {
     /// handshake) replaces it; 1 disables pooling.
     #[arg(long, default_value_t = 1000)]
     pub hbone_streams_per_tunnel: usize,
+
+    /// Threads the proxy runs on (the async runtime's workers); default: one per CPU the
+    /// agent may use. Fewer leave more of a small node to its pods, and fewer threads wake
+    /// each other per request.
+    #[arg(long, env = "NODEMESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
 
     /// Log format; the level comes from `RUST_LOG` (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -26,7 +26,8 @@ fn main() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(config) => {
             let log = init_logging(config.log_format);
-            runtime()?.block_on(async { app::build(config, Some(log)).await?.wait().await })?;
+            runtime_with(config.worker_threads)?
+                .block_on(async { app::build(config, Some(log)).await?.wait().await })?;
         }
         Command::Debug(args) => runtime()?.block_on(mesh_node::debug::run(args))?,
         Command::Ca(config) => {
@@ -68,9 +69,16 @@ fn run_cni_plugin() -> ExitCode {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    runtime_with(None)
+}
+
+/// A multi-threaded runtime with `workers` threads, or tokio's default (one per CPU).
+fn runtime_with(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(usize::from(workers));
+    }
+    builder.enable_all().build()
 }
 
 /// Logs to stdout; the returned handle changes the filter at run time (admin API).

@@ -430,6 +430,9 @@ impl NodeMetrics {
             ("inbound_steered", counters.inbound_steered),
             ("inbound_no_listener", counters.inbound_no_listener),
             ("orig_dst_table_full", counters.orig_dst_table_full),
+            ("sockmap_entered", counters.sockmap_entered),
+            ("sockmap_redirected", counters.sockmap_redirected),
+            ("sockmap_fell_back", counters.sockmap_fell_back),
         ];
         for (event, value) in events {
             self.bpf_counters

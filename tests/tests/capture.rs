@@ -4,8 +4,8 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 use mesh_tests::{
     Cluster, Pod, PodProcess, PodSpec, namespace_yaml,
     scenario::{
-        CONVERGE_TIMEOUT, SHOP_SERVICE_IP, addr_field, connect, metric, replies, skip,
-        wait_enrolled, wait_for_metric, wait_until, write_shop,
+        CONNECT_TIMEOUT, CONVERGE_TIMEOUT, SHOP_SERVICE_IP, addr_field, connect, metric, replies,
+        skip, wait_enrolled, wait_for_metric, wait_until, write_shop,
     },
     service_yaml,
 };
@@ -371,7 +371,7 @@ fn unenrolling_a_pod_keeps_the_listener_of_a_new_pod_that_took_its_address() {
     );
     // The test drives the agent's capture itself, on the node's cgroup (never the root's).
     let pins = Pins::open(&cluster.bpffs_path(0)).expect("a bpffs in the work dir");
-    let capture = Capture::attach(&cluster.node_cgroup(0), pins).expect("eBPF capture");
+    let capture = Capture::attach(&cluster.node_cgroup(0), pins, true).expect("eBPF capture");
     let listener = |pod: &Pod| {
         Cluster::run_in_netns(&pod.netns, || std::net::TcpListener::bind("127.0.0.1:0"))
             .expect("a listener in the pod")
@@ -548,5 +548,111 @@ fn metrics_count_exactly_the_connections_made() {
             labels,
             down as f64,
         );
+    }
+}
+
+/// A 100 KB line whose every 8 bytes number themselves, so a byte lost, repeated or moved
+/// shows in its echo.
+fn numbered_line() -> String {
+    (0..12_500).map(|i| format!("{i:07}.")).collect()
+}
+
+/// `connections` connections from `client` to `to`, each exchanging three long lines, every
+/// echo checked byte for byte; panics on any difference.
+fn exchange_long_lines(cluster: &Cluster, client: &Pod, to: &str, connections: usize) {
+    let line = numbered_line();
+    let output = client.run(
+        cluster,
+        &[
+            "connect",
+            "--to",
+            to,
+            "--count",
+            &connections.to_string(),
+            "--lines",
+            "3",
+            "--message",
+            &line,
+            "--timeout-ms",
+            "10000",
+        ],
+        CONNECT_TIMEOUT,
+    );
+    let replies = replies(&output);
+    assert_eq!(replies.len(), connections * 3, "one echo per line to {to}");
+    for reply in &replies {
+        assert!(
+            reply["echo"].as_str() == Some(line.as_str()),
+            "the echo from {to} differs from the line sent ({} bytes back)",
+            reply["echo"].as_str().map_or(0, str::len)
+        );
+    }
+}
+
+/// With web-1 on the client's node and web-2 on the other, and `outside` on the other node
+/// in a namespace outside the mesh: starts the agents (node 0's with `node0_args`), then
+/// exchanges long lines over `hbone` connections to the Service (mutual TLS, both backends)
+/// and `relayed` connections to `outside` (a plaintext relay).
+fn long_lines_through_both_paths(
+    test: &str,
+    node0_args: &[&str],
+    hbone: usize,
+    relayed: usize,
+) -> Shop {
+    let mut shop = Shop::new(test, 2, PodSpec::new("client", 0), &[0, 1], true);
+    let outside = shop
+        .cluster
+        .add_pod(PodSpec::new("outside", 1).namespace("outside"));
+    shop.cluster
+        .write_config("ns-outside.yaml", &namespace_yaml("outside", &[]));
+    let _server = serve(&shop.cluster, &outside);
+    shop.cluster.start_agent(0, node0_args);
+    shop.cluster.start_agent(1, &[]);
+    wait_enrolled(&shop.cluster, 0, 2);
+    wait_enrolled(&shop.cluster, 1, 1);
+    let (cluster, client) = (&shop.cluster, &shop.client);
+    exchange_long_lines(cluster, client, &format!("{SERVICE_IP}:80"), hbone);
+    exchange_long_lines(cluster, client, &format!("{}:8080", outside.ip), relayed);
+    shop
+}
+
+#[test]
+fn sockmap_moves_the_app_to_listener_leg_and_keeps_every_byte_in_order() {
+    if skip() {
+        return;
+    }
+    let shop = long_lines_through_both_paths("sockmap_on", &["--sockmap"], 4, 2);
+    let cluster = &shop.cluster;
+    let event = |name| metric(cluster, 0, "nodemesh_bpf_events", &[("event", name)]);
+    // The app's end and the listener's end of each of the client's 6 connections. Only
+    // captured connects and the outbound listener's accepts enter: not the proxy's dial
+    // to web-1's app on this node, nor the HBONE connections.
+    let entered = [("event", "sockmap_entered")];
+    wait_for_metric(cluster, 0, "nodemesh_bpf_events", &entered, 12.0);
+    // Each 100 KB line crosses in several messages; the echoes come back the same way.
+    let redirected = event("sockmap_redirected");
+    assert!(
+        redirected >= 36.0,
+        "at least one message each way per line moved socket to socket, got {redirected}"
+    );
+    let fell_back = event("sockmap_fell_back");
+    assert!(
+        fell_back <= 6.0,
+        "at most the app's end of each connection falls back, got {fell_back}"
+    );
+}
+
+#[test]
+fn by_default_the_app_to_listener_leg_goes_through_tcp() {
+    if skip() {
+        return;
+    }
+    let shop = long_lines_through_both_paths("sockmap_off", &[], 2, 1);
+    let cluster = &shop.cluster;
+    let captured = [("event", "outbound_redirected")];
+    wait_for_metric(cluster, 0, "nodemesh_bpf_events", &captured, 3.0);
+    for name in ["sockmap_entered", "sockmap_redirected", "sockmap_fell_back"] {
+        let count = metric(cluster, 0, "nodemesh_bpf_events", &[("event", name)]);
+        assert_eq!(count, 0.0, "{name} without --sockmap");
     }
 }

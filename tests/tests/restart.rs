@@ -423,6 +423,36 @@ fn after_a_crash_capture_holds_nothing_passes_in_plaintext_and_the_next_agent_se
 }
 
 #[test]
+fn a_connection_made_under_sockmap_is_relayed_by_a_next_agent_without_it() {
+    if skip() {
+        return;
+    }
+    let mut scene = Scene::new("sockmap_handover", &["--sockmap"]);
+    let legacy_addr = format!("{}:8080", scene.legacy.ip);
+    let mut legacy_server = scene.legacy.spawn(
+        &scene.cluster,
+        &["serve", "--listen", &legacy_addr, "--name", "legacy"],
+    );
+    legacy_server.wait_for_output("ready", READY_TIMEOUT);
+    let status = scene.cluster.stop_agent(0);
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    // Made while no agent runs: its ends enter the sockhash under the old agent's setting,
+    // so its bytes reach the held listener's socket by sk_msg, where splice cannot read.
+    let waiting = scene.client.spawn(
+        &scene.cluster,
+        &["connect", "--to", &legacy_addr, "--timeout-ms", "10000"],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    scene.cluster.start_agent(0, &[]);
+    let served = finish(waiting, Duration::from_secs(15));
+    assert_eq!(replies(&served)[0]["server"], "legacy");
+    let entered = [("event", "sockmap_entered")];
+    wait_until(CONNECT_TIMEOUT, "the gap's connection counted", || {
+        (metric(&scene.cluster, 0, "nodemesh_bpf_events", &entered) >= 2.0).then_some(())
+    });
+}
+
+#[test]
 fn without_a_holder_connections_in_the_gap_are_refused_never_passed_through() {
     if skip() {
         return;

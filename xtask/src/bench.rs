@@ -27,6 +27,7 @@ mod relay;
 mod report;
 mod restart;
 mod scale;
+mod sockmap;
 pub mod table;
 mod tools;
 
@@ -94,6 +95,8 @@ pub enum Only {
     Enrollment,
     /// An enrolled pod's bulk stream to a pod outside the mesh (plaintext relay).
     Relay,
+    /// The app ↔ in-pod listener leg with sockmap on and off.
+    Sockmap,
 }
 
 /// With or without the mesh.
@@ -345,6 +348,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             let measured = relay::measure(&interrupt, rounds, seconds)?;
             print!("{}", relay::render(&measured));
         }
+        if options.only.contains(&Only::Sockmap) {
+            let measured = sockmap::measure(&interrupt, rounds, seconds)?;
+            print!("{}", sockmap::render(&measured));
+        }
         println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
         return Ok(());
     }
@@ -528,6 +535,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     print!("{}", enrollment::render(&enrollment));
     let relayed = relay::measure(&interrupt, rounds, seconds)?;
     print!("{}", relay::render(&relayed));
+    let accelerated = sockmap::measure(&interrupt, rounds, seconds)?;
+    print!("{}", sockmap::render(&accelerated));
     println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -108,7 +108,8 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     let pins =
         Pins::open(&config.bpffs_path).context("opening the pin directory (--bpffs-path)")?;
     let capture = Arc::new(
-        Capture::attach(&config.cgroup_path, pins).context("loading and attaching eBPF capture")?,
+        Capture::attach(&config.cgroup_path, pins, config.sockmap)
+            .context("loading and attaching eBPF capture")?,
     );
 
     let (state_tx, state_rx) = watch::channel(Arc::new(State::default()));

@@ -12,12 +12,13 @@ use aya::{
     maps::{Array, HashMap, IterableMap, Map, MapData, MapError, MapKeys, PerCpuArray, SockHash},
     pin::PinError,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps,
         links::{FdLink, LinkError},
     },
 };
 use mesh_common::{
-    EnrolledNetns, ListenerKey, OrigDstKey, SockAddr, capacity, counters, maps, programs,
+    EnrolledNetns, ListenerKey, LoopbackKey, OrigDstKey, SockAddr, capacity, counters, maps,
+    programs, settings,
 };
 use parking_lot::Mutex;
 use tracing::{debug, info};
@@ -72,6 +73,9 @@ pub struct Counters {
     pub inbound_steered: u64,
     pub inbound_no_listener: u64,
     pub orig_dst_table_full: u64,
+    pub sockmap_entered: u64,
+    pub sockmap_redirected: u64,
+    pub sockmap_fell_back: u64,
 }
 
 /// How full one of the agent's maps is.
@@ -94,6 +98,10 @@ pub struct Capture {
     node_connections: Mutex<HashMap<MapData, SockAddr, u32>>,
     counters: PerCpuArray<MapData, u64>,
     census: Vec<Census>,
+    /// Captured connections' in-pod ends may be in the loopback sockhash: this agent's
+    /// `--sockmap`, or the one before it (connections it accepted, or that were made while
+    /// no agent ran, followed its setting).
+    loopback_accelerated: bool,
 }
 
 /// Counts the keys of one map through a descriptor of its own, so a count (up to 65,536
@@ -123,8 +131,9 @@ struct Control {
 impl Capture {
     /// Loads the programs and attaches the cgroup ones to `cgroup_path`, adopting the
     /// links and maps an earlier agent pinned under `pins` (replacing a link that runs
-    /// another version of its program, make before break).
-    pub fn attach(cgroup_path: &Path, pins: Pins) -> Result<Self, CaptureError> {
+    /// another version of its program, make before break). With `sockmap`, new captured
+    /// connections' loopback leg is accelerated (`sk_msg`); without, it goes through TCP.
+    pub fn attach(cgroup_path: &Path, pins: Pins, sockmap: bool) -> Result<Self, CaptureError> {
         let mut loader = EbpfLoader::new();
         let map_pins: Vec<(&str, PathBuf)> = maps::ALL
             .iter()
@@ -196,6 +205,25 @@ impl Capture {
         // The node's netns is the agent's own: its sockets' connections are the node's.
         let mut host_netns: Array<_, u64> = Array::try_from(take(maps::HOST_NETNS)?)?;
         host_netns.set(0, own_netns_cookie()?, 0)?;
+        let loopback_sockets: SockHash<_, LoopbackKey> =
+            SockHash::try_from(take(maps::LOOPBACK_SOCKETS)?)?;
+        let fell_back: HashMap<_, LoopbackKey, u32> =
+            HashMap::try_from(take(maps::LOOPBACK_FELL_BACK)?)?;
+        let mut settings_map: Array<_, u32> = Array::try_from(take(maps::SETTINGS)?)?;
+        // The verdict program before the switch: a socket takes its sockhash's programs
+        // when it enters, so one entered without it would never be accelerated.
+        let sk_msg: &mut SkMsg = ebpf
+            .program_mut(programs::SK_MSG)
+            .ok_or(CaptureError::Missing(programs::SK_MSG))?
+            .try_into()?;
+        sk_msg.load()?;
+        let link = sk_msg.attach(loopback_sockets.fd())?;
+        // The attachment belongs to the pinned map, not to this process: kept when the
+        // agent exits, so connections entered meanwhile are still accelerated; the next
+        // agent's attachment replaces it.
+        std::mem::forget(sk_msg.take_link(link)?);
+        let was_on = settings_map.get(&settings::SOCKMAP, 0)? != 0;
+        settings_map.set(settings::SOCKMAP, u32::from(sockmap), 0)?;
         let census = vec![
             Census::of_hash(maps::ENROLLED_NETNS, capacity::ENROLLED_NETNS, &enrolled)?,
             Census::of_hash(maps::ORIG_DST_BY_COOKIE, capacity::ORIG_DST, &by_cookie)?,
@@ -210,11 +238,22 @@ impl Capture {
                 capacity::INBOUND_LISTENERS,
                 &listeners,
             )?,
+            Census::of_sock_hash(
+                maps::LOOPBACK_SOCKETS,
+                capacity::LOOPBACK_SOCKETS,
+                &loopback_sockets,
+            )?,
+            Census::of_hash(
+                maps::LOOPBACK_FELL_BACK,
+                capacity::LOOPBACK_FELL_BACK,
+                &fell_back,
+            )?,
         ];
         info!(
             cgroup = %cgroup_path.display(),
             pins = %pins.root().display(),
             enrolled = pins.pinned_netns().len(),
+            sockmap,
             "eBPF capture attached"
         );
         Ok(Self {
@@ -231,7 +270,15 @@ impl Capture {
             node_connections: Mutex::new(node_connections),
             counters,
             census,
+            loopback_accelerated: sockmap || was_on,
         })
+    }
+
+    /// Whether a captured connection's socket accepted by an in-pod outbound listener may
+    /// receive its bytes through the loopback sockhash. Then `splice` must not read it: the
+    /// kernel's splice reads only what came through TCP, and would wait forever.
+    pub fn loopback_accelerated(&self) -> bool {
+        self.loopback_accelerated
     }
 
     /// Starts capturing a pod: its outbound connects (by netns cookie) and its inbound
@@ -389,6 +436,9 @@ impl Capture {
             inbound_steered: read(counters::INBOUND_STEERED),
             inbound_no_listener: read(counters::INBOUND_NO_LISTENER),
             orig_dst_table_full: read(counters::ORIG_DST_TABLE_FULL),
+            sockmap_entered: read(counters::SOCKMAP_ENTERED),
+            sockmap_redirected: read(counters::SOCKMAP_REDIRECTED),
+            sockmap_fell_back: read(counters::SOCKMAP_FELL_BACK),
         }
     }
 

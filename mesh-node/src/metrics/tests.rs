@@ -213,6 +213,7 @@ fn capture_refusals_follow_the_kernel_counters() {
         inbound_steered: 30,
         inbound_no_listener,
         orig_dst_table_full,
+        ..Counters::default()
     };
     metrics.node.record_bpf_counters(&counters(0, 0));
     let text = exposition(&metrics);

@@ -172,7 +172,11 @@ async fn relay_l4(
             let mut stream =
                 connect_from_pod(pod, &proxy.home, upstream.addr(), Dial::Outbound).await?;
             debug!(%original, upstream = %upstream.addr(), "outbound connected");
-            relay_plain_counted(&mut client, &mut stream, &connection, proxy).await;
+            if proxy.capture.loopback_accelerated() {
+                relay_counted(&mut client, &mut stream, &connection, proxy).await;
+            } else {
+                relay_plain_counted(&mut client, &mut stream, &connection, proxy).await;
+            }
         }
     }
     Ok(())
