@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(config) => {
             let log = init_logging(config.log_format);
-            runtime_with(config.worker_threads)?
+            agent_runtime(config.worker_threads)?
                 .block_on(async { app::build(config, Some(log)).await?.wait().await })?;
         }
         Command::Debug(args) => runtime()?.block_on(mesh_node::debug::run(args))?,
@@ -69,16 +69,19 @@ fn run_cni_plugin() -> ExitCode {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    runtime_with(None)
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
-/// A multi-threaded runtime with `workers` threads, or tokio's default (one per CPU).
-fn runtime_with(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = workers {
-        builder.worker_threads(usize::from(workers));
-    }
-    builder.enable_all().build()
+/// The agent's runtime: `--worker-threads`, or half the CPUs it may use, at least one.
+fn agent_runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let workers = workers.map_or((cpus / 2).max(1), usize::from);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
 }
 
 /// Logs to stdout; the returned handle changes the filter at run time (admin API).
