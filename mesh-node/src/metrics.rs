@@ -27,7 +27,7 @@ pub mod process;
 
 use std::time::Duration;
 
-pub use http::{HttpMetrics, RequestOutcome};
+pub use http::{HttpMetrics, RequestOutcome, SeriesCache};
 use prometheus::{
     Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,

@@ -1,7 +1,10 @@
 //! Istio's standard request metrics, for the requests the proxy sees at L7.
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use parking_lot::Mutex;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
 
 use super::{ConnectionLabels, TCP_LABELS};
 
@@ -111,8 +114,15 @@ impl HttpMetrics {
     /// Records one finished request on the connection labelled `labels`; the outcome's
     /// protocol and flags replace the connection's `tcp` and `-`.
     pub fn record(&self, labels: &ConnectionLabels, outcome: &RequestOutcome) {
-        let response_code = outcome.response_code.to_string();
-        let grpc_status = outcome.grpc_status.map_or_else(String::new, |status| {
+        self.series(labels, &SeriesKey::of(outcome))
+            .observe(outcome);
+    }
+
+    /// The handles of one series: looking them up hashes every label value, so a
+    /// connection keeps the ones its requests use ([`SeriesCache`]).
+    fn series(&self, labels: &ConnectionLabels, key: &SeriesKey) -> RequestSeries {
+        let response_code = key.response_code.to_string();
+        let grpc_status = key.grpc_status.map_or_else(String::new, |status| {
             // A peer could send any number: undefined codes collapse into UNKNOWN, as
             // gRPC clients read them, so the label stays a bounded set.
             let status = if status > GRPC_MAX_STATUS {
@@ -126,22 +136,97 @@ impl HttpMetrics {
             .iter()
             .zip(labels.as_strs())
             .map(|(name, value)| match *name {
-                "request_protocol" => outcome.protocol,
-                "response_flags" => outcome.response_flags,
+                "request_protocol" => key.protocol,
+                "response_flags" => key.response_flags.as_str(),
                 _ => value,
             })
             .chain([response_code.as_str(), grpc_status.as_str()])
             .collect();
-        self.requests.with_label_values(&values).inc();
+        RequestSeries {
+            requests: self.requests.with_label_values(&values),
+            duration: self.duration.with_label_values(&values),
+            request_bytes: self.request_bytes.with_label_values(&values),
+            response_bytes: self.response_bytes.with_label_values(&values),
+        }
+    }
+}
+
+/// What varies from one request of a connection to the next in its series' labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SeriesKey {
+    protocol: &'static str,
+    response_flags: String,
+    response_code: u16,
+    grpc_status: Option<u32>,
+}
+
+impl SeriesKey {
+    fn matches(&self, outcome: &RequestOutcome) -> bool {
+        self.protocol == outcome.protocol
+            && self.response_flags == outcome.response_flags
+            && self.response_code == outcome.response_code
+            && self.grpc_status == outcome.grpc_status
+    }
+
+    fn of(outcome: &RequestOutcome) -> Self {
+        Self {
+            protocol: outcome.protocol,
+            response_flags: outcome.response_flags.to_owned(),
+            response_code: outcome.response_code,
+            grpc_status: outcome.grpc_status,
+        }
+    }
+}
+
+/// The request metrics of one series, found once.
+struct RequestSeries {
+    requests: IntCounter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl RequestSeries {
+    fn observe(&self, outcome: &RequestOutcome) {
+        self.requests.inc();
         self.duration
-            .with_label_values(&values)
             .observe(outcome.duration.as_nanos() as f64 / 1e6);
         // Histograms take f64; request sizes are far below 2^53, where it stays exact.
-        self.request_bytes
-            .with_label_values(&values)
-            .observe(outcome.request_bytes as f64);
-        self.response_bytes
-            .with_label_values(&values)
-            .observe(outcome.response_bytes as f64);
+        self.request_bytes.observe(outcome.request_bytes as f64);
+        self.response_bytes.observe(outcome.response_bytes as f64);
+    }
+}
+
+/// The series one connection's requests were recorded in (most use one or two: a 200 and
+/// the odd error), so the next request with the same outcome skips the label lookups.
+#[derive(Default)]
+pub struct SeriesCache {
+    series: Mutex<Vec<(SeriesKey, RequestSeries)>>,
+}
+
+/// Series a connection keeps at most: a client that sees every status code still costs
+/// a bounded cache (the rest are looked up each time).
+const CACHED_SERIES: usize = 8;
+
+impl SeriesCache {
+    /// [`HttpMetrics::record`], through the cache.
+    pub fn record(
+        &self,
+        metrics: &HttpMetrics,
+        labels: &ConnectionLabels,
+        outcome: &RequestOutcome,
+    ) {
+        // Per connection, so hardly ever contended.
+        let mut cached = self.series.lock();
+        if let Some((_, series)) = cached.iter().find(|(key, _)| key.matches(outcome)) {
+            series.observe(outcome);
+            return;
+        }
+        let key = SeriesKey::of(outcome);
+        let series = metrics.series(labels, &key);
+        series.observe(outcome);
+        if cached.len() < CACHED_SERIES {
+            cached.push((key, series));
+        }
     }
 }

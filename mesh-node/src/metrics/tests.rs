@@ -69,6 +69,66 @@ fn sleep_to_web() -> ConnectionLabels {
 }
 
 #[test]
+fn a_connection_records_through_its_series_cache_like_a_lookup_each_time() {
+    let (cached, looked_up) = (
+        Metrics::new().expect("metrics register"),
+        Metrics::new().expect("metrics register"),
+    );
+    let labels = sleep_to_web();
+    let cache = SeriesCache::default();
+    let outcome = |response_code: u16, response_flags, grpc_status: Option<u32>| RequestOutcome {
+        protocol: if grpc_status.is_some() {
+            "grpc"
+        } else {
+            "http"
+        },
+        response_code,
+        response_flags,
+        grpc_status,
+        duration: Duration::from_millis(u64::from(response_code) / 100),
+        request_bytes: 10,
+        response_bytes: u64::from(response_code),
+    };
+    // More distinct outcomes than a connection caches, and repeats of each.
+    let mut outcomes = Vec::new();
+    for code in [200, 201, 204, 301, 302, 400, 404, 500, 502, 503] {
+        outcomes.extend([outcome(code, "-", None), outcome(code, "UF", None)]);
+    }
+    outcomes.extend([outcome(200, "-", Some(0)), outcome(200, "-", Some(99))]);
+    for round in 0..3 {
+        for outcome in outcomes.iter().skip(round) {
+            cache.record(&cached.http, &labels, outcome);
+            looked_up.http.record(&labels, outcome);
+        }
+    }
+    // Only the request series: the process metrics differ between two reads.
+    let istio = |metrics: &Metrics| -> String {
+        exposition(metrics)
+            .lines()
+            .filter(|line| line.starts_with("istio_"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (cached, looked_up) = (istio(&cached), istio(&looked_up));
+    let requests = |code: &str, flags: &str| {
+        let labels = [
+            ("response_code", code),
+            ("response_flags", flags),
+            ("grpc_response_status", ""),
+        ];
+        sample(&cached, "istio_requests_total", &labels)
+    };
+    // Round r skips the first r outcomes: the first counts once, the second twice.
+    assert_eq!(requests("200", "-"), 1.0);
+    assert_eq!(requests("200", "UF"), 2.0);
+    assert_eq!(requests("503", "UF"), 3.0);
+    assert!(
+        cached == looked_up,
+        "the same series and values, whether cached or looked up"
+    );
+}
+
+#[test]
 fn requests_are_counted_with_istio_labels_and_buckets() {
     let metrics = Metrics::new().expect("metrics register");
     let labels = sleep_to_web();

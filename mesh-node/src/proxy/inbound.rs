@@ -249,6 +249,7 @@ where
             proxy: proxy.clone(),
             caller: caller.clone(),
             original,
+            parties: Default::default(),
         });
         http::serve_connection(client, &proxy.drain, move |request| {
             inbound.clone().handle(request)

@@ -97,6 +97,7 @@ async fn proxy_to(
                 service: service.key.clone(),
                 port: original.port(),
                 dialed: original.ip(),
+                parties: Default::default(),
             });
             return http::serve_connection(client, &proxy.drain, move |request| {
                 outbound.clone().handle(request)

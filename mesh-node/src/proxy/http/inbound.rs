@@ -13,7 +13,7 @@ use super::{
     ProxyBody,
     cluster::ClusterKey,
     incoming, is_upgrade, local_response,
-    metered::{CountedRequest, Record, meter},
+    metered::{CountedRequest, PartiesMemo, Record, meter},
     splice_upgrade, strip_hop_by_hop, strip_hop_by_hop_for_forwarding,
     upstream::{Connector, SendError, Via},
 };
@@ -36,6 +36,8 @@ pub struct Inbound {
     pub caller: Caller,
     /// The pod address and port the client asked for: where the app listens.
     pub original: SocketAddr,
+    /// The parties of the connection's last request, for the next one.
+    pub parties: PartiesMemo,
 }
 
 impl Inbound {
@@ -43,8 +45,12 @@ impl Inbound {
     pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
         let state = self.proxy.state.borrow().clone();
         let workload = state.workload_or_unknown(&self.pod.key);
-        let parties = parties(&self.caller, &state, &self.pod, self.original);
+        // Everything the parties depend on but the config is the connection's.
+        let parties = self.parties.get(&state, (None, None), || {
+            parties(&self.caller, &state, &self.pod, self.original)
+        });
         let target = parties
+            .parties
             .peers
             .service
             .clone()

@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Weak,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -15,13 +15,16 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
+use parking_lot::Mutex;
 
 use super::{BoxError, ProxyBody, is_grpc};
 use crate::{
     access_log::{AccessLog, Entry, Parties, RequestEnd, RequestFacts, Started},
     distributed_tracing::{RequestSpan, SpanKind, span_name},
-    metrics::{HttpMetrics, RequestOutcome},
+    inventory::ObjectKey,
+    metrics::{HttpMetrics, RequestOutcome, SeriesCache},
     proxy::ProxyContext,
+    state::State,
 };
 
 /// Envoy's request id header: set at the source proxy when the client sent none, logged
@@ -103,7 +106,7 @@ impl Record {
     /// Records the ended request in Istio's metrics, the access log and its span.
     fn finish(
         self,
-        parties: &Parties,
+        metered: &MeteredParties,
         proxy: &Outputs,
         response_code: u16,
         response_bytes: u64,
@@ -111,7 +114,9 @@ impl Record {
     ) {
         let flags = self.flags();
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
-        proxy.metrics.record(
+        let parties = &metered.parties;
+        metered.series.record(
+            &proxy.metrics,
             &parties.labels,
             &RequestOutcome {
                 protocol: self.protocol,
@@ -151,11 +156,73 @@ struct Outputs {
     access_log: Arc<AccessLog>,
 }
 
+/// The parties of a connection's requests and the metric series they were recorded in.
+pub struct MeteredParties {
+    pub parties: Parties,
+    series: SeriesCache,
+}
+
+impl MeteredParties {
+    pub fn new(parties: Parties) -> Arc<Self> {
+        Arc::new(Self {
+            parties,
+            series: SeriesCache::default(),
+        })
+    }
+}
+
+/// A connection's last [`MeteredParties`], kept while the config and what it was built
+/// for (the destination pod and Service) stay the same: the requests of a keep-alive
+/// connection mostly share them, and building them (labels, identities, the metric series'
+/// lookups) costs more than forwarding a small request.
+#[derive(Default)]
+pub struct PartiesMemo {
+    last: Mutex<Option<Memo>>,
+}
+
+struct Memo {
+    /// Weak: an idle connection must not keep an old config alive. It still keeps the
+    /// allocation, so no later config can take its address and pass for it.
+    state: Weak<State>,
+    built_for: PartiesKey,
+    parties: Arc<MeteredParties>,
+}
+
+/// What parties were built for, besides the config: the destination pod and Service.
+type PartiesKey = (Option<ObjectKey>, Option<ObjectKey>);
+
+impl PartiesMemo {
+    /// The memo's parties when they were built for `state`, `destination` and `service`,
+    /// else `build`'s (which become the memo's).
+    pub fn get(
+        &self,
+        state: &Arc<State>,
+        (destination, service): (Option<&ObjectKey>, Option<&ObjectKey>),
+        build: impl FnOnce() -> Parties,
+    ) -> Arc<MeteredParties> {
+        let mut last = self.last.lock();
+        if let Some(memo) = last.as_ref()
+            && std::ptr::eq(memo.state.as_ptr(), Arc::as_ptr(state))
+            && memo.built_for.0.as_ref() == destination
+            && memo.built_for.1.as_ref() == service
+        {
+            return memo.parties.clone();
+        }
+        let parties = MeteredParties::new(build());
+        *last = Some(Memo {
+            state: Arc::downgrade(state),
+            built_for: (destination.cloned(), service.cloned()),
+            parties: parties.clone(),
+        });
+        parties
+    }
+}
+
 /// Records the request in Istio's metrics, the access log and its span once the response
 /// body is done.
 pub fn meter(
     proxy: &ProxyContext,
-    parties: Parties,
+    parties: Arc<MeteredParties>,
     record: Record,
     response: Response<ProxyBody>,
 ) -> Response<ProxyBody> {

@@ -32,7 +32,7 @@ use super::{
     ProxyBody,
     cluster::{Cluster, ClusterKey, HashInput},
     incoming, is_upgrade, local_response,
-    metered::{REQUEST_ID, Record, meter},
+    metered::{PartiesMemo, REQUEST_ID, Record, meter},
     splice_upgrade, strip_hop_by_hop, strip_hop_by_hop_for_forwarding,
     upstream::Via,
 };
@@ -61,6 +61,8 @@ pub struct Outbound {
     pub port: u16,
     /// The ClusterIP the client dialed: its family decides the endpoints' family.
     pub dialed: IpAddr,
+    /// The parties of the connection's last request, for the next one.
+    pub parties: PartiesMemo,
 }
 
 /// Everything decided about a request before its attempts.
@@ -241,7 +243,7 @@ impl Outbound {
 
     fn local(
         &self,
-        state: &State,
+        state: &Arc<State>,
         plan: Option<&Plan>,
         mut record: Record,
         local: Local,
@@ -256,26 +258,25 @@ impl Outbound {
 
     fn finish(
         &self,
-        state: &State,
+        state: &Arc<State>,
         destination: Option<&Workload>,
         record: Record,
         response: Response<ProxyBody>,
     ) -> Response<ProxyBody> {
         let service = state.services.get(&self.service);
-        self.metered(state, destination, service, None, record, response)
+        self.metered(state, destination, service, record, response)
     }
 
     fn finish_with(
         &self,
-        state: &State,
+        state: &Arc<State>,
         destination: Option<&Workload>,
         plan: &Plan,
         record: Record,
         response: Response<ProxyBody>,
     ) -> Response<ProxyBody> {
         let service = state.services.get(&plan.destination.service);
-        let identities = destination.and_then(|d| self.identities(state, d));
-        self.metered(state, destination, service, identities, record, response)
+        self.metered(state, destination, service, record, response)
     }
 
     fn identities(&self, state: &State, destination: &Workload) -> Option<(Identity, Identity)> {
@@ -286,25 +287,29 @@ impl Outbound {
             .flatten()
     }
 
-    /// Wraps the response so the request's metrics are recorded when its body ends.
+    /// Wraps the response so the request's metrics are recorded when its body ends. The
+    /// parties (labels, identities) are the connection's last request's when it went to
+    /// the same pod and Service under the same config.
     fn metered(
         &self,
-        state: &State,
+        state: &Arc<State>,
         destination: Option<&Workload>,
         service: Option<&crate::inventory::Service>,
-        identities: Option<(Identity, Identity)>,
         record: Record,
         response: Response<ProxyBody>,
     ) -> Response<ProxyBody> {
-        let source = state.workloads.get(&self.pod.key);
-        let parties = Parties::new(
-            Reporter::Source,
-            source,
-            destination,
-            service,
-            identities.as_ref().map(|(s, d)| (s, d)),
-            self.pod.ip_like(self.dialed),
-        );
+        let built_for = (destination.map(|d| &d.key), service.map(|s| &s.key));
+        let parties = self.parties.get(state, built_for, || {
+            let identities = destination.and_then(|d| self.identities(state, d));
+            Parties::new(
+                Reporter::Source,
+                state.workloads.get(&self.pod.key),
+                destination,
+                service,
+                identities.as_ref().map(|(s, d)| (s, d)),
+                self.pod.ip_like(self.dialed),
+            )
+        });
         meter(&self.proxy, parties, record, response)
     }
 }

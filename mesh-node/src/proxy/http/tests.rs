@@ -103,3 +103,39 @@ async fn a_draining_http1_connection_answers_the_request_in_flight_then_closes()
     let ended = tokio::time::timeout(Duration::from_secs(5), served).await;
     assert!(matches!(ended, Ok(Ok(Ok(())))), "served cleanly: {ended:?}");
 }
+
+#[test]
+fn a_connection_reuses_its_parties_until_the_config_or_the_peer_changes() {
+    use std::sync::Arc;
+
+    use crate::{access_log::Parties, inventory::ObjectKey, metrics::Reporter, state::State};
+    let memo = metered::PartiesMemo::default();
+    let builds = std::cell::Cell::new(0);
+    let build = || {
+        builds.set(builds.get() + 1);
+        Parties::new(Reporter::Source, None, None, None, None, None)
+    };
+    let (web, api) = (
+        ObjectKey::new("shop", "web-1"),
+        ObjectKey::new("shop", "api-1"),
+    );
+    let service = ObjectKey::new("shop", "web");
+    let state = Arc::new(State::default());
+    let first = memo.get(&state, (Some(&web), Some(&service)), build);
+    let again = memo.get(&state, (Some(&web), Some(&service)), build);
+    assert!(Arc::ptr_eq(&first, &again), "same config and peers: reused");
+    assert_eq!(builds.get(), 1);
+
+    memo.get(&state, (Some(&api), Some(&service)), build);
+    assert_eq!(builds.get(), 2, "another destination pod");
+    memo.get(&state, (Some(&api), None), build);
+    assert_eq!(builds.get(), 3, "no Service");
+
+    // A new config, even one equal to the old: the parties may have changed with it.
+    let newer = Arc::new(State::default());
+    drop(state);
+    memo.get(&newer, (Some(&api), None), build);
+    assert_eq!(builds.get(), 4, "a new config");
+    memo.get(&newer, (Some(&api), None), build);
+    assert_eq!(builds.get(), 4);
+}
