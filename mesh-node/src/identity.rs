@@ -86,7 +86,13 @@ impl Identity {
         validate_trust_domain(&id.trust_domain)?;
         validate_segment("namespace", &id.namespace)?;
         validate_segment("service account", &id.service_account)?;
-        let len = id.to_string().len();
+        // The length of `Display`'s form, without formatting it (this runs per request).
+        let len = SCHEME.len()
+            + id.trust_domain.len()
+            + "/ns/".len()
+            + id.namespace.len()
+            + "/sa/".len()
+            + id.service_account.len();
         if len > MAX_SPIFFE_ID_LEN {
             return Err(IdentityError::TooLong { len });
         }
@@ -298,6 +304,19 @@ mod tests {
         }
         let long = format!("spiffe://cluster.local/ns/a/sa/{}", "b".repeat(3000));
         assert!(matches!(id(&long), Err(IdentityError::TooLong { .. })));
+    }
+
+    #[test]
+    fn the_length_limit_is_the_spiffe_ids_exactly() {
+        let prefix = "spiffe://cluster.local/ns/a/sa/".len();
+        let service_account = |len: usize| "b".repeat(len - prefix);
+        let at_limit = Identity::new("cluster.local", "a", service_account(MAX_SPIFFE_ID_LEN))
+            .expect("2048 bytes are allowed");
+        assert_eq!(at_limit.to_string().len(), MAX_SPIFFE_ID_LEN);
+        assert!(matches!(
+            Identity::new("cluster.local", "a", service_account(MAX_SPIFFE_ID_LEN + 1)),
+            Err(IdentityError::TooLong { len }) if len == MAX_SPIFFE_ID_LEN + 1
+        ));
     }
 
     #[test]

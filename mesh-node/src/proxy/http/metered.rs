@@ -37,8 +37,10 @@ pub struct Record {
     pub protocol: &'static str,
     pub request_bytes: Arc<AtomicU64>,
     pub flags: Vec<&'static str>,
-    /// What the access log says beyond the metrics' labels.
+    /// What the access log says beyond the metrics' labels; the request head's part is
+    /// filled in from `head` only when the request is logged or traced.
     pub facts: RequestFacts,
+    head: Head,
     /// The endpoint of the last attempt.
     pub upstream: Option<SocketAddr>,
     /// This proxy's span for the request, ended with it.
@@ -68,27 +70,21 @@ impl Record {
 
     /// Starts the record of a request with this head, traced by `span`.
     pub fn new(method: &Method, uri: &Uri, headers: &HeaderMap, span: Option<RequestSpan>) -> Self {
-        let text = |value: &HeaderValue| String::from_utf8_lossy(value.as_bytes()).into_owned();
-        let authority = headers
-            .get(header::HOST)
-            .map(text)
-            .or_else(|| uri.authority().map(ToString::to_string));
         Self {
             started: Started::now(),
             protocol: if is_grpc(headers) { "grpc" } else { "http" },
             request_bytes: Arc::new(AtomicU64::new(0)),
             flags: Vec::new(),
             facts: RequestFacts {
-                method: Some(method.to_string()),
-                path: Some(
-                    uri.path_and_query()
-                        .map_or("/", |pq| pq.as_str())
-                        .to_string(),
-                ),
-                authority,
-                request_id: headers.get(REQUEST_ID).map(text),
                 trace_id: span.as_ref().and_then(RequestSpan::trace_id),
                 ..RequestFacts::default()
+            },
+            // Shared buffers, not copies: most requests are neither logged nor traced.
+            head: Head {
+                method: method.clone(),
+                uri: uri.clone(),
+                host: headers.get(header::HOST).cloned(),
+                request_id: headers.get(REQUEST_ID).cloned(),
             },
             upstream: None,
             span,
@@ -142,10 +138,40 @@ impl Record {
             bytes_received: request_bytes,
             bytes_sent: response_bytes,
         };
-        let entry = Entry::request(parties, &self.started, self.facts, &end);
+        let facts = self.head.into_facts(self.facts);
+        let entry = Entry::request(parties, &self.started, facts, &end);
         proxy.access_log.log(&entry);
         if let Some(span) = span {
             span.finish(&entry);
+        }
+    }
+}
+
+/// The request's head as the access log and the span describe it.
+struct Head {
+    method: Method,
+    uri: Uri,
+    host: Option<HeaderValue>,
+    request_id: Option<HeaderValue>,
+}
+
+impl Head {
+    fn into_facts(self, facts: RequestFacts) -> RequestFacts {
+        let text = |value: HeaderValue| String::from_utf8_lossy(value.as_bytes()).into_owned();
+        RequestFacts {
+            method: Some(self.method.to_string()),
+            path: Some(
+                self.uri
+                    .path_and_query()
+                    .map_or("/", |pq| pq.as_str())
+                    .to_string(),
+            ),
+            authority: self
+                .host
+                .map(text)
+                .or_else(|| self.uri.authority().map(ToString::to_string)),
+            request_id: self.request_id.map(text),
+            ..facts
         }
     }
 }
