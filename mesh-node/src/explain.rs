@@ -899,7 +899,7 @@ impl Explainer<'_> {
         let endpoints = candidates
             .unwrap_or_default()
             .into_iter()
-            .map(|(key, address)| self.endpoint(&key, address, request))
+            .map(|(key, address)| self.endpoint(key, address, request))
             .collect();
         Backend {
             target: format!("Service {}", service.key),

@@ -51,13 +51,13 @@ pub fn tcp_target<'s>(
 /// The ready endpoints of `service` that serve its `port` in the address family of
 /// `family`, with `port` mapped to each endpoint's target port; only those carrying every
 /// label of `subset` when given. `None` when the Service has no such port.
-pub fn service_endpoints(
-    state: &State,
+pub fn service_endpoints<'s>(
+    state: &'s State,
     service: &Service,
     port: u16,
     family: IpAddr,
     subset: Option<&BTreeMap<String, String>>,
-) -> Option<Vec<(ObjectKey, SocketAddr)>> {
+) -> Option<Vec<(&'s ObjectKey, SocketAddr)>> {
     let port = service.port(port)?;
     Some(
         service
@@ -73,7 +73,7 @@ pub fn service_endpoints(
                     TargetPort::Number(n) => *n,
                     TargetPort::Name(name) => *w.named_ports.get(name)?,
                 };
-                Some((w.key.clone(), SocketAddr::new(ip, target)))
+                Some((&w.key, SocketAddr::new(ip, target)))
             })
             .collect(),
     )

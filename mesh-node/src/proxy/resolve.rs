@@ -82,10 +82,10 @@ impl Resolver {
                 *slot = slot.wrapping_add(1);
                 index
             };
-            let (endpoint, addr) = candidates[index].clone();
+            let (endpoint, addr) = candidates[index];
             return Ok(Upstream::Service {
                 service: service.key.clone(),
-                endpoint,
+                endpoint: endpoint.clone(),
                 addr,
             });
         }

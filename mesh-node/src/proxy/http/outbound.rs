@@ -65,21 +65,22 @@ pub struct Outbound {
     pub parties: PartiesMemo,
 }
 
-/// Everything decided about a request before its attempts.
-struct Plan {
+/// Everything decided about a request before its attempts, borrowing from the config
+/// (`'s`): the candidates are the Service's endpoints, which a request must not copy.
+struct Plan<'s> {
     destination: Destination,
     policy: TrafficPolicy,
     cluster: Arc<Cluster>,
-    candidates: Vec<(ObjectKey, SocketAddr)>,
+    candidates: Vec<(&'s ObjectKey, SocketAddr)>,
 }
 
-impl Plan {
+impl Plan<'_> {
     /// The pod behind a candidate address the load balancer picked.
     fn endpoint_key(&self, endpoint: SocketAddr) -> ObjectKey {
         self.candidates
             .iter()
             .find(|(_, a)| *a == endpoint)
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| (*k).clone())
             .expect("picked from the candidates")
     }
 }
@@ -179,7 +180,7 @@ impl Outbound {
     }
 
     /// Resolves the destination to its cluster and candidate endpoints.
-    fn plan(&self, state: &State, destination: Destination) -> Option<Plan> {
+    fn plan<'s>(&self, state: &'s State, destination: Destination) -> Option<Plan<'s>> {
         let port = destination.port.unwrap_or(self.port);
         let service = state.services.get(&destination.service)?;
         let subset_labels = match &destination.subset {
@@ -244,7 +245,7 @@ impl Outbound {
     fn local(
         &self,
         state: &Arc<State>,
-        plan: Option<&Plan>,
+        plan: Option<&Plan<'_>>,
         mut record: Record,
         local: Local,
     ) -> Response<ProxyBody> {
@@ -271,7 +272,7 @@ impl Outbound {
         &self,
         state: &Arc<State>,
         destination: Option<&Workload>,
-        plan: &Plan,
+        plan: &Plan<'_>,
         record: Record,
         response: Response<ProxyBody>,
     ) -> Response<ProxyBody> {

@@ -95,7 +95,7 @@ impl Outbound {
     pub(super) async fn attempts(
         &self,
         state: &State,
-        plan: &Plan,
+        plan: &Plan<'_>,
         retries: &RetryPolicy,
         parts: &Parts,
         mut body: RequestBody,
@@ -156,7 +156,7 @@ impl Outbound {
     async fn attempt(
         &self,
         state: &State,
-        plan: &Plan,
+        plan: &Plan<'_>,
         retries: &RetryPolicy,
         mut request: Request<ProxyBody>,
         endpoint: SocketAddr,
