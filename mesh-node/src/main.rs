@@ -74,13 +74,14 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// The agent's runtime: `--worker-threads` workers, else tokio's default (one per CPU).
+/// The agent's runtime: `--worker-threads`, or half the CPUs it may use, at least one.
 fn agent_runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = workers {
-        builder.worker_threads(usize::from(workers));
-    }
-    builder.enable_all().build()
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let workers = workers.map_or((cpus / 2).max(1), usize::from);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
 }
 
 /// Logs to stdout; the returned handle changes the filter at run time (admin API).

@@ -1,5 +1,5 @@
-//! End to end: what 10,000 idle mutual-TLS connections cost the node proxies, and that
-//! they give it back.
+//! End to end: connections held open: what 10,000 idle mutual-TLS connections cost the
+//! node proxies, that they give it back, and what ports they take from the client.
 use std::{
     io::{BufRead, BufReader, Write},
     process::{Child, Stdio},
@@ -7,7 +7,7 @@ use std::{
 };
 
 use mesh_tests::{
-    Cluster, PodSpec, namespace_yaml, rss_bytes,
+    Cluster, Pod, PodSpec, namespace_yaml, rss_bytes, run_in_netns,
     scenario::{ENROLLED, skip, wait_enrolled, wait_for_metric, wait_until},
 };
 
@@ -74,47 +74,12 @@ fn ten_thousand_idle_mtls_connections_cost_at_most_30_kib_each_and_are_given_bac
     let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
     let web = cluster.add_pod(PodSpec::new("web", 1).namespace("shop"));
     cluster.write_config("ns.yaml", &namespace_yaml("shop", ENROLLED));
-    let mut child = web
-        .command(&cluster, "python3")
-        .args(["-c", SERVER, &web.ip.to_string(), "8080"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 in the web pod");
-    let mut ready = String::new();
-    BufReader::new(child.stdout.take().expect("piped"))
-        .read_line(&mut ready)
-        .expect("the server's first line");
-    assert_eq!(ready.trim(), "ready");
-    let _server = Server(child);
+    let _server = serve(&cluster, &web, 8080);
     cluster.start_agents();
     wait_enrolled(&cluster, 0, 1);
     wait_enrolled(&cluster, 1, 1);
 
-    // Clients in the client pod: `open(n)` returns once n connections are established
-    // and answered, and closes them when the returned guard is told to.
-    let open = |count: usize| -> Clients {
-        let mut child = client
-            .command(&cluster, "python3")
-            .args([
-                "-c",
-                CLIENT,
-                &web.ip.to_string(),
-                "8080",
-                &count.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 in the client pod");
-        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-        let said = lines.next().and_then(Result::ok).unwrap_or_default();
-        assert_eq!(said, "open", "{count} connections through the mesh");
-        Clients {
-            child: Server(child),
-            lines,
-        }
-    };
+    let open = |count: usize| open(&cluster, &client, &web, 8080, count);
     // Warm up: certificates, the tunnel, the allocator's first arenas.
     open(200).close();
     let mtls = [
@@ -172,6 +137,97 @@ fn ten_thousand_idle_mtls_connections_cost_at_most_30_kib_each_and_are_given_bac
     for (i, after) in given_back.iter().enumerate() {
         eprintln!("node{i}: RSS {} KiB after they closed", after / 1024);
     }
+}
+
+/// The echo server on `port` of `pod`, once it listens.
+fn serve(cluster: &Cluster, pod: &Pod, port: u16) -> Server {
+    let mut child = pod
+        .command(cluster, "python3")
+        .args(["-c", SERVER, &pod.ip.to_string(), &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 in the server pod");
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut ready)
+        .expect("the server's first line");
+    assert_eq!(ready.trim(), "ready");
+    Server(child)
+}
+
+/// `count` connections from `client` to `server:port`, once each is established and
+/// answered; they close when the returned guard is told to.
+fn open(cluster: &Cluster, client: &Pod, server: &Pod, port: u16, count: usize) -> Clients {
+    let mut child = client
+        .command(cluster, "python3")
+        .args([
+            "-c",
+            CLIENT,
+            &server.ip.to_string(),
+            &port.to_string(),
+            &count.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 in the client pod");
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let said = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(
+        said, "open",
+        "{count} connections to port {port} through the mesh"
+    );
+    Clients {
+        child: Server(child),
+        lines,
+    }
+}
+
+/// The destination proxy connects to the app as the client (its address, a port the
+/// kernel picks in the server pod's netns). Connections held to one port of a server
+/// must not use up the client's ports for every other destination: with 8 ephemeral ports
+/// in the server pod's netns, 8 connections held to :8080 leave :8081 reachable, as they
+/// would without the mesh. (A bind to port 0 before the connect took a port for every
+/// destination, and the search for a free one ran for seconds in the kernel once
+/// thousands were taken.)
+#[test]
+fn connections_held_to_one_port_leave_the_clients_ports_free_for_another() {
+    if skip() {
+        return;
+    }
+    const EPHEMERAL_PORTS: usize = 8;
+    let mut cluster = Cluster::new("port_share", 2);
+    let client = cluster.add_pod(PodSpec::new("client", 0).namespace("shop"));
+    let web = cluster.add_pod(PodSpec::new("web", 1).namespace("shop"));
+    cluster.write_config("ns.yaml", &namespace_yaml("shop", ENROLLED));
+    // The server pod's netns is this test's: its sysctls are its own.
+    run_in_netns(&web.netns, || {
+        std::fs::write(
+            "/proc/sys/net/ipv4/ip_local_port_range",
+            format!("40000 {}", 40000 + EPHEMERAL_PORTS - 1),
+        )
+    })
+    .expect("narrowing the server pod's ephemeral ports");
+    let _servers = [serve(&cluster, &web, 8080), serve(&cluster, &web, 8081)];
+    cluster.start_agents();
+    wait_enrolled(&cluster, 0, 1);
+    wait_enrolled(&cluster, 1, 1);
+
+    let held = open(&cluster, &client, &web, 8080, EPHEMERAL_PORTS);
+    open(&cluster, &client, &web, 8081, 1).close();
+    held.close();
+    let mtls = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    wait_for_metric(
+        &cluster,
+        1,
+        "istio_tcp_connections_closed_total",
+        &mtls,
+        (EPHEMERAL_PORTS + 1) as f64,
+    );
 }
 
 /// A client process holding its connections.

@@ -133,8 +133,17 @@ impl Capture {
         Some(Self { child, file })
     }
 
-    /// Stops the capture and returns the captured bytes.
-    fn stop(mut self) -> Vec<u8> {
+    /// Stops the capture once `last` (the last bytes sent that it must see) is in its
+    /// file, or after [`READY`], and returns the captured bytes. tcpdump drops what its
+    /// kernel ring still holds when it is stopped, so stopping right after the traffic
+    /// sometimes lost the last packets.
+    fn stop_after(mut self, last: &str) -> Vec<u8> {
+        let deadline = std::time::Instant::now() + READY;
+        while std::time::Instant::now() < deadline
+            && !fs::read(&self.file).is_ok_and(|pcap| contains(&pcap, last))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // SIGINT, so tcpdump flushes its file.
         // SAFETY: kill has no memory-safety preconditions; this is our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
@@ -189,7 +198,7 @@ fn the_fabric_carries_no_plaintext_between_enrolled_pods() {
     let enrolled = send(&scene.cluster, &scene.sleep, &scene.web_addr(), secret);
     let plain_to = format!("{}:8080", scene.plain_web.ip);
     let plain = send(&scene.cluster, &scene.plain_client, &plain_to, visible);
-    let pcap = capture.stop();
+    let pcap = capture.stop_after(visible);
     assert_eq!(
         replies(&enrolled)[0]["echo"],
         secret,

@@ -97,6 +97,8 @@ pub enum Only {
     Relay,
     /// The app ↔ in-pod listener leg with sockmap on and off.
     Sockmap,
+    /// Node 0's agent replaced under load, in place and with overlap.
+    Restart,
 }
 
 /// With or without the mesh.
@@ -352,6 +354,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             let measured = sockmap::measure(&interrupt, rounds, seconds)?;
             print!("{}", sockmap::render(&measured));
         }
+        if options.only.contains(&Only::Restart) {
+            let measured = restart::measure_alone(&interrupt)?;
+            print!("{}", restart::render(&measured));
+        }
         println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
         return Ok(());
     }
@@ -403,6 +409,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     interrupt.check()?;
     let agent_pids = running_agents(&cluster)?;
     let rss_idle = rss_mib(&agent_pids)?;
+    let rss_idle_split = agent_pids
+        .iter()
+        .map(|pid| agent::rss_split_mib(*pid))
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     println!("bench: starting sockperf, iperf3 and mesh-testapp servers in the server pods…");
     let mut sides = Vec::new();
@@ -517,6 +527,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                 pid: agent_pids[i],
                 cpu_seconds: cpu_after[i] - cpu_before[i],
                 rss_idle_mib: rss_idle[i],
+                rss_idle_split: rss_idle_split[i],
                 rss_loaded_mib: rss_loaded[i],
             })
             .collect(),

@@ -7,6 +7,7 @@ use std::{
 };
 
 use mesh_common::{marks, ports};
+use nix::sys::socket::sockopt;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -231,7 +232,21 @@ fn new_upstream_socket(addr: SocketAddr, dial: &Dial) -> std::io::Result<Socket>
             } else {
                 socket.set_ip_transparent_v4(true)?;
             }
+            // The port is chosen at connect, by the whole 4-tuple, not here: a bind to port
+            // 0 must find a port free for every destination, so each client IP had one
+            // range of ports in all (TIME_WAIT included), and as the range filled with
+            // earlier connections that search ran for seconds in the kernel, stalling the
+            // worker thread it ran on.
+            nix::sys::socket::setsockopt(&socket, sockopt::IpBindAddressNoPort, &true)?;
             socket.bind(&SockAddr::from(SocketAddr::new(*source, 0)))?;
+            // The dial goes through `lo` anyway (the mark's route, `install_inbound_routing`);
+            // bound to it, the kernel may reuse this leg's TIME_WAIT 4-tuples after a second
+            // (`tcp_tw_reuse`'s default is "loopback only"). This socket is the one that
+            // closes first when the client does, so it, not the client, ends in TIME_WAIT:
+            // without reuse, ~14,000 connections from one client to one port within a minute
+            // made every connect walk all of them in the kernel (perf: __inet_hash_connect,
+            // __inet_check_established), milliseconds of system time each.
+            socket.bind_device(Some(b"lo"))?;
         }
     }
     Ok(socket)

@@ -38,8 +38,36 @@ pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     }
 }
 
+/// Of the resident memory (MiB): what is the process's own (heap, stacks: `RssAnon`), and
+/// what are pages of files it maps (`RssFile`: mostly the binary's code, shared with every
+/// process running it and given back by the kernel whenever it needs the memory).
+#[derive(Clone, Copy)]
+pub struct RssSplit {
+    pub anon: f64,
+    pub file: f64,
+}
+
+pub fn rss_split_mib(pid: u32) -> anyhow::Result<RssSplit> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let field = |name| {
+        status_kib(&status, name)
+            .map(|kib| kib as f64 / 1024.0)
+            .with_context(|| format!("no {name} line in {path}"))
+    };
+    Ok(RssSplit {
+        anon: field("RssAnon:")?,
+        file: field("RssFile:")?,
+    })
+}
+
 fn parse_vm_rss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    status_kib(status, "VmRSS:")
+}
+
+/// The value of a `<name> <n> kB` line of /proc/<pid>/status.
+fn status_kib(status: &str, name: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(name))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -53,7 +81,11 @@ mod tests {
                     4 0 1234 123456789 4000 18446744073709551615";
         assert_eq!(parse_cpu_ticks(stat), Some(325));
         assert_eq!(parse_cpu_ticks("garbage"), None);
-        let status = "Name:\tmesh-node\nVmPeak:\t  200000 kB\nVmRSS:\t    9216 kB\nThreads:\t4\n";
+        let status = "Name:\tmesh-node\nVmPeak:\t  200000 kB\nVmRSS:\t    9216 kB\n\
+                      RssAnon:\t    3072 kB\nRssFile:\t    6144 kB\nThreads:\t4\n";
         assert_eq!(parse_vm_rss_kib(status), Some(9216));
+        assert_eq!(status_kib(status, "RssAnon:"), Some(3072));
+        assert_eq!(status_kib(status, "RssFile:"), Some(6144));
+        assert_eq!(status_kib(status, "RssShmem:"), None);
     }
 }

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use super::{
     FRESH_HANDSHAKE_ARGS, MESSAGE_SIZES, Mode, Results, Shape, Tunnels,
+    agent::RssSplit,
     http::{HttpLoad, HttpSample},
     table::{Align, Table},
 };
@@ -26,6 +27,7 @@ pub struct AgentCost {
     /// User + system CPU seconds used while the traffic ran.
     pub cpu_seconds: f64,
     pub rss_idle_mib: f64,
+    pub rss_idle_split: RssSplit,
     pub rss_loaded_mib: f64,
 }
 
@@ -378,6 +380,7 @@ impl Report<'_> {
             ("CPU s", Align::Right),
             ("% of a core in mesh runs", Align::Right),
             ("RSS idle MiB", Align::Right),
+            ("of it own / binary's code", Align::Right),
             ("RSS after load MiB", Align::Right),
             ("RSS after HTTP MiB", Align::Right),
         ]);
@@ -397,6 +400,10 @@ impl Report<'_> {
                     100.0 * agent.cpu_seconds / self.mesh_seconds.max(f64::EPSILON)
                 ),
                 format!("{:.1}", agent.rss_idle_mib),
+                format!(
+                    "{:.1} / {:.1}",
+                    agent.rss_idle_split.anon, agent.rss_idle_split.file
+                ),
                 format!("{:.1}", agent.rss_loaded_mib),
                 format!("{rss_after_http:.1}"),
             ]);
@@ -406,6 +413,11 @@ impl Report<'_> {
             out,
             "  for orientation (PERF.md): ztunnel 17 MiB idle / 30 MiB after load; target \
              ≤ 12 MiB idle per node agent"
+        );
+        let _ = writeln!(
+            out,
+            "  own: heap and stacks (RssAnon); binary's code: pages of files mapped (RssFile), \
+             shared by every process running the binary and reclaimable by the kernel"
         );
     }
 }

@@ -8,12 +8,13 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use mesh_tests::{Cluster, Pod, PodProcess};
+use mesh_tests::{Cluster, Pod, PodProcess, PodSpec, namespace_yaml};
 
 use super::{
     Interrupt,
     table::{Align, Table},
-    tools::TESTAPP_PORT,
+    tools::{self, TESTAPP_PORT},
+    wait_enrolled,
 };
 
 /// New connections per second across the restart: the figure.
@@ -58,6 +59,8 @@ pub struct RestartFigure {
     pub gap_ms: f64,
     /// The slowest connection's connect-to-reply time.
     pub slowest_ms: u64,
+    /// Connections that took over 100 ms.
+    pub slow: u64,
 }
 
 /// Replaces node 0's agent under load, once per [`Replacement`]; `client` (on node 0)
@@ -92,12 +95,36 @@ pub fn measure(
             failed: count("failed"),
             gap_ms,
             slowest_ms: count("slowest_ms"),
+            slow: count("slow"),
         });
+        println!(
+            "bench: the slowest connection started {} ms into the load",
+            count("slowest_started_ms")
+        );
         if count("failed") > 0 {
             println!("bench: note: failed connections: {}", summary["errors"]);
         }
     }
     Ok(figures)
+}
+
+/// The restart row on a cluster of its own (`--only restart`): an enrolled client on node
+/// 0, an enrolled server on node 1.
+pub fn measure_alone(interrupt: &Interrupt) -> anyhow::Result<Vec<RestartFigure>> {
+    const NAMESPACE: &str = "bench-restart";
+    println!("bench: restart: an agent replaced under load, on a 2-node cluster…");
+    let mut cluster = Cluster::new("bench-restart", 2);
+    cluster.set_agent_log_filter("info");
+    cluster.write_config(
+        "namespace.yaml",
+        &namespace_yaml(NAMESPACE, &[("nodemesh.io/enabled", "true")]),
+    );
+    let client = cluster.add_pod(PodSpec::new("client", 0).namespace(NAMESPACE));
+    let server = cluster.add_pod(PodSpec::new("server", 1).namespace(NAMESPACE));
+    cluster.start_agents();
+    wait_enrolled(&cluster, &[1, 1])?;
+    let _serving = tools::testapp_server(&cluster, &server)?;
+    measure(&mut cluster, &client, &server, interrupt)
 }
 
 fn start_load(cluster: &Cluster, client: &Pod, target: &str) -> anyhow::Result<PodProcess> {
@@ -225,6 +252,7 @@ pub fn render(figures: &[RestartFigure]) -> String {
         ("failed", Align::Right),
         ("no agent accepting", Align::Right),
         ("slowest connection", Align::Right),
+        ("over 100 ms", Align::Right),
     ]);
     for figure in figures {
         table.row(vec![
@@ -233,6 +261,7 @@ pub fn render(figures: &[RestartFigure]) -> String {
             figure.failed.to_string(),
             format!("{:.0} ms", figure.gap_ms),
             format!("{} ms", figure.slowest_ms),
+            figure.slow.to_string(),
         ]);
     }
     out.push_str(&table.render(2));

@@ -39,16 +39,26 @@ struct Tally {
     /// Answers by the server that gave them.
     servers: BTreeMap<String, u64>,
     slowest: Duration,
+    /// When the slowest connection started, from the load's start.
+    slowest_started: Duration,
+    /// Connections that took longer than [`SLOW`].
+    slow: u64,
 }
 
+/// What counts as a slow connection in the summary: far beyond a round trip through two
+/// proxies, well below a TCP retransmission.
+const SLOW: Duration = Duration::from_millis(100);
+
 /// Prints `started`, runs, then prints one JSON summary:
-/// `{"sent":..,"ok":..,"failed":..,"errors":{..},"servers":{..},"slowest_ms":..}`.
+/// `{"sent":..,"ok":..,"failed":..,"errors":{..},"servers":{..},"slowest_ms":..,
+/// "slowest_started_ms":..,"slow":..}` (`slow`: connections over 100 ms).
 pub async fn run(args: Args) -> ExitCode {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let patience = Duration::from_millis(args.timeout_ms);
     let mut tick = tokio::time::interval(Duration::from_secs(1) / args.rate.max(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    let end = Instant::now() + Duration::from_millis(args.duration_ms);
+    let load_started = Instant::now();
+    let end = load_started + Duration::from_millis(args.duration_ms);
     let mut connections = tokio::task::JoinSet::new();
     let mut sent = 0u64;
     println!("started");
@@ -59,8 +69,13 @@ pub async fn run(args: Args) -> ExitCode {
         connections.spawn(async move {
             let started = Instant::now();
             let outcome = exchange(args.to, patience).await;
+            let took = started.elapsed();
             let mut tally = tally.lock().unwrap_or_else(PoisonError::into_inner);
-            tally.slowest = tally.slowest.max(started.elapsed());
+            if took > tally.slowest {
+                tally.slowest = took;
+                tally.slowest_started = started - load_started;
+            }
+            tally.slow += u64::from(took > SLOW);
             match outcome {
                 Ok(server) => {
                     tally.ok += 1;
@@ -84,6 +99,8 @@ pub async fn run(args: Args) -> ExitCode {
         "errors": tally.errors,
         "servers": tally.servers,
         "slowest_ms": tally.slowest.as_millis() as u64,
+        "slowest_started_ms": tally.slowest_started.as_millis() as u64,
+        "slow": tally.slow,
     });
     println!("{summary}");
     if tally.failed == 0 {
