@@ -41,6 +41,27 @@ pub(crate) struct TypeMeta {
     pub items: Vec<serde_yaml::Value>,
 }
 
+impl TypeMeta {
+    /// What an object of the API server is, known before its text is read: its watch
+    /// says the kind, its parsed metadata the names.
+    pub(crate) fn known(
+        api_version: &str,
+        kind: &str,
+        namespace: Option<String>,
+        name: Option<String>,
+    ) -> Self {
+        Self {
+            api_version: api_version.to_owned(),
+            kind: kind.to_owned(),
+            metadata: MetaNames {
+                name: name.unwrap_or_default(),
+                namespace,
+            },
+            items: Vec::new(),
+        }
+    }
+}
+
 #[derive(Deserialize, Default)]
 pub(crate) struct MetaNames {
     #[serde(default)]

@@ -39,10 +39,7 @@ use super::{
     publish, without_blocking_the_runtime,
 };
 use crate::{
-    inventory::{ObjectId, Rejection},
-    metrics::NodeMetrics,
-    readiness::ReadinessGuard,
-    state::StateTx,
+    inventory::Rejection, metrics::NodeMetrics, readiness::ReadinessGuard, state::StateTx,
 };
 
 /// Changes arriving this close together are published as one state.
@@ -210,18 +207,27 @@ pub(crate) struct JsonDocument(String);
 impl JsonDocument {
     fn of(kind: &WatchedKind, object: &WatchedObject) -> Self {
         let metadata = serde_json::to_string(&object.metadata).unwrap_or_else(|_| "{}".into());
-        let mut text = format!(
-            r#"{{"apiVersion":{},"kind":{},"metadata":{metadata}"#,
-            Value::from(kind.api_version),
-            Value::from(kind.kind),
-        );
-        for (field, raw) in [
+        let fields = [
             ("spec", &object.spec),
             ("status", &object.status),
             ("endpoints", &object.endpoints),
-        ] {
+        ];
+        // Sized once: a pod's spec and status are most of a big cluster's bytes.
+        let raw_len: usize = fields
+            .iter()
+            .filter_map(|(field, raw)| raw.as_ref().map(|raw| field.len() + raw.get().len() + 4))
+            .sum();
+        let mut text = String::with_capacity(metadata.len() + raw_len + 96);
+        text.push_str(&format!(
+            r#"{{"apiVersion":{},"kind":{},"metadata":{metadata}"#,
+            Value::from(kind.api_version),
+            Value::from(kind.kind),
+        ));
+        for (field, raw) in fields {
             if let Some(raw) = raw {
-                text.push_str(&format!(r#","{field}":{}"#, raw.get()));
+                for piece in [r#",""#, field, r#"":"#, raw.get()] {
+                    text.push_str(piece);
+                }
             }
         }
         text.push('}');
@@ -268,19 +274,14 @@ fn classify_object(kind: &WatchedKind, mut object: WatchedObject) -> ((String, S
     // read, and the core kinds' types ignore every other field the mesh does not read.
     object.metadata.managed_fields = None;
     object.metadata.annotations = None;
-    let document = JsonDocument::of(kind, &object);
-    let document = serde_json::from_str::<TypeMeta>(&document.0)
-        .map(|meta| classify(meta, &document))
-        .map_err(|e| e.to_string())
-        .unwrap_or_else(|error| Document::Invalid {
-            resource: ObjectId {
-                kind: kind.kind,
-                namespace: key.0.clone(),
-                name: key.1.clone(),
-            },
-            error,
-            fail_closed: None,
-        });
+    // The kind and names are known already: the text is read once, as the typed object.
+    let meta = TypeMeta::known(
+        kind.api_version,
+        kind.kind,
+        object.metadata.namespace.clone(),
+        object.metadata.name.clone(),
+    );
+    let document = classify(meta, &JsonDocument::of(kind, &object));
     (key, document)
 }
 
