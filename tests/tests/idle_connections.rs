@@ -82,17 +82,7 @@ fn ten_thousand_idle_mtls_connections_cost_at_most_30_kib_each_and_are_given_bac
     let open = |count: usize| open(&cluster, &client, &web, 8080, count);
     // Warm up: certificates, the tunnel, the allocator's first arenas.
     open(200).close();
-    let mtls = [
-        ("reporter", "destination"),
-        ("connection_security_policy", "mutual_tls"),
-    ];
-    wait_for_metric(
-        &cluster,
-        1,
-        "istio_tcp_connections_closed_total",
-        &mtls,
-        200.0,
-    );
+    wait_for_closed_over_mtls(&cluster, 200);
     let pids = [0, 1].map(|i| cluster.agent_pid(i).expect("agent"));
     let before = pids.map(rss_bytes);
 
@@ -113,13 +103,7 @@ fn ten_thousand_idle_mtls_connections_cost_at_most_30_kib_each_and_are_given_bac
     }
 
     connections.close();
-    wait_for_metric(
-        &cluster,
-        1,
-        "istio_tcp_connections_closed_total",
-        &mtls,
-        (200 + CONNECTIONS) as f64,
-    );
+    wait_for_closed_over_mtls(&cluster, 200 + CONNECTIONS);
     // The agents prune and give memory back every 30 s.
     let given_back = wait_until(
         Duration::from_secs(45),
@@ -217,16 +201,22 @@ fn connections_held_to_one_port_leave_the_clients_ports_free_for_another() {
     let held = open(&cluster, &client, &web, 8080, EPHEMERAL_PORTS);
     open(&cluster, &client, &web, 8081, 1).close();
     held.close();
+    wait_for_closed_over_mtls(&cluster, EPHEMERAL_PORTS + 1);
+}
+
+/// Waits until node 1's destination proxy has counted `count` mutual-TLS connections
+/// closed.
+fn wait_for_closed_over_mtls(cluster: &Cluster, count: usize) {
     let mtls = [
         ("reporter", "destination"),
         ("connection_security_policy", "mutual_tls"),
     ];
     wait_for_metric(
-        &cluster,
+        cluster,
         1,
         "istio_tcp_connections_closed_total",
         &mtls,
-        (EPHEMERAL_PORTS + 1) as f64,
+        count as f64,
     );
 }
 
