@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use mesh_tests::{Cluster, Pod, PodProcess, PodSpec, namespace_yaml};
 
 use super::{
-    Interrupt,
+    Counters, Interrupt, MUTUAL_TLS,
     table::{Align, Table},
     tools::{self, TESTAPP_PORT},
     wait_enrolled,
@@ -81,6 +81,8 @@ pub fn measure(
             LOAD.as_secs()
         );
         let log_before = agent_log(cluster)?.len();
+        // The server's node keeps its agent: its count proves the row went through the mesh.
+        let counted_before = mutual_tls_accepted(cluster, server);
         let load = start_load(cluster, client, &target)?;
         std::thread::sleep(RESTART_AFTER);
         replace(cluster, replacement)?;
@@ -89,6 +91,15 @@ pub fn measure(
         let gap_ms = accept_gap_ms(&log[log_before..])
             .context("the agents' log does not show the hand-over")?;
         let count = |field: &str| summary[field].as_u64().unwrap_or(0);
+        let counted = mutual_tls_accepted(cluster, server) - counted_before;
+        if counted < count("ok") as f64 {
+            bail!(
+                "node {}'s proxy counted {counted} mutual-TLS connections for {} answered: \
+                 the restart row did not go through the mesh",
+                server.node,
+                count("ok")
+            );
+        }
         figures.push(RestartFigure {
             replacement,
             sent: count("sent"),
@@ -125,6 +136,11 @@ pub fn measure_alone(interrupt: &Interrupt) -> anyhow::Result<Vec<RestartFigure>
     wait_enrolled(&cluster, &[1, 1])?;
     let _serving = tools::testapp_server(&cluster, &server)?;
     measure(&mut cluster, &client, &server, interrupt)
+}
+
+/// Connections the destination proxy of `server`'s node opened over mutual TLS so far.
+fn mutual_tls_accepted(cluster: &Cluster, server: &Pod) -> f64 {
+    Counters::read_matching(cluster, MUTUAL_TLS).destination[server.node]
 }
 
 fn start_load(cluster: &Cluster, client: &Pod, target: &str) -> anyhow::Result<PodProcess> {
@@ -244,7 +260,8 @@ pub fn render(figures: &[RestartFigure]) -> String {
     let _ = writeln!(
         out,
         "\nAgent replaced under load ({RATE} new connections/s, mutual TLS cross-node, node 0's \
-         agent; the targets: 0 failed)"
+         agent; every answered connection counted over mutual TLS by the server's proxy; the \
+         targets: 0 failed)"
     );
     let mut table = Table::new(&[
         ("replacement", Align::Left),
