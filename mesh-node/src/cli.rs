@@ -101,7 +101,7 @@ pub enum DebugWhat {
     Workloads,
     /// Services with their cluster IPs, ports and endpoints.
     Services,
-    /// PeerAuthentication and AuthorizationPolicy resources in force.
+    /// PeerAuthentication, AuthorizationPolicy and RequestAuthentication resources in force.
     Policies,
     /// VirtualService, HTTPRoute and DestinationRule resources in force, per Service.
     Routes,
@@ -274,6 +274,12 @@ pub struct RunConfig {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: std::time::Duration,
 
+    /// How often the JSON Web Key Sets that RequestAuthentication rules name by URL
+    /// (`jwksUri`, or the issuer's OpenID discovery) are fetched again (Istio's default). A
+    /// failed fetch is retried sooner, with backoff, keeping the keys last fetched.
+    #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
+    pub jwks_refresh_interval: std::time::Duration,
+
     /// Prometheus metrics listener (`/metrics`).
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
@@ -287,8 +293,8 @@ pub struct RunConfig {
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub health_addr: SocketAddr,
 
-    /// Namespace whose selector-less PeerAuthentication and AuthorizationPolicy resources
-    /// apply to the whole mesh (Istio's root namespace).
+    /// Namespace whose selector-less PeerAuthentication, AuthorizationPolicy and
+    /// RequestAuthentication resources apply to the whole mesh (Istio's root namespace).
     #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
 

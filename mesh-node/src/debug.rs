@@ -75,6 +75,17 @@ async fn call(addr: SocketAddr, method: hyper::Method, path: &str) -> anyhow::Re
     Ok(value)
 }
 
+/// A RequestAuthentication's issuers, the column that tells its rules apart.
+fn issuers(spec: &Value) -> String {
+    let issuers: Vec<String> = spec["jwtRules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|rule| text(&rule["issuer"]))
+        .collect();
+    format!("issuers: {}", issuers.join(","))
+}
+
 fn text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
@@ -150,16 +161,21 @@ pub fn render(what: &DebugWhat, body: &Value) -> String {
             let kinds = [
                 ("PeerAuthentication", "peer_authentications"),
                 ("AuthorizationPolicy", "authorization_policies"),
+                ("RequestAuthentication", "request_authentications"),
             ];
             for (kind, field) in kinds {
                 for p in body[field].as_array().into_iter().flatten() {
                     let spec = &p["spec"];
-                    let mode = if kind == "PeerAuthentication" {
-                        text(&spec["mtls"]["mode"])
-                    } else {
-                        text(&spec["action"])
+                    let mode = match kind {
+                        "PeerAuthentication" => text(&spec["mtls"]["mode"]),
+                        "AuthorizationPolicy" => text(&spec["action"]),
+                        _ if spec["refusesEveryToken"] == true => "refuses every token".into(),
+                        _ => issuers(spec),
                     };
-                    let rules = spec["rules"].as_array().map_or(0, Vec::len);
+                    let rules = spec["rules"]
+                        .as_array()
+                        .or(spec["jwtRules"].as_array())
+                        .map_or(0, Vec::len);
                     table.add_row([
                         kind.to_string(),
                         text(&p["key"]["namespace"]),

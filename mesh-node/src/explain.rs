@@ -1028,6 +1028,8 @@ impl Explainer<'_> {
             path: &path,
             host: request_host(&request.uri, &request.headers),
             headers: &request.headers,
+            // Explaining does not validate tokens: the keys are the agent's.
+            auth: None,
         };
         let verdict = authorize_request(policies, destination, &caller, address, &attributes_l7);
         if verdict.is_allowed() {
@@ -1131,8 +1133,8 @@ fn denial(
                 .filter(|p| {
                     let alone = Policies {
                         root_namespace: policies.root_namespace.clone(),
-                        peer_authentications: Vec::new(),
                         authorization_policies: vec![(*p).clone()],
+                        ..Policies::default()
                     };
                     let verdict = match request {
                         Some(request) => alone.authorize_request(workload, connection, request),

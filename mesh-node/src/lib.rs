@@ -21,6 +21,7 @@ pub mod explain;
 pub mod holder;
 pub mod identity;
 pub mod inventory;
+pub mod jwks;
 pub mod memory;
 pub mod metrics;
 pub mod netns;

@@ -236,6 +236,7 @@ pub struct NodeMetrics {
     upstream_overflows: IntCounterVec,
     outlier_ejections: IntCounterVec,
     access_log_dropped: IntCounter,
+    jwks_fetches: IntCounterVec,
 }
 
 impl NodeMetrics {
@@ -345,6 +346,12 @@ impl NodeMetrics {
                 "nodemesh_access_log_dropped_total",
                 "Access log lines dropped because the output (stdout) could not keep up",
             )?,
+            jwks_fetches: counters(
+                "nodemesh_jwks_fetches_total",
+                "Fetches of the JSON Web Key Sets RequestAuthentication rules name by URL, by \
+                 result (ok, error)",
+                &["result"],
+            )?,
         })
     }
 
@@ -392,6 +399,10 @@ impl NodeMetrics {
     /// The counter the access log bumps for each line it drops.
     pub fn access_log_dropped(&self) -> IntCounter {
         self.access_log_dropped.clone()
+    }
+
+    pub fn jwks_fetched(&self, result: &str) {
+        self.jwks_fetches.with_label_values(&[result]).inc();
     }
 
     pub fn tunnel_opened(&self) {

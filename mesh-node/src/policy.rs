@@ -1,13 +1,16 @@
 //! Istio's security policies as the node proxy enforces them: `PeerAuthentication` (is
-//! plaintext allowed?) and `AuthorizationPolicy` (may this peer connect, and, where the
-//! proxy sees HTTP, may it make this request?).
+//! plaintext allowed?), `RequestAuthentication` (which end-user JWTs does a workload
+//! accept?) and `AuthorizationPolicy` (may this peer connect, and, where the proxy sees
+//! HTTP, may it make this request?).
 //!
 //! The resources are the ones Istio users already have (security.istio.io v1 and v1beta1);
 //! their semantics follow Istio's: the most specific PeerAuthentication wins; DENY
 //! policies are checked first, then ALLOW; with no ALLOW policy everything is allowed, and
 //! with ALLOW policies a connection (or request) must match one of them.
 mod authorization;
+pub mod jwt;
 mod peer_authentication;
+mod request_authentication;
 
 use std::collections::BTreeMap;
 
@@ -16,6 +19,10 @@ pub use authorization::{
     Source,
 };
 pub use peer_authentication::{Mtls, MtlsMode, PeerAuthenticationSpec};
+pub use request_authentication::{
+    ClaimToHeader, DEFAULT_JWKS_FETCH_TIMEOUT, JwtHeader, JwtRule, RemoteJwks,
+    RequestAuthenticationError, RequestAuthenticationSpec,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::inventory::{ObjectKey, Workload};
@@ -80,6 +87,8 @@ pub struct RequestAttributes<'a> {
     /// The Host header, or `:authority` in HTTP/2.
     pub host: &'a str,
     pub headers: &'a http::HeaderMap,
+    /// What the request's validated JWT tells (RequestAuthentication); `None` without one.
+    pub auth: Option<&'a jwt::RequestAuth>,
 }
 
 /// The outcome of authorization, with the policy that decided it.
@@ -106,6 +115,7 @@ pub struct Policies {
     pub root_namespace: String,
     pub peer_authentications: Vec<Policy<PeerAuthenticationSpec>>,
     pub authorization_policies: Vec<Policy<AuthorizationPolicySpec>>,
+    pub request_authentications: Vec<Policy<RequestAuthenticationSpec>>,
 }
 
 impl Policies {
@@ -122,9 +132,8 @@ impl Policies {
         authorization::evaluate(self, workload, connection, None)
     }
 
-    /// Full evaluation (L4 + request attributes) for one request; same DENY-then-ALLOW
-    /// order as [`authorize`](Self::authorize). No JWT is validated yet, so request
-    /// principals and `request.auth.*` never match (see `authorization`).
+    /// Full evaluation (L4 + request attributes, the validated JWT among them) for one
+    /// request; same DENY-then-ALLOW order as [`authorize`](Self::authorize).
     pub fn authorize_request(
         &self,
         workload: &Workload,
@@ -139,6 +148,32 @@ impl Policies {
     /// such rules can only fail closed.
     pub fn needs_request_attributes(&self, workload: &Workload) -> bool {
         authorization::needs_request(self, workload)
+    }
+
+    /// The RequestAuthentications that apply to `workload`: their rules together say which
+    /// tokens its requests may carry.
+    pub fn request_authentications(&self, workload: &Workload) -> Vec<&RequestAuthenticationSpec> {
+        self.request_authentications
+            .iter()
+            .filter(|p| {
+                applies(
+                    &p.key.namespace,
+                    p.spec.selector.as_ref(),
+                    workload,
+                    &self.root_namespace,
+                )
+            })
+            .map(|p| &p.spec)
+            .collect()
+    }
+
+    /// Every key set the mesh's RequestAuthentications fetch, for the agent to keep fresh.
+    pub fn remote_jwks(&self) -> std::collections::BTreeSet<RemoteJwks> {
+        self.request_authentications
+            .iter()
+            .flat_map(|p| &p.spec.jwt_rules)
+            .filter_map(JwtRule::remote_jwks)
+            .collect()
     }
 }
 

@@ -63,6 +63,8 @@ pub struct ProxyContext {
     pub access_log: Arc<AccessLog>,
     /// Request spans and trace context propagation (`--trace-sampling`, `--otlp-endpoint`).
     pub tracing: Arc<Tracing>,
+    /// The key sets of RequestAuthentication rules, as the agent last fetched them.
+    pub jwks: Arc<crate::jwks::JwksCache>,
     /// The live connections, for the admin API.
     pub connections: Arc<connections::Connections>,
     /// The node's own addresses: plaintext from them that a node socket opened is kubelet

@@ -2,7 +2,7 @@
 //! `reviews-<version>` pods, which run `mesh-testapp`'s HTTP server.
 use std::time::Duration;
 
-use crate::{Cluster, Pod, PodProcess, PodSpec};
+use crate::{Cluster, Pod, PodProcess, PodSpec, namespace_yaml, scenario::ENROLLED, service_yaml};
 
 /// The port the backends' apps listen on (Services map their ports to it).
 pub const APP_PORT: u16 = 8080;
@@ -27,6 +27,22 @@ pub fn add_reviews(cluster: &mut Cluster, version: &str, node: usize) -> Pod {
             .label("version", version)
             .service_account("bookinfo-reviews"),
     )
+}
+
+/// Namespace `default` enrolled, and Service `reviews` at `cluster_ip` (port 9080, named
+/// `http`, to [`APP_PORT`] of the pods labelled app=reviews).
+pub fn write_reviews_service(cluster: &Cluster, cluster_ip: &str) {
+    cluster.write_config("ns.yaml", &namespace_yaml("default", ENROLLED));
+    cluster.write_config(
+        "services.yaml",
+        &service_yaml(
+            "reviews",
+            "default",
+            cluster_ip,
+            &[("http", 9080, APP_PORT)],
+            &[("app", "reviews")],
+        ),
+    );
 }
 
 /// `mesh-testapp http-serve` on the pod's [`APP_PORT`], named after the pod; ready when

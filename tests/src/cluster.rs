@@ -890,6 +890,26 @@ impl Cluster {
         netns::run_in_netns(self.node_netns(i), f)
     }
 
+    /// `mesh-node debug <args>` inside node `i`'s netns (against its agent): what it printed.
+    ///
+    /// # Panics
+    /// When it fails, with what it wrote to stderr.
+    pub fn debug(&self, i: usize, args: &[&str]) -> String {
+        let output = Command::new("ip")
+            .args(["netns", "exec", self.node_netns(i)])
+            .arg(process::bin_path("mesh-node"))
+            .arg("debug")
+            .args(args)
+            .output()
+            .expect("running mesh-node debug");
+        assert!(
+            output.status.success(),
+            "mesh-node debug {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// `GET path` on `127.0.0.1:<port>` inside node `i`'s netns: (status, body).
     ///
     /// # Panics

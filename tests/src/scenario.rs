@@ -117,6 +117,26 @@ pub fn wait_for_metric(
     panic!("timed out waiting for {what}; it reads {last}");
 }
 
+/// Writes `yaml` as the config file `file` and waits until every agent has loaded it, with
+/// `rejected` resources refused in that load.
+pub fn apply_config(cluster: &Cluster, file: &str, yaml: &str, rejected: f64) {
+    let loads: Vec<f64> = (0..cluster.nodes())
+        .map(|i| metric(cluster, i, "nodemesh_config_loads_total", &[]))
+        .collect();
+    cluster.write_config(file, yaml);
+    for (i, before) in loads.into_iter().enumerate() {
+        wait_until(CONVERGE_TIMEOUT, "the agents to reload", || {
+            (metric(cluster, i, "nodemesh_config_loads_total", &[]) > before).then_some(())
+        });
+        assert_eq!(
+            metric(cluster, i, "nodemesh_config_rejected_resources", &[]),
+            rejected,
+            "rejections on node{i}; see {}",
+            cluster.agent_log(i).display()
+        );
+    }
+}
+
 /// Waits until node `i`'s agent has exactly `expected` enrolled pods.
 pub fn wait_enrolled(cluster: &Cluster, i: usize, expected: usize) {
     wait_for_metric(cluster, i, "nodemesh_enrolled_pods", &[], expected as f64);

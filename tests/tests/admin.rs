@@ -1,27 +1,11 @@
 //! End to end: the admin API and `mesh-node debug`.
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use mesh_tests::{
-    Cluster, Pod, PodSpec, bin_path, bookinfo, namespace_yaml,
+    Cluster, Pod, PodSpec, bookinfo, namespace_yaml,
     scenario::{metric, skip, wait_enrolled, wait_until},
     service_yaml,
 };
-
-fn debug(cluster: &Cluster, node: usize, args: &[&str]) -> String {
-    let output = Command::new("ip")
-        .args(["netns", "exec", cluster.node_netns(node)])
-        .arg(bin_path("mesh-node"))
-        .arg("debug")
-        .args(args)
-        .output()
-        .expect("running mesh-node debug");
-    assert!(
-        output.status.success(),
-        "mesh-node debug {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 #[test]
 fn debug_shows_the_agent_state_and_the_admin_api_stays_on_loopback() {
@@ -42,7 +26,7 @@ fn debug_shows_the_agent_state_and_the_admin_api_stays_on_loopback() {
     cluster.start_agents();
     wait_enrolled(&cluster, 0, 1);
 
-    let workloads = debug(&cluster, 0, &["workloads"]);
+    let workloads = cluster.debug(0, &["workloads"]);
     let row = workloads
         .lines()
         .find(|l| l.contains("web-1"))
@@ -55,13 +39,13 @@ fn debug_shows_the_agent_state_and_the_admin_api_stays_on_loopback() {
     // The certificate of the enrolled pod, asked for at enrollment.
     let certs =
         mesh_tests::scenario::wait_until(Duration::from_secs(10), "a ready certificate", || {
-            let out = debug(&cluster, 0, &["certs"]);
+            let out = cluster.debug(0, &["certs"]);
             out.contains("spiffe://cluster.local/ns/shop/sa/default")
                 .then_some(out)
         });
     assert!(certs.contains("ready"), "{certs}");
 
-    let json = debug(&cluster, 0, &["config", "-o", "json"]);
+    let json = cluster.debug(0, &["config", "-o", "json"]);
     let dump: serde_json::Value = serde_json::from_str(&json).expect("JSON config dump");
     assert_eq!(dump["node"], "node0");
     let web_origin = dump["workloads"]
@@ -93,11 +77,11 @@ fn debug_shows_the_agent_state_and_the_admin_api_stays_on_loopback() {
             (metric(&cluster, 0, "nodemesh_config_loads_total", &[]) > loads).then_some(())
         });
     };
-    assert!(debug(&cluster, 0, &["log", "off"]).contains("off"));
+    assert!(cluster.debug(0, &["log", "off"]).contains("off"));
     let before = reloads_logged();
     reload(1);
     assert_eq!(reloads_logged(), before, "nothing logged with level off");
-    debug(&cluster, 0, &["log", "info"]);
+    cluster.debug(0, &["log", "info"]);
     reload(2);
     assert_eq!(reloads_logged(), before + 1, "logged again at info");
 
@@ -159,7 +143,7 @@ fn http_request(cluster: &Cluster, client: &Pod, url: &str, args: &[&str]) -> se
 fn explain_verdict(cluster: &Cluster, i: usize, args: &[&str]) -> String {
     let mut all = vec!["explain"];
     all.extend_from_slice(args);
-    let out = debug(cluster, i, &all);
+    let out = cluster.debug(i, &all);
     out.lines()
         .find_map(|line| line.strip_prefix("verdict: "))
         .unwrap_or_else(|| panic!("no verdict line in:\n{out}"))
@@ -263,8 +247,7 @@ fn explain_gives_the_verdict_the_proxy_then_enforces() {
     assert_eq!(unroutable["status"], 503, "{unroutable}");
 
     // The same question from the other node's agent, as JSON: the identity pair and mTLS.
-    let json = debug(
-        &cluster,
+    let json = cluster.debug(
         1,
         &[
             "explain",
@@ -303,7 +286,7 @@ fn explain_gives_the_verdict_the_proxy_then_enforces() {
         Duration::from_secs(10),
         "the outbound connection listed",
         || {
-            let table = debug(&cluster, 0, &["connections"]);
+            let table = cluster.debug(0, &["connections"]);
             table
                 .lines()
                 .find(|l| {
@@ -317,7 +300,7 @@ fn explain_gives_the_verdict_the_proxy_then_enforces() {
     assert!(outbound.contains("Service default/reviews"), "{outbound}");
     let hbone = wait_until(Duration::from_secs(10), "the HBONE tunnel listed", || {
         let rows: serde_json::Value =
-            serde_json::from_str(&debug(&cluster, 1, &["connections", "-o", "json"]))
+            serde_json::from_str(&cluster.debug(1, &["connections", "-o", "json"]))
                 .expect("JSON connections");
         rows.as_array()?
             .iter()
@@ -334,7 +317,7 @@ fn explain_gives_the_verdict_the_proxy_then_enforces() {
         Duration::from_secs(10),
         "the outbound connection gone",
         || {
-            let table = debug(&cluster, 0, &["connections"]);
+            let table = cluster.debug(0, &["connections"]);
             (!table.contains("default/productpage")).then_some(())
         },
     );

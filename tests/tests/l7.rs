@@ -8,8 +8,8 @@ use mesh_tests::{
     bookinfo::{self, APP_PORT},
     http_get_in_netns, namespace_yaml,
     scenario::{
-        CONVERGE_TIMEOUT, connect, metric, replies, skip, wait_enrolled, wait_for_metric,
-        wait_until,
+        CONVERGE_TIMEOUT, apply_config, connect, metric, replies, skip, wait_enrolled,
+        wait_for_metric, wait_until,
     },
     service_yaml,
 };
@@ -137,22 +137,7 @@ impl Bookinfo {
     }
 
     fn apply_expecting(&self, file: &str, yaml: &str, rejected: f64) {
-        let loads: Vec<f64> = (0..2)
-            .map(|i| metric(&self.cluster, i, "nodemesh_config_loads_total", &[]))
-            .collect();
-        self.cluster.write_config(file, yaml);
-        for (i, before) in loads.into_iter().enumerate() {
-            wait_until(CONVERGE_TIMEOUT, "the agents to reload", || {
-                (metric(&self.cluster, i, "nodemesh_config_loads_total", &[]) > before)
-                    .then_some(())
-            });
-            assert_eq!(
-                metric(&self.cluster, i, "nodemesh_config_rejected_resources", &[]),
-                rejected,
-                "rejections on node{i}; see {}",
-                self.cluster.agent_log(i).display()
-            );
-        }
+        apply_config(&self.cluster, file, yaml, rejected);
     }
 
     /// `mesh-testapp http` from productpage with `args`; the JSON lines it printed.

@@ -18,9 +18,7 @@ use hyper_util::rt::TokioIo;
 use mesh_tests::{
     Cluster, Pod, PodProcess,
     bookinfo::{self, APP_PORT},
-    namespace_yaml,
     scenario::{CONVERGE_TIMEOUT, connect, skip, wait_enrolled, wait_until},
-    service_yaml,
 };
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
@@ -29,7 +27,6 @@ use opentelemetry_proto::tonic::{
 use prost::Message;
 use serde_json::Value;
 
-const ENROLLED: &[(&str, &str)] = &[("nodemesh.io/enabled", "true")];
 const REVIEWS_IP: &str = "10.96.0.20";
 const TCP_PORT: u16 = 7000;
 /// Spans leave in batches every 5 s (the SDK's default schedule).
@@ -109,17 +106,7 @@ fn scene(test: &str) -> Scene {
     let mut cluster = Cluster::new(test, 2);
     let productpage = bookinfo::add_productpage(&mut cluster, 0);
     let reviews = bookinfo::add_reviews(&mut cluster, "v1", 1);
-    cluster.write_config("ns.yaml", &namespace_yaml("default", ENROLLED));
-    cluster.write_config(
-        "services.yaml",
-        &service_yaml(
-            "reviews",
-            "default",
-            REVIEWS_IP,
-            &[("http", 9080, APP_PORT)],
-            &[("app", "reviews")],
-        ),
-    );
+    bookinfo::write_reviews_service(&cluster, REVIEWS_IP);
     cluster.write_config("authz.yaml", REVIEWS_VIEWER);
     cluster.write_config("vs.yaml", REVIEWS_ROUTE);
     let http = bookinfo::serve_http(&cluster, &reviews);

@@ -28,6 +28,7 @@ use crate::{
         self, CertState, CertificateAuthority, CertificateManager, CertificateSigner, ManagerConfig,
     },
     inventory::ObjectKey,
+    jwks::{self, JwksCache},
     metrics::{Metrics, NodeMetrics},
     netns::Netns,
     proxy::{Mtls, ProxyContext, Resolver, connections::Connections},
@@ -151,6 +152,14 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     );
     let connections = Arc::new(Connections::default());
     let drain = CancellationToken::new();
+    let jwks = Arc::new(JwksCache::default());
+    tasks.spawn(jwks::keep_fresh(
+        jwks.clone(),
+        state_rx.clone(),
+        config.jwks_refresh_interval,
+        metrics.node.clone(),
+        shutdown.clone(),
+    ));
     let proxy = ProxyContext {
         state: state_rx.clone(),
         capture: capture.clone(),
@@ -165,6 +174,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
                 .counting_drops_in(metrics.node.access_log_dropped()),
         ),
         tracing: tracing.clone(),
+        jwks,
         connections: connections.clone(),
         node_addresses: Arc::default(),
         drain: drain.clone(),

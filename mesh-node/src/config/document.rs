@@ -9,7 +9,7 @@ use serde::{Deserialize, de::DeserializeOwned};
 use super::{Object, translate::IstioObject, validate};
 use crate::{
     inventory::ObjectId,
-    policy::{Action, AuthorizationPolicySpec, PeerAuthenticationSpec},
+    policy::{Action, AuthorizationPolicySpec, PeerAuthenticationSpec, RequestAuthenticationSpec},
 };
 
 /// One YAML document, classified.
@@ -131,6 +131,9 @@ pub(crate) fn classify<V: Tree>(meta: TypeMeta, value: &V) -> Document {
         "AuthorizationPolicy" if SECURITY.contains(&api) => ("AuthorizationPolicy", |v| {
             parse_as(v, Object::AuthorizationPolicy)
         }),
+        "RequestAuthentication" if SECURITY.contains(&api) => ("RequestAuthentication", |v| {
+            parse_as(v, Object::RequestAuthentication)
+        }),
         "VirtualService" if NETWORKING.contains(&api) => {
             ("VirtualService", |v| parse_as(v, Object::VirtualService))
         }
@@ -173,6 +176,9 @@ pub(crate) fn classify<V: Tree>(meta: TypeMeta, value: &V) -> Document {
             ),
             _ => format!("{error}; enforced as DENY of its whole selection until fixed"),
         },
+        Some(Object::RequestAuthentication(_)) => {
+            format!("{error}; its selection refuses every token (401) until fixed")
+        }
         _ => error,
     };
     Document::Invalid {
@@ -198,6 +204,10 @@ fn fail_closed(resource: &ObjectId, spec: &serde_yaml::Value) -> Option<Object> 
         }))),
         "AuthorizationPolicy" => AuthorizationPolicySpec::fail_closed(spec)
             .map(|spec| Object::AuthorizationPolicy(Arc::new(IstioObject { metadata, spec }))),
+        "RequestAuthentication" => Some(Object::RequestAuthentication(Arc::new(IstioObject {
+            metadata,
+            spec: RequestAuthenticationSpec::fail_closed(spec),
+        }))),
         _ => None,
     }
 }
@@ -280,6 +290,13 @@ mod tests {
                 "targetRef",
                 "targetRefs",
                 "provider",
+                "jwtRules",
+                "issuer",
+                "jwksUri",
+                "jwks",
+                "audiences",
+                "fromHeaders",
+                "outputClaimToHeaders",
             ])
             .prop_map(str::to_string),
             "[a-zA-Z]{1,8}",
@@ -335,6 +352,7 @@ mod tests {
             ("discovery.k8s.io/v1", "EndpointSlice"),
             ("security.istio.io/v1", "PeerAuthentication"),
             ("security.istio.io/v1beta1", "AuthorizationPolicy"),
+            ("security.istio.io/v1", "RequestAuthentication"),
             ("networking.istio.io/v1", "VirtualService"),
             ("networking.istio.io/v1beta1", "DestinationRule"),
             ("gateway.networking.k8s.io/v1", "HTTPRoute"),
@@ -366,7 +384,7 @@ mod tests {
                 match classify(meta, &value) {
                     Document::Object(object) => objects.push(object),
                     Document::Invalid { resource, fail_closed, .. } => {
-                        if resource.kind == "PeerAuthentication" {
+                        if matches!(resource.kind, "PeerAuthentication" | "RequestAuthentication") {
                             prop_assert!(fail_closed.is_some(), "{resource}");
                         }
                         objects.extend(fail_closed);

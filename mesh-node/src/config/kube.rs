@@ -55,7 +55,7 @@ pub struct WatchedKind {
 }
 
 /// Every kind the translation understands, at the version the source asks the API server for.
-pub const WATCHED_KINDS: [WatchedKind; 9] = [
+pub const WATCHED_KINDS: [WatchedKind; 10] = [
     watched("v1", "Namespace", "namespaces"),
     watched("v1", "Pod", "pods"),
     watched("v1", "Service", "services"),
@@ -69,6 +69,11 @@ pub const WATCHED_KINDS: [WatchedKind; 9] = [
         "security.istio.io/v1",
         "AuthorizationPolicy",
         "authorizationpolicies",
+    ),
+    watched(
+        "security.istio.io/v1",
+        "RequestAuthentication",
+        "requestauthentications",
     ),
     watched(
         "networking.istio.io/v1",

@@ -14,7 +14,10 @@ use crate::{
         ENROLLMENT_LABEL, Labels, ObjectId, ObjectKey, Rejection, Service, ServicePort, TargetPort,
         Workload,
     },
-    policy::{AuthorizationPolicySpec, PeerAuthenticationSpec, Policies, Policy, PolicyError},
+    policy::{
+        AuthorizationPolicySpec, PeerAuthenticationSpec, Policies, Policy, PolicyError,
+        RequestAuthenticationError, RequestAuthenticationSpec,
+    },
     routing::{
         DestinationRuleSpec, HttpRouteSpec, Routes, RoutingError, RoutingSpec, VirtualServiceSpec,
     },
@@ -43,6 +46,7 @@ pub enum Object {
     EndpointSlice(Arc<EndpointSlice>),
     PeerAuthentication(Arc<IstioObject<PeerAuthenticationSpec>>),
     AuthorizationPolicy(Arc<IstioObject<AuthorizationPolicySpec>>),
+    RequestAuthentication(Arc<IstioObject<RequestAuthenticationSpec>>),
     VirtualService(Arc<IstioObject<VirtualServiceSpec>>),
     DestinationRule(Arc<IstioObject<DestinationRuleSpec>>),
     /// Gateway API `HTTPRoute`; the mesh uses those bound to Services (GAMMA).
@@ -60,6 +64,8 @@ pub enum TranslateError {
     BadPort { index: usize, reason: String },
     #[error("spec: {0}")]
     Policy(#[from] PolicyError),
+    #[error("spec: {0}")]
+    RequestAuthentication(#[from] RequestAuthenticationError),
     #[error("spec.{0}")]
     Routing(#[from] RoutingError),
 }
@@ -78,6 +84,7 @@ impl Object {
             Object::EndpointSlice(o) => ("EndpointSlice", core(&o.metadata)),
             Object::PeerAuthentication(o) => ("PeerAuthentication", full(&o.metadata)),
             Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", full(&o.metadata)),
+            Object::RequestAuthentication(o) => ("RequestAuthentication", full(&o.metadata)),
             Object::VirtualService(o) => ("VirtualService", full(&o.metadata)),
             Object::DestinationRule(o) => ("DestinationRule", full(&o.metadata)),
             Object::HttpRoute(o) => ("HTTPRoute", full(&o.metadata)),
@@ -126,6 +133,7 @@ pub fn validate(object: &Object) -> Result<(), TranslateError> {
     match object {
         Object::Namespace(_) | Object::PeerAuthentication(_) | Object::EndpointSlice(_) => Ok(()),
         Object::AuthorizationPolicy(policy) => Ok(policy.spec.validate()?),
+        Object::RequestAuthentication(policy) => Ok(policy.spec.validate()?),
         Object::VirtualService(vs) => Ok(vs.spec.validate(&id.namespace)?),
         Object::DestinationRule(rule) => Ok(rule.spec.validate(&id.namespace)?),
         Object::HttpRoute(route) => Ok(route.spec.validate(&id.namespace)?),
@@ -193,6 +201,10 @@ pub fn translate(
                 key: key(),
                 spec: p.spec.clone(),
             }),
+            Object::RequestAuthentication(p) => policies.request_authentications.push(Policy {
+                key: key(),
+                spec: p.spec.clone(),
+            }),
             _ => {}
         }
     }
@@ -202,6 +214,9 @@ pub fn translate(
         .sort_by(|a, b| a.key.cmp(&b.key));
     policies
         .authorization_policies
+        .sort_by(|a, b| a.key.cmp(&b.key));
+    policies
+        .request_authentications
         .sort_by(|a, b| a.key.cmp(&b.key));
     let (routes, routing_rejections) = Routes::build(&routing_resources(objects));
     rejections.extend(routing_rejections);

@@ -15,10 +15,11 @@
 //! as Envoy does; a missing header matches no pattern, so only `notValues` can hold.
 //!
 //! What the proxy cannot know:
-//! * JWTs: there is no `RequestAuthentication` support yet, so no request has a request
-//!   principal or `request.auth.*` claims, as in Istio for a request without a valid JWT.
-//!   `requestPrincipals` and `request.auth.*` values never match, and their `not` forms
-//!   always do: `notRequestPrincipals: ["*"]` in a DENY policy denies every request.
+//! * JWTs are seen only in requests: a request validated by a `RequestAuthentication` has
+//!   a request principal (`<iss>/<sub>`) and `request.auth.*` claims; a request without a
+//!   token has none, so `requestPrincipals` and `request.auth.*` values do not match it
+//!   and their `not` forms do (`notRequestPrincipals: ["*"]` in a DENY policy denies every
+//!   request without a valid token).
 //! * `connection.sni` and `experimental.envoy.filters.*`: these count as not matching in
 //!   ALLOW policies and as matching in DENY and AUDIT ones, so not knowing them never lets
 //!   more traffic through.
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ConnectionAttributes, Policies, Policy, RequestAttributes, Verdict, WorkloadSelector, applies,
+    jwt::RequestAuth,
 };
 use crate::inventory::Workload;
 
@@ -182,8 +184,15 @@ enum ConditionKey<'k> {
     DestinationPort,
     /// `request.headers[<name>]`.
     RequestHeader(&'k str),
-    /// `request.auth.*`: claims of a validated JWT, which no request has (module doc).
-    RequestAuth,
+    /// `request.auth.principal`: `<iss>/<sub>` of the request's validated JWT.
+    RequestPrincipal,
+    /// `request.auth.audiences`: the token's `aud`, any of which may match.
+    Audiences,
+    /// `request.auth.presenter`: the token's `azp`.
+    Presenter,
+    /// `request.auth.claims[<name>]` (nested: `[<a>][<b>]`): what is between the outer
+    /// brackets.
+    Claim(&'k str),
     /// `connection.sni`, `experimental.envoy.filters.*`: not visible to this proxy.
     Unseen,
 }
@@ -208,10 +217,9 @@ impl<'k> ConditionKey<'k> {
             ("source.namespace", false) => Self::SourceNamespace,
             ("destination.ip", false) => Self::DestinationIp,
             ("destination.port", false) => Self::DestinationPort,
-            (
-                "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter",
-                false,
-            ) => Self::RequestAuth,
+            ("request.auth.principal", false) => Self::RequestPrincipal,
+            ("request.auth.audiences", false) => Self::Audiences,
+            ("request.auth.presenter", false) => Self::Presenter,
             ("connection.sni", false) => Self::Unseen,
             ("request.headers", _) => {
                 let name = entry()?;
@@ -221,10 +229,7 @@ impl<'k> ConditionKey<'k> {
                 })?;
                 Self::RequestHeader(name)
             }
-            ("request.auth.claims", _) => {
-                entry()?;
-                Self::RequestAuth
-            }
+            ("request.auth.claims", _) => Self::Claim(entry()?),
             (experimental, _) if experimental.starts_with("experimental.envoy.filters.") => {
                 entry()?;
                 Self::Unseen
@@ -248,7 +253,14 @@ impl<'k> ConditionKey<'k> {
 
     /// Whether a request tells more about it than the bare connection.
     fn reads_request(self) -> bool {
-        matches!(self, Self::RequestHeader(_) | Self::RequestAuth)
+        matches!(
+            self,
+            Self::RequestHeader(_)
+                | Self::RequestPrincipal
+                | Self::Audiences
+                | Self::Presenter
+                | Self::Claim(_)
+        )
     }
 }
 
@@ -413,6 +425,11 @@ fn string_match(pattern: &str, value: &str) -> bool {
     wildcard_match(pattern, value, <[u8]>::eq)
 }
 
+/// A list-valued attribute (audiences, a list claim) matches when one of its values does.
+fn any_match(pattern: &str, values: &[String]) -> bool {
+    values.iter().any(|value| string_match(pattern, value))
+}
+
 /// Headers and hosts: `*` means present, even with an empty value (Envoy's `present_match`).
 fn header_match(pattern: &str, value: &str) -> bool {
     pattern == "*" || string_match(pattern, value)
@@ -472,6 +489,17 @@ impl<T> From<Option<T>> for Seen<T> {
     }
 }
 
+impl<T> Seen<T> {
+    /// A part of a seen value, which may itself be absent.
+    fn and_then<U>(self, part: impl FnOnce(T) -> Option<U>) -> Seen<U> {
+        match self {
+            Seen::Value(value) => part(value).into(),
+            Seen::Absent => Seen::Absent,
+            Seen::Unseen => Seen::Unseen,
+        }
+    }
+}
+
 /// What one evaluation can see, for one policy.
 #[derive(Clone, Copy)]
 struct Subject<'a> {
@@ -516,13 +544,16 @@ impl<'a> Subject<'a> {
             .map_or(Seen::Unseen, |r| Seen::Value(attribute(r)))
     }
 
-    /// JWT attributes: absent from every request (no JWT support, module doc).
-    fn jwt(&self) -> Seen<&'static str> {
-        if self.request.is_some() {
-            Seen::Absent
-        } else {
-            Seen::Unseen
+    /// The request's validated JWT: unseen at L4, absent from a request without one.
+    fn jwt(&self) -> Seen<&'a RequestAuth> {
+        match self.request {
+            Some(request) => request.auth.into(),
+            None => Seen::Unseen,
         }
+    }
+
+    fn request_principal(&self) -> Seen<&'a str> {
+        self.jwt().and_then(|auth| Some(auth.principal.as_str()))
     }
 }
 
@@ -554,7 +585,7 @@ impl Source {
             && s.matches(
                 &self.request_principals,
                 &self.not_request_principals,
-                s.jwt(),
+                s.request_principal(),
                 string_match,
             )
     }
@@ -628,7 +659,22 @@ impl Condition {
                 };
                 s.matches(values, not_values, seen, header_match)
             }
-            ConditionKey::RequestAuth => text(s.jwt()),
+            ConditionKey::RequestPrincipal => text(s.request_principal()),
+            ConditionKey::Presenter => text(s.jwt().and_then(|auth| auth.presenter.as_deref())),
+            ConditionKey::Audiences => {
+                let audiences = s.jwt().and_then(|auth| Some(auth.audiences.as_slice()));
+                s.matches(values, not_values, audiences, any_match)
+            }
+            ConditionKey::Claim(entry) => {
+                let path: Vec<&str> = entry.split("][").collect();
+                let claim = s.jwt().and_then(|auth| auth.claim(&path));
+                let claim = match &claim {
+                    Seen::Value(values) => Seen::Value(values.as_slice()),
+                    Seen::Absent => Seen::Absent,
+                    Seen::Unseen => Seen::Unseen,
+                };
+                s.matches(values, not_values, claim, any_match)
+            }
             ConditionKey::Unseen => text(Seen::Unseen),
         }
     }

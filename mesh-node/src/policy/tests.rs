@@ -20,6 +20,7 @@ fn policies(peer: &[(&str, &str, &str)], authz: &[(&str, &str, &str)]) -> Polici
                 spec: serde_yaml::from_str(spec).unwrap(),
             })
             .collect(),
+        request_authentications: Vec::new(),
         authorization_policies: authz
             .iter()
             .map(|(ns, name, spec)| {
@@ -340,6 +341,7 @@ struct Request {
     path: &'static str,
     host: &'static str,
     headers: HeaderMap,
+    auth: Option<jwt::RequestAuth>,
 }
 
 fn request(method: &'static str, path: &'static str) -> Request {
@@ -348,6 +350,7 @@ fn request(method: &'static str, path: &'static str) -> Request {
         path,
         host: "web.shop.svc.cluster.local",
         headers: HeaderMap::new(),
+        auth: None,
     }
 }
 
@@ -361,12 +364,27 @@ impl Request {
         self
     }
 
+    /// As validated from a token of `principal` (`<iss>/<sub>`) with `claims`.
+    fn token(self, principal: &str, claims: serde_json::Value) -> Self {
+        let auth = jwt::RequestAuth {
+            principal: principal.into(),
+            audiences: vec!["shop".into(), "web".into()],
+            presenter: Some("frontend".into()),
+            claims,
+        };
+        Self {
+            auth: Some(auth),
+            ..self
+        }
+    }
+
     fn attributes(&self) -> RequestAttributes<'_> {
         RequestAttributes {
             method: self.method,
             path: self.path,
             host: self.host,
             headers: &self.headers,
+            auth: self.auth.as_ref(),
         }
     }
 }
@@ -614,37 +632,76 @@ fn l4_parts_still_apply_at_l7() {
 }
 
 #[test]
-fn jwt_attributes_never_match_and_the_sni_fails_closed() {
+fn jwt_attributes_match_validated_tokens_only_and_the_sni_fails_closed() {
     let sleep = from(SLEEP, "10.1.0.1", 80);
-    let get = || request("GET", "/").header("authorization", "Bearer x.y.z");
+    // A token the proxy did not validate is only a header: no principal.
+    let unvalidated = || request("GET", "/").header("authorization", "Bearer x.y.z");
+    let alice = || {
+        request("GET", "/").token(
+            "https://issuer.example/alice",
+            serde_json::json!({"iss": "https://issuer.example", "groups": ["admins", "devs"],
+                "tier": {"level": "gold"}}),
+        )
+    };
     let one = |spec: &str| policies(&[], &[("shop", "p", spec)]);
 
     let allow_jwt = one("rules:\n- from:\n  - source: {requestPrincipals: [\"*\"]}");
-    assert!(
-        !allows(&allow_jwt, &sleep, get()),
-        "no request has a request principal"
-    );
+    assert!(!allows(&allow_jwt, &sleep, unvalidated()), "no principal");
+    assert!(allows(&allow_jwt, &sleep, alice()));
+    let allow_issuer =
+        one("rules:\n- from:\n  - source: {requestPrincipals: [\"https://issuer.example/*\"]}");
+    assert!(allows(&allow_issuer, &sleep, alice()));
+    let allow_bob =
+        one("rules:\n- from:\n  - source: {requestPrincipals: [\"https://issuer.example/bob\"]}");
+    assert!(!allows(&allow_bob, &sleep, alice()));
+
     let allow_claim =
-        one("rules:\n- when:\n  - {key: \"request.auth.claims[iss]\", values: [\"*\"]}");
-    assert!(!allows(&allow_claim, &sleep, get()));
+        one("rules:\n- when:\n  - {key: \"request.auth.claims[groups]\", values: [admins]}");
+    assert!(!allows(&allow_claim, &sleep, unvalidated()));
+    assert!(allows(&allow_claim, &sleep, alice()), "one of a list claim");
+    let allow_nested =
+        one("rules:\n- when:\n  - {key: \"request.auth.claims[tier][level]\", values: [gold]}");
+    assert!(allows(&allow_nested, &sleep, alice()));
+    let deny_devs = one(
+        "action: DENY\nrules:\n- when:\n  - {key: \"request.auth.claims[groups]\", values: [devs]}",
+    );
+    assert!(!allows(&deny_devs, &sleep, alice()));
+    assert!(allows(&deny_devs, &sleep, unvalidated()));
+    let allow_audience = one("rules:\n- when:\n  - {key: request.auth.audiences, values: [web]}");
+    assert!(allows(&allow_audience, &sleep, alice()));
+    let allow_presenter =
+        one("rules:\n- when:\n  - {key: request.auth.presenter, notValues: [frontend]}");
+    assert!(!allows(&allow_presenter, &sleep, alice()));
+
     let deny_principal =
         one("action: DENY\nrules:\n- when:\n  - {key: request.auth.principal, values: [\"*\"]}");
-    assert!(allows(&deny_principal, &sleep, get()));
+    assert!(allows(&deny_principal, &sleep, unvalidated()));
+    assert!(!allows(&deny_principal, &sleep, alice()));
     let deny_without_jwt =
         one("action: DENY\nrules:\n- from:\n  - source: {notRequestPrincipals: [\"*\"]}");
     assert!(
-        !allows(&deny_without_jwt, &sleep, get()),
-        "every request lacks a validated JWT"
+        !allows(&deny_without_jwt, &sleep, unvalidated()),
+        "a request without a validated JWT is denied"
+    );
+    assert!(allows(&deny_without_jwt, &sleep, alice()));
+    // At L4 nothing is known of tokens: an ALLOW needing one cannot allow a connection.
+    assert!(
+        !allow_jwt
+            .authorize(&workload("shop", "web", &[]), &sleep)
+            .is_allowed()
     );
 
     let allow_sni = one("rules:\n- when:\n  - {key: connection.sni, values: [web.example.com]}");
     assert!(
-        !allows(&allow_sni, &sleep, get()),
+        !allows(&allow_sni, &sleep, unvalidated()),
         "unseen: no match in ALLOW"
     );
     let deny_sni =
         one("action: DENY\nrules:\n- when:\n  - {key: connection.sni, values: [web.example.com]}");
-    assert!(!allows(&deny_sni, &sleep, get()), "unseen: a match in DENY");
+    assert!(
+        !allows(&deny_sni, &sleep, unvalidated()),
+        "unseen: a match in DENY"
+    );
 }
 
 #[test]

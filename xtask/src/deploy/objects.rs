@@ -230,7 +230,11 @@ fn rbac() -> Vec<Value> {
             ),
             rule(
                 &["security.istio.io"],
-                &["peerauthentications", "authorizationpolicies"],
+                &[
+                    "peerauthentications",
+                    "authorizationpolicies",
+                    "requestauthentications",
+                ],
                 READ,
             ),
             rule(&["gateway.networking.k8s.io"], &["httproutes"], READ),
@@ -958,6 +962,15 @@ const CRDS: &[Crd] = &[
         kind: "AuthorizationPolicy",
         plural: "authorizationpolicies",
         short_names: &["ap"],
+        category: "istio-io",
+        versions: &["v1", "v1beta1"],
+    },
+    Crd {
+        file: "requestauthentications.security.istio.io.yaml",
+        group: "security.istio.io",
+        kind: "RequestAuthentication",
+        plural: "requestauthentications",
+        short_names: &["ra"],
         category: "istio-io",
         versions: &["v1", "v1beta1"],
     },

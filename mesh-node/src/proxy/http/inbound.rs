@@ -1,10 +1,10 @@
 //! The server side of L7: each request arriving for an enrolled pod on an HTTP port is
-//! authorized here, at the destination node (AuthorizationPolicy with request
-//! attributes), then handed to the app over a pooled connection that carries the
-//! caller's address.
+//! authenticated (RequestAuthentication's JWTs) and authorized here, at the destination
+//! node (AuthorizationPolicy with request attributes), then handed to the app over a
+//! pooled connection that carries the caller's address.
 use std::{net::SocketAddr, sync::Arc};
 
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::debug;
@@ -24,7 +24,10 @@ use crate::{
         admission::{ACCESS_DENIED, Caller, authorize_request, policy_name, request_host},
         path::normalize_path,
     },
-    policy::{Policies, RequestAttributes, Verdict},
+    policy::{
+        Policies, RequestAttributes, Verdict,
+        jwt::{self, JwtError, RequestAuth, TokenSources},
+    },
     proxy::{PodContext, ProxyContext, inbound::parties},
     routing::ConnectionPool,
 };
@@ -57,18 +60,61 @@ impl Inbound {
             .unwrap_or_else(|| self.original.to_string());
         let mut record = Record::traced(&self.proxy, SpanKind::Server, &target, &request);
         record.upstream = Some(self.original);
+        let policies = &state.policies;
         let (response, flag) = if normalize_request_path(&mut request).is_err() {
             (bad_path(), "-")
-        } else if let Err(denied) = self.authorize(&state.policies, &workload, &request) {
-            record.facts.policy = Some(denied);
-            (local_response(StatusCode::FORBIDDEN, ACCESS_DENIED), "RBAC")
         } else {
-            self.forward(request, &mut record).await
+            match self.authenticate(policies, &workload, &mut request) {
+                Err(refused) => {
+                    record.facts.policy = Some(format!("RequestAuthentication: {refused}"));
+                    (unauthorized(&refused, &request), "-")
+                }
+                Ok(auth) => match self.authorize(policies, &workload, &request, auth.as_ref()) {
+                    Err(denied) => {
+                        record.facts.policy = Some(denied);
+                        (local_response(StatusCode::FORBIDDEN, ACCESS_DENIED), "RBAC")
+                    }
+                    Ok(()) => self.forward(request, &mut record).await,
+                },
+            }
         };
         if flag != "-" {
             record.flags.push(flag);
         }
         meter(&self.proxy, parties, record, response)
+    }
+
+    /// The request's JWTs, validated against the RequestAuthentications of its workload;
+    /// what a valid token asks of the headers (the token removed, claims added) is done.
+    /// `Ok(None)`: no token where the rules look, or no rules.
+    fn authenticate(
+        &self,
+        policies: &Policies,
+        workload: &Workload,
+        request: &mut Request<Incoming>,
+    ) -> Result<Option<RequestAuth>, JwtError> {
+        let specs = policies.request_authentications(workload);
+        if specs.is_empty() {
+            return Ok(None);
+        }
+        let sources = TokenSources {
+            headers: request.headers(),
+            query: request.uri().query(),
+        };
+        match jwt::authenticate(&specs, sources, self.proxy.jwks.as_ref()) {
+            Ok(authenticated) => {
+                authenticated.apply(request.headers_mut());
+                Ok(authenticated.auth)
+            }
+            Err(error) => {
+                debug!(%error, path = request.uri().path(), "request's JWT refused");
+                self.proxy
+                    .metrics
+                    .node
+                    .proxy_error("inbound", error.reason());
+                Err(error)
+            }
+        }
     }
 
     /// AuthorizationPolicy for the request, as the planner decides it; a denial names its
@@ -78,12 +124,14 @@ impl Inbound {
         policies: &Policies,
         workload: &Workload,
         request: &Request<Incoming>,
+        auth: Option<&RequestAuth>,
     ) -> Result<(), String> {
         let attributes = RequestAttributes {
             method: request.method().as_str(),
             path: request.uri().path(),
             host: request_host(request.uri(), request.headers()),
             headers: request.headers(),
+            auth,
         };
         let verdict =
             authorize_request(policies, workload, &self.caller, self.original, &attributes);
@@ -178,6 +226,22 @@ fn normalize_request_path<B>(request: &mut Request<B>) -> Result<(), ()> {
     parts.path_and_query = Some(format!("{normalized}{query}").parse().map_err(drop)?);
     *request.uri_mut() = http::Uri::from_parts(parts).map_err(drop)?;
     Ok(())
+}
+
+/// Envoy's answer to a bad token: 401 with the reason, and a challenge naming the URL.
+fn unauthorized<B>(error: &JwtError, request: &Request<B>) -> Response<ProxyBody> {
+    let mut response = local_response(StatusCode::UNAUTHORIZED, &error.to_string());
+    let realm = format!(
+        "Bearer realm=\"http://{}{}\", error=\"invalid_token\"",
+        request_host(request.uri(), request.headers()),
+        request.uri().path()
+    );
+    if let Ok(challenge) = HeaderValue::from_str(&realm) {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, challenge);
+    }
+    response
 }
 
 fn bad_path() -> Response<ProxyBody> {
