@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::{Serialize, Serializer};
 
-use crate::{access_log::AccessLogMode, signer::CaAddress};
+use crate::{access_log::AccessLogMode, egress::OutboundTrafficPolicy, signer::CaAddress};
 
 #[derive(Debug, Parser)]
 #[command(name = "mesh-node", version, about = "Nodemesh node agent")]
@@ -273,6 +273,12 @@ pub struct RunConfig {
     /// grace period.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: std::time::Duration,
+
+    /// What becomes of a connection of an enrolled pod to a destination that is no
+    /// Service, pod or ServiceEntry: `ALLOW_ANY` lets it through as the pod asked (Istio's
+    /// default), `REGISTRY_ONLY` refuses it (the pod sees its connection reset).
+    #[arg(long, value_enum, default_value_t = OutboundTrafficPolicy::AllowAny)]
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
 
     /// How often the JSON Web Key Sets that RequestAuthentication rules name by URL
     /// (`jwksUri`, or the issuer's OpenID discovery) are fetched again (Istio's default). A

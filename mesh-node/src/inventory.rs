@@ -3,7 +3,7 @@
 //! agent may use these types, and they use nothing of the mesh.
 use std::net::IpAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A pod's labels. A sorted vector rather than a `BTreeMap`: the agent holds the labels of
 /// every pod of the cluster, and a map node costs about 0.5 KiB where three labels take 150 B.
@@ -123,12 +123,69 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Pods behind the Service (selector match, ready), in a stable order.
     pub endpoints: Vec<ObjectKey>,
+    /// Set when a ServiceEntry declared it (its key's name is then the host).
+    pub external: Option<Box<External>>,
+}
+
+/// What a ServiceEntry says of a destination beyond its ports and addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct External {
+    pub location: Location,
+    pub resolution: Resolution,
+    /// Where its traffic goes, for resolution STATIC (IP addresses) and DNS (names);
+    /// empty with DNS: the host itself is resolved.
+    pub endpoints: Vec<ExternalEndpoint>,
+    /// The namespaces that may use it (`exportTo`); `None`: every namespace.
+    pub visible_to: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ExternalEndpoint {
+    /// An IP address, or with resolution DNS a name.
+    pub address: String,
+    /// The endpoint's own port for each of the entry's ports, by port name.
+    pub ports: litemap::LiteMap<String, u16>,
+}
+
+/// ServiceEntry `location`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Location {
+    #[default]
+    MeshExternal,
+    MeshInternal,
+}
+
+/// ServiceEntry `resolution`: how the proxy finds where a connection goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    /// Where the app asked: the entry only names the destination.
+    #[default]
+    None,
+    /// The endpoints' IP addresses.
+    Static,
+    /// The endpoints' names (or the host) looked up when a connection opens.
+    Dns,
+    /// As DNS.
+    DnsRoundRobin,
 }
 
 impl Service {
-    /// `name.namespace.svc.cluster.local`, as Istio labels it.
+    /// `name.namespace.svc.cluster.local`, as Istio labels it; a ServiceEntry's host.
     pub fn hostname(&self) -> String {
+        if self.external.is_some() {
+            return self.key.name.clone();
+        }
         format!("{}.{}.svc.cluster.local", self.key.name, self.key.namespace)
+    }
+
+    /// Whether pods of `namespace` may use it (a ServiceEntry's `exportTo`).
+    pub fn visible_to(&self, namespace: &str) -> bool {
+        self.external
+            .as_ref()
+            .and_then(|e| e.visible_to.as_ref())
+            .is_none_or(|namespaces| namespaces.iter().any(|n| n == namespace))
     }
 
     pub fn port(&self, port: u16) -> Option<&ServicePort> {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod debug;
 pub mod distributed_tracing;
 pub mod ebpf;
+pub mod egress;
 pub mod endpoints;
 pub mod enroll;
 pub mod explain;

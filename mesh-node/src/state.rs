@@ -49,8 +49,13 @@ impl State {
             .values()
             .flat_map(|w| w.ips.iter().map(|ip| (*ip, w.key.clone())))
             .collect();
-        let service_by_ip = services
-            .values()
+        // A Kubernetes Service's address wins over a ServiceEntry's that claims it too
+        // (later entries overwrite earlier ones).
+        let (declared, kubernetes): (Vec<&Service>, Vec<&Service>) =
+            services.values().partition(|s| s.external.is_some());
+        let service_by_ip = declared
+            .into_iter()
+            .chain(kubernetes)
             .flat_map(|s| s.cluster_ips.iter().map(|ip| (*ip, s.key.clone())))
             .collect();
         Self {
@@ -193,6 +198,7 @@ mod tests {
                 app_protocol: None,
             }],
             endpoints: endpoints.iter().map(|key| (*key).clone()).collect(),
+            external: None,
         }
     }
 

@@ -57,6 +57,8 @@ pub struct AgentValues {
     pub metrics_port: i32,
     /// `--drain-timeout` in seconds; the pod's grace period adds a margin to it.
     pub drain_timeout_seconds: i32,
+    /// `--outbound-traffic-policy`: `ALLOW_ANY` or `REGISTRY_ONLY`.
+    pub outbound_traffic_policy: String,
     pub resources: ResourceRequirements,
     pub tolerations: Vec<Toleration>,
     pub cni: CniValues,

@@ -70,6 +70,7 @@ fn reviews_parties() -> Parties {
         cluster_ips: Vec::new(),
         ports: Vec::new(),
         endpoints: Vec::new(),
+        external: None,
     };
     let source_id = Identity::new("cluster.local", "default", "productpage").unwrap();
     let destination_id = Identity::new("cluster.local", "default", "reviews").unwrap();

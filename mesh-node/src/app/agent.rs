@@ -164,7 +164,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         state: state_rx.clone(),
         capture: capture.clone(),
         metrics: metrics.clone(),
-        resolver: Arc::new(Resolver::default()),
+        resolver: Arc::new(Resolver::new(config.outbound_traffic_policy)),
         home,
         mtls,
         clusters: Arc::default(),

@@ -140,6 +140,9 @@ pub(crate) fn classify<V: Tree>(meta: TypeMeta, value: &V) -> Document {
         "DestinationRule" if NETWORKING.contains(&api) => {
             ("DestinationRule", |v| parse_as(v, Object::DestinationRule))
         }
+        "ServiceEntry" if NETWORKING.contains(&api) => {
+            ("ServiceEntry", |v| parse_as(v, Object::ServiceEntry))
+        }
         "HTTPRoute" if GATEWAY.contains(&api) => ("HTTPRoute", |v| parse_as(v, Object::HttpRoute)),
         _ => return Document::Ignored { kind: meta.kind },
     };
@@ -297,6 +300,11 @@ mod tests {
                 "audiences",
                 "fromHeaders",
                 "outputClaimToHeaders",
+                "resolution",
+                "location",
+                "exportTo",
+                "number",
+                "protocol",
             ])
             .prop_map(str::to_string),
             "[a-zA-Z]{1,8}",
@@ -355,6 +363,7 @@ mod tests {
             ("security.istio.io/v1", "RequestAuthentication"),
             ("networking.istio.io/v1", "VirtualService"),
             ("networking.istio.io/v1beta1", "DestinationRule"),
+            ("networking.istio.io/v1", "ServiceEntry"),
             ("gateway.networking.k8s.io/v1", "HTTPRoute"),
         ];
         (proptest::sample::select(kinds), "[a-z]{0,6}", yaml(), yaml()).prop_map(

@@ -55,7 +55,7 @@ pub struct WatchedKind {
 }
 
 /// Every kind the translation understands, at the version the source asks the API server for.
-pub const WATCHED_KINDS: [WatchedKind; 10] = [
+pub const WATCHED_KINDS: [WatchedKind; 11] = [
     watched("v1", "Namespace", "namespaces"),
     watched("v1", "Pod", "pods"),
     watched("v1", "Service", "services"),
@@ -85,6 +85,7 @@ pub const WATCHED_KINDS: [WatchedKind; 10] = [
         "DestinationRule",
         "destinationrules",
     ),
+    watched("networking.istio.io/v1", "ServiceEntry", "serviceentries"),
     watched("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),
 ];
 

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::core::{EndpointSlice, Namespace, Pod, Service as K8sService};
 use crate::{
+    egress::{ServiceEntryError, ServiceEntrySpec},
     inventory::{
         ENROLLMENT_LABEL, Labels, ObjectId, ObjectKey, Rejection, Service, ServicePort, TargetPort,
         Workload,
@@ -49,6 +50,8 @@ pub enum Object {
     RequestAuthentication(Arc<IstioObject<RequestAuthenticationSpec>>),
     VirtualService(Arc<IstioObject<VirtualServiceSpec>>),
     DestinationRule(Arc<IstioObject<DestinationRuleSpec>>),
+    /// Destinations outside the cluster's Services, named.
+    ServiceEntry(Arc<IstioObject<ServiceEntrySpec>>),
     /// Gateway API `HTTPRoute`; the mesh uses those bound to Services (GAMMA).
     HttpRoute(Arc<IstioObject<HttpRouteSpec>>),
 }
@@ -66,6 +69,8 @@ pub enum TranslateError {
     Policy(#[from] PolicyError),
     #[error("spec: {0}")]
     RequestAuthentication(#[from] RequestAuthenticationError),
+    #[error("spec.{0}")]
+    ServiceEntry(#[from] ServiceEntryError),
     #[error("spec.{0}")]
     Routing(#[from] RoutingError),
 }
@@ -87,6 +92,7 @@ impl Object {
             Object::RequestAuthentication(o) => ("RequestAuthentication", full(&o.metadata)),
             Object::VirtualService(o) => ("VirtualService", full(&o.metadata)),
             Object::DestinationRule(o) => ("DestinationRule", full(&o.metadata)),
+            Object::ServiceEntry(o) => ("ServiceEntry", full(&o.metadata)),
             Object::HttpRoute(o) => ("HTTPRoute", full(&o.metadata)),
         };
         let namespace = match self {
@@ -134,6 +140,7 @@ pub fn validate(object: &Object) -> Result<(), TranslateError> {
         Object::Namespace(_) | Object::PeerAuthentication(_) | Object::EndpointSlice(_) => Ok(()),
         Object::AuthorizationPolicy(policy) => Ok(policy.spec.validate()?),
         Object::RequestAuthentication(policy) => Ok(policy.spec.validate()?),
+        Object::ServiceEntry(entry) => Ok(entry.spec.validate()?),
         Object::VirtualService(vs) => Ok(vs.spec.validate(&id.namespace)?),
         Object::DestinationRule(rule) => Ok(rule.spec.validate(&id.namespace)?),
         Object::HttpRoute(route) => Ok(route.spec.validate(&id.namespace)?),
@@ -181,6 +188,13 @@ pub fn translate(
             && let Ok(service) = service(object.id(), svc, &workloads, &slices, &selectable)
         {
             services.insert(service.key.clone(), service);
+        }
+    }
+    for object in objects {
+        if let Object::ServiceEntry(entry) = object {
+            for service in entry.spec.services(&object.id().namespace) {
+                services.entry(service.key.clone()).or_insert(service);
+            }
         }
     }
     let mut policies = Policies {
@@ -507,5 +521,6 @@ fn service(
         cluster_ips: service_cluster_ips(svc)?,
         ports: service_ports(svc)?,
         endpoints,
+        external: None,
     })
 }

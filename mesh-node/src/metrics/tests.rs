@@ -56,6 +56,7 @@ fn sleep_to_web() -> ConnectionLabels {
         cluster_ips: vec!["10.96.0.10".parse().expect("an IP")],
         ports: Vec::new(),
         endpoints: vec![web.key.clone()],
+        external: None,
     };
     let identity =
         |ns: &str, sa: &str| Identity::new("cluster.local", ns, sa).expect("an identity");

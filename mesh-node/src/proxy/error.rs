@@ -34,6 +34,11 @@ pub enum ProxyError {
     NoSourceAddress,
     #[error("CONNECT to {0}, which is not this pod (no open relay)")]
     NotLocal(SocketAddr),
+    /// `outboundTrafficPolicy` REGISTRY_ONLY, and no Service, pod or ServiceEntry is there.
+    #[error("{0} is not in the mesh's registry (outboundTrafficPolicy REGISTRY_ONLY)")]
+    NotRegistered(SocketAddr),
+    #[error("looking up {host}: {source}")]
+    Lookup { host: String, source: io::Error },
     /// Boxed: hyper's and hyper-util's connection errors differ.
     #[error("HTTP: {0}")]
     Http(#[source] BoxError),
@@ -101,6 +106,8 @@ impl ProxyError {
             ProxyError::Hbone(_) => "hbone",
             ProxyError::NoSourceAddress => "no_source_address",
             ProxyError::NotLocal(_) => "not_local",
+            ProxyError::NotRegistered(_) => "not_registered",
+            ProxyError::Lookup { .. } => "dns_lookup",
             ProxyError::Refused(Refused::OwnListener(_)) => "own_listener",
             ProxyError::Refused(Refused::MtlsRequired) => "mtls_required",
             ProxyError::Refused(Refused::Denied { .. }) => "authorization_denied",
@@ -114,7 +121,8 @@ impl ProxyError {
         match self {
             ProxyError::NoOriginalDestination
             | ProxyError::NotLocal(_)
-            | ProxyError::Refused(Refused::OwnListener(_)) => "NR",
+            | ProxyError::Refused(Refused::OwnListener(_))
+            | ProxyError::NotRegistered(_) => "NR",
             ProxyError::NoEndpoint { .. } => "UH",
             ProxyError::Refused(Refused::Denied { .. } | Refused::MtlsRequired) => "RBAC",
             ProxyError::Connect { .. }
@@ -123,7 +131,8 @@ impl ProxyError {
             | ProxyError::Certificate(_)
             | ProxyError::Tls(_)
             | ProxyError::Hbone(_)
-            | ProxyError::NoSourceAddress => "UF",
+            | ProxyError::NoSourceAddress
+            | ProxyError::Lookup { .. } => "UF",
             ProxyError::Http(_) => "-",
             ProxyError::SharedDial(error) => error.response_flags(),
         }
@@ -139,6 +148,7 @@ impl ProxyError {
             ProxyError::Refused(Refused::MtlsRequired) => {
                 Some("PeerAuthentication (mTLS STRICT)".into())
             }
+            ProxyError::NotRegistered(_) => Some("outboundTrafficPolicy REGISTRY_ONLY".into()),
             _ => None,
         };
         Refusal {

@@ -80,8 +80,10 @@ async fn proxy_to(
 ) -> Result<(), ProxyError> {
     let state = proxy.state.borrow().clone();
     let _ = client.set_nodelay(true);
-    // A Service port that carries HTTP is routed request by request.
+    // A Service port that carries HTTP is routed request by request. (A ServiceEntry's
+    // destinations are relayed as bytes.)
     let client = if let Some(service) = state.service_by_ip(original.ip())
+        && service.external.is_none()
         && let Some(port) = service.port(original.port())
     {
         let (client, is_http) = match port_protocol(port) {
@@ -122,15 +124,18 @@ async fn relay_l4(
     proxy: &ProxyContext,
     state: &State,
 ) -> Result<(), ProxyError> {
-    let upstream = proxy.resolver.resolve(state, original)?;
+    let upstream = proxy
+        .resolver
+        .resolve(state, &pod.key.namespace, original)?
+        .looked_up()
+        .await?;
     let source = state.workloads.get(&pod.key);
-    let (destination, service) = match &upstream {
-        Upstream::Service {
-            service, endpoint, ..
-        } => (state.workloads.get(endpoint), state.services.get(service)),
-        Upstream::Workload { workload, .. } => (state.workloads.get(workload), None),
-        Upstream::Passthrough(_) => (None, None),
+    let destination = match &upstream {
+        Upstream::Service { endpoint, .. } => state.workloads.get(endpoint),
+        Upstream::Workload { workload, .. } => state.workloads.get(workload),
+        Upstream::External { .. } | Upstream::Lookup { .. } | Upstream::Passthrough(_) => None,
     };
+    let service = upstream.service().and_then(|key| state.services.get(key));
     // Enrolled on both ends and a CA at hand: the connection goes through an HBONE tunnel
     // as the source pod's identity. Anything else leaves in plaintext, as without a mesh.
     let tunnel = match (&proxy.mtls, source, destination) {

@@ -1,11 +1,16 @@
-//! Where a captured connection goes: a Service's endpoint, a pod, or where it asked.
-use std::{collections::HashMap, net::SocketAddr};
+//! Where a captured connection goes: a Service's endpoint, a pod, a destination a
+//! ServiceEntry names, or where it asked (unless the mesh allows only what it knows).
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
 use parking_lot::Mutex;
 
 use super::ProxyError;
 use crate::{
-    inventory::ObjectKey,
+    egress::OutboundTrafficPolicy,
+    inventory::{ObjectKey, Resolution, Service},
     plan::endpoints::{TcpTarget, service_endpoints, tcp_target},
     routing::pick_at_random,
     state::State,
@@ -25,17 +30,82 @@ pub enum Upstream {
         workload: ObjectKey,
         addr: SocketAddr,
     },
+    /// A destination a ServiceEntry names: where the app asked (resolution NONE), or one
+    /// of the entry's endpoints.
+    External {
+        service: ObjectKey,
+        addr: SocketAddr,
+    },
+    /// A ServiceEntry endpoint (or host) to look up by name first (resolution DNS): see
+    /// [`Upstream::looked_up`].
+    Lookup {
+        service: ObjectKey,
+        host: String,
+        port: u16,
+        /// The family the app dialed, which the answer should have.
+        ipv4: bool,
+    },
     /// Outside the mesh's knowledge: go where the app asked.
     Passthrough(SocketAddr),
 }
 
 impl Upstream {
+    /// Where the connection goes; a [`Upstream::Lookup`] not looked up yet has only its port.
     pub fn addr(&self) -> SocketAddr {
         match self {
             Upstream::Service { addr, .. }
             | Upstream::Workload { addr, .. }
+            | Upstream::External { addr, .. }
             | Upstream::Passthrough(addr) => *addr,
+            Upstream::Lookup { port, ipv4, .. } => {
+                let unspecified = if *ipv4 {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                };
+                SocketAddr::new(unspecified, *port)
+            }
         }
+    }
+
+    /// The Service (or ServiceEntry host) it belongs to.
+    pub fn service(&self) -> Option<&ObjectKey> {
+        match self {
+            Upstream::Service { service, .. }
+            | Upstream::External { service, .. }
+            | Upstream::Lookup { service, .. } => Some(service),
+            Upstream::Workload { .. } | Upstream::Passthrough(_) => None,
+        }
+    }
+
+    /// A [`Upstream::Lookup`] resolved into an address of the family the app dialed (the
+    /// first one the system resolver gives); any other upstream as it is.
+    pub async fn looked_up(self) -> Result<Upstream, ProxyError> {
+        let Upstream::Lookup {
+            service,
+            host,
+            port,
+            ipv4,
+        } = self
+        else {
+            return Ok(self);
+        };
+        let addresses = tokio::net::lookup_host((host.clone(), port))
+            .await
+            .map_err(|source| ProxyError::Lookup {
+                host: host.clone(),
+                source,
+            })?;
+        let mut addresses = addresses.peekable();
+        let first = addresses.peek().copied();
+        let addr = addresses
+            .find(|a| a.is_ipv4() == ipv4)
+            .or(first)
+            .ok_or_else(|| ProxyError::Lookup {
+                host,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+            })?;
+        Ok(Upstream::External { service, addr })
     }
 }
 
@@ -43,6 +113,8 @@ impl Upstream {
 #[derive(Default)]
 pub struct Resolver {
     next: Mutex<HashMap<(ObjectKey, u16), usize>>,
+    /// What becomes of a connection to a destination the mesh does not know.
+    outbound_traffic_policy: OutboundTrafficPolicy,
 }
 
 impl Resolver {
@@ -53,8 +125,32 @@ impl Resolver {
             .retain(|(service, _), _| service_exists(service));
     }
 
-    pub fn resolve(&self, state: &State, dst: SocketAddr) -> Result<Upstream, ProxyError> {
-        if let Some(service) = state.service_by_ip(dst.ip()) {
+    pub fn new(outbound_traffic_policy: OutboundTrafficPolicy) -> Self {
+        Self {
+            outbound_traffic_policy,
+            ..Self::default()
+        }
+    }
+
+    /// Where a connection of a pod of `source_namespace` to `dst` goes.
+    pub fn resolve(
+        &self,
+        state: &State,
+        source_namespace: &str,
+        dst: SocketAddr,
+    ) -> Result<Upstream, ProxyError> {
+        let service = state
+            .service_by_ip(dst.ip())
+            .filter(|s| s.visible_to(source_namespace));
+        // A ServiceEntry names only the ports it lists; another port of its address is as
+        // unknown as any other destination.
+        if let Some(service) = service
+            && service.external.is_some()
+        {
+            if service.port(dst.port()).is_some() {
+                return self.external(service, dst);
+            }
+        } else if let Some(service) = service {
             // A VirtualService's `tcp` route may send the connection elsewhere, by weight.
             let routed = state
                 .routes
@@ -75,13 +171,7 @@ impl Resolver {
             if candidates.is_empty() {
                 return Err(no_endpoint());
             }
-            let index = {
-                let mut next = self.next.lock();
-                let slot = next.entry((service.key.clone(), port)).or_default();
-                let index = *slot % candidates.len();
-                *slot = slot.wrapping_add(1);
-                index
-            };
+            let index = self.next_index(&service.key, port, candidates.len());
             let (endpoint, addr) = candidates[index];
             return Ok(Upstream::Service {
                 service: service.key.clone(),
@@ -95,7 +185,65 @@ impl Resolver {
                 addr: dst,
             });
         }
-        Ok(Upstream::Passthrough(dst))
+        match self.outbound_traffic_policy {
+            OutboundTrafficPolicy::AllowAny => Ok(Upstream::Passthrough(dst)),
+            OutboundTrafficPolicy::RegistryOnly => Err(ProxyError::NotRegistered(dst)),
+        }
+    }
+
+    /// A destination of a ServiceEntry: where the app asked, or its endpoints in turn.
+    fn external(&self, service: &Service, dst: SocketAddr) -> Result<Upstream, ProxyError> {
+        let external = service.external.as_ref().expect("a ServiceEntry's Service");
+        let port = service.port(dst.port()).ok_or(ProxyError::NoEndpoint {
+            service: service.key.to_string(),
+            port: dst.port(),
+        })?;
+        let target_port = match port.target_port {
+            crate::inventory::TargetPort::Number(n) => n,
+            crate::inventory::TargetPort::Name(_) => port.port,
+        };
+        let key = service.key.clone();
+        let endpoints = &external.endpoints;
+        let lookup = |host: &str, port: u16| Upstream::Lookup {
+            service: key.clone(),
+            host: host.to_owned(),
+            port,
+            ipv4: dst.is_ipv4(),
+        };
+        match external.resolution {
+            Resolution::None => Ok(Upstream::External {
+                service: key,
+                addr: dst,
+            }),
+            Resolution::Dns | Resolution::DnsRoundRobin if endpoints.is_empty() => {
+                Ok(lookup(&service.key.name, target_port))
+            }
+            Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin => {
+                let index = self.next_index(&service.key, dst.port(), endpoints.len());
+                let endpoint = &endpoints[index];
+                let port = port
+                    .name
+                    .as_ref()
+                    .and_then(|name| endpoint.ports.get(name).copied())
+                    .unwrap_or(target_port);
+                Ok(match endpoint.address.parse::<IpAddr>() {
+                    Ok(ip) => Upstream::External {
+                        service: key,
+                        addr: SocketAddr::new(ip, port),
+                    },
+                    Err(_) => lookup(&endpoint.address, port),
+                })
+            }
+        }
+    }
+
+    /// The round-robin position of `service`'s `port` among `count` endpoints.
+    fn next_index(&self, service: &ObjectKey, port: u16, count: usize) -> usize {
+        let mut next = self.next.lock();
+        let slot = next.entry((service.clone(), port)).or_default();
+        let index = *slot % count;
+        *slot = slot.wrapping_add(1);
+        index
     }
 }
 

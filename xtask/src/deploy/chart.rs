@@ -131,6 +131,17 @@ fn substitutions(values: &Values) -> anyhow::Result<Vec<Substitution>> {
         Substitution {
             file: Some("daemonset.yaml"),
             ..any(
+                None,
+                json!(format!(
+                    "--outbound-traffic-policy={}",
+                    values.agent.outbound_traffic_policy
+                )),
+                Helm::Scalar("--outbound-traffic-policy={{ .Values.agent.outboundTrafficPolicy }}"),
+            )
+        },
+        Substitution {
+            file: Some("daemonset.yaml"),
+            ..any(
                 Some("terminationGracePeriodSeconds"),
                 json!(drain_timeout + objects::DRAIN_MARGIN_SECONDS),
                 // objects::DRAIN_MARGIN_SECONDS: the defaults test fails if they differ.

@@ -225,7 +225,7 @@ fn rbac() -> Vec<Value> {
             rule(&["discovery.k8s.io"], &["endpointslices"], READ),
             rule(
                 &["networking.istio.io"],
-                &["virtualservices", "destinationrules"],
+                &["virtualservices", "destinationrules", "serviceentries"],
                 READ,
             ),
             rule(
@@ -560,6 +560,10 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             &format!("--bpffs-path={BPFFS_PATH}"),
             &format!("--holder-socket={}", holder_socket()),
             &format!("--drain-timeout={}s", values.agent.drain_timeout_seconds),
+            &format!(
+                "--outbound-traffic-policy={}",
+                values.agent.outbound_traffic_policy
+            ),
         ]),
         env: Some(vec![
             field_env("NODE_NAME", "spec.nodeName"),
@@ -944,6 +948,15 @@ const CRDS: &[Crd] = &[
         kind: "DestinationRule",
         plural: "destinationrules",
         short_names: &["dr"],
+        category: "istio-io",
+        versions: &["v1", "v1beta1", "v1alpha3"],
+    },
+    Crd {
+        file: "serviceentries.networking.istio.io.yaml",
+        group: "networking.istio.io",
+        kind: "ServiceEntry",
+        plural: "serviceentries",
+        short_names: &["se"],
         category: "istio-io",
         versions: &["v1", "v1beta1", "v1alpha3"],
     },

@@ -1,7 +1,10 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::config::{Object, object_from_yaml, translate};
+use crate::{
+    config::{Object, object_from_yaml, translate},
+    egress::OutboundTrafficPolicy,
+};
 
 fn state(yaml: &str) -> State {
     let objects: Vec<Object> = serde_yaml::Deserializer::from_str(yaml)
@@ -57,7 +60,7 @@ fn service_round_robins_over_its_ready_endpoints_in_its_namespace() {
     let mut seen = BTreeMap::new();
     for _ in 0..10 {
         let upstream = resolver
-            .resolve(&state, "10.96.0.1:80".parse().unwrap())
+            .resolve(&state, "shop", "10.96.0.1:80".parse().unwrap())
             .unwrap();
         *seen.entry(upstream.addr().to_string()).or_insert(0) += 1;
     }
@@ -78,7 +81,7 @@ fn named_target_ports_resolve_per_pod() {
     let mut addrs: Vec<String> = (0..2)
         .map(|_| {
             resolver
-                .resolve(&state, "10.96.0.1:81".parse().unwrap())
+                .resolve(&state, "shop", "10.96.0.1:81".parse().unwrap())
                 .unwrap()
                 .addr()
                 .to_string()
@@ -92,7 +95,7 @@ fn named_target_ports_resolve_per_pod() {
 fn ipv6_cluster_ip_picks_endpoints_with_ipv6() {
     let state = state(CLUSTER);
     let upstream = Resolver::default()
-        .resolve(&state, "[fd00:96::1]:80".parse().unwrap())
+        .resolve(&state, "shop", "[fd00:96::1]:80".parse().unwrap())
         .unwrap();
     assert_eq!(
         upstream.addr().to_string(),
@@ -106,15 +109,15 @@ fn unknown_port_and_unknown_address() {
     let state = state(CLUSTER);
     let resolver = Resolver::default();
     let error = resolver
-        .resolve(&state, "10.96.0.1:9999".parse().unwrap())
+        .resolve(&state, "shop", "10.96.0.1:9999".parse().unwrap())
         .unwrap_err();
     assert_eq!(error.reason(), "no_endpoint");
     let pod = resolver
-        .resolve(&state, "10.0.0.3:7".parse().unwrap())
+        .resolve(&state, "shop", "10.0.0.3:7".parse().unwrap())
         .unwrap();
     assert!(matches!(pod, Upstream::Workload { .. }), "{pod:?}");
     let outside = resolver
-        .resolve(&state, "192.0.2.1:443".parse().unwrap())
+        .resolve(&state, "shop", "192.0.2.1:443".parse().unwrap())
         .unwrap();
     assert_eq!(
         outside,
@@ -142,7 +145,7 @@ spec:
     let mut addrs: Vec<String> = (0..2)
         .map(|_| {
             resolver
-                .resolve(&state, "10.96.0.1:80".parse().unwrap())
+                .resolve(&state, "shop", "10.96.0.1:80".parse().unwrap())
                 .unwrap()
                 .addr()
                 .to_string()
@@ -154,4 +157,100 @@ spec:
         ["10.0.0.1:8081", "10.0.0.2:8082"],
         "port 80 routed to the Service's port 81 and its named target port"
     );
+}
+
+const ENTRIES: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: external, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  addresses: [240.0.0.1]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: pinned, namespace: shop}
+spec:
+  hosts: [pinned.example.com]
+  addresses: [240.0.0.2]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.10}, {address: 192.0.2.11, ports: {http: 9090}}]
+  exportTo: ['.']
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: named, namespace: shop}
+spec:
+  hosts: [localhost]
+  addresses: [240.0.0.3]
+  ports: [{number: 80, name: http}]
+  resolution: DNS
+";
+
+#[test]
+fn service_entries_send_connections_where_they_say() {
+    let state = state(&format!("{CLUSTER}---{ENTRIES}"));
+    let resolver = Resolver::default();
+    let resolve = |ns: &str, dst: &str| resolver.resolve(&state, ns, dst.parse().unwrap());
+    let key = |host: &str| ObjectKey::new("shop", host);
+    // NONE: where the app asked, attributed to the entry.
+    assert_eq!(
+        resolve("shop", "240.0.0.1:443").unwrap(),
+        Upstream::External {
+            service: key("api.example.com"),
+            addr: "240.0.0.1:443".parse().unwrap()
+        }
+    );
+    // STATIC: the endpoints in turn, each with its own port for the entry's port.
+    let mut addrs: Vec<String> = (0..2)
+        .map(|_| resolve("shop", "240.0.0.2:80").unwrap().addr().to_string())
+        .collect();
+    addrs.sort();
+    assert_eq!(addrs, ["192.0.2.10:8080", "192.0.2.11:9090"]);
+    // exportTo '.': pods of another namespace do not see it.
+    assert_eq!(
+        resolve("other", "240.0.0.2:80").unwrap(),
+        Upstream::Passthrough("240.0.0.2:80".parse().unwrap())
+    );
+    assert_eq!(
+        resolve("shop", "240.0.0.1:80").unwrap(),
+        Upstream::Passthrough("240.0.0.1:80".parse().unwrap()),
+        "a port the entry does not list"
+    );
+}
+
+#[tokio::test]
+async fn a_dns_entry_is_looked_up_when_the_connection_opens() {
+    let state = state(&format!("{CLUSTER}---{ENTRIES}"));
+    let upstream = Resolver::default()
+        .resolve(&state, "shop", "240.0.0.3:80".parse().unwrap())
+        .unwrap();
+    assert!(matches!(upstream, Upstream::Lookup { ref host, .. } if host == "localhost"));
+    let looked_up = upstream.looked_up().await.expect("localhost resolves");
+    assert_eq!(
+        looked_up,
+        Upstream::External {
+            service: ObjectKey::new("shop", "localhost"),
+            addr: "127.0.0.1:80".parse().unwrap()
+        }
+    );
+}
+
+#[test]
+fn registry_only_refuses_what_the_mesh_does_not_know() {
+    let state = state(&format!("{CLUSTER}---{ENTRIES}"));
+    let resolver = Resolver::new(OutboundTrafficPolicy::RegistryOnly);
+    let resolve = |ns: &str, dst: &str| resolver.resolve(&state, ns, dst.parse().unwrap());
+    let refused = resolve("shop", "192.0.2.1:443").unwrap_err();
+    assert_eq!(refused.reason(), "not_registered");
+    assert_eq!(refused.response_flags(), "NR");
+    assert!(
+        resolve("other", "240.0.0.2:80").is_err(),
+        "an entry it cannot see"
+    );
+    assert!(resolve("shop", "240.0.0.1:443").is_ok(), "a ServiceEntry");
+    assert!(resolve("shop", "10.96.0.1:80").is_ok(), "a Service");
+    assert!(resolve("shop", "10.0.0.3:7").is_ok(), "a pod");
 }
