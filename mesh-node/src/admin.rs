@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
+    egress::OutboundTrafficPolicy,
     explain::{self, Agent, ExplainError, ExplainRequest},
     identity::CertState,
     inventory::ObjectKey,
@@ -40,6 +41,8 @@ pub struct Admin {
     pub log: Option<LogControl>,
     /// The proxy's live connections.
     pub connections: Arc<Connections>,
+    /// `--outbound-traffic-policy`, which `debug explain` tells about.
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
 }
 
 impl Admin {
@@ -153,6 +156,7 @@ impl Admin {
         let agent = Agent {
             node: &self.node,
             trust_domain: self.mtls.as_ref().map(|m| m.trust_domain.as_str()),
+            outbound_traffic_policy: self.outbound_traffic_policy,
         };
         let explained = ExplainRequest::from_query(query)
             .and_then(|request| explain::explain(state, agent, &request));
@@ -259,6 +263,7 @@ mod tests {
             readiness: Readiness::default(),
             log: None,
             connections: Arc::default(),
+            outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
         }
     }
 

@@ -126,7 +126,7 @@ pub struct ExplainArgs {
     pub source: String,
 
     /// A Service (`name`, `name.namespace`, `name.namespace.svc.cluster.local`), a
-    /// ClusterIP, a pod (`namespace/name`) or a pod IP.
+    /// ClusterIP, a pod (`namespace/name`), a pod IP, a ServiceEntry host or any address.
     pub destination: String,
 
     /// Destination port (default: the Service's only port).

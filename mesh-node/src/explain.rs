@@ -24,8 +24,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, header, req
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    egress::OutboundTrafficPolicy,
     identity::Identity,
-    inventory::{ObjectKey, Service, ServicePort, Workload},
+    inventory::{ObjectKey, Resolution, Service, ServicePort, TargetPort, Workload},
     plan::{
         admission::{
             ACCESS_DENIED, Admission, Caller, Refused, admission_for, authorize_request,
@@ -300,6 +301,8 @@ pub struct Agent<'a> {
     /// The trust domain when the agent has a CA (enrolled pods talk mutual TLS); `None`
     /// when it runs plaintext.
     pub trust_domain: Option<&'a str>,
+    /// What becomes of connections to destinations the mesh does not know.
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
 }
 
 /// Explains `request` against `state`.
@@ -381,8 +384,10 @@ impl<'a> Target<'a> {
         source: &Workload,
         destination: &str,
     ) -> Result<Self, ExplainError> {
+        let namespace = &source.key.namespace;
         if let Ok(ip) = destination.parse::<IpAddr>() {
-            return Ok(if let Some(service) = state.service_by_ip(ip) {
+            let service = state.service_by_ip(ip).filter(|s| s.visible_to(namespace));
+            return Ok(if let Some(service) = service {
                 Target::Service {
                     service,
                     dialed: ip,
@@ -391,6 +396,24 @@ impl<'a> Target<'a> {
                 Target::Pod { workload, ip }
             } else {
                 Target::Outside(ip)
+            });
+        }
+        // A ServiceEntry's host, as the pod's DNS would answer with its address.
+        let entry = state
+            .services
+            .values()
+            .find(|s| s.external.is_some() && s.key.name == destination && s.visible_to(namespace));
+        if let Some(service) = entry {
+            return Ok(match service.cluster_ips.first() {
+                Some(dialed) => Target::Service {
+                    service,
+                    dialed: *dialed,
+                },
+                None => Target::Nothing(format!(
+                    "ServiceEntry host {} has no addresses: connections to its own \
+                     addresses are not matched to it (docs/egress.md)",
+                    service.key
+                )),
             });
         }
         if destination.contains('/') {
@@ -471,6 +494,10 @@ impl<'a> Target<'a> {
     fn describe(&self, port: Option<u16>) -> (String, Option<SocketAddr>) {
         let address = |ip: IpAddr| port.map(|port| SocketAddr::new(ip, port));
         match self {
+            Target::Service { service, dialed } if service.external.is_some() => (
+                format!("ServiceEntry host {}", service.key),
+                address(*dialed),
+            ),
             Target::Service { service, dialed } => {
                 (format!("Service {}", service.key), address(*dialed))
             }
@@ -651,19 +678,94 @@ impl Explainer<'_> {
                 let request_line = request.map(|_| self.client.request_line());
                 Path::through(protocol.into(), request_line, "none".into(), vec![backend])
             }
-            Target::Outside(_) => {
-                self.notes.push(
-                    "not a Service or pod the mesh knows: the proxy passes the connection \
-                     through to where the app asked, in plaintext; no mesh policy applies"
-                        .into(),
-                );
-                Path::ends("TCP: passthrough".into(), "none".into(), Outcome::Allowed)
-            }
+            Target::Outside(_) => self.outside(),
             Target::Nothing(_) => unreachable!("handled above"),
         }
     }
 
+    /// A destination the mesh does not know: passed through, unless the mesh allows only
+    /// what it knows.
+    fn outside(&mut self) -> Path {
+        let protocol = "TCP: passthrough".to_string();
+        if self.client.captured
+            && self.agent.outbound_traffic_policy == OutboundTrafficPolicy::RegistryOnly
+        {
+            let verdict = Outcome::Denied {
+                by: "outboundTrafficPolicy REGISTRY_ONLY".into(),
+                reason: "not a Service, pod or ServiceEntry the mesh knows: the source's proxy \
+                         resets the connection (not_registered)"
+                    .into(),
+            };
+            return Path::ends(protocol, "none".into(), verdict);
+        }
+        self.notes.push(
+            "not a Service or pod the mesh knows: the proxy passes the connection through to \
+             where the app asked, in plaintext; no mesh policy applies"
+                .into(),
+        );
+        Path::ends(protocol, "none".into(), Outcome::Allowed)
+    }
+
+    /// A destination a ServiceEntry names: relayed as bytes where its resolution says.
+    fn service_entry(&mut self, service: &Service, dialed: IpAddr, port: u16) -> Path {
+        let external = service.external.as_ref().expect("a ServiceEntry's Service");
+        let Some(service_port) = service.port(port) else {
+            self.notes.push(format!(
+                "ServiceEntry host {} does not list port {port}: the connection is as unknown \
+                 as any address",
+                service.key
+            ));
+            return self.outside();
+        };
+        let target_port = match &service_port.target_port {
+            TargetPort::Number(number) => *number,
+            TargetPort::Name(_) => port,
+        };
+        let port_of = |endpoint: &crate::inventory::ExternalEndpoint| {
+            service_port
+                .name
+                .as_ref()
+                .and_then(|name| endpoint.ports.get(name).copied())
+                .unwrap_or(target_port)
+        };
+        let route = match external.resolution {
+            Resolution::None => {
+                format!("to where the app asked, {}", SocketAddr::new(dialed, port))
+            }
+            Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin
+                if !external.endpoints.is_empty() =>
+            {
+                let endpoints: Vec<String> = external
+                    .endpoints
+                    .iter()
+                    .map(|e| format!("{}:{}", e.address, port_of(e)))
+                    .collect();
+                format!(
+                    "to its endpoints in turn ({:?}): {}",
+                    external.resolution,
+                    endpoints.join(", ")
+                )
+            }
+            _ => format!(
+                "to {}:{target_port}, looked up when the connection opens",
+                service.key.name
+            ),
+        };
+        self.notes.push(format!(
+            "ServiceEntry host {}: relayed as bytes, in plaintext, and named in metrics",
+            service.key
+        ));
+        Path::ends(
+            format!("TCP: ServiceEntry port {}", service_port.port),
+            route,
+            Outcome::Allowed,
+        )
+    }
+
     fn service(&mut self, service: &Service, dialed: IpAddr, port: u16) -> Path {
+        if service.external.is_some() {
+            return self.service_entry(service, dialed, port);
+        }
         let Some(service_port) = service.port(port) else {
             // The proxy takes the L4 path, where the resolver finds no such port.
             let ports: Vec<String> = service.ports.iter().map(|p| p.port.to_string()).collect();

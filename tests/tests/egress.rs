@@ -140,6 +140,22 @@ fn service_entries_name_external_hosts_and_registry_only_refuses_the_rest() {
     );
     assert_eq!(scene.answer(&declared).as_deref(), Ok("declared"));
     assert_eq!(scene.answer(&pinned).as_deref(), Ok("declared"));
+    // `debug explain` tells the same, from the agent that decides.
+    let explained = scene
+        .cluster
+        .debug(0, &["explain", "sleep", &scene.outside, "--port", "9444"]);
+    assert!(
+        explained.contains("DENIED by outboundTrafficPolicy REGISTRY_ONLY"),
+        "{explained}"
+    );
+    let explained = scene
+        .cluster
+        .debug(0, &["explain", "sleep", "pinned.external.example"]);
+    assert!(
+        explained.contains("ServiceEntry host default/pinned.external.example")
+            && explained.contains("ALLOWED"),
+        "{explained}"
+    );
 
     // A bad entry is refused alone, with its reason; the others stay in force.
     apply_config(

@@ -226,6 +226,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         readiness: readiness.clone(),
         log,
         connections: connections.clone(),
+        outbound_traffic_policy: config.outbound_traffic_policy,
     };
     tasks.spawn(endpoints::serve(
         admin_listener,

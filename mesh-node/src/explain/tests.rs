@@ -95,6 +95,7 @@ fn bookinfo_with(extra: &str) -> State {
 const MTLS: Agent<'static> = Agent {
     node: "node0",
     trust_domain: Some("cluster.local"),
+    outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
 };
 
 fn ask(source: &str, destination: &str, port: Option<u16>) -> ExplainRequest {
@@ -292,6 +293,7 @@ spec:
         Agent {
             node: "node0",
             trust_domain: None,
+            ..MTLS
         },
         &http("GET", "/", "reviews"),
     )
@@ -542,4 +544,85 @@ fn a_connection_to_the_proxy_s_own_port_is_explained_as_refused() {
         matches!(&check.outcome, Outcome::Denied { reason, .. } if reason.contains("own listener")),
         "{check:?}"
     );
+}
+
+const ENTRIES: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: payments, namespace: default}
+spec:
+  hosts: [api.payments.example]
+  addresses: [203.0.113.10]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: default}
+spec:
+  hosts: [db.legacy.example]
+  addresses: [240.240.0.1]
+  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.20}, {address: 192.0.2.21, ports: {tcp-pg: 6432}}]
+";
+
+#[test]
+fn a_service_entry_destination_is_explained_where_it_goes() {
+    let state = bookinfo_with(ENTRIES);
+    let by_name = explain(
+        &state,
+        MTLS,
+        &ask("productpage", "api.payments.example", Some(443)),
+    )
+    .unwrap();
+    assert_eq!(
+        by_name.destination,
+        "ServiceEntry host default/api.payments.example"
+    );
+    assert_eq!(by_name.verdict, Outcome::Allowed);
+    assert!(
+        by_name
+            .route
+            .contains("where the app asked, 203.0.113.10:443"),
+        "{}",
+        by_name.route
+    );
+    let pinned = explain(&state, MTLS, &ask("productpage", "240.240.0.1", Some(5432))).unwrap();
+    assert!(
+        pinned.route.contains("192.0.2.20:5432") && pinned.route.contains("192.0.2.21:6432"),
+        "{}",
+        pinned.route
+    );
+    // A port the entry does not list is unknown, as is any address nobody names.
+    let registry_only = Agent {
+        outbound_traffic_policy: OutboundTrafficPolicy::RegistryOnly,
+        ..MTLS
+    };
+    let other_port = explain(
+        &state,
+        registry_only,
+        &ask("productpage", "203.0.113.10", Some(80)),
+    );
+    assert!(matches!(
+        other_port.unwrap().verdict,
+        Outcome::Denied { .. }
+    ));
+    let unknown = explain(
+        &state,
+        registry_only,
+        &ask("productpage", "198.51.100.1", Some(443)),
+    )
+    .unwrap();
+    assert_eq!(
+        unknown.verdict.to_string(),
+        "DENIED by outboundTrafficPolicy REGISTRY_ONLY: not a Service, pod or ServiceEntry the \
+         mesh knows: the source's proxy resets the connection (not_registered)"
+    );
+    let declared = explain(
+        &state,
+        registry_only,
+        &ask("productpage", "203.0.113.10", Some(443)),
+    );
+    assert_eq!(declared.unwrap().verdict, Outcome::Allowed);
+    let allow_any = explain(&state, MTLS, &ask("productpage", "198.51.100.1", Some(443))).unwrap();
+    assert_eq!(allow_any.verdict, Outcome::Allowed);
 }
