@@ -11,6 +11,7 @@ use crate::{
     explain::{self, Agent, ExplainError, ExplainRequest},
     identity::CertState,
     inventory::ObjectKey,
+    policy::jwt::FetchedKeys,
     proxy::{Mtls, connections::Connections},
     readiness::Readiness,
     state::{State, StateRx},
@@ -43,6 +44,8 @@ pub struct Admin {
     pub connections: Arc<Connections>,
     /// `--outbound-traffic-policy`, which `debug explain` tells about.
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// The key sets fetched for RequestAuthentication, which `debug explain` validates with.
+    pub jwt_keys: Arc<dyn FetchedKeys>,
 }
 
 impl Admin {
@@ -157,6 +160,7 @@ impl Admin {
             node: &self.node,
             trust_domain: self.mtls.as_ref().map(|m| m.trust_domain.as_str()),
             outbound_traffic_policy: self.outbound_traffic_policy,
+            jwt_keys: self.jwt_keys.as_ref(),
         };
         let explained = ExplainRequest::from_query(query)
             .and_then(|request| explain::explain(state, agent, &request));
@@ -252,7 +256,7 @@ mod tests {
     use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
 
     use super::*;
-    use crate::{inventory::Workload, proxy::connections::Connection};
+    use crate::{inventory::Workload, policy::jwt::NothingFetched, proxy::connections::Connection};
 
     fn admin(state: State) -> Admin {
         let (_, rx) = tokio::sync::watch::channel(Arc::new(state));
@@ -264,6 +268,7 @@ mod tests {
             log: None,
             connections: Arc::default(),
             outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
+            jwt_keys: Arc::new(NothingFetched),
         }
     }
 

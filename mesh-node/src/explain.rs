@@ -38,7 +38,10 @@ use crate::{
         request::{RequestHead, rewrite_request, select_route},
         tunnel::{tunnel_identities, workload_identity},
     },
-    policy::{Action, MtlsMode, Policies, RequestAttributes, Verdict},
+    policy::{
+        Action, MtlsMode, Policies, RequestAttributes, Verdict,
+        jwt::{self, FetchedKeys, TokenSources},
+    },
     routing::{Destination, HttpAction, HttpRule, RouteMatch, host::resolve_host, total_weight},
     state::State,
 };
@@ -303,6 +306,9 @@ pub struct Agent<'a> {
     pub trust_domain: Option<&'a str>,
     /// What becomes of connections to destinations the mesh does not know.
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// The key sets the agent fetched for RequestAuthentication, to validate a token the
+    /// request carries as the destination's proxy would.
+    pub jwt_keys: &'a dyn FetchedKeys,
 }
 
 /// Explains `request` against `state`.
@@ -1125,13 +1131,28 @@ impl Explainer<'_> {
         let request = request.unwrap_or(&self.client.parts);
         let path =
             normalize_path(request.uri.path()).unwrap_or_else(|| request.uri.path().to_string());
+        let tokens = TokenSources {
+            headers: &request.headers,
+            query: request.uri.query(),
+        };
+        let specs = policies.request_authentications(destination);
+        let auth = match jwt::authenticate(&specs, tokens, self.agent.jwt_keys) {
+            Ok(authenticated) => authenticated.auth,
+            Err(error) => {
+                check.outcome = Outcome::Denied {
+                    by: "RequestAuthentication".into(),
+                    reason: format!("{error} (401)"),
+                };
+                check.detail = "the request's token is refused".into();
+                return check;
+            }
+        };
         let attributes_l7 = RequestAttributes {
             method: request.method.as_str(),
             path: &path,
             host: request_host(&request.uri, &request.headers),
             headers: &request.headers,
-            // Explaining does not validate tokens: the keys are the agent's.
-            auth: None,
+            auth: auth.as_ref(),
         };
         let verdict = authorize_request(policies, destination, &caller, address, &attributes_l7);
         if verdict.is_allowed() {

@@ -62,6 +62,17 @@ pub struct JwksCache {
     sets: RwLock<BTreeMap<RemoteJwks, Entry>>,
 }
 
+impl std::fmt::Debug for JwksCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sets = self.sets.read();
+        let uris: Vec<(&str, bool)> = sets
+            .iter()
+            .map(|(source, entry)| (source.uri.as_str(), entry.keys.is_some()))
+            .collect();
+        f.debug_struct("JwksCache").field("fetched", &uris).finish()
+    }
+}
+
 struct Entry {
     keys: Option<Arc<JwkSet>>,
     next_fetch: Instant,

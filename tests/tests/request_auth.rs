@@ -290,11 +290,20 @@ fn jwts_are_validated_against_fetched_rotated_keys_and_policies_require_them() {
         "the token is not forwarded: {seen}"
     );
     assert_eq!(scene.get(None)["status"], 200);
-    let expired = scene.get(Some(
-        &issuer.sign_with("first", &claims(ISSUER, -3600, &["group1"])),
-    ));
+    let expired_token = issuer.sign_with("first", &claims(ISSUER, -3600, &["group1"]));
+    let expired = scene.get(Some(&expired_token));
     assert_eq!(expired["status"], 401, "{expired}");
     assert_eq!(expired["body"], "Jwt is expired");
+    // `debug explain`, asked of the destination's agent (which holds the keys), agrees.
+    let header = format!("authorization:Bearer {expired_token}");
+    let explained = scene.cluster.debug(
+        1,
+        &["explain", "productpage", "reviews", "--header", &header],
+    );
+    assert!(
+        explained.contains("DENIED by RequestAuthentication: Jwt is expired (401)"),
+        "{explained}"
+    );
     let stranger = scene.get(Some(
         &issuer.sign_with("first", &claims("someone@else.example", 600, &["group1"])),
     ));

@@ -153,6 +153,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     let connections = Arc::new(Connections::default());
     let drain = CancellationToken::new();
     let jwks = Arc::new(JwksCache::default());
+    let jwks_for_admin = jwks.clone();
     tasks.spawn(jwks::keep_fresh(
         jwks.clone(),
         state_rx.clone(),
@@ -227,6 +228,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         log,
         connections: connections.clone(),
         outbound_traffic_policy: config.outbound_traffic_policy,
+        jwt_keys: jwks_for_admin,
     };
     tasks.spawn(endpoints::serve(
         admin_listener,

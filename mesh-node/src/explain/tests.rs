@@ -1,7 +1,10 @@
 use serde::Deserialize;
 
 use super::*;
-use crate::config::{Object, object_from_yaml, translate, validate};
+use crate::{
+    config::{Object, object_from_yaml, translate, validate},
+    policy::jwt::NothingFetched,
+};
 
 // === helpers ===
 
@@ -96,6 +99,7 @@ const MTLS: Agent<'static> = Agent {
     node: "node0",
     trust_domain: Some("cluster.local"),
     outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
+    jwt_keys: &NothingFetched,
 };
 
 fn ask(source: &str, destination: &str, port: Option<u16>) -> ExplainRequest {
@@ -625,4 +629,57 @@ fn a_service_entry_destination_is_explained_where_it_goes() {
     assert_eq!(declared.unwrap().verdict, Outcome::Allowed);
     let allow_any = explain(&state, MTLS, &ask("productpage", "198.51.100.1", Some(443))).unwrap();
     assert_eq!(allow_any.verdict, Outcome::Allowed);
+}
+
+#[test]
+fn a_request_s_token_is_validated_as_the_destination_would() {
+    use crate::policy::jwt::tests::{SigningKey, jwks, now};
+    let key = SigningKey::new("k1");
+    let state = bookinfo_with(&format!(
+        "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: reviews}}}}
+  jwtRules: [{{issuer: me, jwks: '{}'}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: require-jwt, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: reviews}}}}
+  rules: [{{from: [{{source: {{requestPrincipals: [me/alice]}}}}]}}]
+",
+        jwks(&[&key])
+    ));
+    let with_token = |claims: serde_json::Value| ExplainRequest {
+        headers: vec![(
+            "authorization".into(),
+            format!("Bearer {}", key.sign(&claims)),
+        )],
+        ..http("GET", "/", "reviews")
+    };
+    let alice = explained(
+        &state,
+        &with_token(serde_json::json!({"iss": "me", "sub": "alice", "exp": now() + 600})),
+    );
+    assert_eq!(alice.verdict, Outcome::Allowed, "{alice:?}");
+    let expired = explained(
+        &state,
+        &with_token(serde_json::json!({"iss": "me", "sub": "alice", "exp": now() - 3600})),
+    );
+    assert_eq!(
+        expired.verdict.to_string(),
+        "DENIED by RequestAuthentication: Jwt is expired (401)"
+    );
+    let bob = explained(
+        &state,
+        &with_token(serde_json::json!({"iss": "me", "sub": "bob", "exp": now() + 600})),
+    );
+    assert_eq!(
+        bob.verdict.to_string(),
+        "DENIED by AuthorizationPolicy default/require-jwt: no ALLOW policy matched"
+    );
+    let anonymous = explained(&state, &http("GET", "/", "reviews"));
+    assert!(matches!(anonymous.verdict, Outcome::Denied { .. }));
 }

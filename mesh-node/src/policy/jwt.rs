@@ -22,8 +22,18 @@ const CLOCK_SKEW_SECONDS: u64 = 60;
 
 /// The keys the agent fetched for remote key sets; `None` while a key set has not been
 /// fetched (or could not be): its tokens are then refused.
-pub trait FetchedKeys {
+pub trait FetchedKeys: std::fmt::Debug + Send + Sync {
     fn keys(&self, source: &RemoteJwks) -> Option<Arc<JwkSet>>;
+}
+
+/// No key set fetched (yet): only inline keys validate.
+#[derive(Debug)]
+pub struct NothingFetched;
+
+impl FetchedKeys for NothingFetched {
+    fn keys(&self, _: &RemoteJwks) -> Option<Arc<JwkSet>> {
+        None
+    }
 }
 
 /// What a validated token tells about the request (`request.auth.*`).

@@ -78,6 +78,7 @@ fn inline(key: &SigningKey) -> RequestAuthenticationSpec {
 }
 
 /// A store whose remote key sets were all fetched as `keys` (or never, with `None`).
+#[derive(Debug)]
 struct Fetched(Option<Arc<JwkSet>>);
 
 impl FetchedKeys for Fetched {
