@@ -6,6 +6,7 @@ pub mod hbone;
 pub mod http;
 mod inbound;
 pub mod node_probes;
+mod originate;
 mod outbound;
 mod resolve;
 mod socket;

@@ -62,7 +62,9 @@ pub use rule::{
 };
 use serde::Serialize;
 use traffic_policy::PolicySection;
-pub use traffic_policy::{ConnectionPool, HashKey, LoadBalancer, OutlierDetection, TrafficPolicy};
+pub use traffic_policy::{
+    ConnectionPool, HashKey, LoadBalancer, OutlierDetection, TlsOrigination, TrafficPolicy,
+};
 pub use virtual_service::VirtualServiceSpec;
 
 #[cfg(doc)]
@@ -176,6 +178,9 @@ pub struct Routes {
     /// Merged DestinationRules by Service.
     #[serde(serialize_with = "build::by_name")]
     destination_rules: BTreeMap<ObjectKey, DestinationPolicy>,
+    /// DestinationRules for hosts outside the cluster's Services (ServiceEntry hosts), by
+    /// host: their policy (TLS origination) applies to traffic to that host.
+    external_destination_rules: BTreeMap<String, DestinationPolicy>,
 }
 
 /// The rules that apply to one Service.
@@ -270,6 +275,17 @@ impl Routes {
 
     /// Merged policy: DR top level < top-level portLevelSettings for `port` < subset < subset portLevelSettings
     /// (each present section replaces the one below it). Default when no DR.
+    /// The policy for traffic to a ServiceEntry's `host` on `port` (no subsets: the
+    /// entry's endpoints carry no labels the mesh reads).
+    pub fn external_traffic_policy(&self, host: &str, port: u16) -> TrafficPolicy {
+        let Some(rule) = self.external_destination_rules.get(host) else {
+            return TrafficPolicy::default();
+        };
+        let mut merged = PolicySection::default();
+        rule.policy.overlay_onto(&mut merged, port);
+        merged.into_policy()
+    }
+
     pub fn traffic_policy(
         &self,
         service: &ObjectKey,

@@ -179,3 +179,163 @@ spec:
     assert!(scene.answer(&undeclared).is_err());
     assert_eq!(scene.answer(&declared).as_deref(), Ok("declared"));
 }
+
+/// A certificate authority the test made, and an HTTPS server on a host outside the mesh
+/// whose certificate it signed.
+struct HttpsServer {
+    ca_pem: String,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl HttpsServer {
+    /// Serves `name`'s certificate on `port` of `netns`; every request gets 200 and a body
+    /// saying it came over TLS for the SNI the client sent.
+    fn start(netns: &str, ip: &str, port: u16, name: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("a key"))
+            .expect("a CA");
+        let server_key = KeyPair::generate().expect("a key");
+        let server = CertificateParams::new(vec![name.to_owned()])
+            .expect("server params")
+            .signed_by(&server_key, &ca)
+            .expect("a server certificate");
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS 1.3")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![server.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
+        )
+        .expect("a server config");
+        let address = format!("{ip}:{port}");
+        let listener = mesh_tests::run_in_netns(netns, || std::net::TcpListener::bind(&address))
+            .expect("a listener on the outside host");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let thread = std::thread::spawn(move || serve_https(listener, config));
+        Self {
+            ca_pem: ca.pem(),
+            _thread: thread,
+        }
+    }
+}
+
+fn serve_https(listener: std::net::TcpListener, config: rustls::ServerConfig) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_owned();
+                let mut request = vec![0; 4096];
+                let _ = tls.read(&mut request).await;
+                let body = format!("over TLS for {sni}");
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(response.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+}
+
+const ORIGINATED_VIP: &str = "240.240.0.2";
+
+fn origination(outside: &str, ca_file: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure-api, namespace: default}}
+spec:
+  hosts: [secure.external.example]
+  addresses: [{ORIGINATED_VIP}]
+  ports:
+  - {{number: 80, name: http-port, protocol: HTTP, targetPort: 8443}}
+  resolution: STATIC
+  endpoints:
+  - address: {outside}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: secure-api, namespace: default}}
+spec:
+  host: secure.external.example
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 80}}
+      tls:
+        mode: SIMPLE
+        caCertificates: {ca_file}
+"
+    )
+}
+
+#[test]
+fn a_destination_rule_originates_tls_to_a_service_entry_host_checking_its_ca() {
+    if skip() {
+        return;
+    }
+    let scene = Scene::new("egress_tls_origination");
+    let api_host = scene
+        .cluster
+        .pods()
+        .iter()
+        .find(|p| p.name == "api-host")
+        .expect("the outside host")
+        .clone();
+    let https = HttpsServer::start(
+        &api_host.netns,
+        &scene.outside,
+        8443,
+        "secure.external.example",
+    );
+    let ca_file = scene.cluster.work_dir().join("secure-api-ca.pem");
+    std::fs::write(&ca_file, &https.ca_pem).expect("writing the CA");
+    let ca_file = ca_file.display().to_string();
+    apply_config(
+        &scene.cluster,
+        "origination.yaml",
+        &origination(&scene.outside, &ca_file),
+        0.0,
+    );
+    // The app speaks plain HTTP to port 80; the proxy opens TLS to 8443, with the host as
+    // SNI, and checks the server against the CA the rule names.
+    let url = format!("http://{ORIGINATED_VIP}:80/");
+    let response = bookinfo::http(&scene.cluster, &scene.client, &url, &[]).remove(0);
+    assert_eq!(response["status"], 200, "{response}");
+    assert_eq!(response["body"], "over TLS for secure.external.example");
+    assert_eq!(scene.opened_to("secure.external.example"), 1.0);
+
+    // A CA that did not sign the server: the connection is closed, never sent in plaintext.
+    let other_ca = HttpsServer::start(&api_host.netns, &scene.outside, 8444, "unused");
+    std::fs::write(&ca_file, &other_ca.ca_pem).expect("writing another CA");
+    let refused = scene.answer(&format!("{ORIGINATED_VIP}:80"));
+    assert!(refused.is_err(), "TLS to an unverified server: {refused:?}");
+    assert_eq!(
+        metric(
+            &scene.cluster,
+            0,
+            "nodemesh_proxy_errors_total",
+            &[("direction", "outbound"), ("reason", "tls")],
+        ),
+        1.0
+    );
+}

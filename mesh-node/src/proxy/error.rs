@@ -39,6 +39,9 @@ pub enum ProxyError {
     NotRegistered(SocketAddr),
     #[error("looking up {host}: {source}")]
     Lookup { host: String, source: io::Error },
+    /// TLS origination (a DestinationRule's `tls.mode: SIMPLE`) could not be set up.
+    #[error("TLS origination: {0}")]
+    Originate(#[from] super::originate::OriginationError),
     /// Boxed: hyper's and hyper-util's connection errors differ.
     #[error("HTTP: {0}")]
     Http(#[source] BoxError),
@@ -108,6 +111,7 @@ impl ProxyError {
             ProxyError::NotLocal(_) => "not_local",
             ProxyError::NotRegistered(_) => "not_registered",
             ProxyError::Lookup { .. } => "dns_lookup",
+            ProxyError::Originate(_) => "tls_origination",
             ProxyError::Refused(Refused::OwnListener(_)) => "own_listener",
             ProxyError::Refused(Refused::MtlsRequired) => "mtls_required",
             ProxyError::Refused(Refused::Denied { .. }) => "authorization_denied",
@@ -132,7 +136,8 @@ impl ProxyError {
             | ProxyError::Tls(_)
             | ProxyError::Hbone(_)
             | ProxyError::NoSourceAddress
-            | ProxyError::Lookup { .. } => "UF",
+            | ProxyError::Lookup { .. }
+            | ProxyError::Originate(_) => "UF",
             ProxyError::Http(_) => "-",
             ProxyError::SharedDial(error) => error.response_flags(),
         }

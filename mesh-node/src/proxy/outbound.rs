@@ -8,6 +8,7 @@ use tracing::debug;
 use super::{
     CertificateError, PodContext, ProxyContext, ProxyError, Upstream,
     http::{self, Prefixed},
+    originate::originate,
     relay_counted, relay_plain_counted,
     socket::{Dial, connect_from_pod},
 };
@@ -178,7 +179,16 @@ async fn relay_l4(
             let mut stream =
                 connect_from_pod(pod, &proxy.home, upstream.addr(), Dial::Outbound).await?;
             debug!(%original, upstream = %upstream.addr(), "outbound connected");
-            if proxy.capture.loopback_accelerated() {
+            if let Upstream::External { service, .. } = &upstream
+                && let Some(tls) = state
+                    .routes
+                    .external_traffic_policy(&service.name, original.port())
+                    .tls_origination
+            {
+                let mut stream = originate(stream, &service.name, &tls).await?;
+                debug!(%original, host = %service.name, "outbound TLS originated");
+                relay_counted(&mut client, &mut stream, &connection, proxy).await;
+            } else if proxy.capture.loopback_accelerated() {
                 relay_counted(&mut client, &mut stream, &connection, proxy).await;
             } else {
                 relay_plain_counted(&mut client, &mut stream, &connection, proxy).await;

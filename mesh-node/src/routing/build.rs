@@ -136,6 +136,22 @@ impl Routes {
             }
         }
         for (id, spec) in &sorted {
+            // A rule for a ServiceEntry's host: the first one's policy, as for a Service.
+            if let RoutingSpec::DestinationRule(rule) = spec
+                && let Ok(compiled) = rule.compile(&id.namespace)
+                && let Some(host) = compiled.external_host
+            {
+                routes
+                    .external_destination_rules
+                    .entry(host)
+                    .or_insert_with(|| DestinationPolicy {
+                        origin: id.to_string(),
+                        policy: compiled.policy,
+                        subsets: BTreeMap::new(),
+                    });
+            }
+        }
+        for (id, spec) in &sorted {
             if let RoutingSpec::DestinationRule(rule) = spec
                 && let Ok(compiled) = rule.compile(&id.namespace)
                 && let Some(service) = compiled.host

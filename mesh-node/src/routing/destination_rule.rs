@@ -6,7 +6,10 @@ use serde::Deserialize;
 
 use super::{
     ConnectionPool, HashKey, LoadBalancer, OutlierDetection, PolicySection, RoutingError, Subset,
-    fields, host::resolve_host, traffic_policy::PolicyLayers, virtual_service::PortSelector,
+    fields,
+    host::resolve_host,
+    traffic_policy::{PolicyLayers, TlsOrigination, UpstreamTls},
+    virtual_service::PortSelector,
 };
 use crate::inventory::ObjectKey;
 
@@ -34,7 +37,23 @@ pub struct TrafficPolicySpec {
     pub load_balancer: Option<LoadBalancerSpec>,
     pub connection_pool: Option<ConnectionPoolSpec>,
     pub outlier_detection: Option<OutlierDetectionSpec>,
+    pub tls: Option<TlsSettingsSpec>,
     pub port_level_settings: Vec<PortTrafficPolicySpec>,
+}
+
+/// `trafficPolicy.tls`: TLS from the proxy to the upstream.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TlsSettingsSpec {
+    pub mode: Option<String>,
+    pub sni: Option<String>,
+    pub ca_certificates: Option<String>,
+    pub credential_name: Option<String>,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub subject_alt_names: Vec<String>,
+    pub insecure_skip_verify: Option<bool>,
+    pub ca_crl: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -44,6 +63,7 @@ pub struct PortTrafficPolicySpec {
     pub load_balancer: Option<LoadBalancerSpec>,
     pub connection_pool: Option<ConnectionPoolSpec>,
     pub outlier_detection: Option<OutlierDetectionSpec>,
+    pub tls: Option<TlsSettingsSpec>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -106,8 +126,11 @@ pub struct OutlierDetectionSpec {
 /// A DestinationRule as the mesh applies it.
 #[derive(Debug)]
 pub(super) struct CompiledDestinationRule {
-    /// `None` when the host names no Service: the rule is ignored.
+    /// `None` when the host names no Service.
     pub(super) host: Option<ObjectKey>,
+    /// The host when it names no Service and may be a ServiceEntry's (a name with a dot,
+    /// no wildcard): its policy applies to traffic to that host.
+    pub(super) external_host: Option<String>,
     pub(super) policy: PolicyLayers,
     pub(super) subsets: Vec<(String, Subset)>,
 }
@@ -168,8 +191,12 @@ impl DestinationRuleSpec {
                 },
             ));
         }
+        let host = self.service(namespace);
+        let external_host = (host.is_none() && self.host.contains('.') && !self.host.contains('*'))
+            .then(|| self.host.trim_end_matches('.').to_owned());
         Ok(CompiledDestinationRule {
-            host: self.service(namespace),
+            host,
+            external_host,
             policy,
             subsets,
         })
@@ -198,6 +225,7 @@ fn compile_policy(
             setting.load_balancer.as_ref(),
             setting.connection_pool.as_ref(),
             setting.outlier_detection.as_ref(),
+            setting.tls.as_ref(),
         )?;
         if ports.insert(port, section).is_some() {
             return Err(RoutingError::Invalid {
@@ -212,6 +240,7 @@ fn compile_policy(
             spec.load_balancer.as_ref(),
             spec.connection_pool.as_ref(),
             spec.outlier_detection.as_ref(),
+            spec.tls.as_ref(),
         )?,
         ports,
     })
@@ -222,8 +251,12 @@ fn compile_section(
     load_balancer: Option<&LoadBalancerSpec>,
     connection_pool: Option<&ConnectionPoolSpec>,
     outlier_detection: Option<&OutlierDetectionSpec>,
+    tls: Option<&TlsSettingsSpec>,
 ) -> Result<PolicySection, RoutingError> {
     Ok(PolicySection {
+        tls: tls
+            .map(|tls| tls.compile(&format!("{field}.tls")))
+            .transpose()?,
         load_balancer: load_balancer
             .map(|lb| lb.compile(&format!("{field}.loadBalancer")))
             .transpose()?,
@@ -234,6 +267,53 @@ fn compile_section(
             .map(|od| od.compile(&format!("{field}.outlierDetection")))
             .transpose()?,
     })
+}
+
+impl TlsSettingsSpec {
+    fn compile(&self, field: &str) -> Result<UpstreamTls, RoutingError> {
+        let unsupported = |at: &str, what: &str| RoutingError::Unsupported {
+            field: format!("{field}.{at}"),
+            what: what.to_string(),
+        };
+        let simple = match self.mode.as_deref() {
+            None | Some("DISABLE" | "ISTIO_MUTUAL") => return Ok(UpstreamTls::Off),
+            Some("SIMPLE") => UpstreamTls::Simple(TlsOrigination {
+                sni: self.sni.clone().filter(|s| !s.is_empty()),
+                ca_certificates: self.ca_certificates.clone().filter(|c| !c.is_empty()),
+            }),
+            Some("MUTUAL") => {
+                return Err(unsupported(
+                    "mode",
+                    "MUTUAL (a client certificate to the upstream)",
+                ));
+            }
+            Some(other) => {
+                return Err(RoutingError::Invalid {
+                    field: format!("{field}.mode"),
+                    reason: format!(
+                        "{other:?} is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL"
+                    ),
+                });
+            }
+        };
+        // Each of these would change what the proxy trusts: refused rather than ignored.
+        if self.credential_name.is_some() {
+            return Err(unsupported("credentialName", "a CA from a Secret"));
+        }
+        if !self.subject_alt_names.is_empty() {
+            return Err(unsupported(
+                "subjectAltNames",
+                "checking names other than the SNI",
+            ));
+        }
+        if self.insecure_skip_verify == Some(true) {
+            return Err(unsupported("insecureSkipVerify", "skipping verification"));
+        }
+        if self.ca_crl.is_some() {
+            return Err(unsupported("caCrl", "a certificate revocation list"));
+        }
+        Ok(simple)
+    }
 }
 
 impl LoadBalancerSpec {

@@ -1690,3 +1690,93 @@ spec:
         ]
     );
 }
+
+#[test]
+fn tls_origination_applies_to_a_service_entry_host_per_port() {
+    let routes = routes_without_rejections(
+        "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: cnn, namespace: shop}
+spec:
+  host: edition.cnn.com
+  trafficPolicy:
+    tls: {mode: SIMPLE}
+    portLevelSettings:
+    - port: {number: 80}
+      tls: {mode: SIMPLE, sni: www.cnn.com, caCertificates: /etc/certs/ca.pem}
+    - port: {number: 8080}
+      tls: {mode: DISABLE}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+",
+    );
+    let at = |port| {
+        routes
+            .external_traffic_policy("edition.cnn.com", port)
+            .tls_origination
+    };
+    assert_eq!(
+        at(80),
+        Some(TlsOrigination {
+            sni: Some("www.cnn.com".into()),
+            ca_certificates: Some("/etc/certs/ca.pem".into())
+        })
+    );
+    assert_eq!(
+        at(443),
+        Some(TlsOrigination {
+            sni: None,
+            ca_certificates: None
+        }),
+        "the rule's own level"
+    );
+    assert_eq!(at(8080), None, "DISABLE at the port wins");
+    assert_eq!(
+        routes
+            .external_traffic_policy("other.example.com", 80)
+            .tls_origination,
+        None
+    );
+    // ISTIO_MUTUAL between pods of the mesh: HBONE is the TLS, nothing to originate.
+    assert_eq!(
+        routes
+            .traffic_policy(&shop("reviews"), None, 9080)
+            .tls_origination,
+        None
+    );
+}
+
+#[test]
+fn tls_settings_that_would_change_what_is_trusted_are_refused() {
+    let rule = |tls: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: x, namespace: shop}}
+spec:
+  host: api.example.com
+  trafficPolicy: {{tls: {tls}}}
+"
+        )
+    };
+    assert_rejected(&rule("{mode: MUTUAL}"), &["tls.mode", "MUTUAL"]);
+    assert_rejected(
+        &rule("{mode: SIMPLE, credentialName: api-ca}"),
+        &["credentialName", "not supported"],
+    );
+    assert_rejected(
+        &rule("{mode: SIMPLE, subjectAltNames: [a.example.com]}"),
+        &["subjectAltNames"],
+    );
+    assert_rejected(
+        &rule("{mode: SIMPLE, insecureSkipVerify: true}"),
+        &["insecureSkipVerify"],
+    );
+    assert_rejected(&rule("{mode: simple}"), &["tls.mode", "is not one of"]);
+}

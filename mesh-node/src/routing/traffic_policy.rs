@@ -12,6 +12,27 @@ pub struct TrafficPolicy {
     pub connection_pool: ConnectionPool,
     /// `None`: no outlier detection.
     pub outlier_detection: Option<OutlierDetection>,
+    /// `tls.mode: SIMPLE`: the proxy opens TLS to the upstream (ServiceEntry hosts only;
+    /// between pods of the mesh, HBONE is the TLS).
+    pub tls_origination: Option<TlsOrigination>,
+}
+
+/// TLS the proxy opens to an upstream outside the mesh (a DestinationRule's
+/// `tls.mode: SIMPLE`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TlsOrigination {
+    /// The name sent (SNI) and checked in the server's certificate; default: the host.
+    pub sni: Option<String>,
+    /// PEM file of the CA certificates the server's chain must end in; default: the
+    /// system's roots.
+    pub ca_certificates: Option<String>,
+}
+
+/// A level's `tls`: originate, or not (`DISABLE`, `ISTIO_MUTUAL`: the mesh decides).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub(super) enum UpstreamTls {
+    Off,
+    Simple(TlsOrigination),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -92,6 +113,7 @@ pub(super) struct PolicySection {
     pub(super) load_balancer: Option<LoadBalancer>,
     pub(super) connection_pool: Option<ConnectionPool>,
     pub(super) outlier_detection: Option<OutlierDetection>,
+    pub(super) tls: Option<UpstreamTls>,
 }
 
 impl PolicySection {
@@ -106,6 +128,9 @@ impl PolicySection {
         if upper.outlier_detection.is_some() {
             self.outlier_detection.clone_from(&upper.outlier_detection);
         }
+        if upper.tls.is_some() {
+            self.tls.clone_from(&upper.tls);
+        }
     }
 
     pub(super) fn into_policy(self) -> TrafficPolicy {
@@ -113,6 +138,10 @@ impl PolicySection {
             load_balancer: self.load_balancer.unwrap_or_default(),
             connection_pool: self.connection_pool.unwrap_or_default(),
             outlier_detection: self.outlier_detection,
+            tls_origination: match self.tls {
+                Some(UpstreamTls::Simple(origination)) => Some(origination),
+                Some(UpstreamTls::Off) | None => None,
+            },
         }
     }
 }
