@@ -410,17 +410,14 @@ impl<'a> Target<'a> {
             .values()
             .find(|s| s.external.is_some() && s.key.name == destination && s.visible_to(namespace));
         if let Some(service) = entry {
-            return Ok(match service.cluster_ips.first() {
-                Some(dialed) => Target::Service {
-                    service,
-                    dialed: *dialed,
-                },
-                None => Target::Nothing(format!(
-                    "ServiceEntry host {} has no addresses: connections to its own \
-                     addresses are not matched to it (docs/egress.md)",
-                    service.key
-                )),
-            });
+            // Without addresses the pod dials what its DNS answers, which the mesh does not
+            // know: the request's Host names the entry.
+            let dialed = service
+                .cluster_ips
+                .first()
+                .copied()
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+            return Ok(Target::Service { service, dialed });
         }
         if destination.contains('/') {
             let key = pod_key(destination);
@@ -734,7 +731,16 @@ impl Explainer<'_> {
                 .and_then(|name| endpoint.ports.get(name).copied())
                 .unwrap_or(target_port)
         };
+        if service.cluster_ips.is_empty() {
+            self.notes.push(format!(
+                "ServiceEntry host {} has no addresses: a connection to an address the mesh \
+                 does not know on port {port} is matched to it by the Host of its first \
+                 HTTP/1 request",
+                service.key
+            ));
+        }
         let route = match external.resolution {
+            Resolution::None if dialed.is_unspecified() => "to where the app asked".to_string(),
             Resolution::None => {
                 format!("to where the app asked, {}", SocketAddr::new(dialed, port))
             }

@@ -33,6 +33,9 @@ pub struct State {
     pub origins: Arc<BTreeMap<String, Arc<str>>>,
     workload_by_ip: HashMap<IpAddr, ObjectKey>,
     service_by_ip: HashMap<IpAddr, ObjectKey>,
+    /// ServiceEntry hosts without addresses, by the ports they list: matched by the Host
+    /// of the HTTP a pod sends to an address the mesh does not know.
+    hosts_by_port: HashMap<u16, Vec<ObjectKey>>,
 }
 
 impl State {
@@ -58,6 +61,18 @@ impl State {
             .chain(kubernetes)
             .flat_map(|s| s.cluster_ips.iter().map(|ip| (*ip, s.key.clone())))
             .collect();
+        let mut hosts_by_port: HashMap<u16, Vec<ObjectKey>> = HashMap::new();
+        for service in services
+            .values()
+            .filter(|s| s.external.is_some() && s.cluster_ips.is_empty())
+        {
+            for port in &service.ports {
+                hosts_by_port
+                    .entry(port.port)
+                    .or_default()
+                    .push(service.key.clone());
+            }
+        }
         Self {
             namespaces,
             workloads,
@@ -68,7 +83,51 @@ impl State {
             origins: Arc::default(),
             workload_by_ip,
             service_by_ip,
+            hosts_by_port,
         }
+    }
+
+    /// Whether pods of `namespace` have ServiceEntry hosts without addresses on `port`.
+    pub fn has_hosts_on_port(&self, port: u16, namespace: &str) -> bool {
+        self.hosts_by_port.get(&port).is_some_and(|keys| {
+            keys.iter()
+                .filter_map(|key| self.services.get(key))
+                .any(|service| service.visible_to(namespace))
+        })
+    }
+
+    /// The ServiceEntry host without addresses that `host` (a Host header, its port
+    /// ignored) names on `port` for pods of `namespace`: an exact host first, then the
+    /// longest wildcard (`*.example.com`).
+    pub fn host_on_port(&self, host: &str, port: u16, namespace: &str) -> Option<&Service> {
+        let name = host
+            .rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(name, _)| name)
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let candidates = self
+            .hosts_by_port
+            .get(&port)?
+            .iter()
+            .filter_map(|key| self.services.get(key))
+            .filter(|service| service.visible_to(namespace));
+        let mut best: Option<&Service> = None;
+        for service in candidates {
+            let pattern = service.key.name.to_ascii_lowercase();
+            let specificity = match pattern.strip_prefix('*') {
+                None if pattern == name => usize::MAX,
+                Some(suffix) if name.ends_with(suffix) && name.len() > suffix.len() => suffix.len(),
+                _ => continue,
+            };
+            let best_specificity = best.map_or(0, |b| {
+                b.key.name.strip_prefix('*').map_or(usize::MAX, str::len)
+            });
+            if best.is_none() || specificity > best_specificity {
+                best = Some(service);
+            }
+        }
+        best
     }
 
     /// The pod `key` as the state knows it or, for a pod it does not know yet (the CNI

@@ -188,16 +188,17 @@ struct HttpsServer {
 }
 
 impl HttpsServer {
-    /// Serves `name`'s certificate on `port` of `netns`; every request gets 200 and a body
-    /// saying it came over TLS for the SNI the client sent.
-    fn start(netns: &str, ip: &str, port: u16, name: &str) -> Self {
+    /// Serves a certificate for `names` on `port` of `netns`; every request gets 200 and a
+    /// body saying it came over TLS for the SNI the client sent.
+    fn start(netns: &str, ip: &str, port: u16, names: &[&str]) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("a key"))
             .expect("a CA");
         let server_key = KeyPair::generate().expect("a key");
-        let server = CertificateParams::new(vec![name.to_owned()])
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let server = CertificateParams::new(names)
             .expect("server params")
             .signed_by(&server_key, &ca)
             .expect("a server certificate");
@@ -258,6 +259,8 @@ fn serve_https(listener: std::net::TcpListener, config: rustls::ServerConfig) {
 }
 
 const ORIGINATED_VIP: &str = "240.240.0.2";
+/// An address no host has: only a ServiceEntry's endpoint makes a connection to it work.
+const UNKNOWN_ADDRESS: &str = "203.0.113.7";
 
 fn origination(outside: &str, ca_file: &str) -> String {
     format!(
@@ -272,6 +275,27 @@ spec:
   resolution: STATIC
   endpoints:
   - address: {outside}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: hosted-api, namespace: default}}
+spec:
+  hosts: [hosted.external.example]
+  ports:
+  - {{number: 80, name: http-port, protocol: HTTP, targetPort: 8443}}
+  resolution: STATIC
+  endpoints:
+  - address: {outside}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: hosted-api, namespace: default}}
+spec:
+  host: hosted.external.example
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+      caCertificates: {ca_file}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -305,7 +329,7 @@ fn a_destination_rule_originates_tls_to_a_service_entry_host_checking_its_ca() {
         &api_host.netns,
         &scene.outside,
         8443,
-        "secure.external.example",
+        &["secure.external.example", "hosted.external.example"],
     );
     let ca_file = scene.cluster.work_dir().join("secure-api-ca.pem");
     std::fs::write(&ca_file, &https.ca_pem).expect("writing the CA");
@@ -324,8 +348,22 @@ fn a_destination_rule_originates_tls_to_a_service_entry_host_checking_its_ca() {
     assert_eq!(response["body"], "over TLS for secure.external.example");
     assert_eq!(scene.opened_to("secure.external.example"), 1.0);
 
+    // Without addresses, as in Istio's own task: the pod dials whatever its DNS answered
+    // (here an address nobody has); the request's Host names the entry.
+    let hosted = format!("http://{UNKNOWN_ADDRESS}:80/");
+    let response = bookinfo::http(
+        &scene.cluster,
+        &scene.client,
+        &hosted,
+        &["--header", "host: hosted.external.example"],
+    )
+    .remove(0);
+    assert_eq!(response["status"], 200, "{response}");
+    assert_eq!(response["body"], "over TLS for hosted.external.example");
+    assert_eq!(scene.opened_to("hosted.external.example"), 1.0);
+
     // A CA that did not sign the server: the connection is closed, never sent in plaintext.
-    let other_ca = HttpsServer::start(&api_host.netns, &scene.outside, 8444, "unused");
+    let other_ca = HttpsServer::start(&api_host.netns, &scene.outside, 8444, &["unused"]);
     std::fs::write(&ca_file, &other_ca.ca_pem).expect("writing another CA");
     let refused = scene.answer(&format!("{ORIGINATED_VIP}:80"));
     assert!(refused.is_err(), "TLS to an unverified server: {refused:?}");

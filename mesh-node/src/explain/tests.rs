@@ -627,6 +627,31 @@ fn a_service_entry_destination_is_explained_where_it_goes() {
         &ask("productpage", "203.0.113.10", Some(443)),
     );
     assert_eq!(declared.unwrap().verdict, Outcome::Allowed);
+    let hosted = bookinfo_with(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cnn, namespace: default}
+spec:
+  hosts: [edition.cnn.com]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}]
+  resolution: DNS
+",
+    );
+    let cnn = explain(
+        &hosted,
+        MTLS,
+        &ask("productpage", "edition.cnn.com", Some(80)),
+    )
+    .unwrap();
+    assert_eq!(
+        cnn.route,
+        "to edition.cnn.com:443, looked up when the connection opens"
+    );
+    assert!(
+        cnn.notes.iter().any(|n| n.contains("by the Host")),
+        "{:?}",
+        cnn.notes
+    );
     let allow_any = explain(&state, MTLS, &ask("productpage", "198.51.100.1", Some(443))).unwrap();
     assert_eq!(allow_any.verdict, Outcome::Allowed);
 }

@@ -86,6 +86,40 @@ pub async fn sniff<S: AsyncRead + Unpin>(mut stream: S) -> (Prefixed<S>, bool) {
     (Prefixed::new(Bytes::from(prefix), stream), is_http)
 }
 
+/// The most of a request's head [`peek_host`] reads for its Host.
+const HOST_PEEK_BYTES: usize = 16 * 1024;
+
+/// Reads the first HTTP/1 request's head, within the sniffing time and at most 16 KiB, and
+/// returns its `Host`, every byte read put back in front of the stream. `None`: not HTTP/1,
+/// no Host, or too slow or too long to tell.
+pub async fn peek_host<S: AsyncRead + Unpin>(mut stream: S) -> (Prefixed<S>, Option<String>) {
+    let mut head = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    let host = loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => {
+                break request
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("host"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(|h| h.trim().to_owned());
+            }
+            Ok(httparse::Status::Partial) if head.len() < HOST_PEEK_BYTES => {}
+            _ => break None,
+        }
+        let mut chunk = [0u8; 4096];
+        let want = chunk.len().min(HOST_PEEK_BYTES - head.len());
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk[..want])).await {
+            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&chunk[..n]),
+            _ => break None,
+        }
+    };
+    (Prefixed::new(Bytes::from(head), stream), host)
+}
+
 /// A stream with bytes already read from it put back in front.
 pub struct Prefixed<S> {
     prefix: Bytes,

@@ -109,10 +109,29 @@ async fn proxy_to(
             .map_err(ProxyError::Http);
         }
         client
+    } else if state.service_by_ip(original.ip()).is_none()
+        && state.workload_by_ip(original.ip()).is_none()
+        && state.has_hosts_on_port(original.port(), &pod.key.namespace)
+    {
+        // An address the mesh does not know, on a port ServiceEntry hosts without addresses
+        // list: the request's Host names the entry (the first request's, for the whole
+        // connection).
+        let (client, host) = http::peek_host(client).await;
+        let entry =
+            host.and_then(|host| state.host_on_port(&host, original.port(), &pod.key.namespace));
+        if let Some(entry) = entry {
+            debug!(%original, host = %entry.key.name, "outbound to a ServiceEntry host");
+            let upstream = proxy.resolver.resolve_entry(entry, original)?;
+            return relay_l4(client, original, upstream, started, pod, proxy, &state).await;
+        }
+        client
     } else {
         Prefixed::new(Bytes::new(), client)
     };
-    relay_l4(client, original, started, pod, proxy, &state).await
+    let upstream = proxy
+        .resolver
+        .resolve(&state, &pod.key.namespace, original)?;
+    relay_l4(client, original, upstream, started, pod, proxy, &state).await
 }
 
 /// Relays a connection that is not HTTP (or not on an HTTP port) as bytes: to the
@@ -120,16 +139,13 @@ async fn proxy_to(
 async fn relay_l4(
     mut client: Prefixed<TcpStream>,
     original: SocketAddr,
+    upstream: Upstream,
     started: Started,
     pod: &PodContext,
     proxy: &ProxyContext,
     state: &State,
 ) -> Result<(), ProxyError> {
-    let upstream = proxy
-        .resolver
-        .resolve(state, &pod.key.namespace, original)?
-        .looked_up()
-        .await?;
+    let upstream = upstream.looked_up().await?;
     let source = state.workloads.get(&pod.key);
     let destination = match &upstream {
         Upstream::Service { endpoint, .. } => state.workloads.get(endpoint),

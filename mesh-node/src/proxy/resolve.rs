@@ -191,6 +191,12 @@ impl Resolver {
         }
     }
 
+    /// Where a connection to `dst` that a ServiceEntry host without addresses claimed (by
+    /// the request's Host) goes.
+    pub fn resolve_entry(&self, entry: &Service, dst: SocketAddr) -> Result<Upstream, ProxyError> {
+        self.external(entry, dst)
+    }
+
     /// A destination of a ServiceEntry: where the app asked, or its endpoints in turn.
     fn external(&self, service: &Service, dst: SocketAddr) -> Result<Upstream, ProxyError> {
         let external = service.external.as_ref().expect("a ServiceEntry's Service");

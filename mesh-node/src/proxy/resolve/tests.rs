@@ -254,3 +254,67 @@ fn registry_only_refuses_what_the_mesh_does_not_know() {
     assert!(resolve("shop", "10.96.0.1:80").is_ok(), "a Service");
     assert!(resolve("shop", "10.0.0.3:7").is_ok(), "a pod");
 }
+
+#[test]
+fn entries_without_addresses_are_found_by_host_and_port() {
+    let state = state(
+        "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: exact, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wildcard, namespace: shop}
+spec:
+  hosts: ['*.example.com', '*.eu.example.com']
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: private, namespace: billing}
+spec:
+  hosts: [pay.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  exportTo: ['.']
+",
+    );
+    let found = |host: &str, port: u16, ns: &str| {
+        state
+            .host_on_port(host, port, ns)
+            .map(|s| s.key.name.clone())
+    };
+    assert_eq!(
+        found("api.example.com", 80, "shop").as_deref(),
+        Some("api.example.com")
+    );
+    assert_eq!(
+        found("API.example.com:80", 80, "shop").as_deref(),
+        Some("api.example.com"),
+        "case and port do not matter"
+    );
+    assert_eq!(
+        found("www.example.com", 80, "shop").as_deref(),
+        Some("*.example.com")
+    );
+    assert_eq!(
+        found("a.eu.example.com", 80, "shop").as_deref(),
+        Some("*.eu.example.com"),
+        "the longest wildcard"
+    );
+    assert_eq!(found("example.com", 80, "shop"), None);
+    assert_eq!(found("api.example.com", 443, "shop"), None, "another port");
+    assert_eq!(
+        found("pay.example.com", 80, "shop").as_deref(),
+        Some("*.example.com")
+    );
+    assert_eq!(
+        found("pay.example.com", 80, "billing").as_deref(),
+        Some("pay.example.com")
+    );
+    assert!(state.has_hosts_on_port(80, "shop") && !state.has_hosts_on_port(443, "shop"));
+}
