@@ -101,3 +101,46 @@ exportTo: ['.', billing]",
     let everywhere = spec(&format!("hosts: [a.example]\n{PORTS}")).services("shop");
     assert!(everywhere[0].visible_to("anyone"));
 }
+
+/// Every resource the README and docs/ show, of a kind the mesh reads, is accepted as it
+/// is written: the YAML users copy works.
+#[test]
+fn the_resources_the_docs_show_are_accepted() {
+    use serde::Deserialize as _;
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let mut pages = vec![format!("{root}/README.md")];
+    for entry in std::fs::read_dir(format!("{root}/docs")).expect("docs/") {
+        let path = entry.expect("a docs entry").path();
+        if path.extension().is_some_and(|e| e == "md") {
+            pages.push(path.display().to_string());
+        }
+    }
+    let mut checked = Vec::new();
+    for page in &pages {
+        let text = std::fs::read_to_string(page).expect("a page");
+        for block in text.split("```yaml\n").skip(1) {
+            let block = block.split("\n```").next().unwrap_or_default();
+            for document in serde_yaml::Deserializer::from_str(block) {
+                let Ok(value) = serde_yaml::Value::deserialize(document) else {
+                    continue; // placeholders: not a resource to copy as it is
+                };
+                match crate::config::object_from_yaml(value) {
+                    Ok(object) => checked.push(object.id().to_string()),
+                    Err(error) if error.ends_with("is not a kind the mesh reads") => {}
+                    Err(error) => panic!("{page}: a resource it shows is refused: {error}"),
+                }
+            }
+        }
+    }
+    for expected in [
+        "ServiceEntry default/edition-cnn-com",
+        "DestinationRule default/edition-cnn-com",
+        "RequestAuthentication foo/jwt-example",
+        "AuthorizationPolicy foo/require-jwt",
+    ] {
+        assert!(
+            checked.iter().any(|id| id == expected),
+            "{expected} not among {checked:?}"
+        );
+    }
+}
