@@ -153,18 +153,27 @@ fn retries(refresh: Duration) -> ExponentialBackoff {
         .build()
 }
 
-/// Fetches every key set the config names when it appears and every `refresh` after,
-/// until `shutdown`.
+/// Fetches the key sets that the RequestAuthentications of `node`'s enrolled pods name, when
+/// they appear and every `refresh` after, until `shutdown`. (Other nodes' pods are validated
+/// by their own agents.)
 pub async fn keep_fresh(
     cache: Arc<JwksCache>,
     mut state: StateRx,
+    node: String,
     refresh: Duration,
     metrics: NodeMetrics,
     shutdown: CancellationToken,
 ) {
     let client = client();
     loop {
-        let wanted = state.borrow_and_update().policies.remote_jwks();
+        let wanted = {
+            let state = state.borrow_and_update();
+            let local = state
+                .workloads
+                .values()
+                .filter(|w| w.node == node && w.enrolled);
+            state.policies.remote_jwks(local)
+        };
         cache.track(wanted, Instant::now());
         let due = cache.due(Instant::now());
         let fetches = due.iter().map(|source| fetch(&client, source));

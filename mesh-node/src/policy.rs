@@ -167,11 +167,16 @@ impl Policies {
             .collect()
     }
 
-    /// Every key set the mesh's RequestAuthentications fetch, for the agent to keep fresh.
-    pub fn remote_jwks(&self) -> std::collections::BTreeSet<RemoteJwks> {
-        self.request_authentications
-            .iter()
-            .flat_map(|p| &p.spec.jwt_rules)
+    /// The key sets the RequestAuthentications of `workloads` fetch: what an agent keeps
+    /// fresh for the pods of its node, whose requests its proxy validates.
+    pub fn remote_jwks<'w>(
+        &self,
+        workloads: impl IntoIterator<Item = &'w Workload>,
+    ) -> std::collections::BTreeSet<RemoteJwks> {
+        workloads
+            .into_iter()
+            .flat_map(|workload| self.request_authentications(workload))
+            .flat_map(|spec| &spec.jwt_rules)
             .filter_map(JwtRule::remote_jwks)
             .collect()
     }

@@ -109,7 +109,9 @@ async fn fetches_from_the_uri_or_through_discovery_and_refuses_what_is_not_a_key
     assert!(error("/big").await.contains("reading the answer"));
 }
 
-fn state_with(uri: &str) -> Arc<State> {
+/// A RequestAuthentication of namespace `shop` naming `uri`, and one pod of `shop` on `node`.
+fn state_with(uri: &str, node: &str) -> Arc<State> {
+    let pod = crate::inventory::Workload::for_test(node, "shop", "web", &[]);
     let spec: RequestAuthenticationSpec =
         serde_yaml::from_str(&format!("jwtRules:\n- issuer: me\n  jwksUri: {uri}")).unwrap();
     let policies = Policies {
@@ -121,7 +123,7 @@ fn state_with(uri: &str) -> Arc<State> {
     };
     Arc::new(State::new(
         BTreeMap::new(),
-        BTreeMap::new(),
+        BTreeMap::from([(pod.key.clone(), pod)]),
         BTreeMap::new(),
         policies,
         Default::default(),
@@ -146,13 +148,15 @@ async fn keys_are_refreshed_kept_when_a_refresh_fails_and_dropped_with_their_rul
     let (first, second) = (SigningKey::new("k1"), SigningKey::new("k2"));
     server.answer("/keys", StatusCode::OK, jwks(&[&first]));
     let uri = format!("http://{address}/keys");
-    let (state_tx, state_rx) = watch::channel(state_with(&uri));
+    // The rule's pods run on another node: that node's agent fetches, not this one.
+    let (state_tx, state_rx) = watch::channel(state_with(&uri, "node1"));
     let cache = Arc::new(JwksCache::default());
     let metrics = Metrics::new().unwrap();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(keep_fresh(
         cache.clone(),
         state_rx,
+        "node0".into(),
         Duration::from_millis(200),
         metrics.node.clone(),
         shutdown.clone(),
@@ -166,6 +170,9 @@ async fn keys_are_refreshed_kept_when_a_refresh_fails_and_dropped_with_their_rul
         };
         move || cache.keys(&remote).is_some_and(|k| k.find(kid).is_some())
     };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(*server.hits.lock(), 0, "no pod of this node needs the keys");
+    state_tx.send(state_with(&uri, "node0")).unwrap();
     wait_for("the first key set", has("k1")).await;
     // Rotated at the issuer: the next refresh brings the new key.
     server.answer("/keys", StatusCode::OK, jwks(&[&second]));
