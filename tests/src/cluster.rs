@@ -890,6 +890,17 @@ impl Cluster {
         netns::run_in_netns(self.node_netns(i), f)
     }
 
+    /// The access log lines node `i`'s agent wrote so far (`--access-log`): its log's JSON
+    /// lines with a `kind` (the agent's own log lines are text).
+    pub fn access_log(&self, i: usize) -> Vec<serde_json::Value> {
+        let log = fs::read_to_string(self.agent_log(i)).expect("agent log");
+        log.lines()
+            .filter(|line| line.starts_with('{'))
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line.get("kind").is_some())
+            .collect()
+    }
+
     /// `mesh-node debug <args>` inside node `i`'s netns (against its agent): what it printed.
     ///
     /// # Panics

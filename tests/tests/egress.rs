@@ -120,9 +120,15 @@ fn service_entries_name_external_hosts_and_registry_only_refuses_the_rest() {
 
     // REGISTRY_ONLY: what no ServiceEntry names is refused at the source; the rest stays.
     scene.cluster.stop_agent(0);
-    scene
-        .cluster
-        .start_agent(0, &["--outbound-traffic-policy", "REGISTRY_ONLY"]);
+    scene.cluster.start_agent(
+        0,
+        &[
+            "--outbound-traffic-policy",
+            "REGISTRY_ONLY",
+            "--access-log",
+            "full",
+        ],
+    );
     wait_enrolled(&scene.cluster, 0, 1);
     let refused = scene.answer(&undeclared);
     assert!(
@@ -137,6 +143,18 @@ fn service_entries_name_external_hosts_and_registry_only_refuses_the_rest() {
             &[("direction", "outbound"), ("reason", "not_registered")],
         ),
         1.0
+    );
+    // The access log says why, at the source.
+    let line = scene
+        .cluster
+        .access_log(0)
+        .into_iter()
+        .find(|line| line["upstream"] == undeclared)
+        .unwrap_or_else(|| panic!("no access log line for {undeclared}"));
+    assert_eq!(line["response_flags"], "NR", "{line}");
+    assert_eq!(
+        line["policy"], "outboundTrafficPolicy REGISTRY_ONLY",
+        "{line}"
     );
     assert_eq!(scene.answer(&declared).as_deref(), Ok("declared"));
     assert_eq!(scene.answer(&pinned).as_deref(), Ok("declared"));

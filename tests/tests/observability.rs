@@ -143,12 +143,7 @@ impl Scene {
     /// The access log lines node `i`'s agent wrote so far (its log's JSON lines with a
     /// `kind`; the agent's own log lines are text).
     fn access_log(&self, i: usize) -> Vec<Value> {
-        let log = std::fs::read_to_string(self.cluster.agent_log(i)).expect("agent log");
-        log.lines()
-            .filter(|line| line.starts_with('{'))
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|line| line.get("kind").is_some())
-            .collect()
+        self.cluster.access_log(i)
     }
 
     /// Waits for node `i`'s line that `matches`.
