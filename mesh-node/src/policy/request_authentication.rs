@@ -167,14 +167,51 @@ impl RequestAuthenticationSpec {
     /// refuses every token (no token can be validated against keys the mesh could not
     /// read), while requests without one pass as they would without the resource. So
     /// nothing reaches the app with a token the mesh did not check, and no request gains a
-    /// principal. A selector that cannot be read widens the selection to the namespace.
+    /// principal. Tokens are looked for at Istio's default places and at every place its
+    /// rules name that can still be read. A selector that cannot be read widens the
+    /// selection to the namespace.
     pub fn fail_closed(spec: &serde_yaml::Value) -> Self {
         let selector = spec
             .get("selector")
             .filter(|_| spec.get("targetRef").is_none() && spec.get("targetRefs").is_none())
             .and_then(|s| serde_yaml::from_value::<WorkloadSelector>(s.clone()).ok());
+        let rules = spec
+            .get("jwtRules")
+            .and_then(serde_yaml::Value::as_sequence)
+            .into_iter()
+            .flatten();
+        let names = |rule: &serde_yaml::Value, field: &str| -> Vec<String> {
+            let list = rule.get(field).and_then(serde_yaml::Value::as_sequence);
+            list.into_iter()
+                .flatten()
+                .filter_map(|entry| {
+                    entry
+                        .get("name")
+                        .unwrap_or(entry)
+                        .as_str()
+                        .filter(|name| !name.is_empty())
+                        .map(str::to_owned)
+                })
+                .collect()
+        };
+        // Only where tokens are read: these stand-ins validate nothing.
+        let places = rules
+            .map(|rule| JwtRule {
+                from_headers: names(rule, "fromHeaders")
+                    .into_iter()
+                    .map(|name| JwtHeader {
+                        name,
+                        prefix: String::new(),
+                    })
+                    .collect(),
+                from_params: names(rule, "fromParams"),
+                from_cookies: names(rule, "fromCookies"),
+                ..JwtRule::default()
+            })
+            .collect();
         Self {
             selector,
+            jwt_rules: places,
             refuses_every_token: true,
             ..Self::default()
         }
@@ -258,9 +295,10 @@ impl JwtRule {
     }
 
     /// The key set to fetch, when it is not inline: `jwksUri`, or else the issuer's OpenID
-    /// discovery document, as Istio does.
+    /// discovery document, as Istio does. None for a rule without an issuer (the
+    /// stand-ins of a refused resource).
     pub fn remote_jwks(&self) -> Option<RemoteJwks> {
-        if self.jwks.is_some() {
+        if self.jwks.is_some() || self.issuer.is_empty() {
             return None;
         }
         let timeout = self.fetch_timeout().unwrap_or(DEFAULT_JWKS_FETCH_TIMEOUT);

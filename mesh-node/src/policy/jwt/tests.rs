@@ -290,6 +290,33 @@ fn a_refused_resource_refuses_every_token_but_not_requests_without_one() {
     );
     assert!(refused.refuses_every_token);
     assert!(refused.selector.is_some());
+    // Where its rules read tokens is still honoured, when it can be read.
+    let custom = RequestAuthenticationSpec::fail_closed(
+        &serde_yaml::from_str(
+            "jwtRules: [{issuer: '', jwksUri: 'ftp://x', fromHeaders: [{name: x-jwt}], \
+             fromParams: [token], fromCookies: [session]}]",
+        )
+        .unwrap(),
+    );
+    assert!(
+        custom.jwt_rules[0].remote_jwks().is_none(),
+        "nothing to fetch"
+    );
+    let mut in_header = HeaderMap::new();
+    in_header.insert("x-jwt", HeaderValue::from_static("a.b.c"));
+    assert_eq!(
+        run(&custom, &in_header, None, &NOTHING_FETCHED),
+        Err(JwtError::Refused)
+    );
+    assert_eq!(
+        run(
+            &custom,
+            &HeaderMap::new(),
+            Some("token=a.b.c"),
+            &NOTHING_FETCHED
+        ),
+        Err(JwtError::Refused)
+    );
     let key = SigningKey::new("k1");
     let token = key.sign(&claims("a"));
     assert_eq!(
