@@ -87,13 +87,19 @@ impl State {
         }
     }
 
-    /// Whether pods of `namespace` have ServiceEntry hosts without addresses on `port`.
-    pub fn has_hosts_on_port(&self, port: u16, namespace: &str) -> bool {
-        self.hosts_by_port.get(&port).is_some_and(|keys| {
-            keys.iter()
-                .filter_map(|key| self.services.get(key))
-                .any(|service| service.visible_to(namespace))
-        })
+    /// The ServiceEntry hosts without addresses that list `port`, as pods of `namespace`
+    /// see them.
+    pub fn hosts_on_port<'s>(
+        &'s self,
+        port: u16,
+        namespace: &'s str,
+    ) -> impl Iterator<Item = &'s Service> + 's {
+        self.hosts_by_port
+            .get(&port)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.services.get(key))
+            .filter(move |service| service.visible_to(namespace))
     }
 
     /// The ServiceEntry host without addresses that `host` (a Host header, its port

@@ -111,11 +111,15 @@ async fn proxy_to(
         client
     } else if state.service_by_ip(original.ip()).is_none()
         && state.workload_by_ip(original.ip()).is_none()
-        && state.has_hosts_on_port(original.port(), &pod.key.namespace)
+        && state
+            .hosts_on_port(original.port(), &pod.key.namespace)
+            .filter_map(|entry| entry.port(original.port()))
+            .any(|port| port_protocol(port) == PortProtocol::Http)
     {
         // An address the mesh does not know, on a port ServiceEntry hosts without addresses
-        // list: the request's Host names the entry (the first request's, for the whole
-        // connection).
+        // list as HTTP: the request's Host names the entry (the first request's, for the
+        // whole connection). Only then is the client waited for: a protocol where the server
+        // speaks first must not wait out the peek.
         let (client, host) = http::peek_host(client).await;
         let entry =
             host.and_then(|host| state.host_on_port(&host, original.port(), &pod.key.namespace));

@@ -316,5 +316,11 @@ spec:
         found("pay.example.com", 80, "billing").as_deref(),
         Some("pay.example.com")
     );
-    assert!(state.has_hosts_on_port(80, "shop") && !state.has_hosts_on_port(443, "shop"));
+    assert_eq!(
+        state.hosts_on_port(80, "shop").count(),
+        3,
+        "billing's is not exported"
+    );
+    assert_eq!(state.hosts_on_port(80, "billing").count(), 4);
+    assert_eq!(state.hosts_on_port(443, "shop").count(), 0);
 }
