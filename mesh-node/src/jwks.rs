@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    identity::tls,
     metrics::NodeMetrics,
     policy::{RemoteJwks, jwt::FetchedKeys},
     state::StateRx,
@@ -196,21 +197,12 @@ type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 /// HTTP and HTTPS (TLS 1.3, the system's root certificates).
 fn client() -> HttpsClient {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    let (added, _) = roots.add_parsable_certificates(native.certs);
-    if added == 0 {
+    let roots = tls::system_roots();
+    if roots.is_empty() {
         warn!("no system root certificates: JWKS can be fetched over http:// only");
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports TLS 1.3")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
+        .with_tls_config(tls::external_client_config(roots))
         .https_or_http()
         .enable_http1()
         .build();

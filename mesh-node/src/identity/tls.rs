@@ -166,6 +166,23 @@ pub fn ca_client_config(
     Ok(Arc::new(config))
 }
 
+/// The system's root certificates (empty when it has none), for servers outside the mesh.
+pub fn system_roots() -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    roots
+}
+
+/// A client for servers outside the mesh (JWKS endpoints, TLS origination): ring, TLS 1.3,
+/// the server checked against `roots` for the name it is dialed by.
+pub fn external_client_config(roots: RootCertStore) -> ClientConfig {
+    ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&TLS13])
+        .expect("ring supports TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 /// The SPIFFE id of the verified peer of an established connection (either side), refused
 /// unless it is in `trust_domain`.
 pub fn peer_identity(conn: &CommonState, trust_domain: &str) -> Result<Identity, TlsError> {

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{CONNECT_TIMEOUT, ProxyError, error::HandshakeError};
-use crate::routing::TlsOrigination;
+use crate::{identity::tls, routing::TlsOrigination};
 
 /// Why TLS to the upstream could not be set up; the connection is closed, never sent in
 /// plaintext instead.
@@ -47,9 +47,9 @@ where
 }
 
 fn client_config(ca_file: Option<&str>) -> Result<ClientConfig, OriginationError> {
-    let mut roots = RootCertStore::empty();
-    match ca_file {
+    let roots = match ca_file {
         Some(path) => {
+            let mut roots = RootCertStore::empty();
             let bytes = std::fs::read(path).map_err(|source| OriginationError::CaFile {
                 path: path.to_owned(),
                 source,
@@ -61,16 +61,9 @@ fn client_config(ca_file: Option<&str>) -> Result<ClientConfig, OriginationError
             if added == 0 {
                 return Err(OriginationError::NoCertificate(path.to_owned()));
             }
+            roots
         }
-        None => {
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        }
-    }
-    Ok(
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("ring supports TLS 1.3")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
+        None => tls::system_roots(),
+    };
+    Ok(tls::external_client_config(roots))
 }
