@@ -29,6 +29,7 @@ pub const PATHS: &[&str] = &[
     "/routes",
     "/certs",
     "/connections",
+    "/gateways",
     "/explain?source=<pod>&destination=<service, pod or IP>&port=<port>&path=<path>&method=<method>&header=<name>:<value>",
     "POST /logging?level=<filter>",
     "/healthz/ready",
@@ -46,6 +47,8 @@ pub struct Admin {
     pub outbound_traffic_policy: OutboundTrafficPolicy,
     /// The key sets fetched for RequestAuthentication, which `debug explain` validates with.
     pub jwt_keys: Arc<dyn FetchedKeys>,
+    /// A gateway's listeners (`mesh-node gateway`); `None` in the agent.
+    pub gateway: Option<tokio::sync::watch::Receiver<Arc<crate::gateway::serve::Plan>>>,
 }
 
 impl Admin {
@@ -76,6 +79,13 @@ impl Admin {
             "/routes" => (200, self.routes(&state)),
             "/certs" => (200, self.certificates()),
             "/connections" => (200, json!(self.connections.snapshot())),
+            "/gateways" => match &self.gateway {
+                Some(plan) => (200, json!(plan.borrow().summary(&state))),
+                None => (
+                    404,
+                    json!({ "error": "this is a node agent, not a gateway (mesh-node gateway)" }),
+                ),
+            },
             "/explain" => self.explain(&state, query.unwrap_or_default()),
             "/healthz/ready" => {
                 let pending = self.readiness.pending();
@@ -269,6 +279,7 @@ mod tests {
             connections: Arc::default(),
             outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
             jwt_keys: Arc::new(NothingFetched),
+            gateway: None,
         }
     }
 

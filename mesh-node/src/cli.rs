@@ -19,6 +19,10 @@ pub enum Command {
     Run(RunConfig),
     /// Run the cluster CA as a service, for agents started with `--ca-addr`.
     Ca(CaConfig),
+    /// Run an ingress gateway (in its own pod, not enrolled): listen on the ports of the
+    /// Istio Gateways that select the pod and route into the mesh with their
+    /// VirtualServices, as the pod's own identity.
+    Gateway(GatewayConfig),
     /// Show what a running agent knows, as tables (or JSON), from its admin API.
     Debug(DebugArgs),
     /// The chained CNI plugin (also installed as `nodemesh-cni`): without a subcommand it
@@ -304,43 +308,10 @@ pub struct RunConfig {
     #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
 
-    /// The CA's directory (Istio's `cacerts` layout: `ca-cert.pem`, `ca-key.pem`,
-    /// `root-cert.pem`, `cert-chain.pem`; a new root is created there when it is empty). With
-    /// it the agent runs the CA in-process and enrolled pods talk mutual TLS (HBONE) to each
-    /// other; agents given the same directory trust each other. Without it, plaintext.
-    #[arg(long, conflicts_with = "ca_addr")]
-    pub ca_dir: Option<PathBuf>,
-
-    /// URL (`https://<host>:<port>`, or just `<host>:<port>`; the host an IP address or a
-    /// DNS name such as `nodemesh-ca.nodemesh-system.svc`) of a `mesh-node ca` service to get
-    /// certificates from, instead of an in-process CA. Needs `--ca-root-file` and
-    /// `--ca-token-file`.
-    #[arg(long, requires_all = ["ca_root_file", "ca_token_file"], value_parser = CaAddress::parse)]
-    #[serde(serialize_with = "serialize_optional_display")]
-    pub ca_addr: Option<CaAddress>,
-
-    /// The CA's root certificate(s), PEM (`root-cert.pem`): pinned to check the CA service,
-    /// and the trust bundle for mutual TLS.
-    #[arg(long)]
-    pub ca_root_file: Option<PathBuf>,
-
-    /// File holding this node's token for the CA service.
-    #[arg(long)]
-    #[serde(skip)]
-    pub ca_token_file: Option<PathBuf>,
-
-    /// SPIFFE trust domain of workload identities.
-    #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
-
-    /// Lifetime of workload certificates (renewed at half life), e.g. `24h`, `90s`.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-    pub cert_ttl: std::time::Duration,
-
-    /// Connections one pooled HBONE tunnel carries before a new tunnel (a new TLS
-    /// handshake) replaces it; 1 disables pooling.
-    #[arg(long, default_value_t = 1000)]
-    pub hbone_streams_per_tunnel: usize,
+    /// Where workload certificates come from, and how they are used.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub identity: IdentityConfig,
 
     /// Threads the proxy runs on (the async runtime's workers); default: half the CPUs the
     /// agent may use (its cgroup's quota counts), at least one. The node's pods need the
@@ -364,6 +335,112 @@ pub struct RunConfig {
     #[command(flatten)]
     #[serde(flatten)]
     pub observability: Box<ObservabilityConfig>,
+}
+
+/// Everything `mesh-node gateway` is configured with.
+#[derive(Clone, Debug, clap::Args, Serialize)]
+pub struct GatewayConfig {
+    /// The gateway pod's name (the downward API's `metadata.name`): Gateways select it by
+    /// its labels, and its service account is its identity.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: String,
+
+    /// The gateway pod's namespace; Secrets that servers name (`credentialName`) are read
+    /// from it.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: String,
+
+    /// The node the gateway pod runs on (`spec.nodeName`): an in-process CA (`--ca-dir`)
+    /// signs only identities of pods on it.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Where the mesh's view of the cluster comes from, as for `mesh-node run`.
+    #[arg(long, value_enum)]
+    pub config_source: Option<ConfigSourceKind>,
+
+    /// Directory of Kubernetes YAML, as for `mesh-node run`; Secrets that Gateways name
+    /// are read from it too.
+    #[arg(long)]
+    pub config_dir: Option<PathBuf>,
+
+    /// Prometheus metrics listener (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Admin API listener (JSON; `mesh-node debug gateways` reads it). Keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Readiness and liveness listener (`/healthz/ready`, `/healthz/live`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub health_addr: SocketAddr,
+
+    /// Istio's root namespace, as for `mesh-node run`.
+    #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
+
+    /// On SIGTERM, how long requests in flight may take to finish before the gateway exits.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: std::time::Duration,
+
+    /// Where the gateway's certificate comes from.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub identity: IdentityConfig,
+
+    /// Log format; the level comes from `RUST_LOG` (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Access logs and tracing.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub observability: Box<ObservabilityConfig>,
+}
+
+/// Workload certificates: from an in-process CA or a `mesh-node ca` service. Shared by
+/// `mesh-node run` and `mesh-node gateway`.
+#[derive(Clone, Debug, clap::Args, Serialize)]
+pub struct IdentityConfig {
+    /// The CA's directory (Istio's `cacerts` layout: `ca-cert.pem`, `ca-key.pem`,
+    /// `root-cert.pem`, `cert-chain.pem`; a new root is created there when it is empty). With
+    /// it the agent (or gateway) runs the CA in-process and enrolled pods talk mutual TLS (HBONE)
+    /// to each other; agents given the same directory trust each other. Without it,
+    /// plaintext.
+    #[arg(long, conflicts_with = "ca_addr")]
+    pub ca_dir: Option<PathBuf>,
+
+    /// URL (`https://<host>:<port>`, or just `<host>:<port>`; the host an IP address or a
+    /// DNS name such as `nodemesh-ca.nodemesh-system.svc`) of a `mesh-node ca` service to get
+    /// certificates from, instead of an in-process CA. Needs `--ca-root-file` and
+    /// `--ca-token-file`.
+    #[arg(long, requires_all = ["ca_root_file", "ca_token_file"], value_parser = CaAddress::parse)]
+    #[serde(serialize_with = "serialize_optional_display")]
+    pub ca_addr: Option<CaAddress>,
+
+    /// The CA's root certificate(s), PEM (`root-cert.pem`): pinned to check the CA service,
+    /// and the trust bundle for mutual TLS.
+    #[arg(long)]
+    pub ca_root_file: Option<PathBuf>,
+
+    /// File holding this node's (or gateway's) token for the CA service.
+    #[arg(long)]
+    #[serde(skip)]
+    pub ca_token_file: Option<PathBuf>,
+
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Lifetime of workload certificates (renewed at half life), e.g. `24h`, `90s`.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: std::time::Duration,
+
+    /// Connections one pooled HBONE tunnel carries before a new tunnel (a new TLS
+    /// handshake) replaces it; 1 disables pooling.
+    #[arg(long, default_value_t = 1000)]
+    pub hbone_streams_per_tunnel: usize,
 }
 
 /// `mesh-node run`'s CNI flags: where the plugin reaches the agent, and where the agent

@@ -4,7 +4,7 @@
 //! [`document`], keeps the last good version of what it had to refuse with [`LastGood`], and
 //! publishes through [`publish`]: so a YAML file and the API server give the same state for
 //! the same objects, and refuse the same bad ones.
-mod core;
+pub(crate) mod core;
 mod document;
 mod last_good;
 mod translate;

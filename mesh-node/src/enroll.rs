@@ -28,6 +28,7 @@ use crate::{
         AgentRequest, AgentResponse, PodRef,
         server::{CniCall, CniRequests},
     },
+    ebpf::Capture,
     holder::{HeldKey, HolderClient},
     inventory::{ENROLLMENT_LABEL, ObjectKey, Workload},
     netns::{self, Netns, NetnsError, NetnsSurvey},
@@ -95,6 +96,8 @@ struct DesiredPod<'a> {
 pub struct Enrollment {
     node: String,
     proxy: ProxyContext,
+    /// The node's eBPF capture, which enrolling and leaving change.
+    capture: Arc<Capture>,
     pods: BTreeMap<ObjectKey, EnrolledPod>,
     /// Pods that should be enrolled but are not (yet), with why: their netns is missing, or
     /// enrolling failed. Retried every [`RETRY_INTERVAL`].
@@ -117,10 +120,11 @@ pub struct Enrollment {
 }
 
 impl Enrollment {
-    pub fn new(node: String, proxy: ProxyContext) -> Self {
+    pub fn new(node: String, proxy: ProxyContext, capture: Arc<Capture>) -> Self {
         Self {
             node,
             proxy,
+            capture,
             pods: BTreeMap::new(),
             pending: BTreeMap::new(),
             sandboxes: BTreeMap::new(),
@@ -252,7 +256,7 @@ impl Enrollment {
         }
         self.adopted = true;
         let cookies: Vec<u64> = self.pods.values().map(|pod| pod.netns_cookie).collect();
-        self.proxy.capture.retain(&cookies);
+        self.capture.retain(&cookies);
         let inodes: Vec<u64> = self.pods.values().map(|pod| pod.netns.inode()).collect();
         if let Some(holder) = &self.holder
             && let Err(error) = holder.retain_netns(&inodes)
@@ -578,8 +582,7 @@ impl Enrollment {
                     .map(move |ip| (*ip, listener as &dyn std::os::fd::AsRawFd))
             })
             .collect();
-        self.proxy
-            .capture
+        self.capture
             .enroll(listeners.netns_cookie, netns.as_ref(), &inbound)?;
         let stop = CancellationToken::new();
         let pod = PodContext {
@@ -643,7 +646,7 @@ impl Enrollment {
             return;
         };
         // Stop capture first, so nothing new is steered to listeners about to close.
-        self.proxy.capture.unenroll(pod.netns_cookie, &pod.ips);
+        self.capture.unenroll(pod.netns_cookie, &pod.ips);
         if let Some(holder) = &self.holder
             && let Err(error) = holder.release_netns(pod.netns.inode())
         {

@@ -19,6 +19,7 @@ pub mod egress;
 pub mod endpoints;
 pub mod enroll;
 pub mod explain;
+pub mod gateway;
 pub mod holder;
 pub mod identity;
 pub mod inventory;

@@ -29,6 +29,11 @@ fn main() -> anyhow::Result<ExitCode> {
             agent_runtime(config.worker_threads)?
                 .block_on(async { app::build(config, Some(log)).await?.wait().await })?;
         }
+        Command::Gateway(config) => {
+            let log = init_logging(config.log_format);
+            runtime()?
+                .block_on(async { app::build_gateway(config, Some(log)).await?.wait().await })?;
+        }
         Command::Debug(args) => runtime()?.block_on(mesh_node::debug::run(args))?,
         Command::Ca(config) => {
             let _ = init_logging(config.log_format);

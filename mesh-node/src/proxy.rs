@@ -50,7 +50,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct ProxyContext {
     pub state: StateRx,
-    pub capture: Arc<Capture>,
+    /// The node's eBPF capture; `None` in a gateway, whose own listeners take its clients.
+    pub capture: Option<Arc<Capture>>,
     pub metrics: Metrics,
     pub resolver: Arc<Resolver>,
     /// The agent's own netns, to which threads return after opening a pod's socket.

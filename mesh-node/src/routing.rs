@@ -10,8 +10,10 @@
 //!   other host (wildcards, external names) does not resolve: as a VirtualService or
 //!   DestinationRule host it is ignored, as a route destination it is an error.
 //! * A VirtualService whose `gateways` list is non-empty and lacks `mesh` configures
-//!   gateways only. This mesh runs none, so such a resource is ignored entirely (not even
-//!   validated). Likewise a `match` bound to gateways only never matches mesh traffic.
+//!   gateways only (`mesh-node gateway`): the node proxies ignore it, and each Gateway it
+//!   names gets its rules, matched by the request's host ([`Routes::gateway_host`]).
+//!   Likewise a `match` bound to gateways only never matches mesh traffic, and one bound to
+//!   other gateways never matches a gateway's.
 //! * When several VirtualServices name the same Service, the first by (namespace, name)
 //!   applies to it; each other one is reported as a [`Rejection`] ("conflicts with ...")
 //!   for that Service and still applies to its other hosts.
@@ -181,6 +183,21 @@ pub struct Routes {
     /// DestinationRules for hosts outside the cluster's Services (ServiceEntry hosts), by
     /// host: their policy (TLS origination) applies to traffic to that host.
     external_destination_rules: BTreeMap<String, DestinationPolicy>,
+    /// VirtualServices bound to each Gateway (`spec.gateways`), in (namespace, name) order.
+    #[serde(serialize_with = "build::by_name")]
+    gateways: BTreeMap<ObjectKey, Vec<GatewayHost>>,
+}
+
+/// One VirtualService as a gateway applies it: to requests whose host matches `hosts`.
+#[derive(Clone, Debug, Serialize)]
+pub struct GatewayHost {
+    /// `VirtualService namespace/name`.
+    pub origin: String,
+    /// The VirtualService's namespace: a server's `namespace/host` may admit only some.
+    pub namespace: String,
+    /// Request hosts (`api.example.com`, `*.example.com`, `*`), lower case.
+    pub hosts: Vec<String>,
+    http: Vec<CompiledRule>,
 }
 
 /// The rules that apply to one Service.
@@ -223,31 +240,50 @@ impl Routes {
     /// The rule for an HTTP request to `service`. Rules whose every match names another
     /// port do not apply; if no rule applies, the Service is routed by default.
     pub fn match_http(&self, service: &ObjectKey, request: &RequestInfo<'_>) -> RouteMatch<'_> {
-        let Some(host) = self.hosts.get(service) else {
-            return RouteMatch::Default;
-        };
-        let mut any_applies = false;
-        for compiled in &host.http {
-            let rule = &compiled.rule;
-            if rule.matches.is_empty() {
-                return RouteMatch::Rule {
-                    rule,
-                    matched_prefix: None,
-                };
+        match self.hosts.get(service) {
+            Some(host) => match_rules(&host.http, request),
+            None => RouteMatch::Default,
+        }
+    }
+
+    /// The VirtualService of `gateway` for a request to `host` (as
+    /// [`host::request_host_name`] gives it) among those `admitted` (by their namespace):
+    /// the one with the most specific matching host, the first of equals.
+    pub fn gateway_host(
+        &self,
+        gateway: &ObjectKey,
+        host: &str,
+        admitted: impl Fn(&str) -> bool,
+    ) -> Option<&GatewayHost> {
+        let mut best: Option<(usize, &GatewayHost)> = None;
+        for candidate in self.gateways.get(gateway).into_iter().flatten() {
+            if !admitted(&candidate.namespace) {
+                continue;
             }
-            any_applies |= rule.matches.iter().any(|m| m.applies_to_port(request.port));
-            if let Some(matched) = rule.matches.iter().find(|m| m.matches(request)) {
-                return RouteMatch::Rule {
-                    rule,
-                    matched_prefix: matched.uri_prefix().filter(|_| !compiled.full_path_rewrite),
-                };
+            let specificity = candidate
+                .hosts
+                .iter()
+                .filter_map(|pattern| host::host_match_specificity(pattern, host))
+                .max();
+            if let Some(specificity) = specificity
+                && best.is_none_or(|(b, _)| specificity > b)
+            {
+                best = Some((specificity, candidate));
             }
         }
-        if any_applies {
-            RouteMatch::NoneMatched
-        } else {
-            RouteMatch::Default
-        }
+        best.map(|(_, candidate)| candidate)
+    }
+
+    /// Whether any VirtualService binds to `gateway`.
+    pub fn gateway_bound(&self, gateway: &ObjectKey) -> bool {
+        self.gateways.contains_key(gateway)
+    }
+
+    /// The gateways' VirtualServices, for `debug`.
+    pub fn gateway_hosts(&self) -> impl Iterator<Item = (&ObjectKey, &GatewayHost)> {
+        self.gateways
+            .iter()
+            .flat_map(|(gateway, hosts)| hosts.iter().map(move |host| (gateway, host)))
     }
 
     /// `tcp` routes of a VirtualService for L4 ports (first rule whose `match.port` fits or has no match).
@@ -321,6 +357,45 @@ impl Routes {
         let mut summary: Vec<_> = routed.chain(policies).collect();
         summary.sort();
         summary
+    }
+}
+
+/// The first of `rules` that matches `request`. `Default` when no rule applies to the
+/// request's port (every match names another), `NoneMatched` when some apply but none
+/// matches.
+fn match_rules<'a>(rules: &'a [CompiledRule], request: &RequestInfo<'_>) -> RouteMatch<'a> {
+    let mut any_applies = false;
+    for compiled in rules {
+        let rule = &compiled.rule;
+        if rule.matches.is_empty() {
+            return RouteMatch::Rule {
+                rule,
+                matched_prefix: None,
+            };
+        }
+        any_applies |= rule.matches.iter().any(|m| m.applies_to_port(request.port));
+        if let Some(matched) = rule.matches.iter().find(|m| m.matches(request)) {
+            return RouteMatch::Rule {
+                rule,
+                matched_prefix: matched.uri_prefix().filter(|_| !compiled.full_path_rewrite),
+            };
+        }
+    }
+    if any_applies {
+        RouteMatch::NoneMatched
+    } else {
+        RouteMatch::Default
+    }
+}
+
+impl GatewayHost {
+    /// The rule for a request arriving at the gateway; a request no rule matches has no
+    /// route (404), as a gateway has no Service to fall back to.
+    pub fn match_request(&self, request: &RequestInfo<'_>) -> RouteMatch<'_> {
+        match match_rules(&self.http, request) {
+            RouteMatch::Default => RouteMatch::NoneMatched,
+            matched => matched,
+        }
     }
 }
 

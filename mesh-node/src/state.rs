@@ -27,6 +27,10 @@ pub struct State {
     /// VirtualServices, HTTPRoutes and DestinationRules, compiled for the proxy.
     pub routes: Routes,
     pub rejections: Vec<Rejection>,
+    /// Istio Gateways: what gateway pods listen on and which certificates they serve.
+    pub gateways: BTreeMap<ObjectKey, Arc<crate::gateway::resource::GatewaySpec>>,
+    /// The Secrets Gateways name, with only their certificate entries.
+    pub secrets: BTreeMap<ObjectKey, Arc<crate::gateway::credential::TlsSecret>>,
     /// Where each object came from (a file path for the file source), by `Kind
     /// namespace/name` (`Kind name` for namespaces); empty when the source does not say.
     /// Shared with the source that built it, and each file's path is one string.
@@ -80,6 +84,8 @@ impl State {
             policies,
             routes,
             rejections,
+            gateways: BTreeMap::new(),
+            secrets: BTreeMap::new(),
             origins: Arc::default(),
             workload_by_ip,
             service_by_ip,
@@ -106,34 +112,25 @@ impl State {
     /// ignored) names on `port` for pods of `namespace`: an exact host first, then the
     /// longest wildcard (`*.example.com`).
     pub fn host_on_port(&self, host: &str, port: u16, namespace: &str) -> Option<&Service> {
-        let name = host
-            .rsplit_once(':')
-            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-            .map_or(host, |(name, _)| name)
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
-        let candidates = self
-            .hosts_by_port
+        let name = crate::routing::host::request_host_name(host);
+        self.hosts_by_port
             .get(&port)?
             .iter()
             .filter_map(|key| self.services.get(key))
-            .filter(|service| service.visible_to(namespace));
-        let mut best: Option<&Service> = None;
-        for service in candidates {
-            let pattern = service.key.name.to_ascii_lowercase();
-            let specificity = match pattern.strip_prefix('*') {
-                None if pattern == name => usize::MAX,
-                Some(suffix) if name.ends_with(suffix) && name.len() > suffix.len() => suffix.len(),
-                _ => continue,
-            };
-            let best_specificity = best.map_or(0, |b| {
-                b.key.name.strip_prefix('*').map_or(usize::MAX, str::len)
-            });
-            if best.is_none() || specificity > best_specificity {
-                best = Some(service);
-            }
-        }
-        best
+            .filter(|service| service.visible_to(namespace))
+            .filter_map(|service| {
+                crate::routing::host::host_match_specificity(&service.key.name, &name)
+                    .map(|specificity| (specificity, service))
+            })
+            // The first of the most specific, as before: `max_by_key` keeps the last.
+            .fold(
+                None,
+                |best: Option<(usize, &Service)>, candidate| match best {
+                    Some(b) if b.0 >= candidate.0 => Some(b),
+                    _ => Some(candidate),
+                },
+            )
+            .map(|(_, service)| service)
     }
 
     /// The pod `key` as the state knows it or, for a pod it does not know yet (the CNI

@@ -1,11 +1,6 @@
 //! `mesh-node run`, wired: the agent. Servers bind first and spawn later, so callers (and
 //! tests) can bind port 0 and read the addresses back from [`Bound`].
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{sync::watch, task::JoinSet, time::Instant};
@@ -17,7 +12,7 @@ use crate::{
     access_log::AccessLog,
     admin::{Admin, LogControl},
     ca_server,
-    cli::RunConfig,
+    cli::{IdentityConfig, RunConfig},
     cni::{self, install::Installation, owner::CniOwner, server::CniServer},
     distributed_tracing::{TraceConfig, Tracing},
     ebpf::{Capture, Pins},
@@ -123,21 +118,15 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     )
     .await?;
 
-    let mtls = match (&config.ca_dir, config.ca_addr.clone()) {
-        (Some(dir), _) => Some(Arc::new(local_ca(
-            &config,
-            &metrics.node,
-            dir,
-            state_rx.clone(),
-        )?)),
-        (None, Some(addr)) => Some(Arc::new(
-            remote_ca(&config, &metrics.node, addr, &readiness).await?,
-        )),
-        (None, None) => {
-            warn!("no --ca-dir or --ca-addr: mutual TLS is off; enrolled pods talk plaintext");
-            None
-        }
-    };
+    let mtls = workload_mtls(
+        &config.identity,
+        &config.node_name,
+        &config.root_namespace,
+        &metrics.node,
+        state_rx.clone(),
+        &readiness,
+    )
+    .await?;
     let proxy_mtls = mtls.clone();
     let tracing = Arc::new(
         Tracing::new(
@@ -164,7 +153,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     ));
     let proxy = ProxyContext {
         state: state_rx.clone(),
-        capture: capture.clone(),
+        capture: Some(capture.clone()),
         metrics: metrics.clone(),
         resolver: Arc::new(Resolver::new(config.outbound_traffic_policy)),
         home,
@@ -195,7 +184,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         state_rx.clone(),
         shutdown.clone(),
     ));
-    let mut enrollment = Enrollment::new(config.node_name.clone(), proxy);
+    let mut enrollment = Enrollment::new(config.node_name.clone(), proxy, capture.clone());
     let holder = config
         .holder_socket
         .as_ref()
@@ -230,6 +219,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         connections: connections.clone(),
         outbound_traffic_policy: config.outbound_traffic_policy,
         jwt_keys: jwks_for_admin,
+        gateway: None,
     };
     tasks.spawn(endpoints::serve(
         admin_listener,
@@ -279,33 +269,66 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     })
 }
 
-/// The in-process CA (file-backed root in `dir`) and the certificate manager in front of it.
-fn local_ca(
-    config: &RunConfig,
+/// Mutual TLS with workload certificates from the CA the flags name (in-process with
+/// `--ca-dir`, a `mesh-node ca` service with `--ca-addr`); `None` (plaintext) without
+/// either. `node` is whose pods' identities may be asked for.
+pub(super) async fn workload_mtls(
+    config: &IdentityConfig,
+    node: &str,
+    root_namespace: &str,
     metrics: &NodeMetrics,
-    dir: &Path,
     state: StateRx,
-) -> anyhow::Result<Mtls> {
-    let ca = CertificateAuthority::load_or_create(dir, &config.trust_domain)
-        .with_context(|| format!("loading the CA in {}", dir.display()))?;
-    let trust_bundle = ca.trust_bundle();
-    let signer = NodeSigner {
-        ca: Arc::new(ca),
-        node: config.node_name.clone(),
-        state,
+    readiness: &Readiness,
+) -> anyhow::Result<Option<Arc<Mtls>>> {
+    let (signer, trust_bundle): (Arc<dyn CertificateSigner>, _) = match (
+        &config.ca_dir,
+        config.ca_addr.clone(),
+    ) {
+        (Some(dir), _) => {
+            let ca = CertificateAuthority::load_or_create(dir, &config.trust_domain)
+                .with_context(|| format!("loading the CA in {}", dir.display()))?;
+            let trust_bundle = ca.trust_bundle();
+            info!(ca_dir = %dir.display(), trust_domain = %config.trust_domain, "mutual TLS on, in-process CA");
+            let signer = NodeSigner {
+                ca: Arc::new(ca),
+                node: node.to_owned(),
+                state,
+            };
+            (Arc::new(signer), trust_bundle)
+        }
+        (None, Some(addr)) => {
+            let (signer, trust_bundle) = remote_ca(config, root_namespace, addr, readiness).await?;
+            (Arc::new(signer), trust_bundle)
+        }
+        (None, None) => {
+            warn!("no --ca-dir or --ca-addr: mutual TLS is off; enrolled pods talk plaintext");
+            return Ok(None);
+        }
     };
-    info!(ca_dir = %dir.display(), trust_domain = %config.trust_domain, "mutual TLS on, in-process CA");
-    Ok(mtls(config, metrics, Arc::new(signer), trust_bundle))
+    let manager = CertificateManager::new(
+        signer,
+        ManagerConfig {
+            ttl: config.cert_ttl,
+            ..ManagerConfig::default()
+        },
+    );
+    Ok(Some(Arc::new(Mtls::new(
+        Arc::new(manager),
+        trust_bundle,
+        config.trust_domain.clone(),
+        config.hbone_streams_per_tunnel,
+        metrics.clone(),
+    ))))
 }
 
-/// A `mesh-node ca` service behind the certificate manager. Waits (unready) for the CA's
-/// root file, which in Kubernetes appears once the CA has published it.
+/// A `mesh-node ca` service to ask for certificates. Waits (unready) for the CA's root
+/// file, which in Kubernetes appears once the CA has published it.
 async fn remote_ca(
-    config: &RunConfig,
-    metrics: &NodeMetrics,
+    config: &IdentityConfig,
+    root_namespace: &str,
     addr: CaAddress,
     readiness: &Readiness,
-) -> anyhow::Result<Mtls> {
+) -> anyhow::Result<(RemoteSigner, Vec<rustls_pki_types::CertificateDer<'static>>)> {
     let root_file = config
         .ca_root_file
         .as_deref()
@@ -318,7 +341,7 @@ async fn remote_ca(
         let _waiting = readiness.register("ca-root");
         signer::wait_for_trust_bundle(root_file).await
     };
-    let expected = ca_server::ca_identity(&config.trust_domain, &config.root_namespace)?;
+    let expected = ca_server::ca_identity(&config.trust_domain, root_namespace)?;
     let tls = identity::tls::ca_client_config(&trust_bundle, expected)?;
     info!(ca = %addr, trust_domain = %config.trust_domain, "mutual TLS on, remote CA");
     let signer = RemoteSigner {
@@ -326,29 +349,7 @@ async fn remote_ca(
         tls,
         token_file,
     };
-    Ok(mtls(config, metrics, Arc::new(signer), trust_bundle))
-}
-
-fn mtls(
-    config: &RunConfig,
-    metrics: &NodeMetrics,
-    signer: Arc<dyn CertificateSigner>,
-    trust_bundle: Vec<rustls_pki_types::CertificateDer<'static>>,
-) -> Mtls {
-    let manager = CertificateManager::new(
-        signer,
-        ManagerConfig {
-            ttl: config.cert_ttl,
-            ..ManagerConfig::default()
-        },
-    );
-    Mtls::new(
-        Arc::new(manager),
-        trust_bundle,
-        config.trust_domain.clone(),
-        config.hbone_streams_per_tunnel,
-        metrics.clone(),
-    )
+    Ok((signer, trust_bundle))
 }
 
 impl Bound {
@@ -576,12 +577,11 @@ mod tests {
         let Command::Run(config) = cli.command else {
             panic!("not run");
         };
-        let metrics = Metrics::new().unwrap();
         let readiness = Readiness::default();
-        let addr = config.ca_addr.clone().unwrap();
+        let addr = config.identity.ca_addr.clone().unwrap();
         let starting = tokio::spawn({
             let readiness = readiness.clone();
-            async move { remote_ca(&config, &metrics.node, addr, &readiness).await }
+            async move { remote_ca(&config.identity, &config.root_namespace, addr, &readiness).await }
         });
 
         tokio::time::sleep(Duration::from_secs(120)).await;

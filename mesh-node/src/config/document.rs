@@ -103,6 +103,15 @@ fn parse_pod<V: Tree>(value: &V) -> Result<Object, String> {
     Ok(Object::Pod(Arc::new(workload)))
 }
 
+/// A Secret is read into the certificate entries a gateway may serve: nothing else of it
+/// is kept.
+fn parse_secret<V: Tree>(value: &V) -> Result<Object, String> {
+    let document: crate::gateway::credential::SecretDocument = value.read()?;
+    Ok(Object::Secret(Arc::new(
+        crate::gateway::credential::TlsSecret::from_document(document),
+    )))
+}
+
 pub(crate) fn classify<V: Tree>(meta: TypeMeta, value: &V) -> Document {
     const SECURITY: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
     // The three versions Istio serves share one schema.
@@ -144,6 +153,8 @@ pub(crate) fn classify<V: Tree>(meta: TypeMeta, value: &V) -> Document {
             ("ServiceEntry", |v| parse_as(v, Object::ServiceEntry))
         }
         "HTTPRoute" if GATEWAY.contains(&api) => ("HTTPRoute", |v| parse_as(v, Object::HttpRoute)),
+        "Gateway" if NETWORKING.contains(&api) => ("Gateway", |v| parse_as(v, Object::Gateway)),
+        "Secret" if api == "v1" => ("Secret", parse_secret),
         _ => return Document::Ignored { kind: meta.kind },
     };
     let resource = ObjectId {

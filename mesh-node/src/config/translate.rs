@@ -11,6 +11,10 @@ use serde::Deserialize;
 use super::core::{EndpointSlice, Namespace, Pod, Service as K8sService};
 use crate::{
     egress::{ServiceEntryError, ServiceEntrySpec},
+    gateway::{
+        credential::TlsSecret,
+        resource::{GatewayError, GatewaySpec},
+    },
     inventory::{
         ENROLLMENT_LABEL, Labels, ObjectId, ObjectKey, Rejection, Service, ServicePort, TargetPort,
         Workload,
@@ -54,6 +58,10 @@ pub enum Object {
     ServiceEntry(Arc<IstioObject<ServiceEntrySpec>>),
     /// Gateway API `HTTPRoute`; the mesh uses those bound to Services (GAMMA).
     HttpRoute(Arc<IstioObject<HttpRouteSpec>>),
+    /// Istio's `Gateway`: what gateway pods listen on.
+    Gateway(Arc<IstioObject<GatewaySpec>>),
+    /// A Secret, of which only the certificate entries a gateway serves are kept.
+    Secret(Arc<TlsSecret>),
 }
 
 /// Why an object cannot be used.
@@ -71,6 +79,8 @@ pub enum TranslateError {
     RequestAuthentication(#[from] RequestAuthenticationError),
     #[error("spec.{0}")]
     ServiceEntry(#[from] ServiceEntryError),
+    #[error("spec.{0}")]
+    Gateway(#[from] GatewayError),
     #[error("spec.{0}")]
     Routing(#[from] RoutingError),
 }
@@ -94,6 +104,11 @@ impl Object {
             Object::DestinationRule(o) => ("DestinationRule", full(&o.metadata)),
             Object::ServiceEntry(o) => ("ServiceEntry", full(&o.metadata)),
             Object::HttpRoute(o) => ("HTTPRoute", full(&o.metadata)),
+            Object::Gateway(o) => ("Gateway", full(&o.metadata)),
+            Object::Secret(o) => (
+                "Secret",
+                (Some(o.key.name.clone()), Some(o.key.namespace.clone())),
+            ),
         };
         let namespace = match self {
             Object::Namespace(_) => String::new(),
@@ -144,6 +159,9 @@ pub fn validate(object: &Object) -> Result<(), TranslateError> {
         Object::VirtualService(vs) => Ok(vs.spec.validate(&id.namespace)?),
         Object::DestinationRule(rule) => Ok(rule.spec.validate(&id.namespace)?),
         Object::HttpRoute(route) => Ok(route.spec.validate(&id.namespace)?),
+        Object::Gateway(gateway) => Ok(gateway.spec.validate()?),
+        // Its certificates are read by the gateway that serves them, which reports them.
+        Object::Secret(_) => Ok(()),
         // Checked when it was read (`pod`).
         Object::Pod(_) => Ok(()),
         Object::Service(service) => {
@@ -234,9 +252,48 @@ pub fn translate(
         .sort_by(|a, b| a.key.cmp(&b.key));
     let (routes, routing_rejections) = Routes::build(&routing_resources(objects));
     rejections.extend(routing_rejections);
-    State::new(
+    let mut state = State::new(
         namespaces, workloads, services, policies, routes, rejections,
-    )
+    );
+    (state.gateways, state.secrets) = gateways_and_credentials(objects);
+    state
+}
+
+/// The Gateways, and the Secrets their servers name (`credentialName`, and its
+/// `-cacert` companion): key material nothing uses is not kept.
+fn gateways_and_credentials(
+    objects: &[Object],
+) -> (
+    BTreeMap<ObjectKey, Arc<GatewaySpec>>,
+    BTreeMap<ObjectKey, Arc<TlsSecret>>,
+) {
+    let mut gateways = BTreeMap::new();
+    let mut credential_names = HashSet::new();
+    for object in objects {
+        if let Object::Gateway(gateway) = object {
+            let id = object.id();
+            for tls in gateway.spec.servers.iter().filter_map(|s| s.tls.as_ref()) {
+                if let Some(name) = &tls.credential_name {
+                    credential_names.insert(name.clone());
+                    credential_names.insert(format!("{name}-cacert"));
+                }
+            }
+            gateways.insert(
+                ObjectKey::new(id.namespace, id.name),
+                Arc::new(gateway.spec.clone()),
+            );
+        }
+    }
+    let secrets = objects
+        .iter()
+        .filter_map(|object| match object {
+            Object::Secret(secret) if credential_names.contains(&secret.key.name) => {
+                Some((secret.key.clone(), secret.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    (gateways, secrets)
 }
 
 fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, TranslateError> {

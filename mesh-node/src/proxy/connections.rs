@@ -108,7 +108,10 @@ pub(super) fn accepted(
     let (original_destination, upstream) = match direction {
         Direction::Outbound => {
             // Looked at, not taken: the outbound handler takes it.
-            let original = proxy.capture.original_destination(pod.netns_cookie, client);
+            let original = proxy
+                .capture
+                .as_ref()
+                .and_then(|capture| capture.original_destination(pod.netns_cookie, client));
             let upstream = original.map(|original| {
                 let state = proxy.state.borrow();
                 if let Some(service) = state.service_by_ip(original.ip()) {

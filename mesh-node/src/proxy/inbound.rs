@@ -43,8 +43,11 @@ pub(super) async fn handle(
     let mut caller = Caller::new(peer.ip(), None);
     // A node address is not enough (kube-proxy's SNAT gives forwarded traffic one): the
     // kernel must also have seen a node socket open this connection.
-    caller.from_node =
-        proxy.node_addresses.contains(peer.ip()) && proxy.capture.take_node_connection(peer);
+    caller.from_node = proxy.node_addresses.contains(peer.ip())
+        && proxy
+            .capture
+            .as_ref()
+            .is_some_and(|capture| capture.take_node_connection(peer));
     let result = match refuse_own_listeners(original)
         .and_then(|()| admit(&state, pod, &caller, original, None))
     {

@@ -31,7 +31,8 @@ pub(super) async fn handle(
     let started = Started::now();
     let original = proxy
         .capture
-        .take_original_destination(pod.netns_cookie, peer);
+        .as_ref()
+        .and_then(|capture| capture.take_original_destination(pod.netns_cookie, peer));
     let result = match original {
         Some(original) => proxy_to(client, original, started, pod, proxy).await,
         None => Err(ProxyError::NoOriginalDestination),
@@ -101,6 +102,7 @@ async fn proxy_to(
                 port: original.port(),
                 dialed: original.ip(),
                 parties: Default::default(),
+                gateway: None,
             });
             return http::serve_connection(client, &proxy.drain, move |request| {
                 outbound.clone().handle(request)
@@ -208,7 +210,11 @@ async fn relay_l4(
                 let mut stream = originate(stream, &service.name, &tls).await?;
                 debug!(%original, host = %service.name, "outbound TLS originated");
                 relay_counted(&mut client, &mut stream, &connection, proxy).await;
-            } else if proxy.capture.loopback_accelerated() {
+            } else if proxy
+                .capture
+                .as_ref()
+                .is_some_and(|capture| capture.loopback_accelerated())
+            {
                 relay_counted(&mut client, &mut stream, &connection, proxy).await;
             } else {
                 relay_plain_counted(&mut client, &mut stream, &connection, proxy).await;

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, btree_map::Entry};
 use serde::{Serialize, Serializer};
 
 use super::{
-    CompiledRule, DestinationPolicy, HostRoutes, Routes, RoutingSpec, host::resolve_host,
-    http_route::precedence,
+    CompiledRule, DestinationPolicy, GatewayHost, HostRoutes, Routes, RoutingSpec,
+    host::resolve_host, http_route::precedence, virtual_service::Binding,
 };
 use crate::inventory::{ObjectId, ObjectKey, Rejection};
 
@@ -34,9 +34,6 @@ pub fn check_references(resources: &[(ObjectId, RoutingSpec<'_>)]) -> Vec<(Objec
         let RoutingSpec::VirtualService(vs) = spec else {
             continue;
         };
-        if !vs.applies_to_mesh() {
-            continue;
-        }
         let missing: Vec<String> = vs
             .destinations()
             .into_iter()
@@ -102,7 +99,23 @@ impl Routes {
             let RoutingSpec::VirtualService(vs) = spec else {
                 continue;
             };
-            let Ok(Some(compiled)) = vs.compile(&id.namespace, &id.to_string()) else {
+            for gateway in vs.bound_gateways(&id.namespace) {
+                let binding = Binding::Gateway(&gateway);
+                if let Ok(Some(compiled)) = vs.compile(&id.namespace, &id.to_string(), binding) {
+                    routes
+                        .gateways
+                        .entry(gateway.clone())
+                        .or_default()
+                        .push(GatewayHost {
+                            origin: id.to_string(),
+                            namespace: id.namespace.clone(),
+                            hosts: vs.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                            http: compiled.http,
+                        });
+                }
+            }
+            let Ok(Some(compiled)) = vs.compile(&id.namespace, &id.to_string(), Binding::Mesh)
+            else {
                 continue;
             };
             for service in compiled.hosts {

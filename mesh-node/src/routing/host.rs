@@ -22,6 +22,36 @@ pub fn resolve_host(host: &str, namespace: &str) -> Option<ObjectKey> {
     (is_dns_label(&key.name) && is_dns_label(&key.namespace)).then_some(key)
 }
 
+/// A request's host as matched against host patterns: without its port or a trailing dot,
+/// lower case.
+pub fn request_host_name(host: &str) -> String {
+    let without_port = match host.strip_prefix('[') {
+        // An IPv6 literal: `[::1]:8080`.
+        Some(rest) => rest.split_once(']').map_or(rest, |(ip, _)| ip),
+        None => host
+            .rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(name, _)| name),
+    };
+    without_port.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// How specifically `pattern` (`api.example.com`, `*.example.com` or `*`) matches `name` (as
+/// [`request_host_name`] gives it): `None` when it does not, exact names above every
+/// wildcard, longer wildcard suffixes above shorter ones, `*` lowest.
+pub fn host_match_specificity(pattern: &str, name: &str) -> Option<usize> {
+    let pattern = pattern.trim_end_matches('.');
+    match pattern.strip_prefix('*') {
+        None => pattern.eq_ignore_ascii_case(name).then_some(usize::MAX),
+        Some("") => Some(0),
+        Some(suffix) => (name.len() > suffix.len()
+            && name
+                .get(name.len() - suffix.len()..)
+                .is_some_and(|end| end.eq_ignore_ascii_case(suffix)))
+        .then_some(suffix.len()),
+    }
+}
+
 /// An RFC 1123 label, which Service and namespace names are.
 fn is_dns_label(label: &str) -> bool {
     !label.is_empty()
@@ -36,6 +66,23 @@ fn is_dns_label(label: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_patterns_match_exact_names_before_wildcards() {
+        assert_eq!(request_host_name("API.example.com:8443"), "api.example.com");
+        assert_eq!(request_host_name("[::1]:80"), "::1");
+        assert_eq!(request_host_name("example.com."), "example.com");
+        let name = "api.example.com";
+        assert_eq!(
+            host_match_specificity("api.example.com", name),
+            Some(usize::MAX)
+        );
+        assert_eq!(host_match_specificity("*.example.com", name), Some(12));
+        assert_eq!(host_match_specificity("*.com", name), Some(4));
+        assert_eq!(host_match_specificity("*", name), Some(0));
+        assert_eq!(host_match_specificity("*.example.com", "example.com"), None);
+        assert_eq!(host_match_specificity("www.example.com", name), None);
+    }
 
     #[test]
     fn service_names_in_every_form_resolve_and_others_do_not() {

@@ -218,21 +218,91 @@ pub(super) struct CompiledVirtualService {
     pub(super) tcp: Vec<TcpRule>,
 }
 
-fn for_mesh(gateways: &[String]) -> bool {
-    gateways.is_empty() || gateways.iter().any(|g| g == MESH_GATEWAY)
+/// Which proxy a VirtualService is compiled for: the mesh's node proxies, or one gateway
+/// (a `networking.istio.io` Gateway, by its key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding<'a> {
+    Mesh,
+    Gateway(&'a ObjectKey),
+}
+
+impl Binding<'_> {
+    /// Whether a `gateways` list (of a VirtualService in `namespace`: `mesh`, `name` or
+    /// `namespace/name`) names this binding.
+    fn named_in(self, gateways: &[String], namespace: &str) -> bool {
+        gateways.iter().any(|name| match self {
+            Binding::Mesh => name == MESH_GATEWAY,
+            Binding::Gateway(key) => gateway_key(name, namespace).as_ref() == Some(key),
+        })
+    }
+
+    /// Whether a VirtualService with `gateways` applies here: an empty list means the mesh.
+    fn applies(self, gateways: &[String], namespace: &str) -> bool {
+        match self {
+            Binding::Mesh if gateways.is_empty() => true,
+            _ => self.named_in(gateways, namespace),
+        }
+    }
+
+    /// Whether a match with `gateways` applies here: an empty list means wherever the
+    /// VirtualService applies.
+    fn admits_match(self, gateways: &[String], namespace: &str) -> bool {
+        gateways.is_empty() || self.named_in(gateways, namespace)
+    }
+}
+
+/// The Gateway a `gateways` entry names (`name` in the VirtualService's `namespace`, or
+/// `namespace/name`); `None` for `mesh`.
+fn gateway_key(name: &str, namespace: &str) -> Option<ObjectKey> {
+    if name == MESH_GATEWAY {
+        return None;
+    }
+    Some(match name.split_once('/') {
+        Some((namespace, name)) => ObjectKey::new(namespace, name),
+        None => ObjectKey::new(namespace, name),
+    })
 }
 
 // === impl VirtualServiceSpec ===
 
 impl VirtualServiceSpec {
-    /// False for a VirtualService bound to gateways only, which the mesh ignores.
+    /// False for a VirtualService bound to gateways only, which the node proxies ignore.
     pub fn applies_to_mesh(&self) -> bool {
-        for_mesh(&self.gateways)
+        Binding::Mesh.applies(&self.gateways, "")
     }
 
-    /// Checks everything the mesh would compile; `namespace` is the resource's own.
+    /// The Gateways it binds to (`mesh` left out), for a VirtualService in `namespace`.
+    pub fn bound_gateways(&self, namespace: &str) -> Vec<ObjectKey> {
+        let mut keys: Vec<ObjectKey> = self
+            .gateways
+            .iter()
+            .filter_map(|name| gateway_key(name, namespace))
+            .collect();
+        keys.dedup();
+        keys
+    }
+
+    /// Checks everything the mesh and its gateways would compile; `namespace` is the
+    /// resource's own.
     pub fn validate(&self, namespace: &str) -> Result<(), RoutingError> {
-        self.compile(namespace, "").map(|_| ())
+        for (i, name) in self.gateways.iter().enumerate() {
+            let valid = name == MESH_GATEWAY
+                || name
+                    .split('/')
+                    .all(|part| !part.is_empty() && !part.contains(char::is_whitespace))
+                    && name.matches('/').count() <= 1;
+            if !valid {
+                return Err(RoutingError::Invalid {
+                    field: format!("gateways[{i}]"),
+                    reason: format!("{name:?} is not mesh, a Gateway name or namespace/name"),
+                });
+            }
+        }
+        self.compile(namespace, "", Binding::Mesh)?;
+        for gateway in self.bound_gateways(namespace) {
+            self.compile(namespace, "", Binding::Gateway(&gateway))?;
+        }
+        Ok(())
     }
 
     /// Every destination a route or mirror sends to, with its field path.
@@ -257,13 +327,16 @@ impl VirtualServiceSpec {
         all
     }
 
-    /// `None` when the VirtualService does not apply to the mesh.
+    /// `None` when the VirtualService does not apply to `binding`. For the mesh, `hosts`
+    /// are the Services it routes; for a gateway they are left empty (its hosts are names
+    /// requests carry, matched by the gateway).
     pub(super) fn compile(
         &self,
         namespace: &str,
         origin: &str,
+        binding: Binding<'_>,
     ) -> Result<Option<CompiledVirtualService>, RoutingError> {
-        if !self.applies_to_mesh() {
+        if !binding.applies(&self.gateways, namespace) {
             return Ok(None);
         }
         if self.hosts.is_empty() {
@@ -273,7 +346,8 @@ impl VirtualServiceSpec {
             });
         }
         let mut hosts = Vec::new();
-        for key in self.hosts.iter().filter_map(|h| resolve_host(h, namespace)) {
+        let services = self.hosts.iter().filter_map(|h| resolve_host(h, namespace));
+        for key in services.filter(|_| binding == Binding::Mesh) {
             if !hosts.contains(&key) {
                 hosts.push(key);
             }
@@ -290,7 +364,7 @@ impl VirtualServiceSpec {
                     name: name.to_string(),
                 });
             }
-            if let Some(rule) = route.compile(&field, namespace, origin)? {
+            if let Some(rule) = route.compile(&field, namespace, origin, binding)? {
                 http.push(CompiledRule {
                     rule,
                     full_path_rewrite: false,
@@ -299,7 +373,7 @@ impl VirtualServiceSpec {
         }
         let mut tcp = Vec::new();
         for (i, route) in self.tcp.iter().enumerate() {
-            if let Some(rule) = route.compile(&format!("tcp[{i}]"), namespace)? {
+            if let Some(rule) = route.compile(&format!("tcp[{i}]"), namespace, binding)? {
                 tcp.push(rule);
             }
         }
@@ -308,12 +382,13 @@ impl VirtualServiceSpec {
 }
 
 impl HttpRoute {
-    /// `None` when every match is bound to gateways only: the rule never sees mesh traffic.
+    /// `None` when every match is bound elsewhere: the rule never sees `binding`'s traffic.
     fn compile(
         &self,
         field: &str,
         namespace: &str,
         origin: &str,
+        binding: Binding<'_>,
     ) -> Result<Option<HttpRule>, RoutingError> {
         let unsupported = |what: &str, what_field: &str| RoutingError::Unsupported {
             field: format!("{field}.{what_field}"),
@@ -327,7 +402,7 @@ impl HttpRoute {
         }
         let mut matches = Vec::new();
         for (i, m) in self.matches.iter().enumerate() {
-            if let Some(compiled) = m.compile(&format!("{field}.match[{i}]"))? {
+            if let Some(compiled) = m.compile(&format!("{field}.match[{i}]"), namespace, binding)? {
                 matches.push(compiled);
             }
         }
@@ -539,9 +614,14 @@ impl DestinationSpec {
 }
 
 impl HttpMatchRequest {
-    /// `None` when the match is bound to gateways only.
-    fn compile(&self, field: &str) -> Result<Option<RequestMatch>, RoutingError> {
-        if !for_mesh(&self.gateways) {
+    /// `None` when the match is bound elsewhere than `binding`.
+    fn compile(
+        &self,
+        field: &str,
+        namespace: &str,
+        binding: Binding<'_>,
+    ) -> Result<Option<RequestMatch>, RoutingError> {
+        if !binding.admits_match(&self.gateways, namespace) {
             return Ok(None);
         }
         if self.source_namespace.is_some() {
@@ -699,8 +779,13 @@ impl HeaderOperations {
 }
 
 impl TcpRoute {
-    /// `None` when every match is bound to gateways only.
-    fn compile(&self, field: &str, namespace: &str) -> Result<Option<TcpRule>, RoutingError> {
+    /// `None` when every match is bound elsewhere than `binding`.
+    fn compile(
+        &self,
+        field: &str,
+        namespace: &str,
+        binding: Binding<'_>,
+    ) -> Result<Option<TcpRule>, RoutingError> {
         let mut ports = Vec::new();
         let mut any_port = self.matches.is_empty();
         let mut for_the_mesh = self.matches.is_empty();
@@ -719,7 +804,7 @@ impl TcpRoute {
             if m.source_namespace.is_some() {
                 return Err(unsupported("sourceNamespace"));
             }
-            if !for_mesh(&m.gateways) {
+            if !binding.admits_match(&m.gateways, namespace) {
                 continue;
             }
             for_the_mesh = true;

@@ -39,8 +39,12 @@ use super::{
 use crate::{
     access_log::Parties,
     distributed_tracing::SpanKind,
+    gateway::{
+        self,
+        route::{Selected, ServerPlan},
+    },
     identity::Identity,
-    inventory::{ObjectKey, Workload},
+    inventory::{Labels, ObjectKey, Workload},
     metrics::Reporter,
     plan::{
         endpoints::service_endpoints,
@@ -63,6 +67,10 @@ pub struct Outbound {
     pub dialed: IpAddr,
     /// The parties of the connection's last request, for the next one.
     pub parties: PartiesMemo,
+    /// At a gateway: the servers the connection is served by, whose Gateways'
+    /// VirtualServices route it (then `service` is the gateway pod, and `port` the
+    /// gateway's). `None` in the node proxy: the dialed Service's routes apply.
+    pub gateway: Option<Vec<Arc<ServerPlan>>>,
 }
 
 /// Everything decided about a request before its attempts, borrowing from the config
@@ -106,20 +114,14 @@ impl Outbound {
             .get(&self.service)
             .map_or_else(|| self.service.to_string(), |s| s.hostname());
         let mut record = Record::traced(&self.proxy, SpanKind::Client, &target, &request);
-        let source = state.workloads.get(&self.pod.key);
-        let (rule, matched_prefix) = match select_route(
-            &state,
-            &self.service,
-            self.port,
-            source,
-            RequestHead::of(&request),
-        ) {
-            RouteMatch::Default => (None, None),
-            RouteMatch::Rule {
+        let (rule, matched_prefix) = match self.select(&state, &request) {
+            Ok(RouteMatch::Default) => (None, None),
+            Ok(RouteMatch::Rule {
                 rule,
                 matched_prefix,
-            } => (Some(rule), matched_prefix.map(str::to_string)),
-            RouteMatch::NoneMatched => return self.local(&state, None, record, NO_ROUTE),
+            }) => (Some(rule), matched_prefix.map(str::to_string)),
+            Ok(RouteMatch::NoneMatched) => return self.local(&state, None, record, NO_ROUTE),
+            Err(redirect) => return self.finish(&state, None, record, *redirect),
         };
         record.facts.route = rule.map(|r| r.name.clone().unwrap_or_else(|| r.origin.clone()));
         if let Some(fault) = rule.and_then(|r| r.fault.as_ref())
@@ -179,10 +181,40 @@ impl Outbound {
         }
     }
 
+    /// The route of `request`: the dialed Service's, or at a gateway its servers' (`Err`:
+    /// the gateway's own answer, a redirect to HTTPS).
+    fn select<'s>(
+        &self,
+        state: &'s State,
+        request: &Request<Incoming>,
+    ) -> Result<RouteMatch<'s>, Box<Response<ProxyBody>>> {
+        let source = state.workloads.get(&self.pod.key);
+        let head = RequestHead::of(request);
+        let Some(servers) = &self.gateway else {
+            return Ok(select_route(state, &self.service, self.port, source, head));
+        };
+        let no_labels = Labels::new();
+        let labels = source.map_or(&no_labels, |w| &w.labels);
+        match gateway::route::select(state, servers, self.port, labels, head) {
+            Selected::Redirect(response) => Err(Box::new(response)),
+            Selected::Route { matched, .. } => Ok(matched),
+            Selected::NoRoute => Ok(RouteMatch::NoneMatched),
+        }
+    }
+
     /// Resolves the destination to its cluster and candidate endpoints.
     fn plan<'s>(&self, state: &'s State, destination: Destination) -> Option<Plan<'s>> {
-        let port = destination.port.unwrap_or(self.port);
         let service = state.services.get(&destination.service)?;
+        let port = match destination.port {
+            Some(port) => port,
+            // A gateway dialed no Service port: a destination without one is its Service's
+            // only port (Istio's rule).
+            None if self.gateway.is_some() => match service.ports.as_slice() {
+                [only] => only.port,
+                _ => return None,
+            },
+            None => self.port,
+        };
         let subset_labels = match &destination.subset {
             Some(subset) => Some(state.routes.subset_labels(&service.key, subset)?),
             None => None,

@@ -1,0 +1,260 @@
+//! `mesh-node gateway`, wired: an ingress gateway in its own pod. It reads the same config
+//! as the agents, gets its pod's certificate from the same CA, and serves the ports of the
+//! Gateways that select its pod (see [`crate::gateway`]).
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{sync::watch, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{agent::workload_mtls, source::ConfigSource};
+use crate::{
+    access_log::AccessLog,
+    admin::{Admin, LogControl},
+    cli::GatewayConfig,
+    distributed_tracing::{TraceConfig, Tracing},
+    egress::OutboundTrafficPolicy,
+    endpoints::{self, Endpoints},
+    gateway::serve::{self, Gateway, Plan},
+    inventory::ObjectKey,
+    jwks::JwksCache,
+    metrics::Metrics,
+    netns::Netns,
+    proxy::{PodContext, ProxyContext, Resolver, connections::Connections},
+    readiness::Readiness,
+    signal,
+    state::{State, StateRx},
+};
+
+/// How often a draining gateway looks whether its connections have finished.
+const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The running gateway.
+pub struct BoundGateway {
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    readiness: Readiness,
+    /// Stops the listeners.
+    listening: CancellationToken,
+    /// Tells the connections being served to finish.
+    drain: CancellationToken,
+    drain_timeout: Duration,
+    /// One clone per connection being served.
+    in_flight: Arc<()>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+pub async fn build_gateway(
+    config: GatewayConfig,
+    log: Option<LogControl>,
+) -> anyhow::Result<BoundGateway> {
+    info!(config = %serde_json::to_string(&config)?, "starting mesh-node gateway");
+    let readiness = Readiness::default();
+    let config_ready = readiness.register("config");
+    let pod_known = readiness.register("gateway-pod");
+    let metrics = Metrics::new().context("registering metrics")?;
+    let shutdown = CancellationToken::new();
+    let metrics_listener = endpoints::bind_shared(config.metrics_addr)
+        .with_context(|| format!("binding metrics on {}", config.metrics_addr))?;
+    let health_listener = endpoints::bind_shared(config.health_addr)
+        .with_context(|| format!("binding health on {}", config.health_addr))?;
+    let admin_listener = endpoints::bind_shared(config.admin_addr)
+        .with_context(|| format!("binding admin on {}", config.admin_addr))?;
+    let (admin_addr, metrics_addr, health_addr) = (
+        admin_listener.local_addr()?,
+        metrics_listener.local_addr()?,
+        health_listener.local_addr()?,
+    );
+    let mut tasks = JoinSet::new();
+    tasks.spawn(endpoints::serve(
+        health_listener,
+        Endpoints::Health(readiness.clone()),
+        shutdown.clone(),
+    ));
+
+    let (state_tx, state_rx) = watch::channel(Arc::new(State::default()));
+    let source = ConfigSource::start(
+        config.config_source,
+        config.config_dir.as_deref(),
+        &config.root_namespace,
+        &state_tx,
+        &metrics.node,
+    )
+    .await?;
+    tasks.spawn(source.run(
+        state_tx,
+        metrics.node.clone(),
+        config_ready,
+        shutdown.clone(),
+    ));
+    let mtls = workload_mtls(
+        &config.identity,
+        &config.node_name,
+        &config.root_namespace,
+        &metrics.node,
+        state_rx.clone(),
+        &readiness,
+    )
+    .await?;
+    let me = ObjectKey::new(&config.pod_namespace, &config.pod_name);
+    let ips = own_addresses(&mut state_rx.clone(), &me).await;
+    drop(pod_known);
+    let home = Arc::new(Netns::current().context("opening the gateway's netns")?);
+    let tracing = Arc::new(
+        Tracing::new(
+            &TraceConfig {
+                otlp_endpoint: config.observability.otlp_endpoint.clone(),
+                sampling_percent: config.observability.trace_sampling,
+                node: config.node_name.clone(),
+            },
+            tokio::runtime::Handle::current(),
+        )
+        .context("setting up tracing")?,
+    );
+    let connections = Arc::new(Connections::default());
+    let drain = CancellationToken::new();
+    let proxy = ProxyContext {
+        state: state_rx.clone(),
+        capture: None,
+        metrics: metrics.clone(),
+        // Routes name Services; what is not one is refused by routing, not by this policy.
+        resolver: Arc::new(Resolver::new(OutboundTrafficPolicy::AllowAny)),
+        home: home.clone(),
+        mtls: mtls.clone(),
+        clusters: Arc::default(),
+        upstreams: Arc::default(),
+        access_log: Arc::new(
+            AccessLog::stdout(config.observability.access_log)
+                .counting_drops_in(metrics.node.access_log_dropped()),
+        ),
+        tracing,
+        jwks: Arc::new(JwksCache::default()),
+        connections: connections.clone(),
+        node_addresses: Arc::default(),
+        drain: drain.clone(),
+    };
+    let gateway = Gateway {
+        pod: PodContext {
+            key: me.clone(),
+            ips,
+            netns: home,
+            netns_cookie: 0,
+        },
+        proxy,
+        in_flight: Arc::new(()),
+    };
+    let in_flight = gateway.in_flight.clone();
+    let (plan_tx, plan_rx) = watch::channel(Arc::new(Plan::default()));
+    tasks.spawn(keep_planned(
+        state_rx.clone(),
+        me,
+        plan_tx,
+        shutdown.clone(),
+    ));
+    let listening = shutdown.child_token();
+    tasks.spawn(serve::run(gateway, plan_rx.clone(), listening.clone()));
+    tasks.spawn(endpoints::serve(
+        metrics_listener,
+        Endpoints::Metrics(Box::new(metrics.clone())),
+        shutdown.clone(),
+    ));
+    let admin = Admin {
+        node: config.node_name.clone(),
+        state: state_rx,
+        mtls,
+        readiness: readiness.clone(),
+        log,
+        connections,
+        outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
+        jwt_keys: Arc::new(JwksCache::default()),
+        gateway: Some(plan_rx),
+    };
+    tasks.spawn(endpoints::serve(
+        admin_listener,
+        Endpoints::Admin(Arc::new(admin)),
+        shutdown.clone(),
+    ));
+    info!(metrics = %metrics_addr, health = %health_addr, admin = %admin_addr, "mesh-node gateway running");
+    Ok(BoundGateway {
+        admin_addr,
+        metrics_addr,
+        health_addr,
+        readiness,
+        listening,
+        drain,
+        drain_timeout: config.drain_timeout,
+        in_flight,
+        shutdown,
+        tasks,
+    })
+}
+
+/// The gateway pod's addresses, once the config knows the pod.
+async fn own_addresses(state: &mut StateRx, me: &ObjectKey) -> Vec<std::net::IpAddr> {
+    let mut warned = false;
+    loop {
+        if let Some(pod) = state.borrow_and_update().workloads.get(me) {
+            return pod.ips.clone();
+        }
+        if !warned {
+            warn!(pod = %me, "the gateway's own pod is not in the config yet; waiting for it");
+            warned = true;
+        }
+        if state.changed().await.is_err() {
+            return Vec::new();
+        }
+    }
+}
+
+/// Plans the listeners again at every config change; logs what cannot be served.
+async fn keep_planned(
+    mut state: StateRx,
+    me: ObjectKey,
+    plans: watch::Sender<Arc<Plan>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let current = state.borrow_and_update().clone();
+        let plan = Plan::build(&current, &me, &plans.borrow());
+        let known = plans.borrow().problems.clone();
+        for problem in plan.problems.iter().filter(|p| !known.contains(p)) {
+            warn!(%problem, "gateway server not served as written");
+        }
+        plans.send_replace(Arc::new(plan));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = state.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+impl BoundGateway {
+    /// Runs until SIGTERM/SIGINT, then drains.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        signal::shutdown_requested().await;
+        self.stop().await;
+        info!("mesh-node gateway stopped");
+        Ok(())
+    }
+
+    /// Unready, listeners closed, requests in flight finished (HTTP/1 closed between
+    /// requests, HTTP/2 told GOAWAY) within the drain timeout, then everything stops.
+    pub async fn stop(mut self) {
+        let _draining = self.readiness.register("draining");
+        self.listening.cancel();
+        self.drain.cancel();
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        while Arc::strong_count(&self.in_flight) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(DRAIN_POLL_INTERVAL).await;
+        }
+        let open = Arc::strong_count(&self.in_flight) - 1;
+        if open > 0 {
+            warn!(open, "drain deadline passed; closing the connections left");
+        }
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}

@@ -1,0 +1,201 @@
+//! Which route a request arriving at the gateway takes: the server of its port that serves
+//! its host, then the VirtualService bound to that server's Gateway for the host.
+use std::sync::Arc;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::{
+    credential::{CredentialError, ServerCredential},
+    resource::{ServerHost, TlsMode},
+};
+use crate::{
+    inventory::{Labels, ObjectKey},
+    plan::request::RequestHead,
+    proxy::http::{ProxyBody, empty},
+    routing::{GatewayHost, RequestInfo, RouteMatch, host},
+    state::State,
+};
+
+/// One server of a Gateway, as the gateway serves it.
+#[derive(Debug)]
+pub struct ServerPlan {
+    /// The Gateway that declares it.
+    pub gateway: ObjectKey,
+    /// Its place in the Gateway's `servers`, for messages.
+    pub index: usize,
+    pub port: u16,
+    pub hosts: Vec<ServerHost>,
+    pub https_redirect: bool,
+    /// For HTTPS: the mode and the certificate, or why it cannot be served.
+    pub tls: Option<(TlsMode, Result<Arc<ServerCredential>, CredentialError>)>,
+}
+
+impl ServerPlan {
+    /// `Gateway ns/name servers[i]`.
+    pub fn name(&self) -> String {
+        format!("Gateway {} servers[{}]", self.gateway, self.index)
+    }
+
+    /// How specifically one of its hosts matches `name` (see
+    /// [`host::host_match_specificity`]).
+    pub fn host_specificity(&self, name: &str) -> Option<usize> {
+        self.hosts
+            .iter()
+            .filter_map(|h| host::host_match_specificity(&h.host, name))
+            .max()
+    }
+
+    /// Whether routes of `namespace` may bind to one of its hosts that matches `name`.
+    fn admits(&self, namespace: &str, name: &str) -> bool {
+        self.hosts.iter().any(|h| {
+            host::host_match_specificity(&h.host, name).is_some()
+                && h.admits(namespace, &self.gateway.namespace)
+        })
+    }
+}
+
+/// The server among `servers` that serves `name` (the most specific host; the first of
+/// equals).
+pub fn server_for<'a>(servers: &'a [Arc<ServerPlan>], name: &str) -> Option<&'a Arc<ServerPlan>> {
+    let mut best: Option<(usize, &Arc<ServerPlan>)> = None;
+    for server in servers {
+        if let Some(specificity) = server.host_specificity(name)
+            && best.is_none_or(|(b, _)| specificity > b)
+        {
+            best = Some((specificity, server));
+        }
+    }
+    best.map(|(_, server)| server)
+}
+
+/// Where a request at the gateway goes.
+pub enum Selected<'s> {
+    /// The server asks for HTTPS: the client is sent there (301).
+    Redirect(Response<ProxyBody>),
+    /// The VirtualService for its host, and its rule for the request.
+    Route {
+        host: &'s GatewayHost,
+        matched: RouteMatch<'s>,
+    },
+    /// No server of the port serves the host, or no VirtualService of its Gateway does.
+    NoRoute,
+}
+
+/// Routes `request` that arrived on a connection served by `servers` (every plain HTTP
+/// server of its port, or the one server its TLS handshake chose). `gateway_labels` are
+/// the gateway pod's (a match's `sourceLabels` reads them).
+pub fn select<'s>(
+    state: &'s State,
+    servers: &[Arc<ServerPlan>],
+    port: u16,
+    gateway_labels: &Labels,
+    request: RequestHead<'_>,
+) -> Selected<'s> {
+    let authority = request
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            request
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or_default();
+    let name = host::request_host_name(authority);
+    let Some(server) = server_for(servers, &name) else {
+        return Selected::NoRoute;
+    };
+    if server.https_redirect {
+        return Selected::Redirect(https_redirect(authority, request));
+    }
+    let Some(host) = state
+        .routes
+        .gateway_host(&server.gateway, &name, |namespace| {
+            server.admits(namespace, &name)
+        })
+    else {
+        return Selected::NoRoute;
+    };
+    let matched = host.match_request(&RequestInfo {
+        method: request.method,
+        uri: request.uri,
+        headers: request.headers,
+        port,
+        source_labels: gateway_labels,
+    });
+    Selected::Route { host, matched }
+}
+
+/// `301` to the same host (without its port: HTTPS has its own) and path over HTTPS.
+fn https_redirect(authority: &str, request: RequestHead<'_>) -> Response<ProxyBody> {
+    let host_only = match authority.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => authority,
+    };
+    let path = request.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut response = Response::new(empty());
+    *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    if let Ok(location) = HeaderValue::from_str(&format!("https://{host_only}{path}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(gateway: &str, hosts: &[&str], redirect: bool) -> Arc<ServerPlan> {
+        Arc::new(ServerPlan {
+            gateway: ObjectKey::new("istio-system", gateway),
+            index: 0,
+            port: 80,
+            hosts: hosts
+                .iter()
+                .map(|h| ServerHost::parse(h).unwrap())
+                .collect(),
+            https_redirect: redirect,
+            tls: None,
+        })
+    }
+
+    #[test]
+    fn the_most_specific_server_serves_a_host() {
+        let servers = vec![
+            server("any", &["*"], false),
+            server("wild", &["*.example.com"], false),
+            server("exact", &["bookinfo/api.example.com"], false),
+        ];
+        let gateway = |name: &str| server_for(&servers, name).map(|s| s.gateway.name.clone());
+        assert_eq!(gateway("api.example.com").as_deref(), Some("exact"));
+        assert_eq!(gateway("www.example.com").as_deref(), Some("wild"));
+        assert_eq!(gateway("example.org").as_deref(), Some("any"));
+        assert!(servers[2].admits("bookinfo", "api.example.com"));
+        assert!(!servers[2].admits("default", "api.example.com"));
+    }
+
+    #[test]
+    fn an_https_redirect_keeps_host_and_path_and_drops_the_port() {
+        let request = http::Request::get("/status/200?x=1")
+            .header("host", "api.example.com:8080")
+            .body(())
+            .unwrap();
+        let servers = vec![server("gw", &["*"], true)];
+        let state = State::default();
+        let Selected::Redirect(response) = select(
+            &state,
+            &servers,
+            80,
+            &Labels::new(),
+            RequestHead::of(&request),
+        ) else {
+            panic!("no redirect");
+        };
+        assert_eq!(response.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(
+            response.headers()[header::LOCATION],
+            "https://api.example.com/status/200?x=1"
+        );
+    }
+}

@@ -1,0 +1,455 @@
+//! End to end: the ingress gateway. `mesh-node gateway` runs in its own pod (namespace
+//! `istio-system`, not enrolled) on node1; a client in a network namespace the mesh does not
+//! know calls it with `curl` over HTTPS, with SNI, HTTP/1.1 and HTTP/2; Istio's "Secure
+//! Gateways" YAML routes by host and path to mesh Services on node0, over HBONE as the
+//! gateway's identity.
+use std::{
+    fs::File,
+    net::SocketAddr,
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use mesh_tests::{
+    Cluster, Pod, PodProcess, PodSpec, bin_path, bookinfo, http_get_in_netns, metric_value,
+    namespace_yaml,
+    scenario::{ENROLLED, metric, skip, wait_until},
+    service_yaml,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
+};
+
+const GATEWAY_SA: &str = "istio-ingressgateway-service-account";
+const GATEWAY_PRINCIPAL: &str =
+    "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account";
+const GATEWAY_ADMIN: &str = "127.0.0.1:15000";
+const GATEWAY_METRICS: &str = "127.0.0.1:15020";
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// Istio's "Secure Gateways" task, multiple hosts: one Gateway, two HTTPS servers on 443
+/// with a certificate each, and a VirtualService per host (unchanged but for the
+/// httpbin match, which the task also writes this way).
+const SECURE_GATEWAYS: &str = r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: mygateway
+spec:
+  selector:
+    istio: ingressgateway # use istio default ingress gateway
+  servers:
+  - port:
+      number: 443
+      name: https-httpbin
+      protocol: HTTPS
+    tls:
+      mode: SIMPLE
+      credentialName: httpbin-credential
+    hosts:
+    - httpbin.example.com
+  - port:
+      number: 443
+      name: https-helloworld
+      protocol: HTTPS
+    tls:
+      mode: SIMPLE
+      credentialName: helloworld-credential
+    hosts:
+    - helloworld.example.com
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: httpbin
+spec:
+  hosts:
+  - "httpbin.example.com"
+  gateways:
+  - mygateway
+  http:
+  - match:
+    - uri:
+        prefix: /status
+    - uri:
+        prefix: /delay
+    route:
+    - destination:
+        port:
+          number: 8000
+        host: httpbin
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: helloworld
+spec:
+  hosts:
+  - helloworld.example.com
+  gateways:
+  - mygateway
+  http:
+  - match:
+    - uri:
+        exact: /hello
+    route:
+    - destination:
+        host: helloworld
+        port:
+          number: 5000
+"#;
+
+/// Plain HTTP on port 80 answered with a redirect to HTTPS (Istio's `httpsRedirect`).
+const REDIRECT_GATEWAY: &str = r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: redirect
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port:
+      number: 80
+      name: http
+      protocol: HTTP
+    hosts:
+    - "*"
+    tls:
+      httpsRedirect: true
+"#;
+
+/// A certificate authority the test made.
+struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "gateway test CA");
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("a key"))
+            .expect("a CA");
+        Self { issuer }
+    }
+
+    /// A `kubernetes.io/tls` Secret in `istio-system` for `host`, signed by this CA.
+    fn secret(&self, name: &str, host: &str) -> String {
+        let key = KeyPair::generate().expect("a key");
+        // Its own subject: OpenSSL (curl) takes a leaf named like its issuer for
+        // self-signed.
+        let mut params = CertificateParams::new(vec![host.to_string()]).expect("server params");
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, host);
+        let certificate = params
+            .signed_by(&key, &self.issuer)
+            .expect("a server certificate");
+        let indent = |pem: &str| pem.trim_end().replace('\n', "\n    ");
+        format!(
+            "apiVersion: v1
+kind: Secret
+metadata: {{name: {name}, namespace: istio-system}}
+type: kubernetes.io/tls
+stringData:
+  tls.crt: |
+    {}
+  tls.key: |
+    {}
+",
+            indent(&certificate.pem()),
+            indent(&key.serialize_pem())
+        )
+    }
+
+    /// Its certificate as a file curl can trust.
+    fn write_pem(&self, cluster: &Cluster, name: &str) -> String {
+        let path = cluster.work_dir().join(name);
+        std::fs::write(&path, self.issuer.pem()).expect("writing the CA file");
+        path.to_str().expect("UTF-8 path").to_owned()
+    }
+}
+
+/// `mesh-node gateway` in the gateway pod; killed (by PID) when dropped.
+struct GatewayProcess {
+    child: Child,
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Scene {
+    cluster: Cluster,
+    client: Pod,
+    gateway: Pod,
+    _gateway_process: GatewayProcess,
+    _servers: Vec<PodProcess>,
+}
+
+impl Scene {
+    fn new(test: &str, ca: &TestCa) -> Self {
+        let mut cluster = Cluster::new(test, 2);
+        let httpbin = cluster.add_pod(
+            PodSpec::new("httpbin", 0)
+                .label("app", "httpbin")
+                .service_account("httpbin"),
+        );
+        let helloworld = cluster.add_pod(
+            PodSpec::new("helloworld", 0)
+                .label("app", "helloworld")
+                .service_account("helloworld"),
+        );
+        let gateway = cluster.add_pod(
+            PodSpec::new("istio-ingressgateway", 1)
+                .namespace("istio-system")
+                .label("istio", "ingressgateway")
+                .service_account(GATEWAY_SA),
+        );
+        // A host on the internet, as far as the mesh knows: not in its config.
+        let client = cluster.add_pod(PodSpec::new("client", 0).namespace("outside"));
+        cluster.remove_config(&client.manifest_file_name());
+        cluster.write_config(
+            "ns.yaml",
+            &format!(
+                "{}---\n{}",
+                namespace_yaml("default", ENROLLED),
+                namespace_yaml("istio-system", &[])
+            ),
+        );
+        cluster.write_config(
+            "services.yaml",
+            &format!(
+                "{}---\n{}",
+                service_yaml(
+                    "httpbin",
+                    "default",
+                    "10.96.0.20",
+                    &[("http", 8000, bookinfo::APP_PORT)],
+                    &[("app", "httpbin")],
+                ),
+                service_yaml(
+                    "helloworld",
+                    "default",
+                    "10.96.0.21",
+                    &[("http", 5000, bookinfo::APP_PORT)],
+                    &[("app", "helloworld")],
+                )
+            ),
+        );
+        cluster.write_config(
+            "secrets.yaml",
+            &format!(
+                "{}---\n{}",
+                ca.secret("httpbin-credential", "httpbin.example.com"),
+                ca.secret("helloworld-credential", "helloworld.example.com")
+            ),
+        );
+        cluster.write_config("gateway.yaml", SECURE_GATEWAYS);
+        cluster.write_config("redirect.yaml", REDIRECT_GATEWAY);
+        let servers = vec![
+            bookinfo::serve_http(&cluster, &httpbin),
+            bookinfo::serve_http(&cluster, &helloworld),
+        ];
+        cluster.start_agents();
+        let gateway_process = start_gateway(&cluster, &gateway);
+        Self {
+            cluster,
+            client,
+            gateway,
+            _gateway_process: gateway_process,
+            _servers: servers,
+        }
+    }
+
+    /// `curl` from the client outside the cluster to `url`, its host resolved to the
+    /// gateway: the output (body, then a line `<status> <HTTP version>`).
+    fn curl(&self, url: &str, args: &[&str]) -> Output {
+        let host = url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .expect("a URL with a host");
+        let (name, port) = host.split_once(':').unwrap_or((
+            host,
+            if url.starts_with("https") {
+                "443"
+            } else {
+                "80"
+            },
+        ));
+        let resolve = format!("{name}:{port}:{}", self.gateway.ip);
+        self.client
+            .command(&self.cluster, "curl")
+            .args(["-sS", "--max-time", "10", "--resolve", &resolve])
+            .args(["-w", "\n%{http_code} %{http_version}"])
+            .args(args)
+            .arg(url)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running curl")
+    }
+
+    /// The status, HTTP version and JSON reply of a request that must have been answered.
+    fn get(&self, url: &str, args: &[&str]) -> (u16, String, serde_json::Value) {
+        let output = self.curl(url, args);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "curl {url} {args:?}: {}{stdout}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let (body, last) = stdout.rsplit_once('\n').expect("the -w line");
+        let (status, version) = last.split_once(' ').expect("status and version");
+        let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+        (status.parse().expect("a status"), version.to_owned(), json)
+    }
+
+    fn gateway_admin(&self, path: &str) -> String {
+        let addr: SocketAddr = GATEWAY_ADMIN.parse().expect("an address");
+        http_get_in_netns(&self.gateway.netns, addr, path)
+            .map(|(_, body)| body)
+            .unwrap_or_else(|e| format!("admin unreachable: {e}"))
+    }
+
+    fn gateway_metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let addr: SocketAddr = GATEWAY_METRICS.parse().expect("an address");
+        let text = http_get_in_netns(&self.gateway.netns, addr, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        metric_value(&text, name, labels).unwrap_or(0.0)
+    }
+}
+
+fn start_gateway(cluster: &Cluster, pod: &Pod) -> GatewayProcess {
+    let log_path = cluster.logs_dir().join("gateway.log");
+    let log = File::create(&log_path).expect("the gateway's log");
+    let config_dir = cluster.config_dir();
+    let ca_dir = cluster.work_dir().join("ca");
+    let node = cluster.node_name(pod.node);
+    let mut command: Command = pod.command(cluster, bin_path("mesh-node"));
+    command
+        .args([
+            "gateway",
+            "--pod-name",
+            &pod.name,
+            "--pod-namespace",
+            &pod.namespace,
+        ])
+        .args(["--node-name", &node])
+        .args(["--config-dir", config_dir.to_str().expect("UTF-8 path")])
+        .args(["--ca-dir", ca_dir.to_str().expect("UTF-8 path")])
+        .args([
+            "--metrics-addr",
+            GATEWAY_METRICS,
+            "--admin-addr",
+            GATEWAY_ADMIN,
+        ])
+        .args(["--health-addr", "127.0.0.1:15021", "--access-log", "full"])
+        .env("RUST_LOG", "info,mesh_node=debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log);
+    let child = command.spawn().expect("starting mesh-node gateway");
+    let process = GatewayProcess { child };
+    let health: SocketAddr = "127.0.0.1:15021".parse().expect("an address");
+    wait_until(CONVERGE, "the gateway to be ready", || {
+        let ready = http_get_in_netns(&pod.netns, health, "/healthz/ready")
+            .is_ok_and(|(status, _)| status == 200);
+        ready.then_some(())
+    });
+    process
+}
+
+#[test]
+fn a_gateway_routes_https_by_host_and_path_into_the_mesh_as_its_own_identity() {
+    if skip() {
+        return;
+    }
+    let ca = TestCa::new();
+    let scene = Scene::new("gateway_https", &ca);
+    let ca_file = ca.write_pem(&scene.cluster, "gateway-ca.pem");
+    wait_until(CONVERGE, "the gateway to serve httpbin.example.com", || {
+        let args = ["--cacert", ca_file.as_str()];
+        let served = scene.curl("https://httpbin.example.com/status/200", &args);
+        served.status.success().then_some(())
+    });
+
+    // Two hosts, two certificates, chosen by SNI (curl checks each is its host's);
+    // HTTP/1.1 and HTTP/2 (ALPN).
+    let (status, version, reply) = scene.get(
+        "https://httpbin.example.com/status/200",
+        &["--cacert", &ca_file, "--http1.1"],
+    );
+    assert_eq!((status, version.as_str()), (200, "1.1"), "{reply}");
+    assert_eq!(reply["served_by"], "httpbin", "{reply}");
+    assert_eq!(reply["path"], "/status/200", "{reply}");
+    // The client's address, as the gateway saw it, and the scheme it used.
+    let client_ip = scene.client.ip.to_string();
+    assert_eq!(reply["headers"]["x-forwarded-for"], client_ip, "{reply}");
+    assert_eq!(reply["headers"]["x-forwarded-proto"], "https", "{reply}");
+    let (status, version, reply) = scene.get(
+        "https://helloworld.example.com/hello",
+        &["--cacert", &ca_file, "--http2"],
+    );
+    assert_eq!((status, version.as_str()), (200, "2"), "{reply}");
+    assert_eq!(reply["served_by"], "helloworld", "{reply}");
+    // A path no rule of the host's VirtualService matches: 404 at the gateway.
+    let (status, _, _) = scene.get(
+        "https://helloworld.example.com/other",
+        &["--cacert", &ca_file],
+    );
+    assert_eq!(status, 404);
+    // A host no server serves gets no handshake at all.
+    let unknown = scene.curl("https://other.example.com/", &["--cacert", &ca_file]);
+    assert!(!unknown.status.success(), "an unknown SNI was served");
+
+    // Plain HTTP on port 80 is sent to HTTPS.
+    let redirect = scene.curl("http://httpbin.example.com/status/200", &["-D", "-"]);
+    let head = String::from_utf8_lossy(&redirect.stdout);
+    assert!(
+        head.contains("301") && head.contains("location: https://httpbin.example.com/status/200"),
+        "{head}"
+    );
+
+    // Into the mesh over HBONE, as the gateway's own identity: the destination's proxy
+    // saw mutual TLS from it, and the gateway reports itself as the source workload.
+    wait_until(CONVERGE, "the destination's request metrics", || {
+        (metric(
+            &scene.cluster,
+            0,
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_workload", "httpbin"),
+                ("source_principal", GATEWAY_PRINCIPAL),
+                ("source_workload", "istio-ingressgateway"),
+                ("connection_security_policy", "mutual_tls"),
+                ("response_code", "200"),
+            ],
+        ) >= 2.0)
+            .then_some(())
+    });
+    assert!(
+        scene.gateway_metric(
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("source_workload", "istio-ingressgateway"),
+                ("destination_service_name", "helloworld"),
+                ("response_code", "200"),
+            ],
+        ) >= 1.0
+    );
+    let listeners = scene.gateway_admin("/gateways");
+    assert!(
+        listeners.contains("Gateway default/mygateway servers[1]")
+            && listeners.contains("helloworld.example.com")
+            && listeners.contains("VirtualService default/helloworld"),
+        "{listeners}"
+    );
+}
