@@ -137,17 +137,15 @@ impl TestCa {
 
     /// A `kubernetes.io/tls` Secret in `istio-system` for `host`, signed by this CA.
     fn secret(&self, name: &str, host: &str) -> String {
-        let key = KeyPair::generate().expect("a key");
-        // Its own subject: OpenSSL (curl) takes a leaf named like its issuer for
-        // self-signed.
-        let mut params = CertificateParams::new(vec![host.to_string()]).expect("server params");
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, host);
-        let certificate = params
-            .signed_by(&key, &self.issuer)
-            .expect("a server certificate");
+        self.secret_trusting(name, host, None)
+    }
+
+    /// [`TestCa::secret`], with `ca.crt` (the CA a MUTUAL server checks clients against)
+    /// when `client_ca` is given.
+    fn secret_trusting(&self, name: &str, host: &str, client_ca: Option<&TestCa>) -> String {
+        let (certificate, key) = self.issue(host);
         let indent = |pem: &str| pem.trim_end().replace('\n', "\n    ");
-        format!(
+        let mut yaml = format!(
             "apiVersion: v1
 kind: Secret
 metadata: {{name: {name}, namespace: istio-system}}
@@ -158,9 +156,28 @@ stringData:
   tls.key: |
     {}
 ",
-            indent(&certificate.pem()),
-            indent(&key.serialize_pem())
-        )
+            indent(&certificate),
+            indent(&key)
+        );
+        if let Some(client_ca) = client_ca {
+            yaml.push_str(&format!(
+                "  ca.crt: |\n    {}\n",
+                indent(&client_ca.issuer.pem())
+            ));
+        }
+        yaml
+    }
+
+    /// A certificate for `name` and its key, PEM.
+    fn issue(&self, name: &str) -> (String, String) {
+        let key = KeyPair::generate().expect("a key");
+        // Its own subject: OpenSSL (curl) takes a leaf named like its issuer for
+        // self-signed.
+        let mut params = CertificateParams::new(vec![name.to_string()]).expect("params");
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        let certificate = params.signed_by(&key, &self.issuer).expect("a certificate");
+        (certificate.pem(), key.serialize_pem())
     }
 
     /// Its certificate as a file curl can trust.
@@ -451,5 +468,193 @@ fn a_gateway_routes_https_by_host_and_path_into_the_mesh_as_its_own_identity() {
             && listeners.contains("helloworld.example.com")
             && listeners.contains("VirtualService default/helloworld"),
         "{listeners}"
+    );
+}
+
+/// A second server on 8443 that asks clients for a certificate (MUTUAL), and one whose
+/// Secret does not exist.
+const MUTUAL_AND_MISSING: &str = r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: mutual
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port: {number: 8443, name: https-mutual, protocol: HTTPS}
+    tls: {mode: MUTUAL, credentialName: httpbin-mutual}
+    hosts: [httpbin.example.com]
+  - port: {number: 9443, name: https-missing, protocol: HTTPS}
+    tls: {mode: SIMPLE, credentialName: missing-credential}
+    hosts: [missing.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: httpbin-mutual
+spec:
+  hosts: [httpbin.example.com, missing.example.com]
+  gateways: [mutual]
+  http:
+  - route:
+    - destination: {host: httpbin, port: {number: 8000}}
+"#;
+
+#[test]
+fn gateway_certificates_rotate_without_dropping_connections_and_bad_servers_fail_alone() {
+    if skip() {
+        return;
+    }
+    let ca = TestCa::new();
+    let scene = Scene::new("gateway_rotation", &ca);
+    let ca_file = ca.write_pem(&scene.cluster, "gateway-ca.pem");
+    let url = "https://httpbin.example.com/status/200";
+    wait_until(CONVERGE, "the gateway to serve httpbin.example.com", || {
+        let served = scene.curl(url, &["--cacert", ca_file.as_str()]);
+        served.status.success().then_some(())
+    });
+
+    // MUTUAL: only a client with a certificate the Secret's ca.crt signed gets through.
+    let client_ca = TestCa::new();
+    let (client_certificate, client_key) = client_ca.issue("client.example.com");
+    let work = scene.cluster.work_dir();
+    let (certificate_file, key_file) = (work.join("client.pem"), work.join("client-key.pem"));
+    std::fs::write(&certificate_file, client_certificate).expect("client certificate");
+    std::fs::write(&key_file, client_key).expect("client key");
+    scene.cluster.write_config(
+        "mutual.yaml",
+        &format!(
+            "{}---\n{MUTUAL_AND_MISSING}",
+            ca.secret_trusting("httpbin-mutual", "httpbin.example.com", Some(&client_ca))
+        ),
+    );
+    let mutual_url = "https://httpbin.example.com:8443/headers";
+    let with_certificate = [
+        "--cacert",
+        ca_file.as_str(),
+        "--cert",
+        certificate_file.to_str().expect("UTF-8"),
+        "--key",
+        key_file.to_str().expect("UTF-8"),
+    ];
+    wait_until(CONVERGE, "the MUTUAL server", || {
+        scene
+            .curl(mutual_url, &with_certificate)
+            .status
+            .success()
+            .then_some(())
+    });
+    let (status, _, reply) = scene.get(mutual_url, &with_certificate);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["served_by"], "httpbin", "{reply}");
+    let refused = scene.curl(mutual_url, &["--cacert", &ca_file]);
+    assert!(
+        !refused.status.success() || String::from_utf8_lossy(&refused.stdout).ends_with("000 0"),
+        "a client without a certificate was served: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+
+    // A server whose Secret is missing serves no handshake; the others carry on, and the
+    // gateway says why.
+    let missing = scene.curl("https://missing.example.com:9443/", &["--cacert", &ca_file]);
+    assert!(
+        !missing.status.success(),
+        "a server without its Secret answered"
+    );
+    let listeners = scene.gateway_admin("/gateways");
+    assert!(
+        listeners.contains("NOT SERVED: Secret istio-system/missing-credential not found"),
+        "{listeners}"
+    );
+    assert_eq!(scene.get(url, &["--cacert", &ca_file]).0, 200);
+
+    // A Gateway the gateway cannot serve as written is refused alone, with its reason.
+    scene.cluster.write_config(
+        "passthrough.yaml",
+        "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: passthrough}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 7443, name: tls, protocol: TLS}
+    tls: {mode: PASSTHROUGH}
+    hosts: [db.example.com]
+",
+    );
+    wait_until(CONVERGE, "the refusal", || {
+        let config = scene.gateway_admin("/config_dump");
+        (config.contains("Gateway default/passthrough") && config.contains("not supported"))
+            .then_some(())
+    });
+    assert_eq!(scene.get(url, &["--cacert", &ca_file]).0, 200);
+
+    // Rotation: a new certificate from another CA replaces the old one while a client keeps
+    // one connection open, sending a request every 200 ms. Every request succeeds on that
+    // one connection; new connections get the new certificate.
+    let rotated = TestCa::new();
+    let rotated_file = rotated.write_pem(&scene.cluster, "rotated-ca.pem");
+    let urls = vec![url; 15];
+    let mut args = vec!["--cacert", ca_file.as_str(), "--rate", "5/s"];
+    args.extend(["-w", "\nRESULT %{http_code} %{num_connects}\n"]);
+    let mut command = scene.client.command(&scene.cluster, "curl");
+    command
+        .args(["-sS", "--max-time", "20", "--resolve"])
+        .arg(format!("httpbin.example.com:443:{}", scene.gateway.ip))
+        .args(&args)
+        .args(&urls)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let long_lived = command.spawn().expect("curl");
+    std::thread::sleep(Duration::from_millis(800));
+    scene.cluster.write_config(
+        "secrets.yaml",
+        &format!(
+            "{}---\n{}",
+            rotated.secret("httpbin-credential", "httpbin.example.com"),
+            ca.secret("helloworld-credential", "helloworld.example.com")
+        ),
+    );
+    wait_until(CONVERGE, "the rotated certificate", || {
+        let served = scene.curl(url, &["--cacert", rotated_file.as_str()]);
+        served.status.success().then_some(())
+    });
+    let old = scene.curl(url, &["--cacert", &ca_file]);
+    assert!(!old.status.success(), "the old certificate is still served");
+    let output = long_lived.wait_with_output().expect("curl");
+    let lines = String::from_utf8_lossy(&output.stdout).into_owned();
+    let results: Vec<&str> = lines
+        .lines()
+        .filter_map(|line| line.strip_prefix("RESULT "))
+        .collect();
+    assert_eq!(
+        results.len(),
+        15,
+        "{lines}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(results.iter().all(|r| r.starts_with("200 ")), "{lines}");
+    let connects: u32 = results
+        .iter()
+        .map(|r| {
+            r.split(' ')
+                .nth(1)
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(99)
+        })
+        .sum();
+    assert_eq!(
+        connects, 1,
+        "the connection was not kept across the rotation: {lines}"
+    );
+    // The helloworld host kept its certificate.
+    assert_eq!(
+        scene
+            .get(
+                "https://helloworld.example.com/hello",
+                &["--cacert", &ca_file]
+            )
+            .0,
+        200
     );
 }
