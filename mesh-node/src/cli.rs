@@ -113,6 +113,10 @@ pub enum DebugWhat {
     Certs,
     /// Connections the node proxy holds now: direction, pod, client, original destination.
     Connections,
+    /// A gateway's listeners (ask `mesh-node gateway`'s admin API): each server's port,
+    /// protocol, hosts, certificate (or why it is not served) and the VirtualServices
+    /// bound to its Gateway.
+    Gateways,
     /// Why a request from a pod would be allowed, denied or unroutable: the route, the
     /// endpoints, the identities, mutual TLS and the policies that decide, computed by the
     /// agent from its live state with the proxy's own code.

@@ -21,6 +21,7 @@ pub async fn run(args: DebugArgs) -> anyhow::Result<()> {
         DebugWhat::Routes => "/routes".to_string(),
         DebugWhat::Certs => "/certs".to_string(),
         DebugWhat::Connections => "/connections".to_string(),
+        DebugWhat::Gateways => "/gateways".to_string(),
         DebugWhat::Explain(explain) => format!("/explain?{}", request(explain).to_query()),
         DebugWhat::Config => "/config_dump".to_string(),
         DebugWhat::Log { level } => format!("/logging?level={level}"),
@@ -229,6 +230,33 @@ pub fn render(what: &DebugWhat, body: &Value) -> String {
                 ]);
             }
         }
+        DebugWhat::Gateways => {
+            table.set_header([
+                "PORT",
+                "SERVER",
+                "PROTOCOL",
+                "HOSTS",
+                "CERTIFICATE",
+                "ROUTES",
+            ]);
+            for l in body["listeners"].as_array().into_iter().flatten() {
+                table.add_row([
+                    text(&l["port"]),
+                    text(&l["server"]),
+                    text(&l["protocol"]),
+                    text(&l["hosts"]),
+                    text(&l["certificate"]),
+                    text(&l["routes"]),
+                ]);
+            }
+            let problems: Vec<String> = body["problems"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| format!("\n! {}", text(p)))
+                .collect();
+            return format!("{table}{}", problems.concat());
+        }
         DebugWhat::Explain(_) => {
             return match serde_json::from_value::<Explanation>(body.clone()) {
                 Ok(explanation) => explanation.render(),
@@ -287,6 +315,27 @@ mod tests {
         );
         assert!(
             lines[1].contains("reviews") && lines[1].contains("VirtualService default/reviews"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn gateways_show_each_server_its_certificate_and_what_is_not_served() {
+        let body = serde_json::json!({
+            "listeners": [{
+                "port": 443, "server": "Gateway default/mygateway servers[0]",
+                "protocol": "HTTPS", "hosts": ["httpbin.example.com"],
+                "certificate": "CN=httpbin.example.com [httpbin.example.com], expires …",
+                "routes": ["VirtualService default/httpbin (httpbin.example.com)"],
+            }],
+            "problems": ["Gateway default/x servers[1]: Secret istio-system/y not found"],
+        });
+        let out = render(&DebugWhat::Gateways, &body);
+        assert!(out.contains("443"), "{out}");
+        assert!(out.contains("VirtualService default/httpbin"), "{out}");
+        assert!(out.contains("CN=httpbin.example.com"), "{out}");
+        assert!(
+            out.contains("! Gateway default/x servers[1]: Secret"),
             "{out}"
         );
     }

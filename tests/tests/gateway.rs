@@ -342,6 +342,22 @@ impl Scene {
     }
 }
 
+/// `mesh-node debug gateways` against the gateway's admin API, run in its pod.
+fn debug_gateways(scene: &Scene) -> String {
+    let output = scene
+        .gateway
+        .command(&scene.cluster, bin_path("mesh-node"))
+        .args(["debug", "--admin-addr", GATEWAY_ADMIN, "gateways"])
+        .output()
+        .expect("mesh-node debug gateways");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 fn start_gateway(cluster: &Cluster, pod: &Pod) -> GatewayProcess {
     let log_path = cluster.logs_dir().join("gateway.log");
     let log = File::create(&log_path).expect("the gateway's log");
@@ -462,7 +478,7 @@ fn a_gateway_routes_https_by_host_and_path_into_the_mesh_as_its_own_identity() {
             ],
         ) >= 1.0
     );
-    let listeners = scene.gateway_admin("/gateways");
+    let listeners = debug_gateways(&scene);
     assert!(
         listeners.contains("Gateway default/mygateway servers[1]")
             && listeners.contains("helloworld.example.com")
