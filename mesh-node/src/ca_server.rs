@@ -79,9 +79,52 @@ pub mod cluster_root;
 mod scripted_api;
 pub mod token_review;
 
-/// Which node a bearer token belongs to.
+/// Who a bearer token belongs to.
 pub trait Authenticator: Send + Sync + 'static {
-    fn node_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, Refusal>>;
+    fn caller_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, Refusal>>;
+}
+
+/// Who asks the CA for certificates, as its token says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The node the caller runs on.
+    pub node: String,
+    /// `None`: a node agent, which may ask for every identity with a pod on its node.
+    /// `Some((namespace, service account))`: a workload that runs its own proxy (a gateway),
+    /// which may ask for its own identity only, while a pod of it runs on its node.
+    pub workload: Option<(String, String)>,
+}
+
+impl Caller {
+    /// The agent of `node`.
+    pub fn agent(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            workload: None,
+        }
+    }
+
+    /// Whether this caller may ask for `identity` (the CA then checks its pod's node).
+    pub(crate) fn may_ask_for(&self, identity: &Identity) -> Result<(), String> {
+        match &self.workload {
+            Some((namespace, service_account))
+                if identity.namespace() != namespace
+                    || identity.service_account() != service_account =>
+            {
+                Err(format!(
+                    "a token of {namespace}/{service_account} gets only its own identity, \
+                     not {identity}"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl From<&str> for Caller {
+    fn from(node: &str) -> Self {
+        Self::agent(node)
+    }
 }
 
 /// Why a token gets no certificate; each maps to the status the CA answers with.
@@ -144,11 +187,11 @@ impl TokenFile {
 }
 
 impl Authenticator for TokenFile {
-    fn node_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, Refusal>> {
+    fn caller_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, Refusal>> {
         Box::pin(async move {
             self.nodes_by_token
                 .get(token)
-                .cloned()
+                .map(|node| Caller::agent(node.as_str()))
                 .ok_or_else(|| Refusal::Unauthenticated("unknown token".into()))
         })
     }
@@ -271,11 +314,12 @@ impl CaService {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_string)
             .ok_or((401, "missing bearer token".to_string()))?;
-        let node = self
+        let caller = self
             .authenticator
-            .node_of(&token)
+            .caller_of(&token)
             .await
             .map_err(|refusal| (refusal.status(), refusal.to_string()))?;
+        let node = &caller.node;
         let body = Limited::new(request.into_body(), MAX_REQUEST_BYTES)
             .collect()
             .await
@@ -286,9 +330,10 @@ impl CaService {
         let identity: Identity = asked.identity.parse().map_err(|e| (400, format!("{e}")))?;
         let csr = CertificateSigningRequestDer::from_pem_slice(asked.csr_pem.as_bytes())
             .map_err(|e| (400, format!("CSR: {e}")))?;
+        caller.may_ask_for(&identity).map_err(|e| (403, e))?;
         let state = self.state.borrow().clone();
         self.ca
-            .authorize(&node, &identity, state.scheduled_pods())
+            .authorize(node, &identity, state.scheduled_pods())
             .map_err(|e| (403, e.to_string()))?;
         let issued = self
             .ca

@@ -447,6 +447,15 @@ pub struct IdentityConfig {
     pub hbone_streams_per_tunnel: usize,
 }
 
+fn parse_service_account(value: &str) -> Result<(String, String), String> {
+    match value.split_once('/') {
+        Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
+            Ok((namespace.to_owned(), name.to_owned()))
+        }
+        _ => Err(format!("{value:?} is not namespace/name")),
+    }
+}
+
 /// `mesh-node run`'s CNI flags: where the plugin reaches the agent, and where the agent
 /// installs the plugin.
 #[derive(Clone, Debug, clap::Args, Serialize)]
@@ -563,6 +572,13 @@ pub struct CaConfig {
     /// The agents' ServiceAccount: only its tokens get certificates (with TokenReview).
     #[arg(long, default_value = "nodemesh-node")]
     pub agent_service_account: String,
+
+    /// A gateway's ServiceAccount (`namespace/name`, repeatable): tokens of it get a
+    /// certificate for its own identity (`mesh-node gateway`), while a pod of it runs on
+    /// the node its token names. Tokens of any other ServiceAccount than the agents' are
+    /// refused.
+    #[arg(long = "gateway-service-account", value_name = "NAMESPACE/NAME", value_parser = parse_service_account)]
+    pub gateway_service_accounts: Vec<(String, String)>,
 
     /// The audience agents' projected tokens are issued for (with TokenReview).
     #[arg(long, default_value = "nodemesh-ca")]

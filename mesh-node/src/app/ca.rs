@@ -62,12 +62,15 @@ pub async fn run_ca(config: CaConfig) -> anyhow::Result<()> {
         Some(path) => {
             Arc::new(TokenFile::load(path).with_context(|| format!("reading {}", path.display()))?)
         }
-        None => Arc::new(TokenReviewAuthenticator::new(
-            in_cluster_client()?,
-            &config.namespace,
-            &config.agent_service_account,
-            &config.token_audience,
-        )),
+        None => Arc::new(
+            TokenReviewAuthenticator::new(
+                in_cluster_client()?,
+                &config.namespace,
+                &config.agent_service_account,
+                &config.token_audience,
+            )
+            .with_gateways(config.gateway_service_accounts.clone()),
+        ),
     };
     let identity = ca_server::ca_identity(&config.trust_domain, &config.root_namespace)?;
     let serving = ca_server::serving_certificate(&ca, &identity)?;

@@ -83,7 +83,8 @@ pub async fn build_gateway(
         &state_tx,
         &metrics.node,
     )
-    .await?;
+    .await?
+    .for_gateway(&config.pod_namespace);
     tasks.spawn(source.run(
         state_tx,
         metrics.node.clone(),

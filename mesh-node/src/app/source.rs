@@ -56,6 +56,15 @@ impl ConfigSource {
         }
     }
 
+    /// A gateway reads Gateways, and the Secrets of its own namespace (its servers'
+    /// certificates).
+    pub(super) fn for_gateway(self, namespace: &str) -> Self {
+        match self {
+            Self::Kube(source) => Self::Kube(source.for_gateway(namespace)),
+            file => file,
+        }
+    }
+
     pub(super) async fn run(
         self,
         tx: StateTx,

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::{Authenticator, Refusal};
+use super::{Authenticator, Caller, Refusal};
 
 /// The bound pod's node, in tokens of Kubernetes 1.30+ (`ServiceAccountTokenPodNodeInfo`).
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
@@ -49,18 +49,27 @@ const REVIEW_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Maps an agent's projected token to its node through TokenReview.
 pub struct TokenReviewAuthenticator {
     reviews: Api<TokenReview>,
-    /// Pods of the agents' namespace, for tokens that do not name their node.
-    pods: Api<Pod>,
+    /// For the pods of tokens that do not name their node.
+    client: kube::Client,
     namespace: String,
     audience: String,
     /// `system:serviceaccount:<namespace>:<agent service account>`.
     agent_username: String,
+    /// Gateways' ServiceAccounts (`namespace`, `name`), whose tokens get their own identity.
+    gateways: Vec<(String, String)>,
     cache: Mutex<NodeCache>,
     /// Bounds the reviews in flight ([`MAX_CONCURRENT_REVIEWS`]).
     in_flight: tokio::sync::Semaphore,
 }
 
 impl TokenReviewAuthenticator {
+    /// Gateways' ServiceAccounts (`namespace`, `name`) whose tokens get their own identity
+    /// (`mesh-node ca --gateway-service-account`).
+    pub fn with_gateways(mut self, gateways: Vec<(String, String)>) -> Self {
+        self.gateways = gateways;
+        self
+    }
+
     /// Accepts tokens for `audience` of ServiceAccount `agent_service_account` in `namespace`
     /// (where the agents run).
     pub fn new(
@@ -71,16 +80,17 @@ impl TokenReviewAuthenticator {
     ) -> Self {
         Self {
             reviews: Api::all(client.clone()),
-            pods: Api::namespaced(client, namespace),
+            client,
             namespace: namespace.to_owned(),
             audience: audience.to_owned(),
             agent_username: format!("system:serviceaccount:{namespace}:{agent_service_account}"),
+            gateways: Vec::new(),
             cache: Mutex::default(),
             in_flight: tokio::sync::Semaphore::new(MAX_CONCURRENT_REVIEWS),
         }
     }
 
-    async fn review(&self, token: &str) -> Result<String, Refusal> {
+    async fn review(&self, token: &str) -> Result<Caller, Refusal> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -117,12 +127,29 @@ impl TokenReviewAuthenticator {
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
-        if username != self.agent_username {
-            return Err(Refusal::Forbidden(format!(
-                "token of {username:?}, not of the agents' ServiceAccount {:?}",
-                self.agent_username
-            )));
-        }
+        let workload = if username == self.agent_username {
+            None
+        } else {
+            let gateway = username
+                .strip_prefix("system:serviceaccount:")
+                .and_then(|account| account.split_once(':'))
+                .filter(|(namespace, name)| {
+                    self.gateways
+                        .iter()
+                        .any(|(n, s)| n == namespace && s == name)
+                });
+            let Some((namespace, name)) = gateway else {
+                return Err(Refusal::Forbidden(format!(
+                    "token of {username:?}, not of the agents' ServiceAccount {:?} nor of a \
+                     gateway's (--gateway-service-account)",
+                    self.agent_username
+                )));
+            };
+            Some((namespace.to_owned(), name.to_owned()))
+        };
+        let pod_namespace = workload
+            .as_ref()
+            .map_or(self.namespace.as_str(), |(namespace, _)| namespace);
         let extra = user.extra.unwrap_or_default();
         let first = |key: &str| {
             extra
@@ -130,23 +157,27 @@ impl TokenReviewAuthenticator {
                 .and_then(|values| values.first())
                 .filter(|value| !value.is_empty())
         };
-        if let Some(node) = first(NODE_NAME_EXTRA) {
-            return Ok(node.clone());
-        }
-        match (first(POD_NAME_EXTRA), first(POD_UID_EXTRA)) {
-            (Some(pod), Some(uid)) => self.node_of_pod(pod, uid).await,
-            _ => Err(Refusal::Forbidden(
-                "the token is bound to no pod: agents must present their projected \
-                 ServiceAccount token"
-                    .into(),
-            )),
-        }
+        let node = match (
+            first(NODE_NAME_EXTRA),
+            first(POD_NAME_EXTRA),
+            first(POD_UID_EXTRA),
+        ) {
+            (Some(node), _, _) => node.clone(),
+            (None, Some(pod), Some(uid)) => self.node_of_pod(pod_namespace, pod, uid).await?,
+            _ => {
+                return Err(Refusal::Forbidden(
+                    "the token is bound to no pod: agents and gateways must present their \
+                     projected ServiceAccount token"
+                        .into(),
+                ));
+            }
+        };
+        Ok(Caller { node, workload })
     }
 
-    async fn node_of_pod(&self, name: &str, uid: &str) -> Result<String, Refusal> {
-        let namespace = &self.namespace;
-        let pod = self
-            .pods
+    async fn node_of_pod(&self, namespace: &str, name: &str, uid: &str) -> Result<String, Refusal> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let pod = pods
             .get_opt(name)
             .await
             .map_err(|error| {
@@ -171,7 +202,7 @@ impl TokenReviewAuthenticator {
             })
     }
 
-    fn cached(&self, key: &TokenHash) -> Option<Result<String, Refusal>> {
+    fn cached(&self, key: &TokenHash) -> Option<Result<Caller, Refusal>> {
         let cache = self.cache.lock();
         cache.get(key, Instant::now())
     }
@@ -179,7 +210,7 @@ impl TokenReviewAuthenticator {
     /// Keeps an answer for a while: an accepted token's node for [`cache_lifetime`], a
     /// refusal for [`NEGATIVE_CACHE_TTL`]. That the API server could not answer is not kept:
     /// the next request asks again.
-    fn remember(&self, key: TokenHash, token: &str, answer: &Result<String, Refusal>) {
+    fn remember(&self, key: TokenHash, token: &str, answer: &Result<Caller, Refusal>) {
         let lifetime = match answer {
             Ok(_) => cache_lifetime(token, SystemTime::now()),
             Err(Refusal::Unavailable(_)) => None,
@@ -195,7 +226,7 @@ impl TokenReviewAuthenticator {
 }
 
 impl Authenticator for TokenReviewAuthenticator {
-    fn node_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, Refusal>> {
+    fn caller_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, Refusal>> {
         Box::pin(async move {
             let key = token_hash(token);
             if let Some(answer) = self.cached(&key) {
@@ -264,11 +295,11 @@ fn token_expiry(token: &str) -> Option<SystemTime> {
 /// Recent answers by token digest: the node, or why the token was refused.
 #[derive(Default)]
 struct NodeCache {
-    answers: HashMap<TokenHash, (Result<String, Refusal>, Instant)>,
+    answers: HashMap<TokenHash, (Result<Caller, Refusal>, Instant)>,
 }
 
 impl NodeCache {
-    fn get(&self, key: &TokenHash, now: Instant) -> Option<Result<String, Refusal>> {
+    fn get(&self, key: &TokenHash, now: Instant) -> Option<Result<Caller, Refusal>> {
         self.answers
             .get(key)
             .filter(|(_, until)| *until > now)
@@ -278,7 +309,7 @@ impl NodeCache {
     fn insert(
         &mut self,
         key: TokenHash,
-        answer: Result<String, Refusal>,
+        answer: Result<Caller, Refusal>,
         until: Instant,
         now: Instant,
     ) {

@@ -55,7 +55,7 @@ pub struct WatchedKind {
 }
 
 /// Every kind the translation understands, at the version the source asks the API server for.
-pub const WATCHED_KINDS: [WatchedKind; 11] = [
+pub const WATCHED_KINDS: [WatchedKind; 13] = [
     watched("v1", "Namespace", "namespaces"),
     watched("v1", "Pod", "pods"),
     watched("v1", "Service", "services"),
@@ -87,7 +87,15 @@ pub const WATCHED_KINDS: [WatchedKind; 11] = [
     ),
     watched("networking.istio.io/v1", "ServiceEntry", "serviceentries"),
     watched("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),
+    // Watched by gateways only ([`KubeSource::for_gateway`]); Secrets in their namespace.
+    watched("networking.istio.io/v1", "Gateway", "gateways"),
+    watched("v1", "Secret", "secrets"),
 ];
+
+/// The kinds only a gateway reads: agents neither need them nor may read Secrets.
+const GATEWAY_KINDS: [&str; 2] = ["Gateway", SECRET];
+/// Watched in one namespace only: a gateway's certificates.
+const SECRET: &str = "Secret";
 
 const fn watched(
     api_version: &'static str,
@@ -131,6 +139,8 @@ pub(crate) struct WatchedObject {
     spec: Option<Box<RawValue>>,
     status: Option<Box<RawValue>>,
     endpoints: Option<Box<RawValue>>,
+    /// A Secret's entries.
+    data: Option<Box<RawValue>>,
 }
 
 impl Resource for WatchedObject {
@@ -217,6 +227,7 @@ impl JsonDocument {
             ("spec", &object.spec),
             ("status", &object.status),
             ("endpoints", &object.endpoints),
+            ("data", &object.data),
         ];
         // Sized once: a pod's spec and status are most of a big cluster's bytes.
         let raw_len: usize = fields
@@ -302,6 +313,8 @@ pub struct KubeSource {
     caches: Vec<KindCache>,
     /// Indexes into [`WATCHED_KINDS`] of the kinds this source watches.
     watching: Vec<usize>,
+    /// Where Secrets are watched, if anywhere (a gateway's namespace).
+    secrets_namespace: Option<String>,
     last_good: LastGood,
 }
 
@@ -311,16 +324,38 @@ impl KubeSource {
             client,
             root_namespace: root_namespace.into(),
             caches: WATCHED_KINDS.iter().map(|_| KindCache::default()).collect(),
-            watching: (0..WATCHED_KINDS.len()).collect(),
+            watching: Vec::new(),
+            secrets_namespace: None,
             last_good: LastGood::default(),
         }
+        .only(
+            &WATCHED_KINDS
+                .map(|k| k.kind)
+                .into_iter()
+                .filter(|k| !GATEWAY_KINDS.contains(k))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// A gateway's source: Gateways too, and the Secrets of its own `namespace`, whose
+    /// certificates its servers name.
+    pub fn for_gateway(mut self, namespace: impl Into<String>) -> Self {
+        self.secrets_namespace = Some(namespace.into());
+        for (index, kind) in WATCHED_KINDS.iter().enumerate() {
+            if GATEWAY_KINDS.contains(&kind.kind) {
+                self.watching.push(index);
+                self.caches[index].synced = false;
+            }
+        }
+        self
     }
 
     /// Watches only `kinds` (the CA needs pods, not routes): the others stay empty, and
     /// need no RBAC.
     pub fn only(mut self, kinds: &[&str]) -> Self {
-        self.watching
-            .retain(|index| kinds.contains(&WATCHED_KINDS[*index].kind));
+        self.watching = (0..WATCHED_KINDS.len())
+            .filter(|index| kinds.contains(&WATCHED_KINDS[*index].kind))
+            .collect();
         for (index, cache) in self.caches.iter_mut().enumerate() {
             cache.synced = !self.watching.contains(&index);
         }
@@ -332,8 +367,12 @@ impl KubeSource {
             .iter()
             .map(|&index| {
                 let kind = &WATCHED_KINDS[index];
-                let api: Api<WatchedObject> =
-                    Api::all_with(self.client.clone(), &kind.api_resource());
+                let api: Api<WatchedObject> = match &self.secrets_namespace {
+                    Some(namespace) if kind.kind == SECRET => {
+                        Api::namespaced_with(self.client.clone(), namespace, &kind.api_resource())
+                    }
+                    _ => Api::all_with(self.client.clone(), &kind.api_resource()),
+                };
                 // `any_semantic`: lists may be served from the API server's watch cache, as
                 // for every informer; the watch that follows brings anything newer.
                 let config = watcher::Config::default().any_semantic();

@@ -61,7 +61,7 @@ async fn the_node_named_in_the_token_is_the_requester() {
     let (authenticator, requests) = authenticator(|_| agent_on("node-a"));
     let token = token(Duration::from_secs(3600));
 
-    assert_eq!(authenticator.node_of(&token).await, Ok("node-a".into()));
+    assert_eq!(authenticator.caller_of(&token).await, Ok("node-a".into()));
     let sent = requests.all();
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sent[0].method, Method::POST);
@@ -77,7 +77,7 @@ async fn unauthenticated_tokens_are_refused() {
         review["status"]["error"] = json!("token has expired");
         (201, review)
     });
-    let refusal = authenticator.node_of("stale").await.unwrap_err();
+    let refusal = authenticator.caller_of("stale").await.unwrap_err();
     assert!(
         matches!(&refusal, Refusal::Unauthenticated(reason) if reason.contains("token has expired")),
         "{refusal:?}"
@@ -98,7 +98,7 @@ async fn tokens_of_other_service_accounts_are_refused() {
             ),
         )
     });
-    let refusal = authenticator.node_of("web's token").await.unwrap_err();
+    let refusal = authenticator.caller_of("web's token").await.unwrap_err();
     assert!(
         matches!(&refusal, Refusal::Forbidden(reason) if reason.contains("system:serviceaccount:shop:web")),
         "{refusal:?}"
@@ -119,7 +119,7 @@ async fn tokens_for_another_audience_are_refused() {
             ),
         )
     });
-    let refusal = authenticator.node_of("api token").await.unwrap_err();
+    let refusal = authenticator.caller_of("api token").await.unwrap_err();
     assert!(
         matches!(&refusal, Refusal::Unauthenticated(reason) if reason.contains("nodemesh-ca")),
         "{refusal:?}"
@@ -140,7 +140,7 @@ async fn the_node_is_read_from_the_bound_pod_when_the_token_does_not_name_it() {
         ),
         _ => agent_pod("uid-1", "node-b"),
     });
-    assert_eq!(authenticator.node_of("bound").await, Ok("node-b".into()));
+    assert_eq!(authenticator.caller_of("bound").await, Ok("node-b".into()));
     assert_eq!(requests.count(&Method::GET, AGENT_POD), 1);
 }
 
@@ -158,7 +158,7 @@ async fn a_token_of_a_replaced_or_missing_pod_is_refused() {
         ),
         _ => agent_pod("uid-new", "node-b"),
     });
-    let refusal = replaced.node_of("old pod's token").await.unwrap_err();
+    let refusal = replaced.caller_of("old pod's token").await.unwrap_err();
     assert!(
         matches!(&refusal, Refusal::Forbidden(reason) if reason.contains("replaced")),
         "{refusal:?}"
@@ -176,7 +176,7 @@ async fn a_token_of_a_replaced_or_missing_pod_is_refused() {
         ),
         _ => scripted_api::status(404, "NotFound"),
     });
-    let refusal = missing.node_of("deleted pod's token").await.unwrap_err();
+    let refusal = missing.caller_of("deleted pod's token").await.unwrap_err();
     assert!(
         matches!(&refusal, Refusal::Forbidden(reason) if reason.contains("does not exist")),
         "{refusal:?}"
@@ -191,7 +191,7 @@ async fn tokens_bound_to_no_pod_are_refused() {
             token_review(true, &["nodemesh-ca"], AGENT_USERNAME, json!({})),
         )
     });
-    let refusal = authenticator.node_of("legacy").await.unwrap_err();
+    let refusal = authenticator.caller_of("legacy").await.unwrap_err();
     assert!(matches!(refusal, Refusal::Forbidden(_)), "{refusal:?}");
 }
 
@@ -207,12 +207,12 @@ async fn api_errors_refuse_and_are_not_cached() {
         }
     });
     let token = token(Duration::from_secs(3600));
-    let refusal = authenticator.node_of(&token).await.unwrap_err();
+    let refusal = authenticator.caller_of(&token).await.unwrap_err();
     assert!(matches!(refusal, Refusal::Unavailable(_)), "{refusal:?}");
     assert_eq!(refusal.status(), 503);
 
     failing.store(false, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(authenticator.node_of(&token).await, Ok("node-a".into()));
+    assert_eq!(authenticator.caller_of(&token).await, Ok("node-a".into()));
     assert_eq!(requests.count(&Method::POST, TOKEN_REVIEWS), 2);
 }
 
@@ -222,7 +222,7 @@ async fn accepted_tokens_are_reviewed_once_per_ttl() {
     let token = token(Duration::from_secs(3600));
 
     for _ in 0..3 {
-        assert_eq!(authenticator.node_of(&token).await, Ok("node-a".into()));
+        assert_eq!(authenticator.caller_of(&token).await, Ok("node-a".into()));
     }
     assert_eq!(
         requests.count(&Method::POST, TOKEN_REVIEWS),
@@ -231,7 +231,7 @@ async fn accepted_tokens_are_reviewed_once_per_ttl() {
     );
 
     tokio::time::advance(CACHE_TTL + Duration::from_secs(1)).await;
-    assert_eq!(authenticator.node_of(&token).await, Ok("node-a".into()));
+    assert_eq!(authenticator.caller_of(&token).await, Ok("node-a".into()));
     assert_eq!(
         requests.count(&Method::POST, TOKEN_REVIEWS),
         2,
@@ -239,7 +239,7 @@ async fn accepted_tokens_are_reviewed_once_per_ttl() {
     );
 
     let other = format!("{token}x");
-    assert_eq!(authenticator.node_of(&other).await, Ok("node-a".into()));
+    assert_eq!(authenticator.caller_of(&other).await, Ok("node-a".into()));
     assert_eq!(
         requests.count(&Method::POST, TOKEN_REVIEWS),
         3,
@@ -251,9 +251,9 @@ async fn accepted_tokens_are_reviewed_once_per_ttl() {
 async fn the_cache_never_outlives_the_token() {
     let (authenticator, requests) = authenticator(|_| agent_on("node-a"));
     let token = token(Duration::from_secs(10));
-    authenticator.node_of(&token).await.unwrap();
+    authenticator.caller_of(&token).await.unwrap();
     tokio::time::advance(Duration::from_secs(11)).await;
-    authenticator.node_of(&token).await.unwrap();
+    authenticator.caller_of(&token).await.unwrap();
     assert_eq!(
         requests.count(&Method::POST, TOKEN_REVIEWS),
         2,
@@ -286,7 +286,7 @@ async fn a_refused_token_is_remembered_briefly_and_not_reviewed_again() {
         (201, review)
     });
     for _ in 0..5 {
-        let refusal = authenticator.node_of("forged").await.unwrap_err();
+        let refusal = authenticator.caller_of("forged").await.unwrap_err();
         assert_eq!(refusal.status(), 401, "{refusal:?}");
     }
     assert_eq!(
@@ -300,7 +300,7 @@ async fn a_refused_token_is_remembered_briefly_and_not_reviewed_again() {
 async fn an_api_server_that_cannot_answer_is_asked_again() {
     let (authenticator, requests) = authenticator(|_| scripted_api::status(500, "InternalError"));
     for _ in 0..2 {
-        let refusal = authenticator.node_of("token").await.unwrap_err();
+        let refusal = authenticator.caller_of("token").await.unwrap_err();
         assert_eq!(refusal.status(), 503, "{refusal:?}");
     }
     assert_eq!(
@@ -340,7 +340,7 @@ async fn token_reviews_in_flight_are_bounded() {
     let calls: Vec<_> = (0..3 * MAX_CONCURRENT_REVIEWS)
         .map(|i| {
             let authenticator = authenticator.clone();
-            tokio::spawn(async move { authenticator.node_of(&format!("token-{i}")).await })
+            tokio::spawn(async move { authenticator.caller_of(&format!("token-{i}")).await })
         })
         .collect();
     // Hold every request that arrives without answering: only the bound may arrive.
@@ -378,4 +378,45 @@ async fn token_reviews_in_flight_are_bounded() {
     for call in calls {
         assert_eq!(call.await.unwrap(), Ok("node-a".into()));
     }
+}
+
+#[tokio::test]
+async fn a_gateways_token_gets_its_own_identity_from_its_pods_node() {
+    let gateway_pod = "/api/v1/namespaces/istio-system/pods/istio-ingressgateway-5d8f";
+    let (client, requests) = scripted_api::client(move |request| {
+        if request.path.starts_with(TOKEN_REVIEWS) {
+            let extra =
+                json!({ POD_NAME_EXTRA: ["istio-ingressgateway-5d8f"], POD_UID_EXTRA: ["u1"] });
+            let username = "system:serviceaccount:istio-system:istio-ingressgateway";
+            return (201, token_review(true, &["nodemesh-ca"], username, extra));
+        }
+        assert_eq!(request.path, gateway_pod);
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "istio-ingressgateway-5d8f", "namespace": "istio-system", "uid": "u1" },
+            "spec": { "nodeName": "node-c", "containers": [] },
+        });
+        (200, pod)
+    });
+    let gateways = vec![("istio-system".to_owned(), "istio-ingressgateway".to_owned())];
+    let authenticator =
+        TokenReviewAuthenticator::new(client, "nodemesh-system", "nodemesh-agent", "nodemesh-ca")
+            .with_gateways(gateways);
+    let caller = authenticator.caller_of("gateway token").await.unwrap();
+    assert_eq!(caller.node, "node-c");
+    assert_eq!(
+        caller.workload,
+        Some(("istio-system".to_owned(), "istio-ingressgateway".to_owned()))
+    );
+    assert_eq!(requests.all().len(), 2, "a review and the pod's read");
+    let own: crate::identity::Identity =
+        "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway"
+            .parse()
+            .unwrap();
+    let other: crate::identity::Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+    assert_eq!(caller.may_ask_for(&own), Ok(()));
+    let refused = caller.may_ask_for(&other).unwrap_err();
+    assert!(refused.contains("gets only its own identity"), "{refused}");
+    // An agent may ask for any identity (the CA then checks the node).
+    assert_eq!(Caller::agent("node-a").may_ask_for(&other), Ok(()));
 }

@@ -44,6 +44,8 @@ struct Store {
     lists_served: HashMap<&'static str, usize>,
     /// Every plural a request asked for.
     requested: HashSet<&'static str>,
+    /// Every path a request asked for.
+    paths: HashSet<String>,
 }
 
 #[derive(Clone, Default)]
@@ -166,6 +168,7 @@ impl FakeApiServer {
             return json_response(StatusCode::NOT_FOUND, &status(404, "NotFound", &path));
         };
         self.store.lock().requested.insert(kind.plural);
+        self.store.lock().paths.insert(path.clone());
         if self.store.lock().missing.contains(kind.plural) {
             let message = "the server could not find the requested resource";
             return json_response(StatusCode::NOT_FOUND, &status(404, "NotFound", message));
@@ -603,6 +606,54 @@ async fn a_source_for_pods_only_asks_for_nothing_else() {
         .await;
     assert!(state.services.is_empty() && state.namespaces.is_empty());
     assert_eq!(api.store.lock().requested, HashSet::from(["pods"]));
+}
+
+#[tokio::test]
+async fn agents_never_ask_for_secrets_and_a_gateway_only_for_those_of_its_namespace() {
+    use base64::Engine as _;
+    let encode = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+    let api = FakeApiServer::default();
+    api.seed([
+        namespace("shop", true),
+        pod("shop", "web-1", "10.0.0.1", "node-a"),
+        json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"istio": "ingressgateway"}, "servers": [{
+                "port": {"number": 443, "name": "https", "protocol": "HTTPS"},
+                "hosts": ["web.example.com"],
+                "tls": {"mode": "SIMPLE", "credentialName": "web-credential"},
+            }]},
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "web-credential", "namespace": "istio-system"},
+            "data": {"tls.crt": encode("certificate"), "tls.key": encode("key"), "other": encode("x")},
+        }),
+    ]);
+    let mut agent = start(&api);
+    agent.wait_for("the agent's state", |s| s.workloads.len() == 1).await;
+    let requested = api.store.lock().requested.clone();
+    assert!(
+        !requested.contains("secrets") && !requested.contains("gateways"),
+        "{requested:?}"
+    );
+
+    let mut gateway = start_with(&api, |source| source.for_gateway("istio-system"));
+    let state = gateway
+        .wait_for("the Gateway and its Secret", |s| {
+            s.gateways.len() == 1 && s.secrets.len() == 1
+        })
+        .await;
+    let secret = &state.secrets[&ObjectKey::new("istio-system", "web-credential")];
+    let shown = format!("{secret:?}");
+    assert!(
+        shown.contains(r#"entries: ["tls.crt", "tls.key"]"#) && !shown.contains("certificate"),
+        "only the entries a gateway reads are kept, and never shown: {shown}"
+    );
+    let paths = api.store.lock().paths.clone();
+    assert!(paths.contains("/api/v1/namespaces/istio-system/secrets"), "{paths:?}");
+    assert!(!paths.contains("/api/v1/secrets"), "{paths:?}");
 }
 
 #[test]
