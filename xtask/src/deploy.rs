@@ -32,6 +32,7 @@ pub struct Values {
     pub agent: AgentValues,
     pub holder: HolderValues,
     pub ca: CaValues,
+    pub gateway: GatewayValues,
     /// Only the chart's templates read it; declared so values.yaml is checked whole.
     #[serde(rename = "podMonitor")]
     pub _pod_monitor: PodMonitorValues,
@@ -79,6 +80,18 @@ pub struct HolderValues {
     /// Only the chart's templates read it: the plain install always has the holder.
     #[serde(rename = "enabled")]
     pub _enabled: bool,
+    pub resources: ResourceRequirements,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayValues {
+    /// Only the chart's templates read it (the plain manifests leave gateway.yaml out of
+    /// the kustomization); declared so values.yaml is checked whole.
+    #[serde(rename = "enabled")]
+    pub _enabled: bool,
+    pub replicas: i32,
+    pub service_type: String,
     pub resources: ResourceRequirements,
 }
 
@@ -133,7 +146,8 @@ pub fn generated_files(deploy_dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, St
 
     let manifests = objects::manifests(&values);
     let pod_monitor = objects::pod_monitor_manifest(&values);
-    for manifest in manifests.iter().chain([&pod_monitor]) {
+    let gateway = objects::gateway_manifest(&values);
+    for manifest in manifests.iter().chain([&pod_monitor, &gateway]) {
         files.insert(
             Path::new("manifests").join(manifest.file),
             render(manifest, &manifest.objects)?,
@@ -153,7 +167,7 @@ pub fn generated_files(deploy_dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, St
         kustomization(crds.iter().map(|m| m.file.to_string()))?,
     );
 
-    for (file, template) in chart::templates(&values, &manifests, &pod_monitor)? {
+    for (file, template) in chart::templates(&values, &manifests, &pod_monitor, &gateway)? {
         files.insert(Path::new(CHART_DIR).join("templates").join(file), template);
     }
     Ok(files)

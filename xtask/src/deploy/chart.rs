@@ -92,11 +92,14 @@ fn substitutions(values: &Values) -> anyhow::Result<Vec<Substitution>> {
             json!(values.ca.address),
             Helm::Scalar("{{ .Values.ca.address | quote }}"),
         ),
-        any(
-            Some("replicas"),
-            json!(values.ca.replicas),
-            Helm::Scalar("{{ .Values.ca.replicas }}"),
-        ),
+        Substitution {
+            file: Some("ca.yaml"),
+            ..any(
+                Some("replicas"),
+                json!(values.ca.replicas),
+                Helm::Scalar("{{ .Values.ca.replicas }}"),
+            )
+        },
         any(
             Some("path"),
             json!(values.agent.cni.bin_dir),
@@ -174,6 +177,30 @@ fn substitutions(values: &Values) -> anyhow::Result<Vec<Substitution>> {
                 Helm::Block("toYaml .Values.ca.resources"),
             )
         },
+        Substitution {
+            file: Some("gateway.yaml"),
+            ..any(
+                Some("resources"),
+                serde_json::to_value(&values.gateway.resources)?,
+                Helm::Block("toYaml .Values.gateway.resources"),
+            )
+        },
+        Substitution {
+            file: Some("gateway.yaml"),
+            ..any(
+                Some("replicas"),
+                json!(values.gateway.replicas),
+                Helm::Scalar("{{ .Values.gateway.replicas }}"),
+            )
+        },
+        Substitution {
+            file: Some("gateway.yaml"),
+            ..any(
+                Some("type"),
+                json!(values.gateway.service_type),
+                Helm::Scalar("{{ .Values.gateway.serviceType | quote }}"),
+            )
+        },
     ])
 }
 
@@ -183,6 +210,7 @@ pub fn templates(
     values: &Values,
     manifests: &[Manifest],
     pod_monitor: &Manifest,
+    gateway: &Manifest,
 ) -> anyhow::Result<Vec<(String, String)>> {
     let substitutions = substitutions(values)?;
     let mut used = vec![0_usize; substitutions.len()];
@@ -190,7 +218,7 @@ pub fn templates(
     for manifest in manifests
         .iter()
         .filter(|m| m.file != "namespace.yaml")
-        .chain([pod_monitor])
+        .chain([pod_monitor, gateway])
     {
         let objects: Vec<Value> = manifest
             .objects
@@ -207,6 +235,9 @@ pub fn templates(
         }
         if manifest.file == "holder.yaml" {
             template = wrap_in_condition(&template, ".Values.holder.enabled");
+        }
+        if std::ptr::eq(manifest, gateway) {
+            template = wrap_in_condition(&template, ".Values.gateway.enabled");
         }
         templates.push((manifest.file.to_string(), template));
     }
@@ -466,10 +497,10 @@ mod tests {
             );
             compared += 1;
         }
-        // rbac, ca, daemonset, holder, podmonitor: every file but the namespace's (Helm's to
-        // create).
+        // rbac, ca, daemonset, holder, podmonitor, gateway: every file but the namespace's
+        // (Helm's to create).
         assert_eq!(
-            compared, 5,
+            compared, 6,
             "every template but the namespace's is compared"
         );
     }
@@ -494,9 +525,10 @@ mod tests {
         let mut values = super::super::Values::load(&super::super::deploy_dir()).unwrap();
         let manifests = super::super::objects::manifests(&values);
         let pod_monitor = super::super::objects::pod_monitor_manifest(&values);
+        let gateway = super::super::objects::gateway_manifest(&values);
         // The manifests were built with the old port: the chart's knob would reach nothing.
         values.agent.metrics_port += 100;
-        let error = templates(&values, &manifests, &pod_monitor)
+        let error = templates(&values, &manifests, &pod_monitor, &gateway)
             .expect_err("a metrics port the manifests do not have reaches nothing");
         assert!(error.to_string().contains("15120"), "{error}");
     }

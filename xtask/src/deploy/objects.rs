@@ -13,8 +13,8 @@ use k8s_openapi::{
             EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, Namespace,
             ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
             ProjectedVolumeSource, SeccompProfile, SecurityContext, Service, ServiceAccount,
-            ServiceAccountTokenProjection, ServicePort, ServiceSpec, TCPSocketAction, Volume,
-            VolumeMount, VolumeProjection,
+            ServiceAccountTokenProjection, ServicePort, ServiceSpec, Sysctl, TCPSocketAction,
+            Volume, VolumeMount, VolumeProjection,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
         rbac::v1::{
@@ -42,6 +42,8 @@ pub const AGENT: &str = "nodemesh-node";
 pub const CA: &str = "nodemesh-ca";
 /// The listener holder's DaemonSet.
 pub const HOLDER: &str = "nodemesh-holder";
+/// The ingress gateway's Deployment and ServiceAccount (`gateway.enabled`).
+pub const GATEWAY: &str = "nodemesh-gateway";
 /// Istio's name for a user-provided CA (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`,
 /// `cert-chain.pem`).
 const CACERTS: &str = "cacerts";
@@ -104,6 +106,200 @@ pub fn manifests(values: &Values) -> Vec<Manifest> {
             file: "holder.yaml",
             objects: vec![to_value(holder_daemon_set(values))],
             comments: HOLDER_REASONS.to_vec(),
+        },
+    ]
+}
+
+/// Not in the kustomization: the ingress gateway is off unless asked for
+/// (`gateway.enabled`, or `kubectl apply -f deploy/manifests/gateway.yaml`).
+pub fn gateway_manifest(values: &Values) -> Manifest {
+    let subject = Subject {
+        kind: "ServiceAccount".into(),
+        name: GATEWAY.into(),
+        namespace: Some(NAMESPACE.into()),
+        ..Subject::default()
+    };
+    let role_ref = |kind: &str| RoleRef {
+        api_group: "rbac.authorization.k8s.io".into(),
+        kind: kind.into(),
+        name: GATEWAY.into(),
+    };
+    Manifest {
+        file: "gateway.yaml",
+        objects: vec![
+            to_value(ServiceAccount {
+                metadata: meta(GATEWAY, "gateway"),
+                ..ServiceAccount::default()
+            }),
+            to_value(ClusterRole {
+                metadata: cluster_meta(GATEWAY, "gateway"),
+                rules: Some(mesh_config_rules(&["gateways"])),
+                ..ClusterRole::default()
+            }),
+            to_value(ClusterRoleBinding {
+                metadata: cluster_meta(GATEWAY, "gateway"),
+                role_ref: role_ref("ClusterRole"),
+                subjects: Some(vec![subject.clone()]),
+            }),
+            to_value(Role {
+                metadata: meta(GATEWAY, "gateway"),
+                rules: Some(vec![rule(&[""], &["secrets"], READ)]),
+            }),
+            to_value(RoleBinding {
+                metadata: meta(GATEWAY, "gateway"),
+                role_ref: role_ref("Role"),
+                subjects: Some(vec![subject]),
+            }),
+            to_value(gateway_deployment(values)),
+            to_value(gateway_service(values)),
+        ],
+        comments: vec![
+            (
+                "- secrets",
+                "the certificates Gateways name (credentialName), in the gateway's namespace only",
+            ),
+            (
+                "value: '0'",
+                "the gateway listens on the ports Gateways declare (80, 443) without root",
+            ),
+        ],
+    }
+}
+
+/// `mesh-node gateway`: not enrolled (it does its own mutual TLS), labelled like Istio's
+/// ingress gateway so Gateways written for Istio select it.
+fn gateway_deployment(values: &Values) -> Deployment {
+    const NONROOT: i64 = 65532;
+    let container = Container {
+        name: "gateway".into(),
+        image: Some(values.image.reference()),
+        image_pull_policy: Some(values.image.pull_policy.clone()),
+        args: args(&[
+            "gateway",
+            "--config-source=kube",
+            "--root-namespace",
+            NAMESPACE,
+            "--ca-addr",
+            &values.ca.address,
+            "--ca-root-file=/etc/nodemesh/ca-root/root-cert.pem",
+            "--ca-token-file=/var/run/secrets/nodemesh/ca-token/token",
+        ]),
+        env: Some(vec![
+            field_env("NODE_NAME", "spec.nodeName"),
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            env("RUST_LOG", &values.log_level),
+        ]),
+        ports: Some(vec![port("http", 80), port("https", 443)]),
+        readiness_probe: Some(http_probe("/healthz/ready", 5)),
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(10),
+            ..http_probe("/healthz/live", 10)
+        }),
+        resources: Some(values.gateway.resources.clone()),
+        security_context: Some(no_privileges()),
+        volume_mounts: Some(vec![
+            mount("ca-root", "/etc/nodemesh/ca-root", true),
+            mount("ca-token", "/var/run/secrets/nodemesh/ca-token", true),
+        ]),
+        ..Container::default()
+    };
+    let mut pod_labels = labels("gateway", GATEWAY);
+    pod_labels.insert("istio".into(), "ingressgateway".into());
+    Deployment {
+        metadata: meta(GATEWAY, "gateway"),
+        spec: Some(DeploymentSpec {
+            replicas: Some(values.gateway.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(GATEWAY)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(GATEWAY.into()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(NONROOT),
+                        run_as_group: Some(NONROOT),
+                        sysctls: Some(vec![Sysctl {
+                            name: "net.ipv4.ip_unprivileged_port_start".into(),
+                            value: "0".into(),
+                        }]),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    termination_grace_period_seconds: Some(30 + i64::from(DRAIN_MARGIN_SECONDS)),
+                    containers: vec![container],
+                    volumes: Some(ca_trust_volumes().to_vec()),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+fn gateway_service(values: &Values) -> Service {
+    let service_port = |name: &str, port: i32| ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::Int(port)),
+        ..ServicePort::default()
+    };
+    Service {
+        metadata: meta(GATEWAY, "gateway"),
+        spec: Some(ServiceSpec {
+            type_: Some(values.gateway.service_type.clone()),
+            selector: Some(selector_labels(GATEWAY)),
+            ports: Some(vec![service_port("http", 80), service_port("https", 443)]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// The CA's trust bundle and a token only the CA accepts, for whoever asks it for
+/// certificates (the agents, the gateway).
+fn ca_trust_volumes() -> [Volume; 2] {
+    [
+        Volume {
+            name: "ca-root".into(),
+            // The trust bundle the CA publishes; optional, so a pod that starts first waits
+            // for it (alive, not ready) instead of failing to start.
+            config_map: Some(ConfigMapVolumeSource {
+                name: TRUST_BUNDLE.into(),
+                optional: Some(true),
+                items: Some(vec![KeyToPath {
+                    key: "root-cert.pem".into(),
+                    path: "root-cert.pem".into(),
+                    ..KeyToPath::default()
+                }]),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "ca-token".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(CA_TOKEN_AUDIENCE.into()),
+                        expiration_seconds: Some(3600),
+                        path: "token".into(),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
         },
     ]
 }
@@ -217,28 +413,33 @@ const RBAC_REASONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Reading the mesh's config: what every agent watches, and `extra` Istio networking kinds.
+fn mesh_config_rules(extra: &[&str]) -> Vec<PolicyRule> {
+    let networking: Vec<&str> = ["virtualservices", "destinationrules", "serviceentries"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    vec![
+        rule(&[""], &["namespaces", "pods", "services"], READ),
+        rule(&["discovery.k8s.io"], &["endpointslices"], READ),
+        rule(&["networking.istio.io"], &networking, READ),
+        rule(
+            &["security.istio.io"],
+            &[
+                "peerauthentications",
+                "authorizationpolicies",
+                "requestauthentications",
+            ],
+            READ,
+        ),
+        rule(&["gateway.networking.k8s.io"], &["httproutes"], READ),
+    ]
+}
+
 fn rbac() -> Vec<Value> {
     let agent_cluster_role = ClusterRole {
         metadata: cluster_meta(AGENT, "agent"),
-        rules: Some(vec![
-            rule(&[""], &["namespaces", "pods", "services"], READ),
-            rule(&["discovery.k8s.io"], &["endpointslices"], READ),
-            rule(
-                &["networking.istio.io"],
-                &["virtualservices", "destinationrules", "serviceentries"],
-                READ,
-            ),
-            rule(
-                &["security.istio.io"],
-                &[
-                    "peerauthentications",
-                    "authorizationpolicies",
-                    "requestauthentications",
-                ],
-                READ,
-            ),
-            rule(&["gateway.networking.k8s.io"], &["httproutes"], READ),
-        ]),
+        rules: Some(mesh_config_rules(&[])),
         ..ClusterRole::default()
     };
     let agent_role = Role {
@@ -625,46 +826,20 @@ fn agent_daemon_set(values: &Values) -> DaemonSet {
             values.agent.drain_timeout_seconds + DRAIN_MARGIN_SECONDS,
         )),
         containers: vec![container],
-        volumes: Some(vec![
-            Volume {
-                name: "ca-root".into(),
-                // The trust bundle the CA publishes; optional, so an agent that starts first
-                // waits for it (alive, not ready) instead of failing to start.
-                config_map: Some(ConfigMapVolumeSource {
-                    name: TRUST_BUNDLE.into(),
-                    optional: Some(true),
-                    items: Some(vec![KeyToPath {
-                        key: "root-cert.pem".into(),
-                        path: "root-cert.pem".into(),
-                        ..KeyToPath::default()
-                    }]),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "ca-token".into(),
-                projected: Some(ProjectedVolumeSource {
-                    sources: Some(vec![VolumeProjection {
-                        service_account_token: Some(ServiceAccountTokenProjection {
-                            audience: Some(CA_TOKEN_AUDIENCE.into()),
-                            expiration_seconds: Some(3600),
-                            path: "token".into(),
-                        }),
-                        ..VolumeProjection::default()
-                    }]),
-                    ..ProjectedVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            host_path("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
-            host_path("cgroup", "/sys/fs/cgroup", "Directory"),
-            host_path("proc", "/proc", "Directory"),
-            host_path("netns", "/var/run/netns", "DirectoryOrCreate"),
-            host_path("cni-bin", &values.agent.cni.bin_dir, "DirectoryOrCreate"),
-            host_path("cni-conf", &values.agent.cni.conf_dir, "DirectoryOrCreate"),
-            host_path("sockets", SOCKET_DIR, "DirectoryOrCreate"),
-        ]),
+        volumes: Some(
+            ca_trust_volumes()
+                .into_iter()
+                .chain([
+                    host_path("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
+                    host_path("cgroup", "/sys/fs/cgroup", "Directory"),
+                    host_path("proc", "/proc", "Directory"),
+                    host_path("netns", "/var/run/netns", "DirectoryOrCreate"),
+                    host_path("cni-bin", &values.agent.cni.bin_dir, "DirectoryOrCreate"),
+                    host_path("cni-conf", &values.agent.cni.conf_dir, "DirectoryOrCreate"),
+                    host_path("sockets", SOCKET_DIR, "DirectoryOrCreate"),
+                ])
+                .collect(),
+        ),
         ..PodSpec::default()
     };
     let update = DaemonSetUpdateStrategy {
@@ -841,6 +1016,8 @@ fn ca_deployment(values: &Values) -> Deployment {
             AGENT,
             "--token-audience",
             CA_TOKEN_AUDIENCE,
+            // The ingress gateway (gateway.yaml) gets a certificate for its own identity.
+            &format!("--gateway-service-account=$(POD_NAMESPACE)/{GATEWAY}"),
         ]),
         env: Some(vec![
             env("RUST_LOG", &values.log_level),
@@ -986,6 +1163,15 @@ const CRDS: &[Crd] = &[
         short_names: &["ra"],
         category: "istio-io",
         versions: &["v1", "v1beta1"],
+    },
+    Crd {
+        file: "gateways.networking.istio.io.yaml",
+        group: "networking.istio.io",
+        kind: "Gateway",
+        plural: "gateways",
+        short_names: &["gw"],
+        category: "istio-io",
+        versions: &["v1", "v1beta1", "v1alpha3"],
     },
     Crd {
         file: "httproutes.gateway.networking.k8s.io.yaml",

@@ -632,7 +632,9 @@ async fn agents_never_ask_for_secrets_and_a_gateway_only_for_those_of_its_namesp
         }),
     ]);
     let mut agent = start(&api);
-    agent.wait_for("the agent's state", |s| s.workloads.len() == 1).await;
+    agent
+        .wait_for("the agent's state", |s| s.workloads.len() == 1)
+        .await;
     let requested = api.store.lock().requested.clone();
     assert!(
         !requested.contains("secrets") && !requested.contains("gateways"),
@@ -652,7 +654,10 @@ async fn agents_never_ask_for_secrets_and_a_gateway_only_for_those_of_its_namesp
         "only the entries a gateway reads are kept, and never shown: {shown}"
     );
     let paths = api.store.lock().paths.clone();
-    assert!(paths.contains("/api/v1/namespaces/istio-system/secrets"), "{paths:?}");
+    assert!(
+        paths.contains("/api/v1/namespaces/istio-system/secrets"),
+        "{paths:?}"
+    );
     assert!(!paths.contains("/api/v1/secrets"), "{paths:?}");
 }
 
