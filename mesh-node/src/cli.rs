@@ -384,6 +384,18 @@ pub struct GatewayConfig {
     #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
 
+    /// Proxies in front of the gateway that are trusted to append the address they saw to
+    /// `X-Forwarded-For` (Istio's `numTrustedProxies`): with N, the client is the Nth
+    /// address from the right of the header a request arrives with, and is passed on as
+    /// `X-Envoy-External-Address`; with 0 (default), the address the gateway sees.
+    #[arg(long, default_value_t = 0)]
+    pub num_trusted_proxies: usize,
+
+    /// How often the key sets of the RequestAuthentications that select the gateway are
+    /// fetched again, as for `mesh-node run`.
+    #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
+    pub jwks_refresh_interval: std::time::Duration,
+
     /// On SIGTERM, how long requests in flight may take to finish before the gateway exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: std::time::Duration,

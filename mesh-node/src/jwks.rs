@@ -154,13 +154,29 @@ fn retries(refresh: Duration) -> ExponentialBackoff {
         .build()
 }
 
-/// Fetches the key sets that the RequestAuthentications of `node`'s enrolled pods name, when
-/// they appear and every `refresh` after, until `shutdown`. (Other nodes' pods are validated
-/// by their own agents.)
+/// The workloads whose requests a proxy authenticates: an agent's are its node's enrolled
+/// pods (other nodes' pods are validated by their own agents), a gateway's its own pod.
+#[derive(Clone, Debug)]
+pub enum Served {
+    EnrolledOn(String),
+    Pod(crate::inventory::ObjectKey),
+}
+
+impl Served {
+    fn serves(&self, workload: &crate::inventory::Workload) -> bool {
+        match self {
+            Served::EnrolledOn(node) => workload.node == *node && workload.enrolled,
+            Served::Pod(key) => workload.key == *key,
+        }
+    }
+}
+
+/// Fetches the key sets that the RequestAuthentications of the `served` workloads name, when
+/// they appear and every `refresh` after, until `shutdown`.
 pub async fn keep_fresh(
     cache: Arc<JwksCache>,
     mut state: StateRx,
-    node: String,
+    served: Served,
     refresh: Duration,
     metrics: NodeMetrics,
     shutdown: CancellationToken,
@@ -169,10 +185,7 @@ pub async fn keep_fresh(
     loop {
         let wanted = {
             let state = state.borrow_and_update();
-            let local = state
-                .workloads
-                .values()
-                .filter(|w| w.node == node && w.enrolled);
+            let local = state.workloads.values().filter(|w| served.serves(w));
             state.policies.remote_jwks(local)
         };
         cache.track(wanted, Instant::now());

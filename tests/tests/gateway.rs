@@ -425,6 +425,10 @@ fn a_gateway_routes_https_by_host_and_path_into_the_mesh_as_its_own_identity() {
     let client_ip = scene.client.ip.to_string();
     assert_eq!(reply["headers"]["x-forwarded-for"], client_ip, "{reply}");
     assert_eq!(reply["headers"]["x-forwarded-proto"], "https", "{reply}");
+    assert_eq!(
+        reply["headers"]["x-envoy-external-address"], client_ip,
+        "{reply}"
+    );
     let (status, version, reply) = scene.get(
         "https://helloworld.example.com/hello",
         &["--cacert", &ca_file, "--http2"],
@@ -485,6 +489,121 @@ fn a_gateway_routes_https_by_host_and_path_into_the_mesh_as_its_own_identity() {
             && listeners.contains("VirtualService default/helloworld"),
         "{listeners}"
     );
+
+    // End-user authentication at the gateway: Istio's "JWT at the ingress gateway" shape, a
+    // RequestAuthentication and a DENY of requests without a principal, both selecting the
+    // gateway pod, are enforced there.
+    let issuer = TokenIssuer::new();
+    scene
+        .cluster
+        .write_config("jwt.yaml", &gateway_jwt_policies(&issuer.jwks()));
+    let url = "https://httpbin.example.com/status/200";
+    let no_token = ["--cacert", ca_file.as_str()];
+    wait_until(CONVERGE, "the gateway to require a JWT", || {
+        let (status, _, _) = scene.get(url, &no_token);
+        (status == 403).then_some(())
+    });
+    let bearer = format!("authorization: Bearer {}", issuer.token());
+    let (status, _, reply) = scene.get(url, &["--cacert", &ca_file, "-H", &bearer]);
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["headers"].get("authorization").is_none(),
+        "the token went on: {reply}"
+    );
+    let forged = format!("authorization: Bearer {}", TokenIssuer::new().token());
+    let output = scene.curl(url, &["--cacert", &ca_file, "-H", &forged]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.starts_with("Jwt verification fails") && stdout.ends_with("401 2"),
+        "{stdout}"
+    );
+    for code in ["401", "403"] {
+        let refused = scene.gateway_metric(
+            "istio_requests_total",
+            &[
+                ("source_workload", "istio-ingressgateway"),
+                ("response_code", code),
+            ],
+        );
+        assert!(refused >= 1.0, "no {code} counted at the gateway");
+    }
+}
+
+/// Signs tokens with a P-256 key of its own, for a RequestAuthentication with inline keys.
+struct TokenIssuer {
+    key: KeyPair,
+}
+
+impl TokenIssuer {
+    const ISSUER: &str = "testing@secure.istio.io";
+
+    fn new() -> Self {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("a P-256 key");
+        Self { key }
+    }
+
+    fn jwks(&self) -> String {
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+        let point = self.key.public_key_raw();
+        serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "kid": "gateway-test",
+            "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+            "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+        }]})
+        .to_string()
+    }
+
+    fn token(&self) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let claims = serde_json::json!({
+            "iss": Self::ISSUER, "sub": "user-1", "exp": now + 600, "iat": now,
+        });
+        let header = jsonwebtoken::Header {
+            kid: Some("gateway-test".into()),
+            ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256)
+        };
+        let key = jsonwebtoken::EncodingKey::from_ec_der(&self.key.serialize_der());
+        jsonwebtoken::encode(&header, &claims, &key).expect("a signed token")
+    }
+}
+
+/// A RequestAuthentication with `jwks` inline and a DENY of requests without a principal,
+/// both selecting the gateway.
+fn gateway_jwt_policies(jwks: &str) -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata:
+  name: jwt-example
+  namespace: istio-system
+spec:
+  selector:
+    matchLabels:
+      istio: ingressgateway
+  jwtRules:
+  - issuer: "{issuer}"
+    jwks: '{jwks}'
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: frontend-ingress
+  namespace: istio-system
+spec:
+  selector:
+    matchLabels:
+      istio: ingressgateway
+  action: DENY
+  rules:
+  - from:
+    - source:
+        notRequestPrincipals: ["*"]
+"#,
+        issuer = TokenIssuer::ISSUER
+    )
 }
 
 /// A second server on 8443 that asks clients for a certificate (MUTUAL), and one whose

@@ -146,7 +146,7 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     tasks.spawn(jwks::keep_fresh(
         jwks.clone(),
         state_rx.clone(),
-        config.node_name.clone(),
+        jwks::Served::EnrolledOn(config.node_name.clone()),
         config.jwks_refresh_interval,
         metrics.node.clone(),
         shutdown.clone(),

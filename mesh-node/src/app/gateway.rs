@@ -18,7 +18,7 @@ use crate::{
     endpoints::{self, Endpoints},
     gateway::serve::{self, Gateway, Plan},
     inventory::ObjectKey,
-    jwks::JwksCache,
+    jwks::{self, JwksCache},
     metrics::Metrics,
     netns::Netns,
     proxy::{PodContext, ProxyContext, Resolver, connections::Connections},
@@ -117,6 +117,17 @@ pub async fn build_gateway(
     );
     let connections = Arc::new(Connections::default());
     let drain = CancellationToken::new();
+    // Requests from outside are authenticated here, by the RequestAuthentications that
+    // select the gateway.
+    let jwks = Arc::new(JwksCache::default());
+    tasks.spawn(jwks::keep_fresh(
+        jwks.clone(),
+        state_rx.clone(),
+        jwks::Served::Pod(me.clone()),
+        config.jwks_refresh_interval,
+        metrics.node.clone(),
+        shutdown.clone(),
+    ));
     let proxy = ProxyContext {
         state: state_rx.clone(),
         capture: None,
@@ -132,7 +143,7 @@ pub async fn build_gateway(
                 .counting_drops_in(metrics.node.access_log_dropped()),
         ),
         tracing,
-        jwks: Arc::new(JwksCache::default()),
+        jwks: jwks.clone(),
         connections: connections.clone(),
         node_addresses: Arc::default(),
         drain: drain.clone(),
@@ -146,6 +157,7 @@ pub async fn build_gateway(
         },
         proxy,
         in_flight: Arc::new(()),
+        trusted_proxies: config.num_trusted_proxies,
     };
     let in_flight = gateway.in_flight.clone();
     let (plan_tx, plan_rx) = watch::channel(Arc::new(Plan::default()));
@@ -170,7 +182,7 @@ pub async fn build_gateway(
         log,
         connections,
         outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
-        jwt_keys: Arc::new(JwksCache::default()),
+        jwt_keys: jwks,
         gateway: Some(plan_rx),
     };
     tasks.spawn(endpoints::serve(

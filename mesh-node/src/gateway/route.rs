@@ -1,6 +1,6 @@
 //! Which route a request arriving at the gateway takes: the server of its port that serves
 //! its host, then the VirtualService bound to that server's Gateway for the host.
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
 use http::{HeaderValue, Response, StatusCode, header};
 
@@ -10,11 +10,21 @@ use super::{
 };
 use crate::{
     inventory::{Labels, ObjectKey},
-    plan::request::RequestHead,
+    plan::{admission::Caller, request::RequestHead},
     proxy::http::{ProxyBody, empty},
     routing::{GatewayHost, RequestInfo, RouteMatch, host},
     state::State,
 };
+
+/// What a connection arriving at the gateway is routed and admitted by.
+pub struct GatewayScope {
+    /// Every plain HTTP server of the port, or the one server the TLS handshake chose.
+    pub servers: Vec<Arc<ServerPlan>>,
+    /// The client, for the AuthorizationPolicies that select the gateway.
+    pub client: Caller,
+    /// The gateway's address the client connected to.
+    pub local: SocketAddr,
+}
 
 /// One server of a Gateway, as the gateway serves it.
 #[derive(Debug)]

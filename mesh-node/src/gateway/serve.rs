@@ -8,8 +8,7 @@ use std::{
     time::Duration,
 };
 
-use ::http::{HeaderName, HeaderValue, Request};
-use hyper::body::Incoming;
+use ::http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -23,10 +22,11 @@ use tracing::{debug, info, warn};
 use super::{
     credential,
     resource::{ServerProtocol, TlsMode},
-    route::{ServerPlan, server_for},
+    route::{GatewayScope, ServerPlan, server_for},
 };
 use crate::{
     inventory::ObjectKey,
+    plan::admission::Caller,
     proxy::{
         PodContext, ProxyContext,
         http::{self, outbound::Outbound},
@@ -38,6 +38,9 @@ use crate::{
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// The client's address as the gateway trusts it (Envoy's header, which Istio's
+/// AuthorizationPolicy `remoteIpBlocks` reads).
+const X_ENVOY_EXTERNAL_ADDRESS: HeaderName = HeaderName::from_static("x-envoy-external-address");
 
 /// What the gateway serves, from the Gateways that select its pod.
 #[derive(Debug, Default)]
@@ -141,6 +144,8 @@ pub struct Gateway {
     pub proxy: ProxyContext,
     /// Cloned by each connection being served, so a drain can wait for them.
     pub in_flight: Arc<()>,
+    /// `--num-trusted-proxies`.
+    pub trusted_proxies: usize,
 }
 
 /// Keeps a listener open for each port of the latest plan until `shutdown`.
@@ -244,16 +249,15 @@ async fn serve(
         return Ok(());
     };
     let _ = stream.set_nodelay(true);
+    let local = stream.local_addr()?;
+    let scope = |servers: Vec<Arc<ServerPlan>>| GatewayScope {
+        servers,
+        client: Caller::new(peer.ip().to_canonical(), None),
+        local,
+    };
     if !port_plan.tls {
-        return serve_http(
-            stream,
-            peer,
-            port,
-            port_plan.servers.clone(),
-            false,
-            gateway,
-        )
-        .await;
+        let scope = scope(port_plan.servers.clone());
+        return serve_http(stream, peer, port, scope, false, gateway).await;
     }
     let start = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -285,14 +289,14 @@ async fn serve(
     )
     .await??;
     debug!(%peer, server = %server.name(), mutual = *mode == TlsMode::Mutual, "gateway TLS accepted");
-    serve_http(tls, peer, port, vec![server.clone()], true, gateway).await
+    serve_http(tls, peer, port, scope(vec![server.clone()]), true, gateway).await
 }
 
 async fn serve_http<S>(
     io: S,
     peer: SocketAddr,
     port: u16,
-    servers: Vec<Arc<ServerPlan>>,
+    scope: GatewayScope,
     over_tls: bool,
     gateway: Gateway,
 ) -> Result<(), http::BoxError>
@@ -312,41 +316,99 @@ where
         port,
         dialed,
         parties: Default::default(),
-        gateway: Some(servers),
+        gateway: Some(scope),
     });
-    let client = HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+    let peer = HeaderValue::from_str(&peer.ip().to_canonical().to_string())
         .expect("an IP address is a header value");
     let proto = HeaderValue::from_static(if over_tls { "https" } else { "http" });
-    http::serve_connection(io, &gateway.proxy.drain, move |request| {
+    let trusted_proxies = gateway.trusted_proxies;
+    http::serve_connection(io, &gateway.proxy.drain, move |mut request| {
         let outbound = outbound.clone();
-        let request = forwarded(request, &client, &proto);
+        forwarded(request.headers_mut(), &peer, &proto, trusted_proxies);
         async move { outbound.handle(request).await }
     })
     .await
 }
 
-/// The request as the mesh gets it from the edge: the client's address appended to
-/// `X-Forwarded-For` (the gateway is the first proxy the mesh trusts: what the client
-/// claimed stays, and the last entry is the address the gateway saw), and the scheme the
-/// client used in `X-Forwarded-Proto`.
+/// The request's headers as the mesh gets them from the edge, as Envoy sets them at
+/// Istio's gateways: `peer` (the address the gateway saw) appended to `X-Forwarded-For`,
+/// the client as the gateway trusts it in `X-Envoy-External-Address` (the `trusted_proxies`th
+/// address from the right of the `X-Forwarded-For` that arrived, or `peer` when there are no
+/// trusted proxies or too few addresses), and the scheme the client used in
+/// `X-Forwarded-Proto`.
 fn forwarded(
-    mut request: Request<Incoming>,
-    client: &HeaderValue,
+    headers: &mut HeaderMap,
+    peer: &HeaderValue,
     proto: &HeaderValue,
-) -> Request<Incoming> {
-    let headers = request.headers_mut();
-    let chain = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-        Some(earlier) if !earlier.is_empty() => {
-            let mut chain = earlier.to_vec();
-            chain.extend_from_slice(b", ");
-            chain.extend_from_slice(client.as_bytes());
-            HeaderValue::from_bytes(&chain).unwrap_or_else(|_| client.clone())
-        }
-        _ => client.clone(),
-    };
-    headers.insert(X_FORWARDED_FOR, chain);
+    trusted_proxies: usize,
+) {
+    let arrived: Vec<String> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty())
+        .collect();
+    let client = trusted_proxies
+        .checked_sub(1)
+        .and_then(|hops| arrived.iter().rev().nth(hops))
+        .and_then(|address| HeaderValue::from_str(address).ok())
+        .unwrap_or_else(|| peer.clone());
+    let chain = arrived
+        .iter()
+        .map(String::as_str)
+        .chain(peer.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(", ");
+    headers.insert(
+        X_FORWARDED_FOR,
+        HeaderValue::from_str(&chain).unwrap_or_else(|_| peer.clone()),
+    );
+    headers.insert(X_ENVOY_EXTERNAL_ADDRESS, client);
     headers.insert(X_FORWARDED_PROTO, proto.clone());
-    request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded_with(arrived: Option<&str>, trusted_proxies: usize) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(arrived) = arrived {
+            headers.insert(X_FORWARDED_FOR, HeaderValue::from_str(arrived).unwrap());
+        }
+        let peer = HeaderValue::from_static("192.0.2.9");
+        forwarded(
+            &mut headers,
+            &peer,
+            &HeaderValue::from_static("https"),
+            trusted_proxies,
+        );
+        headers
+    }
+
+    #[test]
+    fn the_client_is_the_peer_unless_proxies_in_front_are_trusted() {
+        let direct = forwarded_with(Some("203.0.113.7"), 0);
+        assert_eq!(direct[&X_FORWARDED_FOR], "203.0.113.7, 192.0.2.9");
+        assert_eq!(
+            direct[&X_ENVOY_EXTERNAL_ADDRESS], "192.0.2.9",
+            "a claim is not trusted"
+        );
+        assert_eq!(direct[&X_FORWARDED_PROTO], "https");
+        // One load balancer in front: the address it saw is the client.
+        let behind_one = forwarded_with(Some("10.9.9.9, 203.0.113.7"), 1);
+        assert_eq!(behind_one[&X_ENVOY_EXTERNAL_ADDRESS], "203.0.113.7");
+        let behind_two = forwarded_with(Some("10.9.9.9, 203.0.113.7"), 2);
+        assert_eq!(behind_two[&X_ENVOY_EXTERNAL_ADDRESS], "10.9.9.9");
+        // Fewer addresses than trusted proxies: nothing to trust but the peer.
+        let short = forwarded_with(Some("203.0.113.7"), 3);
+        assert_eq!(short[&X_ENVOY_EXTERNAL_ADDRESS], "192.0.2.9");
+        let none = forwarded_with(None, 1);
+        assert_eq!(none[&X_FORWARDED_FOR], "192.0.2.9");
+        assert_eq!(none[&X_ENVOY_EXTERNAL_ADDRESS], "192.0.2.9");
+    }
 }
 
 /// The plan as `debug gateways` shows it.

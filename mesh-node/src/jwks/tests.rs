@@ -156,7 +156,7 @@ async fn keys_are_refreshed_kept_when_a_refresh_fails_and_dropped_with_their_rul
     let task = tokio::spawn(keep_fresh(
         cache.clone(),
         state_rx,
-        "node0".into(),
+        Served::EnrolledOn("node0".into()),
         Duration::from_millis(200),
         metrics.node.clone(),
         shutdown.clone(),

@@ -60,90 +60,28 @@ impl Inbound {
             .unwrap_or_else(|| self.original.to_string());
         let mut record = Record::traced(&self.proxy, SpanKind::Server, &target, &request);
         record.upstream = Some(self.original);
-        let policies = &state.policies;
         let (response, flag) = if normalize_request_path(&mut request).is_err() {
             (bad_path(), "-")
         } else {
-            match self.authenticate(policies, &workload, &mut request) {
+            match admit(
+                &self.proxy,
+                &state,
+                &workload,
+                &self.caller,
+                self.original,
+                &mut request,
+            ) {
                 Err(refused) => {
-                    record.facts.policy = Some(format!("RequestAuthentication: {refused}"));
-                    (unauthorized(&refused, &request), "-")
+                    record.facts.policy = Some(refused.policy);
+                    (refused.response, refused.flag)
                 }
-                Ok(auth) => match self.authorize(policies, &workload, &request, auth.as_ref()) {
-                    Err(denied) => {
-                        record.facts.policy = Some(denied);
-                        (local_response(StatusCode::FORBIDDEN, ACCESS_DENIED), "RBAC")
-                    }
-                    Ok(()) => self.forward(request, &mut record).await,
-                },
+                Ok(()) => self.forward(request, &mut record).await,
             }
         };
         if flag != "-" {
             record.flags.push(flag);
         }
         meter(&self.proxy, parties, record, response)
-    }
-
-    /// The request's JWTs, validated against the RequestAuthentications of its workload;
-    /// what a valid token asks of the headers (the token removed, claims added) is done.
-    /// `Ok(None)`: no token where the rules look, or no rules.
-    fn authenticate(
-        &self,
-        policies: &Policies,
-        workload: &Workload,
-        request: &mut Request<Incoming>,
-    ) -> Result<Option<RequestAuth>, JwtError> {
-        let specs = policies.request_authentications(workload);
-        if specs.is_empty() {
-            return Ok(None);
-        }
-        let sources = TokenSources {
-            headers: request.headers(),
-            query: request.uri().query(),
-        };
-        match jwt::authenticate(&specs, sources, self.proxy.jwks.as_ref()) {
-            Ok(authenticated) => {
-                authenticated.apply(request.headers_mut());
-                Ok(authenticated.auth)
-            }
-            Err(error) => {
-                debug!(%error, path = request.uri().path(), "request's JWT refused");
-                self.proxy
-                    .metrics
-                    .node
-                    .proxy_error("inbound", error.reason());
-                Err(error)
-            }
-        }
-    }
-
-    /// AuthorizationPolicy for the request, as the planner decides it; a denial names its
-    /// policy.
-    fn authorize(
-        &self,
-        policies: &Policies,
-        workload: &Workload,
-        request: &Request<Incoming>,
-        auth: Option<&RequestAuth>,
-    ) -> Result<(), String> {
-        let attributes = RequestAttributes {
-            method: request.method().as_str(),
-            path: request.uri().path(),
-            host: request_host(request.uri(), request.headers()),
-            headers: request.headers(),
-            auth,
-        };
-        let verdict =
-            authorize_request(policies, workload, &self.caller, self.original, &attributes);
-        let Verdict::Deny { policy, reason } = verdict else {
-            return Ok(());
-        };
-        debug!(?policy, reason, path = attributes.path, "request denied");
-        self.proxy
-            .metrics
-            .node
-            .proxy_error("inbound", "authorization_denied");
-        Err(policy_name(policy.as_ref()))
     }
 
     /// Hands the request to the app over the pod's pooled connection; the app's response,
@@ -229,6 +167,103 @@ fn normalize_request_path<B>(request: &mut Request<B>) -> Result<(), ()> {
 }
 
 /// Envoy's answer to a bad token: 401 with the reason, and a challenge naming the URL.
+/// Why a request was refused where it arrived: the proxy's answer, its response flag (`-`
+/// for none) and the policy that refused it, for the access log.
+pub(super) struct Refused {
+    pub response: Response<ProxyBody>,
+    pub flag: &'static str,
+    pub policy: String,
+}
+
+/// Authenticates (RequestAuthentication) and authorizes (AuthorizationPolicy) a request
+/// arriving for `workload` from `caller` at `original`, as the proxy where it arrives does:
+/// the destination's for a pod, the gateway for requests from outside.
+pub(super) fn admit(
+    proxy: &ProxyContext,
+    state: &crate::state::State,
+    workload: &Workload,
+    caller: &Caller,
+    original: SocketAddr,
+    request: &mut Request<Incoming>,
+) -> Result<(), Box<Refused>> {
+    let policies = &state.policies;
+    let auth = authenticate(proxy, policies, workload, request).map_err(|refused| {
+        Box::new(Refused {
+            response: unauthorized(&refused, request),
+            flag: "-",
+            policy: format!("RequestAuthentication: {refused}"),
+        })
+    })?;
+    let auth = auth.as_ref();
+    authorize(proxy, policies, workload, caller, original, request, auth).map_err(|denied| {
+        Box::new(Refused {
+            response: local_response(StatusCode::FORBIDDEN, ACCESS_DENIED),
+            flag: "RBAC",
+            policy: denied,
+        })
+    })
+}
+
+/// The request's JWTs, validated against the RequestAuthentications of its workload; what a
+/// valid token asks of the headers (the token removed, claims added) is done. `Ok(None)`: no
+/// token where the rules look, or no rules.
+fn authenticate(
+    proxy: &ProxyContext,
+    policies: &Policies,
+    workload: &Workload,
+    request: &mut Request<Incoming>,
+) -> Result<Option<RequestAuth>, JwtError> {
+    let specs = policies.request_authentications(workload);
+    if specs.is_empty() {
+        return Ok(None);
+    }
+    let sources = TokenSources {
+        headers: request.headers(),
+        query: request.uri().query(),
+    };
+    match jwt::authenticate(&specs, sources, proxy.jwks.as_ref()) {
+        Ok(authenticated) => {
+            authenticated.apply(request.headers_mut());
+            Ok(authenticated.auth)
+        }
+        Err(error) => {
+            debug!(%error, path = request.uri().path(), "request's JWT refused");
+            proxy.metrics.node.proxy_error("inbound", error.reason());
+            Err(error)
+        }
+    }
+}
+
+/// AuthorizationPolicy for the request, as the planner decides it; a denial names its
+/// policy.
+fn authorize(
+    proxy: &ProxyContext,
+    policies: &Policies,
+    workload: &Workload,
+    caller: &Caller,
+    original: SocketAddr,
+    request: &Request<Incoming>,
+    auth: Option<&RequestAuth>,
+) -> Result<(), String> {
+    let attributes = RequestAttributes {
+        method: request.method().as_str(),
+        path: request.uri().path(),
+        host: request_host(request.uri(), request.headers()),
+        headers: request.headers(),
+        auth,
+    };
+    let verdict = authorize_request(policies, workload, caller, original, &attributes);
+    let Verdict::Deny { policy, reason } = verdict else {
+        return Ok(());
+    };
+    debug!(?policy, reason, path = attributes.path, "request denied");
+    proxy
+        .metrics
+        .node
+        .proxy_error("inbound", "authorization_denied");
+    Err(policy_name(policy.as_ref()))
+}
+
 fn unauthorized<B>(error: &JwtError, request: &Request<B>) -> Response<ProxyBody> {
     let mut response = local_response(StatusCode::UNAUTHORIZED, &error.to_string());
     let realm = format!(

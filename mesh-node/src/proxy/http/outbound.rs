@@ -31,7 +31,7 @@ use self::{
 use super::{
     ProxyBody,
     cluster::{Cluster, ClusterKey, HashInput},
-    incoming, is_upgrade, local_response,
+    inbound, incoming, is_upgrade, local_response,
     metered::{PartiesMemo, REQUEST_ID, Record, meter},
     splice_upgrade, strip_hop_by_hop, strip_hop_by_hop_for_forwarding,
     upstream::Via,
@@ -41,7 +41,7 @@ use crate::{
     distributed_tracing::SpanKind,
     gateway::{
         self,
-        route::{Selected, ServerPlan},
+        route::{GatewayScope, Selected},
     },
     identity::Identity,
     inventory::{Labels, ObjectKey, Workload},
@@ -68,9 +68,10 @@ pub struct Outbound {
     /// The parties of the connection's last request, for the next one.
     pub parties: PartiesMemo,
     /// At a gateway: the servers the connection is served by, whose Gateways'
-    /// VirtualServices route it (then `service` is the gateway pod, and `port` the
-    /// gateway's). `None` in the node proxy: the dialed Service's routes apply.
-    pub gateway: Option<Vec<Arc<ServerPlan>>>,
+    /// VirtualServices route it, and the client, whom the gateway's own policies admit
+    /// (then `service` is the gateway pod, and `port` the gateway's). `None` in the node
+    /// proxy: the dialed Service's routes apply, and the destination admits.
+    pub gateway: Option<GatewayScope>,
 }
 
 /// Everything decided about a request before its attempts, borrowing from the config
@@ -114,6 +115,26 @@ impl Outbound {
             .get(&self.service)
             .map_or_else(|| self.service.to_string(), |s| s.hostname());
         let mut record = Record::traced(&self.proxy, SpanKind::Client, &target, &request);
+        // A gateway is where requests from outside arrive: RequestAuthentications and
+        // AuthorizationPolicies that select it apply here, before any routing.
+        if let Some(scope) = &self.gateway {
+            let gateway = state.workload_or_unknown(&self.pod.key);
+            let admitted = inbound::admit(
+                &self.proxy,
+                &state,
+                &gateway,
+                &scope.client,
+                scope.local,
+                &mut request,
+            );
+            if let Err(refused) = admitted {
+                record.facts.policy = Some(refused.policy);
+                if refused.flag != "-" {
+                    record.flags.push(refused.flag);
+                }
+                return self.finish(&state, None, record, refused.response);
+            }
+        }
         let (rule, matched_prefix) = match self.select(&state, &request) {
             Ok(RouteMatch::Default) => (None, None),
             Ok(RouteMatch::Rule {
@@ -190,12 +211,12 @@ impl Outbound {
     ) -> Result<RouteMatch<'s>, Box<Response<ProxyBody>>> {
         let source = state.workloads.get(&self.pod.key);
         let head = RequestHead::of(request);
-        let Some(servers) = &self.gateway else {
+        let Some(scope) = &self.gateway else {
             return Ok(select_route(state, &self.service, self.port, source, head));
         };
         let no_labels = Labels::new();
         let labels = source.map_or(&no_labels, |w| &w.labels);
-        match gateway::route::select(state, servers, self.port, labels, head) {
+        match gateway::route::select(state, &scope.servers, self.port, labels, head) {
             Selected::Redirect(response) => Err(Box::new(response)),
             Selected::Route { matched, .. } => Ok(matched),
             Selected::NoRoute => Ok(RouteMatch::NoneMatched),
