@@ -294,18 +294,10 @@ pub struct RunConfig {
     #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
     pub jwks_refresh_interval: std::time::Duration,
 
-    /// Prometheus metrics listener (`/metrics`).
-    #[arg(long, default_value = "0.0.0.0:15020")]
-    pub metrics_addr: SocketAddr,
-
-    /// Admin API listener (JSON: config dump, workloads, certificates, log level). Keep it
-    /// on loopback: it tells everything about the node's pods and changes the log level.
-    #[arg(long, default_value = "127.0.0.1:15000")]
-    pub admin_addr: SocketAddr,
-
-    /// Readiness and liveness listener (`/healthz/ready`, `/healthz/live`).
-    #[arg(long, default_value = "0.0.0.0:15021")]
-    pub health_addr: SocketAddr,
+    /// Where its metrics, admin API and health checks listen.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub endpoints: EndpointAddrs,
 
     /// Namespace whose selector-less PeerAuthentication, AuthorizationPolicy and
     /// RequestAuthentication resources apply to the whole mesh (Istio's root namespace).
@@ -368,17 +360,10 @@ pub struct GatewayConfig {
     #[arg(long)]
     pub config_dir: Option<PathBuf>,
 
-    /// Prometheus metrics listener (`/metrics`).
-    #[arg(long, default_value = "0.0.0.0:15020")]
-    pub metrics_addr: SocketAddr,
-
-    /// Admin API listener (JSON; `mesh-node debug gateways` reads it). Keep it on loopback.
-    #[arg(long, default_value = "127.0.0.1:15000")]
-    pub admin_addr: SocketAddr,
-
-    /// Readiness and liveness listener (`/healthz/ready`, `/healthz/live`).
-    #[arg(long, default_value = "0.0.0.0:15021")]
-    pub health_addr: SocketAddr,
+    /// Where its metrics, admin API and health checks listen.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub endpoints: EndpointAddrs,
 
     /// Istio's root namespace, as for `mesh-node run`.
     #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
@@ -413,6 +398,24 @@ pub struct GatewayConfig {
     #[command(flatten)]
     #[serde(flatten)]
     pub observability: Box<ObservabilityConfig>,
+}
+
+/// The listeners of `mesh-node run` and `mesh-node gateway` besides the proxy's.
+#[derive(Clone, Debug, clap::Args, Serialize)]
+pub struct EndpointAddrs {
+    /// Prometheus metrics listener (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Admin API listener (JSON: config dump, workloads, certificates, gateways, log level;
+    /// `mesh-node debug` reads it). Keep it on loopback: it tells everything about the
+    /// node's pods and changes the log level.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Readiness and liveness listener (`/healthz/ready`, `/healthz/live`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub health_addr: SocketAddr,
 }
 
 /// Workload certificates: from an in-process CA or a `mesh-node ca` service. Shared by

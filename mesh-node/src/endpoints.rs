@@ -45,6 +45,27 @@ pub fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves `endpoints` on an already bound listener until `shutdown`.
+/// The metrics, health and admin listeners, bound with [`bind_shared`].
+pub struct Listeners {
+    pub metrics: TcpListener,
+    pub health: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub fn bind(addrs: &crate::cli::EndpointAddrs) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let bind = |what: &str, addr| {
+            bind_shared(addr).with_context(|| format!("binding {what} on {addr}"))
+        };
+        Ok(Self {
+            metrics: bind("metrics", addrs.metrics_addr)?,
+            health: bind("health", addrs.health_addr)?,
+            admin: bind("admin", addrs.admin_addr)?,
+        })
+    }
+}
+
 pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: CancellationToken) {
     let endpoints = Arc::new(endpoints);
     loop {

@@ -12,7 +12,7 @@ use crate::{
     access_log::AccessLog,
     admin::{Admin, LogControl},
     ca_server,
-    cli::{IdentityConfig, RunConfig},
+    cli::{IdentityConfig, ObservabilityConfig, RunConfig},
     cni::{self, install::Installation, owner::CniOwner, server::CniServer},
     distributed_tracing::{TraceConfig, Tracing},
     ebpf::{Capture, Pins},
@@ -82,12 +82,11 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     let shutdown = CancellationToken::new();
 
     // Shared ports (SO_REUSEPORT): a new agent starts beside the old one it replaces.
-    let metrics_listener = endpoints::bind_shared(config.metrics_addr)
-        .with_context(|| format!("binding metrics on {}", config.metrics_addr))?;
-    let health_listener = endpoints::bind_shared(config.health_addr)
-        .with_context(|| format!("binding health on {}", config.health_addr))?;
-    let admin_listener = endpoints::bind_shared(config.admin_addr)
-        .with_context(|| format!("binding admin on {}", config.admin_addr))?;
+    let endpoints::Listeners {
+        metrics: metrics_listener,
+        health: health_listener,
+        admin: admin_listener,
+    } = endpoints::Listeners::bind(&config.endpoints)?;
     let bound_admin = admin_listener.local_addr()?;
     let bound_metrics = metrics_listener.local_addr()?;
     let bound_health = health_listener.local_addr()?;
@@ -128,48 +127,25 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
     )
     .await?;
     let proxy_mtls = mtls.clone();
-    let tracing = Arc::new(
-        Tracing::new(
-            &TraceConfig {
-                otlp_endpoint: config.observability.otlp_endpoint.clone(),
-                sampling_percent: config.observability.trace_sampling,
-                node: config.node_name.clone(),
-            },
-            tokio::runtime::Handle::current(),
-        )
-        .context("setting up tracing")?,
-    );
-    let connections = Arc::new(Connections::default());
-    let drain = CancellationToken::new();
-    let jwks = Arc::new(JwksCache::default());
-    let jwks_for_admin = jwks.clone();
-    tasks.spawn(jwks::keep_fresh(
-        jwks.clone(),
-        state_rx.clone(),
-        jwks::Served::EnrolledOn(config.node_name.clone()),
-        config.jwks_refresh_interval,
-        metrics.node.clone(),
-        shutdown.clone(),
-    ));
-    let proxy = ProxyContext {
-        state: state_rx.clone(),
+    let proxy = ProxyParts {
+        observability: &config.observability,
+        node: &config.node_name,
+        metrics: &metrics,
+        state: &state_rx,
         capture: Some(capture.clone()),
-        metrics: metrics.clone(),
-        resolver: Arc::new(Resolver::new(config.outbound_traffic_policy)),
+        resolver: Resolver::new(config.outbound_traffic_policy),
         home,
         mtls,
-        clusters: Arc::default(),
-        upstreams: Arc::default(),
-        access_log: Arc::new(
-            AccessLog::stdout(config.observability.access_log)
-                .counting_drops_in(metrics.node.access_log_dropped()),
-        ),
-        tracing: tracing.clone(),
-        jwks,
-        connections: connections.clone(),
-        node_addresses: Arc::default(),
-        drain: drain.clone(),
-    };
+        keys_for: jwks::Served::EnrolledOn(config.node_name.clone()),
+        jwks_refresh_interval: config.jwks_refresh_interval,
+    }
+    .build(&mut tasks, &shutdown)?;
+    let (tracing, connections, drain) = (
+        proxy.tracing.clone(),
+        proxy.connections.clone(),
+        proxy.drain.clone(),
+    );
+    let jwks_for_admin = proxy.jwks.clone();
 
     let admin_state = state_rx.clone();
     tasks.spawn(source.run(
@@ -267,6 +243,71 @@ pub async fn build(config: RunConfig, log: Option<LogControl>) -> anyhow::Result
         tracing,
         cni_owner,
     })
+}
+
+/// What a proxy's context is built from: the node agent's and a gateway's differ only in
+/// these.
+pub(super) struct ProxyParts<'a> {
+    pub observability: &'a ObservabilityConfig,
+    /// The node, as spans name it.
+    pub node: &'a str,
+    pub metrics: &'a Metrics,
+    pub state: &'a StateRx,
+    pub capture: Option<Arc<Capture>>,
+    pub resolver: Resolver,
+    pub home: Arc<Netns>,
+    pub mtls: Option<Arc<Mtls>>,
+    /// Whose RequestAuthentications' key sets to fetch.
+    pub keys_for: jwks::Served,
+    pub jwks_refresh_interval: Duration,
+}
+
+impl ProxyParts<'_> {
+    /// The context, with its tracer, access log and connection table, and the task that
+    /// keeps its JWT key sets fresh spawned on `tasks` until `shutdown`.
+    pub(super) fn build(
+        self,
+        tasks: &mut JoinSet<()>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<ProxyContext> {
+        let tracing = Tracing::new(
+            &TraceConfig {
+                otlp_endpoint: self.observability.otlp_endpoint.clone(),
+                sampling_percent: self.observability.trace_sampling,
+                node: self.node.to_owned(),
+            },
+            tokio::runtime::Handle::current(),
+        )
+        .context("setting up tracing")?;
+        let jwks = Arc::new(JwksCache::default());
+        tasks.spawn(jwks::keep_fresh(
+            jwks.clone(),
+            self.state.clone(),
+            self.keys_for,
+            self.jwks_refresh_interval,
+            self.metrics.node.clone(),
+            shutdown.clone(),
+        ));
+        Ok(ProxyContext {
+            state: self.state.clone(),
+            capture: self.capture,
+            metrics: self.metrics.clone(),
+            resolver: Arc::new(self.resolver),
+            home: self.home,
+            mtls: self.mtls,
+            clusters: Arc::default(),
+            upstreams: Arc::default(),
+            access_log: Arc::new(
+                AccessLog::stdout(self.observability.access_log)
+                    .counting_drops_in(self.metrics.node.access_log_dropped()),
+            ),
+            tracing: Arc::new(tracing),
+            jwks,
+            connections: Arc::new(Connections::default()),
+            node_addresses: Arc::default(),
+            drain: CancellationToken::new(),
+        })
+    }
 }
 
 /// Mutual TLS with workload certificates from the CA the flags name (in-process with

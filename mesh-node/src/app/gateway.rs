@@ -8,20 +8,21 @@ use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{agent::workload_mtls, source::ConfigSource};
+use super::{
+    agent::{ProxyParts, workload_mtls},
+    source::ConfigSource,
+};
 use crate::{
-    access_log::AccessLog,
     admin::{Admin, LogControl},
     cli::GatewayConfig,
-    distributed_tracing::{TraceConfig, Tracing},
     egress::OutboundTrafficPolicy,
     endpoints::{self, Endpoints},
     gateway::serve::{self, Gateway, Plan},
     inventory::ObjectKey,
-    jwks::{self, JwksCache},
+    jwks,
     metrics::Metrics,
     netns::Netns,
-    proxy::{PodContext, ProxyContext, Resolver, connections::Connections},
+    proxy::{PodContext, Resolver},
     readiness::Readiness,
     signal,
     state::{State, StateRx},
@@ -57,12 +58,11 @@ pub async fn build_gateway(
     let pod_known = readiness.register("gateway-pod");
     let metrics = Metrics::new().context("registering metrics")?;
     let shutdown = CancellationToken::new();
-    let metrics_listener = endpoints::bind_shared(config.metrics_addr)
-        .with_context(|| format!("binding metrics on {}", config.metrics_addr))?;
-    let health_listener = endpoints::bind_shared(config.health_addr)
-        .with_context(|| format!("binding health on {}", config.health_addr))?;
-    let admin_listener = endpoints::bind_shared(config.admin_addr)
-        .with_context(|| format!("binding admin on {}", config.admin_addr))?;
+    let endpoints::Listeners {
+        metrics: metrics_listener,
+        health: health_listener,
+        admin: admin_listener,
+    } = endpoints::Listeners::bind(&config.endpoints)?;
     let (admin_addr, metrics_addr, health_addr) = (
         admin_listener.local_addr()?,
         metrics_listener.local_addr()?,
@@ -104,50 +104,27 @@ pub async fn build_gateway(
     let ips = own_addresses(&mut state_rx.clone(), &me).await;
     drop(pod_known);
     let home = Arc::new(Netns::current().context("opening the gateway's netns")?);
-    let tracing = Arc::new(
-        Tracing::new(
-            &TraceConfig {
-                otlp_endpoint: config.observability.otlp_endpoint.clone(),
-                sampling_percent: config.observability.trace_sampling,
-                node: config.node_name.clone(),
-            },
-            tokio::runtime::Handle::current(),
-        )
-        .context("setting up tracing")?,
-    );
-    let connections = Arc::new(Connections::default());
-    let drain = CancellationToken::new();
     // Requests from outside are authenticated here, by the RequestAuthentications that
     // select the gateway.
-    let jwks = Arc::new(JwksCache::default());
-    tasks.spawn(jwks::keep_fresh(
-        jwks.clone(),
-        state_rx.clone(),
-        jwks::Served::Pod(me.clone()),
-        config.jwks_refresh_interval,
-        metrics.node.clone(),
-        shutdown.clone(),
-    ));
-    let proxy = ProxyContext {
-        state: state_rx.clone(),
+    let proxy = ProxyParts {
+        observability: &config.observability,
+        node: &config.node_name,
+        metrics: &metrics,
+        state: &state_rx,
         capture: None,
-        metrics: metrics.clone(),
         // Routes name Services; what is not one is refused by routing, not by this policy.
-        resolver: Arc::new(Resolver::new(OutboundTrafficPolicy::AllowAny)),
+        resolver: Resolver::new(OutboundTrafficPolicy::AllowAny),
         home: home.clone(),
         mtls: mtls.clone(),
-        clusters: Arc::default(),
-        upstreams: Arc::default(),
-        access_log: Arc::new(
-            AccessLog::stdout(config.observability.access_log)
-                .counting_drops_in(metrics.node.access_log_dropped()),
-        ),
-        tracing,
-        jwks: jwks.clone(),
-        connections: connections.clone(),
-        node_addresses: Arc::default(),
-        drain: drain.clone(),
-    };
+        keys_for: jwks::Served::Pod(me.clone()),
+        jwks_refresh_interval: config.jwks_refresh_interval,
+    }
+    .build(&mut tasks, &shutdown)?;
+    let (connections, drain, jwks) = (
+        proxy.connections.clone(),
+        proxy.drain.clone(),
+        proxy.jwks.clone(),
+    );
     let gateway = Gateway {
         pod: PodContext {
             key: me.clone(),

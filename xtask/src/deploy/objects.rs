@@ -169,7 +169,6 @@ pub fn gateway_manifest(values: &Values) -> Manifest {
 /// `mesh-node gateway`: not enrolled (it does its own mutual TLS), labelled like Istio's
 /// ingress gateway so Gateways written for Istio select it.
 fn gateway_deployment(values: &Values) -> Deployment {
-    const NONROOT: i64 = 65532;
     let container = Container {
         name: "gateway".into(),
         image: Some(values.image.reference()),
@@ -206,45 +205,22 @@ fn gateway_deployment(values: &Values) -> Deployment {
     };
     let mut pod_labels = labels("gateway", GATEWAY);
     pod_labels.insert("istio".into(), "ingressgateway".into());
-    Deployment {
-        metadata: meta(GATEWAY, "gateway"),
-        spec: Some(DeploymentSpec {
-            replicas: Some(values.gateway.replicas),
-            selector: LabelSelector {
-                match_labels: Some(selector_labels(GATEWAY)),
-                ..LabelSelector::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    service_account_name: Some(GATEWAY.into()),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(NONROOT),
-                        run_as_group: Some(NONROOT),
-                        sysctls: Some(vec![Sysctl {
-                            name: "net.ipv4.ip_unprivileged_port_start".into(),
-                            value: "0".into(),
-                        }]),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    termination_grace_period_seconds: Some(30 + i64::from(DRAIN_MARGIN_SECONDS)),
-                    containers: vec![container],
-                    volumes: Some(ca_trust_volumes().to_vec()),
-                    ..PodSpec::default()
-                }),
-            },
-            ..DeploymentSpec::default()
-        }),
-        ..Deployment::default()
-    }
+    let security = PodSecurityContext {
+        sysctls: Some(vec![Sysctl {
+            name: "net.ipv4.ip_unprivileged_port_start".into(),
+            value: "0".into(),
+        }]),
+        ..non_root()
+    };
+    let pod = PodSpec {
+        service_account_name: Some(GATEWAY.into()),
+        security_context: Some(security),
+        termination_grace_period_seconds: Some(30 + i64::from(DRAIN_MARGIN_SECONDS)),
+        containers: vec![container],
+        volumes: Some(ca_trust_volumes().to_vec()),
+        ..PodSpec::default()
+    };
+    deployment(GATEWAY, "gateway", values.gateway.replicas, pod_labels, pod)
 }
 
 fn gateway_service(values: &Values) -> Service {
@@ -988,8 +964,6 @@ fn ca_service() -> Service {
 }
 
 fn ca_deployment(values: &Values) -> Deployment {
-    /// distroless' `nonroot` user.
-    const NONROOT: i64 = 65532;
     let listen = format!("0.0.0.0:{CA_PORT}");
     let tcp_probe = |period_seconds: i32| Probe {
         tcp_socket: Some(TCPSocketAction {
@@ -1034,47 +1008,70 @@ fn ca_deployment(values: &Values) -> Deployment {
         volume_mounts: Some(vec![mount("tmp", "/tmp", false)]),
         ..Container::default()
     };
+    let pod = PodSpec {
+        service_account_name: Some(CA.into()),
+        security_context: Some(PodSecurityContext {
+            fs_group: Some(NONROOT),
+            ..non_root()
+        }),
+        containers: vec![container],
+        volumes: Some(vec![Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(Quantity("1Mi".into())),
+            }),
+            ..Volume::default()
+        }]),
+        ..PodSpec::default()
+    };
+    deployment(CA, "ca", values.ca.replicas, labels("ca", CA), pod)
+}
+
+/// A Deployment named `name`, of component `component`, of `replicas` pods `pod`
+/// describes, labelled `pod_labels`.
+fn deployment(
+    name: &str,
+    component: &str,
+    replicas: i32,
+    pod_labels: BTreeMap<String, String>,
+    pod: PodSpec,
+) -> Deployment {
     Deployment {
-        metadata: meta(CA, "ca"),
+        metadata: meta(name, component),
         spec: Some(DeploymentSpec {
-            replicas: Some(values.ca.replicas),
+            replicas: Some(replicas),
             selector: LabelSelector {
-                match_labels: Some(selector_labels(CA)),
+                match_labels: Some(selector_labels(name)),
                 ..LabelSelector::default()
             },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels("ca", CA)),
+                    labels: Some(pod_labels),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
-                    service_account_name: Some(CA.into()),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(NONROOT),
-                        run_as_group: Some(NONROOT),
-                        fs_group: Some(NONROOT),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    containers: vec![container],
-                    volumes: Some(vec![Volume {
-                        name: "tmp".into(),
-                        empty_dir: Some(EmptyDirVolumeSource {
-                            medium: Some("Memory".into()),
-                            size_limit: Some(Quantity("1Mi".into())),
-                        }),
-                        ..Volume::default()
-                    }]),
-                    ..PodSpec::default()
-                }),
+                spec: Some(pod),
             },
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
+    }
+}
+
+/// distroless' `nonroot` user.
+const NONROOT: i64 = 65532;
+
+/// A pod that runs as distroless' `nonroot` user, with the runtime's seccomp profile.
+fn non_root() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(NONROOT),
+        run_as_group: Some(NONROOT),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
     }
 }
 
