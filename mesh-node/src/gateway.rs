@@ -3,7 +3,9 @@
 //! terminates TLS with the certificates their servers name, and routes each request with
 //! the VirtualServices bound to those Gateways (`spec.gateways`) — the node proxy's own
 //! routing code — into the mesh over HBONE, as the gateway pod's SPIFFE identity.
+//!
+//! Its parts sit at the floors they belong to: the `Gateway` resource in
+//! [`routing::gateway`](crate::routing::gateway), a request's route in
+//! [`plan::gateway`](crate::plan::gateway); here are the certificates and the listeners.
 pub mod credential;
-pub mod resource;
-pub mod route;
 pub mod serve;

@@ -1,7 +1,7 @@
 //! The facts of the cluster as the mesh reads them: pods, Services, the keys that name
 //! objects, and the objects a source refused. The ground floor: every other part of the
 //! agent may use these types, and they use nothing of the mesh.
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -218,5 +218,62 @@ impl std::fmt::Display for ObjectId {
         } else {
             write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
         }
+    }
+}
+
+/// The entries of a Secret a gateway's TLS reads (`credentialName`): the certificate chain
+/// and key as `tls.crt` / `tls.key` (type `kubernetes.io/tls`) or Istio's `cert` / `key`,
+/// and the CA client certificates must chain to as `ca.crt` (or `cacert`). Nothing else of
+/// a Secret is kept.
+#[derive(Clone)]
+pub struct TlsSecret {
+    pub key: ObjectKey,
+    entries: BTreeMap<&'static str, bytes::Bytes>,
+}
+
+impl TlsSecret {
+    pub const CERTIFICATE: [&'static str; 2] = ["tls.crt", "cert"];
+    pub const PRIVATE_KEY: [&'static str; 2] = ["tls.key", "key"];
+    pub const CA: [&'static str; 2] = ["ca.crt", "cacert"];
+
+    /// The Secret `key` with the `entries` a gateway reads; the others are dropped.
+    pub fn new(key: ObjectKey, entries: impl IntoIterator<Item = (String, Vec<u8>)>) -> Self {
+        let wanted = |name: &str| {
+            Self::CERTIFICATE
+                .iter()
+                .chain(&Self::PRIVATE_KEY)
+                .chain(&Self::CA)
+                .find(|known| **known == name)
+                .copied()
+        };
+        let entries = entries
+            .into_iter()
+            .filter_map(|(name, value)| Some((wanted(&name)?, bytes::Bytes::from(value))))
+            .collect();
+        Self { key, entries }
+    }
+
+    /// The first of `names` the Secret holds.
+    pub fn first(&self, names: &[&'static str]) -> Option<&bytes::Bytes> {
+        names.iter().find_map(|name| self.entries.get(name))
+    }
+
+    /// A fingerprint of what it holds: what is built from it is built again only when it
+    /// changes.
+    pub fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.entries.hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+/// Never the key material, in logs or debug output.
+impl std::fmt::Debug for TlsSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSecret")
+            .field("key", &self.key)
+            .field("entries", &self.entries.keys().collect::<Vec<_>>())
+            .finish()
     }
 }

@@ -7,6 +7,7 @@
 //! imports the proxy.
 pub mod admission;
 pub mod endpoints;
+pub mod gateway;
 pub mod path;
 pub mod protocol;
 pub mod request;

@@ -78,6 +78,14 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    /// Whether sockmap carries the loopback leg between apps and their listeners (then
+    /// `splice` cannot read it).
+    pub fn loopback_accelerated(&self) -> bool {
+        self.capture
+            .as_ref()
+            .is_some_and(|capture| capture.loopback_accelerated())
+    }
+
     /// Drops what departed pods, Services and callers left behind (certificates, tunnels,
     /// clusters, pooled connections, round-robin positions), so that churn leaves memory
     /// and sockets flat. `node` is this agent's node: its enrolled pods' identities are the

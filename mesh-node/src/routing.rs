@@ -44,6 +44,7 @@
 mod build;
 pub mod destination_rule;
 mod fields;
+pub mod gateway;
 pub mod host;
 pub mod http_route;
 mod matching;

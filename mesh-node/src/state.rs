@@ -28,9 +28,9 @@ pub struct State {
     pub routes: Routes,
     pub rejections: Vec<Rejection>,
     /// Istio Gateways: what gateway pods listen on and which certificates they serve.
-    pub gateways: BTreeMap<ObjectKey, Arc<crate::gateway::resource::GatewaySpec>>,
+    pub gateways: BTreeMap<ObjectKey, Arc<crate::routing::gateway::GatewaySpec>>,
     /// The Secrets Gateways name, with only their certificate entries.
-    pub secrets: BTreeMap<ObjectKey, Arc<crate::gateway::credential::TlsSecret>>,
+    pub secrets: BTreeMap<ObjectKey, Arc<crate::inventory::TlsSecret>>,
     /// Where each object came from (a file path for the file source), by `Kind
     /// namespace/name` (`Kind name` for namespaces); empty when the source does not say.
     /// Shared with the source that built it, and each file's path is one string.

@@ -5,7 +5,8 @@
 //! The floors, bottom up: `inventory` (workloads, services, keys) → `routing`, `policy` →
 //! `state` → `plan` (the decisions) → `proxy` → telemetry sinks (`access_log`, `metrics`,
 //! `distributed_tracing`); config sources (`config`) feed `state` from the side, and
-//! `explain`, `admin`, `endpoints`, `app` sit on top.
+//! `explain`, `admin`, `endpoints`, `gateway` (the ingress gateway's listeners), `app` sit
+//! on top.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -21,24 +22,27 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     (
         "routing",
         &[
-            "config", "state", "plan", "proxy", "explain", "admin", "app", "cli",
+            "config", "state", "plan", "proxy", "gateway", "explain", "admin", "app", "cli",
         ],
     ),
     (
         "policy",
         &[
-            "config", "state", "plan", "proxy", "explain", "admin", "app", "cli",
+            "config", "state", "plan", "proxy", "gateway", "explain", "admin", "app", "cli",
         ],
     ),
     (
         "state",
-        &["config", "plan", "proxy", "explain", "admin", "app", "cli"],
+        &[
+            "config", "plan", "proxy", "gateway", "explain", "admin", "app", "cli",
+        ],
     ),
     (
         "plan",
         &[
             "config",
             "proxy",
+            "gateway",
             "explain",
             "admin",
             "app",
@@ -50,7 +54,15 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ),
     (
         "proxy",
-        &["config", "explain", "admin", "endpoints", "app", "cli"],
+        &[
+            "config",
+            "gateway",
+            "explain",
+            "admin",
+            "endpoints",
+            "app",
+            "cli",
+        ],
     ),
     ("explain", &["proxy", "config", "app"]),
     (

@@ -141,3 +141,14 @@ pub struct ObjectReference {
     pub namespace: Option<String>,
     pub name: Option<String>,
 }
+
+/// A Secret: its entries, base64 in `data` or plain in `stringData` (which the API server
+/// merges over `data`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Secret {
+    #[serde(default)]
+    pub metadata: Meta,
+    pub data: Option<BTreeMap<String, k8s_openapi::ByteString>>,
+    pub string_data: Option<BTreeMap<String, String>>,
+}

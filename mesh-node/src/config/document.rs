@@ -106,10 +106,25 @@ fn parse_pod<V: Tree>(value: &V) -> Result<Object, String> {
 /// A Secret is read into the certificate entries a gateway may serve: nothing else of it
 /// is kept.
 fn parse_secret<V: Tree>(value: &V) -> Result<Object, String> {
-    let document: crate::gateway::credential::SecretDocument = value.read()?;
-    Ok(Object::Secret(Arc::new(
-        crate::gateway::credential::TlsSecret::from_document(document),
-    )))
+    let secret: super::core::Secret = value.read()?;
+    let key = crate::inventory::ObjectKey::new(
+        secret
+            .metadata
+            .namespace
+            .unwrap_or_else(|| "default".into()),
+        secret.metadata.name.unwrap_or_default(),
+    );
+    let data = secret.data.into_iter().flatten().map(|(k, v)| (k, v.0));
+    let string_data = secret
+        .string_data
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k, v.into_bytes()));
+    // `stringData` last: it wins, as the API server merges it over `data`.
+    Ok(Object::Secret(Arc::new(crate::inventory::TlsSecret::new(
+        key,
+        data.chain(string_data),
+    ))))
 }
 
 pub(crate) fn classify<V: Tree>(meta: TypeMeta, value: &V) -> Document {

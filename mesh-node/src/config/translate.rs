@@ -11,13 +11,9 @@ use serde::Deserialize;
 use super::core::{EndpointSlice, Namespace, Pod, Service as K8sService};
 use crate::{
     egress::{ServiceEntryError, ServiceEntrySpec},
-    gateway::{
-        credential::TlsSecret,
-        resource::{GatewayError, GatewaySpec},
-    },
     inventory::{
         ENROLLMENT_LABEL, Labels, ObjectId, ObjectKey, Rejection, Service, ServicePort, TargetPort,
-        Workload,
+        TlsSecret, Workload,
     },
     policy::{
         AuthorizationPolicySpec, PeerAuthenticationSpec, Policies, Policy, PolicyError,
@@ -25,6 +21,7 @@ use crate::{
     },
     routing::{
         DestinationRuleSpec, HttpRouteSpec, Routes, RoutingError, RoutingSpec, VirtualServiceSpec,
+        gateway::{GatewayError, GatewaySpec},
     },
     state::State,
 };

@@ -4,104 +4,23 @@
 //! A Secret holds the certificate chain and key as `tls.crt` / `tls.key` (type
 //! `kubernetes.io/tls`) or `cert` / `key`; for MUTUAL the CA client certificates must chain
 //! to as `ca.crt` (or `cacert`) in the same Secret or in `<credentialName>-cacert`.
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::sync::Arc;
 
-use bytes::Bytes;
 use rustls::{
     ServerConfig,
     server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use serde::Deserialize;
 
 use crate::{
-    config::core::Meta,
-    gateway::resource::{ServerTls, TlsMode},
-    inventory::ObjectKey,
+    inventory::{ObjectKey, TlsSecret},
+    routing::gateway::{ServerTls, TlsMode},
     state::State,
 };
 
-/// The keys of a Secret a gateway reads; every other key is dropped as it is parsed.
-const CERTIFICATE_KEYS: [&str; 2] = ["tls.crt", "cert"];
-const PRIVATE_KEY_KEYS: [&str; 2] = ["tls.key", "key"];
-const CA_KEYS: [&str; 2] = ["ca.crt", "cacert"];
 /// The Secret beside a credential that holds its CA, by Istio's convention.
 const CA_SECRET_SUFFIX: &str = "-cacert";
-
-/// A Secret as the API server or a YAML file gives it.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SecretDocument {
-    #[serde(default)]
-    metadata: Meta,
-    #[serde(default)]
-    data: Option<BTreeMap<String, k8s_openapi::ByteString>>,
-    #[serde(default)]
-    string_data: Option<BTreeMap<String, String>>,
-}
-
-/// What the mesh keeps of a Secret: only the entries a gateway's TLS reads.
-#[derive(Clone)]
-pub struct TlsSecret {
-    pub key: ObjectKey,
-    entries: BTreeMap<&'static str, Bytes>,
-}
-
-/// Never the key material, in logs or debug output.
-impl fmt::Debug for TlsSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsSecret")
-            .field("key", &self.key)
-            .field("entries", &self.entries.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
-
-impl TlsSecret {
-    pub fn from_document(document: SecretDocument) -> Self {
-        let key = ObjectKey::new(
-            document
-                .metadata
-                .namespace
-                .unwrap_or_else(|| "default".into()),
-            document.metadata.name.unwrap_or_default(),
-        );
-        let wanted = |name: &str| {
-            CERTIFICATE_KEYS
-                .iter()
-                .chain(&PRIVATE_KEY_KEYS)
-                .chain(&CA_KEYS)
-                .find(|k| **k == name)
-                .copied()
-        };
-        let mut entries = BTreeMap::new();
-        for (name, value) in document.data.into_iter().flatten() {
-            if let Some(name) = wanted(&name) {
-                entries.insert(name, Bytes::from(value.0));
-            }
-        }
-        // `stringData` wins, as the API server merges it over `data`.
-        for (name, value) in document.string_data.into_iter().flatten() {
-            if let Some(name) = wanted(&name) {
-                entries.insert(name, Bytes::from(value));
-            }
-        }
-        Self { key, entries }
-    }
-
-    fn first(&self, names: &[&'static str]) -> Option<&Bytes> {
-        names.iter().find_map(|name| self.entries.get(name))
-    }
-
-    /// A fingerprint of what it holds: a server's TLS is built again only when it changes.
-    fn digest(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.entries.hash(&mut hasher);
-        hasher.finish()
-    }
-}
 
 /// One server's TLS, ready for handshakes.
 #[derive(Debug)]
@@ -139,10 +58,10 @@ pub fn load(
         return Ok(previous.clone());
     }
     let certificate = secret
-        .first(&CERTIFICATE_KEYS)
+        .first(&TlsSecret::CERTIFICATE)
         .ok_or_else(|| format!("Secret {namespace}/{name} has no tls.crt (or cert)"))?;
     let key = secret
-        .first(&PRIVATE_KEY_KEYS)
+        .first(&TlsSecret::PRIVATE_KEY)
         .ok_or_else(|| format!("Secret {namespace}/{name} has no tls.key (or key)"))?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(certificate)
         .collect::<Result<_, _>>()
@@ -178,8 +97,8 @@ pub fn load(
         TlsMode::Simple => builder.with_no_client_auth(),
         TlsMode::Mutual => {
             let ca = secret
-                .first(&CA_KEYS)
-                .or_else(|| ca_secret.and_then(|s| s.first(&CA_KEYS)))
+                .first(&TlsSecret::CA)
+                .or_else(|| ca_secret.and_then(|s| s.first(&TlsSecret::CA)))
                 .ok_or_else(|| {
                     format!(
                         "MUTUAL needs the client CA: ca.crt in Secret {namespace}/{name} or in \

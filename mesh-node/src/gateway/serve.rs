@@ -19,18 +19,18 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{
-    credential,
-    resource::{ServerProtocol, TlsMode},
-    route::{GatewayScope, ServerPlan, server_for},
-};
+use super::credential::{self, CredentialError, ServerCredential};
 use crate::{
     inventory::ObjectKey,
-    plan::admission::Caller,
+    plan::{
+        admission::Caller,
+        gateway::{GatewayScope, ServerPlan, server_for},
+    },
     proxy::{
         PodContext, ProxyContext,
         http::{self, outbound::Outbound},
     },
+    routing::gateway::{ServerProtocol, TlsMode},
     state::State,
 };
 
@@ -55,7 +55,14 @@ pub struct Plan {
 #[derive(Debug)]
 pub struct PortPlan {
     pub tls: bool,
-    pub servers: Vec<Arc<ServerPlan>>,
+    pub servers: Vec<Server>,
+}
+
+/// A server and, for HTTPS, its certificate or why it cannot be served.
+#[derive(Debug)]
+pub struct Server {
+    pub plan: Arc<ServerPlan>,
+    pub credential: Option<Result<Arc<ServerCredential>, CredentialError>>,
 }
 
 impl Plan {
@@ -69,12 +76,14 @@ impl Plan {
                 .push(format!("the gateway's own pod {gateway} is not known yet"));
             return plan;
         };
-        let earlier: HashMap<(&ObjectKey, usize), &Arc<credential::ServerCredential>> = previous
+        let earlier: HashMap<(&ObjectKey, usize), &Arc<ServerCredential>> = previous
             .ports
             .values()
             .flat_map(|port| &port.servers)
-            .filter_map(|server| match &server.tls {
-                Some((_, Ok(credential))) => Some(((&server.gateway, server.index), credential)),
+            .filter_map(|server| match &server.credential {
+                Some(Ok(credential)) => {
+                    Some(((&server.plan.gateway, server.plan.index), credential))
+                }
                 _ => None,
             })
             .collect();
@@ -87,18 +96,12 @@ impl Plan {
                     continue;
                 };
                 let port = u16::try_from(server.port.number).unwrap_or_default();
-                let tls = server
+                let credential = server
                     .tls_mode()
                     .zip(server.tls.as_ref())
                     .map(|(mode, tls)| {
-                        let loaded = credential::load(
-                            state,
-                            &gateway.namespace,
-                            tls,
-                            mode,
-                            earlier.get(&(key, index)).copied(),
-                        );
-                        (mode, loaded)
+                        let previous = earlier.get(&(key, index)).copied();
+                        credential::load(state, &gateway.namespace, tls, mode, previous)
                     });
                 let planned = Arc::new(ServerPlan {
                     gateway: key.clone(),
@@ -106,9 +109,9 @@ impl Plan {
                     port,
                     hosts: server.server_hosts(),
                     https_redirect: server.tls.as_ref().is_some_and(|t| t.https_redirect),
-                    tls,
+                    tls: server.tls_mode(),
                 });
-                if let Some((_, Err(error))) = &planned.tls {
+                if let Some(Err(error)) = &credential {
                     plan.problems.push(format!(
                         "{}: {error}; its hosts get no TLS handshake until fixed",
                         planned.name()
@@ -125,11 +128,14 @@ impl Plan {
                          served",
                         planned.name(),
                         if port_plan.tls { "HTTPS" } else { "plain HTTP" },
-                        port_plan.servers[0].name()
+                        port_plan.servers[0].plan.name()
                     ));
                     continue;
                 }
-                port_plan.servers.push(planned);
+                port_plan.servers.push(Server {
+                    plan: planned,
+                    credential,
+                });
             }
         }
         plan
@@ -256,8 +262,8 @@ async fn serve(
         local,
     };
     if !port_plan.tls {
-        let scope = scope(port_plan.servers.clone());
-        return serve_http(stream, peer, port, scope, false, gateway).await;
+        let servers = port_plan.servers.iter().map(|s| s.plan.clone()).collect();
+        return serve_http(stream, peer, port, scope(servers), false, gateway).await;
     }
     let start = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -270,26 +276,34 @@ async fn serve(
         .map(str::to_ascii_lowercase);
     // Without SNI only a server for every host (`*`) may answer, as Envoy's filter chains.
     let server = match &sni {
-        Some(name) => server_for(&port_plan.servers, name),
+        Some(name) => server_for(&port_plan.servers, |s| &s.plan, name),
         None => port_plan
             .servers
             .iter()
-            .find(|s| s.hosts.iter().any(|h| h.host == "*")),
+            .find(|s| s.plan.hosts.iter().any(|h| h.host == "*")),
     };
     let Some(server) = server else {
         return Err(format!("no server of port {port} serves SNI {sni:?}").into());
     };
-    let Some((mode, Ok(credential))) = &server.tls else {
+    let Some(Ok(credential)) = &server.credential else {
         // Never a certificate it could not load, nor another server's.
-        return Err(format!("{} has no certificate to serve", server.name()).into());
+        return Err(format!("{} has no certificate to serve", server.plan.name()).into());
     };
     let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         start.into_stream(credential.config.clone()),
     )
     .await??;
-    debug!(%peer, server = %server.name(), mutual = *mode == TlsMode::Mutual, "gateway TLS accepted");
-    serve_http(tls, peer, port, scope(vec![server.clone()]), true, gateway).await
+    debug!(%peer, server = %server.plan.name(), "gateway TLS accepted");
+    serve_http(
+        tls,
+        peer,
+        port,
+        scope(vec![server.plan.clone()]),
+        true,
+        gateway,
+    )
+    .await
 }
 
 async fn serve_http<S>(
@@ -432,7 +446,11 @@ impl Plan {
     pub fn summary(&self, state: &State) -> PlanSummary {
         let mut listeners = Vec::new();
         for (port, port_plan) in &self.ports {
-            for server in &port_plan.servers {
+            for Server {
+                plan: server,
+                credential,
+            } in &port_plan.servers
+            {
                 let routes = state
                     .routes
                     .gateway_hosts()
@@ -442,8 +460,8 @@ impl Plan {
                 listeners.push(ListenerSummary {
                     port: *port,
                     server: server.name(),
-                    protocol: match (&server.tls, server.https_redirect) {
-                        (Some((TlsMode::Mutual, _)), _) => "HTTPS (MUTUAL)",
+                    protocol: match (server.tls, server.https_redirect) {
+                        (Some(TlsMode::Mutual), _) => "HTTPS (MUTUAL)",
                         (Some(_), _) => "HTTPS",
                         (None, true) => "HTTP (redirect to HTTPS)",
                         (None, false) => "HTTP",
@@ -456,7 +474,7 @@ impl Plan {
                             None => h.host.clone(),
                         })
                         .collect(),
-                    certificate: server.tls.as_ref().map(|(_, c)| match c {
+                    certificate: credential.as_ref().map(|c| match c {
                         Ok(credential) => credential.summary.clone(),
                         Err(error) => format!("NOT SERVED: {error}"),
                     }),

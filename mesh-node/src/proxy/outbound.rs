@@ -210,11 +210,7 @@ async fn relay_l4(
                 let mut stream = originate(stream, &service.name, &tls).await?;
                 debug!(%original, host = %service.name, "outbound TLS originated");
                 relay_counted(&mut client, &mut stream, &connection, proxy).await;
-            } else if proxy
-                .capture
-                .as_ref()
-                .is_some_and(|capture| capture.loopback_accelerated())
-            {
+            } else if proxy.loopback_accelerated() {
                 relay_counted(&mut client, &mut stream, &connection, proxy).await;
             } else {
                 relay_plain_counted(&mut client, &mut stream, &connection, proxy).await;

@@ -39,15 +39,12 @@ use super::{
 use crate::{
     access_log::Parties,
     distributed_tracing::SpanKind,
-    gateway::{
-        self,
-        route::{GatewayScope, Selected},
-    },
     identity::Identity,
     inventory::{Labels, ObjectKey, Workload},
     metrics::Reporter,
     plan::{
         endpoints::service_endpoints,
+        gateway::{self, GatewayScope, Selected},
         request::{RequestHead, rewrite_request, select_route},
         tunnel::tunnel_identities,
     },
@@ -115,25 +112,8 @@ impl Outbound {
             .get(&self.service)
             .map_or_else(|| self.service.to_string(), |s| s.hostname());
         let mut record = Record::traced(&self.proxy, SpanKind::Client, &target, &request);
-        // A gateway is where requests from outside arrive: RequestAuthentications and
-        // AuthorizationPolicies that select it apply here, before any routing.
-        if let Some(scope) = &self.gateway {
-            let gateway = state.workload_or_unknown(&self.pod.key);
-            let admitted = inbound::admit(
-                &self.proxy,
-                &state,
-                &gateway,
-                &scope.client,
-                scope.local,
-                &mut request,
-            );
-            if let Err(refused) = admitted {
-                record.facts.policy = Some(refused.policy);
-                if refused.flag != "-" {
-                    record.flags.push(refused.flag);
-                }
-                return self.finish(&state, None, record, refused.response);
-            }
+        if let Err(refused) = self.admit_at_gateway(&state, &mut request) {
+            return self.refused(&state, record, *refused);
         }
         let (rule, matched_prefix) = match self.select(&state, &request) {
             Ok(RouteMatch::Default) => (None, None),
@@ -202,6 +182,42 @@ impl Outbound {
         }
     }
 
+    /// A gateway is where requests from outside arrive: the RequestAuthentications and
+    /// AuthorizationPolicies that select it apply there, before any routing. Nothing to do
+    /// in the node proxy (the destination admits).
+    fn admit_at_gateway(
+        &self,
+        state: &State,
+        request: &mut Request<Incoming>,
+    ) -> Result<(), Box<inbound::Refused>> {
+        let Some(scope) = &self.gateway else {
+            return Ok(());
+        };
+        let gateway = state.workload_or_unknown(&self.pod.key);
+        inbound::admit(
+            &self.proxy,
+            state,
+            &gateway,
+            &scope.client,
+            scope.local,
+            request,
+        )
+    }
+
+    /// The gateway's answer to a request its policies refused, with why.
+    fn refused(
+        &self,
+        state: &Arc<State>,
+        mut record: Record,
+        refused: inbound::Refused,
+    ) -> Response<ProxyBody> {
+        record.facts.policy = Some(refused.policy);
+        record
+            .flags
+            .extend(Some(refused.flag).filter(|f| *f != "-"));
+        self.finish(state, None, record, refused.response)
+    }
+
     /// The route of `request`: the dialed Service's, or at a gateway its servers' (`Err`:
     /// the gateway's own answer, a redirect to HTTPS).
     fn select<'s>(
@@ -216,8 +232,15 @@ impl Outbound {
         };
         let no_labels = Labels::new();
         let labels = source.map_or(&no_labels, |w| &w.labels);
-        match gateway::route::select(state, &scope.servers, self.port, labels, head) {
-            Selected::Redirect(response) => Err(Box::new(response)),
+        match gateway::select(state, &scope.servers, self.port, labels, head) {
+            Selected::Redirect(location) => {
+                let mut response = Response::new(super::empty());
+                *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+                if let Ok(location) = HeaderValue::from_str(&location) {
+                    response.headers_mut().insert(header::LOCATION, location);
+                }
+                Err(Box::new(response))
+            }
             Selected::Route { matched, .. } => Ok(matched),
             Selected::NoRoute => Ok(RouteMatch::NoneMatched),
         }

@@ -1,18 +1,18 @@
-//! Which route a request arriving at the gateway takes: the server of its port that serves
-//! its host, then the VirtualService bound to that server's Gateway for the host.
+//! Which route a request arriving at a gateway (`mesh-node gateway`) takes: the server of
+//! its port that serves its host, then the VirtualService bound to that server's Gateway
+//! for the host.
 use std::{net::SocketAddr, sync::Arc};
 
-use http::{HeaderValue, Response, StatusCode, header};
+use http::header;
 
-use super::{
-    credential::{CredentialError, ServerCredential},
-    resource::{ServerHost, TlsMode},
-};
+use super::{admission::Caller, request::RequestHead};
 use crate::{
     inventory::{Labels, ObjectKey},
-    plan::{admission::Caller, request::RequestHead},
-    proxy::http::{ProxyBody, empty},
-    routing::{GatewayHost, RequestInfo, RouteMatch, host},
+    routing::{
+        GatewayHost, RequestInfo, RouteMatch,
+        gateway::{ServerHost, TlsMode},
+        host,
+    },
     state::State,
 };
 
@@ -36,8 +36,8 @@ pub struct ServerPlan {
     pub port: u16,
     pub hosts: Vec<ServerHost>,
     pub https_redirect: bool,
-    /// For HTTPS: the mode and the certificate, or why it cannot be served.
-    pub tls: Option<(TlsMode, Result<Arc<ServerCredential>, CredentialError>)>,
+    /// How its TLS is terminated; `None` for plain HTTP.
+    pub tls: Option<TlsMode>,
 }
 
 impl ServerPlan {
@@ -64,12 +64,16 @@ impl ServerPlan {
     }
 }
 
-/// The server among `servers` that serves `name` (the most specific host; the first of
-/// equals).
-pub fn server_for<'a>(servers: &'a [Arc<ServerPlan>], name: &str) -> Option<&'a Arc<ServerPlan>> {
-    let mut best: Option<(usize, &Arc<ServerPlan>)> = None;
+/// The server among `servers` (each `plan`'s) that serves `name` (the most specific host;
+/// the first of equals).
+pub fn server_for<'a, T>(
+    servers: &'a [T],
+    plan: impl Fn(&T) -> &ServerPlan,
+    name: &str,
+) -> Option<&'a T> {
+    let mut best: Option<(usize, &T)> = None;
     for server in servers {
-        if let Some(specificity) = server.host_specificity(name)
+        if let Some(specificity) = plan(server).host_specificity(name)
             && best.is_none_or(|(b, _)| specificity > b)
         {
             best = Some((specificity, server));
@@ -80,8 +84,8 @@ pub fn server_for<'a>(servers: &'a [Arc<ServerPlan>], name: &str) -> Option<&'a 
 
 /// Where a request at the gateway goes.
 pub enum Selected<'s> {
-    /// The server asks for HTTPS: the client is sent there (301).
-    Redirect(Response<ProxyBody>),
+    /// The server asks for HTTPS: the client is sent there (301 to this location).
+    Redirect(String),
     /// The VirtualService for its host, and its rule for the request.
     Route {
         host: &'s GatewayHost,
@@ -113,11 +117,11 @@ pub fn select<'s>(
         })
         .unwrap_or_default();
     let name = host::request_host_name(authority);
-    let Some(server) = server_for(servers, &name) else {
+    let Some(server) = server_for(servers, |s| s, &name) else {
         return Selected::NoRoute;
     };
     if server.https_redirect {
-        return Selected::Redirect(https_redirect(authority, request));
+        return Selected::Redirect(https_location(authority, request));
     }
     let Some(host) = state
         .routes
@@ -137,19 +141,14 @@ pub fn select<'s>(
     Selected::Route { host, matched }
 }
 
-/// `301` to the same host (without its port: HTTPS has its own) and path over HTTPS.
-fn https_redirect(authority: &str, request: RequestHead<'_>) -> Response<ProxyBody> {
+/// The same host (without its port: HTTPS has its own) and path, over HTTPS.
+fn https_location(authority: &str, request: RequestHead<'_>) -> String {
     let host_only = match authority.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => authority,
     };
     let path = request.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let mut response = Response::new(empty());
-    *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
-    if let Ok(location) = HeaderValue::from_str(&format!("https://{host_only}{path}")) {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    response
+    format!("https://{host_only}{path}")
 }
 
 #[cfg(test)]
@@ -177,7 +176,8 @@ mod tests {
             server("wild", &["*.example.com"], false),
             server("exact", &["bookinfo/api.example.com"], false),
         ];
-        let gateway = |name: &str| server_for(&servers, name).map(|s| s.gateway.name.clone());
+        let gateway =
+            |name: &str| server_for(&servers, |s| s, name).map(|s| s.gateway.name.clone());
         assert_eq!(gateway("api.example.com").as_deref(), Some("exact"));
         assert_eq!(gateway("www.example.com").as_deref(), Some("wild"));
         assert_eq!(gateway("example.org").as_deref(), Some("any"));
@@ -193,7 +193,7 @@ mod tests {
             .unwrap();
         let servers = vec![server("gw", &["*"], true)];
         let state = State::default();
-        let Selected::Redirect(response) = select(
+        let Selected::Redirect(location) = select(
             &state,
             &servers,
             80,
@@ -202,10 +202,6 @@ mod tests {
         ) else {
             panic!("no redirect");
         };
-        assert_eq!(response.status(), StatusCode::MOVED_PERMANENTLY);
-        assert_eq!(
-            response.headers()[header::LOCATION],
-            "https://api.example.com/status/200?x=1"
-        );
+        assert_eq!(location, "https://api.example.com/status/200?x=1");
     }
 }

@@ -1,5 +1,6 @@
 //! Istio's `Gateway` (networking.istio.io): which gateway pods it configures (`selector`),
-//! and the servers they listen with (port, protocol, hosts, TLS).
+//! and the servers they listen with (port, protocol, hosts, TLS): what VirtualServices bound
+//! to it (`spec.gateways`) route, as `mesh-node gateway` serves them.
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
