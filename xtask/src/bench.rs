@@ -21,6 +21,7 @@
 
 mod agent;
 mod enrollment;
+mod gateway;
 mod http;
 mod oha;
 mod relay;
@@ -99,6 +100,8 @@ pub enum Only {
     Sockmap,
     /// Node 0's agent replaced under load, in place and with overlap.
     Restart,
+    /// HTTPS from outside the mesh through `mesh-node gateway` into a mesh Service.
+    Gateway,
 }
 
 /// With or without the mesh.
@@ -358,6 +361,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             let measured = restart::measure_alone(&interrupt)?;
             print!("{}", restart::render(&measured));
         }
+        if options.only.contains(&Only::Gateway) {
+            let measured = gateway::measure(&interrupt, rounds, seconds)?;
+            print!("{}", gateway::render(&measured));
+        }
         println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
         return Ok(());
     }
@@ -548,6 +555,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     print!("{}", relay::render(&relayed));
     let accelerated = sockmap::measure(&interrupt, rounds, seconds)?;
     print!("{}", sockmap::render(&accelerated));
+    let gateway = gateway::measure(&interrupt, rounds, seconds)?;
+    print!("{}", gateway::render(&gateway));
     println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -678,14 +687,15 @@ impl Bench<'_> {
     ) -> anyhow::Result<HttpSample> {
         let cpu_before = cpu_seconds(&self.agent_pids)?;
         let started = Instant::now();
-        let run =
-            oha::run(cluster, client, url, load.oha(), self.http_seconds).with_context(|| {
+        let run = oha::run(cluster, client, url, load.oha(), self.http_seconds, &[]).with_context(
+            || {
                 format!(
                     "{load} to {url}; agent logs in {} (kept after the bench with \
                      NODEMESH_KEEP=1)",
                     cluster.logs_dir().display()
                 )
-            })?;
+            },
+        )?;
         let wall_seconds = started.elapsed().as_secs_f64();
         let cpu_after = cpu_seconds(&self.agent_pids)?;
         Ok(HttpSample {

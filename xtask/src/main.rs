@@ -63,7 +63,8 @@ enum Task {
         seconds: Option<u32>,
         /// Run only these rows (repeatable): `scale` (the config at the size of a big
         /// cluster), `enrollment` (250 pods enrolled on one node), `relay` (an enrolled pod's
-        /// bulk stream to a pod outside the mesh).
+        /// bulk stream to a pod outside the mesh), `sockmap`, `restart` (an agent replaced
+        /// under load), `gateway` (HTTPS through the ingress gateway into the mesh).
         #[arg(long, value_name = "ROWS")]
         only: Vec<bench::Only>,
     },

@@ -39,8 +39,8 @@ impl HttpRun {
     }
 }
 
-/// Runs oha in `client` against `url` for `seconds`, and fails unless every request was
-/// answered with 200.
+/// Runs oha in `client` against `url` for `seconds` (with `extra` arguments, e.g. TLS
+/// options), and fails unless every request was answered with 200.
 ///
 /// Keep-alive stays on (no `--disable-keepalive`) and latency correction off (no
 /// `--latency-correction`), as PERF.md's shape wants; `-w` lets the requests under way at
@@ -52,9 +52,14 @@ pub fn run(
     url: &str,
     load: Load,
     seconds: u32,
+    extra: &[&str],
 ) -> anyhow::Result<HttpRun> {
     let program = program()?;
-    let args = args(url, load, seconds);
+    let mut args = args(url, load, seconds);
+    args.splice(
+        args.len() - 1..args.len() - 1,
+        extra.iter().map(|a| a.to_string()),
+    );
     let what = format!("oha {} (pod {})", args.join(" "), client.name);
     let mut command = client.command(cluster, &program);
     command.args(&args);
