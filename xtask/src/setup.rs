@@ -12,8 +12,16 @@ use crate::run as run_command;
 
 /// Debian packages the tests and benchmarks run. `prometheus` is the server the
 /// end-to-end test starts itself, inside the test cluster; its package would also start a
-/// system service, which `RUNLEVEL=1` on the install keeps from starting.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "sockperf", "iperf3", "tcpdump", "prometheus"];
+/// system service, which `RUNLEVEL=1` on the install keeps from starting. `curl` is the
+/// client outside the mesh that the gateway tests call it with.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "sockperf",
+    "iperf3",
+    "tcpdump",
+    "prometheus",
+    "curl",
+];
 /// The bpf-linker release known to build against nightly's LLVM here.
 const BPF_LINKER_VERSION: &str = "^0.13";
 /// The HTTP load generator of the bench's L7 rows (crates.io), pinned so its JSON report
