@@ -92,6 +92,8 @@ pub struct GatewayValues {
     pub _enabled: bool,
     pub replicas: i32,
     pub service_type: String,
+    /// `--num-trusted-proxies`: load balancers in front that append to X-Forwarded-For.
+    pub num_trusted_proxies: u32,
     pub resources: ResourceRequirements,
 }
 

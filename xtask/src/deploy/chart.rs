@@ -188,6 +188,17 @@ fn substitutions(values: &Values) -> anyhow::Result<Vec<Substitution>> {
         Substitution {
             file: Some("gateway.yaml"),
             ..any(
+                None,
+                json!(format!(
+                    "--num-trusted-proxies={}",
+                    values.gateway.num_trusted_proxies
+                )),
+                Helm::Scalar("--num-trusted-proxies={{ .Values.gateway.numTrustedProxies }}"),
+            )
+        },
+        Substitution {
+            file: Some("gateway.yaml"),
+            ..any(
                 Some("replicas"),
                 json!(values.gateway.replicas),
                 Helm::Scalar("{{ .Values.gateway.replicas }}"),

@@ -182,6 +182,10 @@ fn gateway_deployment(values: &Values) -> Deployment {
             &values.ca.address,
             "--ca-root-file=/etc/nodemesh/ca-root/root-cert.pem",
             "--ca-token-file=/var/run/secrets/nodemesh/ca-token/token",
+            &format!(
+                "--num-trusted-proxies={}",
+                values.gateway.num_trusted_proxies
+            ),
         ]),
         env: Some(vec![
             field_env("NODE_NAME", "spec.nodeName"),
