@@ -69,6 +69,9 @@ fn applies(
 #[derive(Clone, Debug)]
 pub struct ConnectionAttributes<'a> {
     pub source_ip: std::net::IpAddr,
+    /// The client as the proxy trusts it (`remoteIpBlocks`): the source, except at a gateway
+    /// behind trusted proxies (`--num-trusted-proxies`), where it is the address they saw.
+    pub remote_ip: std::net::IpAddr,
     /// The verified peer identity as Istio writes principals: `<td>/ns/<ns>/sa/<sa>`;
     /// `None` for plaintext.
     pub source_principal: Option<&'a str>,

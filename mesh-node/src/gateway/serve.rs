@@ -24,7 +24,9 @@ use crate::{
     inventory::ObjectKey,
     plan::{
         admission::Caller,
-        gateway::{GatewayScope, ServerPlan, server_for},
+        gateway::{
+            EXTERNAL_ADDRESS as X_ENVOY_EXTERNAL_ADDRESS, GatewayScope, ServerPlan, server_for,
+        },
     },
     proxy::{
         PodContext, ProxyContext,
@@ -38,9 +40,6 @@ use crate::{
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-/// The client's address as the gateway trusts it (Envoy's header, which Istio's
-/// AuthorizationPolicy `remoteIpBlocks` reads).
-const X_ENVOY_EXTERNAL_ADDRESS: HeaderName = HeaderName::from_static("x-envoy-external-address");
 
 /// What the gateway serves, from the Gateways that select its pod.
 #[derive(Debug, Default)]

@@ -53,6 +53,9 @@ pub struct Caller {
     /// host-network processes), which pass the policies as in Istio ambient
     /// (`proxy::node_probes`).
     pub from_node: bool,
+    /// The client behind the proxies a gateway trusts (`--num-trusted-proxies`), when it is
+    /// not `ip`: what `remoteIpBlocks` match.
+    pub remote_ip: Option<IpAddr>,
 }
 
 impl Caller {
@@ -66,6 +69,7 @@ impl Caller {
             identities,
             principal,
             from_node: false,
+            remote_ip: None,
         }
     }
 
@@ -73,6 +77,7 @@ impl Caller {
     pub fn attributes(&self, original: SocketAddr) -> ConnectionAttributes<'_> {
         ConnectionAttributes {
             source_ip: self.ip,
+            remote_ip: self.remote_ip.unwrap_or(self.ip),
             source_principal: self.principal.as_deref(),
             source_namespace: self.identities.as_ref().map(|pair| pair.0.namespace()),
             destination_ip: original.ip(),

@@ -16,6 +16,11 @@ use crate::{
     state::State,
 };
 
+/// The header a gateway puts the client's address in, as it trusts it (Envoy's
+/// `x-envoy-external-address`): `remoteIpBlocks` at the gateway match it.
+pub const EXTERNAL_ADDRESS: http::HeaderName =
+    http::HeaderName::from_static("x-envoy-external-address");
+
 /// What a connection arriving at the gateway is routed and admitted by.
 pub struct GatewayScope {
     /// Every plain HTTP server of the port, or the one server the TLS handshake chose.

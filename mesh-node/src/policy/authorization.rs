@@ -565,6 +565,7 @@ impl Source {
     fn matches(&self, s: &Subject) -> bool {
         let c = s.connection;
         let source_ip = Seen::Value(&c.source_ip);
+        let remote_ip = Seen::Value(&c.remote_ip);
         s.matches(
             &self.principals,
             &self.not_principals,
@@ -579,7 +580,7 @@ impl Source {
             && s.matches(
                 &self.remote_ip_blocks,
                 &self.not_remote_ip_blocks,
-                source_ip,
+                remote_ip,
                 ip_match,
             )
             && s.matches(

@@ -38,6 +38,7 @@ fn policies(peer: &[(&str, &str, &str)], authz: &[(&str, &str, &str)]) -> Polici
 fn from(principal: Option<&'static str>, ip: &str, port: u16) -> ConnectionAttributes<'static> {
     ConnectionAttributes {
         source_ip: ip.parse::<IpAddr>().unwrap(),
+        remote_ip: ip.parse::<IpAddr>().unwrap(),
         source_principal: principal,
         source_namespace: principal.and_then(|p| p.split('/').nth(2)),
         destination_ip: "10.0.0.1".parse().unwrap(),
@@ -756,4 +757,33 @@ fn needs_request_attributes_only_for_policies_that_read_requests() {
         )]),
         "a policy in another namespace"
     );
+}
+
+#[test]
+fn remote_ip_blocks_match_the_trusted_client_and_ip_blocks_the_peer() {
+    let policies = policies(
+        &[],
+        &[(
+            "gateway",
+            "deny-client",
+            "action: DENY
+rules:
+- from:
+  - source:
+      remoteIpBlocks: [203.0.113.0/24]",
+        )],
+    );
+    let gateway = workload("gateway", "gw", &[]);
+    let mut behind_a_load_balancer = from(None, "10.0.0.9", 443);
+    behind_a_load_balancer.remote_ip = "203.0.113.7".parse().unwrap();
+    assert!(matches!(
+        policies.authorize(&gateway, &behind_a_load_balancer),
+        Verdict::Deny { .. }
+    ));
+    // The load balancer's own address is not the client the policy names.
+    let direct = from(None, "10.0.0.9", 443);
+    assert!(matches!(
+        policies.authorize(&gateway, &direct),
+        Verdict::Allow { .. }
+    ));
 }

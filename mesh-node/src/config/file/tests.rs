@@ -470,6 +470,7 @@ fn shop_workload(app: &str) -> crate::inventory::Workload {
 fn caller(principal: Option<&str>) -> crate::policy::ConnectionAttributes<'_> {
     crate::policy::ConnectionAttributes {
         source_ip: "10.0.0.7".parse().unwrap(),
+        remote_ip: "10.0.0.7".parse().unwrap(),
         source_principal: principal,
         source_namespace: principal.and_then(|p| p.split('/').nth(2)),
         destination_ip: "10.0.0.1".parse().unwrap(),

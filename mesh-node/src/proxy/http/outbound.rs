@@ -194,14 +194,15 @@ impl Outbound {
             return Ok(());
         };
         let gateway = state.workload_or_unknown(&self.pod.key);
-        inbound::admit(
-            &self.proxy,
-            state,
-            &gateway,
-            &scope.client,
-            scope.local,
-            request,
-        )
+        // The gateway itself set this header (any copy the client sent was replaced): the
+        // client behind the proxies it trusts.
+        let mut client = scope.client.clone();
+        client.remote_ip = request
+            .headers()
+            .get(gateway::EXTERNAL_ADDRESS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        inbound::admit(&self.proxy, state, &gateway, &client, scope.local, request)
     }
 
     /// The gateway's answer to a request its policies refused, with why.
