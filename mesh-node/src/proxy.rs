@@ -7,7 +7,7 @@ pub mod http;
 mod inbound;
 pub mod node_probes;
 mod originate;
-mod outbound;
+pub mod outbound;
 mod resolve;
 mod socket;
 mod splice;

@@ -60,8 +60,8 @@ pub use http_route::HttpRouteSpec;
 pub use matching::{Pattern, RequestMatch, StringMatch};
 pub use rule::{
     Destination, Fault, FaultAbort, FaultDelay, HeaderOps, HttpAction, HttpRule, Mirror, RetryOn,
-    RetryPolicy, Rewrite, TcpRule, WeightedDestination, pick_at_random, pick_weighted, rewrite_uri,
-    total_weight,
+    RetryPolicy, Rewrite, TcpRule, TlsRule, WeightedDestination, pick_at_random, pick_weighted,
+    rewrite_uri, total_weight,
 };
 use serde::Serialize;
 use traffic_policy::PolicySection;
@@ -199,6 +199,10 @@ pub struct GatewayHost {
     /// Request hosts (`api.example.com`, `*.example.com`, `*`), lower case.
     pub hosts: Vec<String>,
     http: Vec<CompiledRule>,
+    /// For TCP servers and TLS the gateway terminates.
+    tcp: Vec<TcpRule>,
+    /// For TLS the gateway passes through, by SNI.
+    tls: Vec<TlsRule>,
 }
 
 /// The rules that apply to one Service.
@@ -273,6 +277,43 @@ impl Routes {
             }
         }
         best.map(|(_, candidate)| candidate)
+    }
+
+    /// The first `tcp` rule for `port` of the VirtualServices bound to `gateway` that
+    /// `admitted` lets in, with the VirtualService it is in.
+    pub fn gateway_tcp_route(
+        &self,
+        gateway: &ObjectKey,
+        port: u16,
+        admitted: impl Fn(&GatewayHost) -> bool,
+    ) -> Option<(&GatewayHost, &[WeightedDestination])> {
+        self.gateways
+            .get(gateway)?
+            .iter()
+            .filter(|candidate| admitted(candidate))
+            .find_map(|candidate| {
+                let rule = candidate.tcp.iter().find(|r| r.applies_to_port(port))?;
+                Some((candidate, rule.route.as_slice()))
+            })
+    }
+
+    /// The first `tls` rule for `port` and `sni` of the VirtualServices bound to `gateway`
+    /// whose namespace `admitted` lets in, with the VirtualService it is in.
+    pub fn gateway_tls_route(
+        &self,
+        gateway: &ObjectKey,
+        port: u16,
+        sni: &str,
+        admitted: impl Fn(&str) -> bool,
+    ) -> Option<(&GatewayHost, &[WeightedDestination])> {
+        self.gateways
+            .get(gateway)?
+            .iter()
+            .filter(|candidate| admitted(&candidate.namespace))
+            .find_map(|candidate| {
+                let rule = candidate.tls.iter().find(|r| r.applies(port, sni))?;
+                Some((candidate, rule.route.as_slice()))
+            })
     }
 
     /// Whether any VirtualService binds to `gateway`.

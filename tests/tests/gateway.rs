@@ -13,7 +13,7 @@ use std::{
 use mesh_tests::{
     Cluster, Pod, PodProcess, PodSpec, bin_path, bookinfo, http_get_in_netns, metric_value,
     namespace_yaml,
-    scenario::{ENROLLED, metric, skip, wait_until},
+    scenario::{ENROLLED, connect, metric, replies, skip, wait_until},
     service_yaml,
 };
 use rcgen::{
@@ -188,12 +188,13 @@ stringData:
     }
 }
 
-/// `mesh-node gateway` in the gateway pod; killed (by PID) when dropped.
-struct GatewayProcess {
+/// A process the test started in a pod (`mesh-node gateway`, a backend); killed (by PID)
+/// when dropped.
+struct Process {
     child: Child,
 }
 
-impl Drop for GatewayProcess {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -204,7 +205,10 @@ struct Scene {
     cluster: Cluster,
     client: Pod,
     gateway: Pod,
-    _gateway_process: GatewayProcess,
+    /// Serves HTTPS with its own certificate (for PASSTHROUGH); started by the test that
+    /// needs it.
+    nginx: Pod,
+    _gateway_process: Process,
     _servers: Vec<PodProcess>,
 }
 
@@ -220,6 +224,16 @@ impl Scene {
             PodSpec::new("helloworld", 0)
                 .label("app", "helloworld")
                 .service_account("helloworld"),
+        );
+        let nginx = cluster.add_pod(
+            PodSpec::new("my-nginx", 0)
+                .label("app", "my-nginx")
+                .service_account("my-nginx"),
+        );
+        let tcp_echo = cluster.add_pod(
+            PodSpec::new("tcp-echo", 0)
+                .label("app", "tcp-echo")
+                .service_account("tcp-echo"),
         );
         let gateway = cluster.add_pod(
             PodSpec::new("istio-ingressgateway", 1)
@@ -238,26 +252,21 @@ impl Scene {
                 namespace_yaml("istio-system", &[])
             ),
         );
-        cluster.write_config(
-            "services.yaml",
-            &format!(
-                "{}---\n{}",
-                service_yaml(
-                    "httpbin",
-                    "default",
-                    "10.96.0.20",
-                    &[("http", 8000, bookinfo::APP_PORT)],
-                    &[("app", "httpbin")],
-                ),
-                service_yaml(
-                    "helloworld",
-                    "default",
-                    "10.96.0.21",
-                    &[("http", 5000, bookinfo::APP_PORT)],
-                    &[("app", "helloworld")],
-                )
+        // Each Service selects the pods `app: <its name>` in `default`.
+        let service = |name: &str, ip: &str, port: (&str, u16, u16)| {
+            service_yaml(name, "default", ip, &[port], &[("app", name)])
+        };
+        let services = [
+            service("httpbin", "10.96.0.20", ("http", 8000, bookinfo::APP_PORT)),
+            service(
+                "helloworld",
+                "10.96.0.21",
+                ("http", 5000, bookinfo::APP_PORT),
             ),
-        );
+            service("my-nginx", "10.96.0.22", ("https", 443, NGINX_PORT)),
+            service("tcp-echo", "10.96.0.23", ("tcp", 9000, 9000)),
+        ];
+        cluster.write_config("services.yaml", &services.join("---\n"));
         cluster.write_config(
             "secrets.yaml",
             &format!(
@@ -271,6 +280,7 @@ impl Scene {
         let servers = vec![
             bookinfo::serve_http(&cluster, &httpbin),
             bookinfo::serve_http(&cluster, &helloworld),
+            bookinfo::serve_tcp(&cluster, &tcp_echo, 9000, "tcp-echo"),
         ];
         cluster.start_agents();
         let gateway_process = start_gateway(&cluster, &gateway);
@@ -278,6 +288,7 @@ impl Scene {
             cluster,
             client,
             gateway,
+            nginx,
             _gateway_process: gateway_process,
             _servers: servers,
         }
@@ -358,7 +369,7 @@ fn debug_gateways(scene: &Scene) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn start_gateway(cluster: &Cluster, pod: &Pod) -> GatewayProcess {
+fn start_gateway(cluster: &Cluster, pod: &Pod) -> Process {
     let log_path = cluster.logs_dir().join("gateway.log");
     let log = File::create(&log_path).expect("the gateway's log");
     let config_dir = cluster.config_dir();
@@ -388,7 +399,7 @@ fn start_gateway(cluster: &Cluster, pod: &Pod) -> GatewayProcess {
         .stdout(log.try_clone().expect("dup log"))
         .stderr(log);
     let child = command.spawn().expect("starting mesh-node gateway");
-    let process = GatewayProcess { child };
+    let process = Process { child };
     let health: SocketAddr = "127.0.0.1:15021".parse().expect("an address");
     wait_until(CONVERGE, "the gateway to be ready", || {
         let ready = http_get_in_netns(&pod.netns, health, "/healthz/ready")
@@ -713,7 +724,7 @@ spec:
   selector: {istio: ingressgateway}
   servers:
   - port: {number: 7443, name: tls, protocol: TLS}
-    tls: {mode: PASSTHROUGH}
+    tls: {mode: AUTO_PASSTHROUGH}
     hosts: [db.example.com]
 ",
     );
@@ -791,5 +802,291 @@ spec:
             )
             .0,
         200
+    );
+}
+
+/// The port my-nginx serves HTTPS on, with its own certificate.
+const NGINX_PORT: u16 = 8443;
+
+/// Istio's "Ingress Gateway without TLS Termination" (PASSTHROUGH on 443, beside the
+/// terminated servers of [`SECURE_GATEWAYS`]) and "TCP traffic shifting" gateway tasks
+/// (unchanged but for one tcp-echo version), and a TLS server the gateway terminates in
+/// front of the same TCP service.
+const PASSTHROUGH_AND_TCP: &str = r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: mygateway-passthrough
+spec:
+  selector:
+    istio: ingressgateway # use istio default ingress gateway
+  servers:
+  - port:
+      number: 443
+      name: https
+      protocol: HTTPS
+    tls:
+      mode: PASSTHROUGH
+    hosts:
+    - nginx.example.com
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: nginx
+spec:
+  hosts:
+  - nginx.example.com
+  gateways:
+  - mygateway-passthrough
+  tls:
+  - match:
+    - port: 443
+      sniHosts:
+      - nginx.example.com
+    route:
+    - destination:
+        host: my-nginx
+        port:
+          number: 443
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: tcp-echo-gateway
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port:
+      number: 31400
+      name: tcp
+      protocol: TCP
+    hosts:
+    - "*"
+  - port:
+      number: 31443
+      name: tls-db
+      protocol: TLS
+    tls:
+      mode: SIMPLE
+      credentialName: db-credential
+    hosts:
+    - db.example.com
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: tcp-echo
+spec:
+  hosts:
+  - "*"
+  gateways:
+  - tcp-echo-gateway
+  tcp:
+  - match:
+    - port: 31400
+    - port: 31443
+    route:
+    - destination:
+        host: tcp-echo.default.svc.cluster.local
+        port:
+          number: 9000
+"#;
+
+/// An HTTPS server with the certificate and key files it is given, on [`NGINX_PORT`]:
+/// `GET` answers 200 "served by my-nginx".
+const TLS_SERVER_PY: &str = r#"
+import http.server, ssl, sys
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"served by my-nginx\n"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("0.0.0.0", int(sys.argv[3])), Hello)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1], sys.argv[2])
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
+/// Sends "hello" over TLS (trusting the CA file, with the SNI given) and prints the reply
+/// line.
+const TLS_LINE_CLIENT_PY: &str = r#"
+import socket, ssl, sys
+context = ssl.create_default_context(cafile=sys.argv[1])
+with socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=5) as raw:
+    with context.wrap_socket(raw, server_hostname=sys.argv[4]) as tls:
+        tls.sendall(b"hello\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = tls.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        print(reply.decode().strip())
+"#;
+
+#[test]
+fn a_gateway_passes_tls_through_by_sni_and_routes_tcp_into_the_mesh() {
+    if skip() {
+        return;
+    }
+    let ca = TestCa::new();
+    let scene = Scene::new("gateway_passthrough", &ca);
+    let gateway_ca = ca.write_pem(&scene.cluster, "gateway-ca.pem");
+    // my-nginx's own certificate, from a CA the gateway never sees.
+    let backend_ca = TestCa::new();
+    let backend_ca_file = backend_ca.write_pem(&scene.cluster, "backend-ca.pem");
+    let (certificate, key) = backend_ca.issue("nginx.example.com");
+    let work = scene.cluster.work_dir();
+    let (certificate_file, key_file) = (work.join("nginx.pem"), work.join("nginx-key.pem"));
+    std::fs::write(&certificate_file, certificate).expect("nginx certificate");
+    std::fs::write(&key_file, key).expect("nginx key");
+    let nginx = scene
+        .nginx
+        .command(&scene.cluster, "python3")
+        .args(["-c", TLS_SERVER_PY])
+        .arg(&certificate_file)
+        .arg(&key_file)
+        .arg(NGINX_PORT.to_string())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("python3 for the HTTPS backend");
+    let _nginx = Process { child: nginx };
+    scene.cluster.write_config(
+        "passthrough.yaml",
+        &format!(
+            "{}---\n{PASSTHROUGH_AND_TCP}",
+            ca.secret("db-credential", "db.example.com")
+        ),
+    );
+
+    // PASSTHROUGH: the client's TLS reaches my-nginx untouched. curl checks my-nginx's own
+    // certificate, which the gateway has no key for; the terminated servers of the same
+    // port still serve theirs.
+    let nginx_url = "https://nginx.example.com/";
+    let trust_backend = ["--cacert", backend_ca_file.as_str()];
+    wait_until(CONVERGE, "nginx.example.com through the gateway", || {
+        scene
+            .curl(nginx_url, &trust_backend)
+            .status
+            .success()
+            .then_some(())
+    });
+    let output = scene.curl(nginx_url, &trust_backend);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.starts_with("served by my-nginx") && stdout.ends_with("\n200 1"),
+        "{stdout}"
+    );
+    let (status, _, reply) = scene.get(
+        "https://httpbin.example.com/status/200",
+        &["--cacert", &gateway_ca],
+    );
+    assert_eq!(
+        (status, &reply["served_by"]),
+        (200, &"httpbin".into()),
+        "{reply}"
+    );
+    // A name no server of the port serves gets no handshake.
+    assert!(
+        !scene
+            .curl("https://other.example.com/", &["-k"])
+            .status
+            .success()
+    );
+
+    // TCP: the line-echo server answers through the gateway.
+    let gateway_tcp = format!("{}:31400", scene.gateway.ip);
+    let reply = wait_until(CONVERGE, "tcp-echo through the gateway", || {
+        let output = connect(&scene.cluster, &scene.client, &gateway_tcp, 1);
+        output.status.success().then(|| replies(&output).remove(0))
+    });
+    assert_eq!(reply["server"], "tcp-echo", "{reply}");
+    assert_eq!(reply["echo"], "hello", "{reply}");
+    // TLS the gateway terminates with db-credential, routed as TCP.
+    let tls_line = || {
+        scene
+            .client
+            .command(&scene.cluster, "python3")
+            .args(["-c", TLS_LINE_CLIENT_PY, &gateway_ca])
+            .arg(scene.gateway.ip.to_string())
+            .args(["31443", "db.example.com"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("python3 for the TLS client")
+    };
+    let output = tls_line();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let reply: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|_| panic!("{stdout}{}", String::from_utf8_lossy(&output.stderr)));
+    assert_eq!(reply["server"], "tcp-echo", "{reply}");
+
+    // Each reached its backend over HBONE as the gateway's identity, and the gateway counts
+    // itself as the source.
+    for workload in ["my-nginx", "tcp-echo"] {
+        let opened = metric(
+            &scene.cluster,
+            0,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", GATEWAY_PRINCIPAL),
+                ("destination_workload", workload),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        );
+        assert!(
+            opened >= 1.0,
+            "{workload}: no mTLS connection from the gateway"
+        );
+    }
+    let from_gateway = scene.gateway_metric(
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "source"),
+            ("source_workload", "istio-ingressgateway"),
+            ("destination_workload", "tcp-echo"),
+        ],
+    );
+    assert!(from_gateway >= 2.0, "the gateway counted {from_gateway}");
+    let listeners = debug_gateways(&scene);
+    for shown in [
+        "HTTPS (PASSTHROUGH)",
+        "TCP",
+        "TLS (SIMPLE)",
+        "VirtualService default/nginx",
+        "VirtualService default/tcp-echo",
+    ] {
+        assert!(listeners.contains(shown), "{shown}: {listeners}");
+    }
+
+    // The gateway's AuthorizationPolicies apply to connections too: a DENY of port 31400
+    // refuses it and leaves 31443 open.
+    scene.cluster.write_config(
+        "deny-tcp.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-tcp, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  action: DENY
+  rules:
+  - to: [{operation: {ports: ['31400']}}]
+",
+    );
+    wait_until(CONVERGE, "the DENY at the gateway", || {
+        let output = connect(&scene.cluster, &scene.client, &gateway_tcp, 1);
+        (!output.status.success()).then_some(())
+    });
+    let output = tls_line();
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("tcp-echo"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
 }

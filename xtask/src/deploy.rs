@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{ResourceRequirements, ServicePort, Toleration};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -92,6 +92,8 @@ pub struct GatewayValues {
     pub _enabled: bool,
     pub replicas: i32,
     pub service_type: String,
+    /// The Service's ports (each Gateway server port clients reach).
+    pub ports: Vec<ServicePort>,
     /// `--num-trusted-proxies`: load balancers in front that append to X-Forwarded-For.
     pub num_trusted_proxies: u32,
     pub resources: ResourceRequirements,

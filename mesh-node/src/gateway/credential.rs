@@ -36,12 +36,14 @@ pub struct ServerCredential {
 pub type CredentialError = String;
 
 /// Builds the TLS of a server (`tls`, with its `mode`) from its Secret in `namespace` (the
-/// gateway pod's). `previous` is reused when the Secrets did not change.
+/// gateway pod's); a server that carries `http` offers h2 and http/1.1 by ALPN. `previous`
+/// is reused when neither the Secrets nor that changed.
 pub fn load(
     state: &State,
     namespace: &str,
     tls: &ServerTls,
     mode: TlsMode,
+    http: bool,
     previous: Option<&Arc<ServerCredential>>,
 ) -> Result<Arc<ServerCredential>, CredentialError> {
     let name = tls.credential_name.as_deref().unwrap_or_default();
@@ -53,7 +55,8 @@ pub fn load(
         namespace,
         format!("{name}{CA_SECRET_SUFFIX}"),
     ));
-    let digest = secret.digest() ^ ca_secret.map_or(0, |s| s.digest().rotate_left(1));
+    let digest =
+        secret.digest() ^ ca_secret.map_or(0, |s| s.digest().rotate_left(1)) ^ u64::from(http);
     if let Some(previous) = previous.filter(|p| p.digest == digest) {
         return Ok(previous.clone());
     }
@@ -94,6 +97,9 @@ pub fn load(
         .with_protocol_versions(versions)
         .map_err(|e| format!("TLS versions: {e}"))?;
     let builder = match mode {
+        TlsMode::Passthrough => {
+            return Err("a PASSTHROUGH server serves no certificate of its own".into());
+        }
         TlsMode::Simple => builder.with_no_client_auth(),
         TlsMode::Mutual => {
             let ca = secret
@@ -120,7 +126,9 @@ pub fn load(
         }
     };
     let mut config = builder.with_cert_resolver(Arc::new(Single(Arc::new(certified))));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if http {
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
     Ok(Arc::new(ServerCredential {
         config: Arc::new(config),
         summary,

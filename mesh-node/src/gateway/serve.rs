@@ -1,6 +1,8 @@
 //! The gateway's listeners: one per port its Gateways declare, opened and closed as the
-//! Gateways change; TLS terminated with the certificate of the server the client's SNI
-//! names; each request routed by [`Outbound`], as the node proxy routes a pod's.
+//! Gateways change. On a TLS port the ClientHello's SNI picks the server: its TLS is
+//! terminated with that server's certificate, or passed through untouched. HTTP requests are
+//! routed by [`Outbound`], as the node proxy routes a pod's; TCP connections and passed
+//! through TLS by the VirtualServices' `tcp` and `tls` routes, relayed as bytes.
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -9,9 +11,10 @@ use std::{
 };
 
 use ::http::{HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
 use serde::Serialize;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -21,16 +24,19 @@ use tracing::{debug, info, warn};
 
 use super::credential::{self, CredentialError, ServerCredential};
 use crate::{
+    access_log::Started,
     inventory::ObjectKey,
     plan::{
-        admission::Caller,
+        admission::{Admission, Caller, check_policy},
         gateway::{
-            EXTERNAL_ADDRESS as X_ENVOY_EXTERNAL_ADDRESS, GatewayScope, ServerPlan, server_for,
+            EXTERNAL_ADDRESS as X_ENVOY_EXTERNAL_ADDRESS, GatewayScope, L4Route, ServerPlan,
+            select_passthrough, select_tcp, server_for,
         },
     },
     proxy::{
-        PodContext, ProxyContext,
-        http::{self, outbound::Outbound},
+        PodContext, ProxyContext, ProxyError,
+        http::{self, Prefixed, outbound::Outbound},
+        outbound::{log_refused, relay_routed},
     },
     routing::gateway::{ServerProtocol, TlsMode},
     state::State,
@@ -50,11 +56,40 @@ pub struct Plan {
     pub problems: Vec<String>,
 }
 
-/// The servers of one port: all plain HTTP, or all terminating TLS.
+/// The servers of one port, all of one kind.
 #[derive(Debug)]
 pub struct PortPlan {
-    pub tls: bool,
+    pub kind: PortKind,
     pub servers: Vec<Server>,
+}
+
+/// What a port's connections open with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortKind {
+    /// Plain HTTP requests.
+    Http,
+    /// Bytes the gateway cannot read into (plain TCP).
+    Tcp,
+    /// A TLS ClientHello, whose SNI picks the server (HTTPS and TLS servers).
+    Tls,
+}
+
+impl PortKind {
+    fn of(protocol: ServerProtocol) -> Self {
+        match protocol {
+            ServerProtocol::Http => PortKind::Http,
+            ServerProtocol::Tcp => PortKind::Tcp,
+            ServerProtocol::Https | ServerProtocol::Tls => PortKind::Tls,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            PortKind::Http => "plain HTTP",
+            PortKind::Tcp => "TCP",
+            PortKind::Tls => "TLS",
+        }
+    }
 }
 
 /// A server and, for HTTPS, its certificate or why it cannot be served.
@@ -95,17 +130,20 @@ impl Plan {
                     continue;
                 };
                 let port = u16::try_from(server.port.number).unwrap_or_default();
+                let http = protocol == ServerProtocol::Https;
                 let credential = server
                     .tls_mode()
+                    .filter(|mode| mode.terminates())
                     .zip(server.tls.as_ref())
                     .map(|(mode, tls)| {
                         let previous = earlier.get(&(key, index)).copied();
-                        credential::load(state, &gateway.namespace, tls, mode, previous)
+                        credential::load(state, &gateway.namespace, tls, mode, http, previous)
                     });
                 let planned = Arc::new(ServerPlan {
                     gateway: key.clone(),
                     index,
                     port,
+                    protocol,
                     hosts: server.server_hosts(),
                     https_redirect: server.tls.as_ref().is_some_and(|t| t.https_redirect),
                     tls: server.tls_mode(),
@@ -116,17 +154,17 @@ impl Plan {
                         planned.name()
                     ));
                 }
-                let is_tls = protocol == ServerProtocol::Https;
+                let kind = PortKind::of(protocol);
                 let port_plan = plan.ports.entry(port).or_insert_with(|| PortPlan {
-                    tls: is_tls,
+                    kind,
                     servers: Vec::new(),
                 });
-                if port_plan.tls != is_tls {
+                if port_plan.kind != kind {
                     plan.problems.push(format!(
                         "{}: port {port} already serves {} (from {}); this server is not \
                          served",
                         planned.name(),
-                        if port_plan.tls { "HTTPS" } else { "plain HTTP" },
+                        port_plan.kind.describe(),
                         port_plan.servers[0].plan.name()
                     ));
                     continue;
@@ -242,7 +280,7 @@ async fn accept(
     }
 }
 
-/// Serves one client connection on `port`: TLS first where the port's servers terminate it.
+/// Serves one client connection on `port`, as the kind of its port says.
 async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -254,25 +292,57 @@ async fn serve(
         return Ok(());
     };
     let _ = stream.set_nodelay(true);
+    // A dual-stack listener reports IPv4 as IPv4-mapped IPv6: the endpoints and the policies
+    // know the IPv4 address.
     let local = stream.local_addr()?;
-    let scope = |servers: Vec<Arc<ServerPlan>>| GatewayScope {
-        servers,
-        client: Caller::new(peer.ip().to_canonical(), None),
-        local,
+    let connection = Connection {
+        peer,
+        local: SocketAddr::new(local.ip().to_canonical(), local.port()),
+        port,
+        started: Started::now(),
     };
-    if !port_plan.tls {
-        let servers = port_plan.servers.iter().map(|s| s.plan.clone()).collect();
-        return serve_http(stream, peer, port, scope(servers), false, gateway).await;
+    let plans = || port_plan.servers.iter().map(|s| s.plan.clone()).collect();
+    match port_plan.kind {
+        PortKind::Http => serve_http(stream, &connection, plans(), false, gateway).await,
+        PortKind::Tcp => Ok(serve_tcp(stream, &connection, &plans(), &gateway).await?),
+        PortKind::Tls => serve_tls(stream, &connection, port_plan, gateway).await,
     }
-    let start = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream),
-    )
-    .await??;
-    let sni = start
-        .client_hello()
-        .server_name()
-        .map(str::to_ascii_lowercase);
+}
+
+/// One connection the gateway accepted.
+struct Connection {
+    peer: SocketAddr,
+    /// The gateway's address the client connected to.
+    local: SocketAddr,
+    port: u16,
+    started: Started,
+}
+
+impl Connection {
+    /// What the connection is routed and admitted by, when `servers` serve it.
+    fn scope(&self, servers: Vec<Arc<ServerPlan>>) -> GatewayScope {
+        GatewayScope {
+            servers,
+            client: self.client(),
+            local: self.local,
+        }
+    }
+
+    fn client(&self) -> Caller {
+        Caller::new(self.peer.ip().to_canonical(), None)
+    }
+}
+
+/// A connection on a TLS port: the server its SNI names passes it through, or terminates
+/// its TLS and serves what is inside.
+async fn serve_tls(
+    stream: TcpStream,
+    connection: &Connection,
+    port_plan: &PortPlan,
+    gateway: Gateway,
+) -> Result<(), http::BoxError> {
+    let (stream, sni) =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(stream)).await??;
     // Without SNI only a server for every host (`*`) may answer, as Envoy's filter chains.
     let server = match &sni {
         Some(name) => server_for(&port_plan.servers, |s| &s.plan, name),
@@ -282,34 +352,157 @@ async fn serve(
             .find(|s| s.plan.hosts.iter().any(|h| h.host == "*")),
     };
     let Some(server) = server else {
+        let port = connection.port;
         return Err(format!("no server of port {port} serves SNI {sni:?}").into());
     };
+    if server.plan.tls == Some(TlsMode::Passthrough) {
+        let Some(sni) = sni else {
+            return Err(format!(
+                "{}: PASSTHROUGH routes by SNI; none sent",
+                server.plan.name()
+            )
+            .into());
+        };
+        return Ok(relay(stream, connection, &gateway, |state| {
+            select_passthrough(state, &server.plan, connection.port, &sni)
+        })
+        .await?);
+    }
     let Some(Ok(credential)) = &server.credential else {
         // Never a certificate it could not load, nor another server's.
         return Err(format!("{} has no certificate to serve", server.plan.name()).into());
     };
-    let tls = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        start.into_stream(credential.config.clone()),
-    )
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+            .await?
+            .into_stream(credential.config.clone())
+            .await
+    })
     .await??;
-    debug!(%peer, server = %server.plan.name(), "gateway TLS accepted");
-    serve_http(
-        tls,
-        peer,
-        port,
-        scope(vec![server.plan.clone()]),
-        true,
-        gateway,
-    )
+    debug!(peer = %connection.peer, server = %server.plan.name(), "gateway TLS accepted");
+    let servers = vec![server.plan.clone()];
+    if server.plan.protocol == ServerProtocol::Https {
+        serve_http(tls, connection, servers, true, gateway).await
+    } else {
+        Ok(serve_tcp(tls, connection, &servers, &gateway).await?)
+    }
+}
+
+/// Reads from `stream` until a whole TLS ClientHello has arrived: the stream with what was
+/// read put back in front (to be terminated or passed on untouched), and the name it asks
+/// for (SNI), lower case.
+async fn read_client_hello(
+    mut stream: TcpStream,
+) -> Result<(Prefixed<TcpStream>, Option<String>), http::BoxError> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Err("the client closed before its ClientHello".into());
+        }
+        seen.extend_from_slice(&chunk[..read]);
+        let mut unread = &chunk[..read];
+        while !unread.is_empty() {
+            acceptor.read_tls(&mut unread)?;
+        }
+        match acceptor.accept() {
+            Ok(None) => continue,
+            Ok(Some(accepted)) => {
+                let sni = accepted
+                    .client_hello()
+                    .server_name()
+                    .map(str::to_ascii_lowercase);
+                return Ok((Prefixed::new(Bytes::from(seen), stream), sni));
+            }
+            Err((error, _)) => return Err(format!("not a TLS ClientHello: {error}").into()),
+        }
+    }
+}
+
+/// A connection on a TCP port, or inside TLS the gateway terminated for a TLS server:
+/// routed by the `tcp` routes bound to `servers`.
+async fn serve_tcp<S>(
+    io: S,
+    connection: &Connection,
+    servers: &[Arc<ServerPlan>],
+    gateway: &Gateway,
+) -> Result<(), ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    relay(io, connection, gateway, |state| {
+        select_tcp(state, servers, connection.port)
+    })
     .await
+}
+
+/// Admits a connection by the gateway's AuthorizationPolicies and relays it where `route`
+/// sends it; a refusal is logged as the node proxy logs its own.
+async fn relay<S>(
+    io: S,
+    connection: &Connection,
+    gateway: &Gateway,
+    route: impl for<'s> FnOnce(&'s State) -> Option<L4Route<'s>>,
+) -> Result<(), ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let state = gateway.proxy.state.borrow().clone();
+    let routed = admit_connection(&state, gateway, connection).and_then(|()| {
+        let route = route(&state).ok_or(ProxyError::NoRoute)?;
+        debug!(peer = %connection.peer, route = route.origin, "gateway connection routed");
+        route.destination.cloned().ok_or(ProxyError::NoRoute)
+    });
+    let result = match routed {
+        Ok(destination) => {
+            relay_routed(
+                io,
+                connection.local,
+                &destination,
+                &gateway.pod,
+                &gateway.proxy,
+            )
+            .await
+        }
+        Err(error) => Err(error),
+    };
+    if let Err(error) = &result {
+        log_refused(
+            &gateway.proxy,
+            &gateway.pod,
+            Some(connection.local),
+            connection.started,
+            error,
+        );
+    }
+    result
+}
+
+/// The AuthorizationPolicies that select the gateway, for a connection it cannot read
+/// requests from: judged when it opens, so rules that need request attributes fail closed.
+/// (PeerAuthentication is not asked: the gateway's clients are outside the mesh.)
+fn admit_connection(
+    state: &State,
+    gateway: &Gateway,
+    connection: &Connection,
+) -> Result<(), ProxyError> {
+    let workload = state.workload_or_unknown(&gateway.pod.key);
+    let client = connection.client();
+    Ok(check_policy(
+        &state.policies,
+        &workload,
+        &client.attributes(connection.local),
+        true,
+        Admission::Full,
+    )?)
 }
 
 async fn serve_http<S>(
     io: S,
-    peer: SocketAddr,
-    port: u16,
-    scope: GatewayScope,
+    connection: &Connection,
+    servers: Vec<Arc<ServerPlan>>,
     over_tls: bool,
     gateway: Gateway,
 ) -> Result<(), http::BoxError>
@@ -326,12 +519,12 @@ where
         pod: gateway.pod.clone(),
         proxy: gateway.proxy.clone(),
         service: gateway.pod.key.clone(),
-        port,
+        port: connection.port,
         dialed,
         parties: Default::default(),
-        gateway: Some(scope),
+        gateway: Some(connection.scope(servers)),
     });
-    let peer = HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+    let peer = HeaderValue::from_str(&connection.peer.ip().to_canonical().to_string())
         .expect("an IP address is a header value");
     let proto = HeaderValue::from_static(if over_tls { "https" } else { "http" });
     let trusted_proxies = gateway.trusted_proxies;
@@ -424,6 +617,31 @@ mod tests {
     }
 }
 
+/// `HTTPS (MUTUAL)`, `TLS (PASSTHROUGH)`, `HTTP (redirect to HTTPS)`, `TCP`...
+fn describe_server(server: &ServerPlan) -> String {
+    let protocol = match server.protocol {
+        ServerProtocol::Http => "HTTP",
+        ServerProtocol::Https => "HTTPS",
+        ServerProtocol::Tls => "TLS",
+        ServerProtocol::Tcp => "TCP",
+    };
+    match (server.tls, server.https_redirect) {
+        (Some(TlsMode::Simple), _) if server.protocol == ServerProtocol::Https => {
+            protocol.to_string()
+        }
+        (Some(mode), _) => {
+            let mode = match mode {
+                TlsMode::Simple => "SIMPLE",
+                TlsMode::Mutual => "MUTUAL",
+                TlsMode::Passthrough => "PASSTHROUGH",
+            };
+            format!("{protocol} ({mode})")
+        }
+        (None, true) => format!("{protocol} (redirect to HTTPS)"),
+        (None, false) => protocol.to_string(),
+    }
+}
+
 /// The plan as `debug gateways` shows it.
 #[derive(Debug, Serialize)]
 pub struct PlanSummary {
@@ -435,7 +653,7 @@ pub struct PlanSummary {
 pub struct ListenerSummary {
     pub port: u16,
     pub server: String,
-    pub protocol: &'static str,
+    pub protocol: String,
     pub hosts: Vec<String>,
     pub certificate: Option<String>,
     pub routes: Vec<String>,
@@ -459,12 +677,7 @@ impl Plan {
                 listeners.push(ListenerSummary {
                     port: *port,
                     server: server.name(),
-                    protocol: match (server.tls, server.https_redirect) {
-                        (Some(TlsMode::Mutual), _) => "HTTPS (MUTUAL)",
-                        (Some(_), _) => "HTTPS",
-                        (None, true) => "HTTP (redirect to HTTPS)",
-                        (None, false) => "HTTP",
-                    },
+                    protocol: describe_server(server),
                     hosts: server
                         .hosts
                         .iter()

@@ -9,9 +9,9 @@ use super::{admission::Caller, request::RequestHead};
 use crate::{
     inventory::{Labels, ObjectKey},
     routing::{
-        GatewayHost, RequestInfo, RouteMatch,
-        gateway::{ServerHost, TlsMode},
-        host,
+        Destination, GatewayHost, RequestInfo, RouteMatch,
+        gateway::{ServerHost, ServerProtocol, TlsMode},
+        host, pick_at_random,
     },
     state::State,
 };
@@ -39,9 +39,10 @@ pub struct ServerPlan {
     /// Its place in the Gateway's `servers`, for messages.
     pub index: usize,
     pub port: u16,
+    pub protocol: ServerProtocol,
     pub hosts: Vec<ServerHost>,
     pub https_redirect: bool,
-    /// How its TLS is terminated; `None` for plain HTTP.
+    /// What it does with TLS; `None` for plain HTTP and TCP.
     pub tls: Option<TlsMode>,
 }
 
@@ -67,6 +68,73 @@ impl ServerPlan {
                 && h.admits(namespace, &self.gateway.namespace)
         })
     }
+
+    /// Whether `route` may carry its connections: its namespace may bind to one of the
+    /// server's hosts, and one of its hosts and that one cover each other (`*` covers all).
+    fn admits_route(&self, route: &GatewayHost) -> bool {
+        let overlap = |a: &str, b: &str| {
+            host::host_match_specificity(a, b).is_some()
+                || host::host_match_specificity(b, a).is_some()
+        };
+        self.hosts.iter().any(|h| {
+            h.admits(&route.namespace, &self.gateway.namespace)
+                && route.hosts.iter().any(|name| overlap(&h.host, name))
+        })
+    }
+
+    /// Whether it takes connections that open with a TLS ClientHello.
+    pub fn is_tls(&self) -> bool {
+        self.protocol.is_tls()
+    }
+}
+
+/// Where a connection (not HTTP requests) at the gateway goes.
+#[derive(Debug)]
+pub struct L4Route<'s> {
+    /// The VirtualService that routes it, `VirtualService ns/name`.
+    pub origin: &'s str,
+    /// The destination picked by weight; `None` when every weight is 0.
+    pub destination: Option<&'s Destination>,
+}
+
+/// Routes a connection on `port` of a TCP server (or of a TLS server, once the gateway
+/// terminated its TLS): the first `tcp` rule for the port of a VirtualService bound to one
+/// of `servers` (in order) that the server lets in.
+pub fn select_tcp<'s>(
+    state: &'s State,
+    servers: &[Arc<ServerPlan>],
+    port: u16,
+) -> Option<L4Route<'s>> {
+    servers.iter().find_map(|server| {
+        let (host, route) = state
+            .routes
+            .gateway_tcp_route(&server.gateway, port, |r| server.admits_route(r))?;
+        Some(L4Route {
+            origin: &host.origin,
+            destination: pick_at_random(route),
+        })
+    })
+}
+
+/// Routes a connection whose TLS `server` passes through, by the `sni` its ClientHello
+/// asked for: the first `tls` rule for the port and name, of a VirtualService bound to the
+/// server's Gateway whose namespace the server lets bind that name.
+pub fn select_passthrough<'s>(
+    state: &'s State,
+    server: &ServerPlan,
+    port: u16,
+    sni: &str,
+) -> Option<L4Route<'s>> {
+    let (host, route) =
+        state
+            .routes
+            .gateway_tls_route(&server.gateway, port, sni, |namespace| {
+                server.admits(namespace, sni)
+            })?;
+    Some(L4Route {
+        origin: &host.origin,
+        destination: pick_at_random(route),
+    })
 }
 
 /// The server among `servers` (each `plan`'s) that serves `name` (the most specific host;
@@ -165,6 +233,7 @@ mod tests {
             gateway: ObjectKey::new("istio-system", gateway),
             index: 0,
             port: 80,
+            protocol: ServerProtocol::Http,
             hosts: hosts
                 .iter()
                 .map(|h| ServerHost::parse(h).unwrap())

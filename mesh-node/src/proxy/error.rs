@@ -37,6 +37,10 @@ pub enum ProxyError {
     /// `outboundTrafficPolicy` REGISTRY_ONLY, and no Service, pod or ServiceEntry is there.
     #[error("{0} is not in the mesh's registry (outboundTrafficPolicy REGISTRY_ONLY)")]
     NotRegistered(SocketAddr),
+    /// A gateway's TCP or passed through TLS connection that no VirtualService route takes
+    /// (or whose route's weights are all 0).
+    #[error("no route: no tcp or tls route of a VirtualService bound to the gateway takes it")]
+    NoRoute,
     #[error("looking up {host}: {source}")]
     Lookup { host: String, source: io::Error },
     /// TLS origination (a DestinationRule's `tls.mode: SIMPLE`) could not be set up.
@@ -110,6 +114,7 @@ impl ProxyError {
             ProxyError::NoSourceAddress => "no_source_address",
             ProxyError::NotLocal(_) => "not_local",
             ProxyError::NotRegistered(_) => "not_registered",
+            ProxyError::NoRoute => "no_route",
             ProxyError::Lookup { .. } => "dns_lookup",
             ProxyError::Originate(_) => "tls_origination",
             ProxyError::Refused(Refused::OwnListener(_)) => "own_listener",
@@ -126,7 +131,8 @@ impl ProxyError {
             ProxyError::NoOriginalDestination
             | ProxyError::NotLocal(_)
             | ProxyError::Refused(Refused::OwnListener(_))
-            | ProxyError::NotRegistered(_) => "NR",
+            | ProxyError::NotRegistered(_)
+            | ProxyError::NoRoute => "NR",
             ProxyError::NoEndpoint { .. } => "UH",
             ProxyError::Refused(Refused::Denied { .. } | Refused::MtlsRequired) => "RBAC",
             ProxyError::Connect { .. }

@@ -2,11 +2,16 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+use tokio_rustls::client::TlsStream;
 use tracing::debug;
 
 use super::{
     CertificateError, PodContext, ProxyContext, ProxyError, Upstream,
+    hbone::H2Stream,
     http::{self, Prefixed},
     originate::originate,
     relay_counted, relay_plain_counted,
@@ -19,6 +24,7 @@ use crate::{
         protocol::{PortProtocol, port_protocol},
         tunnel::tunnel_identities,
     },
+    routing::Destination,
     state::State,
 };
 
@@ -43,9 +49,9 @@ pub(super) async fn handle(
     result
 }
 
-/// Logs a connection of this pod that the proxy could not serve. An HTTP connection's
-/// failures are its requests' business: each has a line of its own.
-fn log_refused(
+/// Logs a connection of this pod (or gateway) that the proxy could not serve. An HTTP
+/// connection's failures are its requests' business: each has a line of its own.
+pub fn log_refused(
     proxy: &ProxyContext,
     pod: &PodContext,
     original: Option<SocketAddr>,
@@ -151,6 +157,85 @@ async fn relay_l4(
     proxy: &ProxyContext,
     state: &State,
 ) -> Result<(), ProxyError> {
+    let (upstream, connection) =
+        open_upstream(original, upstream, started, pod, proxy, state).await?;
+    match upstream {
+        // Two plain sockets: the kernel moves the bytes (unless the loopback leg is
+        // accelerated, which splice would bypass).
+        UpstreamStream::Plain(mut stream) if !proxy.loopback_accelerated() => {
+            relay_plain_counted(&mut client, &mut stream, &connection, proxy).await;
+        }
+        upstream => upstream.relay(&mut client, &connection, proxy).await,
+    }
+    Ok(())
+}
+
+/// Relays `client`, a connection a gateway accepted at `local` and routed to
+/// `destination`: through an HBONE tunnel as the gateway's identity (`pod`) when the
+/// endpoint is in the mesh.
+pub async fn relay_routed<C>(
+    mut client: C,
+    local: SocketAddr,
+    destination: &Destination,
+    pod: &PodContext,
+    proxy: &ProxyContext,
+) -> Result<(), ProxyError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = Started::now();
+    let state = proxy.state.borrow().clone();
+    let upstream = proxy
+        .resolver
+        .resolve_routed(&state, destination, local.port(), local.ip())?;
+    let (upstream, connection) =
+        open_upstream(local, upstream, started, pod, proxy, &state).await?;
+    upstream.relay(&mut client, &connection, proxy).await;
+    Ok(())
+}
+
+/// The upstream side of a relayed connection, open.
+enum UpstreamStream {
+    /// An HBONE stream to the destination's node proxy.
+    Tunnel(H2Stream),
+    Plain(TcpStream),
+    /// TLS the proxy originated (a DestinationRule's `tls.mode: SIMPLE` for a ServiceEntry).
+    Originated(Box<TlsStream<TcpStream>>),
+}
+
+impl UpstreamStream {
+    /// Copies between `client` and it until both are done, counted in the TCP metrics and
+    /// the access log as `connection`.
+    async fn relay<C>(self, client: &mut C, connection: &ConnectionRecord, proxy: &ProxyContext)
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        match self {
+            UpstreamStream::Tunnel(mut stream) => {
+                relay_counted(client, &mut stream, connection, proxy).await;
+            }
+            UpstreamStream::Plain(mut stream) => {
+                relay_counted(client, &mut stream, connection, proxy).await;
+            }
+            UpstreamStream::Originated(mut stream) => {
+                relay_counted(client, &mut stream, connection, proxy).await;
+            }
+        }
+    }
+}
+
+/// Opens the connection to `upstream` for a connection to `original` (what the app dialed,
+/// or the gateway's own address): an HBONE stream as the pod's identity when both ends are
+/// enrolled and a CA is at hand, else plaintext as without a mesh (with TLS originated where
+/// a DestinationRule asks). Returns it with the record the connection is counted as.
+async fn open_upstream(
+    original: SocketAddr,
+    upstream: Upstream,
+    started: Started,
+    pod: &PodContext,
+    proxy: &ProxyContext,
+    state: &State,
+) -> Result<(UpstreamStream, ConnectionRecord), ProxyError> {
     let upstream = upstream.looked_up().await?;
     let source = state.workloads.get(&pod.key);
     let destination = match &upstream {
@@ -159,8 +244,6 @@ async fn relay_l4(
         Upstream::External { .. } | Upstream::Lookup { .. } | Upstream::Passthrough(_) => None,
     };
     let service = upstream.service().and_then(|key| state.services.get(key));
-    // Enrolled on both ends and a CA at hand: the connection goes through an HBONE tunnel
-    // as the source pod's identity. Anything else leaves in plaintext, as without a mesh.
     let tunnel = match (&proxy.mtls, source, destination) {
         (Some(mtls), Some(source), Some(destination)) => {
             tunnel_identities(Some(&mtls.trust_domain), source, destination)
@@ -181,41 +264,32 @@ async fn relay_l4(
         started,
         upstream: upstream.addr(),
     };
-    match tunnel {
-        Some((mtls, source_id, destination_id)) => {
-            let mut stream = mtls
-                .open_stream(
-                    pod,
-                    &proxy.home,
-                    &source_id,
-                    &destination_id,
-                    upstream.addr(),
-                )
-                .await?;
-            let connection = connection(Some((&source_id, &destination_id)));
-            debug!(%original, upstream = %upstream.addr(), "outbound HBONE stream open");
-            relay_counted(&mut client, &mut stream, &connection, proxy).await;
-        }
-        None => {
-            let connection = connection(None);
-            let mut stream =
-                connect_from_pod(pod, &proxy.home, upstream.addr(), Dial::Outbound).await?;
-            debug!(%original, upstream = %upstream.addr(), "outbound connected");
-            if let Upstream::External { service, .. } = &upstream
-                && let Some(tls) = state
-                    .routes
-                    .external_traffic_policy(&service.name, original.port())
-                    .tls_origination
-            {
-                let mut stream = originate(stream, &service.name, &tls).await?;
-                debug!(%original, host = %service.name, "outbound TLS originated");
-                relay_counted(&mut client, &mut stream, &connection, proxy).await;
-            } else if proxy.loopback_accelerated() {
-                relay_counted(&mut client, &mut stream, &connection, proxy).await;
-            } else {
-                relay_plain_counted(&mut client, &mut stream, &connection, proxy).await;
-            }
-        }
+    if let Some((mtls, source_id, destination_id)) = tunnel {
+        let stream = mtls
+            .open_stream(
+                pod,
+                &proxy.home,
+                &source_id,
+                &destination_id,
+                upstream.addr(),
+            )
+            .await?;
+        debug!(%original, upstream = %upstream.addr(), "outbound HBONE stream open");
+        let connection = connection(Some((&source_id, &destination_id)));
+        return Ok((UpstreamStream::Tunnel(stream), connection));
     }
-    Ok(())
+    let connection = connection(None);
+    let stream = connect_from_pod(pod, &proxy.home, upstream.addr(), Dial::Outbound).await?;
+    debug!(%original, upstream = %upstream.addr(), "outbound connected");
+    if let Upstream::External { service, .. } = &upstream
+        && let Some(tls) = state
+            .routes
+            .external_traffic_policy(&service.name, original.port())
+            .tls_origination
+    {
+        let stream = originate(stream, &service.name, &tls).await?;
+        debug!(%original, host = %service.name, "outbound TLS originated");
+        return Ok((UpstreamStream::Originated(Box::new(stream)), connection));
+    }
+    Ok((UpstreamStream::Plain(stream), connection))
 }

@@ -12,7 +12,7 @@ use crate::{
     egress::OutboundTrafficPolicy,
     inventory::{ObjectKey, Resolution, Service},
     plan::endpoints::{TcpTarget, service_endpoints, tcp_target},
-    routing::pick_at_random,
+    routing::{Destination, pick_at_random},
     state::State,
 };
 
@@ -156,28 +156,8 @@ impl Resolver {
                 .routes
                 .tcp_route(&service.key, dst.port())
                 .and_then(pick_at_random);
-            let TcpTarget {
-                service,
-                port,
-                subset,
-            } = tcp_target(state, service, dst.port(), routed);
-            let subset = subset.map(|(_, labels)| labels);
-            let no_endpoint = || ProxyError::NoEndpoint {
-                service: service.key.to_string(),
-                port,
-            };
-            let candidates = service_endpoints(state, service, port, dst.ip(), subset)
-                .ok_or_else(no_endpoint)?;
-            if candidates.is_empty() {
-                return Err(no_endpoint());
-            }
-            let index = self.next_index(&service.key, port, candidates.len());
-            let (endpoint, addr) = candidates[index];
-            return Ok(Upstream::Service {
-                service: service.key.clone(),
-                endpoint: endpoint.clone(),
-                addr,
-            });
+            let target = tcp_target(state, service, dst.port(), routed);
+            return self.endpoint(state, target, dst.ip());
         }
         if let Some(workload) = state.workload_by_ip(dst.ip()) {
             return Ok(Upstream::Workload {
@@ -189,6 +169,58 @@ impl Resolver {
             OutboundTrafficPolicy::AllowAny => Ok(Upstream::Passthrough(dst)),
             OutboundTrafficPolicy::RegistryOnly => Err(ProxyError::NotRegistered(dst)),
         }
+    }
+
+    /// Where a connection a gateway routed to `destination` goes (`port` when the route
+    /// names none), in the family of `family`.
+    pub fn resolve_routed(
+        &self,
+        state: &State,
+        destination: &Destination,
+        port: u16,
+        family: IpAddr,
+    ) -> Result<Upstream, ProxyError> {
+        let service = state
+            .services
+            .get(&destination.service)
+            .filter(|s| s.external.is_none())
+            .ok_or_else(|| ProxyError::NoEndpoint {
+                service: destination.service.to_string(),
+                port: destination.port.unwrap_or(port),
+            })?;
+        let target = tcp_target(state, service, port, Some(destination));
+        self.endpoint(state, target, family)
+    }
+
+    /// A ready endpoint of `target` in the family of `family`, in turn.
+    fn endpoint(
+        &self,
+        state: &State,
+        target: TcpTarget<'_>,
+        family: IpAddr,
+    ) -> Result<Upstream, ProxyError> {
+        let TcpTarget {
+            service,
+            port,
+            subset,
+        } = target;
+        let subset = subset.map(|(_, labels)| labels);
+        let no_endpoint = || ProxyError::NoEndpoint {
+            service: service.key.to_string(),
+            port,
+        };
+        let candidates =
+            service_endpoints(state, service, port, family, subset).ok_or_else(no_endpoint)?;
+        if candidates.is_empty() {
+            return Err(no_endpoint());
+        }
+        let index = self.next_index(&service.key, port, candidates.len());
+        let (endpoint, addr) = candidates[index];
+        Ok(Upstream::Service {
+            service: service.key.clone(),
+            endpoint: endpoint.clone(),
+            addr,
+        })
     }
 
     /// Where a connection to `dst` that a ServiceEntry host without addresses claimed (by

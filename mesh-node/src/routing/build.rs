@@ -111,6 +111,8 @@ impl Routes {
                             namespace: id.namespace.clone(),
                             hosts: vs.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
                             http: compiled.http,
+                            tcp: compiled.tcp,
+                            tls: compiled.tls,
                         });
                 }
             }

@@ -93,18 +93,40 @@ pub struct ServerTls {
 pub enum ServerProtocol {
     /// HTTP/1.1 or HTTP/2 in the clear (`HTTP`, `HTTP2`, `GRPC`).
     Http,
-    /// HTTP over TLS the gateway terminates.
+    /// HTTP over TLS: terminated by the gateway (routed by `http`), or passed through
+    /// (routed by `tls`, by SNI).
     Https,
+    /// TLS around any protocol: terminated (routed by `tcp`) or passed through (by `tls`).
+    Tls,
+    /// Bytes in the clear (`TCP`, and `MONGO`, `MYSQL`, `REDIS`, which Istio also relays
+    /// as TCP), routed by `tcp`.
+    Tcp,
 }
 
-/// How a server's TLS is terminated.
+impl ServerProtocol {
+    /// Whether its connections open with a TLS ClientHello.
+    pub fn is_tls(self) -> bool {
+        matches!(self, ServerProtocol::Https | ServerProtocol::Tls)
+    }
+}
+
+/// What a server does with TLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TlsMode {
-    /// The gateway's certificate only.
+    /// Terminated with the gateway's certificate only.
     Simple,
-    /// The client must present a certificate that chains to the credential's CA.
+    /// Terminated; the client must present a certificate that chains to the credential's CA.
     Mutual,
+    /// Not terminated: routed by the ClientHello's SNI to a backend that terminates it.
+    Passthrough,
+}
+
+impl TlsMode {
+    /// Whether the gateway terminates the TLS (with a certificate from `credentialName`).
+    pub fn terminates(self) -> bool {
+        !matches!(self, TlsMode::Passthrough)
+    }
 }
 
 /// Why a Gateway cannot be used; `field` is the path inside `spec`.
@@ -173,10 +195,13 @@ impl Server {
             .protocol()
             .map_err(|reason| invalid("port.protocol", reason))?;
         match (protocol, &self.tls) {
-            (ServerProtocol::Https, None) => {
+            (ServerProtocol::Https | ServerProtocol::Tls, None) => {
                 return Err(invalid(
                     "tls",
-                    "an HTTPS server needs tls (mode and credentialName)".into(),
+                    format!(
+                        "protocol {} needs tls (mode, and credentialName unless PASSTHROUGH)",
+                        self.port.protocol.to_ascii_uppercase()
+                    ),
                 ));
             }
             (ServerProtocol::Http, Some(tls)) if !tls.https_redirect || tls.mode.is_some() => {
@@ -185,12 +210,16 @@ impl Server {
                     "on an HTTP server only httpsRedirect may be set".into(),
                 ));
             }
+            (ServerProtocol::Tcp, Some(_)) => {
+                return Err(invalid(
+                    "tls",
+                    "a TCP server carries no TLS the gateway sees (protocol TLS does)".into(),
+                ));
+            }
+            (ServerProtocol::Https | ServerProtocol::Tls, Some(tls)) => {
+                tls.validate(&format!("{field}.tls"))?;
+            }
             _ => {}
-        }
-        if protocol == ServerProtocol::Https
-            && let Some(tls) = &self.tls
-        {
-            tls.validate(&format!("{field}.tls"))?;
         }
         Ok(())
     }
@@ -200,11 +229,9 @@ impl Server {
         match self.port.protocol.to_ascii_uppercase().as_str() {
             "HTTP" | "HTTP2" | "GRPC" => Ok(ServerProtocol::Http),
             "HTTPS" => Ok(ServerProtocol::Https),
-            "TLS" | "TCP" | "MONGO" | "REDIS" | "MYSQL" => Err(format!(
-                "protocol {:?} is not supported yet (HTTP, HTTP2, GRPC and HTTPS are)",
-                self.port.protocol
-            )),
-            "" => Err("a protocol is required (HTTP, HTTP2, GRPC or HTTPS)".into()),
+            "TLS" => Ok(ServerProtocol::Tls),
+            "TCP" | "MONGO" | "REDIS" | "MYSQL" => Ok(ServerProtocol::Tcp),
+            "" => Err("a protocol is required (HTTP, HTTP2, GRPC, HTTPS, TLS or TCP)".into()),
             other => Err(format!("{other:?} is not a protocol")),
         }
     }
@@ -215,6 +242,7 @@ impl Server {
         match tls.mode.as_deref() {
             Some("SIMPLE") => Some(TlsMode::Simple),
             Some("MUTUAL") => Some(TlsMode::Mutual),
+            Some("PASSTHROUGH") => Some(TlsMode::Passthrough),
             _ => None,
         }
     }
@@ -234,13 +262,14 @@ impl ServerTls {
             field: format!("{field}.{what}"),
             what: description.to_string(),
         };
-        match self.mode.as_deref() {
-            Some("SIMPLE" | "MUTUAL") => {}
-            Some("PASSTHROUGH" | "AUTO_PASSTHROUGH" | "ISTIO_MUTUAL" | "OPTIONAL_MUTUAL") => {
+        let terminates = match self.mode.as_deref() {
+            Some("SIMPLE" | "MUTUAL") => true,
+            Some("PASSTHROUGH") => false,
+            Some("AUTO_PASSTHROUGH" | "ISTIO_MUTUAL" | "OPTIONAL_MUTUAL") => {
                 return Err(unsupported(
                     "mode",
                     &format!(
-                        "{:?} (SIMPLE and MUTUAL are)",
+                        "{:?} (SIMPLE, MUTUAL and PASSTHROUGH are)",
                         self.mode.as_deref().unwrap_or("")
                     ),
                 ));
@@ -254,9 +283,21 @@ impl ServerTls {
             None => {
                 return Err(GatewayError::Invalid {
                     field: format!("{field}.mode"),
-                    reason: "a TLS mode is required (SIMPLE or MUTUAL)".into(),
+                    reason: "a TLS mode is required (SIMPLE, MUTUAL or PASSTHROUGH)".into(),
                 });
             }
+        };
+        if !terminates {
+            // Nothing of the handshake is the gateway's: a setting for it would be ignored.
+            return match self.credential_name {
+                Some(_) => Err(GatewayError::Invalid {
+                    field: format!("{field}.credentialName"),
+                    reason: "PASSTHROUGH does not terminate TLS: the backend's own \
+                             certificate is served"
+                        .into(),
+                }),
+                None => Ok(()),
+            };
         }
         if self.credential_name.as_deref().is_none_or(str::is_empty) {
             return Err(GatewayError::Invalid {
@@ -367,19 +408,7 @@ impl ServerHost {
             Some(_) => return Err(format!("{value:?}: the namespace before '/' is empty")),
             None => (None, value),
         };
-        let valid = host == "*"
-            || (!host.is_empty()
-                && host
-                    .strip_prefix("*.")
-                    .unwrap_or(host)
-                    .split('.')
-                    .all(|label| {
-                        !label.is_empty()
-                            && label
-                                .bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    }));
-        if !valid {
+        if !super::host::is_host_pattern(host) {
             return Err(format!(
                 "{value:?} is not a host (a DNS name, *.suffix or *, optionally after \
                  \"namespace/\")"
@@ -424,9 +453,20 @@ servers:
 - port: {number: 8443, name: https-mutual, protocol: HTTPS}
   hosts: ['*.example.com']
   tls: {mode: MUTUAL, credentialName: mutual-credential}
+- port: {number: 9443, name: https-passthrough, protocol: HTTPS}
+  hosts: [nginx.example.com]
+  tls: {mode: PASSTHROUGH}
+- port: {number: 31400, name: tcp, protocol: TCP}
+  hosts: ['*']
+- port: {number: 31443, name: tls-terminated, protocol: TLS}
+  hosts: [db.example.com]
+  tls: {mode: SIMPLE, credentialName: db-credential}
 ",
         );
         assert_eq!(spec.validate(), Ok(()));
+        assert_eq!(spec.servers[3].tls_mode(), Some(TlsMode::Passthrough));
+        assert_eq!(spec.servers[4].protocol(), Ok(ServerProtocol::Tcp));
+        assert_eq!(spec.servers[5].protocol(), Ok(ServerProtocol::Tls));
         let mut labels = crate::inventory::Labels::new();
         labels.insert("istio".to_string(), "ingressgateway".to_string());
         assert!(spec.selects(&labels));
@@ -450,15 +490,27 @@ servers:
             ),
             (
                 "servers: [{port: {number: 443, protocol: HTTPS}, hosts: ['*']}]",
-                "servers[0].tls: an HTTPS server needs tls",
+                "servers[0].tls: protocol HTTPS needs tls",
             ),
             (
                 "servers: [{port: {number: 443, protocol: HTTPS}, hosts: ['*'], tls: {mode: SIMPLE}}]",
                 "servers[0].tls.credentialName: the Secret holding the certificate is required",
             ),
             (
-                "servers: [{port: {number: 443, protocol: TLS}, hosts: ['*'], tls: {mode: PASSTHROUGH}}]",
-                "servers[0].port.protocol: protocol \"TLS\" is not supported yet",
+                "servers: [{port: {number: 443, protocol: TLS}, hosts: ['*'], tls: {mode: AUTO_PASSTHROUGH}}]",
+                "servers[0].tls.mode: \"AUTO_PASSTHROUGH\" (SIMPLE, MUTUAL and PASSTHROUGH are) is not supported",
+            ),
+            (
+                "servers: [{port: {number: 443, protocol: TLS}, hosts: ['*'], tls: {mode: PASSTHROUGH, credentialName: c}}]",
+                "servers[0].tls.credentialName: PASSTHROUGH does not terminate TLS",
+            ),
+            (
+                "servers: [{port: {number: 31400, protocol: TCP}, hosts: ['*'], tls: {mode: SIMPLE, credentialName: c}}]",
+                "servers[0].tls: a TCP server carries no TLS",
+            ),
+            (
+                "servers: [{port: {number: 31400, protocol: UDP}, hosts: ['*']}]",
+                "servers[0].port.protocol: \"UDP\" is not a protocol",
             ),
             (
                 "servers: [{port: {number: 443, protocol: HTTPS}, hosts: ['*'], tls: {mode: SIMPLE, credentialName: c, minProtocolVersion: TLSV1_0}}]",

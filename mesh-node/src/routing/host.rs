@@ -52,6 +52,22 @@ pub fn host_match_specificity(pattern: &str, name: &str) -> Option<usize> {
     }
 }
 
+/// Whether `host` is a name a gateway can serve or route: a DNS name, `*.suffix` or `*`.
+pub fn is_host_pattern(host: &str) -> bool {
+    host == "*"
+        || (!host.is_empty()
+            && host
+                .strip_prefix("*.")
+                .unwrap_or(host)
+                .split('.')
+                .all(|label| {
+                    !label.is_empty()
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                }))
+}
+
 /// An RFC 1123 label, which Service and namespace names are.
 fn is_dns_label(label: &str) -> bool {
     !label.is_empty()

@@ -112,6 +112,27 @@ impl TcpRule {
     }
 }
 
+/// A `tls` route of a VirtualService bound to a gateway: a connection whose TLS the gateway
+/// passes through (PASSTHROUGH) is routed by the name its ClientHello asks for (SNI).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TlsRule {
+    /// Gateway ports this rule is for; empty means any.
+    pub ports: Vec<u16>,
+    /// `sniHosts`, lower case: exact names or `*.suffix`.
+    pub sni_hosts: Vec<String>,
+    pub route: Vec<WeightedDestination>,
+}
+
+impl TlsRule {
+    pub fn applies(&self, port: u16, sni: &str) -> bool {
+        (self.ports.is_empty() || self.ports.contains(&port))
+            && self
+                .sni_hosts
+                .iter()
+                .any(|pattern| super::host::host_match_specificity(pattern, sni).is_some())
+    }
+}
+
 // === retries ===
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

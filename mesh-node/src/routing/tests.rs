@@ -950,6 +950,113 @@ spec:
 }
 
 #[test]
+fn gateway_tls_and_tcp_routes_match_sni_and_port_and_stay_out_of_the_mesh() {
+    // Istio's "Ingress Gateway without TLS Termination" and TCP routing at a gateway.
+    let routes = routes_without_rejections(
+        "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: nginx, namespace: shop}
+spec:
+  hosts: [nginx.example.com]
+  gateways: [mygateway]
+  tls:
+  - match:
+    - port: 443
+      sniHosts: [nginx.example.com, '*.nginx.example.com']
+    route:
+    - destination: {host: my-nginx, port: {number: 443}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tcp-echo, namespace: shop}
+spec:
+  hosts: ['*']
+  gateways: [mygateway, mesh]
+  tcp:
+  - match: [{port: 31400}]
+    route:
+    - destination: {host: tcp-echo, port: {number: 9000}}
+  tls:
+  - match: [{sniHosts: [db.example.com], gateways: [mesh]}]
+    route: [{destination: {host: db}}]
+",
+    );
+    let gateway = shop("mygateway");
+    let every = |_: &str| true;
+    let (vs, route) = routes
+        .gateway_tls_route(&gateway, 443, "www.nginx.example.com", every)
+        .expect("the SNI route");
+    assert_eq!(vs.origin, "VirtualService shop/nginx");
+    assert_eq!(route[0].destination.service, shop("my-nginx"));
+    assert_eq!(route[0].destination.port, Some(443));
+    assert!(
+        routes
+            .gateway_tls_route(&gateway, 8443, "nginx.example.com", every)
+            .is_none()
+    );
+    assert!(
+        routes
+            .gateway_tls_route(&gateway, 443, "other.example.com", every)
+            .is_none()
+    );
+    assert!(
+        routes
+            .gateway_tls_route(&gateway, 443, "nginx.example.com", |ns| ns != "shop")
+            .is_none()
+    );
+    // A tls match bound to the mesh only is not the gateway's.
+    assert!(
+        routes
+            .gateway_tls_route(&gateway, 443, "db.example.com", every)
+            .is_none()
+    );
+    let (vs, route) = routes
+        .gateway_tcp_route(&gateway, 31400, |_| true)
+        .expect("the TCP route");
+    assert_eq!(vs.origin, "VirtualService shop/tcp-echo");
+    assert_eq!(route[0].destination.port, Some(9000));
+    assert!(
+        routes
+            .gateway_tcp_route(&gateway, 31401, |_| true)
+            .is_none()
+    );
+    assert!(
+        routes
+            .gateway_tcp_route(&shop("other-gateway"), 31400, |_| true)
+            .is_none()
+    );
+
+    assert_rejected(
+        "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad-sni, namespace: shop}
+spec:
+  hosts: [nginx.example.com]
+  gateways: [mygateway]
+  tls:
+  - match: [{port: 443, sniHosts: ['nginx example']}]
+    route: [{destination: {host: my-nginx}}]
+",
+        &["spec.tls[0].match[0].sniHosts[0]", "is not a host name"],
+    );
+    assert_rejected(
+        "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: no-match, namespace: shop}
+spec:
+  hosts: [nginx.example.com]
+  gateways: [mygateway]
+  tls:
+  - route: [{destination: {host: my-nginx}}]
+",
+        &["spec.tls[0].match", "needs a match with sniHosts"],
+    );
+}
+
+#[test]
 fn of_two_virtual_services_for_one_host_the_first_by_name_applies() {
     let vs = |name: &str, target: &str| {
         format!(

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::{
     CompiledRule, Destination, Fault, FaultAbort, FaultDelay, HeaderOps, HttpAction, HttpRule,
     Mirror, RequestMatch, RetryOn, RetryPolicy, Rewrite, RoutingError, StringMatch, TcpRule,
-    WeightedDestination, fields, host::resolve_host, matching::Pattern,
+    TlsRule, WeightedDestination, fields, host::resolve_host, matching::Pattern,
 };
 use crate::inventory::ObjectKey;
 
@@ -21,6 +21,9 @@ pub struct VirtualServiceSpec {
     pub hosts: Vec<String>,
     pub gateways: Vec<String>,
     pub http: Vec<HttpRoute>,
+    /// Routes by SNI for TLS a gateway passes through; the mesh's node proxies do not
+    /// route by SNI and leave them out.
+    pub tls: Vec<TlsRoute>,
     pub tcp: Vec<TcpRoute>,
 }
 
@@ -209,6 +212,24 @@ pub struct L4MatchAttributes {
     pub source_namespace: Option<String>,
 }
 
+/// One entry of `tls`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct TlsRoute {
+    #[serde(rename = "match")]
+    pub matches: Vec<TlsMatchAttributes>,
+    pub route: Vec<RouteDestination>,
+}
+
+/// A `tcp` match's attributes, plus the names the ClientHello may ask for.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TlsMatchAttributes {
+    pub sni_hosts: Vec<String>,
+    #[serde(flatten)]
+    pub l4: L4MatchAttributes,
+}
+
 /// A VirtualService as the mesh applies it.
 #[derive(Debug)]
 pub(super) struct CompiledVirtualService {
@@ -216,6 +237,8 @@ pub(super) struct CompiledVirtualService {
     pub(super) hosts: Vec<ObjectKey>,
     pub(super) http: Vec<CompiledRule>,
     pub(super) tcp: Vec<TcpRule>,
+    /// Only for a gateway binding: the mesh does not route by SNI.
+    pub(super) tls: Vec<TlsRule>,
 }
 
 /// Which proxy a VirtualService is compiled for: the mesh's node proxies, or one gateway
@@ -324,6 +347,11 @@ impl VirtualServiceSpec {
                 all.push((format!("tcp[{i}].route[{j}]"), &route.destination));
             }
         }
+        for (i, tls) in self.tls.iter().enumerate() {
+            for (j, route) in tls.route.iter().enumerate() {
+                all.push((format!("tls[{i}].route[{j}]"), &route.destination));
+            }
+        }
         all
     }
 
@@ -377,7 +405,20 @@ impl VirtualServiceSpec {
                 tcp.push(rule);
             }
         }
-        Ok(Some(CompiledVirtualService { hosts, http, tcp }))
+        let mut tls = Vec::new();
+        if let Binding::Gateway(_) = binding {
+            for (i, route) in self.tls.iter().enumerate() {
+                if let Some(rule) = route.compile(&format!("tls[{i}]"), namespace, binding)? {
+                    tls.push(rule);
+                }
+            }
+        }
+        Ok(Some(CompiledVirtualService {
+            hosts,
+            http,
+            tcp,
+            tls,
+        }))
     }
 }
 
@@ -778,6 +819,52 @@ impl HeaderOperations {
     }
 }
 
+impl TlsRoute {
+    /// `None` when every match is bound elsewhere than `binding`.
+    fn compile(
+        &self,
+        field: &str,
+        namespace: &str,
+        binding: Binding<'_>,
+    ) -> Result<Option<TlsRule>, RoutingError> {
+        if self.matches.is_empty() {
+            return Err(RoutingError::Invalid {
+                field: format!("{field}.match"),
+                reason: "a tls route needs a match with sniHosts".into(),
+            });
+        }
+        let mut ports = MatchedPorts::default();
+        let mut sni_hosts = Vec::new();
+        for (i, m) in self.matches.iter().enumerate() {
+            let at = format!("{field}.match[{i}]");
+            if m.sni_hosts.is_empty() {
+                return Err(RoutingError::Invalid {
+                    field: format!("{at}.sniHosts"),
+                    reason: "at least one SNI host is required".into(),
+                });
+            }
+            for (j, host) in m.sni_hosts.iter().enumerate() {
+                if !super::host::is_host_pattern(host) {
+                    return Err(RoutingError::Invalid {
+                        field: format!("{at}.sniHosts[{j}]"),
+                        reason: format!("{host:?} is not a host name (a DNS name or *.suffix)"),
+                    });
+                }
+            }
+            if let Some(port) = m.l4.compile(&at, namespace, binding, "TLS")? {
+                ports.add(port);
+                sni_hosts.extend(m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()));
+            }
+        }
+        let route = l4_destinations(field, &self.route, namespace)?;
+        Ok((!sni_hosts.is_empty()).then(|| TlsRule {
+            ports: ports.finish(),
+            sni_hosts,
+            route,
+        }))
+    }
+}
+
 impl TcpRoute {
     /// `None` when every match is bound elsewhere than `binding`.
     fn compile(
@@ -786,42 +873,93 @@ impl TcpRoute {
         namespace: &str,
         binding: Binding<'_>,
     ) -> Result<Option<TcpRule>, RoutingError> {
-        let mut ports = Vec::new();
-        let mut any_port = self.matches.is_empty();
-        let mut for_the_mesh = self.matches.is_empty();
+        let mut ports = MatchedPorts::default();
+        if self.matches.is_empty() {
+            ports.add(None);
+        }
         for (i, m) in self.matches.iter().enumerate() {
-            let at = format!("{field}.match[{i}]");
-            let unsupported = |name: &str| RoutingError::Unsupported {
-                field: format!("{at}.{name}"),
-                what: format!("{name} in a TCP match"),
-            };
-            if !m.destination_subnets.is_empty() {
-                return Err(unsupported("destinationSubnets"));
-            }
-            if !m.source_labels.is_empty() {
-                return Err(unsupported("sourceLabels"));
-            }
-            if m.source_namespace.is_some() {
-                return Err(unsupported("sourceNamespace"));
-            }
-            if !binding.admits_match(&m.gateways, namespace) {
-                continue;
-            }
-            for_the_mesh = true;
-            match m.port {
-                Some(port) => ports.push(fields::port(&format!("{at}.port"), port)?),
-                None => any_port = true,
+            if let Some(port) =
+                m.compile(&format!("{field}.match[{i}]"), namespace, binding, "TCP")?
+            {
+                ports.add(port);
             }
         }
-        if self.route.is_empty() {
-            return Err(RoutingError::NoAction {
-                field: field.to_string(),
-            });
-        }
-        let route = weighted(&format!("{field}.route"), &self.route, namespace)?;
-        Ok(for_the_mesh.then(|| TcpRule {
-            ports: if any_port { Vec::new() } else { ports },
+        let route = l4_destinations(field, &self.route, namespace)?;
+        Ok(ports.matched.then(|| TcpRule {
+            ports: ports.finish(),
             route,
         }))
     }
+}
+
+impl L4MatchAttributes {
+    /// The port this match is for (`Some(None)`: any), or `None` when it is bound elsewhere
+    /// than `binding`. `protocol` names the kind of match in messages.
+    fn compile(
+        &self,
+        at: &str,
+        namespace: &str,
+        binding: Binding<'_>,
+        protocol: &str,
+    ) -> Result<Option<Option<u16>>, RoutingError> {
+        let unsupported = |name: &str| RoutingError::Unsupported {
+            field: format!("{at}.{name}"),
+            what: format!("{name} in a {protocol} match"),
+        };
+        if !self.destination_subnets.is_empty() {
+            return Err(unsupported("destinationSubnets"));
+        }
+        if !self.source_labels.is_empty() {
+            return Err(unsupported("sourceLabels"));
+        }
+        if self.source_namespace.is_some() {
+            return Err(unsupported("sourceNamespace"));
+        }
+        if !binding.admits_match(&self.gateways, namespace) {
+            return Ok(None);
+        }
+        self.port
+            .map(|port| fields::port(&format!("{at}.port"), port))
+            .transpose()
+            .map(Some)
+    }
+}
+
+/// The ports of the matches of a `tcp` or `tls` route that apply here.
+#[derive(Default)]
+struct MatchedPorts {
+    ports: Vec<u16>,
+    /// A match that applies here names no port.
+    any: bool,
+    /// A match applies here.
+    matched: bool,
+}
+
+impl MatchedPorts {
+    fn add(&mut self, port: Option<u16>) {
+        self.matched = true;
+        match port {
+            Some(port) => self.ports.push(port),
+            None => self.any = true,
+        }
+    }
+
+    /// The ports a rule is for; empty means any.
+    fn finish(self) -> Vec<u16> {
+        if self.any { Vec::new() } else { self.ports }
+    }
+}
+
+/// The destinations of a `tcp` or `tls` route, which must have some.
+fn l4_destinations(
+    field: &str,
+    route: &[RouteDestination],
+    namespace: &str,
+) -> Result<Vec<WeightedDestination>, RoutingError> {
+    if route.is_empty() {
+        return Err(RoutingError::NoAction {
+            field: field.to_string(),
+        });
+    }
+    weighted(&format!("{field}.route"), route, namespace)
 }

@@ -207,6 +207,14 @@ fn substitutions(values: &Values) -> anyhow::Result<Vec<Substitution>> {
         Substitution {
             file: Some("gateway.yaml"),
             ..any(
+                Some("ports"),
+                serde_json::to_value(&values.gateway.ports)?,
+                Helm::Block("toYaml .Values.gateway.ports"),
+            )
+        },
+        Substitution {
+            file: Some("gateway.yaml"),
+            ..any(
                 Some("type"),
                 json!(values.gateway.service_type),
                 Helm::Scalar("{{ .Values.gateway.serviceType | quote }}"),

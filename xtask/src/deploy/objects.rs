@@ -228,18 +228,12 @@ fn gateway_deployment(values: &Values) -> Deployment {
 }
 
 fn gateway_service(values: &Values) -> Service {
-    let service_port = |name: &str, port: i32| ServicePort {
-        name: Some(name.into()),
-        port,
-        target_port: Some(IntOrString::Int(port)),
-        ..ServicePort::default()
-    };
     Service {
         metadata: meta(GATEWAY, "gateway"),
         spec: Some(ServiceSpec {
             type_: Some(values.gateway.service_type.clone()),
             selector: Some(selector_labels(GATEWAY)),
-            ports: Some(vec![service_port("http", 80), service_port("https", 443)]),
+            ports: Some(values.gateway.ports.clone()),
             ..ServiceSpec::default()
         }),
         ..Service::default()
