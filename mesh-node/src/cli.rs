@@ -369,6 +369,11 @@ pub struct GatewayConfig {
     #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
 
+    /// The `gatewayClassName` of the Gateway API Gateways it serves (those in its own
+    /// namespace); set `istio` to take over Gateways written for Istio.
+    #[arg(long, default_value = "nodemesh")]
+    pub gateway_class: String,
+
     /// Proxies in front of the gateway that are trusted to append the address they saw to
     /// `X-Forwarded-For` (Istio's `numTrustedProxies`): with N, the client is the Nth
     /// address from the right of the header a request arrives with, and is passed on as

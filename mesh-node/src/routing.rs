@@ -45,6 +45,7 @@ mod build;
 pub mod destination_rule;
 mod fields;
 pub mod gateway;
+pub mod gateway_api;
 pub mod host;
 pub mod http_route;
 mod matching;
@@ -130,10 +131,11 @@ pub enum RoutingError {
     #[error("{field}: only one of route, redirect and directResponse may be set")]
     ConflictingActions { field: String },
     #[error(
-        "{field}: parentRef {reference:?} is not a Service; only Services (group \"\" or \
-         \"core\", kind Service) are supported, as in GAMMA mesh routing"
+        "{field}: parentRef {reference:?} is neither a Service (group \"\" or \"core\", kind \
+         Service: GAMMA mesh routing) nor a Gateway (group gateway.networking.k8s.io, kind \
+         Gateway)"
     )]
-    ParentNotService { field: String, reference: String },
+    UnknownParent { field: String, reference: String },
     #[error(
         "{field}: {host:?} is not a Service of this cluster (name, name.namespace or \
          name.namespace.svc.cluster.local)"
@@ -187,6 +189,22 @@ pub struct Routes {
     /// VirtualServices bound to each Gateway (`spec.gateways`), in (namespace, name) order.
     #[serde(serialize_with = "build::by_name")]
     gateways: BTreeMap<ObjectKey, Vec<GatewayHost>>,
+    /// Routes that ask to attach to Gateway API Gateways, oldest first: the gateway that
+    /// serves a Gateway decides which attach to which listener.
+    api_routes: Vec<ApiRoute>,
+}
+
+/// A route whose `parentRefs` name Gateway API Gateways.
+#[derive(Clone, Debug, Serialize)]
+pub struct ApiRoute {
+    /// `HTTPRoute namespace/name`.
+    pub origin: String,
+    pub namespace: String,
+    pub kind: gateway_api::RouteKind,
+    /// `hostnames`, lower case; empty: every host of the listener.
+    pub hostnames: Vec<String>,
+    pub parents: Vec<http_route::GatewayParent>,
+    http: Vec<CompiledRule>,
 }
 
 /// One VirtualService as a gateway applies it: to requests whose host matches `hosts`.
@@ -260,23 +278,8 @@ impl Routes {
         host: &str,
         admitted: impl Fn(&str) -> bool,
     ) -> Option<&GatewayHost> {
-        let mut best: Option<(usize, &GatewayHost)> = None;
-        for candidate in self.gateways.get(gateway).into_iter().flatten() {
-            if !admitted(&candidate.namespace) {
-                continue;
-            }
-            let specificity = candidate
-                .hosts
-                .iter()
-                .filter_map(|pattern| host::host_match_specificity(pattern, host))
-                .max();
-            if let Some(specificity) = specificity
-                && best.is_none_or(|(b, _)| specificity > b)
-            {
-                best = Some((specificity, candidate));
-            }
-        }
-        best.map(|(_, candidate)| candidate)
+        let candidates = self.gateways.get(gateway).into_iter().flatten();
+        most_specific_host(candidates.filter(|c| admitted(&c.namespace)), host)
     }
 
     /// The first `tcp` rule for `port` of the VirtualServices bound to `gateway` that
@@ -319,6 +322,11 @@ impl Routes {
     /// Whether any VirtualService binds to `gateway`.
     pub fn gateway_bound(&self, gateway: &ObjectKey) -> bool {
         self.gateways.contains_key(gateway)
+    }
+
+    /// The routes that ask to attach to Gateway API Gateways, oldest first.
+    pub fn api_routes(&self) -> &[ApiRoute] {
+        &self.api_routes
     }
 
     /// The gateways' VirtualServices, for `debug`.
@@ -430,7 +438,48 @@ fn match_rules<'a>(rules: &'a [CompiledRule], request: &RequestInfo<'_>) -> Rout
     }
 }
 
+/// Of `candidates`, the one whose `hosts` match `host` most specifically; the first of equals.
+pub fn most_specific_host<'a>(
+    candidates: impl IntoIterator<Item = &'a GatewayHost>,
+    host: &str,
+) -> Option<&'a GatewayHost> {
+    let mut best: Option<(usize, &GatewayHost)> = None;
+    for candidate in candidates {
+        let specificity = candidate
+            .hosts
+            .iter()
+            .filter_map(|pattern| host::host_match_specificity(pattern, host))
+            .max();
+        if let Some(specificity) = specificity
+            && best.is_none_or(|(b, _)| specificity > b)
+        {
+            best = Some((specificity, candidate));
+        }
+    }
+    best.map(|(_, candidate)| candidate)
+}
+
 impl GatewayHost {
+    /// The rules of `routes` (attached to one listener, oldest first) for requests to
+    /// `hostname`, in the Gateway API's precedence.
+    pub fn merged(hostname: &str, routes: &[&ApiRoute]) -> Self {
+        let mut http: Vec<CompiledRule> = routes.iter().flat_map(|r| r.http.clone()).collect();
+        // Stable: equal precedence keeps route, rule and match order.
+        http.sort_by_key(|compiled| std::cmp::Reverse(http_route::precedence(&compiled.rule)));
+        Self {
+            origin: routes
+                .iter()
+                .map(|r| r.origin.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            namespace: String::new(),
+            hosts: vec![hostname.to_string()],
+            http,
+            tcp: Vec::new(),
+            tls: Vec::new(),
+        }
+    }
+
     /// The rule for a request arriving at the gateway; a request no rule matches has no
     /// route (404), as a gateway has no Service to fall back to.
     pub fn match_request(&self, request: &RequestInfo<'_>) -> RouteMatch<'_> {

@@ -29,6 +29,8 @@ pub struct State {
     pub rejections: Vec<Rejection>,
     /// Istio Gateways: what gateway pods listen on and which certificates they serve.
     pub gateways: BTreeMap<ObjectKey, Arc<crate::routing::gateway::GatewaySpec>>,
+    /// The Gateway API's Gateways (of every class).
+    pub api_gateways: BTreeMap<ObjectKey, Arc<crate::routing::gateway_api::ApiGatewaySpec>>,
     /// The Secrets Gateways name, with only their certificate entries.
     pub secrets: BTreeMap<ObjectKey, Arc<crate::inventory::TlsSecret>>,
     /// Where each object came from (a file path for the file source), by `Kind
@@ -85,6 +87,7 @@ impl State {
             routes,
             rejections,
             gateways: BTreeMap::new(),
+            api_gateways: BTreeMap::new(),
             secrets: BTreeMap::new(),
             origins: Arc::default(),
             workload_by_ip,

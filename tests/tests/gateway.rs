@@ -1090,3 +1090,132 @@ spec:
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A Gateway API Gateway shared by namespaces (in the gateway's own namespace, of its
+/// class), and an HTTPRoute of `default` that attaches to both its listeners.
+const GATEWAY_API: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: web
+  namespace: istio-system
+spec:
+  gatewayClassName: nodemesh
+  listeners:
+  - name: http
+    port: 8080
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: All
+  - name: https
+    hostname: api.example.com
+    port: 443
+    protocol: HTTPS
+    tls:
+      mode: Terminate
+      certificateRefs:
+      - kind: Secret
+        name: api-credential
+    allowedRoutes:
+      namespaces:
+        from: Selector
+        selector:
+          matchLabels:
+            shared-gateway-access: "true"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: api
+  namespace: default
+spec:
+  parentRefs:
+  - name: web
+    namespace: istio-system
+  hostnames:
+  - api.example.com
+  rules:
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /status
+    backendRefs:
+    - name: httpbin
+      port: 8000
+  - matches:
+    - path:
+        type: Exact
+        value: /hello
+    backendRefs:
+    - name: helloworld
+      port: 5000
+"#;
+
+#[test]
+fn an_httproute_attaches_to_the_gateway_api_listeners_its_namespace_is_allowed_on() {
+    if skip() {
+        return;
+    }
+    let ca = TestCa::new();
+    let scene = Scene::new("gateway_api", &ca);
+    let ca_file = ca.write_pem(&scene.cluster, "gateway-ca.pem");
+    scene.cluster.write_config(
+        "gateway-api.yaml",
+        &format!(
+            "{}---\n{GATEWAY_API}",
+            ca.secret("api-credential", "api.example.com")
+        ),
+    );
+
+    // Every namespace may attach to the plain listener: the route's rules route by path,
+    // in the Gateway API's precedence, and an unmatched path gets 404.
+    let plain = "http://api.example.com:8080";
+    wait_until(CONVERGE, "the plain listener", || {
+        let output = scene.curl(&format!("{plain}/status/200"), &[]);
+        String::from_utf8_lossy(&output.stdout)
+            .ends_with("\n200 1.1")
+            .then_some(())
+    });
+    let (_, _, reply) = scene.get(&format!("{plain}/status/200"), &[]);
+    assert_eq!(reply["served_by"], "httpbin", "{reply}");
+    let (status, _, reply) = scene.get(&format!("{plain}/hello"), &[]);
+    assert_eq!((status, &reply["served_by"]), (200, &"helloworld".into()));
+    assert_eq!(scene.get(&format!("{plain}/hello/more"), &[]).0, 404);
+    // Another host on the plain listener matches no hostname of the route.
+    assert_eq!(scene.get("http://www.example.com:8080/hello", &[]).0, 404);
+
+    // The HTTPS listener admits only namespaces labelled shared-gateway-access: `default`
+    // is not, so the route is not attached there, and its requests get no route.
+    let secure = "https://api.example.com/status/200";
+    let trust = ["--cacert", ca_file.as_str()];
+    assert_eq!(scene.get(secure, &trust).0, 404);
+    let listeners = debug_gateways(&scene);
+    assert!(
+        listeners.contains("gateway.networking.k8s.io/Gateway istio-system/web listener https")
+            && listeners.contains("HTTPRoute default/api (api.example.com)"),
+        "{listeners}"
+    );
+    let mut labels = ENROLLED.to_vec();
+    labels.push(("shared-gateway-access", "true"));
+    scene.cluster.write_config(
+        "ns.yaml",
+        &format!(
+            "{}---\n{}",
+            namespace_yaml("default", &labels),
+            namespace_yaml("istio-system", &[])
+        ),
+    );
+    let reply = wait_until(CONVERGE, "the HTTPRoute on the HTTPS listener", || {
+        let (status, version, reply) = scene.get(secure, &["--http2", "--cacert", &ca_file]);
+        (status == 200).then_some((version, reply))
+    });
+    assert_eq!(reply.0, "2", "HTTP/2 over ALPN");
+    assert_eq!(reply.1["served_by"], "httpbin", "{}", reply.1);
+    // The Istio servers of the same port keep their own hosts and certificates.
+    assert_eq!(
+        scene
+            .get("https://httpbin.example.com/status/200", &trust)
+            .0,
+        200
+    );
+}

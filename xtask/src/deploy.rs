@@ -94,6 +94,8 @@ pub struct GatewayValues {
     pub service_type: String,
     /// The Service's ports (each Gateway server port clients reach).
     pub ports: Vec<ServicePort>,
+    /// `--gateway-class`: the `gatewayClassName` of the Gateway API Gateways it serves.
+    pub class_name: String,
     /// `--num-trusted-proxies`: load balancers in front that append to X-Forwarded-For.
     pub num_trusted_proxies: u32,
     pub resources: ResourceRequirements,

@@ -141,6 +141,7 @@ pub async fn build_gateway(
     tasks.spawn(keep_planned(
         state_rx.clone(),
         me,
+        config.gateway_class.clone(),
         plan_tx,
         shutdown.clone(),
     ));
@@ -203,12 +204,13 @@ async fn own_addresses(state: &mut StateRx, me: &ObjectKey) -> Vec<std::net::IpA
 async fn keep_planned(
     mut state: StateRx,
     me: ObjectKey,
+    class: String,
     plans: watch::Sender<Arc<Plan>>,
     shutdown: CancellationToken,
 ) {
     loop {
         let current = state.borrow_and_update().clone();
-        let plan = Plan::build(&current, &me, &plans.borrow());
+        let plan = Plan::build(&current, &me, &class, &plans.borrow());
         let known = plans.borrow().problems.clone();
         for problem in plan.problems.iter().filter(|p| !known.contains(p)) {
             warn!(%problem, "gateway server not served as written");

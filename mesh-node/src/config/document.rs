@@ -169,6 +169,9 @@ pub(crate) fn classify<V: Tree>(meta: TypeMeta, value: &V) -> Document {
         }
         "HTTPRoute" if GATEWAY.contains(&api) => ("HTTPRoute", |v| parse_as(v, Object::HttpRoute)),
         "Gateway" if NETWORKING.contains(&api) => ("Gateway", |v| parse_as(v, Object::Gateway)),
+        "Gateway" if GATEWAY.contains(&api) => (crate::routing::gateway_api::KIND, |v| {
+            parse_as(v, Object::ApiGateway)
+        }),
         "Secret" if api == "v1" => ("Secret", parse_secret),
         _ => return Document::Ignored { kind: meta.kind },
     };

@@ -55,7 +55,7 @@ pub struct WatchedKind {
 }
 
 /// Every kind the translation understands, at the version the source asks the API server for.
-pub const WATCHED_KINDS: [WatchedKind; 13] = [
+pub const WATCHED_KINDS: [WatchedKind; 14] = [
     watched("v1", "Namespace", "namespaces"),
     watched("v1", "Pod", "pods"),
     watched("v1", "Service", "services"),
@@ -89,6 +89,7 @@ pub const WATCHED_KINDS: [WatchedKind; 13] = [
     watched("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),
     // Watched by gateways only ([`KubeSource::for_gateway`]); Secrets in their namespace.
     watched("networking.istio.io/v1", "Gateway", "gateways"),
+    watched("gateway.networking.k8s.io/v1", "Gateway", "gateways"),
     watched("v1", "Secret", "secrets"),
 ];
 

@@ -22,6 +22,7 @@ use crate::{
     routing::{
         DestinationRuleSpec, HttpRouteSpec, Routes, RoutingError, RoutingSpec, VirtualServiceSpec,
         gateway::{GatewayError, GatewaySpec},
+        gateway_api::{ApiGatewayError, ApiGatewaySpec, KIND as API_GATEWAY_KIND},
     },
     state::State,
 };
@@ -57,6 +58,8 @@ pub enum Object {
     HttpRoute(Arc<IstioObject<HttpRouteSpec>>),
     /// Istio's `Gateway`: what gateway pods listen on.
     Gateway(Arc<IstioObject<GatewaySpec>>),
+    /// The Gateway API's `Gateway`: the listeners of a gateway of its class.
+    ApiGateway(Arc<IstioObject<ApiGatewaySpec>>),
     /// A Secret, of which only the certificate entries a gateway serves are kept.
     Secret(Arc<TlsSecret>),
 }
@@ -78,6 +81,8 @@ pub enum TranslateError {
     ServiceEntry(#[from] ServiceEntryError),
     #[error("spec.{0}")]
     Gateway(#[from] GatewayError),
+    #[error(transparent)]
+    ApiGateway(#[from] ApiGatewayError),
     #[error("spec.{0}")]
     Routing(#[from] RoutingError),
 }
@@ -102,6 +107,7 @@ impl Object {
             Object::ServiceEntry(o) => ("ServiceEntry", full(&o.metadata)),
             Object::HttpRoute(o) => ("HTTPRoute", full(&o.metadata)),
             Object::Gateway(o) => ("Gateway", full(&o.metadata)),
+            Object::ApiGateway(o) => (API_GATEWAY_KIND, full(&o.metadata)),
             Object::Secret(o) => (
                 "Secret",
                 (Some(o.key.name.clone()), Some(o.key.namespace.clone())),
@@ -157,6 +163,7 @@ pub fn validate(object: &Object) -> Result<(), TranslateError> {
         Object::DestinationRule(rule) => Ok(rule.spec.validate(&id.namespace)?),
         Object::HttpRoute(route) => Ok(route.spec.validate(&id.namespace)?),
         Object::Gateway(gateway) => Ok(gateway.spec.validate()?),
+        Object::ApiGateway(gateway) => Ok(gateway.spec.validate()?),
         // Its certificates are read by the gateway that serves them, which reports them.
         Object::Secret(_) => Ok(()),
         // Checked when it was read (`pod`).
@@ -252,21 +259,34 @@ pub fn translate(
     let mut state = State::new(
         namespaces, workloads, services, policies, routes, rejections,
     );
-    (state.gateways, state.secrets) = gateways_and_credentials(objects);
+    GatewayObjects {
+        gateways: state.gateways,
+        api_gateways: state.api_gateways,
+        secrets: state.secrets,
+    } = gateways_and_credentials(objects);
     state
 }
 
-/// The Gateways, and the Secrets their servers name (`credentialName`, and its
-/// `-cacert` companion): key material nothing uses is not kept.
-fn gateways_and_credentials(
-    objects: &[Object],
-) -> (
-    BTreeMap<ObjectKey, Arc<GatewaySpec>>,
-    BTreeMap<ObjectKey, Arc<TlsSecret>>,
-) {
+/// Istio's Gateways, the Gateway API's, and the Secrets their servers name
+/// (`credentialName` and its `-cacert` companion, `certificateRefs`): key material nothing
+/// uses is not kept.
+fn gateways_and_credentials(objects: &[Object]) -> GatewayObjects {
     let mut gateways = BTreeMap::new();
+    let mut api_gateways = BTreeMap::new();
     let mut credential_names = HashSet::new();
     for object in objects {
+        if let Object::ApiGateway(gateway) = object {
+            let id = object.id();
+            for listener in &gateway.spec.listeners {
+                if let Some(reference) = listener.certificate() {
+                    credential_names.insert(reference.name.clone());
+                }
+            }
+            api_gateways.insert(
+                ObjectKey::new(id.namespace, id.name),
+                Arc::new(gateway.spec.clone()),
+            );
+        }
         if let Object::Gateway(gateway) = object {
             let id = object.id();
             for tls in gateway.spec.servers.iter().filter_map(|s| s.tls.as_ref()) {
@@ -290,7 +310,18 @@ fn gateways_and_credentials(
             _ => None,
         })
         .collect();
-    (gateways, secrets)
+    GatewayObjects {
+        gateways,
+        api_gateways,
+        secrets,
+    }
+}
+
+/// What only gateways read.
+struct GatewayObjects {
+    gateways: BTreeMap<ObjectKey, Arc<GatewaySpec>>,
+    api_gateways: BTreeMap<ObjectKey, Arc<ApiGatewaySpec>>,
+    secrets: BTreeMap<ObjectKey, Arc<TlsSecret>>,
 }
 
 fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, TranslateError> {

@@ -30,7 +30,7 @@ use crate::{
         admission::{Admission, Caller, check_policy},
         gateway::{
             EXTERNAL_ADDRESS as X_ENVOY_EXTERNAL_ADDRESS, GatewayScope, L4Route, ServerPlan,
-            select_passthrough, select_tcp, server_for,
+            attached_routes, select_passthrough, select_tcp, server_for,
         },
     },
     proxy::{
@@ -38,7 +38,11 @@ use crate::{
         http::{self, Prefixed, outbound::Outbound},
         outbound::{log_refused, relay_routed},
     },
-    routing::gateway::{ServerProtocol, TlsMode},
+    routing::{
+        GatewayHost,
+        gateway::{ServerHost, ServerProtocol, ServerTls, TlsMode},
+        gateway_api::KIND as API_GATEWAY_KIND,
+    },
     state::State,
 };
 
@@ -100,27 +104,31 @@ pub struct Server {
 }
 
 impl Plan {
-    /// The servers of the Gateways that select `gateway` (the gateway's own pod), with
-    /// their certificates from Secrets in its namespace. Certificates whose Secrets did not
+    /// The servers of the Istio Gateways that select `gateway` (the gateway's own pod) and
+    /// the listeners of the Gateway API Gateways of class `class` in its namespace, with
+    /// their certificates from Secrets in that namespace. Certificates whose Secrets did not
     /// change since `previous` are kept as they were.
-    pub fn build(state: &State, gateway: &ObjectKey, previous: &Plan) -> Plan {
+    pub fn build(state: &State, gateway: &ObjectKey, class: &str, previous: &Plan) -> Plan {
         let mut plan = Plan::default();
         let Some(pod) = state.workloads.get(gateway) else {
             plan.problems
                 .push(format!("the gateway's own pod {gateway} is not known yet"));
             return plan;
         };
-        let earlier: HashMap<(&ObjectKey, usize), &Arc<ServerCredential>> = previous
+        let earlier: HashMap<String, &Arc<ServerCredential>> = previous
             .ports
             .values()
             .flat_map(|port| &port.servers)
             .filter_map(|server| match &server.credential {
-                Some(Ok(credential)) => {
-                    Some(((&server.plan.gateway, server.plan.index), credential))
-                }
+                Some(Ok(credential)) => Some((server.plan.name(), credential)),
                 _ => None,
             })
             .collect();
+        let load = |planned: &ServerPlan, tls: &ServerTls, mode: TlsMode| {
+            let previous = earlier.get(&planned.name()).copied();
+            let http = planned.protocol == ServerProtocol::Https;
+            credential::load(state, &gateway.namespace, tls, mode, http, previous)
+        };
         for (key, spec) in &state.gateways {
             if !spec.selects(&pod.labels) {
                 continue;
@@ -129,53 +137,112 @@ impl Plan {
                 let Ok(protocol) = server.protocol() else {
                     continue;
                 };
-                let port = u16::try_from(server.port.number).unwrap_or_default();
-                let http = protocol == ServerProtocol::Https;
-                let credential = server
-                    .tls_mode()
-                    .filter(|mode| mode.terminates())
-                    .zip(server.tls.as_ref())
-                    .map(|(mode, tls)| {
-                        let previous = earlier.get(&(key, index)).copied();
-                        credential::load(state, &gateway.namespace, tls, mode, http, previous)
-                    });
-                let planned = Arc::new(ServerPlan {
+                let planned = ServerPlan {
                     gateway: key.clone(),
                     index,
-                    port,
+                    listener: None,
+                    port: u16::try_from(server.port.number).unwrap_or_default(),
                     protocol,
                     hosts: server.server_hosts(),
                     https_redirect: server.tls.as_ref().is_some_and(|t| t.https_redirect),
                     tls: server.tls_mode(),
-                });
-                if let Some(Err(error)) = &credential {
-                    plan.problems.push(format!(
-                        "{}: {error}; its hosts get no TLS handshake until fixed",
-                        planned.name()
-                    ));
-                }
-                let kind = PortKind::of(protocol);
-                let port_plan = plan.ports.entry(port).or_insert_with(|| PortPlan {
-                    kind,
-                    servers: Vec::new(),
-                });
-                if port_plan.kind != kind {
-                    plan.problems.push(format!(
-                        "{}: port {port} already serves {} (from {}); this server is not \
-                         served",
-                        planned.name(),
-                        port_plan.kind.describe(),
-                        port_plan.servers[0].plan.name()
-                    ));
+                };
+                let credential = server
+                    .tls_mode()
+                    .filter(|mode| mode.terminates())
+                    .zip(server.tls.as_ref())
+                    .map(|(mode, tls)| load(&planned, tls, mode));
+                plan.add(planned, credential);
+            }
+        }
+        for (key, spec) in &state.api_gateways {
+            if spec.gateway_class_name != class {
+                continue;
+            }
+            if key.namespace != gateway.namespace {
+                plan.problems.push(format!(
+                    "{API_GATEWAY_KIND} {key}: in namespace {}; this gateway serves those of \
+                     its own namespace, {}",
+                    key.namespace, gateway.namespace
+                ));
+                continue;
+            }
+            for (index, listener) in spec.listeners.iter().enumerate() {
+                let Ok(protocol) = listener.protocol() else {
                     continue;
-                }
-                port_plan.servers.push(Server {
-                    plan: planned,
-                    credential,
+                };
+                let hostname = listener.hostname.as_deref().unwrap_or("*");
+                let planned = ServerPlan {
+                    gateway: key.clone(),
+                    index,
+                    listener: Some((listener.name.clone(), attached_routes(state, key, listener))),
+                    port: u16::try_from(listener.port).unwrap_or_default(),
+                    protocol,
+                    hosts: ServerHost::parse(hostname).into_iter().collect(),
+                    https_redirect: false,
+                    tls: protocol.is_tls().then(|| {
+                        if listener.passthrough() {
+                            TlsMode::Passthrough
+                        } else {
+                            TlsMode::Simple
+                        }
+                    }),
+                };
+                let credential = listener.certificate().map(|reference| {
+                    if reference
+                        .namespace
+                        .as_deref()
+                        .is_some_and(|ns| ns != key.namespace)
+                    {
+                        return Err(format!(
+                            "certificateRefs to Secret {}/{}: another namespace's Secret \
+                             needs a ReferenceGrant, which is not supported",
+                            reference.namespace.as_deref().unwrap_or_default(),
+                            reference.name
+                        ));
+                    }
+                    let tls = ServerTls {
+                        credential_name: Some(reference.name.clone()),
+                        ..ServerTls::default()
+                    };
+                    load(&planned, &tls, TlsMode::Simple)
                 });
+                plan.add(planned, credential);
             }
         }
         plan
+    }
+
+    /// Adds a server to its port, unless the port serves another kind of connection.
+    fn add(
+        &mut self,
+        planned: ServerPlan,
+        credential: Option<Result<Arc<ServerCredential>, CredentialError>>,
+    ) {
+        if let Some(Err(error)) = &credential {
+            self.problems.push(format!(
+                "{}: {error}; its hosts get no TLS handshake until fixed",
+                planned.name()
+            ));
+        }
+        let (port, kind) = (planned.port, PortKind::of(planned.protocol));
+        let port_plan = self.ports.entry(port).or_insert_with(|| PortPlan {
+            kind,
+            servers: Vec::new(),
+        });
+        if port_plan.kind != kind {
+            self.problems.push(format!(
+                "{}: port {port} already serves {} (from {}); this server is not served",
+                planned.name(),
+                port_plan.kind.describe(),
+                port_plan.servers[0].plan.name()
+            ));
+            return;
+        }
+        port_plan.servers.push(Server {
+            plan: Arc::new(planned),
+            credential,
+        });
     }
 }
 
@@ -668,12 +735,17 @@ impl Plan {
                 credential,
             } in &port_plan.servers
             {
-                let routes = state
-                    .routes
-                    .gateway_hosts()
-                    .filter(|(gateway, _)| **gateway == server.gateway)
-                    .map(|(_, host)| format!("{} ({})", host.origin, host.hosts.join(", ")))
-                    .collect();
+                let describe =
+                    |host: &GatewayHost| format!("{} ({})", host.origin, host.hosts.join(", "));
+                let routes = match &server.listener {
+                    Some((_, attached)) => attached.iter().map(describe).collect(),
+                    None => state
+                        .routes
+                        .gateway_hosts()
+                        .filter(|(gateway, _)| **gateway == server.gateway)
+                        .map(|(_, host)| describe(host))
+                        .collect(),
+                };
                 listeners.push(ListenerSummary {
                     port: *port,
                     server: server.name(),

@@ -1,7 +1,13 @@
 //! Which route a request arriving at a gateway (`mesh-node gateway`) takes: the server of
 //! its port that serves its host, then the VirtualService bound to that server's Gateway
-//! for the host.
-use std::{net::SocketAddr, sync::Arc};
+//! for the host, or the HTTPRoutes attached to that Gateway API listener.
+//!
+//! A route attaches to a Gateway API listener as the Gateway API says: a `parentRefs`
+//! entry names the Gateway (and the listener by `sectionName` or `port`, or none), the
+//! listener allows the route's kind and namespace (`allowedRoutes`), and their host names
+//! intersect. Each route's `parentRefs` entry that does not attach gets the reason the
+//! Gateway API names, for its status.
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use http::header;
 
@@ -9,9 +15,12 @@ use super::{admission::Caller, request::RequestHead};
 use crate::{
     inventory::{Labels, ObjectKey},
     routing::{
-        Destination, GatewayHost, RequestInfo, RouteMatch,
+        ApiRoute, Destination, GatewayHost, RequestInfo, RouteMatch,
         gateway::{ServerHost, ServerProtocol, TlsMode},
-        host, pick_at_random,
+        gateway_api::Listener,
+        host,
+        http_route::GatewayParent,
+        most_specific_host, pick_at_random,
     },
     state::State,
 };
@@ -31,13 +40,16 @@ pub struct GatewayScope {
     pub local: SocketAddr,
 }
 
-/// One server of a Gateway, as the gateway serves it.
+/// One server of a Gateway (or listener of a Gateway API Gateway), as the gateway serves it.
 #[derive(Debug)]
 pub struct ServerPlan {
     /// The Gateway that declares it.
     pub gateway: ObjectKey,
-    /// Its place in the Gateway's `servers`, for messages.
+    /// Its place in the Gateway's `servers` or `listeners`, for messages.
     pub index: usize,
+    /// A Gateway API listener's name, and the routes attached to it by host name; `None`
+    /// for an Istio server, which VirtualServices bind to.
+    pub listener: Option<(String, Vec<GatewayHost>)>,
     pub port: u16,
     pub protocol: ServerProtocol,
     pub hosts: Vec<ServerHost>,
@@ -47,9 +59,17 @@ pub struct ServerPlan {
 }
 
 impl ServerPlan {
-    /// `Gateway ns/name servers[i]`.
+    /// `Gateway ns/name servers[i]`, or `gateway.networking.k8s.io/Gateway ns/name listener
+    /// <name>`.
     pub fn name(&self) -> String {
-        format!("Gateway {} servers[{}]", self.gateway, self.index)
+        match &self.listener {
+            None => format!("Gateway {} servers[{}]", self.gateway, self.index),
+            Some((name, _)) => format!(
+                "{} {} listener {name}",
+                crate::routing::gateway_api::KIND,
+                self.gateway
+            ),
+        }
     }
 
     /// How specifically one of its hosts matches `name` (see
@@ -173,7 +193,7 @@ pub enum Selected<'s> {
 /// the gateway pod's (a match's `sourceLabels` reads them).
 pub fn select<'s>(
     state: &'s State,
-    servers: &[Arc<ServerPlan>],
+    servers: &'s [Arc<ServerPlan>],
     port: u16,
     gateway_labels: &Labels,
     request: RequestHead<'_>,
@@ -196,12 +216,15 @@ pub fn select<'s>(
     if server.https_redirect {
         return Selected::Redirect(https_location(authority, request));
     }
-    let Some(host) = state
-        .routes
-        .gateway_host(&server.gateway, &name, |namespace| {
-            server.admits(namespace, &name)
-        })
-    else {
+    let host = match &server.listener {
+        Some((_, attached)) => most_specific_host(attached, &name),
+        None => state
+            .routes
+            .gateway_host(&server.gateway, &name, |namespace| {
+                server.admits(namespace, &name)
+            }),
+    };
+    let Some(host) = host else {
         return Selected::NoRoute;
     };
     let matched = host.match_request(&RequestInfo {
@@ -212,6 +235,150 @@ pub fn select<'s>(
         source_labels: gateway_labels,
     });
     Selected::Route { host, matched }
+}
+
+/// Why a route's `parentRefs` entry did not attach to the Gateway it names (the Gateway API's
+/// condition reasons).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotAttached {
+    /// No listener of the Gateway has the `sectionName` or `port` it names.
+    NoMatchingParent,
+    /// The listeners it names do not allow the route's kind or namespace.
+    NotAllowedByListeners,
+    /// The listeners it names serve none of the route's host names.
+    NoMatchingListenerHostname,
+}
+
+impl NotAttached {
+    pub fn reason(self) -> &'static str {
+        match self {
+            NotAttached::NoMatchingParent => "NoMatchingParent",
+            NotAttached::NotAllowedByListeners => "NotAllowedByListeners",
+            NotAttached::NoMatchingListenerHostname => "NoMatchingListenerHostname",
+        }
+    }
+}
+
+/// The host names `route` serves on `listener` (of a Gateway in `gateway_namespace`) through
+/// `parent`, or why it does not attach there.
+pub fn attachment(
+    state: &State,
+    route: &ApiRoute,
+    parent: &GatewayParent,
+    gateway_namespace: &str,
+    listener: &Listener,
+) -> Result<Vec<String>, NotAttached> {
+    let port = u16::try_from(listener.port).unwrap_or_default();
+    if !parent.names_listener(&listener.name, port) {
+        return Err(NotAttached::NoMatchingParent);
+    }
+    let allowed = listener.route_kinds().contains(&route.kind)
+        && listener.allowed_namespaces().admits(
+            &route.namespace,
+            state.namespaces.get(&route.namespace),
+            gateway_namespace,
+        );
+    if !allowed {
+        return Err(NotAttached::NotAllowedByListeners);
+    }
+    let listener_host = listener.hostname.as_deref().unwrap_or("*");
+    if route.hostnames.is_empty() {
+        return Ok(vec![listener_host.to_ascii_lowercase()]);
+    }
+    let served: Vec<String> = route
+        .hostnames
+        .iter()
+        .filter_map(|name| intersect(listener_host, name))
+        .collect();
+    if served.is_empty() {
+        return Err(NotAttached::NoMatchingListenerHostname);
+    }
+    Ok(served)
+}
+
+/// The host names both patterns cover (the narrower of the two), if any.
+fn intersect(listener: &str, route: &str) -> Option<String> {
+    let listener = listener.to_ascii_lowercase();
+    if host::host_match_specificity(&listener, route).is_some() || listener == route {
+        Some(route.to_string())
+    } else if host::host_match_specificity(route, &listener).is_some() {
+        Some(listener)
+    } else {
+        None
+    }
+}
+
+/// Why each `parentRefs` entry of a route that names `gateway` attached or not: the number
+/// of its listeners it attached to, or the reason (the closest miss of all listeners).
+pub fn parent_attachments<'s>(
+    state: &'s State,
+    gateway: &ObjectKey,
+    listeners: &[Listener],
+) -> Vec<(&'s ApiRoute, &'s GatewayParent, Result<usize, NotAttached>)> {
+    let mut found = Vec::new();
+    for route in state.routes.api_routes() {
+        for parent in route.parents.iter().filter(|p| p.gateway == *gateway) {
+            let mut attached = 0;
+            let mut closest = NotAttached::NoMatchingParent;
+            for listener in listeners {
+                match attachment(state, route, parent, &gateway.namespace, listener) {
+                    Ok(_) => attached += 1,
+                    // The later a check fails, the closer the miss.
+                    Err(miss) => closest = closest.max_by_progress(miss),
+                }
+            }
+            let result = if attached > 0 {
+                Ok(attached)
+            } else {
+                Err(closest)
+            };
+            found.push((route, parent, result));
+        }
+    }
+    found
+}
+
+impl NotAttached {
+    fn max_by_progress(self, other: Self) -> Self {
+        let rank = |n: Self| match n {
+            NotAttached::NoMatchingParent => 0,
+            NotAttached::NotAllowedByListeners => 1,
+            NotAttached::NoMatchingListenerHostname => 2,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// The routes attached to `listener` of `gateway`, merged into one [`GatewayHost`] per host
+/// name they serve (routes oldest first, their rules in the Gateway API's precedence).
+pub fn attached_routes(
+    state: &State,
+    gateway: &ObjectKey,
+    listener: &Listener,
+) -> Vec<GatewayHost> {
+    let mut by_host: BTreeMap<String, Vec<&ApiRoute>> = BTreeMap::new();
+    for route in state.routes.api_routes() {
+        let served = route
+            .parents
+            .iter()
+            .filter(|p| p.gateway == *gateway)
+            .filter_map(|p| attachment(state, route, p, &gateway.namespace, listener).ok())
+            .flatten();
+        for host in served {
+            let routes = by_host.entry(host).or_default();
+            if !routes.iter().any(|r| std::ptr::eq(*r, route)) {
+                routes.push(route);
+            }
+        }
+    }
+    by_host
+        .iter()
+        .map(|(host, routes)| GatewayHost::merged(host, routes))
+        .collect()
 }
 
 /// The same host (without its port: HTTPS has its own) and path, over HTTPS.
@@ -232,6 +399,7 @@ mod tests {
         Arc::new(ServerPlan {
             gateway: ObjectKey::new("istio-system", gateway),
             index: 0,
+            listener: None,
             port: 80,
             protocol: ServerProtocol::Http,
             hosts: hosts

@@ -5,8 +5,11 @@ use std::collections::{BTreeMap, HashMap, HashSet, btree_map::Entry};
 use serde::{Serialize, Serializer};
 
 use super::{
-    CompiledRule, DestinationPolicy, GatewayHost, HostRoutes, Routes, RoutingSpec,
-    host::resolve_host, http_route::precedence, virtual_service::Binding,
+    ApiRoute, CompiledRule, DestinationPolicy, GatewayHost, HostRoutes, Routes, RoutingSpec,
+    gateway_api::RouteKind,
+    host::resolve_host,
+    http_route::{CompiledHttpRoute, precedence},
+    virtual_service::Binding,
 };
 use crate::inventory::{ObjectId, ObjectKey, Rejection};
 
@@ -82,7 +85,10 @@ impl Routes {
             .collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
 
-        let mut routes = Routes::default();
+        let mut routes = Routes {
+            api_routes: api_routes(&sorted),
+            ..Routes::default()
+        };
         let http_routes = http_routes_by_service(&sorted);
         for (service, (origins, rules)) in http_routes {
             routes.hosts.insert(
@@ -214,20 +220,8 @@ impl Routes {
 fn http_routes_by_service(
     sorted: &[&(ObjectId, RoutingSpec<'_>)],
 ) -> BTreeMap<ObjectKey, (Vec<String>, Vec<CompiledRule>)> {
-    let mut routes: Vec<_> = sorted
-        .iter()
-        .filter_map(|(id, spec)| match spec {
-            RoutingSpec::HttpRoute { spec, created } => Some((id, spec, created)),
-            _ => None,
-        })
-        .collect();
-    // Oldest first, then by name: the Gateway API's tie-break between routes.
-    routes.sort_by(|a, b| (a.2, a.0).cmp(&(b.2, b.0)));
     let mut by_service: BTreeMap<ObjectKey, (Vec<String>, Vec<CompiledRule>)> = BTreeMap::new();
-    for (id, route, _) in routes {
-        let Ok(compiled) = route.compile(&id.namespace, &id.to_string()) else {
-            continue;
-        };
+    for (id, compiled) in compiled_http_routes(sorted) {
         for (service, port) in &compiled.parents {
             let (origins, rules) = by_service.entry(service.clone()).or_default();
             if !origins.contains(&id.to_string()) {
@@ -246,6 +240,43 @@ fn http_routes_by_service(
         rules.sort_by_key(|compiled| std::cmp::Reverse(precedence(&compiled.rule)));
     }
     by_service
+}
+
+/// The HTTPRoutes that compile, oldest first, then by name: the Gateway API's tie-break
+/// between routes.
+fn compiled_http_routes<'a>(
+    sorted: &[&'a (ObjectId, RoutingSpec<'_>)],
+) -> Vec<(&'a ObjectId, CompiledHttpRoute)> {
+    let mut routes: Vec<_> = sorted
+        .iter()
+        .filter_map(|(id, spec)| match spec {
+            RoutingSpec::HttpRoute { spec, created } => Some((id, *spec, *created)),
+            _ => None,
+        })
+        .collect();
+    routes.sort_by(|a, b| (a.2, a.0).cmp(&(b.2, b.0)));
+    routes
+        .into_iter()
+        .filter_map(|(id, route, _)| {
+            Some((id, route.compile(&id.namespace, &id.to_string()).ok()?))
+        })
+        .collect()
+}
+
+/// The HTTPRoutes that ask to attach to Gateway API Gateways, oldest first.
+fn api_routes(sorted: &[&(ObjectId, RoutingSpec<'_>)]) -> Vec<ApiRoute> {
+    compiled_http_routes(sorted)
+        .into_iter()
+        .filter(|(_, compiled)| !compiled.gateways.is_empty())
+        .map(|(id, compiled)| ApiRoute {
+            origin: id.to_string(),
+            namespace: id.namespace.clone(),
+            kind: RouteKind::Http,
+            hostnames: compiled.hostnames,
+            parents: compiled.gateways,
+            http: compiled.rules,
+        })
+        .collect()
 }
 
 /// Maps keyed by Service, serialized with `namespace/name` keys (JSON keys are strings).

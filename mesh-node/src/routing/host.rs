@@ -69,7 +69,7 @@ pub fn is_host_pattern(host: &str) -> bool {
 }
 
 /// An RFC 1123 label, which Service and namespace names are.
-fn is_dns_label(label: &str) -> bool {
+pub fn is_dns_label(label: &str) -> bool {
     !label.is_empty()
         && label.len() <= 63
         && label

@@ -11,12 +11,12 @@
 //! (`creationTimestamp`), then the route's `namespace/name`, then the rule and match order.
 //! `hostnames` is ignored: a mesh route is bound by its `parentRefs`. Cross-namespace
 //! backends are allowed without a ReferenceGrant.
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     CompiledRule, Destination, HeaderOps, HttpAction, HttpRule, Mirror, RequestMatch, RetryOn,
     RetryPolicy, Rewrite, RoutingError, StringMatch, WeightedDestination, fields,
-    matching::Pattern,
+    gateway_api::GROUP, matching::Pattern,
 };
 use crate::inventory::ObjectKey;
 
@@ -190,8 +190,62 @@ pub struct HttpRouteRetry {
 pub(super) struct CompiledHttpRoute {
     /// The Services it attaches to, each limited to a port or not.
     pub(super) parents: Vec<(ObjectKey, Option<u16>)>,
+    /// The Gateway API Gateways it asks to attach to.
+    pub(super) gateways: Vec<GatewayParent>,
+    /// `hostnames`, lower case: the hosts it serves at a Gateway (none: the listener's).
+    pub(super) hostnames: Vec<String>,
     /// One rule per match, in the route's order.
     pub(super) rules: Vec<CompiledRule>,
+}
+
+/// A `parentRefs` entry naming a Gateway API Gateway: the route attaches to its listeners
+/// that `section_name` and `port` name (any when unset), if they allow it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GatewayParent {
+    pub gateway: ObjectKey,
+    pub section_name: Option<String>,
+    pub port: Option<u16>,
+}
+
+impl GatewayParent {
+    /// Whether it names the listener `name` on `port`.
+    pub fn names_listener(&self, name: &str, port: u16) -> bool {
+        self.section_name.as_deref().is_none_or(|s| s == name)
+            && self.port.is_none_or(|p| p == port)
+    }
+}
+
+impl ParentReference {
+    /// The Gateway it names, if it names one (kind and group default to the Gateway API's
+    /// Gateway); `namespace` is the route's.
+    pub fn gateway(&self, field: &str, namespace: &str) -> Result<GatewayParent, RoutingError> {
+        if let Some(section) = &self.section_name
+            && !section.split('.').all(super::host::is_dns_label)
+        {
+            return Err(RoutingError::Invalid {
+                field: format!("{field}.sectionName"),
+                reason: format!("{section:?} is not a listener name"),
+            });
+        }
+        let port = self
+            .port
+            .map(|p| fields::port(&format!("{field}.port"), p))
+            .transpose()?;
+        Ok(GatewayParent {
+            gateway: ObjectKey::new(
+                self.namespace.as_deref().unwrap_or(namespace),
+                self.name.as_str(),
+            ),
+            section_name: self.section_name.clone(),
+            port,
+        })
+    }
+
+    /// Whether it names a Gateway API Gateway (the default kind).
+    pub fn is_gateway(&self) -> bool {
+        self.kind.as_deref().unwrap_or("Gateway") == "Gateway"
+            && self.group.as_deref().unwrap_or(GROUP) == GROUP
+    }
 }
 
 /// Where a rule ranks among all the HTTPRoute rules of a Service: greater goes first.
@@ -253,15 +307,17 @@ impl HttpRouteSpec {
         origin: &str,
     ) -> Result<CompiledHttpRoute, RoutingError> {
         let mut parents = Vec::new();
+        let mut gateways = Vec::new();
         for (i, parent) in self.parent_refs.iter().enumerate() {
             let field = format!("parentRefs[{i}]");
+            if parent.is_gateway() {
+                gateways.push(parent.gateway(&field, namespace)?);
+                continue;
+            }
             let kind = parent.kind.as_deref().unwrap_or("Gateway");
             if kind != "Service" || !is_core_group(parent.group.as_deref()) {
-                let group = parent
-                    .group
-                    .as_deref()
-                    .unwrap_or("gateway.networking.k8s.io");
-                return Err(RoutingError::ParentNotService {
+                let group = parent.group.as_deref().unwrap_or(GROUP);
+                return Err(RoutingError::UnknownParent {
                     field,
                     reference: format!("{group}/{kind} {}", parent.name),
                 });
@@ -302,7 +358,22 @@ impl HttpRouteSpec {
         if self.rules.is_empty() {
             rules.extend(HttpRouteRule::default().compile("rules", namespace, origin)?);
         }
-        Ok(CompiledHttpRoute { parents, rules })
+        let mut hostnames = Vec::new();
+        for (i, hostname) in self.hostnames.iter().enumerate() {
+            if hostname == "*" || !super::host::is_host_pattern(hostname) {
+                return Err(RoutingError::Invalid {
+                    field: format!("hostnames[{i}]"),
+                    reason: format!("{hostname:?} is not a host name (a DNS name or *.suffix)"),
+                });
+            }
+            hostnames.push(hostname.to_ascii_lowercase());
+        }
+        Ok(CompiledHttpRoute {
+            parents,
+            gateways,
+            hostnames,
+            rules,
+        })
     }
 }
 

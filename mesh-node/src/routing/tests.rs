@@ -754,16 +754,16 @@ spec: {spec}
     let to_reviews = "parentRefs: [{group: '', kind: Service, name: reviews}]";
     let cases: Vec<(String, &[&str])> = vec![
         (
-            "{parentRefs: [{name: mesh-gateway}]}".into(),
+            "{parentRefs: [{group: apps, kind: Service, name: reviews}]}".into(),
             &[
                 "spec.parentRefs[0]",
-                "gateway.networking.k8s.io/Gateway mesh-gateway",
-                "not a Service",
+                "apps/Service reviews",
+                "neither a Service",
             ],
         ),
         (
-            "{parentRefs: [{group: apps, kind: Service, name: reviews}]}".into(),
-            &["spec.parentRefs[0]", "not a Service"],
+            "{parentRefs: [{name: web, sectionName: 'not a name'}]}".into(),
+            &["spec.parentRefs[0].sectionName", "is not a listener name"],
         ),
         (
             "{parentRefs: [{kind: Service, group: '', name: reviews, namespace: other}]}".into(),

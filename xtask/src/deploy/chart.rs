@@ -199,6 +199,14 @@ fn substitutions(values: &Values) -> anyhow::Result<Vec<Substitution>> {
         Substitution {
             file: Some("gateway.yaml"),
             ..any(
+                None,
+                json!(format!("--gateway-class={}", values.gateway.class_name)),
+                Helm::Scalar("--gateway-class={{ .Values.gateway.className }}"),
+            )
+        },
+        Substitution {
+            file: Some("gateway.yaml"),
+            ..any(
                 Some("replicas"),
                 json!(values.gateway.replicas),
                 Helm::Scalar("{{ .Values.gateway.replicas }}"),

@@ -133,7 +133,20 @@ pub fn gateway_manifest(values: &Values) -> Manifest {
             }),
             to_value(ClusterRole {
                 metadata: cluster_meta(GATEWAY, "gateway"),
-                rules: Some(mesh_config_rules(&["gateways"])),
+                rules: Some(
+                    mesh_config_rules(&["gateways"])
+                        .into_iter()
+                        .chain([
+                            rule(&["gateway.networking.k8s.io"], &["gateways"], READ),
+                            // Accepted, Programmed, ResolvedRefs, attached routes.
+                            rule(
+                                &["gateway.networking.k8s.io"],
+                                &["gateways/status", "httproutes/status"],
+                                &["patch"],
+                            ),
+                        ])
+                        .collect(),
+                ),
                 ..ClusterRole::default()
             }),
             to_value(ClusterRoleBinding {
@@ -186,6 +199,7 @@ fn gateway_deployment(values: &Values) -> Deployment {
                 "--num-trusted-proxies={}",
                 values.gateway.num_trusted_proxies
             ),
+            &format!("--gateway-class={}", values.gateway.class_name),
         ]),
         env: Some(vec![
             field_env("NODE_NAME", "spec.nodeName"),
@@ -1167,6 +1181,15 @@ const CRDS: &[Crd] = &[
         short_names: &["gw"],
         category: "istio-io",
         versions: &["v1", "v1beta1", "v1alpha3"],
+    },
+    Crd {
+        file: "gateways.gateway.networking.k8s.io.yaml",
+        group: "gateway.networking.k8s.io",
+        kind: "Gateway",
+        plural: "gateways",
+        short_names: &["gtw"],
+        category: "gateway-api",
+        versions: &["v1", "v1beta1"],
     },
     Crd {
         file: "httproutes.gateway.networking.k8s.io.yaml",

@@ -222,7 +222,7 @@ impl Outbound {
     /// The route of `request`: the dialed Service's, or at a gateway its servers' (`Err`:
     /// the gateway's own answer, a redirect to HTTPS).
     fn select<'s>(
-        &self,
+        &'s self,
         state: &'s State,
         request: &Request<Incoming>,
     ) -> Result<RouteMatch<'s>, Box<Response<ProxyBody>>> {
