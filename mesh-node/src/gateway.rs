@@ -9,3 +9,4 @@
 //! [`plan::gateway`](crate::plan::gateway); here are the certificates and the listeners.
 pub mod credential;
 pub mod serve;
+pub mod status;

@@ -438,6 +438,29 @@ fn match_rules<'a>(rules: &'a [CompiledRule], request: &RequestInfo<'_>) -> Rout
     }
 }
 
+impl ApiRoute {
+    /// The Services its rules send to (and mirror to), each once.
+    pub fn backends(&self) -> Vec<&ObjectKey> {
+        let mut backends: Vec<&ObjectKey> = Vec::new();
+        for compiled in &self.http {
+            let routed = match &compiled.rule.action {
+                HttpAction::Route(destinations) => destinations.as_slice(),
+                _ => &[],
+            };
+            let sent_to = routed
+                .iter()
+                .map(|d| &d.destination.service)
+                .chain(compiled.rule.mirror.iter().map(|m| &m.destination.service));
+            for service in sent_to {
+                if !backends.contains(&service) {
+                    backends.push(service);
+                }
+            }
+        }
+        backends
+    }
+}
+
 /// Of `candidates`, the one whose `hosts` match `host` most specifically; the first of equals.
 pub fn most_specific_host<'a>(
     candidates: impl IntoIterator<Item = &'a GatewayHost>,

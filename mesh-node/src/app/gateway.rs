@@ -17,7 +17,10 @@ use crate::{
     cli::GatewayConfig,
     egress::OutboundTrafficPolicy,
     endpoints::{self, Endpoints},
-    gateway::serve::{self, Gateway, Plan},
+    gateway::{
+        serve::{self, Gateway, Plan},
+        status,
+    },
     inventory::ObjectKey,
     jwks,
     metrics::Metrics,
@@ -85,6 +88,7 @@ pub async fn build_gateway(
     )
     .await?
     .for_gateway(&config.pod_namespace);
+    let status_client = source.kube_client();
     tasks.spawn(source.run(
         state_tx,
         metrics.node.clone(),
@@ -145,6 +149,17 @@ pub async fn build_gateway(
         plan_tx,
         shutdown.clone(),
     ));
+    // With the API server as the source, the Gateway API's status is written back.
+    if let Some(client) = status_client {
+        tasks.spawn(status::keep_written(
+            client,
+            state_rx.clone(),
+            plan_rx.clone(),
+            config.gateway_class.clone(),
+            config.pod_namespace.clone(),
+            shutdown.clone(),
+        ));
+    }
     let listening = shutdown.child_token();
     tasks.spawn(serve::run(gateway, plan_rx.clone(), listening.clone()));
     tasks.spawn(endpoints::serve(

@@ -65,6 +65,15 @@ impl ConfigSource {
         }
     }
 
+    /// The API server's client, when the config comes from it (a gateway writes the
+    /// Gateway API's status with it).
+    pub(super) fn kube_client(&self) -> Option<kube::Client> {
+        match self {
+            Self::Kube(source) => Some(source.client()),
+            _ => None,
+        }
+    }
+
     pub(super) async fn run(
         self,
         tx: StateTx,

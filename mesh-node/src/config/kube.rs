@@ -338,6 +338,10 @@ impl KubeSource {
         )
     }
 
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// A gateway's source: Gateways too, and the Secrets of its own `namespace`, whose
     /// certificates its servers name.
     pub fn for_gateway(mut self, namespace: impl Into<String>) -> Self {
