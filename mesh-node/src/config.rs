@@ -37,6 +37,24 @@ pub(crate) fn object_from_yaml(value: serde_yaml::Value) -> Result<Object, Strin
     }
 }
 
+/// The state the sources would publish for the multi-document `yaml`; a document that is
+/// refused fails the test.
+#[cfg(test)]
+pub(crate) fn state_from_yaml(yaml: &str) -> crate::state::State {
+    use serde::Deserialize as _;
+    let objects: Vec<Object> = serde_yaml::Deserializer::from_str(yaml)
+        .map(|document| {
+            let value = serde_yaml::Value::deserialize(document).expect("YAML");
+            let object = object_from_yaml(value).unwrap_or_else(|error| panic!("{error}"));
+            if let Err(error) = validate(&object) {
+                panic!("{} should be valid: {error}", object.id());
+            }
+            object
+        })
+        .collect();
+    translate(&objects, Vec::new(), crate::policy::DEFAULT_ROOT_NAMESPACE)
+}
+
 /// Runs a load, which takes a while on a big cluster, without holding up the tasks that
 /// share its runtime worker (health and metrics endpoints, the proxy): on a multi-threaded
 /// runtime the worker hands its other tasks to another thread meanwhile.

@@ -1,10 +1,5 @@
-use serde::Deserialize;
-
 use super::*;
-use crate::{
-    config::{Object, object_from_yaml, translate, validate},
-    policy::jwt::NothingFetched,
-};
+use crate::policy::jwt::NothingFetched;
 
 // === helpers ===
 
@@ -76,17 +71,7 @@ spec:
 
 /// The state the agent would publish for `yaml` (every object must validate).
 fn state(yaml: &str) -> State {
-    let objects: Vec<Object> = serde_yaml::Deserializer::from_str(yaml)
-        .map(|document| {
-            let value = serde_yaml::Value::deserialize(document).unwrap();
-            let object = object_from_yaml(value).unwrap_or_else(|error| panic!("{error}"));
-            if let Err(error) = validate(&object) {
-                panic!("{} should be valid: {error}", object.id());
-            }
-            object
-        })
-        .collect();
-    let state = translate(&objects, Vec::new(), crate::policy::DEFAULT_ROOT_NAMESPACE);
+    let state = crate::config::state_from_yaml(yaml);
     assert!(state.rejections.is_empty(), "{:?}", state.rejections);
     state
 }

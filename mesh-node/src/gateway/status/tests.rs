@@ -3,10 +3,8 @@ use std::collections::BTreeMap;
 use http::{Method, Request, Response};
 use kube::client::Body;
 use parking_lot::Mutex;
-use serde::Deserialize;
 
 use super::*;
-use crate::config::{Object, object_from_yaml, translate, validate};
 
 /// The gateway's pod in `istio-system`, a Gateway of its class there with a plain listener
 /// open to every namespace and an HTTPS one (whose Secret is missing) open to labelled
@@ -98,17 +96,7 @@ spec:
 ";
 
 fn state(yaml: &str) -> State {
-    let objects: Vec<Object> = serde_yaml::Deserializer::from_str(yaml)
-        .map(|document| {
-            let value = serde_yaml::Value::deserialize(document).unwrap();
-            let object = object_from_yaml(value).unwrap_or_else(|error| panic!("{error}"));
-            if let Err(error) = validate(&object) {
-                panic!("{} should be valid: {error}", object.id());
-            }
-            object
-        })
-        .collect();
-    translate(&objects, Vec::new(), crate::policy::DEFAULT_ROOT_NAMESPACE)
+    crate::config::state_from_yaml(yaml)
 }
 
 fn statuses() -> BTreeMap<String, Value> {
