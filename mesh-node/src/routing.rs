@@ -48,6 +48,7 @@ pub mod gateway;
 pub mod gateway_api;
 pub mod host;
 pub mod http_route;
+pub mod l4_route;
 mod matching;
 mod rule;
 mod traffic_policy;
@@ -84,6 +85,12 @@ pub enum RoutingSpec<'a> {
     /// `created` (metadata.creationTimestamp) is the Gateway API's tie-break between routes.
     HttpRoute {
         spec: &'a HttpRouteSpec,
+        created: Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    },
+    /// A TLSRoute or TCPRoute (`kind`).
+    L4Route {
+        kind: gateway_api::RouteKind,
+        spec: &'a l4_route::L4RouteSpec,
         created: Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     },
 }
@@ -205,6 +212,8 @@ pub struct ApiRoute {
     pub hostnames: Vec<String>,
     pub parents: Vec<http_route::GatewayParent>,
     http: Vec<CompiledRule>,
+    /// A TLSRoute's or TCPRoute's backends.
+    l4: Vec<WeightedDestination>,
 }
 
 /// One VirtualService as a gateway applies it: to requests whose host matches `hosts`.
@@ -294,10 +303,7 @@ impl Routes {
             .get(gateway)?
             .iter()
             .filter(|candidate| admitted(candidate))
-            .find_map(|candidate| {
-                let rule = candidate.tcp.iter().find(|r| r.applies_to_port(port))?;
-                Some((candidate, rule.route.as_slice()))
-            })
+            .find_map(|candidate| Some((candidate, candidate.tcp_route(port)?)))
     }
 
     /// The first `tls` rule for `port` and `sni` of the VirtualServices bound to `gateway`
@@ -313,10 +319,7 @@ impl Routes {
             .get(gateway)?
             .iter()
             .filter(|candidate| admitted(&candidate.namespace))
-            .find_map(|candidate| {
-                let rule = candidate.tls.iter().find(|r| r.applies(port, sni))?;
-                Some((candidate, rule.route.as_slice()))
-            })
+            .find_map(|candidate| Some((candidate, candidate.tls_route(port, sni)?)))
     }
 
     /// Whether any VirtualService binds to `gateway`.
@@ -442,6 +445,12 @@ impl ApiRoute {
     /// The Services its rules send to (and mirror to), each once.
     pub fn backends(&self) -> Vec<&ObjectKey> {
         let mut backends: Vec<&ObjectKey> = Vec::new();
+        let l4 = self.l4.iter().map(|d| &d.destination.service);
+        for service in l4 {
+            if !backends.contains(&service) {
+                backends.push(service);
+            }
+        }
         for compiled in &self.http {
             let routed = match &compiled.rule.action {
                 HttpAction::Route(destinations) => destinations.as_slice(),
@@ -486,6 +495,25 @@ impl GatewayHost {
     /// The rules of `routes` (attached to one listener, oldest first) for requests to
     /// `hostname`, in the Gateway API's precedence.
     pub fn merged(hostname: &str, routes: &[&ApiRoute]) -> Self {
+        let l4 = |kind| {
+            routes
+                .iter()
+                .filter(move |r| r.kind == kind)
+                .map(|r| r.l4.clone())
+        };
+        let tcp = l4(gateway_api::RouteKind::Tcp)
+            .map(|route| TcpRule {
+                ports: Vec::new(),
+                route,
+            })
+            .collect();
+        let tls = l4(gateway_api::RouteKind::Tls)
+            .map(|route| TlsRule {
+                ports: Vec::new(),
+                sni_hosts: vec![hostname.to_string()],
+                route,
+            })
+            .collect();
         let mut http: Vec<CompiledRule> = routes.iter().flat_map(|r| r.http.clone()).collect();
         // Stable: equal precedence keeps route, rule and match order.
         http.sort_by_key(|compiled| std::cmp::Reverse(http_route::precedence(&compiled.rule)));
@@ -498,9 +526,21 @@ impl GatewayHost {
             namespace: String::new(),
             hosts: vec![hostname.to_string()],
             http,
-            tcp: Vec::new(),
-            tls: Vec::new(),
+            tcp,
+            tls,
         }
+    }
+
+    /// Its first `tcp` rule for `port`.
+    pub fn tcp_route(&self, port: u16) -> Option<&[WeightedDestination]> {
+        let rule = self.tcp.iter().find(|r| r.applies_to_port(port))?;
+        Some(&rule.route)
+    }
+
+    /// Its first `tls` rule for `port` and `sni`.
+    pub fn tls_route(&self, port: u16, sni: &str) -> Option<&[WeightedDestination]> {
+        let rule = self.tls.iter().find(|r| r.applies(port, sni))?;
+        Some(&rule.route)
     }
 
     /// The rule for a request arriving at the gateway; a request no rule matches has no

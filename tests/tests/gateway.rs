@@ -893,6 +893,65 @@ spec:
           number: 9000
 "#;
 
+/// The same at a Gateway API Gateway: a TLS listener passing through to my-nginx by
+/// TLSRoute, and a TCP listener to tcp-echo by TCPRoute.
+const TLS_AND_TCP_ROUTES: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: edge
+  namespace: istio-system
+spec:
+  gatewayClassName: nodemesh
+  listeners:
+  - name: tls
+    hostname: "*.example.com"
+    port: 9443
+    protocol: TLS
+    tls:
+      mode: Passthrough
+    allowedRoutes:
+      namespaces:
+        from: All
+  - name: tcp
+    port: 31500
+    protocol: TCP
+    allowedRoutes:
+      namespaces:
+        from: All
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata:
+  name: nginx
+  namespace: default
+spec:
+  parentRefs:
+  - name: edge
+    namespace: istio-system
+    sectionName: tls
+  hostnames:
+  - nginx.example.com
+  rules:
+  - backendRefs:
+    - name: my-nginx
+      port: 443
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata:
+  name: tcp-echo
+  namespace: default
+spec:
+  parentRefs:
+  - name: edge
+    namespace: istio-system
+    sectionName: tcp
+  rules:
+  - backendRefs:
+    - name: tcp-echo
+      port: 9000
+"#;
+
 /// An HTTPS server with the certificate and key files it is given, on [`NGINX_PORT`]:
 /// `GET` answers 200 "served by my-nginx".
 const TLS_SERVER_PY: &str = r#"
@@ -960,7 +1019,7 @@ fn a_gateway_passes_tls_through_by_sni_and_routes_tcp_into_the_mesh() {
     scene.cluster.write_config(
         "passthrough.yaml",
         &format!(
-            "{}---\n{PASSTHROUGH_AND_TCP}",
+            "{}---\n{PASSTHROUGH_AND_TCP}---\n{TLS_AND_TCP_ROUTES}",
             ca.secret("db-credential", "db.example.com")
         ),
     );
@@ -1008,6 +1067,29 @@ fn a_gateway_passes_tls_through_by_sni_and_routes_tcp_into_the_mesh() {
     });
     assert_eq!(reply["server"], "tcp-echo", "{reply}");
     assert_eq!(reply["echo"], "hello", "{reply}");
+
+    // The Gateway API's TLSRoute and TCPRoute do the same at a Gateway's listeners.
+    let output = scene.curl("https://nginx.example.com:9443/", &trust_backend);
+    assert!(
+        String::from_utf8_lossy(&output.stdout).starts_with("served by my-nginx"),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !scene
+            .curl("https://www.example.com:9443/", &["-k"])
+            .status
+            .success(),
+        "a name no TLSRoute takes was passed through"
+    );
+    let output = connect(
+        &scene.cluster,
+        &scene.client,
+        &format!("{}:31500", scene.gateway.ip),
+        1,
+    );
+    assert_eq!(replies(&output)[0]["server"], "tcp-echo");
     // TLS the gateway terminates with db-credential, routed as TCP.
     let tls_line = || {
         scene

@@ -139,6 +139,11 @@ pub(crate) fn classify<V: Tree>(meta: TypeMeta, value: &V) -> Document {
         "gateway.networking.k8s.io/v1",
         "gateway.networking.k8s.io/v1beta1",
     ];
+    // TLSRoute and TCPRoute are in the Gateway API's experimental channel.
+    const GATEWAY_ALPHA: [&str; 2] = [
+        "gateway.networking.k8s.io/v1alpha2",
+        "gateway.networking.k8s.io/v1alpha3",
+    ];
     let api = meta.api_version.as_str();
     // Reads a document as one kind of [`Object`].
     type Parse<V> = fn(&V) -> Result<Object, String>;
@@ -172,6 +177,12 @@ pub(crate) fn classify<V: Tree>(meta: TypeMeta, value: &V) -> Document {
         "Gateway" if GATEWAY.contains(&api) => (crate::routing::gateway_api::KIND, |v| {
             parse_as(v, Object::ApiGateway)
         }),
+        "TLSRoute" if GATEWAY_ALPHA.contains(&api) => {
+            ("TLSRoute", |v| parse_as(v, Object::TlsRoute))
+        }
+        "TCPRoute" if GATEWAY_ALPHA.contains(&api) => {
+            ("TCPRoute", |v| parse_as(v, Object::TcpRoute))
+        }
         "Secret" if api == "v1" => ("Secret", parse_secret),
         _ => return Document::Ignored { kind: meta.kind },
     };

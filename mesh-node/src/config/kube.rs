@@ -55,7 +55,7 @@ pub struct WatchedKind {
 }
 
 /// Every kind the translation understands, at the version the source asks the API server for.
-pub const WATCHED_KINDS: [WatchedKind; 14] = [
+pub const WATCHED_KINDS: [WatchedKind; 16] = [
     watched("v1", "Namespace", "namespaces"),
     watched("v1", "Pod", "pods"),
     watched("v1", "Service", "services"),
@@ -90,11 +90,21 @@ pub const WATCHED_KINDS: [WatchedKind; 14] = [
     // Watched by gateways only ([`KubeSource::for_gateway`]); Secrets in their namespace.
     watched("networking.istio.io/v1", "Gateway", "gateways"),
     watched("gateway.networking.k8s.io/v1", "Gateway", "gateways"),
+    watched(
+        "gateway.networking.k8s.io/v1alpha2",
+        "TLSRoute",
+        "tlsroutes",
+    ),
+    watched(
+        "gateway.networking.k8s.io/v1alpha2",
+        "TCPRoute",
+        "tcproutes",
+    ),
     watched("v1", "Secret", "secrets"),
 ];
 
 /// The kinds only a gateway reads: agents neither need them nor may read Secrets.
-const GATEWAY_KINDS: [&str; 2] = ["Gateway", SECRET];
+const GATEWAY_KINDS: [&str; 4] = ["Gateway", "TLSRoute", "TCPRoute", SECRET];
 /// Watched in one namespace only: a gateway's certificates.
 const SECRET: &str = "Secret";
 

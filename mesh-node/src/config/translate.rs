@@ -22,7 +22,8 @@ use crate::{
     routing::{
         DestinationRuleSpec, HttpRouteSpec, Routes, RoutingError, RoutingSpec, VirtualServiceSpec,
         gateway::{GatewayError, GatewaySpec},
-        gateway_api::{ApiGatewayError, ApiGatewaySpec, KIND as API_GATEWAY_KIND},
+        gateway_api::{ApiGatewayError, ApiGatewaySpec, KIND as API_GATEWAY_KIND, RouteKind},
+        l4_route::L4RouteSpec,
     },
     state::State,
 };
@@ -60,6 +61,10 @@ pub enum Object {
     Gateway(Arc<IstioObject<GatewaySpec>>),
     /// The Gateway API's `Gateway`: the listeners of a gateway of its class.
     ApiGateway(Arc<IstioObject<ApiGatewaySpec>>),
+    /// The Gateway API's `TLSRoute` (v1alpha2): TLS a Gateway's listener passes through.
+    TlsRoute(Arc<IstioObject<L4RouteSpec>>),
+    /// The Gateway API's `TCPRoute` (v1alpha2).
+    TcpRoute(Arc<IstioObject<L4RouteSpec>>),
     /// A Secret, of which only the certificate entries a gateway serves are kept.
     Secret(Arc<TlsSecret>),
 }
@@ -108,6 +113,8 @@ impl Object {
             Object::HttpRoute(o) => ("HTTPRoute", full(&o.metadata)),
             Object::Gateway(o) => ("Gateway", full(&o.metadata)),
             Object::ApiGateway(o) => (API_GATEWAY_KIND, full(&o.metadata)),
+            Object::TlsRoute(o) => ("TLSRoute", full(&o.metadata)),
+            Object::TcpRoute(o) => ("TCPRoute", full(&o.metadata)),
             Object::Secret(o) => (
                 "Secret",
                 (Some(o.key.name.clone()), Some(o.key.namespace.clone())),
@@ -132,6 +139,16 @@ impl Object {
             Object::VirtualService(o) => RoutingSpec::VirtualService(&o.spec),
             Object::DestinationRule(o) => RoutingSpec::DestinationRule(&o.spec),
             Object::HttpRoute(o) => RoutingSpec::HttpRoute {
+                spec: &o.spec,
+                created: o.metadata.creation_timestamp.as_ref(),
+            },
+            Object::TlsRoute(o) => RoutingSpec::L4Route {
+                kind: RouteKind::Tls,
+                spec: &o.spec,
+                created: o.metadata.creation_timestamp.as_ref(),
+            },
+            Object::TcpRoute(o) => RoutingSpec::L4Route {
+                kind: RouteKind::Tcp,
                 spec: &o.spec,
                 created: o.metadata.creation_timestamp.as_ref(),
             },
@@ -164,6 +181,8 @@ pub fn validate(object: &Object) -> Result<(), TranslateError> {
         Object::HttpRoute(route) => Ok(route.spec.validate(&id.namespace)?),
         Object::Gateway(gateway) => Ok(gateway.spec.validate()?),
         Object::ApiGateway(gateway) => Ok(gateway.spec.validate()?),
+        Object::TlsRoute(route) => Ok(route.spec.validate(RouteKind::Tls, &id.namespace)?),
+        Object::TcpRoute(route) => Ok(route.spec.validate(RouteKind::Tcp, &id.namespace)?),
         // Its certificates are read by the gateway that serves them, which reports them.
         Object::Secret(_) => Ok(()),
         // Checked when it was read (`pod`).

@@ -511,7 +511,7 @@ async fn relay<S>(
     io: S,
     connection: &Connection,
     gateway: &Gateway,
-    route: impl for<'s> FnOnce(&'s State) -> Option<L4Route<'s>>,
+    route: impl FnOnce(&State) -> Option<L4Route>,
 ) -> Result<(), ProxyError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -520,7 +520,7 @@ where
     let routed = admit_connection(&state, gateway, connection).and_then(|()| {
         let route = route(&state).ok_or(ProxyError::NoRoute)?;
         debug!(peer = %connection.peer, route = route.origin, "gateway connection routed");
-        route.destination.cloned().ok_or(ProxyError::NoRoute)
+        route.destination.ok_or(ProxyError::NoRoute)
     });
     let result = match routed {
         Ok(destination) => {

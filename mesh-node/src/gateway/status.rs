@@ -1,6 +1,6 @@
 //! The Gateway API's status, written back to the API server: whether each Gateway of the
 //! gateway's class is accepted and programmed, each listener's conditions and attached
-//! routes, and for each HTTPRoute that names such a Gateway, whether it attached and whether
+//! routes, and for each route (HTTPRoute, TLSRoute, TCPRoute) that names such a Gateway, whether it attached and whether
 //! its backends exist. Users (and `kubectl get gateway`) read these to see what the gateway
 //! made of their resources.
 //!
@@ -26,7 +26,7 @@ use crate::{
     plan::gateway::{attachment, parent_attachments},
     routing::{
         ApiRoute,
-        gateway_api::{ApiGatewaySpec, GROUP, KIND as API_GATEWAY_KIND, Listener},
+        gateway_api::{ApiGatewaySpec, GROUP, KIND as API_GATEWAY_KIND, Listener, RouteKind},
     },
     state::{State, StateRx},
 };
@@ -40,16 +40,18 @@ const RETRY: Duration = Duration::from_secs(10);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum StatusKind {
     Gateway,
-    HttpRoute,
+    Route(RouteKind),
 }
 
 impl StatusKind {
     fn api_resource(self) -> ApiResource {
-        let (kind, plural) = match self {
-            StatusKind::Gateway => ("Gateway", "gateways"),
-            StatusKind::HttpRoute => ("HTTPRoute", "httproutes"),
+        let (kind, plural, version) = match self {
+            StatusKind::Gateway => ("Gateway", "gateways", "v1"),
+            StatusKind::Route(RouteKind::Http) => ("HTTPRoute", "httproutes", "v1"),
+            StatusKind::Route(RouteKind::Tls) => ("TLSRoute", "tlsroutes", "v1alpha2"),
+            StatusKind::Route(RouteKind::Tcp) => ("TCPRoute", "tcproutes", "v1alpha2"),
         };
-        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, "v1", kind), plural)
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, version, kind), plural)
     }
 }
 
@@ -152,7 +154,7 @@ pub fn desired(state: &State, plan: &Plan, class: &str, namespace: &str) -> Vec<
     for (route, parents) in routes {
         let name = route.origin.rsplit('/').next().unwrap_or_default();
         statuses.push(Desired {
-            kind: StatusKind::HttpRoute,
+            kind: StatusKind::Route(route.kind),
             key: ObjectKey::new(route.namespace.as_str(), name),
             status: json!({ "parents": parents }),
         });
@@ -341,8 +343,8 @@ pub async fn keep_written(
     }
 }
 
-/// Patches `status` into the object. An HTTPRoute's parents that other controllers wrote
-/// are read first and kept.
+/// Patches `status` into the object. A route's parents that other controllers wrote are
+/// read first and kept.
 async fn write(
     client: &Client,
     kind: StatusKind,
@@ -351,7 +353,7 @@ async fn write(
 ) -> Result<(), kube::Error> {
     let api: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), &key.namespace, &kind.api_resource());
-    if kind == StatusKind::HttpRoute {
+    if let StatusKind::Route(_) = kind {
         let current = api.get_status(&key.name).await?;
         let others = current.data["status"]["parents"]
             .as_array()

@@ -15,7 +15,7 @@ use super::{admission::Caller, request::RequestHead};
 use crate::{
     inventory::{Labels, ObjectKey},
     routing::{
-        ApiRoute, Destination, GatewayHost, RequestInfo, RouteMatch,
+        ApiRoute, Destination, GatewayHost, RequestInfo, RouteMatch, WeightedDestination,
         gateway::{ServerHost, ServerProtocol, TlsMode},
         gateway_api::Listener,
         host,
@@ -110,51 +110,60 @@ impl ServerPlan {
 
 /// Where a connection (not HTTP requests) at the gateway goes.
 #[derive(Debug)]
-pub struct L4Route<'s> {
-    /// The VirtualService that routes it, `VirtualService ns/name`.
-    pub origin: &'s str,
+pub struct L4Route {
+    /// What routes it, `VirtualService ns/name` or the routes attached to a listener.
+    pub origin: String,
     /// The destination picked by weight; `None` when every weight is 0.
-    pub destination: Option<&'s Destination>,
+    pub destination: Option<Destination>,
+}
+
+impl L4Route {
+    fn picked(host: &GatewayHost, route: &[WeightedDestination]) -> Self {
+        Self {
+            origin: host.origin.clone(),
+            destination: pick_at_random(route).cloned(),
+        }
+    }
 }
 
 /// Routes a connection on `port` of a TCP server (or of a TLS server, once the gateway
 /// terminated its TLS): the first `tcp` rule for the port of a VirtualService bound to one
 /// of `servers` (in order) that the server lets in.
-pub fn select_tcp<'s>(
-    state: &'s State,
-    servers: &[Arc<ServerPlan>],
-    port: u16,
-) -> Option<L4Route<'s>> {
+pub fn select_tcp(state: &State, servers: &[Arc<ServerPlan>], port: u16) -> Option<L4Route> {
     servers.iter().find_map(|server| {
-        let (host, route) = state
-            .routes
-            .gateway_tcp_route(&server.gateway, port, |r| server.admits_route(r))?;
-        Some(L4Route {
-            origin: &host.origin,
-            destination: pick_at_random(route),
-        })
+        let (host, route) = match &server.listener {
+            Some((_, attached)) => attached
+                .iter()
+                .find_map(|host| Some((host, host.tcp_route(port)?)))?,
+            None => state
+                .routes
+                .gateway_tcp_route(&server.gateway, port, |r| server.admits_route(r))?,
+        };
+        Some(L4Route::picked(host, route))
     })
 }
 
 /// Routes a connection whose TLS `server` passes through, by the `sni` its ClientHello
 /// asked for: the first `tls` rule for the port and name, of a VirtualService bound to the
 /// server's Gateway whose namespace the server lets bind that name.
-pub fn select_passthrough<'s>(
-    state: &'s State,
+pub fn select_passthrough(
+    state: &State,
     server: &ServerPlan,
     port: u16,
     sni: &str,
-) -> Option<L4Route<'s>> {
-    let (host, route) =
-        state
+) -> Option<L4Route> {
+    let (host, route) = match &server.listener {
+        Some((_, attached)) => {
+            let host = most_specific_host(attached, sni)?;
+            (host, host.tls_route(port, sni)?)
+        }
+        None => state
             .routes
             .gateway_tls_route(&server.gateway, port, sni, |namespace| {
                 server.admits(namespace, sni)
-            })?;
-    Some(L4Route {
-        origin: &host.origin,
-        destination: pick_at_random(route),
-    })
+            })?,
+    };
+    Some(L4Route::picked(host, route))
 }
 
 /// The server among `servers` (each `plan`'s) that serves `name` (the most specific host;

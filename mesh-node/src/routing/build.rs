@@ -2,6 +2,7 @@
 //! a Service, and how DestinationRules merge.
 use std::collections::{BTreeMap, HashMap, HashSet, btree_map::Entry};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::{Serialize, Serializer};
 
 use super::{
@@ -263,20 +264,54 @@ fn compiled_http_routes<'a>(
         .collect()
 }
 
-/// The HTTPRoutes that ask to attach to Gateway API Gateways, oldest first.
+/// The HTTPRoutes, TLSRoutes and TCPRoutes that ask to attach to Gateway API Gateways,
+/// oldest first, then by name.
 fn api_routes(sorted: &[&(ObjectId, RoutingSpec<'_>)]) -> Vec<ApiRoute> {
-    compiled_http_routes(sorted)
-        .into_iter()
-        .filter(|(_, compiled)| !compiled.gateways.is_empty())
-        .map(|(id, compiled)| ApiRoute {
-            origin: id.to_string(),
-            namespace: id.namespace.clone(),
-            kind: RouteKind::Http,
-            hostnames: compiled.hostnames,
-            parents: compiled.gateways,
-            http: compiled.rules,
-        })
-        .collect()
+    let mut routes: Vec<(Option<&Time>, &ObjectId, ApiRoute)> = Vec::new();
+    for (id, spec) in sorted {
+        let (created, route) = match spec {
+            RoutingSpec::HttpRoute { spec, created } => {
+                let Ok(compiled) = spec.compile(&id.namespace, &id.to_string()) else {
+                    continue;
+                };
+                let route = ApiRoute {
+                    origin: id.to_string(),
+                    namespace: id.namespace.clone(),
+                    kind: RouteKind::Http,
+                    hostnames: compiled.hostnames,
+                    parents: compiled.gateways,
+                    http: compiled.rules,
+                    l4: Vec::new(),
+                };
+                (*created, route)
+            }
+            RoutingSpec::L4Route {
+                kind,
+                spec,
+                created,
+            } => {
+                let Ok(compiled) = spec.compile(*kind, &id.namespace) else {
+                    continue;
+                };
+                let route = ApiRoute {
+                    origin: id.to_string(),
+                    namespace: id.namespace.clone(),
+                    kind: *kind,
+                    hostnames: compiled.hostnames,
+                    parents: compiled.gateways,
+                    http: Vec::new(),
+                    l4: compiled.route,
+                };
+                (*created, route)
+            }
+            RoutingSpec::VirtualService(_) | RoutingSpec::DestinationRule(_) => continue,
+        };
+        if !route.parents.is_empty() {
+            routes.push((created, id, route));
+        }
+    }
+    routes.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    routes.into_iter().map(|(_, _, route)| route).collect()
 }
 
 /// Maps keyed by Service, serialized with `namespace/name` keys (JSON keys are strings).

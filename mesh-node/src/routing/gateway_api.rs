@@ -110,7 +110,7 @@ pub struct RouteGroupKind {
 }
 
 /// The route kinds a listener takes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum RouteKind {
     #[serde(rename = "HTTPRoute")]
     Http,

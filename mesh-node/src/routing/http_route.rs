@@ -358,20 +358,10 @@ impl HttpRouteSpec {
         if self.rules.is_empty() {
             rules.extend(HttpRouteRule::default().compile("rules", namespace, origin)?);
         }
-        let mut hostnames = Vec::new();
-        for (i, hostname) in self.hostnames.iter().enumerate() {
-            if hostname == "*" || !super::host::is_host_pattern(hostname) {
-                return Err(RoutingError::Invalid {
-                    field: format!("hostnames[{i}]"),
-                    reason: format!("{hostname:?} is not a host name (a DNS name or *.suffix)"),
-                });
-            }
-            hostnames.push(hostname.to_ascii_lowercase());
-        }
         Ok(CompiledHttpRoute {
             parents,
             gateways,
-            hostnames,
+            hostnames: route_hostnames(&self.hostnames)?,
             rules,
         })
     }
@@ -462,17 +452,12 @@ impl HttpRouteRule {
                     what: "per-backend filters (set them on the rule)".into(),
                 });
             }
-            let weight = backend.weight.unwrap_or(1);
-            if weight < 0 {
-                return Err(RoutingError::NegativeWeight {
-                    field: format!("{at}.weight"),
-                    weight,
-                });
-            }
-            destinations.push(WeightedDestination {
-                destination: backend.backend.compile(&at, namespace)?,
-                weight: fields::count(&format!("{at}.weight"), weight)?,
-            });
+            destinations.push(weighted_backend(
+                &at,
+                &backend.backend,
+                backend.weight,
+                namespace,
+            )?);
         }
         // The Gateway API answers 500 when a rule has no backend that can take traffic.
         if super::total_weight(&destinations) == 0 {
@@ -600,6 +585,41 @@ fn unknown_type(field: &str, kind: &str) -> RoutingError {
         field: field.to_string(),
         reason: format!("unknown type {kind:?}"),
     }
+}
+
+/// A route's `hostnames`, checked and in lower case.
+pub(super) fn route_hostnames(hostnames: &[String]) -> Result<Vec<String>, RoutingError> {
+    let mut checked = Vec::new();
+    for (i, hostname) in hostnames.iter().enumerate() {
+        if hostname == "*" || !super::host::is_host_pattern(hostname) {
+            return Err(RoutingError::Invalid {
+                field: format!("hostnames[{i}]"),
+                reason: format!("{hostname:?} is not a host name (a DNS name or *.suffix)"),
+            });
+        }
+        checked.push(hostname.to_ascii_lowercase());
+    }
+    Ok(checked)
+}
+
+/// A `backendRefs` entry at `field`, with its relative `weight` (default 1).
+pub(super) fn weighted_backend(
+    field: &str,
+    backend: &BackendRef,
+    weight: Option<i64>,
+    namespace: &str,
+) -> Result<WeightedDestination, RoutingError> {
+    let weight = weight.unwrap_or(1);
+    if weight < 0 {
+        return Err(RoutingError::NegativeWeight {
+            field: format!("{field}.weight"),
+            weight,
+        });
+    }
+    Ok(WeightedDestination {
+        destination: backend.compile(field, namespace)?,
+        weight: fields::count(&format!("{field}.weight"), weight)?,
+    })
 }
 
 impl BackendRef {

@@ -137,12 +137,21 @@ pub fn gateway_manifest(values: &Values) -> Manifest {
                     mesh_config_rules(&["gateways"])
                         .into_iter()
                         .chain([
-                            rule(&["gateway.networking.k8s.io"], &["gateways"], READ),
+                            rule(
+                                &["gateway.networking.k8s.io"],
+                                &["gateways", "tlsroutes", "tcproutes"],
+                                READ,
+                            ),
                             // Accepted, Programmed, ResolvedRefs, attached routes.
                             rule(
                                 &["gateway.networking.k8s.io"],
-                                &["gateways/status", "httproutes/status"],
-                                &["patch"],
+                                &[
+                                    "gateways/status",
+                                    "httproutes/status",
+                                    "tlsroutes/status",
+                                    "tcproutes/status",
+                                ],
+                                &["get", "patch"],
                             ),
                         ])
                         .collect(),
@@ -1190,6 +1199,24 @@ const CRDS: &[Crd] = &[
         short_names: &["gtw"],
         category: "gateway-api",
         versions: &["v1", "v1beta1"],
+    },
+    Crd {
+        file: "tlsroutes.gateway.networking.k8s.io.yaml",
+        group: "gateway.networking.k8s.io",
+        kind: "TLSRoute",
+        plural: "tlsroutes",
+        short_names: &[],
+        category: "gateway-api",
+        versions: &["v1alpha2"],
+    },
+    Crd {
+        file: "tcproutes.gateway.networking.k8s.io.yaml",
+        group: "gateway.networking.k8s.io",
+        kind: "TCPRoute",
+        plural: "tcproutes",
+        short_names: &[],
+        category: "gateway-api",
+        versions: &["v1alpha2"],
     },
     Crd {
         file: "httproutes.gateway.networking.k8s.io.yaml",

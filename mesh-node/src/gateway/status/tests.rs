@@ -178,7 +178,7 @@ fn gateways_of_the_class_and_their_listeners_report_what_is_served() {
 fn each_parent_ref_of_a_route_says_whether_it_attached_and_why_not() {
     let statuses = statuses();
     let parent = |route: &str| {
-        let status = &statuses[&format!("HttpRoute {route}")];
+        let status = &statuses[&format!("Route(Http) {route}")];
         assert_eq!(status["parents"][0]["controllerName"], CONTROLLER_NAME);
         conditions(&status["parents"][0]["conditions"])
     };
@@ -205,7 +205,7 @@ fn each_parent_ref_of_a_route_says_whether_it_attached_and_why_not() {
             "ResolvedRefs=False BackendNotFound"
         ]
     );
-    let reference = &statuses["HttpRoute default/no-such-listener"]["parents"][0]["parentRef"];
+    let reference = &statuses["Route(Http) default/no-such-listener"]["parents"][0]["parentRef"];
     assert_eq!(
         *reference,
         json!({"group": GROUP, "kind": "Gateway", "namespace": "istio-system", "name": "web",
