@@ -47,8 +47,14 @@ pub struct Admin {
     pub outbound_traffic_policy: OutboundTrafficPolicy,
     /// The key sets fetched for RequestAuthentication, which `debug explain` validates with.
     pub jwt_keys: Arc<dyn FetchedKeys>,
-    /// A gateway's listeners (`mesh-node gateway`); `None` in the agent.
-    pub gateway: Option<tokio::sync::watch::Receiver<Arc<crate::gateway::serve::Plan>>>,
+    /// A gateway's own pod and listeners (`mesh-node gateway`); `None` in the agent.
+    pub gateway: Option<GatewayAdmin>,
+}
+
+/// What the admin API of a gateway tells about: its own pod and what it serves.
+pub struct GatewayAdmin {
+    pub pod: crate::inventory::ObjectKey,
+    pub plans: tokio::sync::watch::Receiver<Arc<crate::gateway::serve::Plan>>,
 }
 
 impl Admin {
@@ -80,7 +86,7 @@ impl Admin {
             "/certs" => (200, self.certificates()),
             "/connections" => (200, json!(self.connections.snapshot())),
             "/gateways" => match &self.gateway {
-                Some(plan) => (200, json!(plan.borrow().summary(&state))),
+                Some(gateway) => (200, json!(gateway.plans.borrow().summary(&state))),
                 None => (
                     404,
                     json!({ "error": "this is a node agent, not a gateway (mesh-node gateway)" }),
@@ -172,8 +178,21 @@ impl Admin {
             outbound_traffic_policy: self.outbound_traffic_policy,
             jwt_keys: self.jwt_keys.as_ref(),
         };
-        let explained = ExplainRequest::from_query(query)
-            .and_then(|request| explain::explain(state, agent, &request));
+        let explained = ExplainRequest::from_query(query).and_then(|request| match &self.gateway {
+            None => explain::explain(state, agent, &request),
+            Some(gateway) => {
+                let plan = gateway.plans.borrow().clone();
+                let ports: explain::GatewayPorts = plan
+                    .ports
+                    .iter()
+                    .map(|(port, served)| {
+                        let servers = served.servers.iter().map(|s| s.plan.clone()).collect();
+                        (*port, servers)
+                    })
+                    .collect();
+                explain::explain_at_gateway(state, agent, &request, &gateway.pod, &ports)
+            }
+        });
         match explained {
             Ok(explanation) => (200, json!(explanation)),
             Err(error @ ExplainError::UnknownSource(_)) => {

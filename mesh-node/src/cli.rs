@@ -130,14 +130,16 @@ pub enum DebugWhat {
 /// `mesh-node debug explain <source> <destination>`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExplainArgs {
-    /// The client pod: `namespace/name`, or `name` in namespace `default`.
+    /// The client pod: `namespace/name`, or `name` in namespace `default`. Asked of a
+    /// gateway (`--admin-addr` of `mesh-node gateway`): the client's IP address.
     pub source: String,
 
     /// A Service (`name`, `name.namespace`, `name.namespace.svc.cluster.local`), a
     /// ClusterIP, a pod (`namespace/name`), a pod IP, a ServiceEntry host or any address.
+    /// Asked of a gateway: the host the client asks for (Host, SNI).
     pub destination: String,
 
-    /// Destination port (default: the Service's only port).
+    /// Destination port (default: the Service's only port; at a gateway, its only port).
     #[arg(long)]
     pub port: Option<u16>,
 

@@ -846,6 +846,18 @@ impl Explainer<'_> {
                 matched_prefix,
             } => (rule, matched_prefix),
         };
+        self.follow_rule(rule, matched_prefix, port, dialed)
+    }
+
+    /// Where `rule` (matched with `matched_prefix`) sends the request, as the proxy that
+    /// routes it does: its rewrite, its own answers, its destinations by weight.
+    fn follow_rule(
+        &mut self,
+        rule: &HttpRule,
+        matched_prefix: Option<&str>,
+        port: u16,
+        dialed: IpAddr,
+    ) -> Routed {
         let route = describe_rule(rule);
         self.fault_notes(rule);
         // The request as it leaves the source: the rule's rewrite and header changes.
@@ -1135,22 +1147,39 @@ impl Explainer<'_> {
             return check;
         }
         let request = request.unwrap_or(&self.client.parts);
+        match self.judge_request(destination, &caller, address, request) {
+            Ok(allowed) => check.detail = allowed,
+            Err((outcome, detail)) => (check.outcome, check.detail) = (outcome, detail),
+        }
+        check
+    }
+
+    /// The RequestAuthentications and AuthorizationPolicies of `workload` for `request` of
+    /// `caller` to `address`, as its proxy applies them: what allows it, or the outcome and
+    /// what the client gets.
+    fn judge_request(
+        &self,
+        workload: &Workload,
+        caller: &Caller,
+        address: SocketAddr,
+        request: &Parts,
+    ) -> Result<String, (Outcome, String)> {
+        let policies = &self.state.policies;
         let path =
             normalize_path(request.uri.path()).unwrap_or_else(|| request.uri.path().to_string());
         let tokens = TokenSources {
             headers: &request.headers,
             query: request.uri.query(),
         };
-        let specs = policies.request_authentications(destination);
+        let specs = policies.request_authentications(workload);
         let auth = match jwt::authenticate(&specs, tokens, self.agent.jwt_keys) {
             Ok(authenticated) => authenticated.auth,
             Err(error) => {
-                check.outcome = Outcome::Denied {
+                let outcome = Outcome::Denied {
                     by: "RequestAuthentication".into(),
                     reason: format!("{error} (401)"),
                 };
-                check.detail = "the request's token is refused".into();
-                return check;
+                return Err((outcome, "the request's token is refused".into()));
             }
         };
         let attributes_l7 = RequestAttributes {
@@ -1160,23 +1189,23 @@ impl Explainer<'_> {
             headers: &request.headers,
             auth: auth.as_ref(),
         };
-        let verdict = authorize_request(policies, destination, &caller, address, &attributes_l7);
+        let verdict = authorize_request(policies, workload, caller, address, &attributes_l7);
         if verdict.is_allowed() {
-            check.detail = allowed_by(&verdict);
-        } else {
-            check.outcome = denial(
-                policies,
-                destination,
-                verdict,
-                &attributes,
-                Some(&attributes_l7),
-            );
-            check.detail = format!(
-                "{} {path} is answered 403 ({})",
-                request.method, ACCESS_DENIED
-            );
+            return Ok(allowed_by(&verdict));
         }
-        check
+        let attributes = caller.attributes(address);
+        let outcome = denial(
+            policies,
+            workload,
+            verdict,
+            &attributes,
+            Some(&attributes_l7),
+        );
+        let detail = format!(
+            "{} {path} is answered 403 ({})",
+            request.method, ACCESS_DENIED
+        );
+        Err((outcome, detail))
     }
 
     fn fault_notes(&mut self, rule: &HttpRule) {
@@ -1429,6 +1458,9 @@ impl Explanation {
         out
     }
 }
+
+mod gateway;
+pub use gateway::{GatewayPorts, explain_at_gateway};
 
 #[cfg(test)]
 mod tests;

@@ -355,10 +355,16 @@ impl Scene {
 
 /// `mesh-node debug gateways` against the gateway's admin API, run in its pod.
 fn debug_gateways(scene: &Scene) -> String {
+    debug(scene, &["gateways"])
+}
+
+/// `mesh-node debug <args>` against the gateway's admin API, run in its pod.
+fn debug(scene: &Scene, args: &[&str]) -> String {
     let output = scene
         .gateway
         .command(&scene.cluster, bin_path("mesh-node"))
-        .args(["debug", "--admin-addr", GATEWAY_ADMIN, "gateways"])
+        .args(["debug", "--admin-addr", GATEWAY_ADMIN])
+        .args(args)
         .output()
         .expect("mesh-node debug gateways");
     assert!(
@@ -500,6 +506,40 @@ fn a_gateway_routes_https_by_host_and_path_into_the_mesh_as_its_own_identity() {
             && listeners.contains("VirtualService default/helloworld"),
         "{listeners}"
     );
+    // `debug explain` at the gateway: a client's request, its server, route and endpoints.
+    let explained = debug(
+        &scene,
+        &[
+            "explain",
+            "203.0.113.7",
+            "httpbin.example.com",
+            "--port",
+            "443",
+            "--path",
+            "/status/200",
+        ],
+    );
+    for shown in [
+        "SNI httpbin.example.com picks Gateway default/mygateway servers[0]",
+        "VirtualService default/httpbin",
+        "default/httpbin",
+        "ALLOWED",
+    ] {
+        assert!(explained.contains(shown), "{shown}: {explained}");
+    }
+    let unrouted = debug(
+        &scene,
+        &[
+            "explain",
+            "203.0.113.7",
+            "httpbin.example.com",
+            "--port",
+            "443",
+            "--path",
+            "/nothing",
+        ],
+    );
+    assert!(unrouted.contains("404 (NR)"), "{unrouted}");
 
     // End-user authentication at the gateway: Istio's "JWT at the ingress gateway" shape, a
     // RequestAuthentication and a DENY of requests without a principal, both selecting the

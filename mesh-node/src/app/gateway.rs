@@ -13,7 +13,7 @@ use super::{
     source::ConfigSource,
 };
 use crate::{
-    admin::{Admin, LogControl},
+    admin::{Admin, GatewayAdmin, LogControl},
     cli::GatewayConfig,
     egress::OutboundTrafficPolicy,
     endpoints::{self, Endpoints},
@@ -144,7 +144,7 @@ pub async fn build_gateway(
     let (plan_tx, plan_rx) = watch::channel(Arc::new(Plan::default()));
     tasks.spawn(keep_planned(
         state_rx.clone(),
-        me,
+        me.clone(),
         config.gateway_class.clone(),
         plan_tx,
         shutdown.clone(),
@@ -176,7 +176,10 @@ pub async fn build_gateway(
         connections,
         outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
         jwt_keys: jwks,
-        gateway: Some(plan_rx),
+        gateway: Some(GatewayAdmin {
+            pod: me,
+            plans: plan_rx,
+        }),
     };
     tasks.spawn(endpoints::serve(
         admin_listener,

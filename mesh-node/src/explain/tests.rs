@@ -1,5 +1,5 @@
 use super::*;
-use crate::policy::jwt::NothingFetched;
+use crate::{plan::gateway::ServerPlan, policy::jwt::NothingFetched};
 
 // === helpers ===
 
@@ -692,4 +692,125 @@ spec:
     );
     let anonymous = explained(&state, &http("GET", "/", "reviews"));
     assert!(matches!(anonymous.verdict, Outcome::Denied { .. }));
+}
+
+// === at a gateway ===
+
+/// Bookinfo's reviews, an ingress gateway pod in `istio-system`, a Gateway for
+/// `bookinfo.example.com` on 80 with its VirtualService, and a DENY of `/admin` at the
+/// gateway.
+fn at_the_gateway() -> (State, GatewayPorts) {
+    let state = bookinfo_with(
+        "
+apiVersion: v1
+kind: Pod
+metadata: {name: ingress-0, namespace: istio-system, labels: {istio: ingressgateway}}
+spec: {nodeName: node1, serviceAccountName: ingress, containers: [{name: app, image: x}]}
+status: {phase: Running, podIP: 10.244.1.20}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: bookinfo, namespace: default}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [bookinfo.example.com]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookinfo, namespace: default}
+spec:
+  hosts: [bookinfo.example.com]
+  gateways: [bookinfo]
+  http:
+  - match: [{uri: {prefix: /reviews}}, {uri: {prefix: /admin}}]
+    route: [{destination: {host: reviews, port: {number: 9080}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  action: DENY
+  rules: [{to: [{operation: {paths: [/admin]}}]}]
+",
+    );
+    let server = Arc::new(ServerPlan {
+        gateway: ObjectKey::new("default", "bookinfo"),
+        index: 0,
+        listener: None,
+        port: 80,
+        protocol: crate::routing::gateway::ServerProtocol::Http,
+        hosts: vec![crate::routing::gateway::ServerHost::parse("bookinfo.example.com").unwrap()],
+        https_redirect: false,
+        tls: None,
+    });
+    (state, GatewayPorts::from([(80, vec![server])]))
+}
+
+fn at_gateway(state: &State, ports: &GatewayPorts, request: &ExplainRequest) -> Explanation {
+    let gateway = ObjectKey::new("istio-system", "ingress-0");
+    explain_at_gateway(state, MTLS, request, &gateway, ports)
+        .unwrap_or_else(|e| panic!("{request:?}: {e}"))
+}
+
+#[test]
+fn at_a_gateway_the_request_is_explained_from_its_server_route_and_policies() {
+    let (state, ports) = at_the_gateway();
+    let ask_from = ask;
+    let ask = |host: &str, port: Option<u16>, path: &str| ExplainRequest {
+        path: Some(path.into()),
+        ..ask_from("203.0.113.7", host, port)
+    };
+    let routed = at_gateway(
+        &state,
+        &ports,
+        &ask("bookinfo.example.com", None, "/reviews/1"),
+    );
+    assert_eq!(routed.verdict, Outcome::Allowed, "{}", routed.render());
+    assert_eq!(routed.route, "VirtualService default/bookinfo");
+    assert_eq!(routed.backends[0].target, "Service default/reviews");
+    let check = endpoint(&routed, "default/reviews-v1");
+    assert!(check.mutual_tls, "{check:?}");
+    assert_eq!(
+        routed.source.identity.as_deref(),
+        Some("spiffe://cluster.local/ns/istio-system/sa/ingress")
+    );
+    let denied = at_gateway(
+        &state,
+        &ports,
+        &ask("bookinfo.example.com", Some(80), "/admin"),
+    );
+    let Outcome::Denied { by, .. } = &denied.verdict else {
+        panic!("{}", denied.render());
+    };
+    assert!(by.contains("istio-system/no-admin"), "{by}");
+    let unknown = at_gateway(
+        &state,
+        &ports,
+        &ask("shop.example.com", Some(80), "/reviews"),
+    );
+    let Outcome::Unroutable { why } = &unknown.verdict else {
+        panic!("{}", unknown.render());
+    };
+    assert!(why.contains("404 (NR)"), "{why}");
+    let closed = at_gateway(
+        &state,
+        &ports,
+        &ask("bookinfo.example.com", Some(8080), "/"),
+    );
+    assert!(
+        matches!(&closed.verdict, Outcome::Unroutable { why } if why.contains("does not listen on port 8080")),
+        "{}",
+        closed.render()
+    );
+    let gateway = ObjectKey::new("istio-system", "ingress-0");
+    let pod_as_source = ExplainRequest {
+        source: "default/productpage".into(),
+        ..ask("bookinfo.example.com", None, "/")
+    };
+    let error = explain_at_gateway(&state, MTLS, &pod_as_source, &gateway, &ports).unwrap_err();
+    assert!(
+        error.to_string().contains("the client's IP address"),
+        "{error}"
+    );
 }

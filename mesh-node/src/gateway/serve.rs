@@ -520,7 +520,7 @@ where
     let routed = admit_connection(&state, gateway, connection).and_then(|()| {
         let route = route(&state).ok_or(ProxyError::NoRoute)?;
         debug!(peer = %connection.peer, route = route.origin, "gateway connection routed");
-        route.destination.ok_or(ProxyError::NoRoute)
+        route.pick().cloned().ok_or(ProxyError::NoRoute)
     });
     let result = match routed {
         Ok(destination) => {

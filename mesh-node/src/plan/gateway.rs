@@ -13,7 +13,7 @@ use http::header;
 
 use super::{admission::Caller, request::RequestHead};
 use crate::{
-    inventory::{Labels, ObjectKey},
+    inventory::{Labels, ObjectKey, Service},
     routing::{
         ApiRoute, Destination, GatewayHost, RequestInfo, RouteMatch, WeightedDestination,
         gateway::{ServerHost, ServerProtocol, TlsMode},
@@ -113,16 +113,21 @@ impl ServerPlan {
 pub struct L4Route {
     /// What routes it, `VirtualService ns/name` or the routes attached to a listener.
     pub origin: String,
-    /// The destination picked by weight; `None` when every weight is 0.
-    pub destination: Option<Destination>,
+    /// Its destinations, by weight.
+    pub route: Vec<WeightedDestination>,
 }
 
 impl L4Route {
-    fn picked(host: &GatewayHost, route: &[WeightedDestination]) -> Self {
+    fn of(host: &GatewayHost, route: &[WeightedDestination]) -> Self {
         Self {
             origin: host.origin.clone(),
-            destination: pick_at_random(route).cloned(),
+            route: route.to_vec(),
         }
+    }
+
+    /// One destination, picked by weight; `None` when every weight is 0.
+    pub fn pick(&self) -> Option<&Destination> {
+        pick_at_random(&self.route)
     }
 }
 
@@ -139,7 +144,7 @@ pub fn select_tcp(state: &State, servers: &[Arc<ServerPlan>], port: u16) -> Opti
                 .routes
                 .gateway_tcp_route(&server.gateway, port, |r| server.admits_route(r))?,
         };
-        Some(L4Route::picked(host, route))
+        Some(L4Route::of(host, route))
     })
 }
 
@@ -163,7 +168,7 @@ pub fn select_passthrough(
                 server.admits(namespace, sni)
             })?,
     };
-    Some(L4Route::picked(host, route))
+    Some(L4Route::of(host, route))
 }
 
 /// The server among `servers` (each `plan`'s) that serves `name` (the most specific host;
@@ -244,6 +249,17 @@ pub fn select<'s>(
         source_labels: gateway_labels,
     });
     Selected::Route { host, matched }
+}
+
+/// The port a gateway's route sends a connection to: the destination's, else its
+/// Service's only port (Istio's rule: a gateway dialed no port of the Service), else the
+/// gateway's own `port`.
+pub fn destination_port(service: &Service, destination: &Destination, port: u16) -> u16 {
+    match (destination.port, service.ports.as_slice()) {
+        (Some(port), _) => port,
+        (None, [only]) => only.port,
+        (None, _) => port,
+    }
 }
 
 /// Why a route's `parentRefs` entry did not attach to the Gateway it names (the Gateway API's

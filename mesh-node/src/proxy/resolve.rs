@@ -171,8 +171,8 @@ impl Resolver {
         }
     }
 
-    /// Where a connection a gateway routed to `destination` goes (`port` when the route
-    /// names none), in the family of `family`.
+    /// Where a connection a gateway (listening on `port`) routed to `destination` goes, in
+    /// the family of `family`.
     pub fn resolve_routed(
         &self,
         state: &State,
@@ -188,6 +188,7 @@ impl Resolver {
                 service: destination.service.to_string(),
                 port: destination.port.unwrap_or(port),
             })?;
+        let port = crate::plan::gateway::destination_port(service, destination, port);
         let target = tcp_target(state, service, port, Some(destination));
         self.endpoint(state, target, family)
     }
