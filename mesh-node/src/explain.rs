@@ -325,13 +325,7 @@ pub fn explain(
     let target = Target::resolve(state, source, &request.destination)?;
     let port = target.port(request)?;
     let client = Client::new(source, agent, request, port)?;
-    let mut explainer = Explainer {
-        state,
-        source,
-        agent,
-        client,
-        notes: Vec::new(),
-    };
+    let mut explainer = Explainer::new(state, source, agent, client);
     let (destination, address) = target.describe(port);
     let path = explainer.follow(&target, port);
     if source.node != agent.node {
@@ -640,7 +634,17 @@ struct Explainer<'a> {
     notes: Vec<String>,
 }
 
-impl Explainer<'_> {
+impl<'a> Explainer<'a> {
+    fn new(state: &'a State, source: &'a Workload, agent: Agent<'a>, client: Client) -> Self {
+        Self {
+            state,
+            source,
+            agent,
+            client,
+            notes: Vec::new(),
+        }
+    }
+
     fn follow(&mut self, target: &Target<'_>, port: Option<u16>) -> Path {
         let port = match (target, port) {
             (Target::Nothing(why), _) => {

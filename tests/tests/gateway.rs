@@ -507,18 +507,20 @@ fn a_gateway_routes_https_by_host_and_path_into_the_mesh_as_its_own_identity() {
         "{listeners}"
     );
     // `debug explain` at the gateway: a client's request, its server, route and endpoints.
-    let explained = debug(
-        &scene,
-        &[
+    let explain = |path: &str| {
+        let host = "httpbin.example.com";
+        let args = [
             "explain",
             "203.0.113.7",
-            "httpbin.example.com",
+            host,
             "--port",
             "443",
             "--path",
-            "/status/200",
-        ],
-    );
+            path,
+        ];
+        debug(&scene, &args)
+    };
+    let explained = explain("/status/200");
     for shown in [
         "SNI httpbin.example.com picks Gateway default/mygateway servers[0]",
         "VirtualService default/httpbin",
@@ -527,18 +529,7 @@ fn a_gateway_routes_https_by_host_and_path_into_the_mesh_as_its_own_identity() {
     ] {
         assert!(explained.contains(shown), "{shown}: {explained}");
     }
-    let unrouted = debug(
-        &scene,
-        &[
-            "explain",
-            "203.0.113.7",
-            "httpbin.example.com",
-            "--port",
-            "443",
-            "--path",
-            "/nothing",
-        ],
-    );
+    let unrouted = explain("/nothing");
     assert!(unrouted.contains("404 (NR)"), "{unrouted}");
 
     // End-user authentication at the gateway: Istio's "JWT at the ingress gateway" shape, a

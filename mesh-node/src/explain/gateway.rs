@@ -59,13 +59,7 @@ pub fn explain_at_gateway(
     client.identity = agent
         .trust_domain
         .and_then(|td| workload_identity(td, source).ok());
-    let mut explainer = Explainer {
-        state,
-        source,
-        agent,
-        client,
-        notes: Vec::new(),
-    };
+    let mut explainer = Explainer::new(state, source, agent, client);
     let local = SocketAddr::new(
         source
             .ips
