@@ -388,7 +388,14 @@ pub struct GatewayConfig {
     #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
     pub jwks_refresh_interval: std::time::Duration,
 
-    /// On SIGTERM, how long requests in flight may take to finish before the gateway exits.
+    /// On SIGTERM, how long the gateway still accepts new connections while it reports
+    /// unready, so that load balancers and kube-proxy stop sending to it before it stops
+    /// listening (Istio's `terminationDrainDuration`).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_delay: std::time::Duration,
+
+    /// On SIGTERM, how long requests in flight may take to finish before the gateway exits
+    /// (counted from when it stops listening).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: std::time::Duration,
 

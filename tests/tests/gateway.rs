@@ -208,7 +208,7 @@ struct Scene {
     /// Serves HTTPS with its own certificate (for PASSTHROUGH); started by the test that
     /// needs it.
     nginx: Pod,
-    _gateway_process: Process,
+    gateway_process: Process,
     _servers: Vec<PodProcess>,
 }
 
@@ -289,7 +289,7 @@ impl Scene {
             client,
             gateway,
             nginx,
-            _gateway_process: gateway_process,
+            gateway_process,
             _servers: servers,
         }
     }
@@ -335,6 +335,21 @@ impl Scene {
         let (status, version) = last.split_once(' ').expect("status and version");
         let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
         (status.parse().expect("a status"), version.to_owned(), json)
+    }
+
+    /// Sends the gateway SIGTERM, as the kubelet does when a rollout replaces its pod.
+    fn terminate_gateway(&self) {
+        let pid = libc::pid_t::try_from(self.gateway_process.child.id()).expect("a pid");
+        // SAFETY: kill(2) on the PID of a child this test started and has not reaped.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "SIGTERM to the gateway");
+    }
+
+    /// The status of the gateway's readiness check (0: no answer).
+    fn gateway_readiness(&self) -> u16 {
+        let addr: SocketAddr = "127.0.0.1:15021".parse().expect("an address");
+        http_get_in_netns(&self.gateway.netns, addr, "/healthz/ready")
+            .map_or(0, |(status, _)| status)
     }
 
     fn gateway_admin(&self, path: &str) -> String {
@@ -1331,4 +1346,22 @@ fn an_httproute_attaches_to_the_gateway_api_listeners_its_namespace_is_allowed_o
             .0,
         200
     );
+
+    // A rollout: on SIGTERM the gateway reports unready at once, and still serves new
+    // connections for its drain delay (5 s), then stops listening.
+    scene.terminate_gateway();
+    wait_until(
+        Duration::from_secs(2),
+        "the gateway to report unready",
+        || (scene.gateway_readiness() == 503).then_some(()),
+    );
+    let (status, _, reply) = scene.get(secure, &trust);
+    assert_eq!(
+        (status, &reply["served_by"]),
+        (200, &"httpbin".into()),
+        "a new connection during the drain delay"
+    );
+    wait_until(CONVERGE, "the gateway to stop listening", || {
+        (!scene.curl(secure, &trust).status.success()).then_some(())
+    });
 }

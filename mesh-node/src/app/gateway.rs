@@ -44,6 +44,7 @@ pub struct BoundGateway {
     listening: CancellationToken,
     /// Tells the connections being served to finish.
     drain: CancellationToken,
+    drain_delay: Duration,
     drain_timeout: Duration,
     /// One clone per connection being served.
     in_flight: Arc<()>,
@@ -194,6 +195,7 @@ pub async fn build_gateway(
         readiness,
         listening,
         drain,
+        drain_delay: config.drain_delay,
         drain_timeout: config.drain_timeout,
         in_flight,
         shutdown,
@@ -250,10 +252,15 @@ impl BoundGateway {
         Ok(())
     }
 
-    /// Unready, listeners closed, requests in flight finished (HTTP/1 closed between
-    /// requests, HTTP/2 told GOAWAY) within the drain timeout, then everything stops.
+    /// Unready but still accepting for the drain delay, then listeners closed and requests
+    /// in flight finished (HTTP/1 closed between requests, HTTP/2 told GOAWAY) within the
+    /// drain timeout, then everything stops.
     pub async fn stop(mut self) {
         let _draining = self.readiness.register("draining");
+        // Still accepting while unready: what was on its way here (a load balancer's health
+        // check interval, kube-proxy's rules) still lands, and is served.
+        info!(delay = ?self.drain_delay, "unready; accepting until the drain delay passes");
+        tokio::time::sleep(self.drain_delay).await;
         self.listening.cancel();
         self.drain.cancel();
         let deadline = tokio::time::Instant::now() + self.drain_timeout;

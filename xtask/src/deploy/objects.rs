@@ -242,7 +242,8 @@ fn gateway_deployment(values: &Values) -> Deployment {
     let pod = PodSpec {
         service_account_name: Some(GATEWAY.into()),
         security_context: Some(security),
-        termination_grace_period_seconds: Some(30 + i64::from(DRAIN_MARGIN_SECONDS)),
+        // The drain delay (5 s, still accepting while unready) and the drain timeout (30 s).
+        termination_grace_period_seconds: Some(5 + 30 + i64::from(DRAIN_MARGIN_SECONDS)),
         containers: vec![container],
         volumes: Some(ca_trust_volumes().to_vec()),
         ..PodSpec::default()
